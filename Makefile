@@ -1,0 +1,26 @@
+# Two entry points for newcomers (see README):
+#   make quickstart   install into .venv and run a short CPU training run on built-in data
+#   make test         install into .venv and run the test suite (what CI runs)
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+
+.PHONY: install quickstart test test-fast
+$(BIN)/python:
+	$(PY) -m venv --system-site-packages $(VENV)
+
+# A torch already visible (e.g. your CUDA build) is kept; otherwise the CPU build is installed first,
+# because a bare `torch` requirement would pull a multi-GB CUDA build.
+install: $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+
+quickstart: install
+	$(BIN)/reformer-train --config configs/quickstart.toml
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q tests/unit
