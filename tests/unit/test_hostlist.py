@@ -1,0 +1,57 @@
+"""SLURM hostlist expansion (reformer_dist.parallel.env.expand_nodelist)."""
+
+from __future__ import annotations
+
+import pytest
+
+from reformer_dist.parallel.env import expand_nodelist, parse_tasks_per_node
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("", []),
+        ("gpu5", ["gpu5"]),
+        ("node[1-3]", ["node1", "node2", "node3"]),
+        ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+        ("node[8-11]", ["node8", "node9", "node10", "node11"]),
+        ("node[08-11]", ["node08", "node09", "node10", "node11"]),
+        ("node[001-002]", ["node001", "node002"]),
+        ("node[01-03,07],gpu5", ["node01", "node02", "node03", "node07", "gpu5"]),
+        ("rack[1-2]-n[3-4]", ["rack1-n3", "rack1-n4", "rack2-n3", "rack2-n4"]),
+        (
+            "node[01-03,07],gpu5,rack[1-2]-n[3-4]",
+            ["node01", "node02", "node03", "node07", "gpu5", "rack1-n3", "rack1-n4", "rack2-n3", "rack2-n4"],
+        ),
+        ("a[1,3],b[2]", ["a1", "a3", "b2"]),
+        ("host-1.example.org,host-2", ["host-1.example.org", "host-2"]),
+        (" node[1-2] ", ["node1", "node2"]),
+    ],
+)
+def test_expand(spec: str, expected: list[str]) -> None:
+    assert expand_nodelist(spec) == expected
+
+
+@pytest.mark.parametrize("bad", ["node[1-3", "node1-3]", "node[[1]]", "node[a-b]", "node[3-1]", "node[]",
+                                 "node[1,,2]", "a,,b", "node[1-]"])
+def test_malformed_raises(bad: str) -> None:
+    with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
+        expand_nodelist(bad)
+
+
+def test_large_range_count() -> None:
+    hosts = expand_nodelist("n[0000-1023]")
+    assert len(hosts) == 1024 and hosts[0] == "n0000" and hosts[-1] == "n1023"
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [("4", [4]), ("2(x3)", [2, 2, 2]), ("2(x3),1", [2, 2, 2, 1]), ("1,3(x2)", [1, 3, 3])],
+)
+def test_tasks_per_node(spec: str, expected: list[int]) -> None:
+    assert parse_tasks_per_node(spec) == expected
+
+
+def test_tasks_per_node_bad() -> None:
+    with pytest.raises(ValueError, match="SLURM_TASKS_PER_NODE"):
+        parse_tasks_per_node("2(x)")
