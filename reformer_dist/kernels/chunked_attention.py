@@ -1,0 +1,45 @@
+"""The kernel boundary: one function that LSH, local and short-sequence attention all call.
+
+``chunked_attention(q, k, v, pos, ...) -> (out, lse)`` takes sorted, chunked queries/keys/values plus the
+original position of every slot, and returns each query's output and the log-sum-exp of its logits.
+Implementations are interchangeable: the PyTorch reference (any device, the test oracle) and fused GPU
+kernels registered here. ``backend="auto"`` picks a fused kernel on CUDA when one is registered and
+supports the call, else the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor
+
+from reformer_dist.kernels.reference import chunked_attention_reference
+
+AttentionCore = Callable[..., tuple[Tensor, Tensor]]
+
+# name -> (implementation, predicate(q, **kwargs) -> bool saying whether it supports this call)
+_BACKENDS: dict[str, tuple[AttentionCore, Callable[..., bool]]] = {
+    "reference": (chunked_attention_reference, lambda q, **kw: True),
+}
+
+
+def register_backend(name: str, fn: AttentionCore, supports: Callable[..., bool]) -> None:
+    """Make a fused implementation available to ``backend="auto"`` (tried before the reference)."""
+    _BACKENDS[name] = (fn, supports)
+
+
+def available_backends() -> list[str]:
+    return list(_BACKENDS)
+
+
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, *, backend: str = "auto", **kwargs) -> tuple[Tensor, Tensor]:
+    """Dispatch to a backend; see ``chunked_attention_reference`` for the arguments and semantics."""
+    if backend == "auto":
+        if q.is_cuda:
+            for name, (fn, supports) in _BACKENDS.items():
+                if name != "reference" and supports(q, **kwargs):
+                    return fn(q, k, v, pos, **kwargs)
+        backend = "reference"
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
+    return _BACKENDS[backend][0](q, k, v, pos, **kwargs)

@@ -1,0 +1,33 @@
+"""Per-call state that attention layers need, passed explicitly (never cached on modules)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import Tensor
+
+
+@dataclass
+class AttentionContext:
+    """What one forward pass tells every attention layer.
+
+    hash_seed: base seed of this step's LSH rotations (each layer derives its own from it).
+    key_valid: [B, L] bool over the sequence attention sees (False = padding), or None.
+    head_offset: index of the first head this process computes (sequence parallelism splits heads).
+    backend: attention core implementation ("auto", "reference", or a registered fused kernel).
+    sequence_parallel: optional object with ``attend(fn, *tensors, ctx)`` that re-shards [B, L, H, D]
+        tensors around the core (DeepSpeed-Ulysses); None on a single process.
+    """
+
+    hash_seed: int = 0
+    key_valid: Tensor | None = None
+    head_offset: int = 0
+    backend: str = "auto"
+    sequence_parallel: Any | None = None
+
+    def attend(self, fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
+        """Run an attention core ``fn(*tensors, ctx)`` on [B, L, H, D] tensors, re-sharded if needed."""
+        if self.sequence_parallel is None:
+            return fn(*tensors, self)
+        return self.sequence_parallel.attend(fn, *tensors, ctx=self)

@@ -1,0 +1,80 @@
+"""Local (chunked, windowed) attention and full attention layers: separate Q, K, V, no hashing.
+
+Shapes: B batch, L length, H heads, D head size, M chunk length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reformer_dist.kernels.chunked_attention import chunked_attention
+from reformer_dist.model.config import ReformerConfig
+from reformer_dist.model.context import AttentionContext
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_len: int, n_before: int, n_after: int,
+                    causal: bool, key_valid: Tensor | None = None, backend: str = "auto") -> Tensor:
+    """Each chunk of M positions attends to itself and its neighbour chunks (HF "local"). [B,H,L,D] in/out."""
+    b, h, l, d = q.shape
+    m = l if l <= chunk_len else chunk_len
+    if l % m:
+        raise ValueError(f"local_attention: length {l} is not a multiple of chunk_len {chunk_len} (pad first)")
+    if m == l:
+        n_before = n_after = 0
+    n = l // m
+    pos = torch.arange(l, device=q.device).view(1, 1, n, m).expand(b, h, n, m)
+    kv = None if key_valid is None else key_valid.view(b, 1, n, m).expand(b, h, n, m)
+    k = k / math.sqrt(d)
+    out, _ = chunked_attention(q.reshape(b, h, n, m, d), k.reshape(b, h, n, m, d), v.reshape(b, h, n, m, d), pos,
+                               n_before=n_before, n_after=n_after, causal=causal, self_mask=False, key_valid=kv,
+                               backend=backend)
+    return out.reshape(b, h, l, d)
+
+
+def full_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_valid: Tensor | None = None,
+                   backend: str = "auto") -> Tensor:
+    """Ordinary softmax attention over the whole sequence. [B,H,L,D] in/out.
+
+    Without padding this is SDPA (memory-efficient kernels where the platform has them); with padding it
+    uses the reference core as a single chunk, whose logits are O(L^2): "full" layers are for short contexts.
+    """
+    if key_valid is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    b, h, l, d = q.shape
+    return local_attention(q, k, v, chunk_len=l, n_before=0, n_after=0, causal=causal, key_valid=key_valid,
+                           backend=backend)
+
+
+class LocalSelfAttention(nn.Module):
+    """Local ("local") or full ("full") attention with separate Q, K, V projections; output [B, L, H*D]."""
+
+    def __init__(self, cfg: ReformerConfig, layer_idx: int, full: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.full = full
+        inner = cfg.n_heads * cfg.d_head
+        self.query = nn.Linear(cfg.d_model, inner, bias=False)
+        self.key = nn.Linear(cfg.d_model, inner, bias=False)
+        self.value = nn.Linear(cfg.d_model, inner, bias=False)
+
+    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
+        b, l, _ = x.shape
+        hd = (self.cfg.n_heads, self.cfg.d_head)
+        q, k, v = (proj(x).view(b, l, *hd) for proj in (self.query, self.key, self.value))
+        return ctx.attend(self.attend, q, k, v).reshape(b, l, -1)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        """Core on [B, L, H', D] tensors."""
+        cfg = self.cfg
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if self.full:
+            out = full_attention(q, k, v, causal=cfg.causal, key_valid=ctx.key_valid, backend=ctx.backend)
+        else:
+            out = local_attention(q, k, v, chunk_len=cfg.local_chunk, n_before=cfg.local_n_chunks_before,
+                                  n_after=cfg.local_n_chunks_after, causal=cfg.causal, key_valid=ctx.key_valid,
+                                  backend=ctx.backend)
+        return out.transpose(1, 2)

@@ -1,0 +1,164 @@
+"""`ReformerLM`: embeddings -> reversible stack -> chunked LM head. A plain nn.Module (no DeepSpeed).
+
+Shapes: B batch, L length (Lp after internal padding), D d_model, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reformer_dist.model.config import ReformerConfig
+from reformer_dist.model.context import AttentionContext
+from reformer_dist.model.layers import IGNORE_INDEX, AxialPositionEmbedding, LMHead
+from reformer_dist.model.reversible import ReformerStack
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def shift_labels(input_ids: Tensor) -> Tensor:
+    """Next-token targets aligned with positions: labels[t] = input_ids[t+1], the last one ignored."""
+    return F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+class ReformerLM(nn.Module):
+    """Reformer language model (HF-compatible layout: two streams, 2*D final LayerNorm, bias-free head).
+
+    ``model(ids)`` -> logits [B, L, V]; ``model(ids, labels=y)`` -> mean chunked cross-entropy (no L x V
+    logits). ``hash_seed`` picks the LSH rotations (the trainer passes base seed + step);
+    ``position_offset`` is the global position of ids[:, 0] (sequence parallelism).
+    """
+
+    def __init__(self, cfg: ReformerConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = AxialPositionEmbedding(cfg)
+        self.stack = ReformerStack(cfg)
+        self.head = LMHead(cfg)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        std = self.cfg.init_std
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ forward
+    def _check_inputs(self, input_ids: Tensor, position_offset: int) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape [batch, length], got {tuple(input_ids.shape)}")
+        end = position_offset + input_ids.shape[1]
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"input_ids: positions up to {end} exceed axial_pos_shape "
+                             f"{self.cfg.axial_pos_shape} (max {self.cfg.max_seq_len} tokens); enlarge axial_pos_shape")
+        if input_ids.numel() and not input_ids.is_cuda:  # on GPU this check would sync the host every step
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ValueError(f"input_ids: token ids must be in [0, vocab_size={self.cfg.vocab_size}), "
+                                 f"got min {lo} max {hi}")
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, position_offset: int = 0,
+                      hash_seed: int | None = None, sequence_parallel=None) -> Tensor:
+        """Final concatenated streams [B, L, 2D] (before the head's LayerNorm)."""
+        self._check_inputs(input_ids, position_offset)
+        b, l = input_ids.shape
+        # Pad to a multiple of the chunk lengths; padded keys are masked and hashed to a bucket of their own.
+        mult = self.cfg.pad_multiple()
+        pad = (-l) % mult if l > self._min_chunk() else 0
+        key_valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        if pad:
+            input_ids = F.pad(input_ids, (0, pad), value=0)
+            valid = torch.ones(b, l, dtype=torch.bool, device=input_ids.device) if key_valid is None else key_valid
+            key_valid = F.pad(valid, (0, pad), value=False)
+        positions = torch.arange(position_offset, position_offset + input_ids.shape[1], device=input_ids.device)
+        positions = positions.clamp(max=self.cfg.max_seq_len - 1)  # padding may run past the last position
+        x = F.dropout(self.tok_emb(input_ids), self.cfg.dropout, self.training) + self.pos_emb(positions)
+        actx = AttentionContext(hash_seed=self.cfg.hash_seed if hash_seed is None else int(hash_seed),
+                                key_valid=key_valid, sequence_parallel=sequence_parallel)
+        x1, x2 = self.stack(x, x, actx)
+        h = torch.cat([x1, x2], dim=-1)
+        return h[:, :l] if pad else h
+
+    def _min_chunk(self) -> int:
+        lens = [self.cfg.chunk_len if t == "lsh" else self.cfg.local_chunk for t in self.cfg.attn_layers if t != "full"]
+        return min(lens) if lens else 1
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, attention_mask: Tensor | None = None,
+                position_offset: int = 0, hash_seed: int | None = None, reduction: str = "mean",
+                sequence_parallel=None):
+        """Logits [B, L, V] without labels; with labels the chunked cross-entropy: its mean over labels !=
+        -100 (``reduction="mean"``) or ``(sum, count)`` (``reduction="sum"``, for averaging across ranks)."""
+        h = self.hidden_states(input_ids, attention_mask, position_offset=position_offset, hash_seed=hash_seed,
+                               sequence_parallel=sequence_parallel)
+        if labels is None:
+            return self.head(h)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        total = self.head(h, labels)
+        count = (labels != IGNORE_INDEX).sum()
+        if reduction == "sum":
+            return total, count
+        return total / count.clamp(min=1)
+
+    def loss(self, input_ids: Tensor, labels: Tensor | None = None, **kwargs) -> Tensor:
+        """Mean next-token cross-entropy; labels default to the inputs shifted by one."""
+        return self(input_ids, shift_labels(input_ids) if labels is None else labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 hash_seed: int = 0, generator: torch.Generator | None = None) -> Tensor:
+        """Sample continuations (full recompute per token: meant for short demos, not serving)."""
+        ids = prompt_ids
+        for _ in range(max_new_tokens):
+            ctx = ids[:, -self.cfg.max_seq_len :]
+            logits = self.head(self.hidden_states(ctx, hash_seed=hash_seed)[:, -1:])[:, -1].float()
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            ids = torch.cat([ids, nxt], dim=1)
+        return ids
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json + model.safetensors (fp32 or the parameters' dtype)."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(d / CONFIG_NAME)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "config": json.dumps(self.cfg.to_dict())})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "ReformerLM":
+        """Load a directory written by ``save_pretrained`` or ``reformer-ckpt consolidate``."""
+        from reformer_dist.checkpoint.io import load_weights
+
+        d = Path(directory)
+        cfg_path = d / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path}: missing; expected a directory with {CONFIG_NAME} and weights")
+        model = cls(ReformerConfig.load(cfg_path))
+        state = load_weights(d, map_location=map_location)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{d}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model

@@ -1,0 +1,169 @@
+"""LSH attention vs an explicit dense masked reference built from the same buckets (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from reformer_dist.model.hashing import hash_buckets, make_rotations, sort_buckets
+from reformer_dist.model.lsh_attention import lsh_attention, normalize_keys
+
+
+def dense_lsh_reference(qk, v, buckets, *, chunk_len, n_before, n_after, causal, key_valid=None,
+                        same_bucket_only=False, dedup=False):
+    """Softmax over every (window, key) occurrence of query i across all rounds, built densely (O(L^2)).
+
+    Chunks are taken over the concatenation of the R sorted rounds and wrap around, like HF/trax.
+    Masked occurrences get -1e9 and self occurrences -1e5; in float64 the -1e9 terms contribute exactly
+    zero because a self occurrence (-1e5) is always present, so only visible and self occurrences count.
+    """
+    b, h, l, d = qk.shape
+    r = buckets.shape[2]
+    k = normalize_keys(qk)
+    dots = qk @ k.transpose(-1, -2)  # [B,H,L,L]
+    # independent sort: unique keys bucket*L + position, so no stability question arises
+    order = torch.argsort(buckets * l + torch.arange(l), dim=-1)
+    rank = torch.argsort(order, dim=-1)  # rank[p] = slot of position p within its round
+    n = r * l // chunk_len
+    chunk = (rank + torch.arange(r).view(1, 1, r, 1) * l) // chunk_len  # [B,H,R,L]
+    i_idx = torch.arange(l).view(l, 1)
+    j_idx = torch.arange(l).view(1, l)
+    allowed = torch.ones(b, h, l, l, dtype=torch.bool)
+    if causal:
+        allowed &= i_idx >= j_idx
+    if key_valid is not None:
+        allowed &= key_valid[:, None, None, :]
+    m_all = torch.zeros(b, h, l, l, dtype=torch.float64)
+    m_vis = torch.zeros_like(m_all)
+    m_self = torch.zeros_like(m_all)
+    eye = (i_idx == j_idx)
+    for r1 in range(r):
+        for r2 in range(r):
+            diff = torch.remainder(chunk[:, :, r2, None, :] - chunk[:, :, r1, :, None], n)
+            occ = torch.zeros(b, h, l, l, dtype=torch.bool)
+            for o in range(-n_before, n_after + 1):
+                occ |= diff == (o % n)
+            vis = occ & allowed & ~eye
+            if same_bucket_only:
+                vis &= buckets[:, :, r1, :, None] == buckets[:, :, r2, None, :]
+            m_all += occ
+            m_vis += vis
+            m_self += occ & eye
+    val = dots - (m_all.clamp(min=1).log() if dedup else 0)
+    logw = torch.where(m_vis > 0, m_vis.log() + val, torch.full_like(val, -math.inf))
+    logw = torch.where(eye, m_self.log() - 1e5, logw)
+    return torch.softmax(logw, dim=-1) @ v
+
+
+CASES = [
+    # B, H, L, D, chunk, rounds, factors, n_before, n_after, causal
+    (1, 1, 32, 8, 8, 1, [4], 1, 0, True),
+    (2, 2, 64, 16, 8, 2, [8], 1, 0, True),
+    (1, 3, 48, 8, 8, 3, [2, 4], 1, 0, True),
+    (2, 2, 64, 8, 16, 4, [4, 2], 1, 0, False),
+    (1, 2, 64, 8, 8, 2, [8], 2, 1, False),
+    (1, 2, 96, 8, 8, 4, [4, 4], 1, 0, True),
+    (1, 1, 16, 4, 4, 2, [2, 2], 0, 0, True),
+]
+
+
+@pytest.mark.parametrize("b,h,l,d,m,r,factors,nb,na,causal", CASES)
+@pytest.mark.parametrize("variant", ["plain", "dedup", "padded", "same_bucket"])
+def test_lsh_matches_dense_reference(b, h, l, d, m, r, factors, nb, na, causal, variant):
+    g = torch.Generator().manual_seed(hash((b, h, l, d, m, r, variant)) % 2**31)
+    qk = torch.randn(b, h, l, d, dtype=torch.float64, generator=g)
+    v = torch.randn(b, h, l, d, dtype=torch.float64, generator=g)
+    rot = make_rotations(7, h, d, r, factors)
+    key_valid = None
+    if variant == "padded":
+        key_valid = torch.ones(b, l, dtype=torch.bool)
+        key_valid[:, l - m // 2 - 1 :] = False
+    kwargs = dict(chunk_len=m, n_before=nb, n_after=na, causal=causal, key_valid=key_valid)
+    out, buckets = lsh_attention(qk, v, rot, factors, **kwargs, same_bucket_only=(variant == "same_bucket"),
+                                 allow_duplicate_attention=(variant != "dedup"), return_buckets=True,
+                                 backend="reference")
+    ref = dense_lsh_reference(qk, v, buckets, **kwargs, same_bucket_only=(variant == "same_bucket"),
+                              dedup=(variant == "dedup"))
+    assert out.shape == (b, h, l, d)
+    assert (out - ref).abs().max().item() < 1e-10
+    if variant == "padded":  # padding went to its own bucket, sorted after every real token
+        assert (buckets[:, :, :, l - m // 2 - 1 :] == math.prod(factors)).all()
+
+
+def test_dedup_changes_result_when_keys_repeat():
+    """The correction must matter: with 4 rounds keys repeat across windows."""
+    g = torch.Generator().manual_seed(0)
+    qk = torch.randn(1, 2, 64, 8, dtype=torch.float64, generator=g)
+    v = torch.randn(1, 2, 64, 8, dtype=torch.float64, generator=g)
+    rot = make_rotations(1, 2, 8, 4, [4])
+    kw = dict(chunk_len=8, n_before=1, n_after=0, causal=True, backend="reference")
+    a = lsh_attention(qk, v, rot, [4], allow_duplicate_attention=True, **kw)
+    bb = lsh_attention(qk, v, rot, [4], allow_duplicate_attention=False, **kw)
+    assert (a - bb).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_single_chunk_equals_full_attention_with_self_mask(causal, rounds):
+    g = torch.Generator().manual_seed(3)
+    b, h, l, d = 2, 2, 24, 8
+    qk = torch.randn(b, h, l, d, dtype=torch.float64, generator=g)
+    v = torch.randn(b, h, l, d, dtype=torch.float64, generator=g)
+    out = lsh_attention(qk, v, make_rotations(0, h, d, rounds, [4]), [4], chunk_len=32, n_before=1, n_after=0,
+                        causal=causal)
+    dots = qk @ normalize_keys(qk).transpose(-1, -2)
+    if causal:
+        dots = dots.masked_fill(torch.ones(l, l, dtype=torch.bool).triu(1), -1e9)
+    dots = dots.masked_fill(torch.eye(l, dtype=torch.bool), -1e5)
+    ref = torch.softmax(dots, -1) @ v
+    assert (out - ref).abs().max().item() < 1e-10
+
+
+def test_factorised_hash_is_digit_composition():
+    """h = h1 + nb1*h2 with each factor an argmax over [xR; -xR] of its own rotation columns."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 40, 8, generator=g)
+    rot = make_rotations(11, 3, 8, 2, [4, 8])
+    got = hash_buckets(x, rot, [4, 8])
+    rx = torch.einsum("bhld,hdrf->bhrlf", x, rot)
+    h1 = torch.cat([rx[..., :2], -rx[..., :2]], -1).argmax(-1)
+    h2 = torch.cat([rx[..., 2:6], -rx[..., 2:6]], -1).argmax(-1)
+    assert torch.equal(got, h1 + 4 * h2)
+    assert got.max() < 32 and got.min() >= 0
+    # with 32 buckets over 80 hash decisions, many buckets are used (the hash is not degenerate)
+    assert got.unique().numel() > 10
+
+
+def test_rotations_are_seeded_and_head_sliceable():
+    a = make_rotations(3, 4, 8, 2, [4, 4])
+    b = make_rotations(3, 4, 8, 2, [4, 4])
+    c = make_rotations(4, 4, 8, 2, [4, 4])
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    state = torch.get_rng_state()
+    make_rotations(9, 4, 8, 2, [4])
+    assert torch.equal(state, torch.get_rng_state()), "rotations must not touch the global RNG"
+
+
+def test_sort_is_stable_by_position():
+    buckets = torch.tensor([[[[2, 1, 2, 0, 1, 2]]]])
+    perm, undo = sort_buckets(buckets)
+    assert perm.tolist() == [[[[3, 1, 4, 0, 2, 5]]]]
+    assert torch.equal(perm.gather(-1, undo), torch.arange(6).view(1, 1, 1, 6))
+
+
+def test_gradients_match_dense_reference():
+    """Backward through sort/gather/chunk/merge equals backward through the dense reference."""
+    g = torch.Generator().manual_seed(8)
+    qk = torch.randn(1, 2, 32, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(1, 2, 32, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    rot = make_rotations(2, 2, 8, 2, [4])
+    out, buckets = lsh_attention(qk, v, rot, [4], chunk_len=8, n_before=1, n_after=0, causal=True,
+                                 return_buckets=True)
+    w = torch.randn_like(out)
+    ga = torch.autograd.grad((out * w).sum(), (qk, v))
+    ref = dense_lsh_reference(qk, v, buckets, chunk_len=8, n_before=1, n_after=0, causal=True)
+    gb = torch.autograd.grad((ref * w).sum(), (qk, v))
+    for x, y in zip(ga, gb):
+        assert (x - y).abs().max().item() < 1e-9
