@@ -204,3 +204,24 @@ def test_json_form() -> None:
     env = DistEnv(1, 0, 2, 1, "h", 5, "slurm")
     assert json.loads(env.to_json())["source"] == "slurm"
     assert env.distributed and not env.is_main
+
+
+def test_launch_env_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`reformer-launch env` prints what discover() sees, as JSON or as shell exports."""
+    import json
+
+    from reformer_dist.cli.launch import main
+
+    for k, v in slurm_step(2, 0, 1, MASTER_ADDR="10.9.8.7").items():
+        monkeypatch.setenv(k, v)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    assert main(["env"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got == {"rank": 2, "local_rank": 0, "world_size": 4, "local_world_size": 2, "master_addr": "10.9.8.7",
+                   "master_port": 29956, "source": "slurm"}
+    assert main(["env", "--format", "shell"]) == 0
+    assert "export RANK=2\n" in capsys.readouterr().out
+    monkeypatch.setenv("SLURM_PROCID", "9")
+    assert main(["env"]) == 2
+    assert "SLURM_PROCID" in capsys.readouterr().err

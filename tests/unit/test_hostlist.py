@@ -55,3 +55,35 @@ def test_tasks_per_node(spec: str, expected: list[int]) -> None:
 def test_tasks_per_node_bad() -> None:
     with pytest.raises(ValueError, match="SLURM_TASKS_PER_NODE"):
         parse_tasks_per_node("2(x)")
+
+
+# -- `reformer-launch hostfile` (DeepSpeed hostfile from a SLURM node list) ------------------------------
+
+
+def test_hostfile_cli(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from reformer_dist.cli.launch import main
+
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[01-02],cpu7")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+    out = tmp_path / "sub" / "hostfile"
+    assert main(["hostfile", "--out", str(out)]) == 0
+    assert out.read_text() == "gpu01 slots=8\ngpu02 slots=8\ncpu7 slots=8\n"
+    monkeypatch.delenv("SLURM_GPUS_ON_NODE")
+    assert main(["hostfile"]) == 0
+    assert capsys.readouterr().out == "gpu01 slots=4\ngpu02 slots=4\ncpu7 slots=4\n"
+    assert main(["hostfile", "--nodelist", "n[1-2]", "--slots", "2"]) == 0
+    assert capsys.readouterr().out == "n1 slots=2\nn2 slots=2\n"
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
+    assert main(["hostfile", "--nodelist", "n1"]) == 0
+    assert capsys.readouterr().out == "n1 slots=1\n"
+
+
+def test_hostfile_cli_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from reformer_dist.cli.launch import main
+
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    assert main(["hostfile"]) == 2
+    assert "SLURM_JOB_NODELIST" in capsys.readouterr().err
+    assert main(["hostfile", "--nodelist", "n[1-", "--slots", "1"]) == 2
+    assert main(["hostfile", "--nodelist", "n1", "--slots", "0"]) == 2
