@@ -79,6 +79,12 @@ class ReformerLM(nn.Module):
         mult = self.cfg.pad_multiple()
         pad = (-l) % mult if l > self._min_chunk() else 0
         key_valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        if sequence_parallel is not None:
+            # Each rank holds a slice: padding is decided on the whole sequence, so it must already fit.
+            sequence_parallel.check(self.cfg, l)
+            if attention_mask is not None:
+                raise ValueError("attention_mask is not supported with sequence parallelism")
+            pad = 0
         if pad:
             input_ids = F.pad(input_ids, (0, pad), value=0)
             valid = torch.ones(b, l, dtype=torch.bool, device=input_ids.device) if key_valid is None else key_valid
