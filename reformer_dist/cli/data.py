@@ -1,0 +1,145 @@
+"""``reformer-data``: prepare training data (see docs/data.md).
+
+    reformer-data tokenizer --input corpus/ --vocab-size 32000 --model-type bpe --out tok/
+    reformer-data shard --input corpus/ --tokenizer tok/ --out store/ --shard-tokens 100000000 \\
+                        --num-proc 8 --val-fraction 0.01
+    reformer-data verify store/
+    reformer-data inspect store/            # or: inspect builtin
+    reformer-data builtin --out store/      # the embedded default corpus, written as a store
+
+Exit status: 0 on success, 1 on a data error (message on stderr, naming the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from reformer_dist.data.errors import DataError
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", "-i", nargs="+", required=True,
+                   help="files, folders (recursive) or glob patterns: text, .jsonl/.json[.gz], .parquet")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSON / Parquet records")
+    p.add_argument("--text-unit", default="document", choices=("document", "paragraph", "line"),
+                   help="what one document is in a plain-text file (default: the whole file)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="reformer-data", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer (byte fallback)")
+    _add_input_args(p)
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"))
+    p.add_argument("--out", required=True, help="folder for tokenizer.model / .vocab / .json")
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="share of characters given their own piece; rarer ones fall back to bytes")
+    p.add_argument("--max-sentences", type=int, default=1_000_000,
+                   help="lines sampled from the corpus for training (bounds memory)")
+    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
+
+    p = sub.add_parser("shard", help="tokenise a corpus into a token store")
+    _add_input_args(p)
+    p.add_argument("--tokenizer", required=True, help="'bytes' or a tokenizer folder")
+    p.add_argument("--out", required=True, help="store folder (manifest.json + shards)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file (default 2^27)")
+    p.add_argument("--num-proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenising processes")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="share of documents (every 1/F-th) in the validation split")
+    p.add_argument("--overwrite", action="store_true", help="replace a store already in --out")
+
+    p = sub.add_parser("inspect", help="counts and a decoded sample of a store")
+    p.add_argument("store", help="store folder, or 'builtin'")
+    p.add_argument("--tokens", type=int, default=300, help="tokens of the sample to decode")
+
+    p = sub.add_parser("verify", help="check every shard's size, sha256 and token range")
+    p.add_argument("store")
+
+    p = sub.add_parser("builtin", help="write the embedded default corpus as a store")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    return ap
+
+
+def _inspect(path: str, n_sample: int) -> None:
+    import numpy as np
+
+    from reformer_dist.data.shards import SPLITS
+    from reformer_dist.data.store import TokenStore
+
+    store = TokenStore.open(path)
+    print(f"store       {store.name}")
+    print(f"tokenizer   {store.identity}  (vocab_size {store.vocab_size}, end-of-document id {store.eod_id})")
+    print(f"dtype       {store.dtype.name}")
+    for s in SPLITS:
+        n, d = store.num_tokens(s), store.num_documents(s)
+        avg = f", {n / d:,.0f} tokens/document" if d else ""
+        print(f"{s:<11} {n:,} tokens, {d:,} documents, {store.num_shards(s)} shards{avg}")
+    for k, v in store.manifest.get("metadata", {}).items():
+        print(f"  {k}: {v}")
+    for s in SPLITS:
+        n = min(n_sample, store.num_tokens(s))
+        if n == 0:
+            continue
+        ids = store.read(s, 0, n)
+        eod = np.flatnonzero(ids == store.eod_id)
+        first = ids[: eod[0]] if eod.size else ids
+        print(f"\n--- {s}: first {first.size} tokens, decoded{' (document ends)' if eod.size else ''} ---")
+        print(store.tokenizer.decode(first))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "tokenizer":
+            from reformer_dist.data.pipeline import train_tokenizer
+
+            tok = train_tokenizer(args.input, args.out, args.vocab_size, args.model_type,
+                                  text_field=args.text_field, text_unit=args.text_unit,
+                                  character_coverage=args.character_coverage, max_sentences=args.max_sentences,
+                                  num_threads=args.num_threads, verbose=args.verbose)
+            print(f"wrote {args.out}: {tok.identity} (vocab_size {tok.vocab_size})")
+        elif args.command == "shard":
+            from reformer_dist.data.pipeline import shard_corpus
+
+            path = shard_corpus(args.input, args.tokenizer, args.out, shard_tokens=args.shard_tokens,
+                                num_proc=args.num_proc, text_field=args.text_field, text_unit=args.text_unit,
+                                val_fraction=args.val_fraction, overwrite=args.overwrite)
+            _summary(path.parent)
+        elif args.command == "inspect":
+            _inspect(args.store, args.tokens)
+        elif args.command == "verify":
+            from reformer_dist.data.shards import verify_store
+
+            m = verify_store(args.store)
+            shards = sum(len(m["splits"][s]["shards"]) for s in m["splits"])
+            tokens = sum(m["splits"][s]["num_tokens"] for s in m["splits"])
+            print(f"OK {args.store}: {shards} shards, {tokens:,} tokens, checksums and token range verified")
+        elif args.command == "builtin":
+            from reformer_dist.data.builtin import write_builtin
+
+            _summary(write_builtin(args.out, overwrite=args.overwrite).parent)
+    except DataError as e:
+        print(f"reformer-data {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _summary(store_dir) -> None:
+    from reformer_dist.data.shards import read_manifest
+
+    m = read_manifest(store_dir)
+    parts = [f"{s} {v['num_tokens']:,} tokens / {v['num_documents']:,} documents / {len(v['shards'])} shards"
+             for s, v in m["splits"].items()]
+    print(f"wrote {store_dir} ({m['tokenizer']['identity']}, {m['dtype']}): " + "; ".join(parts))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

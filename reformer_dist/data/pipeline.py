@@ -1,0 +1,183 @@
+"""Corpus -> tokenizer, and corpus -> tokenised shards (what ``reformer-data tokenizer|shard`` run).
+
+Sharding: documents are streamed from the source files into a ``datasets`` Arrow table (on disk,
+memory-mapped: the corpus need not fit in RAM), tokenised with ``map(num_proc=P)``, and appended in
+corpus order to a ``ShardWriter``. The Arrow cache lives in a hidden folder inside the output folder
+(same disk as the result) and is removed at the end.
+
+Validation split: whole documents, spread evenly through the corpus: document i goes to validation
+when floor((i+1)*f) > floor(i*f), i.e. every 1/f-th document. Deterministic, no random state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reformer_dist.data.errors import DataError
+from reformer_dist.data.shards import MANIFEST, ShardWriter, dtype_for_vocab
+from reformer_dist.data.sources import collect_files, iter_documents
+from reformer_dist.data.tokenizers import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
+
+
+def validation_mask(indices: np.ndarray | Sequence[int], fraction: float) -> np.ndarray:
+    """True for the documents (by corpus index) that belong to the validation split."""
+    i = np.asarray(indices, dtype=np.float64)
+    return np.floor((i + 1) * fraction) > np.floor(i * fraction)
+
+
+def train_tokenizer(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    vocab_size: int,
+    model_type: str = "bpe",
+    *,
+    text_field: str = "text",
+    text_unit: str = "document",
+    **options: Any,
+) -> SentencePieceTokenizer:
+    """Train a SentencePiece tokenizer on the documents of ``inputs`` (streamed). See train_sentencepiece."""
+    files = collect_files(inputs)
+    docs = (d.text for d in iter_documents(files, text_field, text_unit))
+    meta = {"inputs": [str(p) for p in inputs], "files": len(files), "text_field": text_field, "text_unit": text_unit}
+    try:
+        return train_sentencepiece(docs, out_dir, vocab_size, model_type, metadata=meta, **options)
+    except DataError as e:
+        if str(e).startswith("empty corpus"):
+            raise DataError(f"{e}: {_describe(files)}") from None
+        raise
+
+
+def shard_corpus(
+    inputs: Sequence[str | Path],
+    tokenizer: str | Path | Tokenizer,
+    out_dir: str | Path,
+    *,
+    shard_tokens: int = 1 << 27,
+    num_proc: int = 1,
+    text_field: str = "text",
+    text_unit: str = "document",
+    val_fraction: float = 0.0,
+    overwrite: bool = False,
+) -> Path:
+    """Tokenise ``inputs`` into a token store at ``out_dir``; returns the manifest path."""
+    import datasets
+
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1) (got {val_fraction})")
+    files = collect_files(inputs)
+    tok = tokenizer if hasattr(tokenizer, "encode_batch") else load_tokenizer(tokenizer)
+    dtype = dtype_for_vocab(tok.vocab_size)
+    meta = {
+        "inputs": [str(p) for p in inputs],
+        "files": len(files),
+        "text_field": text_field,
+        "text_unit": text_unit,
+        "val_fraction": val_fraction,
+        "shard_tokens": shard_tokens,
+    }
+    out = Path(out_dir)
+    with ShardWriter(out, tok, shard_tokens, overwrite=overwrite, metadata=meta) as writer:
+        cache = Path(tempfile.mkdtemp(prefix=".datasets-cache-", dir=out))
+        try:
+            with _original_error():
+                docs = datasets.Dataset.from_generator(
+                    _generate,
+                    gen_kwargs={"files": [str(f) for f in files], "text_field": text_field, "text_unit": text_unit},
+                    features=datasets.Features(
+                        {"text": datasets.Value("large_string"), "source": datasets.Value("string")}
+                    ),
+                    num_proc=min(num_proc, len(files)) if num_proc > 1 else None,
+                    cache_dir=str(cache),
+                )
+            if len(docs) == 0:
+                raise DataError(f"empty corpus: no non-empty document in {_describe(files)}")
+            with _original_error():
+                tokens = docs.map(
+                    _tokenize,
+                    batched=True,
+                    batch_size=256,
+                    with_indices=True,
+                    num_proc=num_proc if num_proc > 1 else None,
+                    remove_columns=["text"],
+                    fn_kwargs={"tokenizer": tok, "val_fraction": val_fraction, "dtype": dtype.name},
+                    features=datasets.Features({
+                        "source": datasets.Value("string"),
+                        "ids": datasets.Sequence(datasets.Value(dtype.name)),
+                        "validation": datasets.Value("bool"),
+                    }),
+                    # fresh cache folder per run, so a fixed fingerprint cannot pick up stale results
+                    new_fingerprint=hashlib.sha256(f"{tok.identity} {val_fraction}".encode()).hexdigest()[:32],
+                    desc="tokenise",
+                )
+            _write(tokens, writer)
+            if val_fraction > 0 and writer.num_tokens("validation") == 0:
+                raise DataError(
+                    f"val_fraction {val_fraction} of {len(docs)} documents selects none for validation "
+                    f"({_describe(files)}): use more documents or a larger fraction"
+                )
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+    return out / MANIFEST
+
+
+def _generate(files: list[str], text_field: str, text_unit: str):
+    for doc in iter_documents(files, text_field, text_unit):
+        yield {"text": doc.text, "source": f"{doc.source}:{doc.index}"}
+
+
+def _tokenize(batch: dict[str, list], indices: list[int], tokenizer: Tokenizer, val_fraction: float, dtype: str):
+    ids = []
+    for arr, source in zip(tokenizer.encode_batch(batch["text"]), batch["source"]):
+        if arr.size and (int(arr.max()) >= tokenizer.vocab_size or int(arr.min()) < 0):
+            bad = int(arr.max()) if int(arr.max()) >= tokenizer.vocab_size else int(arr.min())
+            raise DataError(
+                f"{source}: token id {bad} outside the vocabulary 0..{tokenizer.vocab_size - 1} "
+                f"of tokenizer {tokenizer.identity}"
+            )
+        doc = np.empty(arr.size + 1, dtype=dtype)
+        doc[:-1] = arr
+        doc[-1] = tokenizer.eod_id
+        ids.append(doc)
+    return {"source": batch["source"], "ids": ids, "validation": validation_mask(indices, val_fraction)}
+
+
+def _write(tokens, writer: ShardWriter) -> None:
+    """Append the tokenised documents, in corpus order, to their split (flat arrays, no per-token Python)."""
+    import pyarrow.compute as pc
+
+    for table in tokens.with_format("arrow").iter(batch_size=4096):
+        is_val = table.column("validation").to_numpy(zero_copy_only=False)
+        for split, mask in (("train", ~is_val), ("validation", is_val)):
+            if mask.any():
+                flat = pc.list_flatten(table.column("ids").filter(mask)).to_numpy()
+                writer.add(split, flat)
+
+
+@contextlib.contextmanager
+def _original_error():
+    """Re-raise a DataError that ``datasets`` wrapped (e.g. in DatasetGenerationError) as itself."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:
+        cause = e
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _describe(files: Sequence[Path]) -> str:
+    shown = ", ".join(str(f) for f in files[:3])
+    return shown + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
+
