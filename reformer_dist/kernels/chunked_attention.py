@@ -2,9 +2,10 @@
 
 ``chunked_attention(q, k, v, pos, ...) -> (out, lse)`` takes sorted, chunked queries/keys/values plus the
 original position of every slot, and returns each query's output and the log-sum-exp of its logits.
-Implementations are interchangeable: the PyTorch reference (any device, the test oracle) and fused GPU
-kernels registered here. ``backend="auto"`` picks a fused kernel on CUDA when one is registered and
-supports the call, else the reference.
+Implementations are interchangeable: the PyTorch reference (plain autograd, the test oracle), the
+blockwise PyTorch core (own backward, O(L*D) memory, any device) and fused GPU kernels registered here.
+``backend="auto"`` picks a fused kernel on CUDA when one is registered and supports the call, else the
+blockwise core.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Callable
 
 from torch import Tensor
 
+from reformer_dist.kernels.blockwise import chunked_attention_blockwise
 from reformer_dist.kernels.reference import chunked_attention_reference
 
 AttentionCore = Callable[..., tuple[Tensor, Tensor]]
@@ -20,7 +22,9 @@ AttentionCore = Callable[..., tuple[Tensor, Tensor]]
 # name -> (implementation, predicate(q, **kwargs) -> bool saying whether it supports this call)
 _BACKENDS: dict[str, tuple[AttentionCore, Callable[..., bool]]] = {
     "reference": (chunked_attention_reference, lambda q, **kw: True),
+    "blockwise": (chunked_attention_blockwise, lambda q, **kw: True),
 }
+_PORTABLE = ("reference", "blockwise")
 
 
 def register_backend(name: str, fn: AttentionCore, supports: Callable[..., bool]) -> None:
@@ -37,9 +41,10 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, *, backend: 
     if backend == "auto":
         if q.is_cuda:
             for name, (fn, supports) in _BACKENDS.items():
-                if name != "reference" and supports(q, **kwargs):
+                if name not in _PORTABLE and supports(q, **kwargs):
                     return fn(q, k, v, pos, **kwargs)
-        backend = "reference"
+        # The blockwise core keeps activation memory O(L*D); the reference (plain autograd) is the oracle.
+        backend = "blockwise"
     if backend not in _BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
     return _BACKENDS[backend][0](q, k, v, pos, **kwargs)

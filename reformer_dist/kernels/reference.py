@@ -33,18 +33,49 @@ def duplicate_counts(q_pos: Tensor, k_pos: Tensor, chunk_of: Tensor, n_before: i
 
     q_pos [B,H,N,M], k_pos [B,H,N,W], chunk_of [B,H,R,L] = flat chunk index of each position per round.
     """
-    b, h, n, m = q_pos.shape
+    b, h, n, m = q_pos.shape  # n may be a block of the N chunks
     r = chunk_of.shape[2]
+    n_total = r * chunk_of.shape[3] // m
     cq = chunk_of.gather(3, q_pos.reshape(b, h, 1, n * m).expand(b, h, r, n * m)).view(b, h, r, n, m)
     ck = chunk_of.gather(3, k_pos.reshape(b, h, 1, -1).expand(b, h, r, k_pos.shape[2] * k_pos.shape[3]))
     ck = ck.view(b, h, r, n, k_pos.shape[3])
     counts = torch.zeros(b, h, n, m, k_pos.shape[3], dtype=torch.int32, device=q_pos.device)
     for r1 in range(r):
         for r2 in range(r):
-            diff = torch.remainder(ck[:, :, r2, :, None, :] - cq[:, :, r1, :, :, None], n)
+            diff = torch.remainder(ck[:, :, r2, :, None, :] - cq[:, :, r1, :, :, None], n_total)
             for o in range(-n_before, n_after + 1):
-                counts += diff == (o % n)
+                counts += diff == (o % n_total)
     return counts
+
+
+def masked_logits(q: Tensor, kw: Tensor, pos: Tensor, k_pos: Tensor, *, n_before: int, n_after: int, causal: bool,
+                  self_mask: bool, kv_w: Tensor | None = None, bucket: Tensor | None = None,
+                  bucket_w: Tensor | None = None, chunk_of: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Logits of queries q [B,H,n,M,D] against their windows kw [B,H,n,W,D] after all masks.
+
+    Returns (logits in the accumulation dtype, bool mask of entries replaced by a constant or None);
+    replaced entries have zero derivative, which the blockwise backward needs to know.
+    """
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dots = torch.matmul(q, kw.transpose(-1, -2)).to(acc)
+    if chunk_of is not None:
+        dots = dots - duplicate_counts(pos, k_pos, chunk_of, n_before, n_after).to(acc).log()
+    visible = None
+    if causal:
+        visible = pos.unsqueeze(-1) >= k_pos.unsqueeze(-2)
+    if kv_w is not None:
+        visible = kv_w.unsqueeze(-2) if visible is None else visible & kv_w.unsqueeze(-2)
+    if bucket is not None:
+        same = bucket.unsqueeze(-1) == bucket_w.unsqueeze(-2)
+        visible = same if visible is None else visible & same
+    replaced = None if visible is None else ~visible
+    if replaced is not None:
+        dots = dots.masked_fill(replaced, MASK_VALUE)
+    if self_mask:
+        is_self = pos.unsqueeze(-1) == k_pos.unsqueeze(-2)
+        dots = dots.masked_fill(is_self, SELF_MASK_VALUE)
+        replaced = is_self if replaced is None else replaced | is_self
+    return dots, replaced
 
 
 def chunked_attention_reference(
@@ -61,34 +92,19 @@ def chunked_attention_reference(
     bucket: Tensor | None = None,
     chunk_of: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Attention of each chunk over itself and its neighbours.
+    """Attention of each chunk over itself and its neighbours, by plain autograd (the oracle).
 
     q, k, v: [B,H,N,M,D] (k already normalised/scaled); pos: [B,H,N,M] int64 original positions;
     key_valid: [B,H,N,M] bool (False = padding, never attended); bucket: [B,H,N,M] for the
     same-bucket-only mask; chunk_of: [B,H,R,L] for the duplicate-attention correction.
     Returns out [B,H,N,M,D] (dtype of v) and lse [B,H,N,M] (float32, or float64 for float64 inputs).
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kw = look_around(k, n_before, n_after)
-    vw = look_around(v, n_before, n_after)
-    k_pos = look_around(pos, n_before, n_after)
-    dots = torch.matmul(q, kw.transpose(-1, -2)).to(acc)  # [B,H,N,M,W]
-    if chunk_of is not None:
-        dots = dots - duplicate_counts(pos, k_pos, chunk_of, n_before, n_after).to(acc).log()
-    visible = None
-    if causal:
-        visible = pos.unsqueeze(-1) >= k_pos.unsqueeze(-2)
-    if key_valid is not None:
-        kv = look_around(key_valid, n_before, n_after).unsqueeze(-2)
-        visible = kv if visible is None else visible & kv
-    if bucket is not None:
-        same = bucket.unsqueeze(-1) == look_around(bucket, n_before, n_after).unsqueeze(-2)
-        visible = same if visible is None else visible & same
-    if visible is not None:
-        dots = dots.masked_fill(~visible, MASK_VALUE)
-    if self_mask:
-        dots = dots.masked_fill(pos.unsqueeze(-1) == k_pos.unsqueeze(-2), SELF_MASK_VALUE)
+    nb, na = n_before, n_after
+    dots, _ = masked_logits(
+        q, look_around(k, nb, na), pos, look_around(pos, nb, na), n_before=nb, n_after=na, causal=causal,
+        self_mask=self_mask, kv_w=None if key_valid is None else look_around(key_valid, nb, na), bucket=bucket,
+        bucket_w=None if bucket is None else look_around(bucket, nb, na), chunk_of=chunk_of)
     lse = torch.logsumexp(dots, dim=-1)
     probs = torch.exp(dots - lse.unsqueeze(-1))
-    out = torch.matmul(probs.to(vw.dtype), vw)
+    out = torch.matmul(probs.to(v.dtype), look_around(v, nb, na))
     return out, lse
