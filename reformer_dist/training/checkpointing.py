@@ -1,0 +1,201 @@
+"""Checkpoint layout, per-rank trainer state, the atomic commit and `--resume` resolution.
+
+Layout of the checkpoint root (default <output.dir>/checkpoints):
+
+    latest                      tag of the newest COMPLETE checkpoint (DeepSpeed's format; moved last)
+    step_00000300/              one checkpoint ("tag")
+        mp_rank_00_model_states.pt, *_optim_states.pt   DeepSpeed's files (engine.save_checkpoint)
+        trainer_state/rank00000.pt                       per rank: step, loader state, RNG states
+        run_config.json                                  the resolved run config + batch plan
+        MANIFEST.json                                    checksums; written by rank 0 after a barrier
+
+The DeepSpeed calls and barriers live in trainer.py; everything here is plain file handling, so
+it is testable without a process group. Folders must be on a file system every rank sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reformer_dist.checkpoint.integrity import CheckpointError, is_complete, verify_manifest, write_manifest
+
+TAG_RE = re.compile(r"^step_(\d{8,})$")
+LATEST = "latest"
+STATE_DIR = "trainer_state"
+RUN_CONFIG = "run_config.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int | None:
+    m = TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+def capture_rng() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- per-rank state
+def state_path(ckpt_dir: Path, rank: int) -> Path:
+    return ckpt_dir / STATE_DIR / f"rank{rank:05d}.pt"
+
+
+def save_rank_state(ckpt_dir: Path, rank: int, state: dict[str, Any]) -> None:
+    p = state_path(ckpt_dir, rank)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, p)
+
+
+def load_rank_state(ckpt_dir: Path, rank: int) -> dict[str, Any]:
+    p = state_path(ckpt_dir, rank)
+    if not p.is_file():
+        n = len(list((ckpt_dir / STATE_DIR).glob("rank*.pt")))
+        raise CheckpointError(f"{p}: missing; the checkpoint holds trainer state for {n} rank(s) "
+                              f"(exact resume needs the same world size)")
+    try:
+        # our own file, checksum-verified before loading; it holds numpy RNG tuples, hence weights_only=False
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"{p}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------------------------------- commit / prune
+def list_tags(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint folder under root, newest first (complete or not)."""
+    if not root.is_dir():
+        return []
+    found = [(step_of(p.name), p) for p in root.iterdir() if p.is_dir()]
+    return sorted(((s, p) for s, p in found if s is not None), reverse=True)
+
+
+def commit(root: Path, tag: str, extra: dict | None = None) -> None:
+    """Rank 0, after every rank saved: manifest first, then move `latest` (temp + rename)."""
+    write_manifest(root / tag, extra=extra)
+    tmp = root / (LATEST + ".tmp")
+    tmp.write_text(tag)
+    os.replace(tmp, root / LATEST)
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep_last`, and incomplete ones older than the newest
+    complete one (leftovers of interrupted saves). Call only after a new checkpoint is committed."""
+    tags = list_tags(root)
+    complete = [p for _, p in tags if is_complete(p)]
+    if not complete:
+        return []
+    newest_step = step_of(complete[0].name)
+    doomed = complete[keep_last:] + [p for s, p in tags if not is_complete(p) and s < newest_step]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+# ---------------------------------------------------------------------------------------------- resume
+@dataclass
+class ResumePoint:
+    root: Path
+    tag: str
+    step: int
+    skipped_incomplete: list[str]
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.tag
+
+
+def find_resume(spec: str, default_root: Path, verify_hashes: bool = True) -> ResumePoint | None:
+    """Resolve `--resume auto|PATH` to a verified checkpoint; None = start fresh (only for `auto`).
+
+    `auto`: the newest COMPLETE checkpoint under the run's checkpoint root (none -> fresh start).
+    PATH: a checkpoint folder (step_XXXXXXXX) or a checkpoint root (its newest complete one).
+    A complete checkpoint whose files do not match its manifest raises CheckpointError naming the file;
+    it is never silently replaced by an older one.
+    """
+    if spec == "auto":
+        root, required = default_root, False
+    else:
+        p = Path(spec)
+        if not p.exists():
+            raise CheckpointError(f"--resume {spec}: no such file or folder")
+        if step_of(p.name) is not None and p.is_dir():
+            if not is_complete(p):
+                raise CheckpointError(f"{p}: incomplete checkpoint (no MANIFEST.json; the save did not finish)")
+            verify_manifest(p, hashes=verify_hashes)
+            return ResumePoint(p.parent, p.name, step_of(p.name), [])  # type: ignore[arg-type]
+        root, required = p, True
+    skipped: list[str] = []
+    for step, p in list_tags(root):
+        if not is_complete(p):
+            skipped.append(p.name)
+            continue
+        verify_manifest(p, hashes=verify_hashes)
+        return ResumePoint(root, p.name, step, skipped)
+    if required:
+        raise CheckpointError(f"--resume {spec}: no complete checkpoint (step_XXXXXXXX with MANIFEST.json) in {root}")
+    return None
+
+
+def read_run_config(ckpt_dir: Path) -> dict[str, Any]:
+    p = ckpt_dir / RUN_CONFIG
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: cannot be read ({e})") from None
+
+
+def compare_run_configs(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(errors, warnings) between a checkpoint's run config and the current one, as dotted keys.
+
+    The model must match (the weights mean something else otherwise) and so must the data-parallel
+    layout (per-rank loader states). Other differences are allowed (e.g. a longer max_steps) but
+    reported, because they break the "same losses as an uninterrupted run" guarantee.
+    """
+    errors, warnings = [], []
+    harmless = {"train.max_steps", "checkpoint.every", "checkpoint.keep_last", "checkpoint.at_end", "checkpoint.dir",
+                "eval.every", "eval.at_end", "logging.log_every", "logging.tensorboard", "logging.progress_bar",
+                "logging.rank_files", "output.dir", "output.save_model", "output.sample_tokens", "output.sample_prompt",
+                "output.sample_temperature", "output.sample_top_k", "train.requeue", "deepspeed.config"}
+    for section, body in current["config"].items():
+        old = saved["config"].get(section, {})
+        for key, value in body.items():
+            if old.get(key, value) != value:
+                dotted = f"{section}.{key}"
+                msg = f"{dotted}: checkpoint has {old.get(key)!r}, this run {value!r}"
+                if section == "model":
+                    errors.append(msg)
+                elif dotted not in harmless:
+                    warnings.append(msg)
+    for key in ("dp_size", "micro_batch", "grad_accum"):
+        if saved["plan"].get(key) != current["plan"].get(key):
+            errors.append(f"batch plan {key}: checkpoint has {saved['plan'].get(key)}, this run {current['plan'].get(key)} "
+                          f"(exact resume needs the same data-parallel size, micro batch and grad accumulation)")
+    return errors, warnings

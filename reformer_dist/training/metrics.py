@@ -1,0 +1,140 @@
+"""Run metrics: JSON lines (+ TensorBoard, + a tqdm bar) on rank 0, optional per-rank JSON lines.
+
+metrics.jsonl records, one JSON object a line, appended across resumes:
+    {"event": "start", "world_size": N, "resume_step": s | null, ...}   once per process start
+    {"event": "step", "step", "loss", "lr", "tokens_per_s", "grad_norm", "skipped", "mem_gb", ...}
+    {"event": "eval", "step", "eval_loss", "bits_per_token", "bits_per_byte"?, "unigram_loss", ...}
+    {"event": "end" | "preempted" | "stopped", "step", ...}
+`reformer-plot` reads them; after a resume it keeps, for each step, the record written last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory (CUDA) or peak resident memory of the process (CPU), in GB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no nan/inf
+    if isinstance(v, torch.Tensor):
+        return _clean(v.item())
+    return v
+
+
+class Metrics:
+    def __init__(self, run_dir: Path, rank: int, world_size: int, total_steps: int, initial_step: int,
+                 tensorboard: bool, progress_bar: bool, rank_files: bool, log_every: int):
+        self.rank, self.world_size, self.log_every = rank, world_size, log_every
+        self.main = rank == 0
+        self._file = open(run_dir / "metrics.jsonl", "a") if self.main else None
+        self._rank_file = None
+        if rank_files:
+            (run_dir / "ranks").mkdir(parents=True, exist_ok=True)
+            self._rank_file = open(run_dir / "ranks" / f"rank{rank}.jsonl", "a")
+        self._tb = None
+        if self.main and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=initial_step + 1 if initial_step else None)
+            except ImportError:  # pragma: no cover - tensorboard is a dependency; degrade rather than die
+                print("metrics: tensorboard is not installed; writing JSON lines only", file=sys.stderr)
+        self._bar = None
+        if self.main and progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
+                             mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+
+    # ------------------------------------------------------------------ writing
+    def _write(self, record: dict[str, Any]) -> None:
+        record = {k: _clean(v) for k, v in record.items()}
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._rank_file is not None:
+            self._rank_file.write(json.dumps({**record, "rank": self.rank, "world_size": self.world_size}) + "\n")
+            self._rank_file.flush()
+
+    def event(self, name: str, **fields: Any) -> None:
+        self._write({"event": name, "time": time.time(), **fields})
+
+    def step(self, rec: dict[str, Any]) -> None:
+        step = rec["step"]
+        if step % self.log_every == 0 or rec.get("skipped"):
+            self._write({"event": "step", **rec})
+        if self._tb is not None:
+            for k in ("loss", "lr", "tokens_per_s", "grad_norm", "mem_gb"):
+                v = rec.get(k)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"train/{k}", v, step)
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                                  tok_s=f"{rec['tokens_per_s']:.0f}", mem=f"{rec['mem_gb']:.2f}GB", refresh=False)
+
+    def eval(self, rec: dict[str, Any]) -> None:
+        self._write({"event": "eval", **rec})
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"eval/{k}", v, rec["step"])
+
+    def print(self, text: str) -> None:
+        """A line for the user, on rank 0, without breaking the progress bar."""
+        if not self.main:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        for f in (self._file, self._rank_file):
+            if f is not None:
+                f.close()
+        self._file = self._rank_file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl -> records, with the ones a resume superseded dropped.
+
+    A start record with resume_step=s means the run went back to step s: records of steps > s written
+    before it belong to the abandoned continuation and are dropped.
+    """
+    out: list[dict[str, Any]] = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line after a crash
+            if rec.get("event") == "start":
+                s = rec.get("resume_step") or 0
+                out = [r for r in out if r.get("event") == "start" or r.get("step", 0) <= s]
+            out.append(rec)
+    return out
