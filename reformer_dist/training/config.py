@@ -329,8 +329,6 @@ def check_cross_fields(cfg: RunConfig) -> None:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's maximum length "
                           f"{cfg.model.max_seq_len} (model.axial_pos_shape = {cfg.model.axial_pos_shape}, their product)")
     t = cfg.train
-    if t.warmup_steps > t.max_steps:
-        raise ConfigError(f"train.warmup_steps: {t.warmup_steps} exceeds train.max_steps = {t.max_steps}")
     if t.decay_steps is not None and t.decay_steps < t.warmup_steps:
         raise ConfigError(f"train.decay_steps: {t.decay_steps} is before the end of warmup (train.warmup_steps = {t.warmup_steps})")
     if cfg.deepspeed.config is not None and not Path(cfg.deepspeed.config).is_file():

@@ -1,0 +1,177 @@
+"""Run config: layering, validation errors that name the key, batch arithmetic, DeepSpeed dict, schedule."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reformer_dist.training.config import ConfigError, load_run_config, plan_batches, to_toml
+from reformer_dist.training.deepspeed_config import build_deepspeed_config
+from reformer_dist.training.schedule import lr_at
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.toml"))
+
+
+def err(tmp_path: Path, toml: str = "", overrides: tuple[str, ...] = ()) -> str:
+    p = tmp_path / "run.toml"
+    p.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        load_run_config(p, overrides)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    "toml, overrides, starts",
+    [
+        ("[train]\nlr = -1\n", (), "train.lr: expected a positive number"),
+        ("[train]\nlr = \"fast\"\n", (), "train.lr: expected a positive number"),
+        ("[model]\nn_hedas = 4\n", (), "model.n_hedas: unknown key"),
+        ("[model]\nd_model = \"256\"\n", (), "model.d_model: expected int"),
+        ("[model]\nd_model = 100\n", (), "model.d_model: must equal n_heads * d_head"),
+        ("[model]\nn_buckets = 3\n", (), "model.n_buckets:"),
+        ("[trian]\nlr = 1e-3\n", (), "trian: unknown section"),
+        ("[train]\nmicro_batch = 0\n", (), "train.micro_batch: expected a positive integer"),
+        ("[train]\nbetas = [0.9]\n", (), "train.betas: expected two numbers"),
+        ("[train]\ndecay = \"exp\"\n", (), "train.decay: expected one of"),
+        ("[train]\nrequeue = 1\n", (), "train.requeue: expected true or false"),
+        ("[data]\nseq_len = 100000\n", (), "data.seq_len: 100000 exceeds the model's maximum length"),
+        ("[data]\neval_split = \"val\"\n", (), "data.eval_split: expected one of"),
+        ("[deepspeed]\nzero_stage = 4\n", (), "deepspeed.zero_stage: expected 0, 1, 2 or 3"),
+        ("[deepspeed]\nconfig = \"nope.json\"\n", (), "deepspeed.config: no such file"),
+        ("[logging]\nverbose = true\n", (), "logging.verbose: unknown key"),
+        ("", ("train.lr=0",), "train.lr: expected a positive number"),
+        ("", ("train.nope=1",), "train.nope: unknown key"),
+        ("", ("foo.bar=1",), "foo.bar: unknown section"),
+        ("", ("trainlr=1",), "--set 'trainlr=1': expected section.key=value"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, toml, overrides, starts):
+    assert err(tmp_path, toml, overrides).startswith(starts)
+
+
+def test_layering_defaults_file_overrides(tmp_path):
+    p = tmp_path / "run.toml"
+    p.write_text('[train]\nlr = 1e-3\nmax_steps = 50\n[data]\npath = "builtin"\n')
+    cfg = load_run_config(p, ["train.lr=5e-4", "data.path=/data/my store", 'model.attn_layers=["lsh","local"]',
+                              "train.global_batch=none"])
+    assert cfg.train.lr == 5e-4 and cfg.train.max_steps == 50  # override beats file, file beats default
+    assert cfg.data.path == "/data/my store"  # bare strings need no TOML quotes
+    assert cfg.model.attn_layers == ["lsh", "local"] and cfg.train.global_batch is None
+    assert cfg.train.warmup_steps == 100  # untouched default
+
+
+def test_resolved_toml_round_trips(tmp_path):
+    cfg = load_run_config(None, ["train.lr=1e-3", "output.sample_prompt=say \"hi\"\\n"])
+    p = tmp_path / "resolved.toml"
+    p.write_text(to_toml(cfg))
+    again = load_run_config(p)
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_deepspeed_config_path_is_relative_to_the_toml(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "z.json").write_text('{"zero_optimization": {"stage": 2}}')
+    (tmp_path / "run.toml").write_text('[deepspeed]\nconfig = "ds/z.json"\n')
+    cfg = load_run_config(tmp_path / "run.toml")
+    assert Path(cfg.deepspeed.config) == (tmp_path / "ds" / "z.json").resolve()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_run_config(path)
+    plan_batches(cfg, 1 if "multinode" not in path.name else 16)
+
+
+# ---------------------------------------------------------------------------------------------- batch arithmetic
+def test_global_batch_derives_grad_accum():
+    cfg = load_run_config(None, ["train.micro_batch=2", "train.global_batch=16"])
+    p1, p4 = plan_batches(cfg, 1), plan_batches(cfg, 4)
+    assert (p1.grad_accum, p1.dp_size, p1.global_batch) == (8, 1, 16)
+    assert (p4.grad_accum, p4.dp_size, p4.global_batch) == (2, 4, 16)  # same global batch on any world size
+
+
+def test_batch_errors_name_the_keys():
+    cfg = load_run_config(None, ["train.micro_batch=3", "train.global_batch=16"])
+    with pytest.raises(ConfigError, match=r"^train.global_batch: 16 is not a multiple of .* = 3 \* 2 = 6"):
+        plan_batches(cfg, 2)
+    cfg = load_run_config(None, ["train.micro_batch=2", "train.global_batch=16", "train.grad_accum=3"])
+    with pytest.raises(ConfigError, match="^train.grad_accum: 3 disagrees with train.global_batch"):
+        plan_batches(cfg, 1)
+    cfg = load_run_config(None, ["parallel.sequence_parallel_size=3"])
+    with pytest.raises(ConfigError, match="^parallel.sequence_parallel_size: 3 does not divide"):
+        plan_batches(cfg, 4)
+
+
+def test_deepspeed_dict_is_generated_from_the_run_config(tmp_path):
+    j = tmp_path / "z.json"
+    j.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                             "train_micro_batch_size_per_gpu": 2}))
+    cfg = load_run_config(None, [f"deepspeed.config={j}", "train.micro_batch=2", "train.grad_accum=4",
+                                 "deepspeed.zero_stage=3", "train.grad_clip=0.5"])
+    ds = build_deepspeed_config(cfg, plan_batches(cfg, 2), on_cuda=False)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 4)
+    assert ds["zero_optimization"]["stage"] == 3  # the run config's stage wins over the JSON's
+    assert ds["zero_optimization"]["offload_optimizer"]["pin_memory"] is False  # set explicitly
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False
+    assert build_deepspeed_config(cfg, plan_batches(cfg, 2), on_cuda=True)["bf16"]["enabled"] is True
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ({"train_batch_size": 64}, r"train_batch_size = 64 disagrees with the run config"),
+        ({"gradient_accumulation_steps": 2}, r"gradient_accumulation_steps = 2 disagrees"),
+        ({"optimizer": {"type": "Adam"}}, r"key 'optimizer' is not allowed"),
+        ({"scheduler": {"type": "WarmupLR"}}, r"key 'scheduler' is not allowed"),
+        ({"gradient_clipping": 5.0}, r"gradient_clipping = 5.0 disagrees with train.grad_clip"),
+        ({"bf16": {"enabled": True}}, r"bf16.enabled = True disagrees with deepspeed.precision"),
+        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, r"zero_optimization.offload_param needs ZeRO stage 3"),
+    ],
+)
+def test_deepspeed_json_may_not_contradict_the_run_config(tmp_path, body, match):
+    j = tmp_path / "z.json"
+    j.write_text(json.dumps(body))
+    cfg = load_run_config(None, [f"deepspeed.config={j}"])
+    with pytest.raises(ConfigError, match=r"^deepspeed.config \(.*\): " + match):
+        build_deepspeed_config(cfg, plan_batches(cfg, 1), on_cuda=False)
+
+
+def test_batch_keys_that_agree_are_accepted(tmp_path):
+    j = tmp_path / "z.json"
+    j.write_text(json.dumps({"train_batch_size": 4, "gradient_accumulation_steps": 2}))
+    cfg = load_run_config(None, [f"deepspeed.config={j}", "train.micro_batch=1", "train.global_batch=4"])
+    assert build_deepspeed_config(cfg, plan_batches(cfg, 2), on_cuda=False)["train_batch_size"] == 4
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    t = load_run_config(None, ["train.lr=1.0", "train.warmup_steps=10", "train.max_steps=110",
+                               "train.min_lr_ratio=0.1"]).train
+    assert lr_at(1, t) == pytest.approx(0.1) and lr_at(10, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.55) and lr_at(110, t) == pytest.approx(0.1)
+    assert lr_at(500, t) == pytest.approx(0.1)  # past the end it stays at the floor
+    lin = load_run_config(None, ["train.lr=1.0", "train.warmup_steps=0", "train.max_steps=10", "train.decay=linear",
+                                 "train.min_lr_ratio=0"]).train
+    assert lr_at(5, lin) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_reports_the_key_before_any_process_group(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train", "--config", str(REPO / "configs/quickstart.toml"),
+                        "--set", "model.n_hedas=4", "--local_rank=0"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert p.returncode == 2
+    assert "reformer-train: error: model.n_hedas: unknown key" in p.stderr
+
+
+def test_cli_dry_run_prints_the_resolved_plan(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train", "--config", str(REPO / "configs/quickstart.toml"),
+                        "--set", "train.global_batch=16", "--dry-run"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert '"train_batch_size": 16' in p.stdout and "[model]" in p.stdout
