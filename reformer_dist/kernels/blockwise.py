@@ -16,6 +16,11 @@ from reformer_dist.kernels.reference import masked_logits
 _BLOCK_ELEMS = 1 << 24  # logits per block (64 MiB in fp32)
 
 
+def block_elems() -> int:
+    """Logits per block; read at call time so tests can shrink it."""
+    return _BLOCK_ELEMS
+
+
 def _window_index(start: int, stop: int, n: int, n_before: int, n_after: int, device) -> Tensor:
     """[n_blk, w] chunk indices of each chunk's look-around window (wrapping)."""
     offsets = torch.arange(-n_before, n_after + 1, device=device)
@@ -40,7 +45,7 @@ class _BlockwiseAttention(torch.autograd.Function):
     def _forward(ctx, q, k, v, pos, key_valid, bucket, chunk_of, n_before, n_after, causal, self_mask):
         b, h, n, m, d = q.shape
         w = 1 + n_before + n_after
-        blk = max(1, _BLOCK_ELEMS // max(1, b * h * m * w * m))
+        blk = max(1, block_elems() // max(1, b * h * m * w * m))
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = torch.empty_like(v)
         lse = torch.empty(b, h, n, m, dtype=acc, device=q.device)

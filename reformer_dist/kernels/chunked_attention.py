@@ -5,7 +5,7 @@ original position of every slot, and returns each query's output and the log-sum
 Implementations are interchangeable: the PyTorch reference (plain autograd, the test oracle), the
 blockwise PyTorch core (own backward, O(L*D) memory, any device) and fused GPU kernels registered here.
 ``backend="auto"`` picks a fused kernel on CUDA when one is registered and supports the call, else the
-blockwise core.
+blockwise core (or the reference when all logits fit in one block).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Callable
 
 from torch import Tensor
 
+from reformer_dist.kernels import blockwise
 from reformer_dist.kernels.blockwise import chunked_attention_blockwise
 from reformer_dist.kernels.reference import chunked_attention_reference
 
@@ -43,8 +44,11 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, *, backend: 
             for name, (fn, supports) in _BACKENDS.items():
                 if name not in _PORTABLE and supports(q, **kwargs):
                     return fn(q, k, v, pos, **kwargs)
-        # The blockwise core keeps activation memory O(L*D); the reference (plain autograd) is the oracle.
-        backend = "blockwise"
+        # Blockwise keeps activation memory O(L*D) at the price of one more logits pass in backward; when
+        # all logits fit in one of its blocks, plain autograd holds no more than blockwise would at peak.
+        b, h, n, m = q.shape[:4]
+        window = (1 + kwargs.get("n_before", 0) + kwargs.get("n_after", 0)) * m
+        backend = "reference" if b * h * n * m * window <= blockwise.block_elems() else "blockwise"
     if backend not in _BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
     return _BACKENDS[backend][0](q, k, v, pos, **kwargs)

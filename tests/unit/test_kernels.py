@@ -55,6 +55,19 @@ def test_backend_matches_reference(backend, b, h, n, m, d, nb, na, causal, self_
         assert (a - c).abs().max() < 1e-10
 
 
+def test_auto_picks_blockwise_when_logits_exceed_one_block(monkeypatch):
+    calls = []
+    real = blockwise._BlockwiseAttention.apply
+    monkeypatch.setattr(blockwise._BlockwiseAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    q, k, v, pos, _ = make_inputs(1, 1, 4, 4, 4, ())
+    kw = dict(n_before=1, n_after=0, causal=True, self_mask=True)
+    chunked_attention(q, k, v, pos, **kw)
+    assert calls == []  # 128 logits fit in one block: plain autograd
+    monkeypatch.setattr(blockwise, "_BLOCK_ELEMS", 64)
+    chunked_attention(q, k, v, pos, **kw)
+    assert calls == [1]
+
+
 def test_auto_on_cpu_uses_a_portable_backend():
     q, k, v, pos, _ = make_inputs(1, 1, 2, 4, 4, ())
     o, l = chunked_attention(q, k, v, pos, n_before=1, n_after=0, causal=True, self_mask=True)
