@@ -87,7 +87,8 @@ def shard_corpus(
     with ShardWriter(out, tok, shard_tokens, overwrite=overwrite, metadata=meta) as writer:
         cache = Path(tempfile.mkdtemp(prefix=".datasets-cache-", dir=out))
         try:
-            with _original_error():
+            empty = f"empty corpus: no non-empty document in {_describe(files)}"
+            with _original_error(empty=empty):  # datasets versions differ: an error, or 0 rows
                 docs = datasets.Dataset.from_generator(
                     _generate,
                     gen_kwargs={"files": [str(f) for f in files], "text_field": text_field, "text_unit": text_unit},
@@ -98,7 +99,7 @@ def shard_corpus(
                     cache_dir=str(cache),
                 )
             if len(docs) == 0:
-                raise DataError(f"empty corpus: no non-empty document in {_describe(files)}")
+                raise DataError(empty)
             with _original_error():
                 tokens = docs.map(
                     _tokenize,
@@ -162,13 +163,16 @@ def _write(tokens, writer: ShardWriter) -> None:
 
 
 @contextlib.contextmanager
-def _original_error():
-    """Re-raise a DataError that ``datasets`` wrapped (e.g. in DatasetGenerationError) as itself."""
+def _original_error(empty: str | None = None):
+    """Re-raise a DataError that ``datasets`` wrapped (e.g. in DatasetGenerationError) as itself;
+    with ``empty``, the error ``datasets`` gives for a generator that yielded nothing becomes that."""
     try:
         yield
     except DataError:
         raise
     except Exception as e:
+        if empty and "corresponds to no data" in str(e):
+            raise DataError(empty) from None
         cause = e
         while cause is not None and not isinstance(cause, DataError):
             cause = cause.__cause__ or cause.__context__
