@@ -131,13 +131,14 @@ class WindowLoader:
         first = self.cursor + self.dp_rank * self.micro_batch
         offsets = self.window_offsets(self.epoch, np.arange(first, first + self.micro_batch))
         start = self.sp_rank * self.local_len
-        buf = np.empty((self.micro_batch, self.local_len + 1), dtype=np.int64)
+        buf = np.empty((self.micro_batch, self.local_len + 1), dtype=self.store.dtype)
         for row, offset in zip(buf, offsets):
             self.store.read(self.split, int(offset) + start, self.local_len + 1, out=row)
-        tokens = torch.from_numpy(buf)
+        # numpy converts the strided views in one contiguous copy each (torch's .contiguous() on
+        # such views was ~50x slower here)
         return {
-            "input_ids": tokens[:, :-1].contiguous(),
-            "labels": tokens[:, 1:].contiguous(),
+            "input_ids": torch.from_numpy(buf[:, :-1].astype(np.int64)),
+            "labels": torch.from_numpy(buf[:, 1:].astype(np.int64)),
             "position_offset": start,
         }
 
