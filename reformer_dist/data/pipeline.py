@@ -45,14 +45,15 @@ def train_tokenizer(
 ) -> SentencePieceTokenizer:
     """Train a SentencePiece tokenizer on the documents of ``inputs`` (streamed). See train_sentencepiece."""
     files = collect_files(inputs)
-    docs = (d.text for d in iter_documents(files, text_field, text_unit))
     meta = {"inputs": [str(p) for p in inputs], "files": len(files), "text_field": text_field, "text_unit": text_unit}
-    try:
-        return train_sentencepiece(docs, out_dir, vocab_size, model_type, metadata=meta, **options)
-    except DataError as e:
-        if str(e).startswith("empty corpus"):
-            raise DataError(f"{e}: {_describe(files)}") from None
-        raise
+    with tempfile.TemporaryDirectory(prefix="reformer-data-") as cache:
+        docs = (d.text for d in iter_documents(files, text_field, text_unit, cache_dir=cache))
+        try:
+            return train_sentencepiece(docs, out_dir, vocab_size, model_type, metadata=meta, **options)
+        except DataError as e:
+            if str(e).startswith("empty corpus"):
+                raise DataError(f"{e}: {_describe(files)}") from None
+            raise
 
 
 def shard_corpus(
@@ -91,7 +92,8 @@ def shard_corpus(
             with _original_error(empty=empty):  # datasets versions differ: an error, or 0 rows
                 docs = datasets.Dataset.from_generator(
                     _generate,
-                    gen_kwargs={"files": [str(f) for f in files], "text_field": text_field, "text_unit": text_unit},
+                    gen_kwargs={"files": [str(f) for f in files], "text_field": text_field, "text_unit": text_unit,
+                                "cache_dir": str(cache)},
                     features=datasets.Features(
                         {"text": datasets.Value("large_string"), "source": datasets.Value("string")}
                     ),
@@ -129,8 +131,8 @@ def shard_corpus(
     return out / MANIFEST
 
 
-def _generate(files: list[str], text_field: str, text_unit: str):
-    for doc in iter_documents(files, text_field, text_unit):
+def _generate(files: list[str], text_field: str, text_unit: str, cache_dir: str):
+    for doc in iter_documents(files, text_field, text_unit, cache_dir):
         yield {"text": doc.text, "source": f"{doc.source}:{doc.index}"}
 
 
@@ -154,12 +156,13 @@ def _write(tokens, writer: ShardWriter) -> None:
     """Append the tokenised documents, in corpus order, to their split (flat arrays, no per-token Python)."""
     import pyarrow.compute as pc
 
-    for table in tokens.with_format("arrow").iter(batch_size=4096):
+    for table in tokens.with_format("arrow").iter(batch_size=256):  # documents per step (memory)
         is_val = table.column("validation").to_numpy(zero_copy_only=False)
         for split, mask in (("train", ~is_val), ("validation", is_val)):
-            if mask.any():
-                flat = pc.list_flatten(table.column("ids").filter(mask)).to_numpy()
-                writer.add(split, flat)
+            if mask.all():  # the common case: no filtering copy
+                writer.add(split, pc.list_flatten(table.column("ids")).to_numpy())
+            elif mask.any():
+                writer.add(split, pc.list_flatten(table.column("ids").filter(mask)).to_numpy())
 
 
 @contextlib.contextmanager

@@ -71,9 +71,12 @@ def collect_files(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def iter_documents(
-    files: Sequence[str | Path], text_field: str = "text", text_unit: str = "document"
+    files: Sequence[str | Path], text_field: str = "text", text_unit: str = "document", cache_dir: str | None = None
 ) -> Iterator[Document]:
-    """Stream the documents of ``files`` in order. Empty documents are skipped."""
+    """Stream the documents of ``files`` in order. Empty documents are skipped.
+
+    cache_dir: where ``datasets`` may put its (small) lock files; default its own ~/.cache folder.
+    """
     import datasets
 
     if text_unit not in TEXT_UNITS:
@@ -86,7 +89,8 @@ def iter_documents(
     for fmt, group in groups.items():
         kwargs = {"sample_by": text_unit} if fmt == "text" else {}
         try:
-            streams[fmt] = datasets.load_dataset(fmt, data_files=group, split="train", streaming=True, **kwargs)
+            streams[fmt] = datasets.load_dataset(fmt, data_files=group, split="train", streaming=True,
+                                                 cache_dir=cache_dir, **kwargs)
         except Exception as e:  # noqa: BLE001 - datasets raises many types; name the files
             raise DataError(f"{group[0] if len(group) == 1 else group}: cannot open as {fmt}: {e}") from e
     position = {fmt: 0 for fmt in groups}
