@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -50,11 +51,13 @@ def ensure_slurm_installed(timeout: float = 240.0) -> None:
         raise SlurmUnavailable("SLURM is not installed and apt-get as root is not available: install "
                                "slurmctld slurmd slurm-client (Debian) to run the cluster tests")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *SLURM_PACKAGES]
+    # Wait for a dpkg lock held by a concurrent install instead of failing at once.
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=120", "install", "-y", "-q", "--no-install-recommends",
+               *SLURM_PACKAGES]
     deadline = time.monotonic() + timeout
     res = _run(install, timeout, env)
     if res.returncode != 0:  # package lists may be missing or stale in a fresh image
-        upd = _run(["apt-get", "update", "-q"], max(10.0, deadline - time.monotonic()), env)
+        upd = _run(["apt-get", "-o", "DPkg::Lock::Timeout=120", "update", "-q"], max(10.0, deadline - time.monotonic()), env)
         res = _run(install, max(10.0, deadline - time.monotonic()), env)
         if res.returncode != 0:
             raise SlurmUnavailable(
@@ -115,6 +118,9 @@ class LocalSlurmCluster:
         r = self.root
         lines = [
             f"ClusterName=rd{os.getpid() % 100000}",
+            # Random job ids: the launch scripts derive MASTER_PORT from the job id (29500 + id % 1000),
+            # and several test clusters on one machine would otherwise all start at job 1.
+            f"FirstJobId={random.randrange(1000, 1_000_000)}",
             f"SlurmctldHost={self.hostname}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
             "SlurmUser=root",
@@ -177,18 +183,31 @@ class LocalSlurmCluster:
                                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         self._procs.append(proc)
 
-    def start(self, timeout: float = 30.0) -> "LocalSlurmCluster":
-        """Start the daemons and wait until ``sinfo`` reports every node idle."""
+    def start(self, timeout: float = 30.0, attempts: int = 2) -> "LocalSlurmCluster":
+        """Start the daemons and wait until ``sinfo`` reports every node idle.
+
+        A failed start (e.g. a port taken between choosing and binding it) is retried with fresh
+        ports and state; the last failure is raised with the daemon logs.
+        """
         ensure_slurm_installed()
-        self.write_conf()
-        try:
-            self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf_path)], "slurmctld.out")
-            for name in self.nodes:
-                self._spawn(["slurmd", "-D", "-N", name, "-f", str(self.conf_path)], f"slurmd-{name}.out")
-            self.wait_idle(timeout)
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in range(1, attempts + 1):
+            for sub in ("state", "spool"):
+                shutil.rmtree(self.root / sub, ignore_errors=True)
+            self.write_conf()
+            try:
+                self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf_path)], "slurmctld.out")
+                for name in self.nodes:
+                    self._spawn(["slurmd", "-D", "-N", name, "-f", str(self.conf_path)], f"slurmd-{name}.out")
+                self.wait_idle(timeout)
+                return self
+            except Exception:
+                self._stop_daemons()
+                if attempt == attempts:
+                    self.stop()
+                    raise
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def wait_idle(self, timeout: float) -> None:
@@ -212,13 +231,24 @@ class LocalSlurmCluster:
         raise RuntimeError(f"nodes not idle after {timeout:.0f}s; last sinfo: {last!r}\n{self.logs_tail()}")
 
     def stop(self) -> None:
+        """Stop the daemons; remove the root directory if this object created it."""
+        self._stop_daemons()
+        if self._owns_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _stop_daemons(self) -> None:
         """Cancel jobs, ``scontrol shutdown``, then kill whatever of ours is still alive."""
-        if self.conf_path.exists() and self._procs:
-            for cmd in (["scancel", "--full", "--user", "root"], ["scontrol", "shutdown"]):
-                try:
-                    self.run(cmd, timeout=10)
-                except (subprocess.TimeoutExpired, OSError):
-                    pass
+        if self.conf_path.exists() and self._procs and all(p.poll() is None for p in self._procs):
+            try:
+                self.run(["scancel", "--full", "--user", "root"], timeout=10)
+                deadline = time.monotonic() + 10  # let slurmstepd end the jobs' processes
+                while time.monotonic() < deadline:
+                    if not self.run(["squeue", "-h", "-t", "RUNNING,COMPLETING"], timeout=10).stdout.strip():
+                        break
+                    time.sleep(0.2)
+                self.run(["scontrol", "shutdown"], timeout=10)
+            except (subprocess.TimeoutExpired, OSError):
+                pass
         deadline = time.monotonic() + 10
         for proc in self._procs:
             try:
@@ -239,8 +269,6 @@ class LocalSlurmCluster:
         for log in self._logs:
             log.close()
         self._logs.clear()
-        if self._owns_root:
-            shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "LocalSlurmCluster":
         return self.start()
