@@ -2,7 +2,7 @@
 
     reformer-data tokenizer --input corpus/ --vocab-size 32000 --model-type bpe --out tok/
     reformer-data shard --input corpus/ --tokenizer tok/ --out store/ --shard-tokens 100000000 \\
-                        --num-proc 8 --val-fraction 0.01
+                        --num-proc 8 --val-fraction 0.01        # or --val-input held_out/
     reformer-data verify store/
     reformer-data inspect store/            # or: inspect builtin
     reformer-data builtin --out store/      # the embedded default corpus, written as a store
@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file (default 2^27)")
     p.add_argument("--num-proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenising processes")
     p.add_argument("--val-fraction", type=float, default=0.0,
-                   help="share of documents (every 1/F-th) in the validation split")
+                   help="share of the --input documents (every 1/F-th) put in the validation split")
+    p.add_argument("--val-input", nargs="+", default=[],
+                   help="files/folders whose documents all go to the validation split")
     p.add_argument("--overwrite", action="store_true", help="replace a store already in --out")
 
     p = sub.add_parser("inspect", help="counts and a decoded sample of a store")
@@ -111,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             path = shard_corpus(args.input, args.tokenizer, args.out, shard_tokens=args.shard_tokens,
                                 num_proc=args.num_proc, text_field=args.text_field, text_unit=args.text_unit,
-                                val_fraction=args.val_fraction, overwrite=args.overwrite)
+                                val_fraction=args.val_fraction, val_inputs=args.val_input,
+                                overwrite=args.overwrite)
             _summary(path.parent)
         elif args.command == "inspect":
             _inspect(args.store, args.tokens)

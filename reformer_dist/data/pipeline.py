@@ -5,8 +5,10 @@ memory-mapped: the corpus need not fit in RAM), tokenised with ``map(num_proc=P)
 corpus order to a ``ShardWriter``. The Arrow cache lives in a hidden folder inside the output folder
 (same disk as the result) and is removed at the end.
 
-Validation split: whole documents, spread evenly through the corpus: document i goes to validation
-when floor((i+1)*f) > floor(i*f), i.e. every 1/f-th document. Deterministic, no random state.
+Validation split: the documents of ``val_inputs`` (files you hold out yourself, e.g. the tail of a
+single-document corpus like enwik8), plus, with ``val_fraction`` f, whole documents of ``inputs``
+spread evenly through it: document i goes to validation when floor((i+1)*f) > floor(i*f), i.e.
+every 1/f-th document. Deterministic, no random state.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def shard_corpus(
     text_field: str = "text",
     text_unit: str = "document",
     val_fraction: float = 0.0,
+    val_inputs: Sequence[str | Path] = (),
     overwrite: bool = False,
 ) -> Path:
     """Tokenise ``inputs`` into a token store at ``out_dir``; returns the manifest path."""
@@ -74,6 +77,9 @@ def shard_corpus(
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1) (got {val_fraction})")
     files = collect_files(inputs)
+    val_files = collect_files(val_inputs) if val_inputs else []
+    if both := set(map(str, files)) & set(map(str, val_files)):
+        raise DataError(f"{sorted(both)[0]}: given both as input and as validation input")
     tok = tokenizer if hasattr(tokenizer, "encode_batch") else load_tokenizer(tokenizer)
     dtype = dtype_for_vocab(tok.vocab_size)
     meta = {
@@ -82,22 +88,25 @@ def shard_corpus(
         "text_field": text_field,
         "text_unit": text_unit,
         "val_fraction": val_fraction,
+        "val_inputs": [str(p) for p in val_inputs],
         "shard_tokens": shard_tokens,
     }
     out = Path(out_dir)
     with ShardWriter(out, tok, shard_tokens, overwrite=overwrite, metadata=meta) as writer:
         cache = Path(tempfile.mkdtemp(prefix=".datasets-cache-", dir=out))
         try:
-            empty = f"empty corpus: no non-empty document in {_describe(files)}"
+            empty = f"empty corpus: no non-empty document in {_describe(files + val_files)}"
             with _original_error(empty=empty):  # datasets versions differ: an error, or 0 rows
                 docs = datasets.Dataset.from_generator(
                     _generate,
-                    gen_kwargs={"files": [str(f) for f in files], "text_field": text_field, "text_unit": text_unit,
-                                "cache_dir": str(cache)},
+                    gen_kwargs={"files": [str(f) for f in files + val_files],
+                                "held_out": [False] * len(files) + [True] * len(val_files),
+                                "text_field": text_field, "text_unit": text_unit, "cache_dir": str(cache)},
                     features=datasets.Features(
-                        {"text": datasets.Value("large_string"), "source": datasets.Value("string")}
+                        {"text": datasets.Value("large_string"), "source": datasets.Value("string"),
+                         "validation": datasets.Value("bool")}
                     ),
-                    num_proc=min(num_proc, len(files)) if num_proc > 1 else None,
+                    num_proc=min(num_proc, len(files) + len(val_files)) if num_proc > 1 else None,
                     cache_dir=str(cache),
                 )
             if len(docs) == 0:
@@ -121,19 +130,22 @@ def shard_corpus(
                     desc="tokenise",
                 )
             _write(tokens, writer)
+            if val_files and writer.num_tokens("validation") == 0:
+                raise DataError(f"empty validation corpus: no non-empty document in {_describe(val_files)}")
             if val_fraction > 0 and writer.num_tokens("validation") == 0:
                 raise DataError(
                     f"val_fraction {val_fraction} of {len(docs)} documents selects none for validation "
-                    f"({_describe(files)}): use more documents or a larger fraction"
+                    f"({_describe(files)}): use more documents, a larger fraction, or validation inputs"
                 )
         finally:
             shutil.rmtree(cache, ignore_errors=True)
     return out / MANIFEST
 
 
-def _generate(files: list[str], text_field: str, text_unit: str, cache_dir: str):
+def _generate(files: list[str], held_out: list[bool], text_field: str, text_unit: str, cache_dir: str):
+    validation = dict(zip(files, held_out))
     for doc in iter_documents(files, text_field, text_unit, cache_dir):
-        yield {"text": doc.text, "source": f"{doc.source}:{doc.index}"}
+        yield {"text": doc.text, "source": f"{doc.source}:{doc.index}", "validation": validation[doc.source]}
 
 
 def _tokenize(batch: dict[str, list], indices: list[int], tokenizer: Tokenizer, val_fraction: float, dtype: str):
@@ -149,7 +161,8 @@ def _tokenize(batch: dict[str, list], indices: list[int], tokenizer: Tokenizer, 
         doc[:-1] = arr
         doc[-1] = tokenizer.eod_id
         ids.append(doc)
-    return {"source": batch["source"], "ids": ids, "validation": validation_mask(indices, val_fraction)}
+    held_out = np.asarray(batch["validation"], dtype=bool)
+    return {"source": batch["source"], "ids": ids, "validation": held_out | validation_mask(indices, val_fraction)}
 
 
 def _write(tokens, writer: ShardWriter) -> None:

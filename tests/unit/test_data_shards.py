@@ -97,6 +97,18 @@ def test_sentencepiece_store_round_trip(tmp_path: Path):
     verify_store(manifest.parent)
 
 
+def test_validation_inputs_are_held_out(tmp_path: Path):
+    # enwik8-style: one big document for training, a held-out file for validation
+    (tmp_path / "train.txt").write_text("t" * 300)
+    (tmp_path / "valid.txt").write_text("v" * 40)
+    manifest = shard_corpus([tmp_path / "train.txt"], "bytes", tmp_path / "store",
+                            val_inputs=[tmp_path / "valid.txt"], shard_tokens=128, num_proc=2)
+    store = TokenStore.open(manifest.parent)
+    assert documents(store, "train") == ["t" * 300] and documents(store, "validation") == ["v" * 40]
+    with pytest.raises(DataError, match="train.txt: given both as input and as validation input"):
+        shard_corpus([tmp_path], "bytes", tmp_path / "s2", val_inputs=[tmp_path / "train.txt"])
+
+
 def test_large_vocab_uses_uint32(tmp_path: Path):
     with ShardWriter(tmp_path / "s", StubTokenizer(vocab_size=70_000), shard_tokens=10) as w:
         w.add("train", np.array([0, 69_998, 65_536, 69_999]))
@@ -188,6 +200,12 @@ def test_token_outside_vocabulary_names_the_file(tmp_path: Path):
     with pytest.raises(DataError, match=r"train-00000.bin: token id 300 outside"):
         with ShardWriter(tmp_path / "w", tok, shard_tokens=8) as w:
             w.add("train", np.array([1, 300]))
+
+
+def test_invalid_utf8_names_the_file(tmp_path: Path):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt: cannot read as text.*UnicodeDecodeError"):
+        shard_corpus([tmp_path / "latin1.txt"], "bytes", tmp_path / "store")
 
 
 def test_no_validation_documents_is_an_error(tmp_path: Path):
