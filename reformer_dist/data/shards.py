@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -38,7 +39,8 @@ from reformer_dist.data.tokenizers import MODEL_FILE, SP_PREFIX, Tokenizer
 FORMAT = "reformer_dist.token_store/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
-_SHARD_RE = re.compile(r"^(train|validation)-\d{5}\.bin$")
+# shards, and what a killed write leaves: temporary files and the pipeline's datasets cache
+_LEFTOVER_RE = re.compile(r"^(train|validation)-\d{5}\.bin$|^\..+\.tmp-\d+$|^\.datasets-cache-")
 _BLOCK = 1 << 23  # bytes (or tokens) per read when hashing / range-checking
 
 
@@ -128,9 +130,9 @@ class ShardWriter:
                 raise DataError(f"{self.out_dir}: already holds a token store ({MANIFEST}); pass overwrite/--overwrite")
             manifest.unlink()  # first, so the old store stops looking complete
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for p in self.out_dir.iterdir():  # shards of an earlier (overwritten or interrupted) write
-            if _SHARD_RE.match(p.name):
-                p.unlink()
+        for p in self.out_dir.iterdir():  # files of an earlier (overwritten or interrupted) write
+            if _LEFTOVER_RE.match(p.name):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         self._open: dict[str, _OpenShard] = {}
         self._done: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
         self._closed = False

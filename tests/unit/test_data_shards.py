@@ -155,6 +155,17 @@ def test_failure_inside_pipeline_leaves_no_manifest(tmp_path: Path):
     assert list((tmp_path / "store").iterdir()) == []
 
 
+def test_leftovers_of_a_killed_write_are_removed_by_the_next(tmp_path: Path):
+    out = tmp_path / "store"
+    (out / ".datasets-cache-x1").mkdir(parents=True)
+    for name in (".train-00000.bin.tmp-999", "train-00007.bin", ".manifest.json.tmp-5"):
+        (out / name).write_bytes(b"junk")
+    (out / "README.txt").write_text("not ours")
+    with ShardWriter(out, load_tokenizer("bytes"), shard_tokens=8) as w:
+        w.add("train", np.arange(10))
+    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "manifest.json", "train-00000.bin", "train-00001.bin"]
+
+
 def test_existing_store_needs_overwrite(tmp_path: Path):
     def write(**kw):
         with ShardWriter(tmp_path / "s", load_tokenizer("bytes"), shard_tokens=4, **kw) as w:
