@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from reformer_dist.data.errors import DataError
-from reformer_dist.data.shards import MANIFEST, ShardWriter, dtype_for_vocab
+from reformer_dist.data.shards import MANIFEST, ShardWriter, check_token_range, dtype_for_vocab
 from reformer_dist.data.sources import collect_files, iter_documents
 from reformer_dist.data.tokenizers import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
 
@@ -151,12 +151,7 @@ def _generate(files: list[str], held_out: list[bool], text_field: str, text_unit
 def _tokenize(batch: dict[str, list], indices: list[int], tokenizer: Tokenizer, val_fraction: float, dtype: str):
     ids = []
     for arr, source in zip(tokenizer.encode_batch(batch["text"]), batch["source"]):
-        if arr.size and (int(arr.max()) >= tokenizer.vocab_size or int(arr.min()) < 0):
-            bad = int(arr.max()) if int(arr.max()) >= tokenizer.vocab_size else int(arr.min())
-            raise DataError(
-                f"{source}: token id {bad} outside the vocabulary 0..{tokenizer.vocab_size - 1} "
-                f"of tokenizer {tokenizer.identity}"
-            )
+        check_token_range(arr, tokenizer, source)
         doc = np.empty(arr.size + 1, dtype=dtype)
         doc[:-1] = arr
         doc[-1] = tokenizer.eod_id

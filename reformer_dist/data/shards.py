@@ -49,6 +49,18 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
+def check_token_range(tokens: np.ndarray, tokenizer: Tokenizer, where: str) -> None:
+    """DataError naming ``where`` if an id is outside ``0..vocab_size-1``."""
+    if tokens.size == 0:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= tokenizer.vocab_size:
+        raise DataError(
+            f"{where}: token id {hi if hi >= tokenizer.vocab_size else lo} outside the vocabulary "
+            f"0..{tokenizer.vocab_size - 1} of tokenizer {tokenizer.identity}"
+        )
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.bin"
 
@@ -142,16 +154,8 @@ class ShardWriter:
         if split not in self._done:
             raise ValueError(f"split must be one of {SPLITS} (got {split!r})")
         tokens = np.asarray(tokens).ravel()
-        if tokens.size == 0:
-            return
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.tokenizer.vocab_size:
-            bad = hi if hi >= self.tokenizer.vocab_size else lo
-            where = source or str(self.out_dir / shard_name(split, len(self._done[split])))
-            raise DataError(
-                f"{where}: token id {bad} outside the vocabulary 0..{self.tokenizer.vocab_size - 1} "
-                f"of tokenizer {self.tokenizer.identity}"
-            )
+        where = source or str(self.out_dir / shard_name(split, len(self._done[split])))
+        check_token_range(tokens, self.tokenizer, where)
         tokens = tokens.astype(self.dtype, copy=False)
         while tokens.size:
             shard = self._open.get(split)
@@ -233,7 +237,8 @@ def read_manifest(store_dir: str | Path) -> dict[str, Any]:
     """Load and sanity-check ``store_dir/manifest.json``."""
     path = Path(store_dir) / MANIFEST
     if not path.is_file():
-        why = "no such folder" if not Path(store_dir).is_dir() else f"no {MANIFEST}: not a token store, or its write did not finish"
+        why = (f"no {MANIFEST}: not a token store, or its write did not finish"
+               if Path(store_dir).is_dir() else "no such folder")
         raise DataError(f"{path}: {why}")
     try:
         m = json.loads(path.read_text(encoding="utf-8"))

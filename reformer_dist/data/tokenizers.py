@@ -146,7 +146,7 @@ def load_tokenizer(spec: str | Path) -> ByteTokenizer | SentencePieceTokenizer:
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
-        raise DataError(f"{spec}: no tokenizer here (expected 'bytes', a directory with {MODEL_FILE}, or a .model file)")
+        raise DataError(f"{spec}: no tokenizer here (expected 'bytes', a folder with {MODEL_FILE}, or a .model file)")
     return SentencePieceTokenizer(path)
 
 

@@ -163,7 +163,8 @@ def test_leftovers_of_a_killed_write_are_removed_by_the_next(tmp_path: Path):
     (out / "README.txt").write_text("not ours")
     with ShardWriter(out, load_tokenizer("bytes"), shard_tokens=8) as w:
         w.add("train", np.arange(10))
-    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "manifest.json", "train-00000.bin", "train-00001.bin"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["README.txt", "manifest.json", "train-00000.bin", "train-00001.bin"]
 
 
 def test_existing_store_needs_overwrite(tmp_path: Path):
@@ -259,7 +260,7 @@ def test_altered_shard_detected_by_checksum(small_store: Path):
 
 def test_manifest_from_another_tokenizer(small_store: Path):
     assert TokenStore.open(small_store, expect_tokenizer="bytes").identity == "bytes"
-    with pytest.raises(DataError, match=r"manifest.json: store was tokenised with 'bytes', but the run expects 'sentencepiece:ab"):
+    with pytest.raises(DataError, match=r"manifest.json: store was tokenised with 'bytes', but the run expects 'senten"):
         TokenStore.open(small_store, expect_tokenizer="sentencepiece:abcd")
 
 
