@@ -406,6 +406,7 @@ class Trainer:
 
         cfg = self.cfg
         handler = PreemptionHandler().install()
+        self.t_start = time.time()
         self.engine.train()
         try:
             while self.step < cfg.train.max_steps:
@@ -442,7 +443,12 @@ class Trainer:
             if cfg.output.sample_tokens:
                 self.sample()
             self.metrics.event("end", step=self.step, eval_loss=final, unigram_loss=self.unigram_loss,
-                               nonfinite_total=self.nonfinite_total)
+                               nonfinite_total=self.nonfinite_total, seconds=round(time.time() - self.t_start, 1))
+            summary = f"done: step {self.step} in {time.time() - self.t_start:.0f} s"
+            if final is not None:
+                summary += (f"; eval loss {final:.4f} nats/token vs unigram baseline {self.unigram_loss:.4f} "
+                            f"({(self.unigram_loss - final) / math.log(2):.2f} bits/token better)")
+            self.metrics.print(summary)
             return Outcome(EXIT_OK, self.step, "finished", final)
         finally:
             handler.uninstall()

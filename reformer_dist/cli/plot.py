@@ -1,0 +1,89 @@
+"""`reformer-plot`: train/eval loss curves of one or more runs, from their metrics.jsonl, as a PNG.
+
+    reformer-plot runs/quickstart --out loss.png
+    reformer-plot runs/a runs/b --out compare.png --smooth 20 --x tokens
+
+Records a resume superseded (steps after the checkpoint it went back to) are dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from reformer_dist.training.metrics import read_records
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    if window <= 1:
+        return values
+    out, acc, q = [], 0.0, []
+    for v in values:
+        q.append(v)
+        acc += v
+        if len(q) > window:
+            acc -= q.pop(0)
+        out.append(acc / len(q))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="reformer-plot", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="run folders (holding metrics.jsonl) or metrics.jsonl files")
+    p.add_argument("--out", default="loss.png", help="PNG to write (default loss.png)")
+    p.add_argument("--smooth", type=int, default=1, help="moving average over N train steps (default 1 = raw)")
+    p.add_argument("--x", choices=("step", "tokens"), default="step", help="x axis")
+    p.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    plotted = 0
+    for i, run in enumerate(args.runs):
+        path = Path(run)
+        path = path / "metrics.jsonl" if path.is_dir() else path
+        if not path.is_file():
+            print(f"reformer-plot: error: {path}: no such file", file=sys.stderr)
+            return 2
+        recs = read_records(path)
+        start = next((r for r in recs if r.get("event") == "start"), {})
+        per_step = start.get("tokens_per_step", 1) if args.x == "tokens" else 1
+        label = path.parent.name if path.name == "metrics.jsonl" else path.stem
+        color = f"C{i % 10}"
+        train = [(r["step"], r["loss"]) for r in recs
+                 if r.get("event") == "step" and isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+        if train:
+            xs = [s * per_step for s, _ in train]
+            ax.plot(xs, _smooth([v for _, v in train], args.smooth), color=color, alpha=0.8, lw=1.2, label=f"{label} train")
+            plotted += 1
+        evals = [r for r in recs if r.get("event") == "eval" and isinstance(r.get("eval_loss"), (int, float))]
+        if evals:
+            ax.plot([r["step"] * per_step for r in evals], [r["eval_loss"] for r in evals], "o--", color=color, ms=5,
+                    label=f"{label} eval")
+            uni = evals[-1].get("unigram_loss")
+            if isinstance(uni, (int, float)):
+                ax.axhline(uni, color=color, ls=":", lw=1, label=f"{label} unigram baseline")
+            plotted += 1
+    if not plotted:
+        print("reformer-plot: error: no step or eval records in " + ", ".join(args.runs), file=sys.stderr)
+        return 2
+    ax.set_xlabel("tokens" if args.x == "tokens" else "optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(args.title or "Reformer training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Checkpoint manifest, --resume resolution and pruning (plain files, no process group)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from reformer_dist.checkpoint.integrity import CheckpointError, verify_manifest
+from reformer_dist.training import checkpointing as ckpt
+from reformer_dist.training.metrics import read_records
+
+
+def fake_checkpoint(root, step, complete=True):
+    d = root / ckpt.tag_for(step)
+    (d / "trainer_state").mkdir(parents=True)
+    (d / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 100 + bytes([step % 256]))
+    (d / "trainer_state" / "rank00000.pt").write_bytes(b"state")
+    if complete:
+        ckpt.commit(root, d.name, extra={"step": step})
+    return d
+
+
+def test_auto_picks_the_newest_complete_checkpoint(tmp_path):
+    fake_checkpoint(tmp_path, 100)
+    fake_checkpoint(tmp_path, 200)
+    fake_checkpoint(tmp_path, 300, complete=False)  # a save that never finished
+    point = ckpt.find_resume("auto", tmp_path)
+    assert (point.step, point.tag, point.skipped_incomplete) == (200, "step_00000200", ["step_00000300"])
+    assert (tmp_path / "latest").read_text() == "step_00000200"
+
+
+def test_auto_without_checkpoints_starts_fresh_but_a_path_must_exist(tmp_path):
+    assert ckpt.find_resume("auto", tmp_path / "none") is None
+    with pytest.raises(CheckpointError, match="no such file"):
+        ckpt.find_resume(str(tmp_path / "none"), tmp_path)
+    fake_checkpoint(tmp_path, 5, complete=False)
+    with pytest.raises(CheckpointError, match="step_00000005: incomplete checkpoint"):
+        ckpt.find_resume(str(tmp_path / "step_00000005"), tmp_path)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        ckpt.find_resume(str(tmp_path), tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_corrupt_checkpoint_names_the_file(tmp_path, damage):
+    d = fake_checkpoint(tmp_path, 100)
+    f = d / "mp_rank_00_model_states.pt"
+    if damage == "flip":
+        data = bytearray(f.read_bytes())
+        data[3] ^= 0xFF
+        f.write_bytes(bytes(data))
+    elif damage == "truncate":
+        f.write_bytes(f.read_bytes()[:-1])
+    else:
+        f.unlink()
+    with pytest.raises(CheckpointError, match=f"{f}: (corrupt|missing)"):
+        ckpt.find_resume("auto", tmp_path)  # never silently falls back to an older checkpoint
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt"):
+        verify_manifest(d)
+
+
+def test_prune_keeps_the_newest_complete_and_drops_stale_partials(tmp_path):
+    for s in (100, 200, 300):
+        fake_checkpoint(tmp_path, s)
+    fake_checkpoint(tmp_path, 150, complete=False)  # an old interrupted save
+    fake_checkpoint(tmp_path, 400, complete=False)  # being written right now: must survive
+    removed = ckpt.prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in removed) == ["step_00000100", "step_00000150"]
+    assert [p.name for _, p in ckpt.list_tags(tmp_path)] == ["step_00000400", "step_00000300", "step_00000200"]
+
+
+def test_rank_state_round_trip_and_missing_rank(tmp_path):
+    ckpt.save_rank_state(tmp_path, 0, {"step": 3, "rng": ckpt.capture_rng()})
+    assert ckpt.load_rank_state(tmp_path, 0)["step"] == 3
+    with pytest.raises(CheckpointError, match=r"rank00001.pt: missing; the checkpoint holds trainer state for 1 rank"):
+        ckpt.load_rank_state(tmp_path, 1)
+
+
+def test_run_config_comparison_names_keys():
+    saved = {"config": {"model": {"d_model": 64}, "train": {"lr": 1e-3, "max_steps": 10}},
+             "plan": {"dp_size": 2, "micro_batch": 1, "grad_accum": 1}}
+    now = {"config": {"model": {"d_model": 128}, "train": {"lr": 2e-3, "max_steps": 20}},
+           "plan": {"dp_size": 4, "micro_batch": 1, "grad_accum": 1}}
+    errors, warnings = ckpt.compare_run_configs(saved, now)
+    assert errors[0].startswith("model.d_model: checkpoint has 64, this run 128")
+    assert any(e.startswith("batch plan dp_size") for e in errors)
+    assert warnings == ["train.lr: checkpoint has 0.001, this run 0.002"]  # max_steps may change silently
+
+
+def test_metrics_reader_drops_records_superseded_by_a_resume(tmp_path):
+    recs = [{"event": "start", "resume_step": None}] + [{"event": "step", "step": s, "loss": 10 - s} for s in (1, 2, 3, 4)]
+    recs += [{"event": "start", "resume_step": 2}, {"event": "step", "step": 3, "loss": 0.5}]
+    p = tmp_path / "metrics.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in recs) + '\n{"event": "st')  # torn last line
+    steps = [(r["step"], r["loss"]) for r in read_records(p) if r["event"] == "step"]
+    assert steps == [(1, 9), (2, 8), (3, 0.5)]
