@@ -440,8 +440,6 @@ class Trainer:
                 self.save()
             if cfg.output.save_model:
                 self.save_model()
-            if cfg.output.sample_tokens:
-                self.sample()
             self.metrics.event("end", step=self.step, eval_loss=final, unigram_loss=self.unigram_loss,
                                nonfinite_total=self.nonfinite_total, seconds=round(time.time() - self.t_start, 1))
             summary = f"done: step {self.step} in {time.time() - self.t_start:.0f} s"
@@ -449,6 +447,8 @@ class Trainer:
                 summary += (f"; eval loss {final:.4f} nats/token vs unigram baseline {self.unigram_loss:.4f} "
                             f"({(self.unigram_loss - final) / math.log(2):.2f} bits/token better)")
             self.metrics.print(summary)
+            if cfg.output.sample_tokens:
+                self.sample()  # last, so the run ends with it
             return Outcome(EXIT_OK, self.step, "finished", final)
         finally:
             handler.uninstall()

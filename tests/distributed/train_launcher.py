@@ -67,25 +67,32 @@ class Run:
 
 
 def launch(nprocs: int, out_dir: Path, overrides: list[str], launcher: str = "torchrun",
-           extra_args: list[str] = (), timeout: float = 300) -> Run:
-    """Run reformer-train with TINY + overrides on `nprocs` ranks, writing to `out_dir`."""
+           extra_args: list[str] = (), timeout: float = 300, script: Path | None = None,
+           env: dict[str, str] | None = None) -> Run:
+    """Run reformer-train with TINY + overrides on `nprocs` ranks, writing to `out_dir`.
+
+    `script`: a Python file to run instead of the reformer_dist.cli.train module (a test driver that
+    patches something, then calls its main()); `env`: extra environment variables.
+    """
     args = ["--set", f"output.dir={out_dir}"]
     for o in TINY + list(overrides):
         args += ["--set", o]
     args += list(extra_args)
+    target = ["-m", "reformer_dist.cli.train"] if script is None else [str(script)]
     if launcher == "python":
         assert nprocs == 1
-        cmd = [sys.executable, "-m", "reformer_dist.cli.train", *args]
+        cmd = [sys.executable, *target, *args]
     elif launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}", f"--master_port={free_port()}",
-               "-m", "reformer_dist.cli.train", *args]
+               *target, *args]
     elif launcher == "deepspeed":
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nprocs}",
-               f"--master_port={free_port()}", "--module", "reformer_dist.cli.train", *args]
+               f"--master_port={free_port()}", *(["--module"] if script is None else []), *target[-1:], *args]
     else:
         raise ValueError(launcher)
     try:
-        p = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, cwd=REPO, env={**clean_env(), **(env or {})}, capture_output=True, text=True,
+                           timeout=timeout)
         return Run(out_dir, p.returncode, p.stdout + p.stderr)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
