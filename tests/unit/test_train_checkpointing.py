@@ -94,3 +94,18 @@ def test_metrics_reader_drops_records_superseded_by_a_resume(tmp_path):
     p.write_text("\n".join(json.dumps(r) for r in recs) + '\n{"event": "st')  # torn last line
     steps = [(r["step"], r["loss"]) for r in read_records(p) if r["event"] == "step"]
     assert steps == [(1, 9), (2, 8), (3, 0.5)]
+
+
+def test_plot_writes_a_png(tmp_path):
+    from reformer_dist.cli.plot import main
+
+    recs = [{"event": "start", "resume_step": None, "tokens_per_step": 64}]
+    recs += [{"event": "step", "step": s, "loss": 5.0 / s} for s in range(1, 21)]
+    recs += [{"event": "eval", "step": 10, "eval_loss": 1.0, "unigram_loss": 3.0}]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    out = tmp_path / "loss.png"
+    assert main([str(run), "--out", str(out), "--smooth", "3", "--x", "tokens"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([str(tmp_path / "missing"), "--out", str(out)]) == 2
