@@ -1,0 +1,197 @@
+"""One rank dies mid-training: the whole job must fail promptly, name the rank, and keep its checkpoint.
+
+Rank 1 is killed with SIGKILL (as by the OOM killer or a crashed node daemon) right after a
+checkpoint at step >= KILL_AFTER was committed. The trainer has no fault-injection hook, so each
+rank runs through a small wrapper that writes its pid to <run>/pids/rank<R>.pid and then runs
+`reformer_dist.cli.train` in the same process; the test kills exactly that pid.
+
+* torchrun --nproc_per_node 2: the survivor's gloo all_reduce fails at once ("Connection reset by
+  peer"), torchrun tears the group down and exits non-zero; its summary names rank 1 as the root
+  cause. `latest` points to a complete checkpoint whose manifest verifies, and `--resume auto`
+  continues from it.
+* launch/slurm/train.sbatch on the local 2-node cluster: `srun --kill-on-bad-exit=1` ends the step,
+  the job is FAILED with a non-zero exit code, the log names task 1 on node2, and the checkpoint
+  is intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+from train_launcher import TINY, clean_env, free_port  # noqa: E402
+
+from reformer_dist.checkpoint.integrity import verify_manifest  # noqa: E402
+from reformer_dist.training.checkpointing import find_resume, step_of  # noqa: E402
+
+KILL_AFTER = 10        # kill rank 1 once a checkpoint at this step or later is committed
+EXIT_WITHIN_S = 60.0   # the job must be over this long after the kill
+# Never finishes on its own; checkpoints every 5 steps.
+RUN = TINY + ["train.max_steps=100000", "checkpoint.every=5"]
+
+PID_WRAPPER = '''
+"""Record this rank's pid, then run the real trainer in this very process."""
+import os, runpy, sys
+from pathlib import Path
+
+rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+d = Path(os.environ["RD_PID_DIR"])
+d.mkdir(parents=True, exist_ok=True)
+tmp = d / f".rank{rank}.pid.tmp"
+tmp.write_text(str(os.getpid()))
+os.replace(tmp, d / f"rank{rank}.pid")
+sys.argv[0] = "reformer_dist.cli.train"
+runpy.run_module("reformer_dist.cli.train", run_name="__main__", alter_sys=True)
+'''
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written right now
+    return out
+
+
+def _wait_for_checkpoint(out: Path, alive, describe) -> int:
+    """Block until rank 0 logged a committed checkpoint at step >= KILL_AFTER; returns its step."""
+    deadline = time.monotonic() + 90
+    while True:
+        ckpts = [r["step"] for r in _records(out / "metrics.jsonl") if r.get("event") == "checkpoint"]
+        if ckpts and ckpts[-1] >= KILL_AFTER and (out / "pids" / "rank1.pid").is_file():
+            return ckpts[-1]
+        if time.monotonic() > deadline or not alive():
+            pytest.fail(f"no checkpoint at step >= {KILL_AFTER} (got {ckpts}):\n{describe()}")
+        time.sleep(0.05)
+
+
+def _kill_rank1(out: Path) -> int:
+    pid = int((out / "pids" / "rank1.pid").read_text())
+    os.kill(pid, signal.SIGKILL)  # our own rank process: its pid was written by PID_WRAPPER
+    return pid
+
+
+def _assert_checkpoint_intact(out: Path, at_least: int) -> int:
+    """`latest` names a complete checkpoint whose manifest verifies; --resume auto resolves to it."""
+    root = out / "checkpoints"
+    tag = (root / "latest").read_text().strip()
+    step = step_of(tag)
+    assert step is not None and step >= at_least, (tag, at_least)
+    manifest = verify_manifest(root / tag)  # sizes and SHA-256 of every file
+    assert (manifest["step"], manifest["world_size"]) == (step, 2)
+    assert {"trainer_state/rank00000.pt", "trainer_state/rank00001.pt"} <= set(manifest["files"])
+    point = find_resume("auto", root)
+    assert point is not None and point.tag == tag, (point, tag)
+    return step
+
+
+@pytest.mark.distributed
+def test_torchrun_rank_death_fails_fast(tmp_path: Path, repo_root: Path) -> None:
+    (tmp_path / "pid_train.py").write_text(PID_WRAPPER)
+    out = tmp_path / "run"
+    args = ["--set", f"output.dir={out}"]
+    for o in RUN:
+        args += ["--set", o]
+    env = clean_env()
+    env["RD_PID_DIR"] = str(out / "pids")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(tmp_path / "pid_train.py"), *args]
+    log_path = tmp_path / "torchrun.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        ckpt_step = _wait_for_checkpoint(out, lambda: proc.poll() is None,
+                                         lambda: log_path.read_text(errors="replace")[-4000:])
+        killed = _kill_rank1(out)
+        t_kill = time.monotonic()
+        try:
+            rc = proc.wait(timeout=EXIT_WITHIN_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"torchrun still running {EXIT_WITHIN_S:.0f}s after rank 1 was killed (a hung collective?)\n"
+                        f"{log_path.read_text(errors='replace')[-4000:]}")
+        took = time.monotonic() - t_kill
+    finally:
+        if proc.poll() is None:  # only our own torchrun session (started above with its own group)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    text = log_path.read_text(errors="replace")
+    print(f"rank 1 (pid {killed}) killed after the step-{ckpt_step} checkpoint; torchrun exited {rc} after {took:.1f}s")
+
+    assert rc != 0, text[-4000:]
+    # torchrun's summary names rank 1 as the first failure, killed by signal 9
+    root_cause = text.split("Root Cause (first observed failure):", 1)
+    assert len(root_cause) == 2, text[-4000:]
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", root_cause[1]), root_cause[1]
+    assert re.search(rf"exitcode\s*:\s*-9 \(pid: {killed}\)", root_cause[1]), root_cause[1]
+    # the survivor saw the dead peer in its collective instead of waiting for a timeout
+    assert "Connection reset by peer" in text or "Connection closed by peer" in text, text[-4000:]
+    for rank in (0, 1):
+        assert not [r for r in _records(out / "ranks" / f"rank{rank}.jsonl") if r["event"] == "end"]
+
+    step = _assert_checkpoint_intact(out, ckpt_step)
+
+    # ... and training continues from it
+    resume = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+              "-m", "reformer_dist.cli.train", *args, "--set", f"train.max_steps={step + 2}", "--resume", "auto"]
+    res = subprocess.run(resume, cwd=repo_root, env=clean_env(), capture_output=True, text=True, timeout=120)
+    for rank in (0, 1):
+        recs = _records(out / "ranks" / f"rank{rank}.jsonl")
+        starts = [r for r in recs if r["event"] == "start"]
+        assert len(starts) == 2 and starts[-1]["resume_step"] == step, (starts, res.stderr[-3000:])
+        tail = recs[recs.index(starts[-1]):]
+        assert [r["step"] for r in tail if r["event"] == "step"] == [step + 1, step + 2], res.stderr[-3000:]
+        assert tail[-1]["event"] == "end", res.stderr[-3000:]
+
+
+@pytest.mark.cluster
+def test_slurm_rank_death_fails_job(slurm_cluster, repo_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "pid_train.py").write_text(PID_WRAPPER)
+    out = tmp_path / "run"
+    log = tmp_path / "train.out"
+    script_args = ["--set", f"output.dir={out}"]
+    for o in RUN:
+        script_args += ["--set", o]
+    env = {"PYTHON": sys.executable, "TORCH_EXTENSIONS_DIR": str(repo_root / ".torch_extensions"),
+           "OMP_NUM_THREADS": "1", "REFORMER_TRAIN_MODULE": "pid_train", "PYTHONPATH": str(tmp_path),
+           "RD_PID_DIR": str(out / "pids")}
+    job = slurm_cluster.sbatch(repo_root / "launch/slurm/train.sbatch",
+                               ["--partition=debug", "--gpus-per-node=0", "--nodes=2", "--ntasks-per-node=1",
+                                "--cpus-per-task=1", "--time=00:10:00", "--job-name=rd-fail", f"--output={log}"],
+                               script_args=script_args, cwd=repo_root, extra_env=env)
+
+    def text() -> str:
+        return log.read_text(errors="replace")[-5000:] if log.exists() else "<no log>"
+
+    ckpt_step = _wait_for_checkpoint(
+        out, lambda: slurm_cluster.job_info(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), text)
+    killed = _kill_rank1(out)
+    t_kill = time.monotonic()
+    info = slurm_cluster.wait_job(job, lambda i: i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
+                                                                          "COMPLETING", "REQUEUED"),
+                                  timeout=EXIT_WITHIN_S)
+    took = time.monotonic() - t_kill
+    print(f"rank 1 (pid {killed}) killed after the step-{ckpt_step} checkpoint; job {info['JobState']} "
+          f"{info.get('ExitCode')} after {took:.1f}s")
+
+    assert info["JobState"] == "FAILED" and info.get("ExitCode") != "0:0", f"{info}\n{text()}"
+    assert info.get("Restarts", "0") == "0", info  # a crash is not a preemption: no requeue
+    t = text()
+    assert re.search(r"srun: error: node2: task 1: Killed", t), t
+    assert "srun exited with" in t and "srun exited with 0" not in t, t
+    for rank in (0, 1):
+        assert not [r for r in _records(out / "ranks" / f"rank{rank}.jsonl") if r["event"] in ("end", "preempted")]
+    _assert_checkpoint_intact(out, ckpt_step)
