@@ -98,10 +98,16 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig, on_cuda: bool, offloa
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks of a small host tensor (NCCL only reduces device tensors: round-trip)."""
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if "nccl" in str(dist.get_backend()):
+            x = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+            t.copy_(x.cpu())
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 

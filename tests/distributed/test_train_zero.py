@@ -33,7 +33,12 @@ def single(tmp_path_factory):
 # ZeRO-1 goes through the deepspeed launcher (which appends --local_rank=N), the others through torchrun.
 @pytest.mark.parametrize("stage, launcher", [(1, "deepspeed"), (2, "torchrun"), (3, "torchrun")])
 def test_two_ranks_match_one_process(tmp_path, single, stage, launcher):
-    run = launch(2, tmp_path, COMMON + [f"deepspeed.config={REPO}/configs/deepspeed/zero{stage}.json"], launcher=launcher)
+    # ZeRO-3 also evaluates between steps (must not perturb training), saves and samples at the end:
+    # under ZeRO-3 those need every rank (gathered parameters).
+    extra = ["eval.every=2", "eval.at_end=true", "eval.batches=1", "output.sample_tokens=8",
+             "output.save_model=true"] if stage == 3 else []
+    run = launch(2, tmp_path, COMMON + extra + [f"deepspeed.config={REPO}/configs/deepspeed/zero{stage}.json"],
+                 launcher=launcher)
     for rank in (0, 1):
         (start,) = run.records(rank, "start")
         assert (start["rank"], start["world_size"], start["dp_size"], start["grad_accum"]) == (rank, 2, 2, 1)
@@ -46,3 +51,7 @@ def test_two_ranks_match_one_process(tmp_path, single, stage, launcher):
     local = [[r["local_loss"] for r in run.records(rank, "step")] for rank in (0, 1)]
     assert local[0] != local[1]
     assert single[STEPS] < single[1]  # and it learns
+    if stage == 3:
+        evals = [[(r["step"], r["eval_loss"]) for r in run.records(rank, "eval")] for rank in (0, 1)]
+        assert [s for s, _ in evals[0]] == [2, 4, 5] and evals[0] == evals[1]  # all-reduced: one answer
+        assert "--- sample (8 tokens" in run.output and (tmp_path / "model" / "model.safetensors").is_file()
