@@ -1,0 +1,119 @@
+"""Writing a weights folder: config.json + model.safetensors (or shards + index) + checksums.json, atomically.
+
+Everything goes to a temporary sibling folder first and is renamed into place last, so an interrupted
+run never leaves a folder that looks complete. Shards follow the Hugging Face naming
+(`model-00001-of-00003.safetensors` + `model.safetensors.index.json`), which both
+`ReformerLM.from_pretrained` and `transformers` read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from reformer_dist.checkpoint.checksums import CHECKSUMS, write_checksums
+from reformer_dist.checkpoint.io import INDEX_NAME, WEIGHTS_NAME
+
+DEFAULT_MAX_SHARD = "5GB"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5e9, '500MiB' -> 500*2**20, 1234 -> 1234."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"max shard size: cannot parse {text!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def shard_state(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split in key order into groups of at most max_bytes (a larger tensor gets a shard of its own)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        n = _nbytes(v)
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    return shards
+
+
+def _fresh_tmp(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        elif overwrite:
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    os.replace(tmp, out)
+
+
+def check_writable(out: str | Path, overwrite: bool) -> None:
+    """Fail early (before hours of work) if `out` is a non-empty folder and overwrite is off."""
+    p = Path(out)
+    if p.exists() and not overwrite and not (p.is_dir() and not any(p.iterdir())):
+        raise FileExistsError(f"{p}: exists and is not empty (pass --overwrite to replace it)")
+
+
+def write_weights_dir(out_dir: str | Path, state: dict[str, torch.Tensor], config: dict, *,
+                      max_shard_size: str | int = DEFAULT_MAX_SHARD, metadata: dict[str, str] | None = None,
+                      extra_files: dict[str, str] | None = None, overwrite: bool = False) -> list[Path]:
+    """Write config.json (`config` as JSON), the weights and checksums.json into out_dir.
+
+    Returns the weight files written (their final paths). `metadata` goes into every safetensors header
+    ("format": "pt" is always set: transformers refuses files without it); `extra_files` are further small
+    text files (name -> content), checksummed too.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    check_writable(out, overwrite)
+    tmp = _fresh_tmp(out)
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        meta = {"format": "pt", **(metadata or {})}
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        shards = shard_state(state, parse_size(max_shard_size))
+        names = [WEIGHTS_NAME] if len(shards) == 1 else [
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            save_file(shard, str(tmp / name), metadata=meta)
+        listed = ["config.json", *names, *(extra_files or {})]
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(_nbytes(v) for v in state.values())},
+                     "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            listed.append(INDEX_NAME)
+        write_checksums(tmp, listed)
+        _commit(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out / n for n in names]
+
+
+__all__ = ["CHECKSUMS", "DEFAULT_MAX_SHARD", "check_writable", "parse_size", "shard_state", "write_weights_dir"]
