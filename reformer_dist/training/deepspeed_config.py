@@ -53,7 +53,9 @@ def build_deepspeed_config(cfg: RunConfig, plan: BatchPlan, on_cuda: bool) -> di
         if key in user:
             raise ConfigError(f"{where}: key {key!r} is not allowed: {why}")
     want = {
-        "train_batch_size": plan.global_batch,
+        # DeepSpeed treats every rank as data-parallel; under sequence parallelism the P ranks of a group
+        # share one sequence, so its bookkeeping batch is P times ours (the loss is scaled to match).
+        "train_batch_size": plan.global_batch * plan.sp_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
     }

@@ -183,11 +183,19 @@ class Trainer:
         self.optimizer = make_optimizer(model, cfg, self.device.type == "cuda", offload)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
+        self.sp, self.sp_rank = None, 0
+        if self.plan.sp_size > 1:
+            from reformer_dist.parallel.sequence import UlyssesAttention, new_sequence_parallel_groups
+
+            group, self.sp_rank, dp_rank, _ = new_sequence_parallel_groups(self.plan.sp_size)
+            assert dp_rank == self.dp_rank
+            self.sp = UlyssesAttention(group)
         seed_all(cfg.train.seed + 1 + self.rank)
 
         self.loader = WindowLoader(self.store, split=cfg.data.train_split, seq_len=cfg.data.seq_len,
                                    micro_batch=self.plan.micro_batch, seed=cfg.data.seed, dp_rank=self.dp_rank,
-                                   dp_size=self.plan.dp_size, sp_rank=0, sp_size=1, loop=True)
+                                   dp_size=self.plan.dp_size, sp_rank=self.sp_rank, sp_size=self.plan.sp_size,
+                                   loop=True)
         self._eval_loader()  # fail now, not at the first evaluation, when the held-out split is too small
 
         if resume_point is not None:
@@ -211,7 +219,7 @@ class Trainer:
         p = self.plan
         self.metrics.print(
             f"reformer-train: {self.num_parameters / 1e6:.2f}M parameters | world {self.world} ({self.env.source}), "
-            f"dp {p.dp_size} | global batch {p.global_batch} = micro {p.micro_batch} x accum {p.grad_accum} x dp "
+            f"dp {p.dp_size} x sp {p.sp_size} | global batch {p.global_batch} = micro {p.micro_batch} x accum {p.grad_accum} x dp "
             f"{p.dp_size} | {p.tokens_per_step} tokens/step (seq_len {p.seq_len}) | ZeRO-{self.zero_stage} {precision} "
             f"on {self.device.type} | run dir {self.run_dir}")
         if resume_point is not None:
@@ -224,7 +232,7 @@ class Trainer:
 
         return WindowLoader(self.store, split=self.cfg.data.eval_split, seq_len=self.cfg.data.seq_len,
                             micro_batch=self.plan.micro_batch, seed=self.cfg.data.seed, dp_rank=self.dp_rank,
-                            dp_size=self.plan.dp_size, sp_rank=0, sp_size=1, loop=True)
+                            dp_size=self.plan.dp_size, sp_rank=self.sp_rank, sp_size=self.plan.sp_size, loop=True)
 
     def _archive_previous_run(self) -> None:
         """A fresh start (no --resume) into a used run dir moves the old artefacts aside instead of mixing them."""
@@ -344,7 +352,7 @@ class Trainer:
             b = next(batches)
             ids, labels = b["input_ids"].to(self.device), b["labels"].to(self.device)
             loss_sum, count = engine(ids, labels=labels, position_offset=b["position_offset"],
-                                     hash_seed=self.eval_hash_seed, reduction="sum")
+                                     hash_seed=self.eval_hash_seed, reduction="sum", sequence_parallel=self.sp)
             total += torch.stack([loss_sum.detach().double().cpu(), count.double().cpu()])
             if hist is not None:
                 valid = b["labels"][b["labels"] != -100]
@@ -379,10 +387,18 @@ class Trainer:
         skipped_before = getattr(engine, "skipped_steps", 0)
         for micro in range(plan.grad_accum):
             b = next(self.batches)
-            loss = engine(b["input_ids"].to(self.device), labels=b["labels"].to(self.device),
-                          position_offset=b["position_offset"], hash_seed=hash_seed)
+            ids, labels = b["input_ids"].to(self.device), b["labels"].to(self.device)
+            if self.sp is None:
+                loss = engine(ids, labels=labels, position_offset=b["position_offset"], hash_seed=hash_seed)
+                logged = loss.detach()
+            else:  # each SP rank logs the whole sequence's mean; gradients are scaled for DeepSpeed's averaging
+                from reformer_dist.parallel.sequence import sequence_parallel_loss
+
+                loss, logged = sequence_parallel_loss(engine, ids, labels, position_offset=b["position_offset"],
+                                                      sp=self.sp, hash_seed=hash_seed,
+                                                      scale_for_data_parallel=True)
             engine.backward(loss)
-            local += loss.detach().double().cpu()
+            local += logged.double().cpu()
             if micro == plan.grad_accum - 1:
                 # Decide before the boundary step, the same way on every rank.
                 total = _all_reduce_sum(local.clone())
