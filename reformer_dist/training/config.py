@@ -163,7 +163,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class ParallelConfig:
-    sequence_parallel_size: int = opt(1, int_min(1), "ranks sharing one sequence (>1 not implemented yet)")
+    sequence_parallel_size: int = opt(1, int_min(1), "ranks sharing one sequence (DeepSpeed-Ulysses); divides world size and model.n_heads")
 
 
 @dataclass
