@@ -194,8 +194,9 @@ def compare_run_configs(saved: dict[str, Any], current: dict[str, Any]) -> tuple
                     errors.append(msg)
                 elif dotted not in harmless:
                     warnings.append(msg)
-    for key in ("dp_size", "micro_batch", "grad_accum"):
-        if saved["plan"].get(key) != current["plan"].get(key):
+    for key in ("dp_size", "sp_size", "micro_batch", "grad_accum"):
+        if saved["plan"].get(key, 1 if key == "sp_size" else None) != current["plan"].get(key):
             errors.append(f"batch plan {key}: checkpoint has {saved['plan'].get(key)}, this run {current['plan'].get(key)} "
-                          f"(exact resume needs the same data-parallel size, micro batch and grad accumulation)")
+                          f"(exact resume needs the same data- and sequence-parallel sizes, micro batch and grad "
+                          f"accumulation)")
     return errors, warnings

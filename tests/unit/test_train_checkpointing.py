@@ -78,9 +78,9 @@ def test_rank_state_round_trip_and_missing_rank(tmp_path):
 
 def test_run_config_comparison_names_keys():
     saved = {"config": {"model": {"d_model": 64}, "train": {"lr": 1e-3, "max_steps": 10}},
-             "plan": {"dp_size": 2, "micro_batch": 1, "grad_accum": 1}}
+             "plan": {"dp_size": 2, "sp_size": 1, "micro_batch": 1, "grad_accum": 1}}
     now = {"config": {"model": {"d_model": 128}, "train": {"lr": 2e-3, "max_steps": 20}},
-           "plan": {"dp_size": 4, "micro_batch": 1, "grad_accum": 1}}
+           "plan": {"dp_size": 4, "sp_size": 1, "micro_batch": 1, "grad_accum": 1}}
     errors, warnings = ckpt.compare_run_configs(saved, now)
     assert errors[0].startswith("model.d_model: checkpoint has 64, this run 128")
     assert any(e.startswith("batch plan dp_size") for e in errors)

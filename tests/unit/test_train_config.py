@@ -84,7 +84,8 @@ def test_deepspeed_config_path_is_relative_to_the_toml(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     cfg = load_run_config(path)
-    plan_batches(cfg, 1 if "multinode" not in path.name else 16)
+    world = 16 if "multinode" in path.name else cfg.parallel.sequence_parallel_size
+    plan_batches(cfg, world)
 
 
 # ---------------------------------------------------------------------------------------------- batch arithmetic
