@@ -80,8 +80,37 @@ def _wait_for_checkpoint(out: Path, alive, describe) -> int:
 
 def _kill_rank1(out: Path) -> int:
     pid = int((out / "pids" / "rank1.pid").read_text())
+    assert _ours(pid, out), f"pid {pid} is not our rank 1"
     os.kill(pid, signal.SIGKILL)  # our own rank process: its pid was written by PID_WRAPPER
     return pid
+
+
+def _ours(pid: int, out: Path) -> bool:
+    """Whether `pid` is still one of this test's ranks (its command line has our output.dir), not a recycled pid."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return f"output.dir={out}" in argv
+
+
+def _stop(proc: subprocess.Popen, out: Path, pid_dir: Path) -> None:
+    """Make sure nothing of this run survives a failed test: torchrun (own session) and its ranks.
+
+    torchrun starts every rank in a session of its own, so killing torchrun's group would orphan
+    them; the ranks are killed by the pids PID_WRAPPER recorded (ours only: the command line must
+    still belong to this run).
+    """
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    for f in pid_dir.glob("rank*.pid"):
+        pid = int(f.read_text())
+        if _ours(pid, out):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _assert_checkpoint_intact(out: Path, at_least: int) -> int:
@@ -100,7 +129,8 @@ def _assert_checkpoint_intact(out: Path, at_least: int) -> int:
 
 @pytest.mark.distributed
 def test_torchrun_rank_death_fails_fast(tmp_path: Path, repo_root: Path) -> None:
-    (tmp_path / "pid_train.py").write_text(PID_WRAPPER)
+    wrapper = tmp_path / "pid_train.py"
+    wrapper.write_text(PID_WRAPPER)
     out = tmp_path / "run"
     args = ["--set", f"output.dir={out}"]
     for o in RUN:
@@ -108,7 +138,7 @@ def test_torchrun_rank_death_fails_fast(tmp_path: Path, repo_root: Path) -> None
     env = clean_env()
     env["RD_PID_DIR"] = str(out / "pids")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(tmp_path / "pid_train.py"), *args]
+           str(wrapper), *args]
     log_path = tmp_path / "torchrun.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -125,9 +155,7 @@ def test_torchrun_rank_death_fails_fast(tmp_path: Path, repo_root: Path) -> None
                         f"{log_path.read_text(errors='replace')[-4000:]}")
         took = time.monotonic() - t_kill
     finally:
-        if proc.poll() is None:  # only our own torchrun session (started above with its own group)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        _stop(proc, out, out / "pids")
     text = log_path.read_text(errors="replace")
     print(f"rank 1 (pid {killed}) killed after the step-{ckpt_step} checkpoint; torchrun exited {rc} after {took:.1f}s")
 
@@ -145,21 +173,32 @@ def test_torchrun_rank_death_fails_fast(tmp_path: Path, repo_root: Path) -> None
     step = _assert_checkpoint_intact(out, ckpt_step)
 
     # ... and training continues from it
-    resume = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-              "-m", "reformer_dist.cli.train", *args, "--set", f"train.max_steps={step + 2}", "--resume", "auto"]
-    res = subprocess.run(resume, cwd=repo_root, env=clean_env(), capture_output=True, text=True, timeout=120)
+    env["RD_PID_DIR"] = str(out / "pids-resume")
+    resume = [*cmd, "--set", f"train.max_steps={step + 2}", "--resume", "auto"]
+    resume[resume.index(next(a for a in resume if a.startswith("--master_port=")))] = f"--master_port={free_port()}"
+    with open(tmp_path / "resume.log", "w") as log:
+        proc = subprocess.Popen(resume, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        _stop(proc, out, out / "pids-resume")
+    text = (tmp_path / "resume.log").read_text(errors="replace")[-3000:]
     for rank in (0, 1):
         recs = _records(out / "ranks" / f"rank{rank}.jsonl")
         starts = [r for r in recs if r["event"] == "start"]
-        assert len(starts) == 2 and starts[-1]["resume_step"] == step, (starts, res.stderr[-3000:])
+        assert len(starts) == 2 and starts[-1]["resume_step"] == step, (starts, text)
         tail = recs[recs.index(starts[-1]):]
-        assert [r["step"] for r in tail if r["event"] == "step"] == [step + 1, step + 2], res.stderr[-3000:]
-        assert tail[-1]["event"] == "end", res.stderr[-3000:]
+        assert [r["step"] for r in tail if r["event"] == "step"] == [step + 1, step + 2], text
+        assert tail[-1]["event"] == "end", text
 
 
 @pytest.mark.cluster
 def test_slurm_rank_death_fails_job(slurm_cluster, repo_root: Path, tmp_path: Path) -> None:
-    (tmp_path / "pid_train.py").write_text(PID_WRAPPER)
+    wrapper = tmp_path / "pid_train.py"
+    wrapper.write_text(PID_WRAPPER)
     out = tmp_path / "run"
     log = tmp_path / "train.out"
     script_args = ["--set", f"output.dir={out}"]
@@ -189,9 +228,9 @@ def test_slurm_rank_death_fails_job(slurm_cluster, repo_root: Path, tmp_path: Pa
 
     assert info["JobState"] == "FAILED" and info.get("ExitCode") != "0:0", f"{info}\n{text()}"
     assert info.get("Restarts", "0") == "0", info  # a crash is not a preemption: no requeue
-    t = text()
-    assert re.search(r"srun: error: node2: task 1: Killed", t), t
-    assert "srun exited with" in t and "srun exited with 0" not in t, t
+    full = log.read_text(errors="replace")
+    assert re.search(r"srun: error: node2: task 1: Killed", full), text()
+    assert re.search(r"srun exited with [1-9]", full), text()
     for rank in (0, 1):
         assert not [r for r in _records(out / "ranks" / f"rank{rank}.jsonl") if r["event"] in ("end", "preempted")]
     _assert_checkpoint_intact(out, ckpt_step)
