@@ -1,0 +1,206 @@
+"""Finding, verifying and describing a DeepSpeed checkpoint on disk (no process group, no engine).
+
+A DeepSpeed checkpoint is a ROOT folder holding TAG folders (`reformer-train` writes `step_00000300`,
+plain DeepSpeed `global_step300`) and a `latest` file naming the newest tag. One tag holds:
+
+    ZeRO-1/2:  mp_rank_00_model_states.pt (full module in the training dtype + metadata)
+               [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt  (rank r's fp32 master + Adam partition)
+    ZeRO-3:    zero_pp_rank_<r>_mp_rank_00_model_states.pt + zero_pp_rank_<r>_mp_rank_00_optim_states.pt
+    trainer:   run_config.json, trainer_state/rank*.pt, MANIFEST.json (checksums; integrity.py)
+
+Universal checkpoints (`reformer-ckpt reshard`) are roots with `latest_universal` and a tag folder
+holding `zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt` next to copied model-state files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reformer_dist.checkpoint.checksums import CorruptCheckpointError, verify_torch_file
+from reformer_dist.checkpoint.integrity import MANIFEST, CheckpointError, verify_manifest
+from reformer_dist.model.config import ReformerConfig
+
+_MODEL_STATES = re.compile(r"^(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt$")
+_OPTIM_STATES = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+@dataclass
+class CheckpointRef:
+    root: Path
+    tag: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.tag
+
+
+def is_tag_dir(p: Path) -> bool:
+    return p.is_dir() and any(_MODEL_STATES.match(f.name) for f in p.iterdir())
+
+
+def find_checkpoint(ckpt_dir: str | Path, tag: str | None = None, latest_name: str = "latest") -> CheckpointRef:
+    """Resolve CKPT_DIR [--tag T]: a tag folder itself, or a root with a `latest` file (or a single tag)."""
+    p = Path(ckpt_dir)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such checkpoint folder")
+    if tag is not None:
+        ref = CheckpointRef(p, tag)
+        if not ref.path.is_dir():
+            raise FileNotFoundError(f"{ref.path}: no such tag folder (tags here: {_tags(p) or 'none'})")
+    elif is_tag_dir(p):
+        ref = CheckpointRef(p.parent, p.name)
+    elif (p / latest_name).is_file():
+        ref = CheckpointRef(p, (p / latest_name).read_text().strip())
+        if not ref.path.is_dir():
+            raise CheckpointError(f"{p / latest_name}: names tag {ref.tag!r}, but {ref.path} does not exist")
+    else:
+        tags = _tags(p)
+        if len(tags) != 1:
+            raise FileNotFoundError(f"{p}: not a DeepSpeed checkpoint tag folder and no '{latest_name}' file; "
+                                    f"pass --tag (tags here: {tags or 'none'})")
+        ref = CheckpointRef(p, tags[0])
+    if not is_tag_dir(ref.path):
+        raise FileNotFoundError(f"{ref.path}: no DeepSpeed *_model_states.pt files (not a checkpoint tag folder)")
+    return ref
+
+
+def _tags(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if is_tag_dir(d))
+
+
+def model_state_files(tag_dir: Path) -> list[Path]:
+    return sorted(f for f in tag_dir.iterdir() if _MODEL_STATES.match(f.name))
+
+
+def optim_state_files(tag_dir: Path) -> list[Path]:
+    files = [f for f in tag_dir.iterdir() if _OPTIM_STATES.match(f.name)]
+    return sorted(files, key=lambda f: int(_OPTIM_STATES.match(f.name).group(2)))
+
+
+def verify_files(tag_dir: Path, hashes: bool = True) -> str:
+    """Raise CheckpointError naming the first damaged file; returns how it was verified.
+
+    With a trainer MANIFEST.json: sizes + SHA-256 of every listed file. Without one (a plain DeepSpeed
+    save): the CRC-32 of every record of every .pt file (catches truncation and flipped bytes, which
+    torch.load would silently accept in tensor data).
+    """
+    if (tag_dir / MANIFEST).is_file():
+        verify_manifest(tag_dir, hashes=hashes)
+        return f"{MANIFEST} ({'SHA-256' if hashes else 'sizes'})"
+    for f in sorted(tag_dir.rglob("*.pt")):
+        verify_torch_file(f)
+    return "CRC-32 of every .pt record (no MANIFEST.json)"
+
+
+def load_meta(path: Path) -> dict[str, Any]:
+    """torch.load a DeepSpeed state file memory-mapped (tensors are not read), naming it on failure."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        raise CorruptCheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def read_model_config(ref: CheckpointRef, config: str | Path | None = None) -> tuple[ReformerConfig, str]:
+    """The ReformerConfig of a checkpoint and where it came from.
+
+    Order: an explicit file (a ReformerConfig JSON, or a run_config.json); <tag>/run_config.json written by
+    reformer-train; <tag>/config.json; <root>/config.json.
+    """
+    candidates = [Path(config)] if config is not None else [
+        ref.path / "run_config.json", ref.path / "config.json", ref.root / "config.json"]
+    for c in candidates:
+        if not c.is_file():
+            continue
+        try:
+            d = json.loads(c.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{c}: not valid JSON ({e})") from None
+        if isinstance(d.get("config"), dict) and "model" in d["config"]:  # reformer-train's run_config.json
+            d = d["config"]["model"]
+        return ReformerConfig.from_dict(d, source=str(c)), str(c)
+    if config is not None:
+        raise FileNotFoundError(f"{config}: no such config file")
+    raise FileNotFoundError(f"{ref.path}: no model config found (looked for {', '.join(str(c) for c in candidates)}); "
+                            "pass --config with a ReformerConfig JSON")
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    tag: str
+    step: int | None
+    zero_stage: int
+    world_size: int
+    dtype: str  # training (module) precision
+    parameters: int
+    size_bytes: int
+    files: int
+    ds_version: str | None
+    offload_optimizer: str | None = None
+    universal: bool = False
+    model_config: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _precision(ds_config: dict) -> str:
+    if (ds_config.get("bf16") or {}).get("enabled"):
+        return "bf16"
+    if (ds_config.get("fp16") or {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def describe(ref: CheckpointRef) -> CheckpointInfo:
+    """Step, ZeRO stage, world size, parameter count, precision and size of one checkpoint tag."""
+    tag_dir = ref.path
+    model_files = model_state_files(tag_dir)
+    meta = load_meta(model_files[0])
+    ds_config = meta.get("ds_config") or {}
+    optim = optim_state_files(tag_dir)
+    universal = (tag_dir / "zero").is_dir()
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if optim:
+        osd = load_meta(optim[0]).get("optimizer_state_dict", {})
+        if "zero_stage" in osd:
+            stage = int(osd["zero_stage"])
+    param_shapes = meta.get("param_shapes") or []
+    if isinstance(param_shapes, dict):
+        param_shapes = [param_shapes]
+    n_params = sum(int(torch.Size(s).numel()) for group in param_shapes for s in group.values())
+    n_params += sum(int(torch.Size(s).numel()) for s in (meta.get("frozen_param_shapes") or {}).values())
+    if not n_params and isinstance(meta.get("module"), dict):
+        n_params = sum(v.numel() for v in meta["module"].values())
+    step = None
+    manifest = tag_dir / MANIFEST
+    if manifest.is_file():
+        try:
+            step = json.loads(manifest.read_text()).get("step")
+        except json.JSONDecodeError:
+            pass
+    for key in ("reformer_dist_step", "step", "global_steps"):
+        if step is None and isinstance(meta.get(key), int):
+            step = meta[key]
+    files = [f for f in tag_dir.rglob("*") if f.is_file()]
+    offload = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")
+    info = CheckpointInfo(
+        path=str(tag_dir), tag=ref.tag, step=step, zero_stage=stage, world_size=int(meta.get("dp_world_size", len(optim) or 1)),
+        dtype=_precision(ds_config), parameters=n_params, size_bytes=sum(f.stat().st_size for f in files),
+        files=len(files), ds_version=meta.get("ds_version"), offload_optimizer=offload if offload not in (None, "none") else None,
+        universal=universal)
+    if optim and not universal and len(optim) != info.world_size:
+        info.notes.append(f"{len(optim)} optimizer-state files for world size {info.world_size}: incomplete save?")
+    try:
+        _, src = read_model_config(ref)
+        info.model_config = src
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        info.notes.append(str(e))
+    return info

@@ -1,0 +1,117 @@
+"""`reformer-ckpt`: checkpoint tools (no GPU and no process group needed).
+
+    reformer-ckpt consolidate runs/r/checkpoints --out model/ [--tag step_00000300] [--dtype fp32|bf16]
+    reformer-ckpt export-hf model/ --out hf/          # then transformers.ReformerModelWithLMHead.from_pretrained("hf/")
+    reformer-ckpt import-hf hf/ --out model/          # then ReformerLM.from_pretrained("model/")
+    reformer-ckpt reshard runs/r/checkpoints --out universal/ [--to-stage 2]
+    reformer-ckpt inspect runs/r/checkpoints          # also: a weights folder, a universal or HF folder
+
+Exit codes: 0 ok, 1 corrupt/incomplete input (the message names the file), 2 usage or unsupported
+config/transition (the message names the field). See docs/checkpoints.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from reformer_dist.checkpoint.integrity import CheckpointError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reformer-ckpt", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("consolidate", help="ZeRO checkpoint (any stage/world size) -> config.json + safetensors")
+    c.add_argument("ckpt_dir", help="checkpoint root (with `latest`) or one tag folder")
+    c.add_argument("--tag", help="tag folder under CKPT_DIR (default: the one named by `latest`)")
+    c.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+    c.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="stored weight dtype (default fp32)")
+    c.add_argument("--config", help="ReformerConfig JSON (default: the checkpoint's run_config.json / config.json)")
+    c.add_argument("--max-shard-size", default="5GB", help="split into shards above this size (default 5GB)")
+
+    e = sub.add_parser("export-hf", help="our weights folder -> transformers ReformerModelWithLMHead folder")
+    e.add_argument("src", help="folder with config.json + model.safetensors (consolidate / save_pretrained output)")
+    e.add_argument("--out", required=True)
+    e.add_argument("--max-shard-size", default="5GB")
+
+    i = sub.add_parser("import-hf", help="transformers Reformer folder -> our weights folder")
+    i.add_argument("src", help="HF folder with config.json + model.safetensors or pytorch_model.bin")
+    i.add_argument("--out", required=True)
+    i.add_argument("--max-shard-size", default="5GB")
+
+    r = sub.add_parser("reshard", help="ZeRO checkpoint -> DeepSpeed universal checkpoint (load with any world size)")
+    r.add_argument("ckpt_dir")
+    r.add_argument("--tag")
+    r.add_argument("--out", required=True, help="universal checkpoint root to create (OUT/<tag>, OUT/latest_universal)")
+    r.add_argument("--to-stage", type=int, choices=(1, 2, 3), help="ZeRO stage of the run that will load it "
+                   "(default: the saved stage); unsupported transitions are refused")
+    r.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 2)),
+                   help="processes for the conversion")
+
+    n = sub.add_parser("inspect", help="step, ZeRO stage, world size, parameters, dtype, size on disk")
+    n.add_argument("path")
+    n.add_argument("--tag")
+    n.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    for s in (c, e, i, r):
+        s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    for s in (c, r, n):
+        s.add_argument("--no-verify", dest="verify", action="store_false",
+                       help="skip checksum/CRC verification of the input")
+    return p
+
+
+def _run(args: argparse.Namespace) -> dict | str:
+    if args.cmd == "consolidate":
+        from reformer_dist.checkpoint.consolidate import consolidate
+
+        return consolidate(args.ckpt_dir, args.out, tag=args.tag, dtype=args.dtype, config=args.config,
+                           max_shard_size=args.max_shard_size, overwrite=args.overwrite, verify=args.verify)
+    if args.cmd == "export-hf":
+        from reformer_dist.checkpoint.hf_adapter import export_hf
+
+        out = export_hf(args.src, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+        return {"out": str(out), "load_with": f"transformers.ReformerModelWithLMHead.from_pretrained({str(out)!r})"}
+    if args.cmd == "import-hf":
+        from reformer_dist.checkpoint.hf_adapter import import_hf
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # printed below instead
+            out, notes = import_hf(args.src, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+        for note in notes:
+            print(f"reformer-ckpt: warning: {note}", file=sys.stderr)
+        return {"out": str(out), "load_with": f"ReformerLM.from_pretrained({str(out)!r})", "warnings": len(notes)}
+    if args.cmd == "reshard":
+        from reformer_dist.checkpoint.reshard import reshard
+
+        return reshard(args.ckpt_dir, args.out, tag=args.tag, to_stage=args.to_stage, workers=args.workers,
+                       overwrite=args.overwrite, verify=args.verify)
+    if args.cmd == "inspect":
+        from reformer_dist.checkpoint.inspect import format_report, inspect_path
+
+        info = inspect_path(args.path, tag=args.tag, verify=args.verify)
+        return info if args.json else format_report(info)
+    raise AssertionError(args.cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = _run(args)
+    except CheckpointError as e:  # corrupt / incomplete input: names the file
+        print(f"reformer-ckpt {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # usage, unsupported config or transition
+        print(f"reformer-ckpt {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    print(result if isinstance(result, str) else json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
