@@ -56,7 +56,7 @@ class ReformerConfig:
     axial_pos_shape: list[int] = field(default_factory=lambda: [64, 64])
     axial_pos_dims: list[int] | None = None  # None -> split d_model in halves
     init_std: float = 0.02
-    axial_norm_std: float = 1.0
+    axial_norm_std: float = 0.02  # HF uses 1.0, which drowns 0.02-scale token embeddings in small models
 
     def __post_init__(self) -> None:
         if self.attn_layers is None:
