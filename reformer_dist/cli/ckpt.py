@@ -13,6 +13,7 @@ config/transition (the message names the field). See docs/checkpoints.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -102,7 +103,9 @@ def _run(args: argparse.Namespace) -> dict | str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        result = _run(args)
+        # DeepSpeed logs (accelerator detection, zero_to_fp32 progress) go to stdout; keep stdout for the result.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = _run(args)
     except CheckpointError as e:  # corrupt / incomplete input: names the file
         print(f"reformer-ckpt {args.cmd}: error: {e}", file=sys.stderr)
         return 1
