@@ -180,6 +180,8 @@ def from_hf_config(hf: dict[str, Any]) -> tuple[ReformerConfig, list[str]]:
         "init_std": float(get("initializer_range")), "axial_norm_std": float(get("axial_norm_std")),
     }
     d.update({k: extra[k] for k in _NON_HF_FIELDS if k in extra})
+    if "local_chunk_len" in extra and extra["local_chunk_len"] is None and d["local_chunk_len"] == d["chunk_len"]:
+        d["local_chunk_len"] = None  # ours said "same as chunk_len": keep that (same function, lossless round trip)
     try:
         return ReformerConfig.from_dict(d, source="HF config"), notes
     except ValueError as e:
