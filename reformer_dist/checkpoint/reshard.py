@@ -10,7 +10,7 @@ adding `"checkpoint": {"load_universal": true}` to the DeepSpeed config and call
 Which ZeRO stage may load what (all 2 gloo ranks -> 1 rank, fp32, torch Adam, a tiny reversible
 ReformerLM; "works" = the resumed run's next two losses equal the uninterrupted 2-rank run's within
 1e-5, and the loaded weights equal the saved ones exactly). Verified with deepspeed 0.19.8 by
-tests/distributed/test_reshard.py (ZeRO-2 -> ZeRO-2) and the sweep recorded in docs/checkpoints.md:
+tests/distributed/test_reshard.py (ZeRO-2 -> ZeRO-2 and ZeRO-1) and the sweep in docs/checkpoints.md:
 
     saved \\ loaded   ZeRO-1   ZeRO-2   ZeRO-3
     ZeRO-1           works    works    fails

@@ -88,3 +88,19 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(123) == 123
     with pytest.raises(ValueError, match="max shard size"):
         parse_size("lots")
+
+
+def test_console_script(tmp_path):
+    """The installed `reformer-ckpt` entry point runs (pyproject [project.scripts])."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("reformer-ckpt")
+    assert script.is_file(), f"{script}: console script not installed (pip install -e .)"
+    _write(tmp_path)
+    p = subprocess.run([str(script), "inspect", str(tmp_path / "m"), "--json"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert info["parameters"] == sum(v.numel() for v in ReformerLM(CFG).state_dict().values())
+    assert (info["dtype"], info["checksums"]) == ("F32", "verified")
