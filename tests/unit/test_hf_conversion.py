@@ -17,8 +17,7 @@ import torch
 import transformers  # a dev dependency (pyproject [dev]): the comparison needs transformers' own forward
 
 from reformer_dist import ReformerConfig, ReformerLM
-from reformer_dist.checkpoint.hf_adapter import (UnsupportedConfigError, export_hf, from_hf_config, import_hf,
-                                                 to_hf_config)
+from reformer_dist.checkpoint.hf_adapter import UnsupportedConfigError, from_hf_config, import_hf, to_hf_config
 from reformer_dist.cli.ckpt import main
 
 transformers.logging.set_verbosity_error()
