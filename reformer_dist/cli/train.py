@@ -140,7 +140,17 @@ def _train(cfg, plan, ds_config, env, store, resume, on_cuda) -> int:
     import deepspeed
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", auto_mpi_discovery=False)
+    # A frozen rank must fail the job, not hang it: DeepSpeed creates its own gradient groups later and
+    # they take torch's default timeout (30 min), so set that default as well as the world group's.
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
+
+    timeout = timedelta(seconds=cfg.train.dist_timeout_s)
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", auto_mpi_discovery=False, timeout=timeout)
 
     from reformer_dist.training.trainer import Trainer
 

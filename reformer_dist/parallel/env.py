@@ -356,13 +356,14 @@ def discover(environ: Mapping[str, str] | None = None, use_mpi: bool = True) -> 
     environ = os.environ if environ is None else environ
     if environ.get("RANK", "").strip() or environ.get("WORLD_SIZE", "").strip():
         return _from_torch(environ)
-    if environ.get("SLURM_PROCID", "").strip():
-        env = _from_slurm(environ)
-        if env is not None:
-            return env
-        return _single(environ)
+    # An MPI launcher inside a SLURM allocation (mpiexec starting its helpers through srun) leaves SLURM
+    # step variables that describe the helpers, not the ranks: MPI's own variables win when present.
     if use_mpi:
         env = _from_mpi(environ)
+        if env is not None:
+            return env
+    if environ.get("SLURM_PROCID", "").strip():
+        env = _from_slurm(environ)
         if env is not None:
             return env
     return _single(environ)

@@ -125,7 +125,8 @@ class TrainConfig:
     grad_clip: float = opt(1.0, nonneg_number, "global gradient-norm clip (0 = off)")
     seed: int = opt(1234, int_min(0), "seed of weights init and of all RNGs")
     max_nonfinite_steps: int = opt(5, int_min(0), "stop after more than this many non-finite steps in a row")
-    requeue: bool = opt(True, boolean, "on preemption under SLURM, requeue the job after the checkpoint")
+    requeue: bool = opt(True, boolean, "on SIGUSR1 under SLURM, requeue the job after the checkpoint")
+    dist_timeout_s: int = opt(600, int_min(10), "collective timeout: a hung rank fails the job after this long")
     device: str = opt("auto", choice("auto", "cpu", "cuda"), "auto = cuda when available")
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import platform
 import random
 import shutil
@@ -453,7 +454,10 @@ class Trainer:
                     self.metrics.event("preempted", step=self.step, signal=handler.signal_name)
                     self.metrics.print(f"preempted ({handler.signal_name or 'signal on another rank'}) at step "
                                        f"{self.step}: checkpoint saved")
-                    if cfg.train.requeue and self.main and os.environ.get("SLURM_JOB_ID"):
+                    # Only SIGUSR1 (sbatch --signal=B:USR1@120, forwarded to every rank) means "time is up,
+                    # come back"; SIGTERM from a plain scancel must end the job.
+                    if (cfg.train.requeue and self.main and os.environ.get("SLURM_JOB_ID")
+                            and handler.signum == signal.SIGUSR1):
                         requeue_slurm_job()
                     return Outcome(EXIT_OK, self.step, "preempted")
             final = self.evaluate().get("eval_loss") if cfg.eval.at_end else None

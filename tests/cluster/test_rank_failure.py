@@ -195,6 +195,50 @@ def test_torchrun_rank_death_fails_fast(tmp_path: Path, repo_root: Path) -> None
         assert tail[-1]["event"] == "end", text
 
 
+@pytest.mark.distributed
+def test_torchrun_frozen_rank_fails_within_the_collective_timeout(tmp_path: Path, repo_root: Path) -> None:
+    """A rank that stops responding (SIGSTOP: a hung NFS read, a wedged GPU) must not hang the job for
+    torch's default 30 minutes: train.dist_timeout_s also covers the groups DeepSpeed creates itself."""
+    wrapper = tmp_path / "pid_train.py"
+    wrapper.write_text(PID_WRAPPER)
+    out = tmp_path / "run"
+    args = ["--set", f"output.dir={out}", "--set", "train.dist_timeout_s=15"]
+    for o in RUN:
+        args += ["--set", o]
+    env = clean_env()
+    env["RD_PID_DIR"] = str(out / "pids")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(wrapper), *args]
+    log_path = tmp_path / "torchrun.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        ckpt_step = _wait_for_checkpoint(out, lambda: proc.poll() is None,
+                                         lambda: log_path.read_text(errors="replace")[-4000:])
+        pid = int((out / "pids" / "rank1.pid").read_text())
+        assert _ours(pid, out)
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            rc = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"job still running 120 s after rank 1 froze (dist_timeout_s=15)\n"
+                        f"{log_path.read_text(errors='replace')[-4000:]}")
+        took = time.monotonic() - t0
+    finally:
+        for f in (out / "pids").glob("rank*.pid"):
+            p = int(f.read_text())
+            if _ours(p, out):
+                os.kill(p, signal.SIGCONT)
+        _stop(proc, out, out / "pids")
+    text = log_path.read_text(errors="replace")
+    print(f"rank 1 frozen after the step-{ckpt_step} checkpoint; torchrun exited {rc} after {took:.1f}s")
+    assert rc != 0, text[-4000:]
+    assert re.search(r"[Tt]imed? ?out|timeout", text), text[-4000:]
+    _assert_checkpoint_intact(out, ckpt_step)
+
+
 @pytest.mark.cluster
 def test_slurm_rank_death_fails_job(slurm_cluster, repo_root: Path, tmp_path: Path) -> None:
     wrapper = tmp_path / "pid_train.py"

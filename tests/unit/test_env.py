@@ -225,3 +225,15 @@ def test_launch_env_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
     monkeypatch.setenv("SLURM_PROCID", "9")
     assert main(["env"]) == 2
     assert "SLURM_PROCID" in capsys.readouterr().err
+
+
+def test_mpi_launcher_inside_slurm_wins_over_slurm_step_variables(monkeypatch):
+    """mpiexec inside an allocation starts its helpers with srun: SLURM vars describe helpers, not ranks."""
+    import reformer_dist.parallel.env as envmod
+
+    mpi = envmod.DistEnv(3, 1, 4, 2, "10.0.0.1", 29500, "mpi")
+    monkeypatch.setattr(envmod, "_from_mpi", lambda environ: mpi if environ.get("PMI_RANK") else None)
+    slurm_vars = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0",
+                  "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_ID": "7"}
+    assert envmod.discover({**slurm_vars, "PMI_RANK": "3", "PMI_SIZE": "4"}) == mpi
+    assert envmod.discover(slurm_vars).source == "slurm"
