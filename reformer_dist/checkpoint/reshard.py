@@ -17,9 +17,9 @@ tests/distributed/test_reshard.py (ZeRO-2 -> ZeRO-2 and ZeRO-1) and the sweep in
     ZeRO-2           works    works    fails
     ZeRO-3           fails    fails    works
 
-Unverified or failing transitions are refused before any work. Only the DeepSpeed state is resharded:
-`reformer-train`'s per-rank loader/RNG state cannot follow a world-size change (its data order depends
-on the number of ranks); run_config.json is copied for reference.
+Unverified or failing transitions are refused before any work. `reformer-train --resume OUT` resumes it
+on any world size with the same global batch: rank 0's trainer state (step, global loader position) is
+copied along; per-rank RNG streams (dropout) restart from a seed derived from the step.
 """
 
 from __future__ import annotations
@@ -96,6 +96,12 @@ def reshard(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = None
             for src in (ref.path / extra, ref.root / extra):
                 if src.is_file() and not (tmp / ref.tag / extra).exists():
                     shutil.copy2(src, tmp / ref.tag / extra)
+        # reformer-train resumes a universal checkpoint from rank 0's step/loader state (the loader
+        # position is global, so it holds for any data-parallel size with the same global batch).
+        rank0 = ref.path / "trainer_state" / "rank00000.pt"
+        if rank0.is_file():
+            (tmp / ref.tag / "trainer_state").mkdir(exist_ok=True)
+            shutil.copy2(rank0, tmp / ref.tag / "trainer_state" / "rank00000.pt")
         summary = {"source": str(ref.path), "tag": ref.tag, "step": info.step, "source_zero_stage": info.zero_stage,
                    "source_world_size": info.world_size, "load_as_zero_stage": supported_targets(info.zero_stage),
                    "verified_input": verified,

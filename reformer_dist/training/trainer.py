@@ -18,6 +18,7 @@ One optimizer step = `grad_accum` micro-batches per rank, each `engine(...)` -> 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import json
 import math
 import os
@@ -253,6 +254,13 @@ class Trainer:
         """Rank 0 resolves and verifies; every rank gets the same answer (or the same error)."""
         if self.resume_spec is None:
             return None
+        uni = Path(self.resume_spec) / "latest_universal"
+        if self.resume_spec != "auto" and uni.is_file():  # `reformer-ckpt reshard` output: any world size
+            tag = uni.read_text().strip()
+            state = ckpt.load_rank_state(uni.parent / tag, 0)
+            self.universal = True
+            self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
+            return ckpt.ResumePoint(uni.parent, tag, int(state["step"]), [])
         answer: Any = None
         if self.main:
             try:
@@ -268,6 +276,8 @@ class Trainer:
         return answer
 
     def _load(self, point: ckpt.ResumePoint) -> None:
+        if getattr(self, "universal", False):
+            return self._load_universal(point)
         saved = ckpt.read_run_config(point.path)
         errors, warnings = ckpt.compare_run_configs(saved, self._run_config_record())
         if errors:
@@ -292,6 +302,39 @@ class Trainer:
         ckpt.restore_rng(state["rng"])
         if self.main and self.resume_spec not in (None, "auto"):
             self._abandon_newer_than(point.step)
+        _barrier()
+
+    def _load_universal(self, point: ckpt.ResumePoint) -> None:
+        """Resume a resharded (universal) checkpoint on a different world size.
+
+        The model must match and the global batch must be the same (so the data order is); the
+        data-parallel layout may differ. Rank 0's loader position is global, so every rank continues
+        from it; per-rank RNG streams restart from seed + step (only dropout masks depend on them).
+        """
+        saved = ckpt.read_run_config(point.path)
+        errors, warnings = ckpt.compare_run_configs(saved, self._run_config_record())
+        errors = [e for e in errors if not e.startswith("batch plan")]
+        if saved["plan"].get("global_batch") != self.plan.global_batch:
+            errors.append(f"batch plan global_batch: checkpoint has {saved['plan'].get('global_batch')}, this run "
+                          f"{self.plan.global_batch} (set train.global_batch to keep the same data order)")
+        if saved["plan"].get("sp_size", 1) != self.plan.sp_size:
+            errors.append("parallel.sequence_parallel_size must stay the same across a reshard")
+        if errors:
+            raise CheckpointError(f"{point.path / ckpt.RUN_CONFIG}: checkpoint does not fit this run:\n  "
+                                  + "\n  ".join(errors))
+        if warnings and self.main:
+            print("reformer-train: resuming with a changed config:\n  " + "\n  ".join(warnings), file=sys.stderr)
+        state = ckpt.load_rank_state(point.path, 0)
+        load_path, _ = self.engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if load_path is None:
+            raise CheckpointError(f"{point.path}: DeepSpeed could not load this universal checkpoint")
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.nonfinite_streak, self.nonfinite_total = int(state["nonfinite_streak"]), int(state["nonfinite_total"])
+        self.last_saved_step = self.last_eval_step = self.step
+        self.unigram_loss = state.get("unigram_loss")
+        seed_all(self.cfg.train.seed + 1 + self.rank + 1000003 * self.step)
         _barrier()
 
     def _abandon_newer_than(self, step: int) -> None:
