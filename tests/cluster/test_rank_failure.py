@@ -16,7 +16,6 @@ rank runs through a small wrapper that writes its pid to <run>/pids/rank<R>.pid 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from jsonl_records import read_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 from train_launcher import TINY, clean_env, free_port  # noqa: E402
@@ -54,16 +54,7 @@ runpy.run_module("reformer_dist.cli.train", run_name="__main__", alter_sys=True)
 '''
 
 
-def _records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written right now
-    return out
+_records = read_records
 
 
 def _wait_for_checkpoint(out: Path, alive, describe) -> int:

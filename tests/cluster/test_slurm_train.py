@@ -15,12 +15,12 @@ One job (2 nodes x 1 task, the TINY model on the quickstart config) covers the w
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from jsonl_records import read_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 from train_launcher import TINY  # noqa: E402
@@ -35,16 +35,7 @@ SIGNAL_AFTER = 5   # send USR1 once this step is logged
 MAX_STEPS = 300    # the first run must still be training when USR1 arrives: 20-30 ms a step, signal path < 1 s
 
 
-def _records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written right now
-    return out
+_records = read_records
 
 
 def _log(path: Path) -> str:
