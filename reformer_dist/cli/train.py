@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override one key (TOML value syntax, bare strings allowed); repeatable")
     p.add_argument("--resume", metavar="auto|PATH",
                    help="auto: newest complete checkpoint of this run (fresh start if none); PATH: a checkpoint "
-                        "folder or checkpoint root")
+                        "folder, a checkpoint root, or a `reformer-ckpt reshard` output (resume on another "
+                        "number of ranks, same global batch)")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and DeepSpeed dict, exit")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
