@@ -36,9 +36,11 @@ for step in range(1, 200):
     if handler.sync():
         stop = step
         break
-print("RESULT " + json.dumps({"env": json.loads(env.to_json()), "sum": value.item(), "stop": stop,
-                              "local_flag": handler.requested, "torch_rank": dist.get_rank(),
-                              "torch_world": dist.get_world_size()}), flush=True)
+# one file per rank: two ranks printing to mpiexec's shared stdout can interleave within a line
+from pathlib import Path
+Path(f"result{env.rank}.json").write_text(json.dumps({
+    "env": json.loads(env.to_json()), "sum": value.item(), "stop": stop, "local_flag": handler.requested,
+    "torch_rank": dist.get_rank(), "torch_world": dist.get_world_size()}))
 dist.destroy_process_group()
 '''
 
@@ -53,7 +55,7 @@ def test_mpiexec_two_ranks(venv_mpiexec: Path, tmp_path: Path) -> None:
                              capture_output=True, text=True, timeout=90)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"mpiexec -n 2 hung: {exc.stdout!r} {exc.stderr!r}")
-    rows = [json.loads(line[len("RESULT "):]) for line in res.stdout.splitlines() if line.startswith("RESULT ")]
+    rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result*.json"))]
     assert res.returncode == 0 and len(rows) == 2, f"rc={res.returncode}\n{res.stdout}\n{res.stderr}"
     rows.sort(key=lambda r: r["env"]["rank"])
     assert [r["env"]["rank"] for r in rows] == [0, 1]
