@@ -290,6 +290,14 @@ class Trainer:
         if state.get("world_size") != self.world:
             raise CheckpointError(f"{ckpt.state_path(point.path, self.rank)}: saved with world size "
                                   f"{state.get('world_size')}, this run has {self.world}")
+        self._restore(point, state)
+        ckpt.restore_rng(state["rng"])
+        if self.main and self.resume_spec not in (None, "auto"):
+            self._abandon_newer_than(point.step)
+        _barrier()
+
+    def _restore(self, point: ckpt.ResumePoint, state: dict[str, Any]) -> None:
+        """Engine state (DeepSpeed; universal when enabled in the config) + step, loader and counters."""
         load_path, _ = self.engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=True,
                                                    load_lr_scheduler_states=False)
         if load_path is None:
@@ -299,10 +307,6 @@ class Trainer:
         self.nonfinite_streak, self.nonfinite_total = int(state["nonfinite_streak"]), int(state["nonfinite_total"])
         self.last_saved_step = self.last_eval_step = self.step
         self.unigram_loss = state.get("unigram_loss")
-        ckpt.restore_rng(state["rng"])
-        if self.main and self.resume_spec not in (None, "auto"):
-            self._abandon_newer_than(point.step)
-        _barrier()
 
     def _load_universal(self, point: ckpt.ResumePoint) -> None:
         """Resume a resharded (universal) checkpoint on a different world size.
@@ -324,16 +328,7 @@ class Trainer:
                                   + "\n  ".join(errors))
         if warnings and self.main:
             print("reformer-train: resuming with a changed config:\n  " + "\n  ".join(warnings), file=sys.stderr)
-        state = ckpt.load_rank_state(point.path, 0)
-        load_path, _ = self.engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
-        if load_path is None:
-            raise CheckpointError(f"{point.path}: DeepSpeed could not load this universal checkpoint")
-        self.loader.load_state_dict(state["loader"])
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.nonfinite_streak, self.nonfinite_total = int(state["nonfinite_streak"]), int(state["nonfinite_total"])
-        self.last_saved_step = self.last_eval_step = self.step
-        self.unigram_loss = state.get("unigram_loss")
+        self._restore(point, ckpt.load_rank_state(point.path, 0))
         seed_all(self.cfg.train.seed + 1 + self.rank + 1000003 * self.step)
         _barrier()
 

@@ -118,13 +118,13 @@ def _assert_checkpoint_intact(out: Path, at_least: int) -> int:
     return step
 
 
-@pytest.mark.distributed
-def test_torchrun_rank_death_fails_fast(tmp_path: Path, repo_root: Path) -> None:
+def _start_torchrun(tmp_path: Path, repo_root: Path, extra: list[str] = ()):
+    """2 ranks of the never-ending RUN under torchrun, each recording its pid; returns (proc, out, log, cmd, env)."""
     wrapper = tmp_path / "pid_train.py"
     wrapper.write_text(PID_WRAPPER)
     out = tmp_path / "run"
     args = ["--set", f"output.dir={out}"]
-    for o in RUN:
+    for o in [*RUN, *extra]:
         args += ["--set", o]
     env = clean_env()
     env["RD_PID_DIR"] = str(out / "pids")
@@ -134,6 +134,12 @@ def test_torchrun_rank_death_fails_fast(tmp_path: Path, repo_root: Path) -> None
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+    return proc, out, log_path, cmd, env
+
+
+@pytest.mark.distributed
+def test_torchrun_rank_death_fails_fast(tmp_path: Path, repo_root: Path) -> None:
+    proc, out, log_path, cmd, env = _start_torchrun(tmp_path, repo_root)
     try:
         ckpt_step = _wait_for_checkpoint(out, lambda: proc.poll() is None,
                                          lambda: log_path.read_text(errors="replace")[-4000:])
@@ -190,20 +196,7 @@ def test_torchrun_rank_death_fails_fast(tmp_path: Path, repo_root: Path) -> None
 def test_torchrun_frozen_rank_fails_within_the_collective_timeout(tmp_path: Path, repo_root: Path) -> None:
     """A rank that stops responding (SIGSTOP: a hung NFS read, a wedged GPU) must not hang the job for
     torch's default 30 minutes: train.dist_timeout_s also covers the groups DeepSpeed creates itself."""
-    wrapper = tmp_path / "pid_train.py"
-    wrapper.write_text(PID_WRAPPER)
-    out = tmp_path / "run"
-    args = ["--set", f"output.dir={out}", "--set", "train.dist_timeout_s=15"]
-    for o in RUN:
-        args += ["--set", o]
-    env = clean_env()
-    env["RD_PID_DIR"] = str(out / "pids")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(wrapper), *args]
-    log_path = tmp_path / "torchrun.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc, out, log_path, _, _ = _start_torchrun(tmp_path, repo_root, ["train.dist_timeout_s=15"])
     try:
         ckpt_step = _wait_for_checkpoint(out, lambda: proc.poll() is None,
                                          lambda: log_path.read_text(errors="replace")[-4000:])
