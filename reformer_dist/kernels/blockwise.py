@@ -1,17 +1,26 @@
-"""Memory-lean PyTorch implementation of the chunked attention core (any device).
+"""Memory-lean PyTorch attention core (any device): index-based, blockwise, with its own backward.
 
-Same semantics as ``reference.chunked_attention_reference`` but with its own backward: forward keeps
-only q, k, v, out and lse, and both passes walk the chunks in blocks, recomputing each block's logits.
-Activation memory is O(N*M*D) instead of O(N*M*W) logits, which is what lets long sequences fit; the
-algorithm (per-block logits, lse, and dS = P*(dP - rowsum(dO*O) + dlse)) is the one a fused kernel runs.
+The algorithm the fused Triton kernel runs, in PyTorch. Forward walks head groups, then rounds, then
+blocks of sorted query chunks; each block gathers its queries and its look-around keys/values straight
+from the unsorted [B, L, H, D] tensors through ``index``, computes masked logits, and merges its
+normalised output into the unsorted result with a running log-sum-exp (online softmax across rounds),
+so neither sorted copies nor per-round outputs ever exist. Saved for backward: q, k (separate keys
+only), v, index, out and lse (plus key_valid / slot_bucket when given). Backward recomputes each
+block's logits, forms P = exp(logits - lse) of the merged softmax and dS = P * (dP - rowsum(dO*O) +
+dlse) (FlashAttention-2), and scatters dq/dk/dv back by index. Activation memory: O(L*H*D); block
+temporaries: at most ``block_elems()`` logits (a constant).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Iterator
+
 import torch
 from torch import Tensor
 
-from reformer_dist.kernels.reference import masked_logits
+from reformer_dist.kernels.logits import (acc_dtype, chunk_of_positions, duplicate_counts, masked_logits,
+                                          normalize_keys, normalize_keys_backward, scale_keys)
 
 _BLOCK_ELEMS = 1 << 24  # logits per block (64 MiB in fp32)
 
@@ -21,101 +30,251 @@ def block_elems() -> int:
     return _BLOCK_ELEMS
 
 
-def _window_index(start: int, stop: int, n: int, n_before: int, n_after: int, device) -> Tensor:
-    """[n_blk, w] chunk indices of each chunk's look-around window (wrapping)."""
-    offsets = torch.arange(-n_before, n_after + 1, device=device)
-    return torch.remainder(torch.arange(start, stop, device=device).unsqueeze(1) + offsets, n)
+def fits_one_block(q: Tensor, index: Tensor | None, *, chunk_len: int, n_before: int, n_after: int, **_) -> bool:
+    """Whether every logit of the call fits in one block (then plain autograd holds no more at peak)."""
+    b, length, h, _ = q.shape
+    s = length if index is None else index.shape[-1]
+    return b * h * s * (1 + n_before + n_after) * chunk_len <= block_elems()
 
 
-def _window(x: Tensor, idx: Tensor) -> Tensor:
-    """x [B,H,N,M,...] -> [B,H,n_blk,w*M,...] gathered along the chunk axis."""
-    g = x[:, :, idx]  # [B,H,n_blk,w,M,...]
-    return g.flatten(3, 4)
+@dataclass
+class _Call:
+    """Sizes and options of one call, and the iteration over (head group, round, chunk block)."""
+
+    b: int
+    length: int
+    h: int
+    d: int
+    s: int
+    m: int
+    n_before: int
+    n_after: int
+    causal: bool
+    self_mask: bool
+    head_group: int
+
+    @property
+    def rounds(self) -> int:
+        return self.s // self.length
+
+    @property
+    def n_chunks(self) -> int:
+        return self.s // self.m
+
+    @property
+    def window(self) -> int:
+        return (1 + self.n_before + self.n_after) * self.m
+
+    def blocks(self, hg: int) -> Iterator[tuple[int, int, int]]:
+        """(round, first chunk, end chunk) blocks of one head group; blocks never straddle rounds, so a
+        position occurs at most once per block."""
+        per_round = self.length // self.m
+        per_block = max(1, block_elems() // max(1, self.b * hg * self.m * self.window))
+        for r in range(self.rounds):
+            for c0 in range(r * per_round, (r + 1) * per_round, per_block):
+                yield r, c0, min(c0 + per_block, (r + 1) * per_round)
+
+    def groups(self) -> Iterator[tuple[int, int]]:
+        for h0 in range(0, self.h, self.head_group):
+            yield h0, min(h0 + self.head_group, self.h)
+
+
+@dataclass
+class _Block:
+    """One block's gathered operands: positions, flat rows into [B*L*H] (global) and [B*L*Hg] (group)."""
+
+    pos_q: Tensor  # [B,Hg,nc,M]
+    pos_k: Tensor  # [B,Hg,nc,W]
+    rows_q: Tensor  # [B,Hg,nc*M] rows of [B*L*H]
+    rows_k: Tensor  # [B,Hg,nc,W]
+    local_q: Tensor  # rows of the head group's [B*L*Hg] accumulators
+    local_k: Tensor
+    slot_q: Tensor  # [nc*M] sorted slots of the queries
+    slot_k: Tensor  # [nc, W] sorted slots of the keys
+
+
+def _block(call: _Call, index: Tensor | None, h0: int, h1: int, c0: int, c1: int, device) -> _Block:
+    m, nc, hg = call.m, c1 - c0, h1 - h0
+    ar = torch.arange(m, device=device)
+    chunks = torch.arange(c0, c1, device=device)
+    slot_q = (chunks.unsqueeze(1) * m + ar).reshape(-1)
+    offsets = torch.arange(-call.n_before, call.n_after + 1, device=device)
+    win = torch.remainder(chunks.unsqueeze(1) + offsets, call.n_chunks)  # [nc, w] wrapping over all rounds
+    slot_k = (win.unsqueeze(-1) * m + ar).reshape(nc, -1)
+    if index is None:
+        pos_q = slot_q.expand(call.b, hg, -1)
+        pos_k = slot_k.expand(call.b, hg, nc, -1)
+    else:
+        ih = index[:, h0:h1]
+        pos_q = ih[:, :, slot_q].long()
+        pos_k = ih[:, :, slot_k].long()
+    base = (torch.arange(call.b, device=device) * call.length).view(-1, 1, 1)
+    head = torch.arange(h0, h1, device=device).view(1, -1, 1)
+    rows_q = (base + pos_q) * call.h + head
+    rows_k = (base.unsqueeze(-1) + pos_k) * call.h + head.unsqueeze(-1)
+    local_q = (base + pos_q) * hg + (head - h0)
+    local_k = (base.unsqueeze(-1) + pos_k) * hg + (head - h0).unsqueeze(-1)
+    return _Block(pos_q.reshape(call.b, hg, nc, m), pos_k, rows_q, rows_k, local_q, local_k, slot_q, slot_k)
+
+
+def _rows(x2: Tensor, rows: Tensor, shape: tuple[int, ...]) -> Tensor:
+    return x2.index_select(0, rows.reshape(-1)).view(*shape, x2.shape[-1])
+
+
+def _logits(call: _Call, blk: _Block, q2: Tensor, k2: Tensor | None, key_valid: Tensor | None,
+            slot_bucket: Tensor | None, chunk_of: Tensor | None, h0: int, h1: int):
+    """(q block, raw key rows, keys, logits, replaced) of one block."""
+    b, hg, nc, m = blk.pos_q.shape
+    w = blk.pos_k.shape[-1]
+    qb = _rows(q2, blk.rows_q, (b, hg, nc, m))
+    raw = _rows(q2 if k2 is None else k2, blk.rows_k, (b, hg, nc, w))
+    kb = normalize_keys(raw) if k2 is None else scale_keys(raw)
+    k_valid = None
+    if key_valid is not None:
+        base = (torch.arange(b, device=q2.device) * call.length).view(-1, 1, 1, 1)
+        k_valid = key_valid.reshape(-1)[base + blk.pos_k]
+    q_bucket = k_bucket = None
+    if slot_bucket is not None:
+        sb = slot_bucket[:, h0:h1]
+        q_bucket, k_bucket = sb[:, :, blk.slot_q].view(b, hg, nc, m), sb[:, :, blk.slot_k]
+    counts = None
+    if chunk_of is not None:
+        counts = duplicate_counts(blk.pos_q, blk.pos_k, chunk_of[:, h0:h1], call.n_before, call.n_after)
+    dots, replaced = masked_logits(qb, kb, blk.pos_q, blk.pos_k, causal=call.causal, self_mask=call.self_mask,
+                                   k_valid=k_valid, q_bucket=q_bucket, k_bucket=k_bucket, counts=counts)
+    return qb, raw, kb, dots, replaced
+
+
+def _flat(x: Tensor) -> Tensor:
+    """[B, L, H, D] -> [B*L*H, D] (a view for the usual contiguous projections)."""
+    return x.reshape(-1, x.shape[-1])
 
 
 class _BlockwiseAttention(torch.autograd.Function):
-    # Both passes run with autocast off: the core fixes its own precision (fp32/fp64 accumulation).
     @staticmethod
-    def forward(ctx, q, k, v, pos, key_valid, bucket, chunk_of, n_before, n_after, causal, self_mask):
-        with torch.autocast(q.device.type, enabled=False):
-            return _BlockwiseAttention._forward(ctx, q, k, v, pos, key_valid, bucket, chunk_of, n_before, n_after,
-                                                causal, self_mask)
-
-    @staticmethod
-    def _forward(ctx, q, k, v, pos, key_valid, bucket, chunk_of, n_before, n_after, causal, self_mask):
-        b, h, n, m, d = q.shape
-        w = 1 + n_before + n_after
-        blk = max(1, block_elems() // max(1, b * h * m * w * m))
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = torch.empty_like(v)
-        lse = torch.empty(b, h, n, m, dtype=acc, device=q.device)
-        for s in range(0, n, blk):
-            e = min(s + blk, n)
-            dots, _ = _block_logits(q, k, pos, key_valid, bucket, chunk_of, s, e, n_before, n_after, causal, self_mask)
-            lse_b = torch.logsumexp(dots, dim=-1)
-            p = torch.exp(dots - lse_b.unsqueeze(-1))
-            idx = _window_index(s, e, n, n_before, n_after, q.device)
-            out[:, :, s:e] = torch.matmul(p.to(v.dtype), _window(v, idx))
-            lse[:, :, s:e] = lse_b
-        ctx.save_for_backward(q, k, v, pos, key_valid, bucket, chunk_of, out, lse)
-        ctx.args = (n_before, n_after, causal, self_mask, blk)
+    def forward(ctx, q, k, v, index, key_valid, slot_bucket, call: _Call, dedup: bool):
+        ctx.set_materialize_grads(False)
+        with torch.autocast(q.device.type, enabled=False):  # the core fixes its own precision
+            out, lse = _forward(call, q, k, v, index, key_valid, slot_bucket, dedup)
+        ctx.save_for_backward(q, k, v, index, key_valid, slot_bucket, out, lse)
+        ctx.call, ctx.dedup = call, dedup
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
-            return _BlockwiseAttention._backward(ctx, dout, dlse)
+        q, k, v, index, key_valid, slot_bucket, out, lse = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return (None,) * 8
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = _backward(ctx.call, q, k, v, index, key_valid, slot_bucket, ctx.dedup, out, lse, dout, dlse)
+        return dq, dk, dv, None, None, None, None, None
 
-    @staticmethod
-    def _backward(ctx, dout, dlse):
-        q, k, v, pos, key_valid, bucket, chunk_of, out, lse = ctx.saved_tensors
-        n_before, n_after, causal, self_mask, blk = ctx.args
-        b, h, n, m, d = q.shape
-        w = 1 + n_before + n_after
-        acc = lse.dtype
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-        dout = torch.zeros_like(out) if dout is None else dout
-        for s in range(0, n, blk):
-            e = min(s + blk, n)
-            idx = _window_index(s, e, n, n_before, n_after, q.device)
-            dots, replaced = _block_logits(q, k, pos, key_valid, bucket, chunk_of, s, e, n_before, n_after, causal,
-                                           self_mask)
-            p = torch.exp(dots - lse[:, :, s:e].unsqueeze(-1))
-            do = dout[:, :, s:e].to(acc)
-            kw, vw = _window(k, idx).to(acc), _window(v, idx).to(acc)
-            dvw = torch.matmul(p.transpose(-1, -2), do)  # [B,H,n_blk,w*M,D]
-            dp = torch.matmul(do, vw.transpose(-1, -2))
-            delta = (do * out[:, :, s:e].to(acc)).sum(-1, keepdim=True)
-            ds = p * (dp - delta)
-            if dlse is not None:
-                ds = ds + p * dlse[:, :, s:e].to(acc).unsqueeze(-1)
+
+def _chunk_of(call: _Call, index: Tensor | None, dedup: bool, device) -> Tensor | None:
+    if not dedup:
+        return None
+    if index is None:
+        index = torch.arange(call.length, device=device, dtype=torch.int32).expand(call.b, call.h, call.length)
+    return chunk_of_positions(index, call.length, call.m)
+
+
+def _forward(call: _Call, q, k, v, index, key_valid, slot_bucket, dedup):
+    acc = acc_dtype(q)
+    q2, k2, v2 = _flat(q), None if k is None else _flat(k), _flat(v)
+    chunk_of = _chunk_of(call, index, dedup, q.device)
+    out = torch.empty(call.b, call.length, call.h, call.d, dtype=v.dtype, device=v.device)
+    lse = torch.empty(call.b, call.length, call.h, dtype=acc, device=v.device)
+    for h0, h1 in call.groups():
+        hg = h1 - h0
+        whole = hg == call.h and out.dtype == acc
+        num = _flat(out) if whole else torch.empty(call.b * call.length * hg, call.d, dtype=acc, device=v.device)
+        mx = torch.empty(call.b * call.length * hg, dtype=acc, device=v.device)
+        den = torch.empty_like(mx)
+        for r, c0, c1 in call.blocks(hg):
+            blk = _block(call, index, h0, h1, c0, c1, q.device)
+            _, _, _, dots, _ = _logits(call, blk, q2, k2, key_valid, slot_bucket, chunk_of, h0, h1)
+            lse_b = torch.logsumexp(dots, dim=-1)
+            p = dots.sub_(lse_b.unsqueeze(-1)).exp_()
+            vb = _rows(v2, blk.rows_k, tuple(blk.pos_k.shape))
+            ob = torch.matmul(p.to(v.dtype), vb).to(acc).reshape(-1, call.d)
+            rows, lse_b = blk.local_q.reshape(-1), lse_b.reshape(-1)
+            if r == 0:  # every position occurs exactly once per round
+                num[rows], mx[rows], den[rows] = ob, lse_b, 1.0
+            else:  # running log-sum-exp merge with the earlier rounds
+                m_old = mx[rows]
+                m_new = torch.maximum(m_old, lse_b)
+                a, c = torch.exp(m_old - m_new), torch.exp(lse_b - m_new)
+                num[rows] = num[rows] * a.unsqueeze(-1) + ob * c.unsqueeze(-1)
+                den[rows] = den[rows] * a + c
+                mx[rows] = m_new
+        num.div_(den.unsqueeze(-1))
+        lse[:, :, h0:h1] = (mx + den.log()).view(call.b, call.length, hg)
+        if not whole:
+            out[:, :, h0:h1] = num.view(call.b, call.length, hg, call.d).to(out.dtype)
+    return out, lse
+
+
+def _backward(call: _Call, q, k, v, index, key_valid, slot_bucket, dedup, out, lse, dout, dlse):
+    acc = lse.dtype
+    q2, k2, v2 = _flat(q), None if k is None else _flat(k), _flat(v)
+    chunk_of = _chunk_of(call, index, dedup, q.device)
+    lse2 = lse.reshape(-1)
+    # delta = rowsum(dO * O) - dlse: dS = P * (dP - delta)
+    if dout is None:
+        dout = torch.zeros_like(out)
+    do2 = _flat(dout)
+    delta = (do2.to(acc) * _flat(out).to(acc)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.reshape(-1).to(acc)
+    grads = [torch.empty_like(t) if t is not None else None for t in (q, k, v)]
+    for h0, h1 in call.groups():
+        hg = h1 - h0
+        whole = hg == call.h and q.dtype == acc
+        def accumulator(g: Tensor | None) -> Tensor | None:
+            if g is None:
+                return None
+            a = _flat(g) if whole else torch.empty(call.b * call.length * hg, call.d, dtype=acc, device=q.device)
+            return a.zero_()
+
+        accs = [accumulator(g) for g in grads]
+        dq_acc, dk_acc, dv_acc = accs
+        for _, c0, c1 in call.blocks(hg):
+            blk = _block(call, index, h0, h1, c0, c1, q.device)
+            qb, raw, kb, dots, replaced = _logits(call, blk, q2, k2, key_valid, slot_bucket, chunk_of, h0, h1)
+            p = dots.sub_(lse2[blk.rows_q.reshape(-1)].view(blk.pos_q.shape).unsqueeze(-1)).exp_()
+            shape_q = tuple(blk.pos_q.shape)
+            dob = _rows(do2, blk.rows_q, shape_q).to(acc)
+            vb = _rows(v2, blk.rows_k, tuple(blk.pos_k.shape)).to(acc)
+            dv_acc.index_add_(0, blk.local_k.reshape(-1), torch.matmul(p.transpose(-1, -2), dob).reshape(-1, call.d))
+            ds = torch.matmul(dob, vb.transpose(-1, -2))
+            ds.sub_(delta[blk.rows_q.reshape(-1)].view(shape_q).unsqueeze(-1)).mul_(p)
+            del p
             if replaced is not None:  # constants carry no gradient
-                ds = ds.masked_fill(replaced, 0.0)
-            dq[:, :, s:e] = torch.matmul(ds, kw)
-            dkw = torch.matmul(ds.transpose(-1, -2), q[:, :, s:e].to(acc))
-            # scatter the window gradients back to the chunks they were copied from
-            dkw = dkw.view(b, h, e - s, w, m, d)
-            dvw = dvw.view(b, h, e - s, w, m, d)
-            for j in range(w):
-                dk.index_add_(2, idx[:, j], dkw[:, :, :, j])
-                dv.index_add_(2, idx[:, j], dvw[:, :, :, j])
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+                ds.masked_fill_(replaced, 0.0)
+            dq_acc.index_add_(0, blk.local_q.reshape(-1), torch.matmul(ds, kb.to(acc)).reshape(-1, call.d))
+            dkb = torch.matmul(ds.transpose(-1, -2), qb.to(acc))
+            if k is None:  # shared QK: the keys' gradient flows into q through the normalisation
+                dq_acc.index_add_(0, blk.local_k.reshape(-1), normalize_keys_backward(raw, dkb).reshape(-1, call.d))
+            else:
+                dk_acc.index_add_(0, blk.local_k.reshape(-1), scale_keys(dkb).reshape(-1, call.d))
+        if not whole:
+            for g, a in zip(grads, accs):
+                if g is not None:
+                    g[:, :, h0:h1] = a.view(call.b, call.length, hg, call.d).to(g.dtype)
+    return tuple(grads)
 
 
-def _block_logits(q, k, pos, key_valid, bucket, chunk_of, s, e, n_before, n_after, causal, self_mask):
-    n = q.shape[2]
-    idx = _window_index(s, e, n, n_before, n_after, q.device)
-    return masked_logits(
-        q[:, :, s:e], _window(k, idx), pos[:, :, s:e], _window(pos, idx), n_before=n_before, n_after=n_after,
-        causal=causal, self_mask=self_mask, kv_w=None if key_valid is None else _window(key_valid, idx),
-        bucket=None if bucket is None else bucket[:, :, s:e], bucket_w=None if bucket is None else _window(bucket, idx),
-        chunk_of=chunk_of)
-
-
-def chunked_attention_blockwise(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, *, n_before: int, n_after: int,
-                                causal: bool, self_mask: bool, key_valid: Tensor | None = None,
-                                bucket: Tensor | None = None, chunk_of: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Same contract as ``chunked_attention_reference``; memory-lean custom backward."""
-    return _BlockwiseAttention.apply(q, k, v, pos, key_valid, bucket, chunk_of, n_before, n_after, causal, self_mask)
+def chunked_attention_blockwise(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
+                                chunk_len: int, n_before: int, n_after: int, causal: bool, self_mask: bool = True,
+                                key_valid: Tensor | None = None, slot_bucket: Tensor | None = None,
+                                dedup: bool = False) -> tuple[Tensor, Tensor]:
+    """The contract of ``chunked_attention``, memory-lean (see the module docstring)."""
+    b, length, h, d = q.shape
+    s = length if index is None else index.shape[-1]
+    # fp32/fp64 accumulate straight into the outputs; half types accumulate in fp32 one head at a time,
+    # so the fp32 accumulators stay a fraction of the activations
+    head_group = h if acc_dtype(q) == q.dtype else 1
+    call = _Call(b, length, h, d, s, chunk_len, n_before, n_after, causal, self_mask, head_group)
+    q, v = q.contiguous(), v.contiguous()
+    k = None if k is None else k.contiguous()
+    return _BlockwiseAttention.apply(q, k, v, index, key_valid, slot_bucket, call, dedup)

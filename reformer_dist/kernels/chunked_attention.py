@@ -1,11 +1,30 @@
-"""The kernel boundary: one function that LSH, local and short-sequence attention all call.
+"""The kernel boundary: one contract that LSH, local and short-sequence attention all call.
 
-``chunked_attention(q, k, v, pos, ...) -> (out, lse)`` takes sorted, chunked queries/keys/values plus the
-original position of every slot, and returns each query's output and the log-sum-exp of its logits.
-Implementations are interchangeable: the PyTorch reference (plain autograd, the test oracle), the
-blockwise PyTorch core (own backward, O(L*D) memory, any device) and fused GPU kernels registered here.
-``backend="auto"`` picks a fused kernel on CUDA when one is registered and supports the call, else the
-blockwise core (or the reference when all logits fit in one block).
+``chunked_attention(q, k, v, index, ...) -> (out, lse)``
+
+- q, v: [B, L, H, D] in the natural layout of the projections (no transposed copies). k: [B, L, H, D],
+  or None for shared-QK attention, whose keys are ``normalize_keys(q)`` and whose key gradient flows
+  into q. Separate keys are scaled by 1/sqrt(D).
+- index: [B, H, S] integer, S = R*L: the original position held by sorted slot s. Slots form R rounds
+  of L consecutive slots, each round a permutation of 0..L-1 (LSH: the stable sort by (bucket,
+  position)). None = the identity (one round: local attention).
+- The S slots are cut into chunks of ``chunk_len``; each chunk's queries attend to the keys of the
+  chunk itself, ``n_before`` chunks before and ``n_after`` after, wrapping over all S slots (HF/trax).
+  Keys and values are read from the unsorted tensors through ``index``: no sorted copies exist.
+- Masks (``logits.masked_logits``), all by original position: causal (key position <= query position),
+  ``key_valid`` [B, L] (False = never attended), ``slot_bucket`` [B, H, S] (same-bucket-only), then self
+  (``self_mask``: a query's own position gets -1e5). ``dedup`` subtracts log(number of rounds' windows in
+  which the key occurs) (duplicate-attention correction).
+- Returns out [B, L, H, D] (dtype of v) merged over rounds: one softmax over the union of every round's
+  window occurrences, which equals HF's log-sum-exp merge of per-round outputs; and lse [B, L, H] (float32,
+  float64 for float64 inputs), the log-sum-exp of all those logits. Both are differentiable.
+
+Implementations are interchangeable: the PyTorch reference (plain autograd over sorted copies, the
+oracle), the blockwise PyTorch core (own backward; keeps only q, k, v, index, out and lse; any device)
+and fused kernels registered with ``register_backend`` (the Triton kernel on CUDA). ``backend="auto"``
+picks a fused kernel on CUDA when one is registered and supports the call, else the reference when all
+logits fit in one block of the blockwise core (plain autograd is then fastest and its memory is a
+constant), else the blockwise core.
 """
 
 from __future__ import annotations
@@ -29,26 +48,60 @@ _PORTABLE = ("reference", "blockwise")
 
 
 def register_backend(name: str, fn: AttentionCore, supports: Callable[..., bool]) -> None:
-    """Make a fused implementation available to ``backend="auto"`` (tried before the reference)."""
+    """Make a fused implementation available to ``backend="auto"`` (tried before the PyTorch cores)."""
     _BACKENDS[name] = (fn, supports)
 
 
 def available_backends() -> list[str]:
+    """Names accepted by ``backend=`` besides "auto"."""
+    _load_fused()
     return list(_BACKENDS)
 
 
-def chunked_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, *, backend: str = "auto", **kwargs) -> tuple[Tensor, Tensor]:
-    """Dispatch to a backend; see ``chunked_attention_reference`` for the arguments and semantics."""
+def _load_fused() -> None:
+    """Register the Triton kernel when triton imports (it registers itself on import)."""
+    try:
+        import reformer_dist.kernels.triton_lsh  # noqa: F401  (registration side effect)
+    except ImportError:  # triton is optional: the PyTorch cores remain
+        pass
+
+
+def check_call(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None, *, chunk_len: int,
+               key_valid: Tensor | None = None, slot_bucket: Tensor | None = None) -> None:
+    """Raise ValueError naming the argument when a call breaks the contract's shapes."""
+    if q.dim() != 4:
+        raise ValueError(f"chunked_attention: q must be [B, L, H, D], got shape {tuple(q.shape)}")
+    b, length, h, _ = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t is not None and t.shape[:3] != q.shape[:3]:
+            raise ValueError(f"chunked_attention: {name} shape {tuple(t.shape)} does not match q {tuple(q.shape)}")
+    s = length if index is None else index.shape[-1]
+    if index is not None and (index.shape[:2] != (b, h) or index.dim() != 3 or s % length):
+        raise ValueError(f"chunked_attention: index must be [B, H, R*L] = [{b}, {h}, R*{length}], "
+                         f"got {tuple(index.shape)}")
+    if chunk_len < 1 or length % chunk_len:
+        raise ValueError(f"chunked_attention: length {length} is not a multiple of chunk_len {chunk_len}")
+    if key_valid is not None and tuple(key_valid.shape) != (b, length):
+        raise ValueError(f"chunked_attention: key_valid must be [B, L] = [{b}, {length}], got {tuple(key_valid.shape)}")
+    if slot_bucket is not None and tuple(slot_bucket.shape) != (b, h, s):
+        raise ValueError(f"chunked_attention: slot_bucket must be [B, H, S] = [{b}, {h}, {s}], "
+                         f"got {tuple(slot_bucket.shape)}")
+
+
+def chunked_attention(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *, backend: str = "auto",
+                      **kwargs) -> tuple[Tensor, Tensor]:
+    """Dispatch to a backend; the module docstring states the contract every backend implements."""
+    check_call(q, k, v, index, chunk_len=kwargs["chunk_len"], key_valid=kwargs.get("key_valid"),
+               slot_bucket=kwargs.get("slot_bucket"))
     if backend == "auto":
         if q.is_cuda:
+            _load_fused()
             for name, (fn, supports) in _BACKENDS.items():
                 if name not in _PORTABLE and supports(q, **kwargs):
-                    return fn(q, k, v, pos, **kwargs)
-        # Blockwise keeps activation memory O(L*D) at the price of one more logits pass in backward; when
-        # all logits fit in one of its blocks, plain autograd holds no more than blockwise would at peak.
-        b, h, n, m = q.shape[:4]
-        window = (1 + kwargs.get("n_before", 0) + kwargs.get("n_after", 0)) * m
-        backend = "reference" if b * h * n * m * window <= blockwise.block_elems() else "blockwise"
+                    return fn(q, k, v, index, **kwargs)
+        backend = "reference" if blockwise.fits_one_block(q, index, **kwargs) else "blockwise"
+    if backend not in _BACKENDS:
+        _load_fused()
     if backend not in _BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
-    return _BACKENDS[backend][0](q, k, v, pos, **kwargs)
+    return _BACKENDS[backend][0](q, k, v, index, **kwargs)

@@ -1,7 +1,9 @@
 """Angular LSH: seeded random rotations, factorised buckets, and the per-round sort.
 
-Shapes: B batch, H heads, L length, D head size, R hash rounds, F rotation columns (sum of factor/2).
-Hashing memory is O(L * F) = O(L * sqrt(n_buckets)) with two factors, never O(L * n_buckets).
+Shapes: B batch, L length, H heads, D head size, R hash rounds, F rotation columns (sum of factor/2).
+Memory is O(L) with a bounded transient: positions are hashed in blocks of at most ``_HASH_BLOCK_ELEMS``
+rotated values, each factor's argmax over [xR; -xR] is taken from xR's max and min (the concatenation
+is never built), and what is kept is compact: bucket ids and the sort permutation in int32.
 Rotations come from a generator seeded by the caller, never from the global RNG, so the backward
 recompute and every sequence-parallel rank see the same buckets.
 """
@@ -12,6 +14,7 @@ import torch
 from torch import Tensor
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, layer) pairs over the seed space
+_HASH_BLOCK_ELEMS = 1 << 22  # rotated values per block (16 MiB in fp32)
 
 
 def layer_seed(hash_seed: int, layer_idx: int) -> int:
@@ -33,35 +36,50 @@ def make_rotations(seed: int, n_heads: int, d_head: int, n_hashes: int, factors:
     return torch.randn((n_heads, d_head, n_hashes, cols), generator=gen, device=device, dtype=torch.float32)
 
 
+def _argmax_signed(part: Tensor) -> Tensor:
+    """``argmax(cat([part, -part], -1), -1)`` without the concatenation (first maximum wins, as argmax)."""
+    hi, arg_hi = part.max(dim=-1)
+    lo, arg_lo = part.min(dim=-1)
+    return torch.where(hi >= -lo, arg_hi, arg_lo + part.shape[-1])
+
+
 def hash_buckets(x: Tensor, rotations: Tensor, factors: list[int], key_valid: Tensor | None = None) -> Tensor:
-    """Bucket ids [B, H, R, L] of vectors x [B, H, L, D] (computed in fp32, no gradient).
+    """Bucket ids [B, H, R, L] (int32) of vectors x [B, L, H, D] (computed in fp32, no gradient).
 
     Factor k contributes ``argmax([xR_k; -xR_k])`` times the product of the factors before it
-    (h = h1 + nb1*h2). Padding positions (key_valid False) go to an extra last bucket, so they sort
-    after every real token of their round (HF does the same).
+    (h = h1 + nb1*h2). Padding positions (key_valid [B, L] False) go to an extra last bucket, so they
+    sort after every real token of their round (HF does the same).
     """
+    b, length, h, _ = x.shape
+    r, cols = rotations.shape[2], rotations.shape[3]
+    out = torch.empty(b, h, r, length, dtype=torch.int32, device=x.device)
+    step = max(1, _HASH_BLOCK_ELEMS // max(1, b * h * r * cols))
+    rot = rotations.float()
     with torch.no_grad():
-        rotated = torch.einsum("bhld,hdrf->bhrlf", x.float(), rotations.float())
-        buckets = None
-        offset, scale = 0, 1
-        for f in factors:
-            part = rotated[..., offset : offset + f // 2]
-            idx = torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
-            buckets = idx if buckets is None else buckets + scale * idx
-            offset += f // 2
-            scale *= f
+        for s in range(0, length, step):
+            e = min(s + step, length)
+            rotated = torch.einsum("blhd,hdrf->bhrlf", x[:, s:e].float(), rot)
+            acc = torch.zeros(b, h, r, e - s, dtype=torch.int32, device=x.device)
+            offset, scale = 0, 1
+            for f in factors:
+                acc += scale * _argmax_signed(rotated[..., offset : offset + f // 2]).to(torch.int32)
+                offset += f // 2
+                scale *= f
+            out[..., s:e] = acc
         if key_valid is not None:
-            buckets = torch.where(key_valid[:, None, None, :], buckets, torch.full_like(buckets, scale))
-    return buckets
+            out.masked_fill_(~key_valid[:, None, None, :], scale)
+    return out
 
 
-def sort_buckets(buckets: Tensor) -> tuple[Tensor, Tensor]:
-    """Stable sort of each round by (bucket, position): returns perm and its inverse, both [B, H, R, L].
+def sort_buckets(buckets: Tensor) -> Tensor:
+    """Stable sort of each round by (bucket, position): the sort permutation [B, H, R*L] (int32).
 
-    ``perm[..., s]`` is the original position in sorted slot s; ``undo[..., p]`` the slot of position p.
+    ``perm[..., r*L + s]`` is the original position in slot s of round r. Rounds are sorted one at a
+    time so the int64 indices torch.sort returns exist for one round only.
     """
-    _, perm = torch.sort(buckets, dim=-1, stable=True)
-    undo = torch.empty_like(perm)
-    ar = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
-    undo.scatter_(-1, perm, ar)
-    return perm, undo
+    b, h, r, length = buckets.shape
+    perm = torch.empty(b, h, r * length, dtype=torch.int32, device=buckets.device)
+    for i in range(r):
+        _, order = torch.sort(buckets[:, :, i], dim=-1, stable=True)
+        perm[..., i * length : (i + 1) * length] = order
+    return perm

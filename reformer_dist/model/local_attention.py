@@ -1,13 +1,10 @@
 """Local (chunked, windowed) attention and full attention layers: separate Q, K, V, no hashing.
 
-Shapes: B batch, L length, H heads, D head size, M chunk length.
+Shapes: B batch, L length, H heads, D head size, M chunk length. Tensors stay in [B, L, H, D].
 """
 
 from __future__ import annotations
 
-import math
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -18,35 +15,28 @@ from reformer_dist.model.context import AttentionContext
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_len: int, n_before: int, n_after: int,
                     causal: bool, key_valid: Tensor | None = None, backend: str = "auto") -> Tensor:
-    """Each chunk of M positions attends to itself and its neighbour chunks (HF "local"). [B,H,L,D] in/out."""
-    b, h, l, d = q.shape
-    m = l if l <= chunk_len else chunk_len
-    if l % m:
-        raise ValueError(f"local_attention: length {l} is not a multiple of chunk_len {chunk_len} (pad first)")
-    if m == l:
-        n_before = n_after = 0
-    n = l // m
-    pos = torch.arange(l, device=q.device).view(1, 1, n, m).expand(b, h, n, m)
-    kv = None if key_valid is None else key_valid.view(b, 1, n, m).expand(b, h, n, m)
-    k = k / math.sqrt(d)
-    out, _ = chunked_attention(q.reshape(b, h, n, m, d), k.reshape(b, h, n, m, d), v.reshape(b, h, n, m, d), pos,
-                               n_before=n_before, n_after=n_after, causal=causal, self_mask=False, key_valid=kv,
-                               backend=backend)
-    return out.reshape(b, h, l, d)
+    """Each chunk of M positions attends to itself and its neighbour chunks (HF "local"). [B,L,H,D] in/out."""
+    length = q.shape[1]
+    if length <= chunk_len:
+        chunk_len, n_before, n_after = length, 0, 0
+    out, _ = chunked_attention(q, k, v, None, chunk_len=chunk_len, n_before=n_before, n_after=n_after, causal=causal,
+                               self_mask=False, key_valid=key_valid, backend=backend)
+    return out
 
 
 def full_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_valid: Tensor | None = None,
                    backend: str = "auto") -> Tensor:
-    """Ordinary softmax attention over the whole sequence. [B,H,L,D] in/out.
+    """Ordinary softmax attention over the whole sequence. [B,L,H,D] in/out.
 
     Without padding this is SDPA (memory-efficient kernels where the platform has them); with padding it
-    uses the reference core as a single chunk, whose logits are O(L^2): "full" layers are for short contexts.
+    is the attention core with one chunk, whose logits are O(L^2): "full" layers are for short contexts.
     """
     if key_valid is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    b, h, l, d = q.shape
-    return local_attention(q, k, v, chunk_len=l, n_before=0, n_after=0, causal=causal, key_valid=key_valid,
-                           backend=backend)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal)
+        return out.transpose(1, 2)
+    return local_attention(q, k, v, chunk_len=q.shape[1], n_before=0, n_after=0, causal=causal,
+                           key_valid=key_valid, backend=backend)
 
 
 class LocalSelfAttention(nn.Module):
@@ -70,11 +60,8 @@ class LocalSelfAttention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         """Core on [B, L, H', D] tensors."""
         cfg = self.cfg
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if self.full:
-            out = full_attention(q, k, v, causal=cfg.causal, key_valid=ctx.key_valid, backend=ctx.backend)
-        else:
-            out = local_attention(q, k, v, chunk_len=cfg.local_chunk, n_before=cfg.local_n_chunks_before,
-                                  n_after=cfg.local_n_chunks_after, causal=cfg.causal, key_valid=ctx.key_valid,
-                                  backend=ctx.backend)
-        return out.transpose(1, 2)
+            return full_attention(q, k, v, causal=cfg.causal, key_valid=ctx.key_valid, backend=ctx.backend)
+        return local_attention(q, k, v, chunk_len=cfg.local_chunk, n_before=cfg.local_n_chunks_before,
+                               n_after=cfg.local_n_chunks_after, causal=cfg.causal, key_valid=ctx.key_valid,
+                               backend=ctx.backend)

@@ -25,19 +25,21 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("rounds", [1, 2, 4])
 def test_backend_on_cuda_matches_cpu_reference(backend, dtype, causal, rounds):
     g = torch.Generator().manual_seed(rounds)
-    b, h, l, m, d = 1, 4, 1000, 64, 64  # odd length: the last chunk is padded via key_valid
+    b, h, l, m, d = 1, 4, 1000, 64, 64  # odd length: the last chunk is padding, masked via key_valid
     lp = (l + m - 1) // m * m
-    n = rounds * lp // m
-    q, k, v = (torch.randn(b, h, n, m, d, generator=g, dtype=torch.float64) for _ in range(3))
-    pos = torch.stack([torch.randperm(lp, generator=g) for _ in range(b * h * rounds)]).view(b, h, n, m)
-    key_valid = pos < l
-    kw = dict(n_before=1, n_after=0 if causal else 1, causal=causal, self_mask=True, key_valid=key_valid)
-    ref = [t.requires_grad_() for t in (q, k, v)]
-    o_ref, l_ref = chunked_attention_reference(*ref, pos, **kw)
+    q, v = (torch.randn(b, lp, h, d, generator=g, dtype=torch.float64) for _ in range(2))
+    index = torch.stack([torch.randperm(lp, generator=g) for _ in range(b * h * rounds)]).view(b, h, rounds * lp)
+    index = index.to(torch.int32)
+    key_valid = (torch.arange(lp) < l).expand(b, lp)
+    kw = dict(chunk_len=m, n_before=1, n_after=0 if causal else 1, causal=causal, self_mask=True,
+              key_valid=key_valid)
+    ref = [t.clone().requires_grad_() for t in (q, v)]
+    o_ref, l_ref = chunked_attention_reference(ref[0], None, ref[1], index, **kw)
     go, gl = torch.randn_like(o_ref), torch.randn_like(l_ref)
     g_ref = torch.autograd.grad((o_ref * go).sum() + (l_ref * gl).sum(), ref)
-    dev = [t.detach().to("cuda", dtype).requires_grad_() for t in (q, k, v)]
-    o, lse = chunked_attention(*dev, pos.cuda(), backend=backend, **{**kw, "key_valid": key_valid.cuda()})
+    dev = [t.detach().to("cuda", dtype).requires_grad_() for t in (q, v)]
+    o, lse = chunked_attention(dev[0], None, dev[1], index.cuda(), backend=backend,
+                               **{**kw, "key_valid": key_valid.cuda()})
     grads = torch.autograd.grad((o.double() * go.cuda()).sum() + (lse.double() * gl.cuda()).sum(), dev)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
     assert rel(o.cpu(), o_ref) < tol and rel(lse.cpu(), l_ref) < tol

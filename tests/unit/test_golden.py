@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from reformer_dist.kernels import blockwise
+
 _HERE = Path(__file__).parent / "golden"
 _spec = importlib.util.spec_from_file_location("make_golden", _HERE / "make_golden.py")
 golden = importlib.util.module_from_spec(_spec)
@@ -22,7 +24,10 @@ GOLDEN = json.loads((_HERE / "golden.json").read_text())
 
 
 @pytest.mark.parametrize("case", sorted(golden.CASES))
-def test_model_matches_golden_outputs_and_gradients(case):
+@pytest.mark.parametrize("core", ["auto", "blockwise_small_blocks"])
+def test_model_matches_golden_outputs_and_gradients(case, core, monkeypatch):
+    if core == "blockwise_small_blocks":  # tiny blocks: "auto" takes the blockwise core, many blocks per round
+        monkeypatch.setattr(blockwise, "_BLOCK_ELEMS", 64)
     got, want = golden.measure(*golden.build(case)), GOLDEN[case]
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-10)
     assert got["logit_proj"] == pytest.approx(want["logit_proj"], rel=1e-10)

@@ -8,17 +8,19 @@ import pytest
 import torch
 
 from reformer_dist.model.hashing import hash_buckets, make_rotations, sort_buckets
-from reformer_dist.model.lsh_attention import lsh_attention, normalize_keys
+from reformer_dist.kernels.logits import normalize_keys
+from reformer_dist.model.lsh_attention import lsh_attention
 
 
 def dense_lsh_reference(qk, v, buckets, *, chunk_len, n_before, n_after, causal, key_valid=None,
                         same_bucket_only=False, dedup=False):
-    """Softmax over every (window, key) occurrence of query i across all rounds, built densely (O(L^2)).
+    """[B, L, H, D] in/out. Softmax over every (window, key) occurrence of query i across all rounds, built densely (O(L^2)).
 
     Chunks are taken over the concatenation of the R sorted rounds and wrap around, like HF/trax.
     Masked occurrences get -1e9 and self occurrences -1e5; in float64 the -1e9 terms contribute exactly
     zero because a self occurrence (-1e5) is always present, so only visible and self occurrences count.
     """
+    qk, v = qk.transpose(1, 2), v.transpose(1, 2)
     b, h, l, d = qk.shape
     r = buckets.shape[2]
     k = normalize_keys(qk)
@@ -54,7 +56,7 @@ def dense_lsh_reference(qk, v, buckets, *, chunk_len, n_before, n_after, causal,
     val = dots - (m_all.clamp(min=1).log() if dedup else 0)
     logw = torch.where(m_vis > 0, m_vis.log() + val, torch.full_like(val, -math.inf))
     logw = torch.where(eye, m_self.log() - 1e5, logw)
-    return torch.softmax(logw, dim=-1) @ v
+    return (torch.softmax(logw, dim=-1) @ v).transpose(1, 2)
 
 
 CASES = [
@@ -71,10 +73,11 @@ CASES = [
 
 @pytest.mark.parametrize("b,h,l,d,m,r,factors,nb,na,causal", CASES)
 @pytest.mark.parametrize("variant", ["plain", "dedup", "padded", "same_bucket"])
-def test_lsh_matches_dense_reference(b, h, l, d, m, r, factors, nb, na, causal, variant):
+@pytest.mark.parametrize("backend", ["reference", "blockwise"])
+def test_lsh_matches_dense_reference(b, h, l, d, m, r, factors, nb, na, causal, variant, backend):
     g = torch.Generator().manual_seed(hash((b, h, l, d, m, r, variant)) % 2**31)
-    qk = torch.randn(b, h, l, d, dtype=torch.float64, generator=g)
-    v = torch.randn(b, h, l, d, dtype=torch.float64, generator=g)
+    qk = torch.randn(b, l, h, d, dtype=torch.float64, generator=g)
+    v = torch.randn(b, l, h, d, dtype=torch.float64, generator=g)
     rot = make_rotations(7, h, d, r, factors)
     key_valid = None
     if variant == "padded":
@@ -83,10 +86,10 @@ def test_lsh_matches_dense_reference(b, h, l, d, m, r, factors, nb, na, causal, 
     kwargs = dict(chunk_len=m, n_before=nb, n_after=na, causal=causal, key_valid=key_valid)
     out, buckets = lsh_attention(qk, v, rot, factors, **kwargs, same_bucket_only=(variant == "same_bucket"),
                                  allow_duplicate_attention=(variant != "dedup"), return_buckets=True,
-                                 backend="reference")
+                                 backend=backend)
     ref = dense_lsh_reference(qk, v, buckets, **kwargs, same_bucket_only=(variant == "same_bucket"),
                               dedup=(variant == "dedup"))
-    assert out.shape == (b, h, l, d)
+    assert out.shape == (b, l, h, d)
     assert (out - ref).abs().max().item() < 1e-10
     if variant == "padded":  # padding went to its own bucket, sorted after every real token
         assert (buckets[:, :, :, l - m // 2 - 1 :] == math.prod(factors)).all()
@@ -95,8 +98,8 @@ def test_lsh_matches_dense_reference(b, h, l, d, m, r, factors, nb, na, causal, 
 def test_dedup_changes_result_when_keys_repeat():
     """The correction must matter: with 4 rounds keys repeat across windows."""
     g = torch.Generator().manual_seed(0)
-    qk = torch.randn(1, 2, 64, 8, dtype=torch.float64, generator=g)
-    v = torch.randn(1, 2, 64, 8, dtype=torch.float64, generator=g)
+    qk = torch.randn(1, 64, 2, 8, dtype=torch.float64, generator=g)
+    v = torch.randn(1, 64, 2, 8, dtype=torch.float64, generator=g)
     rot = make_rotations(1, 2, 8, 4, [4])
     kw = dict(chunk_len=8, n_before=1, n_after=0, causal=True, backend="reference")
     a = lsh_attention(qk, v, rot, [4], allow_duplicate_attention=True, **kw)
@@ -109,10 +112,11 @@ def test_dedup_changes_result_when_keys_repeat():
 def test_single_chunk_equals_full_attention_with_self_mask(causal, rounds):
     g = torch.Generator().manual_seed(3)
     b, h, l, d = 2, 2, 24, 8
-    qk = torch.randn(b, h, l, d, dtype=torch.float64, generator=g)
-    v = torch.randn(b, h, l, d, dtype=torch.float64, generator=g)
+    qk = torch.randn(b, l, h, d, dtype=torch.float64, generator=g)
+    v = torch.randn(b, l, h, d, dtype=torch.float64, generator=g)
     out = lsh_attention(qk, v, make_rotations(0, h, d, rounds, [4]), [4], chunk_len=32, n_before=1, n_after=0,
-                        causal=causal)
+                        causal=causal).transpose(1, 2)
+    qk, v = qk.transpose(1, 2), v.transpose(1, 2)
     dots = qk @ normalize_keys(qk).transpose(-1, -2)
     if causal:
         dots = dots.masked_fill(torch.ones(l, l, dtype=torch.bool).triu(1), -1e9)
@@ -124,10 +128,11 @@ def test_single_chunk_equals_full_attention_with_self_mask(causal, rounds):
 def test_factorised_hash_is_digit_composition():
     """h = h1 + nb1*h2 with each factor an argmax over [xR; -xR] of its own rotation columns."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 3, 40, 8, generator=g)
+    x = torch.randn(2, 40, 3, 8, generator=g)
     rot = make_rotations(11, 3, 8, 2, [4, 8])
     got = hash_buckets(x, rot, [4, 8])
-    rx = torch.einsum("bhld,hdrf->bhrlf", x, rot)
+    assert got.dtype == torch.int32 and got.shape == (2, 3, 2, 40)
+    rx = torch.einsum("blhd,hdrf->bhrlf", x, rot)
     h1 = torch.cat([rx[..., :2], -rx[..., :2]], -1).argmax(-1)
     h2 = torch.cat([rx[..., 2:6], -rx[..., 2:6]], -1).argmax(-1)
     assert torch.equal(got, h1 + 4 * h2)
@@ -147,23 +152,53 @@ def test_rotations_are_seeded_and_head_sliceable():
 
 
 def test_sort_is_stable_by_position():
-    buckets = torch.tensor([[[[2, 1, 2, 0, 1, 2]]]])
-    perm, undo = sort_buckets(buckets)
-    assert perm.tolist() == [[[[3, 1, 4, 0, 2, 5]]]]
-    assert torch.equal(perm.gather(-1, undo), torch.arange(6).view(1, 1, 1, 6))
+    buckets = torch.tensor([[[[2, 1, 2, 0, 1, 2], [0, 0, 1, 1, 0, 0]]]], dtype=torch.int32)
+    perm = sort_buckets(buckets)
+    assert perm.dtype == torch.int32
+    assert perm.tolist() == [[[3, 1, 4, 0, 2, 5, 0, 1, 4, 5, 2, 3]]]
 
 
-def test_gradients_match_dense_reference():
-    """Backward through sort/gather/chunk/merge equals backward through the dense reference."""
+@pytest.mark.parametrize("backend", ["reference", "blockwise"])
+def test_gradients_match_dense_reference(backend):
+    """Backward through the attention core equals backward through the dense reference."""
     g = torch.Generator().manual_seed(8)
-    qk = torch.randn(1, 2, 32, 8, dtype=torch.float64, generator=g, requires_grad=True)
-    v = torch.randn(1, 2, 32, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    qk = torch.randn(1, 32, 2, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(1, 32, 2, 8, dtype=torch.float64, generator=g, requires_grad=True)
     rot = make_rotations(2, 2, 8, 2, [4])
     out, buckets = lsh_attention(qk, v, rot, [4], chunk_len=8, n_before=1, n_after=0, causal=True,
-                                 return_buckets=True)
+                                 return_buckets=True, backend=backend)
     w = torch.randn_like(out)
     ga = torch.autograd.grad((out * w).sum(), (qk, v))
     ref = dense_lsh_reference(qk, v, buckets, chunk_len=8, n_before=1, n_after=0, causal=True)
     gb = torch.autograd.grad((ref * w).sum(), (qk, v))
     for x, y in zip(ga, gb):
         assert (x - y).abs().max().item() < 1e-9
+
+
+def test_signed_argmax_matches_the_concatenation_including_ties():
+    """Each factor's argmax over [xR; -xR] equals torch.argmax of the concatenation, ties included."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 50, 2, 8, generator=g)
+    x[0, :5] = 0.0  # every rotated value 0: max == -min, argmax picks the first column
+    x[0, 5:10] = x[0, 5:10].round()  # small integers: more exact ties between columns
+    rot = make_rotations(2, 2, 8, 3, [6, 4]).round()
+    got = hash_buckets(x, rot, [6, 4])
+    rx = torch.einsum("blhd,hdrf->bhrlf", x, rot)
+    h1 = torch.cat([rx[..., :3], -rx[..., :3]], -1).argmax(-1)
+    h2 = torch.cat([rx[..., 3:5], -rx[..., 3:5]], -1).argmax(-1)
+    assert torch.equal(got, (h1 + 6 * h2).to(torch.int32))
+    assert (got[..., :5] == 0).all()
+
+
+@pytest.mark.parametrize("blocks", [1, 7])
+def test_hashing_in_blocks_equals_hashing_at_once(blocks, monkeypatch):
+    import reformer_dist.model.hashing as hashing
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 64, 3, 8, generator=g)
+    rot = make_rotations(5, 3, 8, 2, [8, 4])
+    valid = torch.rand(2, 64, generator=g) > 0.1
+    whole = hash_buckets(x, rot, [8, 4], valid)
+    monkeypatch.setattr(hashing, "_HASH_BLOCK_ELEMS", blocks * 2 * 3 * 2 * 6)  # `blocks` positions per block
+    assert torch.equal(hash_buckets(x, rot, [8, 4], valid), whole)
+    assert (whole[0, :, :, ~valid[0]] == 32).all()

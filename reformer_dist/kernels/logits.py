@@ -1,0 +1,118 @@
+"""How one attention logit is formed, shared by every attention core: keys, masks, duplicate correction.
+
+Legend: B batch, H heads (or a head group), L length, D head size, R hash rounds, S = R*L sorted slots,
+M chunk length, n query chunks of a block, W = (1 + n_before + n_after) * M keys per query.
+
+Masks work by replacement (HF semantics): keys hidden by causality, padding or bucket get ``MASK_VALUE``;
+then a query's own position gets ``SELF_MASK_VALUE``, so a token attends to itself only when nothing else
+is visible. Replaced entries carry no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+MASK_VALUE = -1e9
+SELF_MASK_VALUE = -1e5
+KEY_NORM_EPS = 1e-6
+
+
+def acc_dtype(t: Tensor) -> torch.dtype:
+    """Accumulation dtype of a core: float64 for float64 inputs (parity tests), else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def normalize_keys(qk: Tensor) -> Tensor:
+    """Keys of shared-QK attention: unit RMS length, then scaled by 1/sqrt(D) (HF ``_len_and_dim_norm``).
+
+    Half types are normalised in fp32 and cast back, so every core sees the same keys.
+    """
+    x = qk if qk.dtype in (torch.float32, torch.float64) else qk.float()
+    var = x.pow(2).mean(-1, keepdim=True)
+    return (x * torch.rsqrt(var + KEY_NORM_EPS) / math.sqrt(qk.shape[-1])).to(qk.dtype)
+
+
+def normalize_keys_backward(qk: Tensor, dk: Tensor) -> Tensor:
+    """Gradient w.r.t. qk of ``normalize_keys(qk)`` given the keys' gradient dk (in dk's dtype).
+
+    k = x r c with r = (mean(x^2) + eps)^-1/2 and c = 1/sqrt(D), so dx = r c (dk - x r^2 (x . dk) / D).
+    """
+    x = qk.to(dk.dtype)
+    d = x.shape[-1]
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + KEY_NORM_EPS)
+    dot = (x * dk).sum(-1, keepdim=True)
+    return (r / math.sqrt(d)) * (dk - x * (r * r * dot / d))
+
+
+def scale_keys(k: Tensor) -> Tensor:
+    """Keys of ordinary (local/full) attention: scaled by 1/sqrt(D)."""
+    return k / math.sqrt(k.shape[-1])
+
+
+def chunk_of_positions(index: Tensor, length: int, chunk_len: int) -> Tensor:
+    """Flat chunk (over all rounds) holding each position in each round: [B,H,S] slot->position -> [B,H,R,L].
+
+    Used by the duplicate-attention correction; int32 to keep it compact.
+    """
+    b, h, s = index.shape
+    r = s // length
+    slots = torch.arange(s, device=index.device, dtype=torch.int32).view(1, 1, r, length)
+    out = torch.empty(b, h, r, length, dtype=torch.int32, device=index.device)
+    out.scatter_(3, index.view(b, h, r, length).long(), torch.div(slots, chunk_len, rounding_mode="floor")
+                 .to(torch.int32).expand(b, h, r, length))
+    return out
+
+
+def duplicate_counts(q_pos: Tensor, k_pos: Tensor, chunk_of: Tensor, n_before: int, n_after: int) -> Tensor:
+    """How often key j occurs among all of query i's windows over all rounds (>= 1 for visible slots).
+
+    q_pos [B,H,n,M], k_pos [B,H,n,W] original positions; chunk_of [B,H,R,L] from ``chunk_of_positions``.
+    """
+    b, h, n, m = q_pos.shape
+    r, length = chunk_of.shape[2], chunk_of.shape[3]
+    n_total = r * length // m
+    cq = chunk_of.gather(3, q_pos.reshape(b, h, 1, n * m).expand(b, h, r, n * m).long()).view(b, h, r, n, m)
+    w = k_pos.shape[3]
+    ck = chunk_of.gather(3, k_pos.reshape(b, h, 1, n * w).expand(b, h, r, n * w).long()).view(b, h, r, n, w)
+    counts = torch.zeros(b, h, n, m, w, dtype=torch.int32, device=q_pos.device)
+    for r1 in range(r):
+        for r2 in range(r):
+            diff = torch.remainder(ck[:, :, r2, :, None, :] - cq[:, :, r1, :, :, None], n_total)
+            for o in range(-n_before, n_after + 1):
+                counts += diff == (o % n_total)
+    return counts
+
+
+def masked_logits(q: Tensor, kw: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal: bool, self_mask: bool,
+                  k_valid: Tensor | None = None, q_bucket: Tensor | None = None, k_bucket: Tensor | None = None,
+                  counts: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Logits of queries q [B,H,n,M,D] against their windows kw [B,H,n,W,D] after all masks.
+
+    q_pos [B,H,n,M] and k_pos [B,H,n,W] are original positions; k_valid [B,H,n,W] marks real keys;
+    q_bucket/k_bucket enable the same-bucket-only mask; counts [B,H,n,M,W] the duplicate correction
+    (subtract log count). Returns (logits in the accumulation dtype, bool mask of entries replaced by a
+    constant, or None).
+    """
+    acc = acc_dtype(q)
+    dots = torch.matmul(q, kw.transpose(-1, -2)).to(acc)
+    if counts is not None:
+        dots = dots - counts.to(acc).log()
+    visible = None
+    if causal:
+        visible = q_pos.unsqueeze(-1) >= k_pos.unsqueeze(-2)
+    if k_valid is not None:
+        visible = k_valid.unsqueeze(-2) if visible is None else visible & k_valid.unsqueeze(-2)
+    if q_bucket is not None:
+        same = q_bucket.unsqueeze(-1) == k_bucket.unsqueeze(-2)
+        visible = same if visible is None else visible & same
+    replaced = None if visible is None else ~visible
+    if replaced is not None:
+        dots = dots.masked_fill(replaced, MASK_VALUE)
+    if self_mask:
+        is_self = q_pos.unsqueeze(-1) == k_pos.unsqueeze(-2)
+        dots = dots.masked_fill(is_self, SELF_MASK_VALUE)
+        replaced = is_self if replaced is None else replaced | is_self
+    return dots, replaced
