@@ -3,11 +3,12 @@
 Layered like reformer-pytorch's reversible.py: RNG record/replay -> one autograd Function over the
 whole stack -> ``ReformerStack`` with an ordinary (non-reversible) path over the same F and G, which
 makes gradient parity testable. Activation memory does not grow with depth: the Function saves only
-the two final streams. The streams are kept in fp32 whatever the compute dtype, because rebuilding
-x = y - F(...) in bf16 drifts over many layers.
+the two final streams, and its backward works in place on them: x2 = y2 - G(y1) and x1 = y1 - F(x2) are
+rebuilt into the same buffers, the stream gradients are accumulated in place, G is recomputed and
+backpropagated chunk by chunk, and F's output buffer is released before F's backward runs. The streams
+are kept in fp32 whatever the compute dtype, because rebuilding x = y - F(...) in bf16 drifts over many
+layers.
 """
-
-from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 
@@ -18,7 +19,9 @@ from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.layers import AttentionBlock, FeedForwardBlock
 
-STREAM_DTYPE = torch.float32
+def stream_dtype(x: Tensor) -> torch.dtype:
+    """Residual streams are fp32 under any lower compute precision (fp64 models keep fp64 streams)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class RNGState:
@@ -52,53 +55,76 @@ class ReformerBlock(nn.Module):
         self.g = FeedForwardBlock(cfg)
 
 
+def _release(t: Tensor) -> None:
+    """Free the storage of a tensor whose values are no longer needed but whose grad_fn is (F's output:
+    no node of F's graph saves it). Keeps shape metadata, which is all ``backward`` reads."""
+    if t._base is None and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        t.untyped_storage().resize_(0)
+
+
+def _own(grad: Tensor | None, like: Tensor) -> Tensor:
+    """A contiguous gradient buffer for a stream, that this backward may update in place."""
+    if grad is None:
+        return torch.zeros_like(like)
+    return grad if grad.is_contiguous() and grad.dtype == like.dtype else grad.to(like.dtype).contiguous()
+
+
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x1: Tensor, x2: Tensor, blocks: nn.ModuleList, actx: AttentionContext, record_rng: bool):
         device = x1.device
         states = []
         with torch.no_grad():
+            # own buffers (the caller passes the embeddings twice), updated in place layer after layer
+            y1 = x1.to(stream_dtype(x1), copy=True)
+            y2 = x2.to(stream_dtype(x2), copy=True)
             for blk in blocks:
                 s_f = RNGState(device) if record_rng else None
-                x1 = x1 + blk.f(x2, actx).to(STREAM_DTYPE)
+                y1.add_(blk.f(y2, actx))
                 s_g = RNGState(device) if record_rng else None
-                x2 = x2 + blk.g(x1).to(STREAM_DTYPE)
+                for s, e in blk.g.chunks(y1.shape[1]):
+                    y2[:, s:e].add_(blk.g.forward_chunk(y1[:, s:e]))
                 states.append((s_f, s_g))
-        ctx.blocks, ctx.actx, ctx.states = blocks, actx, states
+        ctx.blocks, ctx.actx, ctx.states, ctx.consumed = blocks, actx, states, False
         ctx.autocast = (device.type, torch.is_autocast_enabled(device.type),
                         torch.get_autocast_dtype(device.type))
-        ctx.save_for_backward(x1, x2)
-        return x1, x2
+        ctx.save_for_backward(y1, y2)
+        return y1, y2
 
     @staticmethod
-    def backward(ctx, dy1: Tensor, dy2: Tensor):
-        y1, y2 = ctx.saved_tensors
+    def backward(ctx, dy1: Tensor | None, dy2: Tensor | None):
+        if ctx.consumed:
+            raise RuntimeError("the reversible stack's backward rebuilds its inputs in place and can run only once "
+                               "(retain_graph is not supported)")
+        ctx.consumed = True
+        y1, y2 = ctx.saved_tensors  # rebuilt into x1, x2 in place, layer by layer
+        dy1, dy2 = _own(dy1, y1), _own(dy2, y2)
         dev_type, ac_on, ac_dtype = ctx.autocast
         autocast = torch.autocast(dev_type, dtype=ac_dtype, enabled=ac_on)
         for blk, (s_f, s_g) in zip(reversed(ctx.blocks), reversed(ctx.states)):
-            # G is position-wise: recompute and backpropagate it chunk by chunk (bounded d_ff memory).
-            g_out, dy1_parts = [], []
-            with _replay(s_g), autocast:
+            # G is position-wise: recompute and backpropagate it chunk by chunk (bounded d_ff memory),
+            # rebuilding x2 = y2 - G(y1) and accumulating dy1 += dG^T dy2 in place.
+            # (backward passes run outside autocast: it applies to the recomputed forward only)
+            with _replay(s_g):
                 for s, e in blk.g.chunks(y1.shape[1]):
-                    with torch.enable_grad():
+                    with autocast, torch.enable_grad():
                         y1c = y1[:, s:e].detach().requires_grad_(True)
-                        gc = blk.g.forward_chunk(y1c).to(STREAM_DTYPE)
-                        torch.autograd.backward(gc, dy2[:, s:e])
-                    g_out.append(gc.detach())
-                    dy1_parts.append(y1c.grad)
-            with torch.no_grad():
-                x2 = y2 - torch.cat(g_out, dim=1)
-                dy1 = dy1 + torch.cat(dy1_parts, dim=1)
-            del g_out, dy1_parts
+                        gc = blk.g.forward_chunk(y1c).to(y2.dtype)
+                    torch.autograd.backward(gc, dy2[:, s:e])
+                    with torch.no_grad():
+                        y2[:, s:e].sub_(gc)
+                        dy1[:, s:e].add_(y1c.grad)
+                    del gc, y1c
             with _replay(s_f), autocast, torch.enable_grad():
-                x2c = x2.detach().requires_grad_(True)
-                fo = blk.f(x2c, ctx.actx).to(STREAM_DTYPE)
-                torch.autograd.backward(fo, dy1)
+                x2c = y2.detach().requires_grad_(True)
+                fo = blk.f(x2c, ctx.actx).to(y1.dtype)
             with torch.no_grad():
-                x1 = y1 - fo.detach()
-                dy2 = dy2 + x2c.grad
+                y1.sub_(fo)  # x1 rebuilt before F's backward, so F's output need not stay alive during it
+            _release(fo)
+            torch.autograd.backward(fo, dy1)
+            with torch.no_grad():
+                dy2.add_(x2c.grad)
             del fo, x2c
-            y1, y2 = x1, x2
         return dy1, dy2, None, None, None
 
 
@@ -112,10 +138,10 @@ class ReformerStack(nn.Module):
         self.record_rng = cfg.dropout > 0
 
     def forward(self, x1: Tensor, x2: Tensor, actx: AttentionContext) -> tuple[Tensor, Tensor]:
-        x1, x2 = x1.to(STREAM_DTYPE), x2.to(STREAM_DTYPE)
+        x1, x2 = x1.to(stream_dtype(x1)), x2.to(stream_dtype(x2))
         if self.reversible and torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad):
             return _ReversibleFunction.apply(x1, x2, self.blocks, actx, self.record_rng and self.training)
         for blk in self.blocks:
-            x1 = x1 + blk.f(x2, actx).to(STREAM_DTYPE)
-            x2 = x2 + blk.g(x1).to(STREAM_DTYPE)
+            x1 = x1 + blk.f(x2, actx).to(x1.dtype)
+            x2 = x2 + blk.g(x1).to(x2.dtype)
         return x1, x2

@@ -1,6 +1,7 @@
 """Regenerate golden.json: float64 losses, logits and gradient projections of small models.
 
-Written once with the model as it stood before the memory-lean attention rewrite (commit 3b5df09), so
+Written once with the model as it stood before the memory-lean attention rewrite (commit 3b5df09, with its
+residual streams switched to float64 for these float64 models, as the model now does), so
 ``test_golden.py`` proves that later implementations compute the same function. Rerun only on purpose:
     python tests/unit/golden/make_golden.py
 """
