@@ -15,6 +15,8 @@ from typing import Any
 
 ATTN_TYPES = ("lsh", "local", "full")
 ACTIVATIONS = ("relu", "gelu", "silu")
+# attention cores (kernels.chunked_attention): "auto" picks the fused kernel on CUDA, else a PyTorch core
+ATTENTION_BACKENDS = ("auto", "reference", "blockwise", "triton")
 
 
 @dataclass
@@ -57,6 +59,8 @@ class ReformerConfig:
     axial_pos_dims: list[int] | None = None  # None -> split d_model in halves
     init_std: float = 0.02
     axial_norm_std: float = 0.02  # HF uses 1.0, which drowns 0.02-scale token embeddings in small models
+    # runtime, not architecture: which attention core computes every layer (same function, other memory/speed)
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.attn_layers is None:
@@ -100,6 +104,7 @@ class ReformerConfig:
              f"must equal n_heads * d_head = {self.n_heads} * {self.d_head} = {self.n_heads * self.d_head}")
         need(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "dropout", "expected 0 <= p < 1")
         need(self.activation in ACTIVATIONS, "activation", f"expected one of {ACTIVATIONS}")
+        need(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", f"expected one of {ATTENTION_BACKENDS}")
         need(isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0, "layer_norm_eps",
              "expected a positive number")
         need(len(self.axial_pos_shape) == 2 and all(x >= 1 for x in self.axial_pos_shape), "axial_pos_shape",

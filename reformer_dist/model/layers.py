@@ -14,6 +14,7 @@ from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.local_attention import LocalSelfAttention
 from reformer_dist.model.lsh_attention import LSHSelfAttention
+from reformer_dist.model.rng import RNGState, replay
 
 IGNORE_INDEX = -100
 _ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -35,6 +36,39 @@ class AxialPositionEmbedding(nn.Module):
         return torch.cat([self.rows[positions // b], self.cols[positions % b]], dim=-1)
 
 
+def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Dropout that is the identity (no op, nothing saved) when it cannot drop anything."""
+    return F.dropout(x, p, training) if p > 0 and training else x
+
+
+class _NormRecompute:
+    """Saved-tensor hooks that keep a LayerNorm output as a recipe instead of its values.
+
+    The projections after the norm save its output for their weight gradients (one [B, L, D] tensor per
+    layer held through the attention backward). The recipe is the norm's input, which LayerNorm saves
+    anyway, plus a copy of its affine parameters (taken now, while ZeRO-3 has them gathered); the
+    output is rebuilt, elementwise and cheaply, when a backward unpacks it.
+    """
+
+    def __init__(self, x: Tensor, xn: Tensor, norm: nn.LayerNorm):
+        self.x, self.key, self.dtype, self.eps = x, xn.untyped_storage().data_ptr(), xn.dtype, norm.eps
+        self.weight, self.bias = norm.weight.detach().clone(), norm.bias.detach().clone()
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: Tensor):
+        if t.untyped_storage().data_ptr() != self.key:
+            return t
+        return (t.size(), t.stride(), t.storage_offset())
+
+    def _unpack(self, packed):
+        if isinstance(packed, Tensor):
+            return packed
+        xn = F.layer_norm(self.x, self.weight.shape, self.weight, self.bias, self.eps).to(self.dtype)
+        return xn.as_strided(*packed)
+
+
 class AttentionBlock(nn.Module):
     """F of the reversible pair: LayerNorm -> attention (lsh | local | full) -> output projection -> dropout."""
 
@@ -51,8 +85,14 @@ class AttentionBlock(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
-        h = self.attn(self.norm(x.to(self.norm.weight.dtype)), ctx)
-        return F.dropout(self.out(h), self.dropout, self.training)
+        x = x.to(self.norm.weight.dtype)
+        xn = self.norm(x)
+        if torch.is_autocast_enabled(xn.device.type):
+            # cast once: autocast would make (and each projection's backward keep) a copy per projection
+            xn = xn.to(torch.get_autocast_dtype(xn.device.type))
+        with _NormRecompute(x, xn, self.norm).hooks():
+            h = self.attn(xn, ctx)
+        return _dropout(self.out(h), self.dropout, self.training)
 
 
 class FeedForwardBlock(nn.Module):
@@ -74,8 +114,8 @@ class FeedForwardBlock(nn.Module):
 
     def forward_chunk(self, x: Tensor) -> Tensor:
         h = self.dense(self.norm(x.to(self.norm.weight.dtype)))
-        h = self.act(F.dropout(h, self.dropout, self.training))
-        return F.dropout(self.out(h), self.dropout, self.training)
+        h = self.act(_dropout(h, self.dropout, self.training))
+        return _dropout(self.out(h), self.dropout, self.training)
 
     def forward(self, x: Tensor) -> Tensor:
         parts = [self.forward_chunk(x[:, s:e]) for s, e in self.chunks(x.shape[1])]
@@ -87,46 +127,48 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Sum of cross-entropy of ``hidden @ weight.T`` against labels, chunk by chunk; backward recomputes
-    each chunk's logits, so peak memory is one chunk of logits instead of N x V."""
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of ``proj(dropout(LayerNorm(cat(x1, x2))))`` against labels, chunk by chunk.
+
+    Saves only the two streams (which the reversible stack keeps anyway) and the labels: neither the
+    concatenation, its normalisation nor any logits exist for the whole sequence. Backward recomputes
+    each chunk (replaying the dropout RNG) and backpropagates it on its own.
+    """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
-        acc = _acc_dtype(hidden)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
-        for s in range(0, hidden.shape[0], chunk):
-            logits = (hidden[s : s + chunk] @ weight.t()).to(acc)
-            y = labels[s : s + chunk]
-            valid = y != IGNORE_INDEX
-            tgt = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
-            total += ((torch.logsumexp(logits, dim=-1) - tgt) * valid).sum()
-        ctx.save_for_backward(hidden, weight, labels)
-        ctx.chunk = chunk
+    def forward(ctx, x1: Tensor, x2: Tensor, norm_w: Tensor, norm_b: Tensor, weight: Tensor, labels: Tensor,
+                head: "LMHead", dtype: torch.dtype, rng: RNGState | None) -> Tensor:
+        total = torch.zeros((), dtype=_acc_dtype(x1), device=x1.device)
+        with torch.autocast(x1.device.type, enabled=False), replay(rng):
+            for s, e in head.chunks(x1.shape[0]):
+                logits = head.chunk_logits(x1[s:e], x2[s:e], norm_w, norm_b, weight, dtype)
+                total += F.cross_entropy(logits, labels[s:e], ignore_index=IGNORE_INDEX, reduction="sum")
+        ctx.save_for_backward(x1, x2, norm_w, norm_b, weight, labels)
+        ctx.head, ctx.dtype, ctx.rng = head, dtype, rng
         return total
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        hidden, weight, labels = ctx.saved_tensors
-        g_hidden = torch.empty_like(hidden)
-        acc = _acc_dtype(hidden)
-        g_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        for s in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[s : s + ctx.chunk]
-            y = labels[s : s + ctx.chunk]
-            p = torch.softmax((h @ weight.t()).to(acc), dim=-1)
-            valid = y != IGNORE_INDEX
-            p[torch.arange(p.shape[0], device=p.device), y.clamp(min=0)] -= 1.0
-            p *= (valid.to(p.dtype) * grad).unsqueeze(1)
-            g_hidden[s : s + ctx.chunk] = (p.to(weight.dtype) @ weight).to(hidden.dtype)
-            g_weight += p.t() @ h.to(acc)
-        return g_hidden, g_weight.to(weight.dtype), None, None
+        x1, x2, norm_w, norm_b, weight, labels = ctx.saved_tensors
+        head, dtype = ctx.head, ctx.dtype
+        g1, g2 = torch.empty_like(x1), torch.empty_like(x2)
+        params = [t.detach().requires_grad_(True) for t in (norm_w, norm_b, weight)]
+        with torch.autocast(x1.device.type, enabled=False), replay(ctx.rng):
+            for s, e in head.chunks(x1.shape[0]):
+                with torch.enable_grad():
+                    c1, c2 = x1[s:e].detach().requires_grad_(True), x2[s:e].detach().requires_grad_(True)
+                    logits = head.chunk_logits(c1, c2, *params, dtype)
+                    loss = F.cross_entropy(logits, labels[s:e], ignore_index=IGNORE_INDEX, reduction="sum")
+                torch.autograd.backward(loss, grad)
+                g1[s:e], g2[s:e] = c1.grad, c2.grad
+        return (g1, g2, *(p.grad for p in params), None, None, None, None)
 
 
 class LMHead(nn.Module):
     """Final LayerNorm over the 2*D concatenated streams + bias-free projection to the vocabulary (HF layout).
 
-    ``forward(h)`` gives logits; ``loss_sum(h, labels)`` gives the summed chunked cross-entropy. Both go
+    ``forward(x1, x2)`` gives logits; ``forward(x1, x2, labels)`` the summed cross-entropy, chunk by chunk
+    (``loss_chunk_len`` tokens), without ever building the concatenation or the L x V logits. Both go
     through this module's forward so ZeRO-3 gathers its parameters.
     """
 
@@ -137,12 +179,24 @@ class LMHead(nn.Module):
         self.dropout = cfg.dropout
         self.chunk_len = cfg.loss_chunk_len
 
-    def forward(self, h: Tensor, labels: Tensor | None = None) -> Tensor:
-        h = F.dropout(self.norm(h.to(self.norm.weight.dtype)), self.dropout, self.training)
+    def chunks(self, n: int) -> list[tuple[int, int]]:
+        return [(s, min(s + self.chunk_len, n)) for s in range(0, n, self.chunk_len)]
+
+    def chunk_logits(self, x1: Tensor, x2: Tensor, norm_w: Tensor, norm_b: Tensor, weight: Tensor,
+                     dtype: torch.dtype) -> Tensor:
+        """Logits (accumulation dtype) of one chunk of positions [N, D] x 2, matmul in ``dtype``."""
+        h = F.layer_norm(torch.cat([x1, x2], dim=-1).to(norm_w.dtype), norm_w.shape, norm_w, norm_b, self.norm.eps)
+        h = _dropout(h, self.dropout, self.training)
+        return (h.to(dtype) @ weight.to(dtype).t()).to(_acc_dtype(x1))
+
+    def forward(self, x1: Tensor, x2: Tensor, labels: Tensor | None = None) -> Tensor:
         if labels is None:
-            return self.proj(h)
+            h = self.norm(torch.cat([x1, x2], dim=-1).to(self.norm.weight.dtype))
+            return self.proj(_dropout(h, self.dropout, self.training))
+        device = x1.device.type
         weight = self.proj.weight
-        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
-        with torch.autocast(h.device.type, enabled=False):
-            return _ChunkedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]).to(dtype), weight.to(dtype),
-                                                    labels.reshape(-1), self.chunk_len)
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        rng = RNGState(x1.device) if self.dropout > 0 and self.training else None
+        d = x1.shape[-1]
+        return _ChunkedHeadLoss.apply(x1.reshape(-1, d), x2.reshape(-1, d), self.norm.weight, self.norm.bias, weight,
+                                      labels.reshape(-1), self, dtype, rng)

@@ -70,9 +70,9 @@ class ReformerLM(nn.Module):
                 raise ValueError(f"input_ids: token ids must be in [0, vocab_size={self.cfg.vocab_size}), "
                                  f"got min {lo} max {hi}")
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, position_offset: int = 0,
-                      hash_seed: int | None = None, sequence_parallel=None) -> Tensor:
-        """Final concatenated streams [B, L, 2D] (before the head's LayerNorm)."""
+    def streams(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, position_offset: int = 0,
+                hash_seed: int | None = None, sequence_parallel=None) -> tuple[Tensor, Tensor, int]:
+        """The two final residual streams [B, Lp, D] each (Lp = L padded to the chunk lengths) and L."""
         self._check_inputs(input_ids, position_offset)
         b, l = input_ids.shape
         # Pad to a multiple of the chunk lengths; padded keys are masked and hashed to a bucket of their own.
@@ -93,10 +93,15 @@ class ReformerLM(nn.Module):
         positions = positions.clamp(max=self.cfg.max_seq_len - 1)  # padding may run past the last position
         x = F.dropout(self.tok_emb(input_ids), self.cfg.dropout, self.training) + self.pos_emb(positions)
         actx = AttentionContext(hash_seed=self.cfg.hash_seed if hash_seed is None else int(hash_seed),
-                                key_valid=key_valid, sequence_parallel=sequence_parallel)
+                                key_valid=key_valid, backend=self.cfg.attention_backend,
+                                sequence_parallel=sequence_parallel)
         x1, x2 = self.stack(x, x, actx)
-        h = torch.cat([x1, x2], dim=-1)
-        return h[:, :l] if pad else h
+        return x1, x2, l
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        """Final concatenated streams [B, L, 2D] (before the head's LayerNorm)."""
+        x1, x2, l = self.streams(input_ids, attention_mask, **kwargs)
+        return torch.cat([x1[:, :l], x2[:, :l]], dim=-1)
 
     def _min_chunk(self) -> int:
         lens = [self.cfg.chunk_len if t == "lsh" else self.cfg.local_chunk for t in self.cfg.attn_layers if t != "full"]
@@ -107,13 +112,14 @@ class ReformerLM(nn.Module):
                 sequence_parallel=None):
         """Logits [B, L, V] without labels; with labels the chunked cross-entropy: its mean over labels !=
         -100 (``reduction="mean"``) or ``(sum, count)`` (``reduction="sum"``, for averaging across ranks)."""
-        h = self.hidden_states(input_ids, attention_mask, position_offset=position_offset, hash_seed=hash_seed,
-                               sequence_parallel=sequence_parallel)
-        if labels is None:
-            return self.head(h)
-        if labels.shape != input_ids.shape:
+        if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-        total = self.head(h, labels)
+        x1, x2, l = self.streams(input_ids, attention_mask, position_offset=position_offset, hash_seed=hash_seed,
+                                 sequence_parallel=sequence_parallel)
+        if labels is None:
+            return self.head(x1[:, :l], x2[:, :l])
+        # padded positions get ignored labels, so the head reads the streams as they are (no sliced copies)
+        total = self.head(x1, x2, F.pad(labels, (0, x1.shape[1] - l), value=IGNORE_INDEX))
         count = (labels != IGNORE_INDEX).sum()
         if reduction == "sum":
             return total, count
@@ -130,7 +136,8 @@ class ReformerLM(nn.Module):
         ids = prompt_ids
         for _ in range(max_new_tokens):
             ctx = ids[:, -self.cfg.max_seq_len :]
-            logits = self.head(self.hidden_states(ctx, hash_seed=hash_seed)[:, -1:])[:, -1].float()
+            x1, x2, l = self.streams(ctx, hash_seed=hash_seed)
+            logits = self.head(x1[:, l - 1 : l], x2[:, l - 1 : l])[:, -1].float()
             if temperature <= 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

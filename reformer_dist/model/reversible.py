@@ -5,45 +5,23 @@ whole stack -> ``ReformerStack`` with an ordinary (non-reversible) path over the
 makes gradient parity testable. Activation memory does not grow with depth: the Function saves only
 the two final streams, and its backward works in place on them: x2 = y2 - G(y1) and x1 = y1 - F(x2) are
 rebuilt into the same buffers, the stream gradients are accumulated in place, G is recomputed and
-backpropagated chunk by chunk, and F's output buffer is released before F's backward runs. The streams
-are kept in fp32 whatever the compute dtype, because rebuilding x = y - F(...) in bf16 drifts over many
-layers.
+backpropagated chunk by chunk, and F's output is freed before F's backward runs (its gradient edge is
+all the backward needs). The streams are kept in fp32 whatever the compute dtype, because rebuilding
+x = y - F(...) in bf16 drifts over many layers.
 """
-
-from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.layers import AttentionBlock, FeedForwardBlock
+from reformer_dist.model.rng import RNGState, replay
 
 def stream_dtype(x: Tensor) -> torch.dtype:
     """Residual streams are fp32 under any lower compute precision (fp64 models keep fp64 streams)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-class RNGState:
-    """The CPU (and current CUDA device) RNG state at one point, so dropout can be replayed exactly."""
-
-    def __init__(self, device: torch.device):
-        self.cpu = torch.get_rng_state()
-        self.device = device
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    @contextmanager
-    def replay(self):
-        devices = [self.device] if self.cuda is not None else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state(self.cuda, self.device)
-            yield
-
-
-def _replay(state: RNGState | None):
-    return state.replay() if state is not None else nullcontext()
 
 
 class ReformerBlock(nn.Module):
@@ -53,13 +31,6 @@ class ReformerBlock(nn.Module):
         super().__init__()
         self.f = AttentionBlock(cfg, layer_idx)
         self.g = FeedForwardBlock(cfg)
-
-
-def _release(t: Tensor) -> None:
-    """Free the storage of a tensor whose values are no longer needed but whose grad_fn is (F's output:
-    no node of F's graph saves it). Keeps shape metadata, which is all ``backward`` reads."""
-    if t._base is None and t.untyped_storage().nbytes() == t.numel() * t.element_size():
-        t.untyped_storage().resize_(0)
 
 
 def _own(grad: Tensor | None, like: Tensor) -> Tensor:
@@ -105,7 +76,7 @@ class _ReversibleFunction(torch.autograd.Function):
             # G is position-wise: recompute and backpropagate it chunk by chunk (bounded d_ff memory),
             # rebuilding x2 = y2 - G(y1) and accumulating dy1 += dG^T dy2 in place.
             # (backward passes run outside autocast: it applies to the recomputed forward only)
-            with _replay(s_g):
+            with replay(s_g):
                 for s, e in blk.g.chunks(y1.shape[1]):
                     with autocast, torch.enable_grad():
                         y1c = y1[:, s:e].detach().requires_grad_(True)
@@ -115,16 +86,17 @@ class _ReversibleFunction(torch.autograd.Function):
                         y2[:, s:e].sub_(gc)
                         dy1[:, s:e].add_(y1c.grad)
                     del gc, y1c
-            with _replay(s_f), autocast, torch.enable_grad():
+            with replay(s_f), autocast, torch.enable_grad():
                 x2c = y2.detach().requires_grad_(True)
                 fo = blk.f(x2c, ctx.actx).to(y1.dtype)
             with torch.no_grad():
                 y1.sub_(fo)  # x1 rebuilt before F's backward, so F's output need not stay alive during it
-            _release(fo)
-            torch.autograd.backward(fo, dy1)
+            edge = get_gradient_edge(fo)  # what backward needs of fo; its values are freed now
+            del fo
+            torch.autograd.backward(edge, dy1)
             with torch.no_grad():
                 dy2.add_(x2c.grad)
-            del fo, x2c
+            del edge, x2c
         return dy1, dy2, None, None, None
 
 
