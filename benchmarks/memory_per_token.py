@@ -1,11 +1,17 @@
-"""Measure activation bytes per token of a training step and compare with the memory model in
-docs/sequence_parallel.md.
+"""Activation memory per token of a training step (forward + backward) vs the memory model.
 
-Each length runs in a fresh subprocess; the marginal cost per token is the slope of peak memory over L
-(peak RSS on CPU, max_memory_allocated on CUDA), which removes weights, optimizer and allocator overheads.
+Bench config of shared/design/targets.md by default: byte vocabulary, d_model 512, 8 heads x 64, d_ff 2048,
+6 layers, every layer LSH with 2 rounds, chunk 64, batch 1. Each length runs in a fresh subprocess; the
+cost per token is the slope of peak memory between consecutive lengths (peak RSS on CPU,
+max_memory_allocated on CUDA), which removes weights, optimizer and block constants.
 
-    python benchmarks/memory_per_token.py                  # CPU, small model, L = 8K..32K
-    python benchmarks/memory_per_token.py --lengths 65536,262144,1048576 --d-model 512 --heads 8 --layers 6
+    python benchmarks/memory_per_token.py                                   # fp32, L = 16K, 64K, 256K
+    python benchmarks/memory_per_token.py --tracked --dtype bf16 --lengths 2048,4096   # exact, small L
+
+``--tracked`` counts tensor allocations exactly (``reformer_dist.memtrack``) with the block constants of the
+attention core, hashing, feed-forward and loss shrunk, so short lengths show the per-token cost without waiting for long
+steps (bf16 autocast on CPU is slow at long lengths). The summary ends with the model's prediction, the
+predicted peak at 1M and 4M tokens and the longest sequence on 80 GB and 141 GB GPUs; ``--json`` writes it.
 """
 
 from __future__ import annotations
@@ -15,69 +21,140 @@ import json
 import resource
 import subprocess
 import sys
+import time
 
 import torch
 
+GIB = 2**30
 
-def predicted_bytes_per_token(d_model: int, n_heads: int, n_hashes: int, n_layers: int, sp: int = 1) -> float:
-    """Memory model (fp32 streams, blockwise attention core); independent of n_layers by design.
 
-    Streams y1, y2, their gradients and the rebuilt inputs: 6 D. LM head: saved input (2D), its
-    LayerNorm output (2D) and the embedding output (D): 5 D. The reversible backward's concatenated G
-    outputs and input gradients: 2 D. One layer's attention recompute held for its backward: LayerNorm
-    output, qk and v projections (3 D), per round the sorted qk, keys, values, chunk output, unsorted
-    output and merge product (6 R D). All fp32 (4 bytes); plus int64 sort permutation, inverse,
-    positions and buckets per round and head (4 x 8 x R x H). Divided by P under sequence parallelism
-    (tokens and heads are both split). Block temporaries of the attention core are a constant (<= a few
-    hundred MiB), reached once L x R x H x window >= 16M logits.
+def predicted_bytes_per_token(d_model: int, n_heads: int, d_head: int, n_hashes: int, compute_bytes: int = 4,
+                              sp: int = 1) -> dict[str, float]:
+    """Memory model of a training step, per token of sequence per GPU; independent of n_layers.
+
+    The peak is inside one layer's attention backward during the reversible backward:
+    - streams: y1, y2 (rebuilt in place into x1, x2) and their gradients, fp32: 4 x 4 x d_model;
+    - attention: qk, v, the core's output, its gradient, d(qk), d(v) in the compute dtype:
+      6 x c x n_heads x d_head (the LayerNorm output before the projections is a recipe, not values);
+    - the core's fp32 head-group accumulators under bf16 (one head at a time): 2 x 4 x d_head;
+    - integers and small rows: the int32 sort permutation (4 R H), lse and delta (8 H), LayerNorm statistics
+      (8), token ids, labels and axial indices (int64, 32).
+    Under sequence parallelism (P ranks, Ulysses) tokens and heads are split: everything divides by P.
     """
-    floats = 6 * d_model + 5 * d_model + 2 * d_model + 3 * d_model + 6 * n_hashes * d_model
-    ints = 4 * n_hashes * n_heads
-    return (4 * floats + 8 * ints) / sp
+    d = n_heads * d_head
+    terms = {
+        "streams and their gradients (fp32)": 16.0 * d_model,
+        "attention backward: qk, v, out, dout, dqk, dv": 6.0 * compute_bytes * d,
+        "fp32 head accumulators (bf16 only)": 8.0 * d_head if compute_bytes < 4 else 0.0,
+        "sort permutation, lse, delta, norm stats, ids": 4.0 * n_hashes * n_heads + 8.0 * n_heads + 8 + 32,
+    }
+    return {k: v / sp for k, v in terms.items()}
 
 
-def one(length: int, args) -> float:
-    from reformer_dist import ReformerConfig, ReformerLM
+def bench_config(args, length: int):
+    from reformer_dist import ReformerConfig
 
-    a = 2 ** (int(length).bit_length() // 2)
-    cfg = ReformerConfig(vocab_size=256, d_model=args.d_model, n_heads=args.heads, d_head=args.d_model // args.heads,
-                         d_ff=4 * args.d_model, n_layers=args.layers, n_hashes=args.hashes, chunk_len=64,
-                         axial_pos_shape=[a, max(1, length // a) * 2], ff_chunk_len=4096, loss_chunk_len=4096)
+    a = 2 ** ((int(length).bit_length() + 1) // 2)
+    return ReformerConfig(vocab_size=256, d_model=args.d_model, n_heads=args.heads, d_head=args.d_model // args.heads,
+                          d_ff=4 * args.d_model, n_layers=args.layers, n_hashes=args.hashes, chunk_len=64,
+                          axial_pos_shape=[a, max(64, 2 * length // a)], ff_chunk_len=4096, loss_chunk_len=4096,
+                          attention_backend=args.backend)
+
+
+def one(length: int, args) -> dict:
+    """Peak bytes of one forward + backward at ``length`` (run in its own process)."""
+    from reformer_dist import ReformerLM
+
+    torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = bench_config(args, length)
+    if args.tracked:  # chunk constants below the short lengths measured
+        cfg.ff_chunk_len = cfg.loss_chunk_len = 256
     model = ReformerLM(cfg).to(dev)
     ids = torch.randint(0, 256, (1, length), device=dev)
-    model(ids[:, :2048], ids[:, :2048]).backward()  # warm-up at a small length
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def step(x):
+        with autocast:
+            loss = model.loss(x, hash_seed=1)
+        loss.backward()
+
+    if args.tracked:
+        from reformer_dist.kernels import blockwise
+        from reformer_dist.memtrack import AllocationTracker
+        from reformer_dist.model import hashing
+
+        blockwise._BLOCK_ELEMS, hashing._HASH_BLOCK_ELEMS = 1 << 16, 1 << 14
+        step(ids[:, :1024])  # parameter gradients exist before the measurement
+        with AllocationTracker() as t:
+            step(ids)
+        return {"peak": float(t.peak_bytes), "dtype": str(dtype)}
+    step(ids[:, :2048])  # warm-up: parameter gradients, allocator pools
+    t0 = time.time()
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        model(ids, ids).backward()
-        return float(torch.cuda.max_memory_allocated())
-    model(ids, ids).backward()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+        step(ids)
+        return {"peak": float(torch.cuda.max_memory_allocated()), "seconds": time.time() - t0}
+    step(ids)
+    return {"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, "seconds": time.time() - t0}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", default="16384,32768,65536")
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--lengths", default="16384,65536,262144")
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--hashes", type=int, default=2)
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--backend", default="auto", help="attention core (auto, reference, blockwise, triton)")
+    ap.add_argument("--tracked", action="store_true", help="count allocations exactly (small lengths)")
+    ap.add_argument("--json", help="write the summary here")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps({"peak": one(args.one, args)}))
+        print(json.dumps(one(args.one, args)))
         return
     peaks = {}
     for length in [int(x) for x in args.lengths.split(",")]:
         cmd = [sys.executable, __file__, "--one", str(length), "--d-model", str(args.d_model), "--heads",
-               str(args.heads), "--hashes", str(args.hashes), "--layers", str(args.layers)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        peaks[length] = json.loads(out.strip().splitlines()[-1])["peak"]
-        print(f"L={length}: peak {peaks[length] / 2**20:.1f} MiB", flush=True)
+               str(args.heads), "--hashes", str(args.hashes), "--layers", str(args.layers), "--dtype", args.dtype,
+               "--backend", args.backend] + (["--tracked"] if args.tracked else [])
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            sys.exit(f"L={length} failed:\n{res.stderr[-3000:]}")
+        rec = json.loads(res.stdout.strip().splitlines()[-1])
+        peaks[length] = rec["peak"]
+        print(f"L={length}: peak {rec['peak'] / 2**20:.1f} MiB" + (f" ({rec['seconds']:.0f} s)" if "seconds" in rec else ""),
+              flush=True)
     ls = sorted(peaks)
-    slope = (peaks[ls[-1]] - peaks[ls[-2]]) / (ls[-1] - ls[-2])  # the two longest: past the block constant
-    pred = predicted_bytes_per_token(args.d_model, args.heads, args.hashes, args.layers)
-    print(f"measured {slope:.0f} B/token, model {pred:.0f} B/token (ratio {slope / pred:.2f})")
+    slopes = [(peaks[b] - peaks[a]) / (b - a) for a, b in zip(ls, ls[1:])]
+    for (a, b), s in zip(zip(ls, ls[1:]), slopes):
+        print(f"slope {a}->{b}: {s:.0f} B/token ({s / 1024:.2f} KiB)")
+    terms = predicted_bytes_per_token(args.d_model, args.heads, args.d_model // args.heads, args.hashes,
+                                      compute_bytes=2 if args.dtype == "bf16" else 4)
+    pred = sum(terms.values())
+    for k, v in terms.items():
+        print(f"  model: {k}: {v:.0f} B/token")
+    slope = slopes[-1]
+    const = peaks[ls[-1]] - slope * ls[-1]
+    print(f"measured {slope:.0f} B/token, model {pred:.0f} B/token (measured / model {slope / pred:.3f}); "
+          f"intercept {const / GIB:.2f} GiB")
+    params = 17.7e6 * (args.d_model / 512) ** 2 * args.layers / 6
+    gpu_const = 16 * params + 1.0 * GIB  # fp32 weights+grads+Adam, plus CUDA context, blocks and allocator slack
+    summary = {"lengths": ls, "peaks": [peaks[x] for x in ls], "slopes": slopes, "model": pred, "terms": terms,
+               "dtype": args.dtype, "tracked": args.tracked}
+    for n in (1 << 20, 1 << 22):
+        summary[f"predicted_peak_gib_{n >> 20}M"] = (gpu_const + slope * n) / GIB
+        print(f"predicted GPU peak at {n >> 20}M tokens: {(gpu_const + slope * n) / GIB:.1f} GiB")
+    for cap in (80, 141):
+        longest = (cap * 1e9 * 0.97 - gpu_const) / slope
+        summary[f"longest_tokens_{cap}GB"] = longest
+        print(f"longest sequence on a {cap} GB GPU: ~{longest / 1e6:.1f}M tokens")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
 
 
 if __name__ == "__main__":

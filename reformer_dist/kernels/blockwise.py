@@ -155,18 +155,20 @@ class _BlockwiseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, index, key_valid, slot_bucket, call: _Call, dedup: bool):
         ctx.set_materialize_grads(False)
         with torch.autocast(q.device.type, enabled=False):  # the core fixes its own precision
-            out, lse = _forward(call, q, k, v, index, key_valid, slot_bucket, dedup)
-        ctx.save_for_backward(q, k, v, index, key_valid, slot_bucket, out, lse)
+            out, lse, lse_lo = _forward(call, q, k, v, index, key_valid, slot_bucket, dedup)
+        ctx.save_for_backward(q, k, v, index, key_valid, slot_bucket, out, lse, lse_lo)
         ctx.call, ctx.dedup = call, dedup
+        ctx.mark_non_differentiable(lse_lo)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, index, key_valid, slot_bucket, out, lse = ctx.saved_tensors
+        q, k, v, index, key_valid, slot_bucket, out, lse, lse_lo = ctx.saved_tensors
         if dout is None and dlse is None:
             return (None,) * 8
         with torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv = _backward(ctx.call, q, k, v, index, key_valid, slot_bucket, ctx.dedup, out, lse, dout, dlse)
+            dq, dk, dv = _backward(ctx.call, q, k, v, index, key_valid, slot_bucket, ctx.dedup, out, lse, lse_lo,
+                                   dout, dlse)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -178,12 +180,22 @@ def _chunk_of(call: _Call, index: Tensor | None, dedup: bool, device) -> Tensor 
     return chunk_of_positions(index, call.length, call.m)
 
 
+def split_lse(m: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
+    """log-sum-exp m + log(den) as hi + lo in the accumulation dtype: hi is the rounded value, lo what rounding
+    lost. A query that sees only itself has m = -1e5 exactly, where one float32 ulp is 0.008: with hi alone
+    exp(logit - lse) would miss 1 by ~1%; with (logit - hi) - lo it is exact (logit - hi is exact, Sterbenz)."""
+    log_den = den.log()
+    hi = m + log_den
+    return hi, (m - hi) + log_den
+
+
 def _forward(call: _Call, q, k, v, index, key_valid, slot_bucket, dedup):
     acc = acc_dtype(q)
     q2, k2, v2 = _flat(q), None if k is None else _flat(k), _flat(v)
     chunk_of = _chunk_of(call, index, dedup, q.device)
     out = torch.empty(call.b, call.length, call.h, call.d, dtype=v.dtype, device=v.device)
     lse = torch.empty(call.b, call.length, call.h, dtype=acc, device=v.device)
+    lse_lo = torch.empty_like(lse)
     for h0, h1 in call.groups():
         hg = h1 - h0
         whole = hg == call.h and out.dtype == acc
@@ -193,32 +205,36 @@ def _forward(call: _Call, q, k, v, index, key_valid, slot_bucket, dedup):
         for r, c0, c1 in call.blocks(hg):
             blk = _block(call, index, h0, h1, c0, c1, q.device)
             _, _, _, dots, _ = _logits(call, blk, q2, k2, key_valid, slot_bucket, chunk_of, h0, h1)
-            lse_b = torch.logsumexp(dots, dim=-1)
-            p = dots.sub_(lse_b.unsqueeze(-1)).exp_()
+            # online softmax over rounds, on unnormalised sums against the running row maximum: exact for a
+            # query whose only target is itself (its maximum is the self value, each occurrence weighs 1)
+            m_b = dots.amax(dim=-1)
+            e = dots.sub_(m_b.unsqueeze(-1)).exp_()
+            l_b = e.sum(dim=-1).reshape(-1)
             vb = _rows(v2, blk.rows_k, tuple(blk.pos_k.shape))
-            ob = torch.matmul(p.to(v.dtype), vb).to(acc).reshape(-1, call.d)
-            rows, lse_b = blk.local_q.reshape(-1), lse_b.reshape(-1)
+            ob = torch.matmul(e.to(v.dtype), vb).to(acc).reshape(-1, call.d)
+            rows, m_b = blk.local_q.reshape(-1), m_b.reshape(-1)
             if r == 0:  # every position occurs exactly once per round
-                num[rows], mx[rows], den[rows] = ob, lse_b, 1.0
-            else:  # running log-sum-exp merge with the earlier rounds
+                num[rows], mx[rows], den[rows] = ob, m_b, l_b
+            else:
                 m_old = mx[rows]
-                m_new = torch.maximum(m_old, lse_b)
-                a, c = torch.exp(m_old - m_new), torch.exp(lse_b - m_new)
+                m_new = torch.maximum(m_old, m_b)
+                a, c = torch.exp(m_old - m_new), torch.exp(m_b - m_new)
                 num[rows] = num[rows] * a.unsqueeze(-1) + ob * c.unsqueeze(-1)
-                den[rows] = den[rows] * a + c
+                den[rows] = den[rows] * a + l_b * c
                 mx[rows] = m_new
         num.div_(den.unsqueeze(-1))
-        lse[:, :, h0:h1] = (mx + den.log()).view(call.b, call.length, hg)
+        hi, lo = split_lse(mx, den)
+        lse[:, :, h0:h1], lse_lo[:, :, h0:h1] = hi.view(call.b, call.length, hg), lo.view(call.b, call.length, hg)
         if not whole:
             out[:, :, h0:h1] = num.view(call.b, call.length, hg, call.d).to(out.dtype)
-    return out, lse
+    return out, lse, lse_lo
 
 
-def _backward(call: _Call, q, k, v, index, key_valid, slot_bucket, dedup, out, lse, dout, dlse):
+def _backward(call: _Call, q, k, v, index, key_valid, slot_bucket, dedup, out, lse, lse_lo, dout, dlse):
     acc = lse.dtype
     q2, k2, v2 = _flat(q), None if k is None else _flat(k), _flat(v)
     chunk_of = _chunk_of(call, index, dedup, q.device)
-    lse2 = lse.reshape(-1)
+    lse2, lo2 = lse.reshape(-1), lse_lo.reshape(-1)
     # delta = rowsum(dO * O) - dlse: dS = P * (dP - delta)
     if dout is None:
         dout = torch.zeros_like(out)
@@ -241,13 +257,14 @@ def _backward(call: _Call, q, k, v, index, key_valid, slot_bucket, dedup, out, l
         for _, c0, c1 in call.blocks(hg):
             blk = _block(call, index, h0, h1, c0, c1, q.device)
             qb, raw, kb, dots, replaced = _logits(call, blk, q2, k2, key_valid, slot_bucket, chunk_of, h0, h1)
-            p = dots.sub_(lse2[blk.rows_q.reshape(-1)].view(blk.pos_q.shape).unsqueeze(-1)).exp_()
             shape_q = tuple(blk.pos_q.shape)
+            rq = blk.rows_q.reshape(-1)
+            p = dots.sub_(lse2[rq].view(shape_q).unsqueeze(-1)).sub_(lo2[rq].view(shape_q).unsqueeze(-1)).exp_()
             dob = _rows(do2, blk.rows_q, shape_q).to(acc)
             vb = _rows(v2, blk.rows_k, tuple(blk.pos_k.shape)).to(acc)
             dv_acc.index_add_(0, blk.local_k.reshape(-1), torch.matmul(p.transpose(-1, -2), dob).reshape(-1, call.d))
             ds = torch.matmul(dob, vb.transpose(-1, -2))
-            ds.sub_(delta[blk.rows_q.reshape(-1)].view(shape_q).unsqueeze(-1)).mul_(p)
+            ds.sub_(delta[rq].view(shape_q).unsqueeze(-1)).mul_(p)
             del p
             if replaced is not None:  # constants carry no gradient
                 ds.masked_fill_(replaced, 0.0)

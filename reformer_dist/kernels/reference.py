@@ -58,7 +58,7 @@ def chunked_attention_reference(q: Tensor, k: Tensor | None, v: Tensor, index: T
                             q_bucket=bucket, k_bucket=None if bucket is None else look_around(bucket, nb, na),
                             counts=counts)
     lse_s = torch.logsumexp(dots, dim=-1)  # [B,H,N,M]
-    out_s = torch.matmul(torch.exp(dots - lse_s.unsqueeze(-1)).to(v.dtype), look_around(sort(v), nb, na))
+    out_s = torch.matmul(torch.softmax(dots, dim=-1).to(v.dtype), look_around(sort(v), nb, na))
     # unsort every round, then merge the rounds: softmax over their log-sum-exps (HF's merge)
     where = pos_s.view(b, h, r, length)
     lse_r = torch.zeros(b, h, r, length, dtype=lse_s.dtype, device=q.device).scatter(3, where, lse_s.view(b, h, r, length))
@@ -68,6 +68,6 @@ def chunked_attention_reference(q: Tensor, k: Tensor | None, v: Tensor, index: T
         out, lse = out_r[:, :, 0], lse_r[:, :, 0]
     else:
         lse = torch.logsumexp(lse_r, dim=2)
-        w = torch.exp(lse_r - lse.unsqueeze(2)).unsqueeze(-1)
+        w = torch.softmax(lse_r, dim=2).unsqueeze(-1)  # normalised: exact for a query that sees only itself
         out = (out_r.to(acc_dtype(out_r)) * w).sum(dim=2).to(v.dtype)
     return out.transpose(1, 2), lse.transpose(1, 2)

@@ -1,0 +1,396 @@
+"""Fused Triton attention core: the blockwise algorithm in three kernels, same contract as every core.
+
+Importing this module registers the "triton" backend (``backend="auto"`` picks it on CUDA). Kernels, each
+launched per head over all chunks of all rounds at once:
+
+- ``_fwd``: one program per (sorted query chunk, batch). Queries and the look-around keys/values are
+  loaded straight from the unsorted [B, L, H, D] tensors through the sort permutation (no gathered
+  copies), logits are masked exactly as ``logits.masked_logits`` does, and an online softmax with fp32
+  accumulation gives the chunk's output and log-sum-exp, written at the queries' original positions in a
+  per-round buffer. The rounds are then merged by log-sum-exp (one softmax over their union).
+- ``_bwd_dq``: per query chunk, recompute the logits, P = exp(logits - merged lse),
+  dS = P * (dO.V^T - delta) (delta = rowsum(dO*O) - dlse: FlashAttention-2), dQ += dS.K.
+- ``_bwd_dkdv``: per key chunk, over the query chunks whose windows contain it, dV += P^T.dO and
+  dK += dS^T.Q (shared-QK keys: through the key normalisation into dQ).
+Gradients of one position arrive from several rounds and windows: fp32 atomic adds.
+
+Shapes must satisfy chunk_len <= 256 and head size <= 256 (``supports``). Tested on CPU through Triton's
+interpreter (``TRITON_INTERPRET=1``, set by the tests) and on CUDA by ``tests/gpu``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from reformer_dist.kernels.blockwise import split_lse
+from reformer_dist.kernels.chunked_attention import register_backend
+from reformer_dist.kernels.logits import KEY_NORM_EPS, MASK_VALUE, SELF_MASK_VALUE, chunk_of_positions
+
+_MAX_BLOCK = 256
+# globals a @triton.jit function reads must be constexpr
+_MASK = tl.constexpr(MASK_VALUE)
+_SELF = tl.constexpr(SELF_MASK_VALUE)
+_EPS = tl.constexpr(KEY_NORM_EPS)
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation; ``UPCAST`` widens the operands first (exact products, as tensor cores form
+    them) because Triton 3.9's interpreter multiplies bf16 tiles as their uint16 storage."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _slot_positions(idx_ptr, slots, lane, HAS_INDEX: tl.constexpr):
+    """Original positions (int64) of sorted slots; identity without an index."""
+    if HAS_INDEX:
+        return tl.load(idx_ptr + slots, mask=lane, other=0).to(tl.int64)
+    return slots.to(tl.int64)
+
+
+@triton.jit
+def _load_keys(k_ptr, rows, lane, offs_d, d_ok, stride_d, D: tl.constexpr, SCALE: tl.constexpr, SHARED: tl.constexpr):
+    """(raw rows, keys) of a key chunk: shared-QK keys are RMS-normalised and scaled by 1/sqrt(D) in fp32 and
+    cast back (``logits.normalize_keys``); separate keys are scaled by 1/sqrt(D) (``logits.scale_keys``)."""
+    raw = tl.load(k_ptr + rows[:, None] + offs_d[None, :] * stride_d, mask=lane[:, None] & d_ok[None, :], other=0.0)
+    xf = raw.to(tl.float32)
+    if SHARED:
+        inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / D + _EPS)
+        keys = (xf * inv[:, None] * SCALE).to(raw.dtype)
+    else:
+        keys = (xf * SCALE).to(raw.dtype)
+    return raw, keys
+
+
+@triton.jit
+def _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, slots_q, slots_k,
+            L, N, R, H, S,
+            CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
+            DEDUP: tl.constexpr, NB: tl.constexpr, NA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Masked logits (fp32) of a query chunk against a key chunk and the mask of replaced entries."""
+    s = _dot(q, tl.trans(keys), PREC, UPCAST).to(tl.float32)
+    if DEDUP:  # subtract log(number of (round, window) pairs in which the key is visible to the query)
+        counts = tl.zeros(s.shape, dtype=tl.float32)
+        for r1 in range(0, R):
+            cq = tl.load(chunk_ptr + ((b * H + h) * R + r1) * L + pos_q, mask=q_lane, other=0)
+            for r2 in range(0, R):
+                ck = tl.load(chunk_ptr + ((b * H + h) * R + r2) * L + pos_k, mask=k_lane, other=0)
+                diff = ((ck[None, :] - cq[:, None]) % N + N) % N
+                for o in tl.static_range(0, NB + NA + 1):
+                    off = ((o - NB) % N + N) % N
+                    counts += tl.where(diff == off, 1.0, 0.0)
+        s = s - tl.log(tl.maximum(counts, 1.0))
+    visible = k_lane[None, :] & q_lane[:, None]
+    if CAUSAL:
+        visible = visible & (pos_q[:, None] >= pos_k[None, :])
+    if HAS_VALID:
+        kv = tl.load(valid_ptr + b * L + pos_k, mask=k_lane, other=0)
+        visible = visible & (kv[None, :] != 0)
+    if HAS_BUCKET:
+        bq = tl.load(bucket_ptr + (b * H + h) * S + slots_q, mask=q_lane, other=0)
+        bk = tl.load(bucket_ptr + (b * H + h) * S + slots_k, mask=k_lane, other=0)
+        visible = visible & (bq[:, None] == bk[None, :])
+    s = tl.where(visible, s, _MASK)
+    replaced = ~visible
+    if SELF_MASK:
+        is_self = pos_q[:, None] == pos_k[None, :]
+        s = tl.where(is_self, _SELF, s)
+        replaced = replaced | is_self
+    s = tl.where(k_lane[None, :], s, float("-inf"))  # lanes past the chunk are not keys at all
+    return s, replaced
+
+
+@triton.jit
+def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, o_ptr, m_ptr, l_ptr,
+         sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd,
+         h, B, L, H, S, N, R,
+         M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+         NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
+         SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
+         DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    c = tl.program_id(0)
+    b = tl.program_id(1)
+    lanes = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_lane = lanes < M
+    slots_q = c * M + lanes
+    pos_q = _slot_positions(idx_ptr + (b * H + h) * S, slots_q, q_lane, HAS_INDEX)
+    q = tl.load(q_ptr + b * sqb + pos_q[:, None] * sql + h * sqh + offs_d[None, :] * sqd,
+                mask=q_lane[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    for o in tl.static_range(0, NB + NA + 1):
+        kc = ((c + o - NB) % N + N) % N
+        slots_k = kc * M + lanes
+        pos_k = _slot_positions(idx_ptr + (b * H + h) * S, slots_k, q_lane, HAS_INDEX)
+        k_lane = q_lane
+        if SHARED:
+            _, keys = _load_keys(q_ptr, b * sqb + pos_k * sql + h * sqh, k_lane, offs_d, d_ok, sqd, D, SCALE, True)
+        else:
+            _, keys = _load_keys(k_ptr, b * skb + pos_k * skl + h * skh, k_lane, offs_d, d_ok, skd, D, SCALE, False)
+        s, _ = _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, slots_q,
+                       slots_k, L, N, R, H, S, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET, DEDUP, NB, NA, PREC, UPCAST)
+        vv = tl.load(v_ptr + b * svb + pos_k[:, None] * svl + h * svh + offs_d[None, :] * svd,
+                     mask=k_lane[:, None] & d_ok[None, :], other=0.0)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, PREC, UPCAST).to(tl.float32)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    # per-round buffers [R, B, L, D] and [R, B, L] x 2 at the queries' original positions (one writer each);
+    # the row maximum and sum are kept apart so the merge is exact for a query that sees only itself
+    r = (c * M) // L
+    row = (r * B + b) * L + pos_q
+    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=q_lane[:, None] & d_ok[None, :])
+    tl.store(m_ptr + row, m_i, mask=q_lane)
+    tl.store(l_ptr + row, l_i, mask=q_lane)
+
+
+@triton.jit
+def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, do_ptr, lse_ptr, lo_ptr, delta_ptr, dq_ptr,
+            sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdb, sdl, sdh, sdd, sgb, sgl, sgd,
+            h, L, H, S, N, R,
+            M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+            NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
+            SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
+            DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    c = tl.program_id(0)
+    b = tl.program_id(1)
+    lanes = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_lane = lanes < M
+    slots_q = c * M + lanes
+    pos_q = _slot_positions(idx_ptr + (b * H + h) * S, slots_q, q_lane, HAS_INDEX)
+    qd_mask = q_lane[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + b * sqb + pos_q[:, None] * sql + h * sqh + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
+    do = tl.load(do_ptr + b * sdb + pos_q[:, None] * sdl + h * sdh + offs_d[None, :] * sdd, mask=qd_mask, other=0.0)
+    lse = tl.load(lse_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
+    lo = tl.load(lo_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
+    delta = tl.load(delta_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
+    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    for o in tl.static_range(0, NB + NA + 1):
+        kc = ((c + o - NB) % N + N) % N
+        slots_k = kc * M + lanes
+        pos_k = _slot_positions(idx_ptr + (b * H + h) * S, slots_k, q_lane, HAS_INDEX)
+        k_lane = q_lane
+        if SHARED:
+            _, keys = _load_keys(q_ptr, b * sqb + pos_k * sql + h * sqh, k_lane, offs_d, d_ok, sqd, D, SCALE, True)
+        else:
+            _, keys = _load_keys(k_ptr, b * skb + pos_k * skl + h * skh, k_lane, offs_d, d_ok, skd, D, SCALE, False)
+        s, replaced = _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr,
+                              slots_q, slots_k, L, N, R, H, S, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET, DEDUP,
+                              NB, NA, PREC, UPCAST)
+        vv = tl.load(v_ptr + b * svb + pos_k[:, None] * svl + h * svh + offs_d[None, :] * svd,
+                     mask=k_lane[:, None] & d_ok[None, :], other=0.0)
+        p = tl.exp((s - lse[:, None]) - lo[:, None])
+        dp = _dot(do, tl.trans(vv), PREC, UPCAST).to(tl.float32)
+        ds = tl.where(replaced, 0.0, p * (dp - delta[:, None]))
+        dq += _dot(ds.to(keys.dtype), keys, PREC, UPCAST).to(tl.float32)
+    tl.atomic_add(dq_ptr + b * sgb + pos_q[:, None] * sgl + offs_d[None, :] * sgd, dq, mask=qd_mask)
+
+
+@triton.jit
+def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, do_ptr, lse_ptr, lo_ptr, delta_ptr,
+              dk_ptr, dv_ptr,
+              sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdb, sdl, sdh, sdd, sgb, sgl, sgd,
+              h, L, H, S, N, R,
+              M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+              NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
+              SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
+              DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    kc = tl.program_id(0)
+    b = tl.program_id(1)
+    lanes = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    k_lane = lanes < M
+    kd_mask = k_lane[:, None] & d_ok[None, :]
+    slots_k = kc * M + lanes
+    pos_k = _slot_positions(idx_ptr + (b * H + h) * S, slots_k, k_lane, HAS_INDEX)
+    if SHARED:
+        raw, keys = _load_keys(q_ptr, b * sqb + pos_k * sql + h * sqh, k_lane, offs_d, d_ok, sqd, D, SCALE, True)
+    else:
+        raw, keys = _load_keys(k_ptr, b * skb + pos_k * skl + h * skh, k_lane, offs_d, d_ok, skd, D, SCALE, False)
+    vv = tl.load(v_ptr + b * svb + pos_k[:, None] * svl + h * svh + offs_d[None, :] * svd, mask=kd_mask, other=0.0)
+    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    for o in tl.static_range(0, NB + NA + 1):
+        c = ((kc - (o - NB)) % N + N) % N  # the query chunk whose window offset o - NB is this key chunk
+        q_lane = k_lane
+        slots_q = c * M + lanes
+        pos_q = _slot_positions(idx_ptr + (b * H + h) * S, slots_q, q_lane, HAS_INDEX)
+        qd_mask = q_lane[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + b * sqb + pos_q[:, None] * sql + h * sqh + offs_d[None, :] * sqd, mask=qd_mask,
+                    other=0.0)
+        do = tl.load(do_ptr + b * sdb + pos_q[:, None] * sdl + h * sdh + offs_d[None, :] * sdd, mask=qd_mask,
+                     other=0.0)
+        lse = tl.load(lse_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
+        lo = tl.load(lo_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
+        delta = tl.load(delta_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
+        s, replaced = _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr,
+                              slots_q, slots_k, L, N, R, H, S, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET, DEDUP,
+                              NB, NA, PREC, UPCAST)
+        p = tl.where(q_lane[:, None], tl.exp((s - lse[:, None]) - lo[:, None]), 0.0)
+        dv += _dot(tl.trans(p).to(do.dtype), do, PREC, UPCAST).to(tl.float32)
+        dp = _dot(do, tl.trans(vv), PREC, UPCAST).to(tl.float32)
+        ds = tl.where(replaced, 0.0, p * (dp - delta[:, None]))
+        dk += _dot(tl.trans(ds).to(q.dtype), q, PREC, UPCAST).to(tl.float32)
+    if SHARED:  # keys = x r / sqrt(D), r = (mean(x^2) + eps)^-1/2: dx = r/sqrt(D) (dk - x r^2 (x.dk) / D)
+        x = raw.to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + _EPS)
+        dot = tl.sum(x * dk, axis=1)
+        dk = (r * SCALE)[:, None] * (dk - x * (r * r * dot / D)[:, None])
+    else:
+        dk = dk * SCALE
+    tl.atomic_add(dk_ptr + b * sgb + pos_k[:, None] * sgl + offs_d[None, :] * sgd, dk, mask=kd_mask)
+    tl.atomic_add(dv_ptr + b * sgb + pos_k[:, None] * sgl + offs_d[None, :] * sgd, dv, mask=kd_mask)
+
+
+def _strides(t: Tensor | None, like: Tensor) -> tuple[int, int, int, int]:
+    return tuple((t if t is not None else like).stride())
+
+
+class _Call:
+    """Sizes, flags and the pointer tensors shared by the three kernels."""
+
+    def __init__(self, q, k, v, index, key_valid, slot_bucket, chunk_len, n_before, n_after, causal, self_mask,
+                 dedup):
+        b, length, h, d = q.shape
+        self.b, self.length, self.h, self.d = b, length, h, d
+        self.s = length if index is None else index.shape[-1]
+        self.r, self.m = self.s // length, chunk_len
+        self.n = self.s // chunk_len
+        dev = q.device
+        dummy = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.index = index.to(torch.int32).contiguous() if index is not None else dummy
+        self.valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else dummy
+        self.bucket = slot_bucket.to(torch.int32).contiguous() if slot_bucket is not None else dummy
+        chunk = None
+        if dedup:
+            ident = torch.arange(length, device=dev, dtype=torch.int32).expand(b, h, length)
+            chunk = chunk_of_positions(index if index is not None else ident, length, chunk_len).contiguous()
+        self.chunk = chunk if chunk is not None else dummy
+        self.meta = dict(M=chunk_len, D=d, SCALE=1.0 / math.sqrt(d), BLOCK=max(16, triton.next_power_of_2(chunk_len)),
+                         BLOCK_D=max(16, triton.next_power_of_2(d)), NB=n_before, NA=n_after, CAUSAL=causal,
+                         SELF_MASK=self_mask, SHARED=k is None, HAS_INDEX=index is not None,
+                         HAS_VALID=key_valid is not None, HAS_BUCKET=slot_bucket is not None, DEDUP=dedup,
+                         PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                         UPCAST=q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1")
+
+    def tensors(self):
+        return self.index, self.valid, self.bucket, self.chunk
+
+
+def _forward(call: _Call, q, k, v):
+    b, length, h, d, r = call.b, call.length, call.h, call.d, call.r
+    out = torch.empty(b, length, h, d, dtype=v.dtype, device=v.device)
+    lse = torch.empty(b, length, h, dtype=torch.float32, device=v.device)
+    lse_lo = torch.empty_like(lse)
+    grid = (call.n, b)
+    for head in range(h):
+        # per-round results of one head at the queries' positions, then merged: one softmax over the rounds
+        o_r = torch.empty(r, b, length, d, dtype=v.dtype, device=v.device)
+        m_r = torch.empty(r, b, length, dtype=torch.float32, device=v.device)
+        l_r = torch.empty_like(m_r)
+        _fwd[grid](q, k if k is not None else q, v, *call.tensors(), o_r, m_r, l_r,
+                   *q.stride(), *_strides(k, q), *v.stride(), head, b, length, h, call.s, call.n, r, **call.meta)
+        mx = m_r.amax(dim=0)
+        w = l_r * torch.exp(m_r - mx)  # each round's softmax mass relative to the overall maximum
+        den = w.sum(dim=0)
+        if r == 1:
+            out[:, :, head] = o_r[0]
+        else:
+            acc = torch.zeros(b, length, d, dtype=torch.float32, device=v.device)
+            for i in range(r):
+                acc.add_(o_r[i].float() * (w[i] / den).unsqueeze(-1))
+            out[:, :, head] = acc
+        lse[:, :, head], lse_lo[:, :, head] = split_lse(mx, den)
+    return out, lse, lse_lo
+
+
+def _backward(call: _Call, q, k, v, out, lse, lse_lo, dout, dlse):
+    b, length, h, d = call.b, call.length, call.h, call.d
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta, lse, lse_lo = delta.contiguous(), lse.contiguous(), lse_lo.contiguous()
+    grads = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) if t is not None else None for t in (q, k, v)]
+    grid = (call.n, b)
+    for head in range(h):
+        fp32 = q.dtype == torch.float32
+
+        def accumulator(g: Tensor | None) -> Tensor | None:  # fp32 grads accumulate in place, others per head
+            if g is None:
+                return None
+            return g[:, :, head] if fp32 else torch.zeros(b, length, d, dtype=torch.float32, device=q.device)
+
+        acc = [accumulator(g) for g in grads]
+        dq, dk, dv = acc
+        dk = dq if k is None else dk  # shared-QK: the keys' gradient flows into q
+        common = (q, k if k is not None else q, v, *call.tensors(), dout, lse, lse_lo, delta)
+        strides = (*q.stride(), *_strides(k, q), *v.stride(), *dout.stride(), *dq.stride())
+        _bwd_dq[grid](*common, dq, *strides, head, length, h, call.s, call.n, call.r, **call.meta)
+        _bwd_dkdv[grid](*common, dk, dv, *strides, head, length, h, call.s, call.n, call.r, **call.meta)
+        if not fp32:
+            for g, a in zip(grads, acc):
+                if g is not None:
+                    g[:, :, head] = a.to(g.dtype)
+    return grads
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, index, key_valid, slot_bucket, opts: dict):
+        ctx.set_materialize_grads(False)
+        call = _Call(q, k, v, index, key_valid, slot_bucket, **opts)
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse, lse_lo = _forward(call, q, k, v)
+        ctx.save_for_backward(q, k, v, index, key_valid, slot_bucket, out, lse, lse_lo)
+        ctx.opts = opts
+        ctx.mark_non_differentiable(lse_lo)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, index, key_valid, slot_bucket, out, lse, lse_lo = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return (None,) * 7
+        if dout is None:
+            dout = torch.zeros_like(out)
+        call = _Call(q, k, v, index, key_valid, slot_bucket, **ctx.opts)
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = _backward(call, q, k, v, out, lse, lse_lo, dout, dlse)
+        return dq, dk, dv, None, None, None, None
+
+
+def chunked_attention_triton(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
+                             chunk_len: int, n_before: int, n_after: int, causal: bool, self_mask: bool = True,
+                             key_valid: Tensor | None = None, slot_bucket: Tensor | None = None,
+                             dedup: bool = False) -> tuple[Tensor, Tensor]:
+    """The contract of ``kernels.chunked_attention``, fused (see the module docstring)."""
+    opts = dict(chunk_len=chunk_len, n_before=n_before, n_after=n_after, causal=causal, self_mask=self_mask,
+                dedup=dedup)
+    return _TritonAttention.apply(q, k, v, index, key_valid, slot_bucket, opts)
+
+
+def supports(q: Tensor, *, chunk_len: int, **_) -> bool:
+    """Shapes and dtypes the kernels are built for."""
+    return (q.dtype in (torch.float32, torch.bfloat16, torch.float16) and chunk_len <= _MAX_BLOCK
+            and q.shape[-1] <= _MAX_BLOCK)
+
+
+register_backend("triton", chunked_attention_triton, supports)
