@@ -6,13 +6,15 @@ causal, LSH 2 rounds, chunk 64 (1 before), batch 1, no dropout; a step = forward
 system's ladder stops at its first OOM. With --find-max on CUDA, doubles the length until ours OOMs.
 
     python benchmarks/train_step.py                       # CPU: 4K only (a few minutes)
-    python benchmarks/train_step.py --lengths 4096,16384,65536,262144,1048576,4194304 --find-max   # GPU
+    python benchmarks/train_step.py --lengths 16384,65536,262144,1048576,4194304 --find-max --json steps.json  # GPU
+    python benchmarks/train_step.py --dry-run             # CPU, tiny: checks the script end to end
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import time
 
@@ -166,14 +168,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--optimizer", action="store_true", help="include AdamW in the step")
     ap.add_argument("--find-max", action="store_true", help="CUDA: double L until ours runs out of memory")
+    ap.add_argument("--json", help="write the rows (and the longest sequence) here")
+    ap.add_argument("--max-baseline-len", type=int, default=0,
+                    help="run systems other than ours only up to this length (0: no limit)")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, one tiny length, one step: check the script")
     args = ap.parse_args()
+    if args.dry_run:
+        dev, args.lengths, args.steps = "cpu", "512", 1
     lengths = [int(x) for x in args.lengths.split(",")]
-    rows, dead = [], set()
+    rows, dead, longest = [], set(), None
     print(f"device={dev} torch={torch.__version__} threads={torch.get_num_threads()}")
     for length in lengths:
         hf_tps = None
         for name in args.systems.split(","):
-            if name in dead:
+            if name in dead or (name != "ours" and 0 < args.max_baseline_len < length):
                 continue
             try:
                 r = measure(name, length, dev, args.steps, args.optimizer)
@@ -211,9 +219,14 @@ def main() -> None:
                     raise
                 break
         print(f"longest sequence ours trains: {best or 'below ' + str(length)}")
+        longest = best
     print("\n| L | system | tok/s | peak GiB | MFU | vs HF |\n|---|---|---|---|---|---|")
     for length, name, r in rows:
         print(f"| {length} | {name} | {r['tok_s']:.0f} | {r['peak_gib']:.2f} | {r['mfu']:.3f} | {r.get('vs_hf', float('nan')):.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev, "rows": [{"length": l, "system": n, **r} for l, n, r in rows],
+                       "longest_ours": longest}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -230,6 +230,15 @@ def _forward(call: _Call, q, k, v, index, key_valid, slot_bucket, dedup):
     return out, lse, lse_lo
 
 
+def _row_dots(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """rowsum(a * b) in ``acc``, a block of rows at a time (no full-size upcast copies)."""
+    out = torch.empty(a.shape[0], dtype=acc, device=a.device)
+    rows = max(1, block_elems() // a.shape[1])
+    for s in range(0, a.shape[0], rows):
+        out[s : s + rows] = (a[s : s + rows].to(acc) * b[s : s + rows].to(acc)).sum(-1)
+    return out
+
+
 def _backward(call: _Call, q, k, v, index, key_valid, slot_bucket, dedup, out, lse, lse_lo, dout, dlse):
     acc = lse.dtype
     q2, k2, v2 = _flat(q), None if k is None else _flat(k), _flat(v)
@@ -239,9 +248,9 @@ def _backward(call: _Call, q, k, v, index, key_valid, slot_bucket, dedup, out, l
     if dout is None:
         dout = torch.zeros_like(out)
     do2 = _flat(dout)
-    delta = (do2.to(acc) * _flat(out).to(acc)).sum(-1)
+    delta = _row_dots(do2, _flat(out), acc)
     if dlse is not None:
-        delta = delta - dlse.reshape(-1).to(acc)
+        delta.sub_(dlse.reshape(-1).to(acc))
     grads = [torch.empty_like(t) if t is not None else None for t in (q, k, v)]
     for h0, h1 in call.groups():
         hg = h1 - h0
