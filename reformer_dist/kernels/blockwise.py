@@ -121,28 +121,40 @@ def _rows(x2: Tensor, rows: Tensor, shape: tuple[int, ...]) -> Tensor:
     return x2.index_select(0, rows.reshape(-1)).view(*shape, x2.shape[-1])
 
 
-def _logits(call: _Call, blk: _Block, q2: Tensor, k2: Tensor | None, key_valid: Tensor | None,
-            slot_bucket: Tensor | None, chunk_of: Tensor | None, h0: int, h1: int):
+def _logits(call: _Call, blk: _Block, q2: Tensor, k2: Tensor | None, masks: "_Masks", h0: int, h1: int):
     """(q block, raw key rows, keys, logits, replaced) of one block."""
     b, hg, nc, m = blk.pos_q.shape
     w = blk.pos_k.shape[-1]
     qb = _rows(q2, blk.rows_q, (b, hg, nc, m))
     raw = _rows(q2 if k2 is None else k2, blk.rows_k, (b, hg, nc, w))
     kb = normalize_keys(raw) if k2 is None else scale_keys(raw)
-    k_valid = None
-    if key_valid is not None:
-        base = (torch.arange(b, device=q2.device) * call.length).view(-1, 1, 1, 1)
-        k_valid = key_valid.reshape(-1)[base + blk.pos_k]
+    base = (torch.arange(b, device=q2.device) * call.length).view(-1, 1, 1, 1)
+    k_valid = None if masks.key_valid is None else masks.key_valid.reshape(-1)[base + blk.pos_k]
+    q_doc = k_doc = None
+    if masks.doc_ids is not None:
+        docs = masks.doc_ids.reshape(-1)
+        q_doc, k_doc = docs[base + blk.pos_q], docs[base + blk.pos_k]
     q_bucket = k_bucket = None
-    if slot_bucket is not None:
-        sb = slot_bucket[:, h0:h1]
+    if masks.slot_bucket is not None:
+        sb = masks.slot_bucket[:, h0:h1]
         q_bucket, k_bucket = sb[:, :, blk.slot_q].view(b, hg, nc, m), sb[:, :, blk.slot_k]
     counts = None
-    if chunk_of is not None:
-        counts = duplicate_counts(blk.pos_q, blk.pos_k, chunk_of[:, h0:h1], call.n_before, call.n_after)
+    if masks.chunk_of is not None:
+        counts = duplicate_counts(blk.pos_q, blk.pos_k, masks.chunk_of[:, h0:h1], call.n_before, call.n_after)
     dots, replaced = masked_logits(qb, kb, blk.pos_q, blk.pos_k, causal=call.causal, self_mask=call.self_mask,
-                                   k_valid=k_valid, q_bucket=q_bucket, k_bucket=k_bucket, counts=counts)
+                                   k_valid=k_valid, q_bucket=q_bucket, k_bucket=k_bucket, q_doc=q_doc, k_doc=k_doc,
+                                   counts=counts)
     return qb, raw, kb, dots, replaced
+
+
+@dataclass
+class _Masks:
+    """Per-call mask inputs: key_valid and doc_ids [B, L], slot_bucket [B, H, S], chunk_of [B, H, R, L]."""
+
+    key_valid: Tensor | None
+    doc_ids: Tensor | None
+    slot_bucket: Tensor | None
+    chunk_of: Tensor | None
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -152,24 +164,25 @@ def _flat(x: Tensor) -> Tensor:
 
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, index, key_valid, slot_bucket, call: _Call, dedup: bool):
+    def forward(ctx, q, k, v, index, key_valid, slot_bucket, doc_ids, call: _Call, dedup: bool):
         ctx.set_materialize_grads(False)
+        masks = _Masks(key_valid, doc_ids, slot_bucket, _chunk_of(call, index, dedup, q.device))
         with torch.autocast(q.device.type, enabled=False):  # the core fixes its own precision
-            out, lse, lse_lo = _forward(call, q, k, v, index, key_valid, slot_bucket, dedup)
-        ctx.save_for_backward(q, k, v, index, key_valid, slot_bucket, out, lse, lse_lo)
+            out, lse, lse_lo = _forward(call, q, k, v, index, masks)
+        ctx.save_for_backward(q, k, v, index, key_valid, slot_bucket, doc_ids, out, lse, lse_lo)
         ctx.call, ctx.dedup = call, dedup
         ctx.mark_non_differentiable(lse_lo)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, index, key_valid, slot_bucket, out, lse, lse_lo = ctx.saved_tensors
+        q, k, v, index, key_valid, slot_bucket, doc_ids, out, lse, lse_lo = ctx.saved_tensors
         if dout is None and dlse is None:
-            return (None,) * 8
+            return (None,) * 9
+        masks = _Masks(key_valid, doc_ids, slot_bucket, _chunk_of(ctx.call, index, ctx.dedup, q.device))
         with torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv = _backward(ctx.call, q, k, v, index, key_valid, slot_bucket, ctx.dedup, out, lse, lse_lo,
-                                   dout, dlse)
-        return dq, dk, dv, None, None, None, None, None
+            dq, dk, dv = _backward(ctx.call, q, k, v, index, masks, out, lse, lse_lo, dout, dlse)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def _chunk_of(call: _Call, index: Tensor | None, dedup: bool, device) -> Tensor | None:
@@ -189,10 +202,9 @@ def split_lse(m: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
     return hi, (m - hi) + log_den
 
 
-def _forward(call: _Call, q, k, v, index, key_valid, slot_bucket, dedup):
+def _forward(call: _Call, q, k, v, index, masks: _Masks):
     acc = acc_dtype(q)
     q2, k2, v2 = _flat(q), None if k is None else _flat(k), _flat(v)
-    chunk_of = _chunk_of(call, index, dedup, q.device)
     out = torch.empty(call.b, call.length, call.h, call.d, dtype=v.dtype, device=v.device)
     lse = torch.empty(call.b, call.length, call.h, dtype=acc, device=v.device)
     lse_lo = torch.empty_like(lse)
@@ -204,7 +216,7 @@ def _forward(call: _Call, q, k, v, index, key_valid, slot_bucket, dedup):
         den = torch.empty_like(mx)
         for r, c0, c1 in call.blocks(hg):
             blk = _block(call, index, h0, h1, c0, c1, q.device)
-            _, _, _, dots, _ = _logits(call, blk, q2, k2, key_valid, slot_bucket, chunk_of, h0, h1)
+            _, _, _, dots, _ = _logits(call, blk, q2, k2, masks, h0, h1)
             # online softmax over rounds, on unnormalised sums against the running row maximum: exact for a
             # query whose only target is itself (its maximum is the self value, each occurrence weighs 1)
             m_b = dots.amax(dim=-1)
@@ -239,10 +251,9 @@ def _row_dots(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     return out
 
 
-def _backward(call: _Call, q, k, v, index, key_valid, slot_bucket, dedup, out, lse, lse_lo, dout, dlse):
+def _backward(call: _Call, q, k, v, index, masks: _Masks, out, lse, lse_lo, dout, dlse):
     acc = lse.dtype
     q2, k2, v2 = _flat(q), None if k is None else _flat(k), _flat(v)
-    chunk_of = _chunk_of(call, index, dedup, q.device)
     lse2, lo2 = lse.reshape(-1), lse_lo.reshape(-1)
     # delta = rowsum(dO * O) - dlse: dS = P * (dP - delta)
     if dout is None:
@@ -265,7 +276,7 @@ def _backward(call: _Call, q, k, v, index, key_valid, slot_bucket, dedup, out, l
         dq_acc, dk_acc, dv_acc = accs
         for _, c0, c1 in call.blocks(hg):
             blk = _block(call, index, h0, h1, c0, c1, q.device)
-            qb, raw, kb, dots, replaced = _logits(call, blk, q2, k2, key_valid, slot_bucket, chunk_of, h0, h1)
+            qb, raw, kb, dots, replaced = _logits(call, blk, q2, k2, masks, h0, h1)
             shape_q = tuple(blk.pos_q.shape)
             rq = blk.rows_q.reshape(-1)
             p = dots.sub_(lse2[rq].view(shape_q).unsqueeze(-1)).sub_(lo2[rq].view(shape_q).unsqueeze(-1)).exp_()
@@ -293,7 +304,7 @@ def _backward(call: _Call, q, k, v, index, key_valid, slot_bucket, dedup, out, l
 def chunked_attention_blockwise(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
                                 chunk_len: int, n_before: int, n_after: int, causal: bool, self_mask: bool = True,
                                 key_valid: Tensor | None = None, slot_bucket: Tensor | None = None,
-                                dedup: bool = False) -> tuple[Tensor, Tensor]:
+                                doc_ids: Tensor | None = None, dedup: bool = False) -> tuple[Tensor, Tensor]:
     """The contract of ``chunked_attention``, memory-lean (see the module docstring)."""
     b, length, h, d = q.shape
     s = length if index is None else index.shape[-1]
@@ -303,4 +314,4 @@ def chunked_attention_blockwise(q: Tensor, k: Tensor | None, v: Tensor, index: T
     call = _Call(b, length, h, d, s, chunk_len, n_before, n_after, causal, self_mask, head_group)
     q, v = q.contiguous(), v.contiguous()
     k = None if k is None else k.contiguous()
-    return _BlockwiseAttention.apply(q, k, v, index, key_valid, slot_bucket, call, dedup)
+    return _BlockwiseAttention.apply(q, k, v, index, key_valid, slot_bucket, doc_ids, call, dedup)

@@ -12,8 +12,9 @@
   chunk itself, ``n_before`` chunks before and ``n_after`` after, wrapping over all S slots (HF/trax).
   Keys and values are read from the unsorted tensors through ``index``: no sorted copies exist.
 - Masks (``logits.masked_logits``), all by original position: causal (key position <= query position),
-  ``key_valid`` [B, L] (False = never attended), ``slot_bucket`` [B, H, S] (same-bucket-only), then self
-  (``self_mask``: a query's own position gets -1e5). ``dedup`` subtracts log(number of rounds' windows in
+  ``key_valid`` [B, L] (False = never attended), ``slot_bucket`` [B, H, S] (same-bucket-only), ``doc_ids``
+  [B, L] (a key in another document is never attended), then self (``self_mask``: a query's own position
+  gets -1e5). ``dedup`` subtracts log(number of rounds' windows in
   which the key occurs) (duplicate-attention correction).
 - Returns out [B, L, H, D] (dtype of v) merged over rounds: one softmax over the union of every round's
   window occurrences, which equals HF's log-sum-exp merge of per-round outputs; and lse [B, L, H] (float32,
@@ -67,7 +68,8 @@ def _load_fused() -> None:
 
 
 def check_call(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None, *, chunk_len: int,
-               key_valid: Tensor | None = None, slot_bucket: Tensor | None = None) -> None:
+               key_valid: Tensor | None = None, slot_bucket: Tensor | None = None,
+               doc_ids: Tensor | None = None) -> None:
     """Raise ValueError naming the argument when a call breaks the contract's shapes."""
     if q.dim() != 4:
         raise ValueError(f"chunked_attention: q must be [B, L, H, D], got shape {tuple(q.shape)}")
@@ -81,8 +83,9 @@ def check_call(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None, *, 
                          f"got {tuple(index.shape)}")
     if chunk_len < 1 or length % chunk_len:
         raise ValueError(f"chunked_attention: length {length} is not a multiple of chunk_len {chunk_len}")
-    if key_valid is not None and tuple(key_valid.shape) != (b, length):
-        raise ValueError(f"chunked_attention: key_valid must be [B, L] = [{b}, {length}], got {tuple(key_valid.shape)}")
+    for name, t in (("key_valid", key_valid), ("doc_ids", doc_ids)):
+        if t is not None and tuple(t.shape) != (b, length):
+            raise ValueError(f"chunked_attention: {name} must be [B, L] = [{b}, {length}], got {tuple(t.shape)}")
     if slot_bucket is not None and tuple(slot_bucket.shape) != (b, h, s):
         raise ValueError(f"chunked_attention: slot_bucket must be [B, H, S] = [{b}, {h}, {s}], "
                          f"got {tuple(slot_bucket.shape)}")
@@ -92,7 +95,7 @@ def chunked_attention(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | No
                       **kwargs) -> tuple[Tensor, Tensor]:
     """Dispatch to a backend; the module docstring states the contract every backend implements."""
     check_call(q, k, v, index, chunk_len=kwargs["chunk_len"], key_valid=kwargs.get("key_valid"),
-               slot_bucket=kwargs.get("slot_bucket"))
+               slot_bucket=kwargs.get("slot_bucket"), doc_ids=kwargs.get("doc_ids"))
     if backend == "auto":
         if q.is_cuda:
             _load_fused()

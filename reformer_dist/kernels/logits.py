@@ -88,13 +88,14 @@ def duplicate_counts(q_pos: Tensor, k_pos: Tensor, chunk_of: Tensor, n_before: i
 
 def masked_logits(q: Tensor, kw: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal: bool, self_mask: bool,
                   k_valid: Tensor | None = None, q_bucket: Tensor | None = None, k_bucket: Tensor | None = None,
+                  q_doc: Tensor | None = None, k_doc: Tensor | None = None,
                   counts: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Logits of queries q [B,H,n,M,D] against their windows kw [B,H,n,W,D] after all masks.
 
     q_pos [B,H,n,M] and k_pos [B,H,n,W] are original positions; k_valid [B,H,n,W] marks real keys;
-    q_bucket/k_bucket enable the same-bucket-only mask; counts [B,H,n,M,W] the duplicate correction
-    (subtract log count). Returns (logits in the accumulation dtype, bool mask of entries replaced by a
-    constant, or None).
+    q_bucket/k_bucket enable the same-bucket-only mask and q_doc/k_doc the same-document mask; counts
+    [B,H,n,M,W] the duplicate correction (subtract log count). Returns (logits in the accumulation dtype,
+    bool mask of entries replaced by a constant, or None).
     """
     acc = acc_dtype(q)
     dots = torch.matmul(q, kw.transpose(-1, -2)).to(acc)
@@ -105,9 +106,10 @@ def masked_logits(q: Tensor, kw: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal
         visible = q_pos.unsqueeze(-1) >= k_pos.unsqueeze(-2)
     if k_valid is not None:
         visible = k_valid.unsqueeze(-2) if visible is None else visible & k_valid.unsqueeze(-2)
-    if q_bucket is not None:
-        same = q_bucket.unsqueeze(-1) == k_bucket.unsqueeze(-2)
-        visible = same if visible is None else visible & same
+    for a, b in ((q_bucket, k_bucket), (q_doc, k_doc)):
+        if a is not None:
+            same = a.unsqueeze(-1) == b.unsqueeze(-2)
+            visible = same if visible is None else visible & same
     replaced = None if visible is None else ~visible
     if replaced is not None:
         dots = dots.masked_fill(replaced, MASK_VALUE)

@@ -34,7 +34,7 @@ def slot_positions(index: Tensor | None, b: int, h: int, length: int, device: to
 def chunked_attention_reference(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
                                 chunk_len: int, n_before: int, n_after: int, causal: bool, self_mask: bool = True,
                                 key_valid: Tensor | None = None, slot_bucket: Tensor | None = None,
-                                dedup: bool = False) -> tuple[Tensor, Tensor]:
+                                doc_ids: Tensor | None = None, dedup: bool = False) -> tuple[Tensor, Tensor]:
     """Attention of every chunk of sorted slots over itself and its neighbours, merged over rounds (autograd)."""
     b, length, h, d = q.shape
     keys = normalize_keys(q) if k is None else scale_keys(k)
@@ -49,6 +49,7 @@ def chunked_attention_reference(q: Tensor, k: Tensor | None, v: Tensor, index: T
 
     pos = pos_s.view(b, h, n, m)
     kv = None if key_valid is None else key_valid.gather(1, pos_s.reshape(b, h * s)).view(b, h, n, m)
+    doc = None if doc_ids is None else doc_ids.gather(1, pos_s.reshape(b, h * s)).view(b, h, n, m)
     bucket = None if slot_bucket is None else slot_bucket.view(b, h, n, m)
     counts = None
     if dedup:
@@ -56,7 +57,7 @@ def chunked_attention_reference(q: Tensor, k: Tensor | None, v: Tensor, index: T
     dots, _ = masked_logits(sort(q), look_around(sort(keys), nb, na), pos, look_around(pos, nb, na), causal=causal,
                             self_mask=self_mask, k_valid=None if kv is None else look_around(kv, nb, na),
                             q_bucket=bucket, k_bucket=None if bucket is None else look_around(bucket, nb, na),
-                            counts=counts)
+                            q_doc=doc, k_doc=None if doc is None else look_around(doc, nb, na), counts=counts)
     lse_s = torch.logsumexp(dots, dim=-1)  # [B,H,N,M]
     out_s = torch.matmul(torch.softmax(dots, dim=-1).to(v.dtype), look_around(sort(v), nb, na))
     # unsort every round, then merge the rounds: softmax over their log-sum-exps (HF's merge)

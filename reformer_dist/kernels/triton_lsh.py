@@ -71,9 +71,10 @@ def _load_keys(k_ptr, rows, lane, offs_d, d_ok, stride_d, D: tl.constexpr, SCALE
 
 
 @triton.jit
-def _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, slots_q, slots_k,
+def _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, slots_q, slots_k,
             L, N, R, H, S,
             CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
+            HAS_DOC: tl.constexpr,
             DEDUP: tl.constexpr, NB: tl.constexpr, NA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Masked logits (fp32) of a query chunk against a key chunk and the mask of replaced entries."""
     s = _dot(q, tl.trans(keys), PREC, UPCAST).to(tl.float32)
@@ -98,6 +99,10 @@ def _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, 
         bq = tl.load(bucket_ptr + (b * H + h) * S + slots_q, mask=q_lane, other=0)
         bk = tl.load(bucket_ptr + (b * H + h) * S + slots_k, mask=k_lane, other=0)
         visible = visible & (bq[:, None] == bk[None, :])
+    if HAS_DOC:
+        dq_ = tl.load(doc_ptr + b * L + pos_q, mask=q_lane, other=0)
+        dk_ = tl.load(doc_ptr + b * L + pos_k, mask=k_lane, other=0)
+        visible = visible & (dq_[:, None] == dk_[None, :])
     s = tl.where(visible, s, _MASK)
     replaced = ~visible
     if SELF_MASK:
@@ -109,13 +114,13 @@ def _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, 
 
 
 @triton.jit
-def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, o_ptr, m_ptr, l_ptr,
+def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, o_ptr, m_ptr, l_ptr,
          sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd,
          h, B, L, H, S, N, R,
          M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
          NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
          SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
-         DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+         HAS_DOC: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     c = tl.program_id(0)
     b = tl.program_id(1)
     lanes = tl.arange(0, BLOCK)
@@ -138,8 +143,9 @@ def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, o_ptr, 
             _, keys = _load_keys(q_ptr, b * sqb + pos_k * sql + h * sqh, k_lane, offs_d, d_ok, sqd, D, SCALE, True)
         else:
             _, keys = _load_keys(k_ptr, b * skb + pos_k * skl + h * skh, k_lane, offs_d, d_ok, skd, D, SCALE, False)
-        s, _ = _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, slots_q,
-                       slots_k, L, N, R, H, S, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET, DEDUP, NB, NA, PREC, UPCAST)
+        s, _ = _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr,
+                       slots_q, slots_k, L, N, R, H, S, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET, HAS_DOC, DEDUP,
+                       NB, NA, PREC, UPCAST)
         vv = tl.load(v_ptr + b * svb + pos_k[:, None] * svl + h * svh + offs_d[None, :] * svd,
                      mask=k_lane[:, None] & d_ok[None, :], other=0.0)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -160,13 +166,13 @@ def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, o_ptr, 
 
 
 @triton.jit
-def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, do_ptr, lse_ptr, lo_ptr, delta_ptr, dq_ptr,
+def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, do_ptr, lse_ptr, lo_ptr, delta_ptr, dq_ptr,
             sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdb, sdl, sdh, sdd, sgb, sgl, sgd,
             h, L, H, S, N, R,
             M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
             NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
             SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
-            DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+            HAS_DOC: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     c = tl.program_id(0)
     b = tl.program_id(1)
     lanes = tl.arange(0, BLOCK)
@@ -192,8 +198,8 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, do_p
         else:
             _, keys = _load_keys(k_ptr, b * skb + pos_k * skl + h * skh, k_lane, offs_d, d_ok, skd, D, SCALE, False)
         s, replaced = _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr,
-                              slots_q, slots_k, L, N, R, H, S, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET, DEDUP,
-                              NB, NA, PREC, UPCAST)
+                              doc_ptr, slots_q, slots_k, L, N, R, H, S, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET,
+                              HAS_DOC, DEDUP, NB, NA, PREC, UPCAST)
         vv = tl.load(v_ptr + b * svb + pos_k[:, None] * svl + h * svh + offs_d[None, :] * svd,
                      mask=k_lane[:, None] & d_ok[None, :], other=0.0)
         p = tl.exp((s - lse[:, None]) - lo[:, None])
@@ -204,14 +210,14 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, do_p
 
 
 @triton.jit
-def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, do_ptr, lse_ptr, lo_ptr, delta_ptr,
+def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, do_ptr, lse_ptr, lo_ptr, delta_ptr,
               dk_ptr, dv_ptr,
               sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdb, sdl, sdh, sdd, sgb, sgl, sgd,
               h, L, H, S, N, R,
               M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
               NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
               SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
-              DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+              HAS_DOC: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     kc = tl.program_id(0)
     b = tl.program_id(1)
     lanes = tl.arange(0, BLOCK)
@@ -242,8 +248,8 @@ def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, do
         lo = tl.load(lo_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
         delta = tl.load(delta_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
         s, replaced = _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr,
-                              slots_q, slots_k, L, N, R, H, S, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET, DEDUP,
-                              NB, NA, PREC, UPCAST)
+                              doc_ptr, slots_q, slots_k, L, N, R, H, S, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET,
+                              HAS_DOC, DEDUP, NB, NA, PREC, UPCAST)
         p = tl.where(q_lane[:, None], tl.exp((s - lse[:, None]) - lo[:, None]), 0.0)
         dv += _dot(tl.trans(p).to(do.dtype), do, PREC, UPCAST).to(tl.float32)
         dp = _dot(do, tl.trans(vv), PREC, UPCAST).to(tl.float32)
@@ -267,8 +273,8 @@ def _strides(t: Tensor | None, like: Tensor) -> tuple[int, int, int, int]:
 class _Call:
     """Sizes, flags and the pointer tensors shared by the three kernels."""
 
-    def __init__(self, q, k, v, index, key_valid, slot_bucket, chunk_len, n_before, n_after, causal, self_mask,
-                 dedup):
+    def __init__(self, q, k, v, index, key_valid, slot_bucket, doc_ids, chunk_len, n_before, n_after, causal,
+                 self_mask, dedup):
         b, length, h, d = q.shape
         self.b, self.length, self.h, self.d = b, length, h, d
         self.s = length if index is None else index.shape[-1]
@@ -279,6 +285,7 @@ class _Call:
         self.index = index.to(torch.int32).contiguous() if index is not None else dummy
         self.valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else dummy
         self.bucket = slot_bucket.to(torch.int32).contiguous() if slot_bucket is not None else dummy
+        self.doc = doc_ids.to(torch.int32).contiguous() if doc_ids is not None else dummy
         chunk = None
         if dedup:
             ident = torch.arange(length, device=dev, dtype=torch.int32).expand(b, h, length)
@@ -287,12 +294,13 @@ class _Call:
         self.meta = dict(M=chunk_len, D=d, SCALE=1.0 / math.sqrt(d), BLOCK=max(16, triton.next_power_of_2(chunk_len)),
                          BLOCK_D=max(16, triton.next_power_of_2(d)), NB=n_before, NA=n_after, CAUSAL=causal,
                          SELF_MASK=self_mask, SHARED=k is None, HAS_INDEX=index is not None,
-                         HAS_VALID=key_valid is not None, HAS_BUCKET=slot_bucket is not None, DEDUP=dedup,
+                         HAS_VALID=key_valid is not None, HAS_BUCKET=slot_bucket is not None,
+                         HAS_DOC=doc_ids is not None, DEDUP=dedup,
                          PREC="ieee" if q.dtype == torch.float32 else "tf32",
                          UPCAST=q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1")
 
     def tensors(self):
-        return self.index, self.valid, self.bucket, self.chunk
+        return self.index, self.valid, self.bucket, self.chunk, self.doc
 
 
 def _forward(call: _Call, q, k, v):
@@ -354,37 +362,37 @@ def _backward(call: _Call, q, k, v, out, lse, lse_lo, dout, dlse):
 
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, index, key_valid, slot_bucket, opts: dict):
+    def forward(ctx, q, k, v, index, key_valid, slot_bucket, doc_ids, opts: dict):
         ctx.set_materialize_grads(False)
-        call = _Call(q, k, v, index, key_valid, slot_bucket, **opts)
+        call = _Call(q, k, v, index, key_valid, slot_bucket, doc_ids, **opts)
         with torch.autocast(q.device.type, enabled=False):
             out, lse, lse_lo = _forward(call, q, k, v)
-        ctx.save_for_backward(q, k, v, index, key_valid, slot_bucket, out, lse, lse_lo)
+        ctx.save_for_backward(q, k, v, index, key_valid, slot_bucket, doc_ids, out, lse, lse_lo)
         ctx.opts = opts
         ctx.mark_non_differentiable(lse_lo)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, index, key_valid, slot_bucket, out, lse, lse_lo = ctx.saved_tensors
+        q, k, v, index, key_valid, slot_bucket, doc_ids, out, lse, lse_lo = ctx.saved_tensors
         if dout is None and dlse is None:
-            return (None,) * 7
+            return (None,) * 8
         if dout is None:
             dout = torch.zeros_like(out)
-        call = _Call(q, k, v, index, key_valid, slot_bucket, **ctx.opts)
+        call = _Call(q, k, v, index, key_valid, slot_bucket, doc_ids, **ctx.opts)
         with torch.autocast(q.device.type, enabled=False):
             dq, dk, dv = _backward(call, q, k, v, out, lse, lse_lo, dout, dlse)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def chunked_attention_triton(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
                              chunk_len: int, n_before: int, n_after: int, causal: bool, self_mask: bool = True,
                              key_valid: Tensor | None = None, slot_bucket: Tensor | None = None,
-                             dedup: bool = False) -> tuple[Tensor, Tensor]:
+                             doc_ids: Tensor | None = None, dedup: bool = False) -> tuple[Tensor, Tensor]:
     """The contract of ``kernels.chunked_attention``, fused (see the module docstring)."""
     opts = dict(chunk_len=chunk_len, n_before=n_before, n_after=n_after, causal=causal, self_mask=self_mask,
                 dedup=dedup)
-    return _TritonAttention.apply(q, k, v, index, key_valid, slot_bucket, opts)
+    return _TritonAttention.apply(q, k, v, index, key_valid, slot_bucket, doc_ids, opts)
 
 
 def supports(q: Tensor, *, chunk_len: int, **_) -> bool:

@@ -14,6 +14,7 @@ class AttentionContext:
 
     hash_seed: base seed of this step's LSH rotations (each layer derives its own from it).
     key_valid: [B, L] bool over the sequence attention sees (False = padding), or None.
+    doc_ids: [B, L] int over the sequence attention sees: a token attends only to its own document; or None.
     head_offset: index of the first head this process computes (sequence parallelism splits heads).
     backend: attention core implementation ("auto", "reference", or a registered fused kernel).
     sequence_parallel: optional object with ``attend(fn, *tensors, ctx)`` that re-shards [B, L, H, D]
@@ -22,6 +23,7 @@ class AttentionContext:
 
     hash_seed: int = 0
     key_valid: Tensor | None = None
+    doc_ids: Tensor | None = None
     head_offset: int = 0
     backend: str = "auto"
     sequence_parallel: Any | None = None

@@ -14,29 +14,31 @@ from reformer_dist.model.context import AttentionContext
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_len: int, n_before: int, n_after: int,
-                    causal: bool, key_valid: Tensor | None = None, backend: str = "auto") -> Tensor:
+                    causal: bool, key_valid: Tensor | None = None, doc_ids: Tensor | None = None,
+                    backend: str = "auto") -> Tensor:
     """Each chunk of M positions attends to itself and its neighbour chunks (HF "local"). [B,L,H,D] in/out."""
     length = q.shape[1]
     if length <= chunk_len:
         chunk_len, n_before, n_after = length, 0, 0
     out, _ = chunked_attention(q, k, v, None, chunk_len=chunk_len, n_before=n_before, n_after=n_after, causal=causal,
-                               self_mask=False, key_valid=key_valid, backend=backend)
+                               self_mask=False, key_valid=key_valid, doc_ids=doc_ids, backend=backend)
     return out
 
 
 def full_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_valid: Tensor | None = None,
-                   backend: str = "auto") -> Tensor:
+                   doc_ids: Tensor | None = None, backend: str = "auto") -> Tensor:
     """Ordinary softmax attention over the whole sequence. [B,L,H,D] in/out.
 
-    Without padding this is SDPA (memory-efficient kernels where the platform has them); with padding it
-    is the attention core with one chunk, whose logits are O(L^2): "full" layers are for short contexts.
+    Without padding or documents this is SDPA (memory-efficient kernels where the platform has them); with
+    them it is the attention core with one chunk, whose logits are O(L^2): "full" layers are for short
+    contexts.
     """
-    if key_valid is None:
+    if key_valid is None and doc_ids is None:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=causal)
         return out.transpose(1, 2)
     return local_attention(q, k, v, chunk_len=q.shape[1], n_before=0, n_after=0, causal=causal,
-                           key_valid=key_valid, backend=backend)
+                           key_valid=key_valid, doc_ids=doc_ids, backend=backend)
 
 
 class LocalSelfAttention(nn.Module):
@@ -61,7 +63,8 @@ class LocalSelfAttention(nn.Module):
         """Core on [B, L, H', D] tensors."""
         cfg = self.cfg
         if self.full:
-            return full_attention(q, k, v, causal=cfg.causal, key_valid=ctx.key_valid, backend=ctx.backend)
+            return full_attention(q, k, v, causal=cfg.causal, key_valid=ctx.key_valid, doc_ids=ctx.doc_ids,
+                                  backend=ctx.backend)
         return local_attention(q, k, v, chunk_len=cfg.local_chunk, n_before=cfg.local_n_chunks_before,
                                n_after=cfg.local_n_chunks_after, causal=cfg.causal, key_valid=ctx.key_valid,
-                               backend=ctx.backend)
+                               doc_ids=ctx.doc_ids, backend=ctx.backend)

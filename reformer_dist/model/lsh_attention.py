@@ -10,6 +10,8 @@ touching this file.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -30,6 +32,7 @@ def lsh_attention(
     n_after: int,
     causal: bool,
     key_valid: Tensor | None = None,
+    doc_ids: Tensor | None = None,
     same_bucket_only: bool = False,
     allow_duplicate_attention: bool = True,
     backend: str = "auto",
@@ -37,20 +40,26 @@ def lsh_attention(
 ):
     """LSH attention of qk, v [B, L, H, D] with rotations [H, D, R, F]; returns [B, L, H, D].
 
-    L must be a multiple of chunk_len (the model pads); key_valid [B, L] marks real tokens. With
-    ``return_buckets`` also returns the bucket ids [B, H, R, L] (None for a single chunk).
+    L must be a multiple of chunk_len (the model pads); key_valid [B, L] marks real tokens. With doc_ids
+    [B, L] a token attends only to its own document, and each round is sorted by (document, bucket,
+    position): a document's tokens fill the same slots whatever another document holds, so no document can
+    move another's chunk windows. With ``return_buckets`` also returns the bucket ids [B, H, R, L] (None
+    for a single chunk).
     """
     length = qk.shape[1]
     if length <= chunk_len:  # one chunk: plain attention with the same masks, hashing is irrelevant
         out, _ = chunked_attention(qk, None, v, None, chunk_len=length, n_before=0, n_after=0, causal=causal,
-                                   self_mask=True, key_valid=key_valid, backend=backend)
+                                   self_mask=True, key_valid=key_valid, doc_ids=doc_ids, backend=backend)
         return (out, None) if return_buckets else out
     buckets = hash_buckets(qk, rotations, factors, key_valid)  # [B,H,R,L] int32
-    perm = sort_buckets(buckets)  # [B,H,R*L] int32
+    if doc_ids is None:
+        perm = sort_buckets(buckets)  # [B,H,R*L] int32
+    else:  # (document, bucket) keys: one bucket id space per document (padding is a bucket of its own)
+        perm = sort_buckets(doc_ids[:, None, None, :].long() * (math.prod(factors) + 1) + buckets)
     slot_bucket = buckets.view(*buckets.shape[:2], -1).gather(2, _round_offsets(perm, length)) if same_bucket_only else None
     out, _ = chunked_attention(qk, None, v, perm, chunk_len=chunk_len, n_before=n_before, n_after=n_after,
                                causal=causal, self_mask=True, key_valid=key_valid, slot_bucket=slot_bucket,
-                               dedup=not allow_duplicate_attention, backend=backend)
+                               doc_ids=doc_ids, dedup=not allow_duplicate_attention, backend=backend)
     return (out, buckets) if return_buckets else out
 
 
@@ -89,5 +98,5 @@ class LSHSelfAttention(nn.Module):
         rot = rot[ctx.head_offset : ctx.head_offset + qk.shape[2]]
         return lsh_attention(qk, v, rot, factors, chunk_len=cfg.chunk_len, n_before=cfg.n_chunks_before,
                              n_after=cfg.n_chunks_after, causal=cfg.causal, key_valid=ctx.key_valid,
-                             same_bucket_only=cfg.same_bucket_only,
+                             doc_ids=ctx.doc_ids, same_bucket_only=cfg.same_bucket_only,
                              allow_duplicate_attention=cfg.allow_duplicate_attention, backend=ctx.backend)

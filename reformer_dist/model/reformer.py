@@ -70,11 +70,24 @@ class ReformerLM(nn.Module):
                 raise ValueError(f"input_ids: token ids must be in [0, vocab_size={self.cfg.vocab_size}), "
                                  f"got min {lo} max {hi}")
 
-    def streams(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, position_offset: int = 0,
-                hash_seed: int | None = None, sequence_parallel=None) -> tuple[Tensor, Tensor, int]:
-        """The two final residual streams [B, Lp, D] each (Lp = L padded to the chunk lengths) and L."""
+    def streams(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, document_ids: Tensor | None = None,
+                positions: Tensor | None = None, position_offset: int = 0, hash_seed: int | None = None,
+                sequence_parallel=None) -> tuple[Tensor, Tensor, int]:
+        """The two final residual streams [B, Lp, D] each (Lp = L padded to the chunk lengths) and L.
+
+        ``document_ids`` [B, L] (``model.documents.document_ids``): a token attends only to tokens of its own
+        document; under sequence parallelism give the whole sequence's ids (attention sees all of it).
+        ``positions`` [B, L]: position of every token for the position embeddings (e.g. restarting per
+        document, ``model.documents.positions_in_document``); default ``position_offset + arange(L)``.
+        """
         self._check_inputs(input_ids, position_offset)
         b, l = input_ids.shape
+        sp = 1 if sequence_parallel is None else sequence_parallel.size
+        if document_ids is not None and tuple(document_ids.shape) != (b, l * sp):
+            raise ValueError(f"document_ids: expected shape {(b, l * sp)} (the whole sequence), "
+                             f"got {tuple(document_ids.shape)}")
+        if positions is not None and tuple(positions.shape) != (b, l):
+            raise ValueError(f"positions: expected shape {(b, l)}, got {tuple(positions.shape)}")
         # Pad to a multiple of the chunk lengths; padded keys are masked and hashed to a bucket of their own.
         mult = self.cfg.pad_multiple()
         pad = (-l) % mult if l > self._min_chunk() else 0
@@ -85,15 +98,23 @@ class ReformerLM(nn.Module):
             if attention_mask is not None:
                 raise ValueError("attention_mask is not supported with sequence parallelism")
             pad = 0
+        docs = None if document_ids is None else document_ids.to(torch.int32)
+        if positions is None:
+            positions = torch.arange(position_offset, position_offset + l, device=input_ids.device)
         if pad:
             input_ids = F.pad(input_ids, (0, pad), value=0)
             valid = torch.ones(b, l, dtype=torch.bool, device=input_ids.device) if key_valid is None else key_valid
             key_valid = F.pad(valid, (0, pad), value=False)
-        positions = torch.arange(position_offset, position_offset + input_ids.shape[1], device=input_ids.device)
+            if docs is not None:  # padding is a document of its own, after every real one
+                docs = F.pad(docs, (0, pad), value=torch.iinfo(torch.int32).max)
+            if positions.dim() == 2:  # padded positions repeat the last one (masked keys, ignored labels)
+                positions = torch.cat([positions, positions[:, -1:].expand(b, pad)], dim=1)
+            else:
+                positions = torch.arange(position_offset, position_offset + l + pad, device=input_ids.device)
         positions = positions.clamp(max=self.cfg.max_seq_len - 1)  # padding may run past the last position
         x = F.dropout(self.tok_emb(input_ids), self.cfg.dropout, self.training) + self.pos_emb(positions)
         actx = AttentionContext(hash_seed=self.cfg.hash_seed if hash_seed is None else int(hash_seed),
-                                key_valid=key_valid, backend=self.cfg.attention_backend,
+                                key_valid=key_valid, doc_ids=docs, backend=self.cfg.attention_backend,
                                 sequence_parallel=sequence_parallel)
         x1, x2 = self.stack(x, x, actx)
         return x1, x2, l
@@ -108,13 +129,15 @@ class ReformerLM(nn.Module):
         return min(lens) if lens else 1
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, attention_mask: Tensor | None = None,
-                position_offset: int = 0, hash_seed: int | None = None, reduction: str = "mean",
-                sequence_parallel=None):
+                document_ids: Tensor | None = None, positions: Tensor | None = None, position_offset: int = 0,
+                hash_seed: int | None = None, reduction: str = "mean", sequence_parallel=None):
         """Logits [B, L, V] without labels; with labels the chunked cross-entropy: its mean over labels !=
-        -100 (``reduction="mean"``) or ``(sum, count)`` (``reduction="sum"``, for averaging across ranks)."""
+        -100 (``reduction="mean"``) or ``(sum, count)`` (``reduction="sum"``, for averaging across ranks).
+        ``document_ids`` and ``positions``: see ``streams``."""
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-        x1, x2, l = self.streams(input_ids, attention_mask, position_offset=position_offset, hash_seed=hash_seed,
+        x1, x2, l = self.streams(input_ids, attention_mask, document_ids=document_ids, positions=positions,
+                                 position_offset=position_offset, hash_seed=hash_seed,
                                  sequence_parallel=sequence_parallel)
         if labels is None:
             return self.head(x1[:, :l], x2[:, :l])

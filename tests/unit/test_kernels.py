@@ -22,6 +22,8 @@ CASES = [
     (2, 8, 2, 4, 8, 1, 0, 0, False, True, ("identity",)),
     (1, 16, 2, 8, 4, 4, 1, 0, True, True, ("valid", "dedup")),
     (2, 20, 2, 8, 4, 2, 1, 2, False, False, ("valid", "bucket")),
+    (2, 24, 2, 8, 4, 2, 1, 0, True, True, ("valid", "doc")),
+    (1, 16, 1, 8, 4, 1, 1, 1, False, False, ("identity", "doc")),
 ]
 
 
@@ -37,6 +39,8 @@ def make_inputs(b, length, h, d, r, shared, extras, seed):
         kw["key_valid"] = torch.rand(b, length, generator=g) > 0.25
     if "bucket" in extras:
         kw["slot_bucket"] = torch.randint(0, 3, (b, h, r * length), generator=g)
+    if "doc" in extras:  # packed documents: sorted random boundaries
+        kw["doc_ids"] = torch.randint(0, 2, (b, length), generator=g).cumsum(-1).to(torch.int32) // 3
     if "dedup" in extras:
         kw["dedup"] = True
     return q, None if shared else k, v, index, kw

@@ -24,6 +24,7 @@ CASES = [
     (1, 24, 2, 16, 8, 2, 0, 2, False, False, ("valid", "bucket")),
     (2, 16, 2, 16, 16, 1, 0, 0, False, False, ("identity", "valid")),  # local/full attention: no permutation
     (1, 48, 1, 16, 16, 1, 1, 0, True, False, ("identity",)),
+    (1, 32, 1, 16, 8, 2, 1, 0, True, True, ("valid", "doc")),
 ]
 
 
@@ -48,6 +49,8 @@ def make_inputs(b, length, h, d, r, shared, extras, seed, dtype):
         kw["key_valid"] = torch.rand(b, length, generator=g) > 0.25
     if "bucket" in extras:
         kw["slot_bucket"] = torch.randint(0, 3, (b, h, r * length), generator=g, dtype=torch.int32)
+    if "doc" in extras:  # packed documents: sorted random boundaries
+        kw["doc_ids"] = torch.randint(0, 2, (b, length), generator=g).cumsum(-1).to(torch.int32) // 3
     if "dedup" in extras:
         kw["dedup"] = True
     return q, None if shared else k, v, index, kw
