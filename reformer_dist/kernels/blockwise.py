@@ -83,7 +83,7 @@ class _Call:
 class _Block:
     """One block's gathered operands: positions, flat rows into [B*L*H] (global) and [B*L*Hg] (group)."""
 
-    pos_q: Tensor  # [B,Hg,nc,M]
+    pos_q: Tensor  # [B,Hg,nc,M] rows (original positions unless the call gives positions)
     pos_k: Tensor  # [B,Hg,nc,W]
     rows_q: Tensor  # [B,Hg,nc*M] rows of [B*L*H]
     rows_k: Tensor  # [B,Hg,nc,W]
@@ -125,6 +125,10 @@ def _logits(call: _Call, blk: _Block, q2: Tensor, k2: Tensor | None, masks: "_Ma
     """(q block, raw key rows, keys, logits, replaced) of one block."""
     b, hg, nc, m = blk.pos_q.shape
     w = blk.pos_k.shape[-1]
+    mpos_q, mpos_k = blk.pos_q, blk.pos_k  # positions for the causal and self masks
+    if masks.positions is not None:
+        mp = masks.positions[:, h0:h1]
+        mpos_q, mpos_k = mp[:, :, blk.slot_q].long().view(b, hg, nc, m), mp[:, :, blk.slot_k].long()
     qb = _rows(q2, blk.rows_q, (b, hg, nc, m))
     raw = _rows(q2 if k2 is None else k2, blk.rows_k, (b, hg, nc, w))
     kb = normalize_keys(raw) if k2 is None else scale_keys(raw)
@@ -140,8 +144,9 @@ def _logits(call: _Call, blk: _Block, q2: Tensor, k2: Tensor | None, masks: "_Ma
         q_bucket, k_bucket = sb[:, :, blk.slot_q].view(b, hg, nc, m), sb[:, :, blk.slot_k]
     counts = None
     if masks.chunk_of is not None:
-        counts = duplicate_counts(blk.pos_q, blk.pos_k, masks.chunk_of[:, h0:h1], call.n_before, call.n_after)
-    dots, replaced = masked_logits(qb, kb, blk.pos_q, blk.pos_k, causal=call.causal, self_mask=call.self_mask,
+        counts = duplicate_counts(blk.pos_q, blk.pos_k, masks.chunk_of[:, h0:h1], call.n_before, call.n_after,
+                                  masks.n_chunks)
+    dots, replaced = masked_logits(qb, kb, mpos_q, mpos_k, causal=call.causal, self_mask=call.self_mask,
                                    k_valid=k_valid, q_bucket=q_bucket, k_bucket=k_bucket, q_doc=q_doc, k_doc=k_doc,
                                    counts=counts)
     return qb, raw, kb, dots, replaced
@@ -149,12 +154,15 @@ def _logits(call: _Call, blk: _Block, q2: Tensor, k2: Tensor | None, masks: "_Ma
 
 @dataclass
 class _Masks:
-    """Per-call mask inputs: key_valid and doc_ids [B, L], slot_bucket [B, H, S], chunk_of [B, H, R, L]."""
+    """Per-call mask inputs: key_valid and doc_ids [B, L] per row, slot_bucket and positions [B, H, S],
+    chunk_of [B, H, R, L] (dedup only) over ``n_chunks`` chunks."""
 
     key_valid: Tensor | None
     doc_ids: Tensor | None
     slot_bucket: Tensor | None
+    positions: Tensor | None
     chunk_of: Tensor | None
+    n_chunks: int
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -164,33 +172,37 @@ def _flat(x: Tensor) -> Tensor:
 
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, index, key_valid, slot_bucket, doc_ids, call: _Call, dedup: bool):
+    def forward(ctx, q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, call: _Call, dedup: bool,
+                n_chunks: int | None):
         ctx.set_materialize_grads(False)
-        masks = _Masks(key_valid, doc_ids, slot_bucket, _chunk_of(call, index, dedup, q.device))
+        masks = _masks(call, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, dedup, n_chunks, q.device)
         with torch.autocast(q.device.type, enabled=False):  # the core fixes its own precision
             out, lse, lse_lo = _forward(call, q, k, v, index, masks)
-        ctx.save_for_backward(q, k, v, index, key_valid, slot_bucket, doc_ids, out, lse, lse_lo)
-        ctx.call, ctx.dedup = call, dedup
+        ctx.save_for_backward(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, out, lse, lse_lo)
+        ctx.call, ctx.dedup, ctx.n_chunks = call, dedup, n_chunks
         ctx.mark_non_differentiable(lse_lo)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, index, key_valid, slot_bucket, doc_ids, out, lse, lse_lo = ctx.saved_tensors
+        q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, out, lse, lse_lo = ctx.saved_tensors
         if dout is None and dlse is None:
-            return (None,) * 9
-        masks = _Masks(key_valid, doc_ids, slot_bucket, _chunk_of(ctx.call, index, ctx.dedup, q.device))
+            return (None,) * 12
+        masks = _masks(ctx.call, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, ctx.dedup, ctx.n_chunks,
+                       q.device)
         with torch.autocast(q.device.type, enabled=False):
             dq, dk, dv = _backward(ctx.call, q, k, v, index, masks, out, lse, lse_lo, dout, dlse)
-        return dq, dk, dv, None, None, None, None, None, None
+        return (dq, dk, dv) + (None,) * 9
 
 
-def _chunk_of(call: _Call, index: Tensor | None, dedup: bool, device) -> Tensor | None:
-    if not dedup:
-        return None
-    if index is None:
-        index = torch.arange(call.length, device=device, dtype=torch.int32).expand(call.b, call.h, call.length)
-    return chunk_of_positions(index, call.length, call.m)
+def _masks(call: _Call, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, dedup: bool,
+           n_chunks: int | None, device: torch.device) -> _Masks:
+    if dedup and chunk_of is None:
+        rows = index if index is not None else \
+            torch.arange(call.length, device=device, dtype=torch.int32).expand(call.b, call.h, call.length)
+        chunk_of = chunk_of_positions(rows.to(torch.int32), call.length, call.m)
+    return _Masks(key_valid, doc_ids, slot_bucket, positions, chunk_of if dedup else None,
+                  call.n_chunks if n_chunks is None else n_chunks)
 
 
 def split_lse(m: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
@@ -304,7 +316,8 @@ def _backward(call: _Call, q, k, v, index, masks: _Masks, out, lse, lse_lo, dout
 def chunked_attention_blockwise(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
                                 chunk_len: int, n_before: int, n_after: int, causal: bool, self_mask: bool = True,
                                 key_valid: Tensor | None = None, slot_bucket: Tensor | None = None,
-                                doc_ids: Tensor | None = None, dedup: bool = False) -> tuple[Tensor, Tensor]:
+                                doc_ids: Tensor | None = None, dedup: bool = False, positions: Tensor | None = None,
+                                chunk_of: Tensor | None = None, n_chunks: int | None = None) -> tuple[Tensor, Tensor]:
     """The contract of ``chunked_attention``, memory-lean (see the module docstring)."""
     b, length, h, d = q.shape
     s = length if index is None else index.shape[-1]
@@ -314,4 +327,5 @@ def chunked_attention_blockwise(q: Tensor, k: Tensor | None, v: Tensor, index: T
     call = _Call(b, length, h, d, s, chunk_len, n_before, n_after, causal, self_mask, head_group)
     q, v = q.contiguous(), v.contiguous()
     k = None if k is None else k.contiguous()
-    return _BlockwiseAttention.apply(q, k, v, index, key_valid, slot_bucket, doc_ids, call, dedup)
+    return _BlockwiseAttention.apply(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, call, dedup,
+                                     n_chunks)

@@ -5,17 +5,21 @@
 - q, v: [B, L, H, D] in the natural layout of the projections (no transposed copies). k: [B, L, H, D],
   or None for shared-QK attention, whose keys are ``normalize_keys(q)`` and whose key gradient flows
   into q. Separate keys are scaled by 1/sqrt(D).
-- index: [B, H, S] integer, S = R*L: the original position held by sorted slot s. Slots form R rounds
-  of L consecutive slots, each round a permutation of 0..L-1 (LSH: the stable sort by (bucket,
-  position)). None = the identity (one round: local attention).
+- index: [B, H, S] integer, S = R*L: the row of q/k/v (the original position) held by sorted slot s.
+  Slots form R rounds of L consecutive slots, each round a permutation of 0..L-1 (LSH: the stable sort by
+  (bucket, position)). None = the identity (one round: local attention).
 - The S slots are cut into chunks of ``chunk_len``; each chunk's queries attend to the keys of the
   chunk itself, ``n_before`` chunks before and ``n_after`` after, wrapping over all S slots (HF/trax).
   Keys and values are read from the unsorted tensors through ``index``: no sorted copies exist.
-- Masks (``logits.masked_logits``), all by original position: causal (key position <= query position),
-  ``key_valid`` [B, L] (False = never attended), ``slot_bucket`` [B, H, S] (same-bucket-only), ``doc_ids``
-  [B, L] (a key in another document is never attended), then self (``self_mask``: a query's own position
-  gets -1e5). ``dedup`` subtracts log(number of rounds' windows in
-  which the key occurs) (duplicate-attention correction).
+- Masks (``logits.masked_logits``): causal (key position <= query position), ``key_valid`` [B, L] per row
+  (False = never attended), ``slot_bucket`` [B, H, S] (same-bucket-only), ``doc_ids`` [B, L] per row (a key
+  in another document is never attended), then self (``self_mask``: a query's own position gets -1e5).
+  ``dedup`` subtracts log(number of rounds' windows in which the key occurs) (duplicate-attention
+  correction).
+- Positions are the rows unless ``positions`` [B, H, S] gives each slot's original position, and the
+  duplicate correction's chunks come from ``index`` unless ``chunk_of`` [B, H, R, L] (the flat chunk of
+  each row's token in each round) and ``n_chunks`` (their number) are given: the form in which a
+  sequence-parallel rank attends over its piece of a globally sorted order (``parallel/bucket.py``).
 - Returns out [B, L, H, D] (dtype of v) merged over rounds: one softmax over the union of every round's
   window occurrences, which equals HF's log-sum-exp merge of per-round outputs; and lse [B, L, H] (float32,
   float64 for float64 inputs), the log-sum-exp of all those logits. Both are differentiable.

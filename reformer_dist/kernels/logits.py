@@ -66,23 +66,24 @@ def chunk_of_positions(index: Tensor, length: int, chunk_len: int) -> Tensor:
     return out
 
 
-def duplicate_counts(q_pos: Tensor, k_pos: Tensor, chunk_of: Tensor, n_before: int, n_after: int) -> Tensor:
+def duplicate_counts(q_rows: Tensor, k_rows: Tensor, chunk_of: Tensor, n_before: int, n_after: int,
+                     n_chunks: int) -> Tensor:
     """How often key j occurs among all of query i's windows over all rounds (>= 1 for visible slots).
 
-    q_pos [B,H,n,M], k_pos [B,H,n,W] original positions; chunk_of [B,H,R,L] from ``chunk_of_positions``.
+    q_rows [B,H,n,M], k_rows [B,H,n,W] rows of the tokens; chunk_of [B,H,R,rows] the flat chunk (of all
+    ``n_chunks`` chunks over all rounds) holding each row's token in each round (``chunk_of_positions``).
     """
-    b, h, n, m = q_pos.shape
-    r, length = chunk_of.shape[2], chunk_of.shape[3]
-    n_total = r * length // m
-    cq = chunk_of.gather(3, q_pos.reshape(b, h, 1, n * m).expand(b, h, r, n * m).long()).view(b, h, r, n, m)
-    w = k_pos.shape[3]
-    ck = chunk_of.gather(3, k_pos.reshape(b, h, 1, n * w).expand(b, h, r, n * w).long()).view(b, h, r, n, w)
-    counts = torch.zeros(b, h, n, m, w, dtype=torch.int32, device=q_pos.device)
+    b, h, n, m = q_rows.shape
+    r = chunk_of.shape[2]
+    cq = chunk_of.gather(3, q_rows.reshape(b, h, 1, n * m).expand(b, h, r, n * m).long()).view(b, h, r, n, m)
+    w = k_rows.shape[3]
+    ck = chunk_of.gather(3, k_rows.reshape(b, h, 1, n * w).expand(b, h, r, n * w).long()).view(b, h, r, n, w)
+    counts = torch.zeros(b, h, n, m, w, dtype=torch.int32, device=q_rows.device)
     for r1 in range(r):
         for r2 in range(r):
-            diff = torch.remainder(ck[:, :, r2, :, None, :] - cq[:, :, r1, :, :, None], n_total)
+            diff = torch.remainder(ck[:, :, r2, :, None, :] - cq[:, :, r1, :, :, None], n_chunks)
             for o in range(-n_before, n_after + 1):
-                counts += diff == (o % n_total)
+                counts += diff == (o % n_chunks)
     return counts
 
 
@@ -99,8 +100,8 @@ def masked_logits(q: Tensor, kw: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal
     """
     acc = acc_dtype(q)
     dots = torch.matmul(q, kw.transpose(-1, -2)).to(acc)
-    if counts is not None:
-        dots = dots - counts.to(acc).log()
+    if counts is not None:  # >= 1 for every key of a window; the clamp keeps halo queries of a piece finite
+        dots = dots - counts.clamp(min=1).to(acc).log()
     visible = None
     if causal:
         visible = q_pos.unsqueeze(-1) >= k_pos.unsqueeze(-2)

@@ -34,34 +34,41 @@ def slot_positions(index: Tensor | None, b: int, h: int, length: int, device: to
 def chunked_attention_reference(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
                                 chunk_len: int, n_before: int, n_after: int, causal: bool, self_mask: bool = True,
                                 key_valid: Tensor | None = None, slot_bucket: Tensor | None = None,
-                                doc_ids: Tensor | None = None, dedup: bool = False) -> tuple[Tensor, Tensor]:
+                                doc_ids: Tensor | None = None, dedup: bool = False, positions: Tensor | None = None,
+                                chunk_of: Tensor | None = None, n_chunks: int | None = None) -> tuple[Tensor, Tensor]:
     """Attention of every chunk of sorted slots over itself and its neighbours, merged over rounds (autograd)."""
     b, length, h, d = q.shape
     keys = normalize_keys(q) if k is None else scale_keys(k)
-    pos_s = slot_positions(index, b, h, length, q.device)  # [B,H,S]
-    s = pos_s.shape[-1]
+    rows_s = slot_positions(index, b, h, length, q.device)  # [B,H,S]
+    s = rows_s.shape[-1]
     r, m = s // length, chunk_len
     n = s // m
     nb, na = n_before, n_after
 
     def sort(x: Tensor) -> Tensor:  # [B,L,H,D] -> [B,H,N,M,D] in slot order
-        return x.transpose(1, 2).gather(2, pos_s.unsqueeze(-1).expand(b, h, s, x.shape[-1])).view(b, h, n, m, -1)
+        return x.transpose(1, 2).gather(2, rows_s.unsqueeze(-1).expand(b, h, s, x.shape[-1])).view(b, h, n, m, -1)
 
-    pos = pos_s.view(b, h, n, m)
-    kv = None if key_valid is None else key_valid.gather(1, pos_s.reshape(b, h * s)).view(b, h, n, m)
-    doc = None if doc_ids is None else doc_ids.gather(1, pos_s.reshape(b, h * s)).view(b, h, n, m)
+    def per_slot(x: Tensor | None) -> Tensor | None:  # [B, L] per row -> [B,H,N,M]
+        return None if x is None else x.gather(1, rows_s.reshape(b, h * s)).view(b, h, n, m)
+
+    def around(x: Tensor | None) -> Tensor | None:
+        return None if x is None else look_around(x, nb, na)
+
+    rows = rows_s.view(b, h, n, m)
+    pos = rows if positions is None else positions.long().view(b, h, n, m)
     bucket = None if slot_bucket is None else slot_bucket.view(b, h, n, m)
     counts = None
     if dedup:
-        counts = duplicate_counts(pos, look_around(pos, nb, na), chunk_of_positions(pos_s, length, m), nb, na)
-    dots, _ = masked_logits(sort(q), look_around(sort(keys), nb, na), pos, look_around(pos, nb, na), causal=causal,
-                            self_mask=self_mask, k_valid=None if kv is None else look_around(kv, nb, na),
-                            q_bucket=bucket, k_bucket=None if bucket is None else look_around(bucket, nb, na),
-                            q_doc=doc, k_doc=None if doc is None else look_around(doc, nb, na), counts=counts)
+        co = chunk_of_positions(rows_s, length, m) if chunk_of is None else chunk_of
+        counts = duplicate_counts(rows, around(rows), co, nb, na, n if n_chunks is None else n_chunks)
+    kv, doc = per_slot(key_valid), per_slot(doc_ids)
+    dots, _ = masked_logits(sort(q), around(sort(keys)), pos, around(pos), causal=causal, self_mask=self_mask,
+                            k_valid=around(kv), q_bucket=bucket, k_bucket=around(bucket), q_doc=doc,
+                            k_doc=around(doc), counts=counts)
     lse_s = torch.logsumexp(dots, dim=-1)  # [B,H,N,M]
-    out_s = torch.matmul(torch.softmax(dots, dim=-1).to(v.dtype), look_around(sort(v), nb, na))
+    out_s = torch.matmul(torch.softmax(dots, dim=-1).to(v.dtype), around(sort(v)))
     # unsort every round, then merge the rounds: softmax over their log-sum-exps (HF's merge)
-    where = pos_s.view(b, h, r, length)
+    where = rows_s.view(b, h, r, length)
     lse_r = torch.zeros(b, h, r, length, dtype=lse_s.dtype, device=q.device).scatter(3, where, lse_s.view(b, h, r, length))
     out_r = torch.zeros(b, h, r, length, d, dtype=out_s.dtype, device=q.device).scatter(
         3, where.unsqueeze(-1).expand(b, h, r, length, d), out_s.view(b, h, r, length, d))

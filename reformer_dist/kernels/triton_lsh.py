@@ -71,27 +71,34 @@ def _load_keys(k_ptr, rows, lane, offs_d, d_ok, stride_d, D: tl.constexpr, SCALE
 
 
 @triton.jit
-def _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, slots_q, slots_k,
-            L, N, R, H, S,
+def _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr,
+            slots_q, slots_k, L, N, RC, H, S, NCH,
             CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
-            HAS_DOC: tl.constexpr,
+            HAS_DOC: tl.constexpr, HAS_POS: tl.constexpr,
             DEDUP: tl.constexpr, NB: tl.constexpr, NA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Masked logits (fp32) of a query chunk against a key chunk and the mask of replaced entries."""
+    """Masked logits (fp32) of a query chunk against a key chunk and the mask of replaced entries.
+
+    pos_q/pos_k are the slots' rows (where q/k/v, key_valid, doc_ids and chunk_of are read); the causal and
+    self masks use the original positions, which are the rows unless HAS_POS gives them per slot."""
     s = _dot(q, tl.trans(keys), PREC, UPCAST).to(tl.float32)
     if DEDUP:  # subtract log(number of (round, window) pairs in which the key is visible to the query)
         counts = tl.zeros(s.shape, dtype=tl.float32)
-        for r1 in range(0, R):
-            cq = tl.load(chunk_ptr + ((b * H + h) * R + r1) * L + pos_q, mask=q_lane, other=0)
-            for r2 in range(0, R):
-                ck = tl.load(chunk_ptr + ((b * H + h) * R + r2) * L + pos_k, mask=k_lane, other=0)
-                diff = ((ck[None, :] - cq[:, None]) % N + N) % N
+        for r1 in range(0, RC):
+            cq = tl.load(chunk_ptr + ((b * H + h) * RC + r1) * L + pos_q, mask=q_lane, other=0)
+            for r2 in range(0, RC):
+                ck = tl.load(chunk_ptr + ((b * H + h) * RC + r2) * L + pos_k, mask=k_lane, other=0)
+                diff = ((ck[None, :] - cq[:, None]) % NCH + NCH) % NCH
                 for o in tl.static_range(0, NB + NA + 1):
-                    off = ((o - NB) % N + N) % N
+                    off = ((o - NB) % NCH + NCH) % NCH
                     counts += tl.where(diff == off, 1.0, 0.0)
         s = s - tl.log(tl.maximum(counts, 1.0))
     visible = k_lane[None, :] & q_lane[:, None]
+    mq, mk = pos_q, pos_k
+    if HAS_POS:
+        mq = tl.load(mpos_ptr + (b * H + h) * S + slots_q, mask=q_lane, other=0).to(tl.int64)
+        mk = tl.load(mpos_ptr + (b * H + h) * S + slots_k, mask=k_lane, other=0).to(tl.int64)
     if CAUSAL:
-        visible = visible & (pos_q[:, None] >= pos_k[None, :])
+        visible = visible & (mq[:, None] >= mk[None, :])
     if HAS_VALID:
         kv = tl.load(valid_ptr + b * L + pos_k, mask=k_lane, other=0)
         visible = visible & (kv[None, :] != 0)
@@ -106,7 +113,7 @@ def _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, 
     s = tl.where(visible, s, _MASK)
     replaced = ~visible
     if SELF_MASK:
-        is_self = pos_q[:, None] == pos_k[None, :]
+        is_self = mq[:, None] == mk[None, :]
         s = tl.where(is_self, _SELF, s)
         replaced = replaced | is_self
     s = tl.where(k_lane[None, :], s, float("-inf"))  # lanes past the chunk are not keys at all
@@ -114,13 +121,13 @@ def _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, 
 
 
 @triton.jit
-def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, o_ptr, m_ptr, l_ptr,
+def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr, o_ptr, m_ptr, l_ptr,
          sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd,
-         h, B, L, H, S, N, R,
+         h, B, L, H, S, N, R, NCH, RC,
          M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
          NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
          SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
-         HAS_DOC: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+         HAS_DOC: tl.constexpr, HAS_POS: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     c = tl.program_id(0)
     b = tl.program_id(1)
     lanes = tl.arange(0, BLOCK)
@@ -144,8 +151,8 @@ def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr
         else:
             _, keys = _load_keys(k_ptr, b * skb + pos_k * skl + h * skh, k_lane, offs_d, d_ok, skd, D, SCALE, False)
         s, _ = _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr,
-                       slots_q, slots_k, L, N, R, H, S, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET, HAS_DOC, DEDUP,
-                       NB, NA, PREC, UPCAST)
+                       mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET,
+                       HAS_DOC, HAS_POS, DEDUP, NB, NA, PREC, UPCAST)
         vv = tl.load(v_ptr + b * svb + pos_k[:, None] * svl + h * svh + offs_d[None, :] * svd,
                      mask=k_lane[:, None] & d_ok[None, :], other=0.0)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -166,13 +173,13 @@ def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr
 
 
 @triton.jit
-def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, do_ptr, lse_ptr, lo_ptr, delta_ptr, dq_ptr,
+def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr, do_ptr, lse_ptr, lo_ptr, delta_ptr, dq_ptr,
             sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdb, sdl, sdh, sdd, sgb, sgl, sgd,
-            h, L, H, S, N, R,
+            h, L, H, S, N, R, NCH, RC,
             M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
             NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
             SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
-            HAS_DOC: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+            HAS_DOC: tl.constexpr, HAS_POS: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     c = tl.program_id(0)
     b = tl.program_id(1)
     lanes = tl.arange(0, BLOCK)
@@ -198,8 +205,8 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_
         else:
             _, keys = _load_keys(k_ptr, b * skb + pos_k * skl + h * skh, k_lane, offs_d, d_ok, skd, D, SCALE, False)
         s, replaced = _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr,
-                              doc_ptr, slots_q, slots_k, L, N, R, H, S, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET,
-                              HAS_DOC, DEDUP, NB, NA, PREC, UPCAST)
+                              doc_ptr, mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID,
+                              HAS_BUCKET, HAS_DOC, HAS_POS, DEDUP, NB, NA, PREC, UPCAST)
         vv = tl.load(v_ptr + b * svb + pos_k[:, None] * svl + h * svh + offs_d[None, :] * svd,
                      mask=k_lane[:, None] & d_ok[None, :], other=0.0)
         p = tl.exp((s - lse[:, None]) - lo[:, None])
@@ -210,14 +217,14 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_
 
 
 @triton.jit
-def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, do_ptr, lse_ptr, lo_ptr, delta_ptr,
+def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr, do_ptr, lse_ptr, lo_ptr, delta_ptr,
               dk_ptr, dv_ptr,
               sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdb, sdl, sdh, sdd, sgb, sgl, sgd,
-              h, L, H, S, N, R,
+              h, L, H, S, N, R, NCH, RC,
               M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
               NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
               SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
-              HAS_DOC: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+              HAS_DOC: tl.constexpr, HAS_POS: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     kc = tl.program_id(0)
     b = tl.program_id(1)
     lanes = tl.arange(0, BLOCK)
@@ -248,8 +255,8 @@ def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, do
         lo = tl.load(lo_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
         delta = tl.load(delta_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
         s, replaced = _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr,
-                              doc_ptr, slots_q, slots_k, L, N, R, H, S, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET,
-                              HAS_DOC, DEDUP, NB, NA, PREC, UPCAST)
+                              doc_ptr, mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID,
+                              HAS_BUCKET, HAS_DOC, HAS_POS, DEDUP, NB, NA, PREC, UPCAST)
         p = tl.where(q_lane[:, None], tl.exp((s - lse[:, None]) - lo[:, None]), 0.0)
         dv += _dot(tl.trans(p).to(do.dtype), do, PREC, UPCAST).to(tl.float32)
         dp = _dot(do, tl.trans(vv), PREC, UPCAST).to(tl.float32)
@@ -273,8 +280,8 @@ def _strides(t: Tensor | None, like: Tensor) -> tuple[int, int, int, int]:
 class _Call:
     """Sizes, flags and the pointer tensors shared by the three kernels."""
 
-    def __init__(self, q, k, v, index, key_valid, slot_bucket, doc_ids, chunk_len, n_before, n_after, causal,
-                 self_mask, dedup):
+    def __init__(self, q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, chunk_len, n_before,
+                 n_after, causal, self_mask, dedup, n_chunks):
         b, length, h, d = q.shape
         self.b, self.length, self.h, self.d = b, length, h, d
         self.s = length if index is None else index.shape[-1]
@@ -286,21 +293,23 @@ class _Call:
         self.valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else dummy
         self.bucket = slot_bucket.to(torch.int32).contiguous() if slot_bucket is not None else dummy
         self.doc = doc_ids.to(torch.int32).contiguous() if doc_ids is not None else dummy
-        chunk = None
-        if dedup:
+        self.pos = positions.to(torch.int32).contiguous() if positions is not None else dummy
+        if dedup and chunk_of is None:
             ident = torch.arange(length, device=dev, dtype=torch.int32).expand(b, h, length)
-            chunk = chunk_of_positions(index if index is not None else ident, length, chunk_len).contiguous()
-        self.chunk = chunk if chunk is not None else dummy
+            chunk_of = chunk_of_positions(index if index is not None else ident, length, chunk_len)
+        self.chunk = chunk_of.to(torch.int32).contiguous() if dedup else dummy
+        self.n_chunks = self.n if n_chunks is None else n_chunks
+        self.chunk_rounds = chunk_of.shape[2] if dedup else 1
         self.meta = dict(M=chunk_len, D=d, SCALE=1.0 / math.sqrt(d), BLOCK=max(16, triton.next_power_of_2(chunk_len)),
                          BLOCK_D=max(16, triton.next_power_of_2(d)), NB=n_before, NA=n_after, CAUSAL=causal,
                          SELF_MASK=self_mask, SHARED=k is None, HAS_INDEX=index is not None,
                          HAS_VALID=key_valid is not None, HAS_BUCKET=slot_bucket is not None,
-                         HAS_DOC=doc_ids is not None, DEDUP=dedup,
+                         HAS_DOC=doc_ids is not None, HAS_POS=positions is not None, DEDUP=dedup,
                          PREC="ieee" if q.dtype == torch.float32 else "tf32",
                          UPCAST=q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1")
 
     def tensors(self):
-        return self.index, self.valid, self.bucket, self.chunk, self.doc
+        return self.index, self.valid, self.bucket, self.chunk, self.doc, self.pos
 
 
 def _forward(call: _Call, q, k, v):
@@ -315,7 +324,8 @@ def _forward(call: _Call, q, k, v):
         m_r = torch.empty(r, b, length, dtype=torch.float32, device=v.device)
         l_r = torch.empty_like(m_r)
         _fwd[grid](q, k if k is not None else q, v, *call.tensors(), o_r, m_r, l_r,
-                   *q.stride(), *_strides(k, q), *v.stride(), head, b, length, h, call.s, call.n, r, **call.meta)
+                   *q.stride(), *_strides(k, q), *v.stride(), head, b, length, h, call.s, call.n, r, call.n_chunks,
+                   call.chunk_rounds, **call.meta)
         mx = m_r.amax(dim=0)
         w = l_r * torch.exp(m_r - mx)  # each round's softmax mass relative to the overall maximum
         den = w.sum(dim=0)
@@ -351,8 +361,9 @@ def _backward(call: _Call, q, k, v, out, lse, lse_lo, dout, dlse):
         dk = dq if k is None else dk  # shared-QK: the keys' gradient flows into q
         common = (q, k if k is not None else q, v, *call.tensors(), dout, lse, lse_lo, delta)
         strides = (*q.stride(), *_strides(k, q), *v.stride(), *dout.stride(), *dq.stride())
-        _bwd_dq[grid](*common, dq, *strides, head, length, h, call.s, call.n, call.r, **call.meta)
-        _bwd_dkdv[grid](*common, dk, dv, *strides, head, length, h, call.s, call.n, call.r, **call.meta)
+        sizes = (head, length, h, call.s, call.n, call.r, call.n_chunks, call.chunk_rounds)
+        _bwd_dq[grid](*common, dq, *strides, *sizes, **call.meta)
+        _bwd_dkdv[grid](*common, dk, dv, *strides, *sizes, **call.meta)
         if not fp32:
             for g, a in zip(grads, acc):
                 if g is not None:
@@ -362,37 +373,38 @@ def _backward(call: _Call, q, k, v, out, lse, lse_lo, dout, dlse):
 
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, index, key_valid, slot_bucket, doc_ids, opts: dict):
+    def forward(ctx, q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, opts: dict):
         ctx.set_materialize_grads(False)
-        call = _Call(q, k, v, index, key_valid, slot_bucket, doc_ids, **opts)
+        call = _Call(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, **opts)
         with torch.autocast(q.device.type, enabled=False):
             out, lse, lse_lo = _forward(call, q, k, v)
-        ctx.save_for_backward(q, k, v, index, key_valid, slot_bucket, doc_ids, out, lse, lse_lo)
+        ctx.save_for_backward(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, out, lse, lse_lo)
         ctx.opts = opts
         ctx.mark_non_differentiable(lse_lo)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, index, key_valid, slot_bucket, doc_ids, out, lse, lse_lo = ctx.saved_tensors
+        q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, out, lse, lse_lo = ctx.saved_tensors
         if dout is None and dlse is None:
-            return (None,) * 8
+            return (None,) * 10
         if dout is None:
             dout = torch.zeros_like(out)
-        call = _Call(q, k, v, index, key_valid, slot_bucket, doc_ids, **ctx.opts)
+        call = _Call(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, **ctx.opts)
         with torch.autocast(q.device.type, enabled=False):
             dq, dk, dv = _backward(call, q, k, v, out, lse, lse_lo, dout, dlse)
-        return dq, dk, dv, None, None, None, None, None
+        return (dq, dk, dv) + (None,) * 7
 
 
 def chunked_attention_triton(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
                              chunk_len: int, n_before: int, n_after: int, causal: bool, self_mask: bool = True,
                              key_valid: Tensor | None = None, slot_bucket: Tensor | None = None,
-                             doc_ids: Tensor | None = None, dedup: bool = False) -> tuple[Tensor, Tensor]:
+                             doc_ids: Tensor | None = None, dedup: bool = False, positions: Tensor | None = None,
+                             chunk_of: Tensor | None = None, n_chunks: int | None = None) -> tuple[Tensor, Tensor]:
     """The contract of ``kernels.chunked_attention``, fused (see the module docstring)."""
     opts = dict(chunk_len=chunk_len, n_before=n_before, n_after=n_after, causal=causal, self_mask=self_mask,
-                dedup=dedup)
-    return _TritonAttention.apply(q, k, v, index, key_valid, slot_bucket, doc_ids, opts)
+                dedup=dedup, n_chunks=n_chunks)
+    return _TritonAttention.apply(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, opts)
 
 
 def supports(q: Tensor, *, chunk_len: int, **_) -> bool:

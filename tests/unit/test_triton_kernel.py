@@ -25,6 +25,7 @@ CASES = [
     (2, 16, 2, 16, 16, 1, 0, 0, False, False, ("identity", "valid")),  # local/full attention: no permutation
     (1, 48, 1, 16, 16, 1, 1, 0, True, False, ("identity",)),
     (1, 32, 1, 16, 8, 2, 1, 0, True, True, ("valid", "doc")),
+    (1, 32, 2, 16, 8, 1, 1, 0, True, True, ("identity", "piece", "dedup")),
 ]
 
 
@@ -37,7 +38,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def make_inputs(b, length, h, d, r, shared, extras, seed, dtype):
+def make_inputs(b, length, h, d, r, shared, extras, seed, dtype, m=8):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, length, h, d, generator=g).to(dtype) for _ in range(3))
     index = None
@@ -53,12 +54,19 @@ def make_inputs(b, length, h, d, r, shared, extras, seed, dtype):
         kw["doc_ids"] = torch.randint(0, 2, (b, length), generator=g).cumsum(-1).to(torch.int32) // 3
     if "dedup" in extras:
         kw["dedup"] = True
+    if "piece" in extras:  # a rank's piece of a global order: own positions, chunks of a longer sequence
+        s = r * length
+        kw["positions"] = torch.stack([torch.randperm(4 * s, generator=g)[:s] for _ in range(b * h)]).view(b, h, s)
+        n_chunks = 4 * s // m
+        here = (torch.arange(length) // m + n_chunks // 2).expand(b, h, 1, length)  # this piece's own chunks
+        other = torch.randint(0, n_chunks, (b, h, 1, length), generator=g)  # the token's chunk in another round
+        kw["chunk_of"], kw["n_chunks"] = torch.cat([here, other], 2).to(torch.int32), n_chunks
     return q, None if shared else k, v, index, kw
 
 
 @pytest.mark.parametrize("dtype,tol,b,length,h,d,m,r,nb,na,causal,shared,extras", PARAMS)
 def test_triton_matches_float64_reference(dtype, tol, b, length, h, d, m, r, nb, na, causal, shared, extras):
-    q, k, v, index, kw = make_inputs(b, length, h, d, r, shared, extras, seed=length * 7 + r, dtype=dtype)
+    q, k, v, index, kw = make_inputs(b, length, h, d, r, shared, extras, seed=length * 7 + r, dtype=dtype, m=m)
     args = dict(chunk_len=m, n_before=nb, n_after=na, causal=causal, self_mask=True, **kw)
     x64 = [t.double().requires_grad_() for t in (q, k, v) if t is not None]
     xs = [t.detach().clone().requires_grad_() for t in (q, k, v) if t is not None]
