@@ -18,7 +18,9 @@ class AttentionContext:
     head_offset: index of the first head this process computes (sequence parallelism splits heads).
     backend: attention core implementation ("auto", "reference", or a registered fused kernel).
     sequence_parallel: optional object with ``attend(fn, *tensors, ctx)`` that re-shards [B, L, H, D]
-        tensors around the core (DeepSpeed-Ulysses); None on a single process.
+        tensors around the core (``parallel.sequence.SequenceParallel``); None on a single process.
+    bucket: optional ``parallel.bucket.BucketSharding`` when the tokens attention sees are one rank's slice
+        of the sequence: LSH layers then shard the globally sorted order, local layers exchange halos.
     """
 
     hash_seed: int = 0
@@ -27,6 +29,7 @@ class AttentionContext:
     head_offset: int = 0
     backend: str = "auto"
     sequence_parallel: Any | None = None
+    bucket: Any | None = None
 
     def attend(self, fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
         """Run an attention core ``fn(*tensors, ctx)`` on [B, L, H, D] tensors, re-sharded if needed."""

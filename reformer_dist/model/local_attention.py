@@ -62,6 +62,13 @@ class LocalSelfAttention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         """Core on [B, L, H', D] tensors."""
         cfg = self.cfg
+        if ctx.bucket is not None:  # this rank holds a slice of the sequence: halo chunks from its neighbours
+            if self.full:
+                raise ValueError("full attention needs the whole sequence: it cannot run with bucket-parallel "
+                                 "sequence parallelism (use lsh/local layers, or parallel.ulysses_size = "
+                                 "parallel.sequence_parallel_size)")
+            return ctx.bucket.local(q, k, v, chunk_len=cfg.local_chunk, n_before=cfg.local_n_chunks_before,
+                                    n_after=cfg.local_n_chunks_after, causal=cfg.causal, backend=ctx.backend)
         if self.full:
             return full_attention(q, k, v, causal=cfg.causal, key_valid=ctx.key_valid, doc_ids=ctx.doc_ids,
                                   backend=ctx.backend)

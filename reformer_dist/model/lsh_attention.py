@@ -91,11 +91,16 @@ class LSHSelfAttention(nn.Module):
     def attend(self, qk: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         """Core on [B, L, H', D] tensors, H' <= H heads starting at ``ctx.head_offset``."""
         cfg = self.cfg
-        l = qk.shape[1]
-        factors = cfg.bucket_factors(l)
+        length = qk.shape[1] * (1 if ctx.bucket is None else ctx.bucket.size)  # the whole sequence's length
+        factors = cfg.bucket_factors(length)
         rot = make_rotations(layer_seed(ctx.hash_seed, self.layer_idx), cfg.n_heads, cfg.d_head, cfg.n_hashes,
                              factors, qk.device)
         rot = rot[ctx.head_offset : ctx.head_offset + qk.shape[2]]
+        if ctx.bucket is not None:  # this rank holds a slice of the sequence: shard the sorted order
+            return ctx.bucket.lsh(qk, v, rot, factors, chunk_len=cfg.chunk_len,
+                                  n_before=cfg.n_chunks_before, n_after=cfg.n_chunks_after, causal=cfg.causal,
+                                  same_bucket_only=cfg.same_bucket_only, dedup=not cfg.allow_duplicate_attention,
+                                  backend=ctx.backend)
         return lsh_attention(qk, v, rot, factors, chunk_len=cfg.chunk_len, n_before=cfg.n_chunks_before,
                              n_after=cfg.n_chunks_after, causal=cfg.causal, key_valid=ctx.key_valid,
                              doc_ids=ctx.doc_ids, same_bucket_only=cfg.same_bucket_only,

@@ -83,6 +83,9 @@ class ReformerLM(nn.Module):
         self._check_inputs(input_ids, position_offset)
         b, l = input_ids.shape
         sp = 1 if sequence_parallel is None else sequence_parallel.size
+        if document_ids is not None and sequence_parallel is not None and sequence_parallel.bucket is not None:
+            raise ValueError("document_ids: document masks are not supported with bucket-sharded sequence "
+                             "parallelism (parallel.ulysses_size < parallel.sequence_parallel_size)")
         if document_ids is not None and tuple(document_ids.shape) != (b, l * sp):
             raise ValueError(f"document_ids: expected shape {(b, l * sp)} (the whole sequence), "
                              f"got {tuple(document_ids.shape)}")

@@ -1,4 +1,5 @@
-"""Sequence parallelism (DeepSpeed-Ulysses) for Reformer attention.
+"""Sequence parallelism for Reformer attention: DeepSpeed-Ulysses over heads, bucket sharding over the
+sorted order (``parallel/bucket.py``), or both (2D: P = ulysses_size x bucket ranks).
 
 The P ranks of a sequence-parallel group each hold L/P consecutive tokens for embeddings, feed-forward,
 LM head and loss. Around each attention core, DeepSpeed's ``DistributedAttention`` all-to-alls
@@ -21,11 +22,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from reformer_dist.model.config import ReformerConfig
+from reformer_dist.parallel.bucket import BucketSharding
 from reformer_dist.model.context import AttentionContext
 
 
 class UlyssesAttention:
     """``AttentionContext.sequence_parallel`` implementation over one process group."""
+
+    bucket = None  # the sorted order is not sharded: every rank sees the whole sequence for its heads
 
     def __init__(self, group: dist.ProcessGroup | None = None):
         import deepspeed  # deferred: only SP runs need deepspeed
@@ -41,13 +45,7 @@ class UlyssesAttention:
 
     def check(self, cfg: ReformerConfig, local_len: int) -> None:
         """Raise ValueError when heads or length do not divide across the group."""
-        if cfg.n_heads % self.size:
-            raise ValueError(f"sequence_parallel_size={self.size} must divide model.n_heads={cfg.n_heads}")
-        total = local_len * self.size
-        mult = cfg.pad_multiple()
-        if total % mult:
-            raise ValueError(f"sequence length {total} (= {local_len} per rank x {self.size}) must be a multiple "
-                             f"of the chunk length(s) {mult} under sequence parallelism")
+        check_layout(cfg, local_len * self.size, self.size, self.size)
 
     def attend(self, fn: Callable[..., Tensor], *tensors: Tensor, ctx: AttentionContext) -> Tensor:
         heads = tensors[0].shape[2]
@@ -69,8 +67,75 @@ class UlyssesAttention:
         return layer(*args, 0)
 
 
+class SequenceParallel:
+    """The attention layout of one sequence-parallel group of P = U x K ranks (``AttentionContext.sequence_parallel``).
+
+    Ranks are laid out k*U + u: the U ranks of a Ulysses group are consecutive and together hold L/K
+    consecutive tokens; the K ranks with the same u hold the same heads after Ulysses' all-to-all and
+    form a bucket group over the whole sequence. U = P is pure Ulysses (today's default), U = 1 pure
+    bucket sharding.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, ulysses_group: dist.ProcessGroup | None,
+                 bucket_group: dist.ProcessGroup | None):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.ulysses = UlyssesAttention(ulysses_group) if ulysses_group is not None and \
+            dist.get_world_size(ulysses_group) > 1 else None
+        self.bucket = BucketSharding(bucket_group) if bucket_group is not None and \
+            dist.get_world_size(bucket_group) > 1 else None
+
+    @property
+    def ulysses_size(self) -> int:
+        return 1 if self.ulysses is None else self.ulysses.size
+
+    def check(self, cfg: ReformerConfig, local_len: int) -> None:
+        """Raise ValueError, naming the keys, when the model cannot run in this layout."""
+        check_layout(cfg, local_len * self.size, self.size, self.ulysses_size)
+
+    def attend(self, fn: Callable[..., Tensor], *tensors: Tensor, ctx: AttentionContext) -> Tensor:
+        inner = dataclasses.replace(ctx, sequence_parallel=None, bucket=self.bucket)
+        if self.ulysses is None:
+            return fn(*tensors, inner)
+        return self.ulysses.attend(fn, *tensors, ctx=inner)
+
+
+def check_layout(cfg: ReformerConfig, length: int, sp_size: int, ulysses_size: int) -> None:
+    """The one place the sequence-parallel layout rules live (errors name the keys)."""
+    if sp_size % ulysses_size:
+        raise ValueError(f"parallel.ulysses_size={ulysses_size} must divide parallel.sequence_parallel_size={sp_size}")
+    if cfg.n_heads % ulysses_size:
+        raise ValueError(f"parallel.ulysses_size={ulysses_size} must divide model.n_heads={cfg.n_heads} "
+                         "(Ulysses shards heads)")
+    mult = cfg.pad_multiple()
+    if length % sp_size or length % mult:
+        raise ValueError(f"data.seq_len={length} must be a multiple of parallel.sequence_parallel_size={sp_size} "
+                         f"and of the chunk length(s) {mult} (no internal padding under sequence parallelism)")
+    k = sp_size // ulysses_size
+    if k == 1:
+        return
+    per = length // k  # tokens of one bucket rank
+    for i, kind in enumerate(cfg.attn_layers):
+        if kind == "full":
+            raise ValueError(f"model.attn_layers[{i}] = 'full' needs the whole sequence: it cannot run with bucket "
+                             f"sharding (parallel.sequence_parallel_size={sp_size} > parallel.ulysses_size="
+                             f"{ulysses_size}); use 'lsh'/'local' layers or parallel.ulysses_size={sp_size}")
+    if "lsh" in cfg.attn_layers:
+        piece = cfg.n_hashes * per
+        if piece % cfg.chunk_len or piece // cfg.chunk_len < max(cfg.n_chunks_before, cfg.n_chunks_after, 1):
+            raise ValueError(f"data.seq_len={length}: each of the {k} bucket ranks owns n_hashes x seq_len / {k} = "
+                             f"{piece} sorted slots, which must be a multiple of model.chunk_len={cfg.chunk_len} "
+                             f"and hold max(model.n_chunks_before, model.n_chunks_after) chunks")
+    if "local" in cfg.attn_layers:
+        if per % cfg.local_chunk or per // cfg.local_chunk < max(cfg.local_n_chunks_before, cfg.local_n_chunks_after, 1):
+            raise ValueError(f"data.seq_len={length}: each of the {k} bucket ranks holds {per} tokens, which must be a "
+                             f"multiple of model.local_chunk_len={cfg.local_chunk} and hold max("
+                             "model.local_n_chunks_before, model.local_n_chunks_after) chunks")
+
+
 def sequence_parallel_loss(model: torch.nn.Module, input_ids: Tensor, labels: Tensor, *, position_offset: int,
-                           sp: UlyssesAttention, hash_seed: int | None = None,
+                           sp: "SequenceParallel | UlyssesAttention", hash_seed: int | None = None,
                            scale_for_data_parallel: bool = False) -> tuple[Tensor, Tensor]:
     """(loss to backpropagate, mean loss of the whole sequence for logging) on one SP rank.
 
@@ -101,3 +166,29 @@ def new_sequence_parallel_groups(sp_size: int) -> tuple[dist.ProcessGroup, int, 
         if start <= rank < start + sp_size:
             mine = g
     return mine, rank % sp_size, rank // sp_size, world // sp_size
+
+
+def new_sequence_parallel(sp_size: int, ulysses_size: int | None = None) -> tuple[SequenceParallel, int, int, int]:
+    """Groups of one P = U x K layout (every rank must call this; U defaults to P, pure Ulysses).
+
+    Returns (this rank's SequenceParallel, sp_rank, dp_rank, dp_size). Within each SP group of P consecutive
+    ranks, Ulysses groups are consecutive blocks of U ranks and bucket groups take one rank of each block.
+    """
+    u = sp_size if ulysses_size is None else ulysses_size
+    if u < 1 or sp_size % u:
+        raise ValueError(f"parallel.ulysses_size={u} must divide parallel.sequence_parallel_size={sp_size}")
+    sp_group, sp_rank, dp_rank, dp_size = new_sequence_parallel_groups(sp_size)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ulysses = bucket = None
+    for start in range(0, world, sp_size):
+        for k in range(sp_size // u):
+            ranks = list(range(start + k * u, start + (k + 1) * u))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                ulysses = g
+        for j in range(u):
+            ranks = list(range(start + j, start + sp_size, u))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                bucket = g
+    return SequenceParallel(sp_group, ulysses, bucket), sp_rank, dp_rank, dp_size

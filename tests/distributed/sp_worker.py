@@ -1,4 +1,5 @@
-"""Worker for test_sequence_parallel.py: P ranks run one sequence with Ulysses SP, rank 0 saves results."""
+"""Worker for test_sequence_parallel.py: P ranks run one sequence with sequence parallelism (U x K layout),
+rank 0 saves losses, gradients and the bytes each rank handed to the bucket-sharding collectives."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import torch
 import torch.distributed as dist
 
 from reformer_dist import ReformerConfig, ReformerLM
-from reformer_dist.parallel.sequence import UlyssesAttention, new_sequence_parallel_groups, sequence_parallel_loss
+from reformer_dist.parallel.sequence import new_sequence_parallel, sequence_parallel_loss
 
 
 def main() -> None:
     out_dir, layers, sp_size = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
+    ulysses_size = int(sys.argv[4]) if len(sys.argv) > 4 else sp_size
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = ReformerConfig(**json.loads(open(f"{out_dir}/cfg.json").read()))
@@ -21,8 +23,7 @@ def main() -> None:
     model = ReformerLM(cfg)
     model.load_state_dict(torch.load(f"{out_dir}/init.pt"))
     data = torch.load(f"{out_dir}/data.pt")  # [DP, L+1]
-    group, sp_rank, dp_rank, dp_size = new_sequence_parallel_groups(sp_size)
-    sp = UlyssesAttention(group)
+    sp, sp_rank, dp_rank, dp_size = new_sequence_parallel(sp_size, ulysses_size)
     window = data[dp_rank]
     l = window.shape[0] - 1
     n = l // sp_size
@@ -36,8 +37,11 @@ def main() -> None:
         p.grad /= world
     losses = [torch.zeros(()) for _ in range(world)]
     dist.all_gather(losses, logged)
+    sent = torch.tensor([0 if sp.bucket is None else sp.bucket.bytes_sent], dtype=torch.float64)
+    all_sent = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(all_sent, sent)
     if rank == 0:
-        torch.save({"world_size": world, "losses": torch.stack(losses),
+        torch.save({"world_size": world, "losses": torch.stack(losses), "bytes_sent": torch.cat(all_sent),
                     "grads": {k: p.grad for k, p in model.named_parameters()}}, f"{out_dir}/result.pt")
     dist.barrier()
     dist.destroy_process_group()

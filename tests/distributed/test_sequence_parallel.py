@@ -24,19 +24,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_sp(tmp_path: Path, layers: list[str], nproc: int, sp_size: int, dp: int):
-    cfg = ReformerConfig(vocab_size=50, d_model=32, n_heads=4, d_head=8, d_ff=64, n_layers=len(layers),
-                         attn_layers=layers, n_hashes=2, chunk_len=16, local_chunk_len=8, axial_pos_shape=[16, 16],
-                         ff_chunk_len=32, loss_chunk_len=24, dropout=0.0)
+def run_sp(tmp_path: Path, layers: list[str], nproc: int, sp_size: int, dp: int, ulysses_size: int | None = None,
+           data: torch.Tensor | None = None, **cfg_kw):
+    kw = dict(vocab_size=50, d_model=32, n_heads=4, d_head=8, d_ff=64, n_layers=len(layers), attn_layers=layers,
+              n_hashes=2, chunk_len=16, local_chunk_len=8, axial_pos_shape=[16, 16], ff_chunk_len=32,
+              loss_chunk_len=24, dropout=0.0)
+    kw.update(cfg_kw)
+    cfg = ReformerConfig(**kw)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     torch.manual_seed(1)
     model = ReformerLM(cfg)
     torch.save(model.state_dict(), tmp_path / "init.pt")
-    data = torch.randint(0, 50, (dp, 129))
+    data = torch.randint(0, 50, (dp, 129)) if data is None else data
     torch.save(data, tmp_path / "data.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           str(WORKER), str(tmp_path), ",".join(layers), str(sp_size)]
+           str(WORKER), str(tmp_path), ",".join(layers), str(sp_size), str(ulysses_size or sp_size)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     result = tmp_path / "result.pt"
     assert result.exists(), f"workers wrote no result (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -50,7 +53,7 @@ def run_sp(tmp_path: Path, layers: list[str], nproc: int, sp_size: int, dp: int)
         ref_losses.append(loss.item())
         g = {k: p.grad.clone() / dp for k, p in model.named_parameters()}
         ref_grads = g if ref_grads is None else {k: ref_grads[k] + g[k] for k in g}
-    return res, ref_losses, ref_grads
+    return res, ref_losses, ref_grads, model
 
 
 def assert_grads_close(got: dict, ref: dict) -> None:
@@ -61,7 +64,7 @@ def assert_grads_close(got: dict, ref: dict) -> None:
 
 @pytest.mark.parametrize("layers", [["lsh", "lsh"], ["local", "local"], ["lsh", "local", "full"]])
 def test_sp2_equals_single_process(tmp_path, layers):
-    res, ref_losses, ref_grads = run_sp(tmp_path, layers, nproc=2, sp_size=2, dp=1)
+    res, ref_losses, ref_grads, _ = run_sp(tmp_path, layers, nproc=2, sp_size=2, dp=1)
     assert res["world_size"] == 2
     # every rank reports the loss of the whole sequence
     torch.testing.assert_close(res["losses"], torch.tensor([ref_losses[0]] * 2), rtol=1e-5, atol=0)
@@ -69,8 +72,41 @@ def test_sp2_equals_single_process(tmp_path, layers):
 
 
 def test_sp2_x_dp2_equals_single_process(tmp_path):
-    res, ref_losses, ref_grads = run_sp(tmp_path, ["lsh", "local"], nproc=4, sp_size=2, dp=2)
+    res, ref_losses, ref_grads, _ = run_sp(tmp_path, ["lsh", "local"], nproc=4, sp_size=2, dp=2)
     assert res["world_size"] == 4
     torch.testing.assert_close(res["losses"], torch.tensor([ref_losses[0]] * 2 + [ref_losses[1]] * 2), rtol=1e-5,
                                atol=0)
     assert_grads_close(res["grads"], ref_grads)
+
+
+def skewed_window(seed: int) -> torch.Tensor:
+    """Mostly one token, so most positions hash to one bucket whose run of the sorted order spans ranks."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.full((1, 129), 7)
+    rare = torch.rand(1, 129, generator=g) < 0.2
+    data[rare] = torch.randint(0, 50, (int(rare.sum()),), generator=g)
+    return data
+
+
+@pytest.mark.parametrize("sp_size,ulysses_size", [(2, 1), (4, 1), (4, 2)])
+def test_bucket_sharded_sp_equals_single_process(tmp_path, sp_size, ulysses_size):
+    """Bucket sharding (K = sp/ulysses ranks over the sorted order), alone and 2D with Ulysses: LSH + local layers,
+    reversible, causal, 3 hash rounds, one bucket holding most tokens (ties straddle rank boundaries)."""
+    data = skewed_window(sp_size)
+    res, ref_losses, ref_grads, model = run_sp(tmp_path, ["lsh", "local", "lsh"], nproc=sp_size, sp_size=sp_size, dp=1,
+                                               ulysses_size=ulysses_size, data=data, n_hashes=3, axial_norm_std=1e-3)
+    # the inputs really are skewed: one bucket of the first layer holds most tokens
+    from reformer_dist.model.hashing import hash_buckets, layer_seed, make_rotations
+
+    blk = model.stack.blocks[0].f
+    with torch.no_grad():
+        x = model.tok_emb(data[:, :-1]) + model.pos_emb(torch.arange(128))
+        qk = blk.attn.query_key(blk.norm(x)).view(1, 128, 4, 8)
+    factors = model.cfg.bucket_factors(128)
+    buckets = hash_buckets(qk, make_rotations(layer_seed(11, 0), 4, 8, 3, factors), factors)
+    top = torch.stack([torch.bincount(buckets[0, h, r].long()).max() for h in range(4) for r in range(3)])
+    assert top.max() > 64, top  # > half of the 128 tokens in one bucket: its run crosses rank boundaries
+    assert res["world_size"] == sp_size
+    torch.testing.assert_close(res["losses"], torch.tensor([ref_losses[0]] * sp_size), rtol=1e-5, atol=0)
+    assert_grads_close(res["grads"], ref_grads)
+    assert (res["bytes_sent"] > 0).all()

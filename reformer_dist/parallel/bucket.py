@@ -1,0 +1,207 @@
+"""LSH-native sequence parallelism: the globally sorted order of every hash round, cut into K equal pieces.
+
+K ranks of a bucket group each hold L/K consecutive tokens. For an LSH layer, each rank hashes its tokens
+(global positions, the rotations of one process), and the group learns the global per-(batch, head, round)
+bucket counts (all-reduce) and, per bucket, how many tokens earlier ranks hold (an exclusive prefix over
+ranks, by recursive doubling): together they give every token its slot in the global stable sort by
+(bucket, position), exactly as one process would place it. The R concatenated sorted rounds (R*L slots
+per head) are cut into K pieces of R*L/K slots, on chunk boundaries: rank k owns slots [k*R*L/K,
+(k+1)*R*L/K) of every head, whatever the bucket sizes (perfect balance, any number of heads). qk, v and
+each token's position, bucket and chunks travel to the owner with ``all_to_all_single`` (variable
+splits); each rank adds the look-around chunks of its neighbours (halo; rank 0's previous chunks are the
+last rank's, wrapping as the single-process chunking wraps), attends over its own chunks with the
+attention core in its piece form (``positions``, ``chunk_of``), and sends each result with its
+log-sum-exp back with the inverse all-to-all; the token's owner merges its R rounds (one softmax over
+their union). Local attention layers exchange halo chunks of q, k, v with their neighbours. Full
+attention layers need the whole sequence and are refused.
+
+Everything is autograd-differentiable (``torch.distributed.nn.functional.all_to_all_single``), so the
+reversible backward's recompute and gradients take the same route. ``bytes_sent`` counts the bytes this
+rank hands to collectives (see ``docs/sequence_parallel.md`` for the formula).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.nn.functional import all_to_all_single
+
+from reformer_dist.kernels.chunked_attention import chunked_attention
+from reformer_dist.model.hashing import hash_buckets
+
+
+class BucketSharding:
+    """Bucket-sharded attention over one process group (``AttentionContext.bucket``)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group if group is not None else dist.group.WORLD
+        self.size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.bytes_sent = 0
+
+    # ------------------------------------------------------------------ collectives
+    def _global(self, r: int) -> int:
+        return dist.get_global_rank(self.group, r)
+
+    def _exchange(self, x: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
+        """all_to_all_single of rows of x (differentiable when x requires grad); counts the bytes sent."""
+        row = x[0].numel() * x.element_size() if x.shape[0] else 0
+        self.bytes_sent += sum(send_splits) * row
+        out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+        if x.requires_grad:
+            return all_to_all_single(out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits,
+                                     group=self.group)
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_splits, input_split_sizes=send_splits,
+                               group=self.group)
+        return out
+
+    def _exclusive_prefix(self, x: Tensor) -> Tensor:
+        """Sum of x over the ranks before this one (recursive doubling, log2(K) point-to-point steps)."""
+        incl, step = x.clone(), 1
+        while step < self.size:
+            ops, buf = [], None
+            if self.rank + step < self.size:
+                ops.append(dist.P2POp(dist.isend, incl.clone(), self._global(self.rank + step), self.group))
+                self.bytes_sent += incl.numel() * incl.element_size()
+            if self.rank - step >= 0:
+                buf = torch.empty_like(incl)
+                ops.append(dist.P2POp(dist.irecv, buf, self._global(self.rank - step), self.group))
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+            if buf is not None:
+                incl += buf
+            step *= 2
+        return incl - x
+
+    def _halo(self, x: Tensor, before: int, after: int) -> Tensor:
+        """[B, n, ...] -> [B, before + n + after, ...]: the previous rank's last ``before`` rows and the next rank's
+        first ``after`` rows around this rank's own (wrapping: rank 0's previous rank is the last)."""
+        k, size = self.rank, self.size
+        prev, nxt = (k - 1) % size, (k + 1) % size
+        rows = x.transpose(0, 1).reshape(x.shape[1], -1)  # row-major for the exchange: [n, B*...]
+        send = [torch.zeros(0, rows.shape[1], dtype=rows.dtype, device=rows.device)] * size
+        splits = [0] * size
+        parts: dict[int, list[Tensor]] = {}
+        # what the next rank needs first (its halo before), then what the previous rank needs (its halo after)
+        if before:
+            parts.setdefault(nxt, []).append(rows[-before:])
+        if after:
+            parts.setdefault(prev, []).append(rows[:after])
+        for dst, ps in parts.items():
+            send[dst] = torch.cat(ps)
+            splits[dst] = send[dst].shape[0]
+        recv = [0] * size
+        recv[prev] += before
+        recv[nxt] += after
+        got = self._exchange(torch.cat(send), splits, recv)
+        offs = [sum(recv[:j]) for j in range(size)]
+        head = got[offs[prev] : offs[prev] + before]
+        start_next = offs[nxt] + (before if nxt == prev else 0)
+        tail = got[start_next : start_next + after]
+        ext = torch.cat([head, rows, tail]).view(before + x.shape[1] + after, x.shape[0], *x.shape[2:])
+        return ext.transpose(0, 1)
+
+    # ------------------------------------------------------------------ attention
+    def check(self, length_local: int, chunk_len: int, n_hashes: int, n_before: int, n_after: int) -> None:
+        """Raise ValueError when the pieces cannot hold whole chunks and their neighbours' look-around."""
+        piece = n_hashes * length_local
+        if piece % chunk_len or piece // chunk_len < max(n_before, n_after, 1):
+            raise ValueError(f"bucket-parallel LSH: a rank's piece of {n_hashes} x {length_local} sorted slots must "
+                             f"be a multiple of chunk_len {chunk_len} and hold at least max(n_chunks_before, "
+                             f"n_chunks_after) chunks")
+
+    def lsh(self, qk: Tensor, v: Tensor, rotations: Tensor, factors: list[int], *, chunk_len: int, n_before: int,
+            n_after: int, causal: bool, same_bucket_only: bool = False, dedup: bool = False,
+            backend: str = "auto") -> Tensor:
+        """LSH attention of this rank's tokens qk, v [B, Lk, H, D] (global positions rank*Lk...) -> [B, Lk, H, D]."""
+        b, lk, h, d = qk.shape
+        size, r, m = self.size, rotations.shape[2], chunk_len
+        length, nb = lk * size, math.prod(factors)
+        self.check(lk, m, r, n_before, n_after)
+        piece = r * length // size
+        dev = qk.device
+        # -- global slot of every (batch, head, round, token): exactly the single-process stable sort
+        buckets = hash_buckets(qk, rotations, factors).long()  # [B,H,R,Lk]
+        counts = torch.zeros(b, h, r, nb, dtype=torch.int64, device=dev).scatter_add_(3, buckets, torch.ones_like(buckets))
+        total = counts.clone()
+        self.bytes_sent += total.numel() * total.element_size()
+        dist.all_reduce(total, group=self.group)
+        earlier = self._exclusive_prefix(counts)  # same-bucket tokens of ranks before this one
+        start = torch.cumsum(total, dim=3) - total  # first slot of each bucket in the global order
+        _, order = torch.sort(buckets, dim=3, stable=True)  # local stable sort: rank within the bucket
+        local_start = torch.cumsum(counts, dim=3) - counts
+        within = torch.empty_like(buckets).scatter_(
+            3, order, torch.arange(lk, device=dev).expand_as(order) - local_start.gather(3, buckets.gather(3, order)))
+        slot = start.gather(3, buckets) + earlier.gather(3, buckets) + within  # [B,H,R,Lk] slot within its round
+        flat = slot + torch.arange(r, device=dev).view(1, 1, r, 1) * length  # over the concatenated rounds
+        chunks = torch.div(flat, m, rounding_mode="floor")  # [B,H,R,Lk] flat chunk per round (dedup)
+        owner = torch.div(flat, piece, rounding_mode="floor").reshape(-1)
+        # -- items (b, h, r, t) to the owners of their slots
+        order_items = torch.argsort(owner, stable=True)
+        send = torch.bincount(owner, minlength=size).tolist()
+        recv_t = torch.tensor(send, device=dev)
+        recv_counts = torch.empty_like(recv_t)
+        dist.all_to_all_single(recv_counts, recv_t, group=self.group)
+        recv = recv_counts.tolist()
+        bi, hi, ri, ti = [x.reshape(-1)[order_items] for x in _grid(b, h, r, lk, dev)]
+        rows = (bi * lk + ti) * h + hi  # rows of qk/v [B*Lk*H, D]
+        payload = torch.cat([qk.reshape(-1, d), v.reshape(-1, d)], dim=1).index_select(0, rows)
+        pos = ti + self.rank * lk
+        meta = torch.stack([bi, hi, (flat.reshape(-1)[order_items] % piece), pos,
+                            buckets.reshape(-1)[order_items]], dim=1)
+        meta = torch.cat([meta, chunks.permute(0, 1, 3, 2).reshape(b, h, 1, lk, r).expand(b, h, r, lk, r)
+                          .reshape(-1, r)[order_items]], dim=1)
+        got = self._exchange(payload, send, recv)
+        got_meta = self._exchange(meta, send, recv)
+        # -- this rank's piece in slot order: every (batch, head, slot) arrives exactly once
+        gb, gh, gslot = got_meta[:, 0], got_meta[:, 1], got_meta[:, 2]
+        prow = (gb * piece + gslot) * h + gh
+        qv = torch.zeros(b * piece * h, 2 * d, dtype=qk.dtype, device=dev).index_copy(0, prow, got)
+        qv = qv.view(b, piece, h, 2 * d)
+        ints = torch.zeros(b * piece * h, 2 + r, dtype=torch.int64, device=dev).index_copy(0, prow, got_meta[:, 3:])
+        ints = ints.view(b, piece, h, 2 + r)
+        nb_rows, na_rows = n_before * m, n_after * m
+        qv_ext, ints_ext = self._halo(qv, nb_rows, na_rows), self._halo(ints, nb_rows, na_rows)
+        q_ext, v_ext = qv_ext[..., :d], qv_ext[..., d:]
+        positions = ints_ext[..., 0].transpose(1, 2)  # [B,H,S_ext]
+        slot_bucket = ints_ext[..., 1].transpose(1, 2) if same_bucket_only else None
+        chunk_of = ints_ext[..., 2:].permute(0, 2, 3, 1).to(torch.int32) if dedup else None  # [B,H,R,S_ext]
+        out_ext, lse_ext = chunked_attention(q_ext, None, v_ext, None, chunk_len=m, n_before=n_before,
+                                             n_after=n_after, causal=causal, self_mask=True, slot_bucket=slot_bucket,
+                                             dedup=dedup, positions=positions, chunk_of=chunk_of,
+                                             n_chunks=r * length // m, backend=backend)
+        own = slice(nb_rows, nb_rows + piece)
+        # -- results back to the tokens' owners (the inverse exchange), then merge the rounds
+        out_back = self._exchange(out_ext[:, own].reshape(-1, d).index_select(0, prow), recv, send)
+        lse_back = self._exchange(lse_ext[:, own].reshape(-1, 1).index_select(0, prow), recv, send)
+        out_r = torch.empty_like(out_back).index_copy(0, order_items, out_back).view(b, h, r, lk, d)
+        lse_r = torch.empty_like(lse_back).index_copy(0, order_items, lse_back).view(b, h, r, lk)
+        w = torch.softmax(lse_r, dim=2).unsqueeze(-1)  # normalised: exact for a query that sees only itself
+        out = (out_r.to(w.dtype) * w).sum(dim=2).to(v.dtype)  # [B,H,Lk,D]
+        return out.transpose(1, 2)
+
+    def local(self, q: Tensor, k: Tensor, v: Tensor, *, chunk_len: int, n_before: int, n_after: int, causal: bool,
+              backend: str = "auto") -> Tensor:
+        """Local attention of this rank's tokens [B, Lk, H, D] with its neighbours' halo chunks."""
+        b, lk, h, d = q.shape
+        if lk % chunk_len or lk // chunk_len < max(n_before, n_after, 1):
+            raise ValueError(f"bucket-parallel local attention: {lk} tokens per rank must be a multiple of "
+                             f"local_chunk_len {chunk_len} and hold at least max(local_n_chunks_before, "
+                             f"local_n_chunks_after) chunks")
+        nb_rows, na_rows = n_before * chunk_len, n_after * chunk_len
+        ext = self._halo(torch.cat([q, k, v], dim=-1), nb_rows, na_rows)
+        q_ext, k_ext, v_ext = ext[..., :d], ext[..., d : 2 * d], ext[..., 2 * d :]
+        length = lk * self.size
+        idx = torch.arange(-nb_rows, lk + na_rows, device=q.device) + self.rank * lk
+        positions = torch.remainder(idx, length).expand(b, h, -1)
+        out, _ = chunked_attention(q_ext, k_ext, v_ext, None, chunk_len=chunk_len, n_before=n_before, n_after=n_after,
+                                   causal=causal, self_mask=False, positions=positions, backend=backend)
+        return out[:, nb_rows : nb_rows + lk]
+
+
+def _grid(b: int, h: int, r: int, lk: int, device) -> list[Tensor]:
+    """Index grids (batch, head, round, token) of the [B, H, R, Lk] items, each [B, H, R, Lk] int64."""
+    return list(torch.meshgrid(*(torch.arange(n, device=device) for n in (b, h, r, lk)), indexing="ij"))
