@@ -142,10 +142,7 @@ class BucketSharding:
         # -- items (b, h, r, t) to the owners of their slots
         order_items = torch.argsort(owner, stable=True)
         send = torch.bincount(owner, minlength=size).tolist()
-        recv_t = torch.tensor(send, device=dev)
-        recv_counts = torch.empty_like(recv_t)
-        dist.all_to_all_single(recv_counts, recv_t, group=self.group)
-        recv = recv_counts.tolist()
+        recv = self._exchange(torch.tensor(send, device=dev).view(-1, 1), [1] * size, [1] * size).view(-1).tolist()
         bi, hi, ri, ti = [x.reshape(-1)[order_items] for x in _grid(b, h, r, lk, dev)]
         rows = (bi * lk + ti) * h + hi  # rows of qk/v [B*Lk*H, D]
         payload = torch.cat([qk.reshape(-1, d), v.reshape(-1, d)], dim=1).index_select(0, rows)
@@ -200,6 +197,28 @@ class BucketSharding:
         out, _ = chunked_attention(q_ext, k_ext, v_ext, None, chunk_len=chunk_len, n_before=n_before, n_after=n_after,
                                    causal=causal, self_mask=False, positions=positions, backend=backend)
         return out[:, nb_rows : nb_rows + lk]
+
+
+def forward_bytes(kind: str, *, batch: int, heads: int, tokens: int, head_dim: int, elem: int, ranks: int, rank: int,
+                  n_hashes: int = 1, n_buckets: int = 0, chunk_len: int, n_before: int, n_after: int) -> int:
+    """Bytes one rank hands to collectives in one forward of an LSH or local layer under bucket sharding.
+
+    tokens: this rank's tokens (L/K); heads: the heads it computes (H/U); elem: bytes per qk/v value.
+    LSH: bucket counts (all-reduce, and the rank prefix's log2(K) doubling steps, int64), the split sizes,
+    every (batch, head, round, token) item's qk and v and its metadata (slot, position, bucket, the token's
+    chunk in every round, ids: 5 + R int64) to the owner of its slot, the halo chunks of qk, v and metadata
+    from the neighbours, and each item's output and fp32 log-sum-exp back. Local: the halo chunks of q, k, v.
+    The backward sends each float exchange's gradient once more; the reversible backward repeats the forward.
+    """
+    halo = (n_before + n_after) * chunk_len * batch * heads
+    if kind == "local":
+        return halo * 3 * head_dim * elem
+    r = n_hashes
+    counts = batch * heads * r * n_buckets * 8
+    prefix_steps = sum(1 for s in (2**i for i in range(ranks.bit_length())) if s < ranks and rank + s < ranks)
+    items = r * batch * heads * tokens
+    return (counts * (1 + prefix_steps) + ranks * 8 + items * (2 * head_dim * elem + (5 + r) * 8)
+            + halo * (2 * head_dim * elem + (2 + r) * 8) + items * (head_dim * elem + 4))
 
 
 def _grid(b: int, h: int, r: int, lk: int, device) -> list[Tensor]:
