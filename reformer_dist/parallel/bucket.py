@@ -119,66 +119,47 @@ class BucketSharding:
         """LSH attention of this rank's tokens qk, v [B, Lk, H, D] (global positions rank*Lk...) -> [B, Lk, H, D]."""
         b, lk, h, d = qk.shape
         size, r, m = self.size, rotations.shape[2], chunk_len
-        length, nb = lk * size, math.prod(factors)
+        length = lk * size
         self.check(lk, m, r, n_before, n_after)
-        piece = r * length // size
-        dev = qk.device
-        # -- global slot of every (batch, head, round, token): exactly the single-process stable sort
+        piece, before, after = r * length // size, n_before * m, n_after * m
+        ext = before + piece + after  # rows of a rank's piece with its neighbours' look-around chunks
+        flat, buckets = self._global_slots(qk, rotations, factors)  # [B,H,R,Lk] each
+        route = _Route(self, flat, buckets, piece, before, after, m)
+        q_ext, v_ext = route.to_pieces(qk), route.to_pieces(v)  # [B, ext, H, D], own rows in slot order
+        ints = route.ints  # [B, ext, H, 2 + R]: position, bucket, the token's flat chunk in every round
+        positions = ints[..., 0].transpose(1, 2)
+        slot_bucket = ints[..., 1].transpose(1, 2) if same_bucket_only else None
+        chunk_of = ints[..., 2:].permute(0, 2, 3, 1).to(torch.int32) if dedup else None  # [B,H,R,ext]
+        out_ext, lse_ext = chunked_attention(q_ext, None, v_ext, None, chunk_len=m, n_before=n_before,
+                                             n_after=n_after, causal=causal, self_mask=True, slot_bucket=slot_bucket,
+                                             dedup=dedup, positions=positions, chunk_of=chunk_of,
+                                             n_chunks=r * length // m, backend=backend)
+        del q_ext, v_ext
+        own = slice(before, before + piece)
+        out_r = route.to_tokens(out_ext[:, own]).view(b, h, r, lk, d)
+        lse_r = route.to_tokens(lse_ext[:, own].unsqueeze(-1)).view(b, h, r, lk)
+        w = torch.softmax(lse_r, dim=2)  # normalised: exact for a query that sees only itself
+        out = torch.einsum("bhrld,bhrl->blhd", out_r.to(w.dtype), w)  # merge the rounds: one softmax over them
+        return out.to(v.dtype)
+
+    def _global_slots(self, qk: Tensor, rotations: Tensor, factors: list[int]) -> tuple[Tensor, Tensor]:
+        """(flat slot over the concatenated rounds, bucket) of every (batch, head, round, token), int64 [B,H,R,Lk]:
+        the single-process stable sort by (bucket, position), from the group's bucket counts."""
+        b, lk, h, _ = qk.shape
+        r, nb, dev = rotations.shape[2], math.prod(factors), qk.device
         buckets = hash_buckets(qk, rotations, factors).long()  # [B,H,R,Lk]
         counts = torch.zeros(b, h, r, nb, dtype=torch.int64, device=dev).scatter_add_(3, buckets, torch.ones_like(buckets))
         total = counts.clone()
         self.bytes_sent += total.numel() * total.element_size()
         dist.all_reduce(total, group=self.group)
-        earlier = self._exclusive_prefix(counts)  # same-bucket tokens of ranks before this one
+        earlier = self._exclusive_prefix(counts)  # same-bucket tokens of the ranks before this one
         start = torch.cumsum(total, dim=3) - total  # first slot of each bucket in the global order
         _, order = torch.sort(buckets, dim=3, stable=True)  # local stable sort: rank within the bucket
         local_start = torch.cumsum(counts, dim=3) - counts
         within = torch.empty_like(buckets).scatter_(
             3, order, torch.arange(lk, device=dev).expand_as(order) - local_start.gather(3, buckets.gather(3, order)))
-        slot = start.gather(3, buckets) + earlier.gather(3, buckets) + within  # [B,H,R,Lk] slot within its round
-        flat = slot + torch.arange(r, device=dev).view(1, 1, r, 1) * length  # over the concatenated rounds
-        chunks = torch.div(flat, m, rounding_mode="floor")  # [B,H,R,Lk] flat chunk per round (dedup)
-        owner = torch.div(flat, piece, rounding_mode="floor").reshape(-1)
-        # -- items (b, h, r, t) to the owners of their slots
-        order_items = torch.argsort(owner, stable=True)
-        send = torch.bincount(owner, minlength=size).tolist()
-        recv = self._exchange(torch.tensor(send, device=dev).view(-1, 1), [1] * size, [1] * size).view(-1).tolist()
-        bi, hi, ri, ti = [x.reshape(-1)[order_items] for x in _grid(b, h, r, lk, dev)]
-        rows = (bi * lk + ti) * h + hi  # rows of qk/v [B*Lk*H, D]
-        payload = torch.cat([qk.reshape(-1, d), v.reshape(-1, d)], dim=1).index_select(0, rows)
-        pos = ti + self.rank * lk
-        meta = torch.stack([bi, hi, (flat.reshape(-1)[order_items] % piece), pos,
-                            buckets.reshape(-1)[order_items]], dim=1)
-        meta = torch.cat([meta, chunks.permute(0, 1, 3, 2).reshape(b, h, 1, lk, r).expand(b, h, r, lk, r)
-                          .reshape(-1, r)[order_items]], dim=1)
-        got = self._exchange(payload, send, recv)
-        got_meta = self._exchange(meta, send, recv)
-        # -- this rank's piece in slot order: every (batch, head, slot) arrives exactly once
-        gb, gh, gslot = got_meta[:, 0], got_meta[:, 1], got_meta[:, 2]
-        prow = (gb * piece + gslot) * h + gh
-        qv = torch.zeros(b * piece * h, 2 * d, dtype=qk.dtype, device=dev).index_copy(0, prow, got)
-        qv = qv.view(b, piece, h, 2 * d)
-        ints = torch.zeros(b * piece * h, 2 + r, dtype=torch.int64, device=dev).index_copy(0, prow, got_meta[:, 3:])
-        ints = ints.view(b, piece, h, 2 + r)
-        nb_rows, na_rows = n_before * m, n_after * m
-        qv_ext, ints_ext = self._halo(qv, nb_rows, na_rows), self._halo(ints, nb_rows, na_rows)
-        q_ext, v_ext = qv_ext[..., :d], qv_ext[..., d:]
-        positions = ints_ext[..., 0].transpose(1, 2)  # [B,H,S_ext]
-        slot_bucket = ints_ext[..., 1].transpose(1, 2) if same_bucket_only else None
-        chunk_of = ints_ext[..., 2:].permute(0, 2, 3, 1).to(torch.int32) if dedup else None  # [B,H,R,S_ext]
-        out_ext, lse_ext = chunked_attention(q_ext, None, v_ext, None, chunk_len=m, n_before=n_before,
-                                             n_after=n_after, causal=causal, self_mask=True, slot_bucket=slot_bucket,
-                                             dedup=dedup, positions=positions, chunk_of=chunk_of,
-                                             n_chunks=r * length // m, backend=backend)
-        own = slice(nb_rows, nb_rows + piece)
-        # -- results back to the tokens' owners (the inverse exchange), then merge the rounds
-        out_back = self._exchange(out_ext[:, own].reshape(-1, d).index_select(0, prow), recv, send)
-        lse_back = self._exchange(lse_ext[:, own].reshape(-1, 1).index_select(0, prow), recv, send)
-        out_r = torch.empty_like(out_back).index_copy(0, order_items, out_back).view(b, h, r, lk, d)
-        lse_r = torch.empty_like(lse_back).index_copy(0, order_items, lse_back).view(b, h, r, lk)
-        w = torch.softmax(lse_r, dim=2).unsqueeze(-1)  # normalised: exact for a query that sees only itself
-        out = (out_r.to(w.dtype) * w).sum(dim=2).to(v.dtype)  # [B,H,Lk,D]
-        return out.transpose(1, 2)
+        slot = start.gather(3, buckets) + earlier.gather(3, buckets) + within  # slot within its round
+        return slot + torch.arange(r, device=dev).view(1, 1, r, 1) * (lk * self.size), buckets
 
     def local(self, q: Tensor, k: Tensor, v: Tensor, *, chunk_len: int, n_before: int, n_after: int, causal: bool,
               backend: str = "auto") -> Tensor:
@@ -199,26 +180,96 @@ class BucketSharding:
         return out[:, nb_rows : nb_rows + lk]
 
 
+class _Route:
+    """Where every (batch, head, round, token) item of an LSH layer goes and how its result comes back.
+
+    An item goes to the owner of its slot; if the slot is among the first ``after`` rows of the owner's
+    piece it also goes to the previous rank (the halo after that rank's piece), and if among the last
+    ``before`` rows to the next rank (its halo before): one exchange builds every rank's extended piece,
+    wrapping from the last rank to rank 0 as the single-process chunking wraps over the rounds. Results
+    return from the owners only.
+    """
+
+    def __init__(self, sh: BucketSharding, flat: Tensor, buckets: Tensor, piece: int, before: int, after: int,
+                 chunk_len: int):
+        b, h, r, lk = flat.shape
+        dev, size = flat.device, sh.size
+        self.sh, self.b, self.h, self.r, self.lk = sh, b, h, r, lk
+        self.piece, self.ext = piece, before + piece + after
+        f = flat.reshape(-1)
+        owner, inpiece = torch.div(f, piece, rounding_mode="floor"), f % piece
+        items = torch.arange(f.numel(), device=dev)
+        dest, row, pick = [owner], [inpiece + before], [items]
+        if after:  # first rows of the owner's piece: the previous rank's halo after its own piece
+            sel = inpiece < after
+            dest.append((owner[sel] - 1) % size)
+            row.append(inpiece[sel] + before + piece)
+            pick.append(items[sel])
+        if before:  # last rows of the owner's piece: the next rank's halo before its own piece
+            sel = inpiece >= piece - before
+            dest.append((owner[sel] + 1) % size)
+            row.append(inpiece[sel] - (piece - before))
+            pick.append(items[sel])
+        own = torch.arange(sum(x.numel() for x in pick), device=dev) < f.numel()
+        dest, row, pick = torch.cat(dest), torch.cat(row), torch.cat(pick)
+        order = torch.argsort(dest, stable=True)
+        dest, row, self.pick, own = dest[order], row[order], pick[order], own[order]
+        self.send = torch.bincount(dest, minlength=size).tolist()
+        self.send_own = torch.bincount(dest[own], minlength=size).tolist()
+        self.own_items = self.pick[own]  # items whose results come back, in the order they were sent
+        self.recv = sh._exchange(torch.tensor(self.send, device=dev).view(-1, 1), [1] * size, [1] * size) \
+            .view(-1).tolist()
+        # metadata: batch, head, extended row, own?, position, bucket, the token's flat chunk in every round
+        bi, hi, _, ti = (x.reshape(-1)[self.pick] for x in _grid(b, h, r, lk, dev))
+        self.token_rows = (bi * lk + ti) * h + hi  # rows of [B*Lk*H] the items read
+        chunks = torch.div(flat, chunk_len, rounding_mode="floor").permute(0, 1, 3, 2).reshape(b, h, 1, lk, r)
+        meta = torch.cat([torch.stack([bi, hi, row, own.long(), ti + sh.rank * lk, buckets.reshape(-1)[self.pick]],
+                                      dim=1), chunks.expand(b, h, r, lk, r).reshape(-1, r)[self.pick]], dim=1)
+        got = sh._exchange(meta, self.send, self.recv)
+        gb, gh, grow, gown = got[:, 0], got[:, 1], got[:, 2], got[:, 3].bool()
+        self.rows = (gb * self.ext + grow) * h + gh  # rows of the [B, ext, H] extended piece
+        self.own_rows = ((gb * piece + grow - before) * h + gh)[gown]  # rows of [B, piece, H] to send back
+        src = torch.repeat_interleave(torch.arange(size, device=dev), torch.tensor(self.recv, device=dev))
+        self.recv_own = torch.bincount(src[gown], minlength=size).tolist()
+        self.ints = torch.zeros(b * self.ext * h, 2 + r, dtype=torch.int64, device=dev).index_copy(
+            0, self.rows, got[:, 4:]).view(b, self.ext, h, 2 + r)
+
+    def to_pieces(self, x: Tensor) -> Tensor:
+        """[B, Lk, H, D] tokens -> [B, ext, H, D]: the extended piece in slot order (differentiable)."""
+        d = x.shape[-1]
+        got = self.sh._exchange(x.reshape(-1, d).index_select(0, self.token_rows), self.send, self.recv)
+        return x.new_zeros(self.b * self.ext * self.h, d).index_copy(0, self.rows, got).view(self.b, self.ext,
+                                                                                               self.h, d)
+
+    def to_tokens(self, y: Tensor) -> Tensor:
+        """[B, piece, H, E] own results -> [B*H*R*Lk, E] in item order (b, h, r, t) at the tokens' owner."""
+        e = y.shape[-1]
+        got = self.sh._exchange(y.reshape(-1, e).index_select(0, self.own_rows), self.recv_own, self.send_own)
+        return y.new_zeros(self.b * self.h * self.r * self.lk, e).index_copy(0, self.own_items, got)
+
+
 def forward_bytes(kind: str, *, batch: int, heads: int, tokens: int, head_dim: int, elem: int, ranks: int, rank: int,
                   n_hashes: int = 1, n_buckets: int = 0, chunk_len: int, n_before: int, n_after: int) -> int:
     """Bytes one rank hands to collectives in one forward of an LSH or local layer under bucket sharding.
 
     tokens: this rank's tokens (L/K); heads: the heads it computes (H/U); elem: bytes per qk/v value.
-    LSH: bucket counts (all-reduce, and the rank prefix's log2(K) doubling steps, int64), the split sizes,
-    every (batch, head, round, token) item's qk and v and its metadata (slot, position, bucket, the token's
-    chunk in every round, ids: 5 + R int64) to the owner of its slot, the halo chunks of qk, v and metadata
-    from the neighbours, and each item's output and fp32 log-sum-exp back. Local: the halo chunks of q, k, v.
-    The backward sends each float exchange's gradient once more; the reversible backward repeats the forward.
+    LSH: bucket counts (all-reduce, then the rank prefix's doubling steps, int64), the split sizes, every
+    (batch, head, round, token) item's qk and v and its metadata (6 + R int64: batch, head, row, own, position,
+    bucket, its flat chunk in every round) to the owner of its slot, plus the halo copies (the first/last
+    chunks of each piece also go to the neighbour: (n_before + n_after) x chunk_len rows per batch and head
+    per rank on average, exact summed over ranks), and each item's output and fp32 log-sum-exp back.
+    Local: the halo chunks of q, k, v. The backward sends each float exchange's gradient once more; the
+    reversible backward repeats the forward.
     """
     halo = (n_before + n_after) * chunk_len * batch * heads
     if kind == "local":
         return halo * 3 * head_dim * elem
     r = n_hashes
     counts = batch * heads * r * n_buckets * 8
-    prefix_steps = sum(1 for s in (2**i for i in range(ranks.bit_length())) if s < ranks and rank + s < ranks)
+    prefix_steps = sum(1 for i in range(ranks.bit_length()) if 2**i < ranks and rank + 2**i < ranks)
     items = r * batch * heads * tokens
-    return (counts * (1 + prefix_steps) + ranks * 8 + items * (2 * head_dim * elem + (5 + r) * 8)
-            + halo * (2 * head_dim * elem + (2 + r) * 8) + items * (head_dim * elem + 4))
+    return (counts * (1 + prefix_steps) + ranks * 8 + (items + halo) * (2 * head_dim * elem + (6 + r) * 8)
+            + items * (head_dim * elem + 4))
 
 
 def _grid(b: int, h: int, r: int, lk: int, device) -> list[Tensor]:
