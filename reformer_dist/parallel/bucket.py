@@ -138,9 +138,7 @@ class BucketSharding:
         own = slice(before, before + piece)
         out_r = route.to_tokens(out_ext[:, own]).view(b, h, r, lk, d)
         lse_r = route.to_tokens(lse_ext[:, own].unsqueeze(-1)).view(b, h, r, lk)
-        w = torch.softmax(lse_r, dim=2)  # normalised: exact for a query that sees only itself
-        out = torch.einsum("bhrld,bhrl->blhd", out_r.to(w.dtype), w)  # merge the rounds: one softmax over them
-        return out.to(v.dtype)
+        return _MergeRounds.apply(out_r, lse_r).transpose(1, 2)  # one softmax over the rounds, [B, Lk, H, D]
 
     def _global_slots(self, qk: Tensor, rotations: Tensor, factors: list[int]) -> tuple[Tensor, Tensor]:
         """(flat slot over the concatenated rounds, bucket) of every (batch, head, round, token), int64 [B,H,R,Lk]:
@@ -178,6 +176,46 @@ class BucketSharding:
         out, _ = chunked_attention(q_ext, k_ext, v_ext, None, chunk_len=chunk_len, n_before=n_before, n_after=n_after,
                                    causal=causal, self_mask=False, positions=positions, backend=backend)
         return out[:, nb_rows : nb_rows + lk]
+
+
+class _ScatterRows(torch.autograd.Function):
+    """out = zeros(n, E); out[rows] = src. Saves only ``rows`` (``index_copy`` also keeps ``src`` alive)."""
+
+    @staticmethod
+    def forward(ctx, src: Tensor, rows: Tensor, n: int) -> Tensor:
+        ctx.save_for_backward(rows)
+        return src.new_zeros(n, src.shape[1]).index_copy_(0, rows, src)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (rows,) = ctx.saved_tensors
+        return grad.index_select(0, rows), None, None
+
+
+class _MergeRounds(torch.autograd.Function):
+    """out = sum_r softmax_r(lse) out_r over the R rounds of every query (dim 2 of [B, H, R, L, D]), in fp32.
+
+    Saves out_r and the fp32 weights (no per-round products); backward: dout_r = w_r dout and
+    dlse_r = w_r (<out_r, dout> - sum_s w_s <out_s, dout>).
+    """
+
+    @staticmethod
+    def forward(ctx, out_r: Tensor, lse_r: Tensor) -> Tensor:
+        w = torch.softmax(lse_r.float(), dim=2)  # normalised: exact for a query that sees only itself
+        out = torch.zeros(out_r.shape[:2] + out_r.shape[3:], dtype=torch.float32, device=out_r.device)
+        for i in range(out_r.shape[2]):
+            out.addcmul_(out_r[:, :, i].float(), w[:, :, i].unsqueeze(-1))
+        ctx.save_for_backward(out_r, w)
+        return out.to(out_r.dtype)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        out_r, w = ctx.saved_tensors
+        dout = dout.float()
+        dots = torch.stack([(out_r[:, :, i].float() * dout).sum(-1) for i in range(out_r.shape[2])], dim=2)
+        dlse = w * (dots - (w * dots).sum(dim=2, keepdim=True))
+        dout_r = (w.unsqueeze(-1) * dout.unsqueeze(2)).to(out_r.dtype)
+        return dout_r, dlse.to(ctx.saved_tensors[1].dtype)
 
 
 class _Route:
@@ -238,14 +276,13 @@ class _Route:
         """[B, Lk, H, D] tokens -> [B, ext, H, D]: the extended piece in slot order (differentiable)."""
         d = x.shape[-1]
         got = self.sh._exchange(x.reshape(-1, d).index_select(0, self.token_rows), self.send, self.recv)
-        return x.new_zeros(self.b * self.ext * self.h, d).index_copy(0, self.rows, got).view(self.b, self.ext,
-                                                                                               self.h, d)
+        return _ScatterRows.apply(got, self.rows, self.b * self.ext * self.h).view(self.b, self.ext, self.h, d)
 
     def to_tokens(self, y: Tensor) -> Tensor:
         """[B, piece, H, E] own results -> [B*H*R*Lk, E] in item order (b, h, r, t) at the tokens' owner."""
         e = y.shape[-1]
         got = self.sh._exchange(y.reshape(-1, e).index_select(0, self.own_rows), self.recv_own, self.send_own)
-        return y.new_zeros(self.b * self.h * self.r * self.lk, e).index_copy(0, self.own_items, got)
+        return _ScatterRows.apply(got, self.own_items, self.b * self.h * self.r * self.lk)
 
 
 def forward_bytes(kind: str, *, batch: int, heads: int, tokens: int, head_dim: int, elem: int, ranks: int, rank: int,
