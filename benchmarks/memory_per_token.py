@@ -29,26 +29,47 @@ GIB = 2**30
 
 
 def predicted_bytes_per_token(d_model: int, n_heads: int, d_head: int, n_hashes: int, compute_bytes: int = 4,
-                              sp: int = 1) -> dict[str, float]:
-    """Memory model of a training step, per token of sequence per GPU; independent of n_layers.
+                              ulysses: int = 1, bucket: int = 1) -> dict[str, float]:
+    """Memory model of a training step, per token of the sequence per GPU; independent of n_layers.
 
-    The peak is inside one layer's attention backward during the reversible backward:
+    One GPU (and Ulysses): the peak is inside one layer's attention backward during the reversible backward:
     - streams: y1, y2 (rebuilt in place into x1, x2) and their gradients, fp32: 4 x 4 x d_model;
     - attention: qk, v, the core's output, its gradient, d(qk), d(v) in the compute dtype:
       6 x c x n_heads x d_head (the LayerNorm output before the projections is a recipe, not values);
     - the core's fp32 head-group accumulators under bf16 (one head at a time): 2 x 4 x d_head;
-    - integers and small rows: the int32 sort permutation (4 R H), lse and delta (8 H), LayerNorm statistics
-      (8), token ids, labels and axial indices (int64, 32).
-    Under sequence parallelism (P ranks, Ulysses) tokens and heads are split: everything divides by P.
+    - integers and small rows: the int32 sort permutation (4 R H), lse (hi, lo) and delta (12 H), LayerNorm
+      statistics (8), token ids, labels and axial indices (int64, 32).
+    Ulysses (U ranks share the heads): everything divides by U; qk, the output and its gradient also exist in
+    the token-sharded layout around the all-to-alls (+3 c d).
+    Bucket sharding (K ranks share the sorted order): the peak is in the forward recompute of an LSH layer,
+    dominated by the R-fold copies the owners of the slots hold: streams, LayerNorm output, local qk and v,
+    the extended pieces of qk and v (2 R c d), the pieces' output (R c d), the outgoing and incoming results
+    of the return exchange and their scatter to token order (3 R c d; the collective keeps its send buffer
+    until the work completes), integers of the pieces and routes (8 R H (6 + R)). With Ulysses in front (2D)
+    qk (twice: DistributedAttention's q/k/v interface) and v also exist after its all-to-all (+3 c d).
+    Everything divides by U x K.
     """
     d = n_heads * d_head
-    terms = {
-        "streams and their gradients (fp32)": 16.0 * d_model,
-        "attention backward: qk, v, out, dout, dqk, dv": 6.0 * compute_bytes * d,
-        "fp32 head accumulators (bf16 only)": 8.0 * d_head if compute_bytes < 4 else 0.0,
-        "sort permutation, lse, delta, norm stats, ids": 4.0 * n_hashes * n_heads + 8.0 * n_heads + 8 + 32,
-    }
-    return {k: v / sp for k, v in terms.items()}
+    c = compute_bytes
+    ints = 4.0 * n_hashes * n_heads + 12.0 * n_heads + 8 + 32
+    ulysses_extra = 3.0 * c * d if ulysses > 1 else 0.0
+    if bucket == 1:
+        terms = {
+            "streams and their gradients (fp32)": 16.0 * d_model,
+            "attention backward: qk, v, out, dout, dqk, dv": 6.0 * c * d,
+            "Ulysses: qk, output and its gradient in both layouts": ulysses_extra,
+            "fp32 head accumulators (bf16 only)": 8.0 * d_head if c < 4 else 0.0,
+            "sort permutation, lse, delta, norm stats, ids": ints,
+        }
+    else:
+        terms = {
+            "streams and their gradients (fp32)": 16.0 * d_model,
+            "LayerNorm output, local qk and v": c * d_model + 2.0 * c * d,
+            "Ulysses: qk (twice) and v after the all-to-all": ulysses_extra,
+            "pieces: qk, v (R-fold), output, return exchange": 6.0 * n_hashes * c * d,
+            "integers (ids, positions, buckets, chunks, routes)": ints + 8.0 * n_hashes * n_heads * (6 + n_hashes),
+        }
+    return {k: v / (ulysses * bucket) for k, v in terms.items()}
 
 
 def bench_config(args, length: int):

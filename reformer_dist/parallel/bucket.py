@@ -15,7 +15,7 @@ log-sum-exp back with the inverse all-to-all; the token's owner merges its R rou
 their union). Local attention layers exchange halo chunks of q, k, v with their neighbours. Full
 attention layers need the whole sequence and are refused.
 
-Everything is autograd-differentiable (``torch.distributed.nn.functional.all_to_all_single``), so the
+Everything is autograd-differentiable (the exchanges' backward sends the gradients back), so the
 reversible backward's recompute and gradients take the same route. ``bytes_sent`` counts the bytes this
 rank hands to collectives (see ``docs/sequence_parallel.md`` for the formula).
 """
@@ -27,7 +27,6 @@ import math
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.nn.functional import all_to_all_single
 
 from reformer_dist.kernels.chunked_attention import chunked_attention
 from reformer_dist.model.hashing import hash_buckets
@@ -47,16 +46,9 @@ class BucketSharding:
         return dist.get_global_rank(self.group, r)
 
     def _exchange(self, x: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
-        """all_to_all_single of rows of x (differentiable when x requires grad); counts the bytes sent."""
-        row = x[0].numel() * x.element_size() if x.shape[0] else 0
-        self.bytes_sent += sum(send_splits) * row
-        out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-        if x.requires_grad:
-            return all_to_all_single(out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits,
-                                     group=self.group)
-        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_splits, input_split_sizes=send_splits,
-                               group=self.group)
-        return out
+        """all_to_all_single of rows of x (differentiable); counts the bytes sent."""
+        self.bytes_sent += sum(send_splits) * (x[0].numel() * x.element_size() if x.shape[0] else 0)
+        return _Exchange.apply(x, send_splits, recv_splits, self.group)
 
     def _exclusive_prefix(self, x: Tensor) -> Tensor:
         """Sum of x over the ranks before this one (recursive doubling, log2(K) point-to-point steps)."""
@@ -176,6 +168,28 @@ class BucketSharding:
         out, _ = chunked_attention(q_ext, k_ext, v_ext, None, chunk_len=chunk_len, n_before=n_before, n_after=n_after,
                                    causal=causal, self_mask=False, positions=positions, backend=backend)
         return out[:, nb_rows : nb_rows + lk]
+
+
+class _Exchange(torch.autograd.Function):
+    """Rows of x to the ranks of a group (variable splits); the backward sends the gradients back.
+
+    (``torch.distributed.nn.functional.all_to_all_single`` takes the output buffer as an input, which keeps
+    the sent rows alive in a reference cycle until the garbage collector runs.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, send: list[int], recv: list[int], group) -> Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        back = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv,
+                               group=ctx.group)
+        return back, None, None, None
 
 
 class _ScatterRows(torch.autograd.Function):
