@@ -5,6 +5,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+# The venv's tools first for every process make starts: torch JIT-builds DeepSpeed ops with the `ninja`
+# on PATH, and the venv's (pip, 1.13) and the system's (1.11) discard each other's builds.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: install quickstart test test-fast
 $(BIN)/python:

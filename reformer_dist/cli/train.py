@@ -138,8 +138,13 @@ def _train(cfg, plan, ds_config, env, store, resume, on_cuda) -> int:
     else:
         device = torch.device("cpu")
 
+    from reformer_dist.training.native_ops import prefer_interpreter_ninja, skip_unused_ops
+
+    prefer_interpreter_ninja()  # any op that is built (CPUAdam under offload) is built once per machine
     import deepspeed
     import torch.distributed as dist
+
+    skip_unused_ops()  # deepspeed_shm_comm serves inference only: no C++ build at start
 
     # A frozen rank must fail the job, not hang it: DeepSpeed creates its own gradient groups later and
     # they take torch's default timeout (30 min), so set that default as well as the world group's.

@@ -85,13 +85,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig, on_cuda: bool, offload: bool) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig, on_cuda: bool, offload: bool,
+                   announce: bool = True) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`; DeepSpeedCPUAdam under optimizer offload (`announce`: say when it is compiled)."""
     t = cfg.train
     groups = param_groups(model, t.weight_decay)
     kw = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     if offload:
         # ZeRO-Offload steps fp32 partitions on the host: DeepSpeed's CPUAdam (JIT-built once, ~35 s).
         from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        if announce:
+            from reformer_dist.training.native_ops import announce_build
+
+            announce_build("cpu_adam", "the host-side Adam of zero_optimization.offload_optimizer")
 
         return _skippable(DeepSpeedCPUAdam)(groups, adamw_mode=True, **kw)
     # A torch optimizer: no JIT build (FusedAdam costs ~65 s on CPU); fused kernel on CUDA.
@@ -181,7 +188,7 @@ class Trainer:
         model = ReformerLM(cfg.model)
         self.num_parameters = model.num_parameters()
         offload = uses_optimizer_offload(self.ds_config)
-        self.optimizer = make_optimizer(model, cfg, self.device.type == "cuda", offload)
+        self.optimizer = make_optimizer(model, cfg, self.device.type == "cuda", offload, announce=self.main)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
         self.sp, self.sp_rank = None, 0
