@@ -158,15 +158,18 @@ def _train(cfg, plan, ds_config, env, store, resume, on_cuda) -> int:
         c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", auto_mpi_discovery=False, timeout=timeout)
 
+    from reformer_dist.training.run_lock import RunLock, RunLockedError
     from reformer_dist.training.trainer import Trainer
 
     code = 1
+    lock = RunLock(cfg.run_dir) if env.rank == 0 else None
     try:
+        _take_lock(lock)
         trainer = Trainer(cfg, plan, ds_config, env, store, resume, device)
         trainer.setup()
         outcome = trainer.fit()
         code = outcome.exit_code
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, RunLockedError) as e:
         code = _fail(str(e))
     finally:
         if dist.is_initialized():
@@ -176,7 +179,31 @@ def _train(cfg, plan, ds_config, env, store, resume, on_cuda) -> int:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a peer may already be gone
                 pass
+        if lock is not None:
+            lock.release()
     return code
+
+
+def _take_lock(lock) -> None:
+    """Rank 0 locks output.dir before anything in it is written; every rank gets the same verdict."""
+    import torch.distributed as dist
+
+    from reformer_dist.training.run_lock import RunLockedError
+
+    problem = None
+    if lock is not None:
+        try:
+            note = lock.acquire()
+            if note:
+                print(f"reformer-train: {note}", file=sys.stderr)
+        except (RunLockedError, OSError) as e:
+            problem = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise RunLockedError(problem)
 
 
 if __name__ == "__main__":
