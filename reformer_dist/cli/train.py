@@ -10,7 +10,9 @@
 Order of work: parse and validate the whole config (defaults -> file -> --set), discover the ranks,
 plan the batches, open the data, generate the DeepSpeed dict -- all before any process group
 starts, so a typo fails in a second on every rank with the key's name. Exit codes: 0 finished or
-preempted (checkpoint saved), 2 bad config/data/checkpoint, 3 stopped after non-finite losses.
+preempted (checkpoint saved), 2 bad config/data/checkpoint (or output.dir in use by another run), 3
+stopped after non-finite losses, 130 interrupted by Ctrl-C (checkpoint saved; a second Ctrl-C aborts
+at once). Every error case we test is listed in docs/troubleshooting.md.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 from reformer_dist.training.config import ConfigError, describe_schema, load_run_config, plan_batches, to_toml
 
@@ -58,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
         return _fail(str(e))
+    if args.resume not in (None, "auto"):
+        from reformer_dist.training.checkpointing import precheck_resume_path
+
+        problem = precheck_resume_path(args.resume)
+        if problem:
+            return _fail(problem)
 
     from reformer_dist.parallel.env import discover
 
@@ -85,31 +94,94 @@ def main(argv: list[str] | None = None) -> int:
     on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
 
     from reformer_dist.data.errors import DataError
-    from reformer_dist.data.store import TokenStore
+    from reformer_dist.data.store import BUILTIN, TokenStore
 
+    store, missing = None, None
     try:
         store = TokenStore.open(cfg.data.path, expect_tokenizer=cfg.data.tokenizer)
     except (DataError, OSError) as e:
-        return _fail(f"data.path: {e}")
-    if cfg.model.vocab_size < store.vocab_size:
-        return _fail(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's vocabulary "
-                     f"({store.vocab_size}, tokenizer {store.identity}); set model.vocab_size >= {store.vocab_size}")
+        if not (args.dry_run and cfg.data.path != BUILTIN and not Path(cfg.data.path).exists()):
+            return _fail(f"data.path: {e}")
+        missing = e  # a dry run may plan a run whose data is not prepared yet: said below, not fatal
+    if store is not None:
+        if cfg.model.vocab_size < store.vocab_size:
+            return _fail(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's vocabulary "
+                         f"({store.vocab_size}, tokenizer {store.identity}); set model.vocab_size >= {store.vocab_size}")
+        problem = check_data_plan(cfg, plan, store)
+        if problem:
+            return _fail(problem)
+    for key, folder in (("output.dir", cfg.run_dir), ("checkpoint.dir", cfg.checkpoint_dir)):
+        problem = check_output_folder(key, folder)
+        if problem:
+            return _fail(problem)
 
+    from reformer_dist.parallel.env import intra_op_threads
     from reformer_dist.training.deepspeed_config import build_deepspeed_config
 
     try:
         ds_config = build_deepspeed_config(cfg, plan, on_cuda)
     except ConfigError as e:
         return _fail(str(e))
+    threads = intra_op_threads(env.local_world_size, cfg.train.threads)
 
     if args.dry_run:
         if env.rank == 0:
             print(to_toml(cfg))
             print("# batch plan:", json.dumps(dataclasses.asdict(plan)))
+            print(f"# intra-op threads per rank: {threads[0]} ({threads[1]})")
             print("# deepspeed config:", json.dumps(ds_config, indent=2))
-            print(f"# data: {store!r}")
+            if store is not None:
+                print(f"# data: {store!r}")
+            else:
+                print(f"# data: NOT CHECKED, {cfg.data.path} does not exist yet")
+                print(f"reformer-train: warning: data.path: {missing}. The dry run checked everything else; "
+                      f"prepare the store (docs/data.md: reformer-data shard ... --out {cfg.data.path}) before "
+                      "training", file=sys.stderr)
         return 0
-    return _train(cfg, plan, ds_config, env, store, args.resume, on_cuda)
+    return _train(cfg, plan, ds_config, env, store, args.resume, on_cuda, threads)
+
+
+def check_data_plan(cfg, plan, store) -> str | None:
+    """Whether each split the run reads holds at least one global micro-batch of windows (None: it does).
+
+    Checked before any process group starts, so a tiny or missing split fails in a second, not after
+    DeepSpeed has started. The validation split is needed only when the run evaluates.
+    """
+    from reformer_dist.data.errors import DataError
+    from reformer_dist.data.loader import WindowLoader
+
+    evaluating = bool(cfg.eval.every or cfg.eval.at_end)
+    for key, split in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
+        if key == "data.eval_split" and not evaluating:
+            continue
+        try:
+            WindowLoader(store, split=split, seq_len=cfg.data.seq_len, micro_batch=plan.micro_batch,
+                         dp_size=plan.dp_size, sp_size=plan.sp_size)
+        except DataError as e:
+            if store.num_tokens(split) == 0:
+                hint = (f"the store has no {split} split: make one (reformer-data shard --val-fraction / --val-input)"
+                        + (" or turn evaluation off (eval.every = 0, eval.at_end = false)"
+                           if key == "data.eval_split" else ""))
+            else:
+                hint = ("lower data.seq_len or train.micro_batch, use fewer data-parallel ranks, or add data"
+                        + (", or turn evaluation off (eval.every = 0, eval.at_end = false)"
+                           if key == "data.eval_split" else ""))
+            return f"{key} = {split!r}: {e}; {hint}"
+    return None
+
+
+def check_output_folder(key: str, folder: Path) -> str | None:
+    """Whether the run can create and write `folder` (None: it can); names the key and the obstacle."""
+    if folder.exists() and not folder.is_dir():
+        return f"{key}: {folder} is a file; expected a folder (the run writes its config, metrics and checkpoints there)"
+    first = folder
+    while not first.exists():
+        first = first.parent
+    if not first.is_dir():
+        return f"{key}: {folder} cannot be created: {first} is a file"
+    if not os.access(first, os.W_OK | os.X_OK):
+        return f"{key}: {folder} cannot be written: no write permission on {first}"
+    return None
 
 
 def _free_port() -> int:
@@ -120,7 +192,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _train(cfg, plan, ds_config, env, store, resume, on_cuda) -> int:
+def _train(cfg, plan, ds_config, env, store, resume, on_cuda, threads: tuple[int, str]) -> int:
     import dataclasses as dc
 
     import torch
@@ -132,6 +204,10 @@ def _train(cfg, plan, ds_config, env, store, resume, on_cuda) -> int:
     if env.source == "single" and not os.environ.get("MASTER_PORT"):
         env = dc.replace(env, master_port=_free_port())  # several single-process runs may share a machine
     export_env(env)
+    torch.set_num_threads(threads[0])
+    if env.rank == 0:
+        print(f"reformer-train: {threads[0]} intra-op thread{'s' if threads[0] > 1 else ''} per rank ({threads[1]}; "
+              "train.threads or OMP_NUM_THREADS sets it)", file=sys.stderr)
     if on_cuda:
         torch.cuda.set_device(env.local_rank)
         device = torch.device("cuda", env.local_rank)
@@ -171,6 +247,8 @@ def _train(cfg, plan, ds_config, env, store, resume, on_cuda) -> int:
         code = outcome.exit_code
     except (CheckpointError, DataError, RunLockedError) as e:
         code = _fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (which saves a checkpoint itself)
+        code = _fail("interrupted (Ctrl-C) before training started; nothing to save", 130)
     finally:
         if dist.is_initialized():
             # Tear down explicitly: gloo ranks sometimes abort at interpreter exit otherwise.
