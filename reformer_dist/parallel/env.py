@@ -93,22 +93,22 @@ def _split_top_level(text: str, what: str) -> list[str]:
     return parts
 
 
-def _expand_range_list(body: str, nodelist: str) -> list[str]:
+def _expand_range_list(body: str, nodelist: str, what: str = "SLURM_JOB_NODELIST") -> list[str]:
     """Expand the inside of one bracket group, e.g. ``"01-03,07"`` -> ``["01","02","03","07"]``."""
     out: list[str] = []
     for item in body.split(","):
         item = item.strip()
         if not item:
-            raise ValueError(f"SLURM_JOB_NODELIST: empty range in {nodelist!r}")
+            raise ValueError(f"{what}: empty range in {nodelist!r}")
         lo, sep, hi = item.partition("-")
         if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ValueError(f"SLURM_JOB_NODELIST: bad range {item!r} in {nodelist!r}")
+            raise ValueError(f"{what}: bad range {item!r} in {nodelist!r}")
         if not sep:
             out.append(lo)
             continue
         a, b = int(lo), int(hi)
         if b < a:
-            raise ValueError(f"SLURM_JOB_NODELIST: descending range {item!r} in {nodelist!r}")
+            raise ValueError(f"{what}: descending range {item!r} in {nodelist!r}")
         # Slurm pads to the width of the lower bound when it has a leading zero ("08-10").
         width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
         out.extend(str(n).zfill(width) for n in range(a, b + 1))
@@ -118,25 +118,25 @@ def _expand_range_list(body: str, nodelist: str) -> list[str]:
 _GROUP = re.compile(r"\[([^\[\]]*)\]")
 
 
-def expand_nodelist(nodelist: str) -> list[str]:
+def expand_nodelist(nodelist: str, what: str = "SLURM_JOB_NODELIST") -> list[str]:
     """Expand a SLURM hostlist such as ``"node[01-03,07],gpu5,rack[1-2]-n[3-4]"``.
 
     Zero padding is kept, several comma-separated names and several bracket groups per name are
     supported (the first group varies slowest, like ``scontrol show hostnames``). Duplicates are
-    kept in order. Raises ``ValueError`` on malformed input.
+    kept in order. Raises ``ValueError`` on malformed input, naming ``what`` (where the list came from).
     """
     text = nodelist.strip()
     if not text:
         return []
     hosts: list[str] = []
-    for name in _split_top_level(text, "SLURM_JOB_NODELIST"):
+    for name in _split_top_level(text, what):
         name = name.strip()
         if not name:
-            raise ValueError(f"SLURM_JOB_NODELIST: empty host name in {nodelist!r}")
+            raise ValueError(f"{what}: empty host name in {nodelist!r}")
         pieces = _GROUP.split(name)  # literal, group, literal, group, ..., literal
         expanded = [""]
         for i, piece in enumerate(pieces):
-            choices = _expand_range_list(piece, nodelist) if i % 2 else [piece]
+            choices = _expand_range_list(piece, nodelist, what) if i % 2 else [piece]
             expanded = [prefix + c for prefix in expanded for c in choices]
         hosts.extend(expanded)
     return hosts
