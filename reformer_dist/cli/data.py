@@ -171,7 +171,7 @@ def _warn_without_validation(store_dir) -> None:
 
     if read_manifest(store_dir)["splits"]["validation"]["num_tokens"] == 0:
         print(f"reformer-data shard: warning: the store has no validation split. Training on it needs evaluation "
-              f"off (--set eval.every = 0 --set eval.at_end = false); to evaluate, shard again with --val-fraction "
+              f"off (--set eval.every=0 --set eval.at_end=false); to evaluate, shard again with --val-fraction "
               f"0.01 (every 100th document) or --val-input held_out/", file=sys.stderr)
 
 

@@ -70,7 +70,7 @@ class Run:
 
 
 def launch(nprocs: int, out_dir: Path, overrides: list[str], launcher: str = "torchrun",
-           extra_args: list[str] = (), timeout: float = 300, script: Path | None = None,
+           extra_args: list[str] = (), timeout: float = 600, script: Path | None = None,
            env: dict[str, str] | None = None) -> Run:
     """Run reformer-train with TINY + overrides on `nprocs` ranks, writing to `out_dir`.
 

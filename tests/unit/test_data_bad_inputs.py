@@ -189,7 +189,7 @@ def test_store_without_validation_split_is_announced(tmp_path, capsys, corpus):
                        "--num-proc", "1")
     assert code == 0
     assert "warning: the store has no validation split" in err and "--val-fraction" in err
-    assert "eval.every = 0" in err and "eval.at_end = false" in err
+    assert "--set eval.every=0 --set eval.at_end=false" in err
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])

@@ -165,7 +165,7 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 def test_cli_reports_the_key_before_any_process_group(tmp_path):
     p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train", "--config", str(REPO / "configs/quickstart.toml"),
                         "--set", "model.n_hedas=4", "--local_rank=0"], capture_output=True, text=True, cwd=tmp_path,
-                       timeout=120)
+                       timeout=600)
     assert p.returncode == 2
     assert "reformer-train: error: model.n_hedas: unknown key" in p.stderr
 
@@ -173,7 +173,7 @@ def test_cli_reports_the_key_before_any_process_group(tmp_path):
 def test_cli_dry_run_prints_the_resolved_plan(tmp_path):
     p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train", "--config", str(REPO / "configs/quickstart.toml"),
                         "--set", "train.global_batch=16", "--dry-run"], capture_output=True, text=True, cwd=tmp_path,
-                       timeout=120)
+                       timeout=600)
     assert p.returncode == 0, p.stderr
     assert '"train_batch_size": 16' in p.stdout and "[model]" in p.stdout
 

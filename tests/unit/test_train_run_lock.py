@@ -144,7 +144,7 @@ def test_two_runs_in_one_folder(tmp_path):
     finally:
         if first.poll() is None:
             os.kill(first.pid, signal.SIGKILL)  # our own child: a crash that leaves its lock behind
-        first.wait(timeout=60)
+        first.wait(timeout=600)
     assert (out / LOCK_NAME).is_file()
 
     # the dead run's lock is stale: the next run takes over and resumes from the last checkpoint
