@@ -117,7 +117,7 @@ def test_unsupported_reshard_transition(ckpts, tmp_path, capsys):
     assert not (tmp_path / "u").exists()
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o002])
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask-022", "umask-002"])
 def test_written_folders_follow_the_umask(ckpts, trained, tmp_path, capsys, umask):
     # #17: consolidate / export-hf / import-hf made 0700 folders and 0600 safetensors
     old = os.umask(umask)
@@ -146,7 +146,8 @@ def test_export_loads_in_transformers_without_missing_keys(trained, tmp_path, ca
 
 
 @pytest.mark.parametrize("change, field", [({"causal": False}, "ReformerConfig.causal"),
-                                           ({"attn_layers": ["full", "lsh"]}, "ReformerConfig.attn_layers")])
+                                           ({"attn_layers": ["full", "lsh"]}, "ReformerConfig.attn_layers")],
+                         ids=["not-causal", "full-attention-layer"])
 def test_export_refuses_configs_hf_cannot_hold(tmp_path, capsys, change, field):
     cfg = ReformerConfig(**{**dict(vocab_size=53, d_model=32, n_heads=2, d_head=16, d_ff=48, n_layers=2,
                                    attn_layers=["lsh", "local"], axial_pos_shape=[8, 8]), **change})

@@ -192,7 +192,7 @@ def test_store_without_validation_split_is_announced(tmp_path, capsys, corpus):
     assert "--set eval.every=0 --set eval.at_end=false" in err
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o002])
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask-022", "umask-002"])
 def test_store_modes_follow_the_umask(tmp_path, capsys, corpus, umask):
     old = os.umask(umask)
     try:
