@@ -237,3 +237,16 @@ def test_mpi_launcher_inside_slurm_wins_over_slurm_step_variables(monkeypatch):
                   "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_ID": "7"}
     assert envmod.discover({**slurm_vars, "PMI_RANK": "3", "PMI_SIZE": "4"}) == mpi
     assert envmod.discover(slurm_vars).source == "slurm"
+
+
+# ---------------------------------------------------------------------------------------------- threads
+def test_intra_op_threads_share_the_cores_among_local_ranks(monkeypatch):
+    from reformer_dist.parallel.env import intra_op_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert intra_op_threads(1, None, {}) == (4, "4 cores / 1 rank on this node")
+    assert intra_op_threads(2, None, {}) == (2, "4 cores / 2 ranks on this node")
+    assert intra_op_threads(8, None, {})[0] == 1  # never 0
+    assert intra_op_threads(2, None, {"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
+    assert intra_op_threads(2, 1, {"OMP_NUM_THREADS": "3"}) == (1, "train.threads")  # the config key wins
+    assert intra_op_threads(2, None, {"OMP_NUM_THREADS": "junk"})[1] == "4 cores / 2 ranks on this node"
