@@ -208,6 +208,10 @@ def _train(cfg, plan, ds_config, env, store, resume, on_cuda, threads: tuple[int
     if env.rank == 0:
         print(f"reformer-train: {threads[0]} intra-op thread{'s' if threads[0] > 1 else ''} per rank ({threads[1]}; "
               "train.threads or OMP_NUM_THREADS sets it)", file=sys.stderr)
+        busy = _busy_cores(env.local_world_size * threads[0])
+        if busy and threads[0] > 1:
+            print(f"reformer-train: note: {busy}; with other work on these cores, fewer threads are often several "
+                  "times faster (--set train.threads=1)", file=sys.stderr)
     if on_cuda:
         torch.cuda.set_device(env.local_rank)
         device = torch.device("cuda", env.local_rank)
@@ -260,6 +264,17 @@ def _train(cfg, plan, ds_config, env, store, resume, on_cuda, threads: tuple[int
         if lock is not None:
             lock.release()
     return code
+
+
+def _busy_cores(wanted: int) -> str | None:
+    """A description of the load when other processes already occupy cores this run's threads need."""
+    try:
+        load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    if load + wanted <= cores + 0.5:
+        return None
+    return f"the machine is busy (load average {load:.1f} on {cores} cores, and this run wants {wanted} threads)"
 
 
 def _take_lock(lock) -> None:

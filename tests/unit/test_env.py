@@ -250,3 +250,14 @@ def test_intra_op_threads_share_the_cores_among_local_ranks(monkeypatch):
     assert intra_op_threads(2, None, {"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
     assert intra_op_threads(2, 1, {"OMP_NUM_THREADS": "3"}) == (1, "train.threads")  # the config key wins
     assert intra_op_threads(2, None, {"OMP_NUM_THREADS": "junk"})[1] == "4 cores / 2 ranks on this node"
+
+
+def test_busy_machine_note(monkeypatch):
+    from reformer_dist.cli.train import _busy_cores
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert _busy_cores(2) is None  # quiet: 2 threads on 2 cores
+    monkeypatch.setattr("os.getloadavg", lambda: (1.4, 1.0, 0.5))  # another job holds a core
+    assert _busy_cores(2) == "the machine is busy (load average 1.4 on 2 cores, and this run wants 2 threads)"
+    assert _busy_cores(1) is None
