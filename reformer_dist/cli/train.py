@@ -23,8 +23,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reformer_dist.training.config import ConfigError, describe_schema, load_run_config, plan_batches, to_toml
+from reformer_dist.training.config import (BatchPlan, ConfigError, RunConfig, describe_schema, load_run_config,
+                                           plan_batches, to_toml)
+
+if TYPE_CHECKING:
+    from reformer_dist.data.store import TokenStore
 
 EXIT_USAGE = 2
 
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     return _train(cfg, plan, ds_config, env, store, args.resume, on_cuda, threads)
 
 
-def check_data_plan(cfg, plan, store) -> str | None:
+def check_data_plan(cfg: RunConfig, plan: BatchPlan, store: TokenStore) -> str | None:
     """Whether each split the run reads holds at least one global micro-batch of windows (None: it does).
 
     Checked before any process group starts, so a tiny or missing split fails in a second, not after
@@ -158,10 +163,12 @@ def check_data_plan(cfg, plan, store) -> str | None:
             WindowLoader(store, split=split, seq_len=cfg.data.seq_len, micro_batch=plan.micro_batch,
                          dp_size=plan.dp_size, sp_size=plan.sp_size)
         except DataError as e:
-            if store.num_tokens(split) == 0:
-                hint = (f"the store has no {split} split: make one (reformer-data shard --val-fraction / --val-input)"
-                        + (" or turn evaluation off (eval.every = 0, eval.at_end = false)"
-                           if key == "data.eval_split" else ""))
+            if store.num_tokens(split) == 0 and split == "validation":
+                hint = ("the store has no validation split: make one (reformer-data shard --val-fraction / "
+                        "--val-input)" + (" or turn evaluation off (eval.every = 0, eval.at_end = false)"
+                                          if key == "data.eval_split" else ""))
+            elif store.num_tokens(split) == 0:
+                hint = "the store has no train split: shard a corpus into it (reformer-data shard --input ...)"
             else:
                 hint = ("lower data.seq_len or train.micro_batch, use fewer data-parallel ranks, or add data"
                         + (", or turn evaluation off (eval.every = 0, eval.at_end = false)"
