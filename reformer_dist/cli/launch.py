@@ -16,8 +16,9 @@ from typing import Mapping, Sequence
 from reformer_dist.parallel.env import DistEnv, discover, expand_nodelist
 
 
-def default_slots(environ: Mapping[str, str] = os.environ) -> int:
+def default_slots(environ: Mapping[str, str] | None = None) -> int:
     """GPUs (or tasks) per node: $SLURM_GPUS_ON_NODE, else $SLURM_NTASKS_PER_NODE, else 1."""
+    environ = os.environ if environ is None else environ  # looked up now: os.environ may have been replaced
     for name in ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE"):
         raw = environ.get(name, "").strip()
         if raw:

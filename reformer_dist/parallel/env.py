@@ -391,8 +391,9 @@ def intra_op_threads(local_world_size: int, configured: int | None = None,
     return max(1, cores // ranks), f"{cores} cores / {ranks} rank{'s' if ranks > 1 else ''} on this node"
 
 
-def export_env(env: DistEnv, environ: MutableMapping[str, str] = os.environ) -> None:
+def export_env(env: DistEnv, environ: MutableMapping[str, str] | None = None) -> None:
     """Set RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT from ``env``."""
+    environ = os.environ if environ is None else environ  # looked up now: os.environ may have been replaced
     environ["RANK"] = str(env.rank)
     environ["LOCAL_RANK"] = str(env.local_rank)
     environ["WORLD_SIZE"] = str(env.world_size)

@@ -38,12 +38,13 @@ def skip_unused_ops() -> None:
     deepspeed.ops.__compatible_ops__[SHM_COMM] = False
 
 
-def prefer_interpreter_ninja(environ: MutableMapping[str, str] = os.environ) -> bool:
+def prefer_interpreter_ninja(environ: MutableMapping[str, str] | None = None) -> bool:
     """Put the folder of this interpreter first on PATH when it holds `ninja` (pip's, in a venv).
 
     Returns True when PATH changed. One ninja version for every process keeps a JIT build valid
     across processes (two versions discard each other's build log and recompile everything).
     """
+    environ = os.environ if environ is None else environ  # looked up now: os.environ may have been replaced
     bindir = str(Path(sys.executable).parent)
     if not os.access(os.path.join(bindir, "ninja"), os.X_OK):
         return False

@@ -133,13 +133,14 @@ def _rank(environ: Mapping[str, str]) -> int:
     return 0
 
 
-def requeue_slurm_job(environ: Mapping[str, str] = os.environ, timeout: float = 60.0) -> bool:
+def requeue_slurm_job(environ: Mapping[str, str] | None = None, timeout: float = 60.0) -> bool:
     """On rank 0 of a SLURM job, ``scontrol requeue $SLURM_JOB_ID``; True when it succeeded.
 
     Returns False (after logging why) on other ranks, outside SLURM, or when scontrol fails. The job
     must allow requeueing (``#SBATCH --requeue``); SLURM then ends the running job and queues it
     again, so call this only after every rank has finished writing its checkpoint.
     """
+    environ = os.environ if environ is None else environ  # looked up now: os.environ may have been replaced
     rank = _rank(environ)
     if rank != 0:
         log.debug("requeue skipped on rank %d", rank)
