@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -72,11 +73,21 @@ def is_built(op_name: str) -> bool:
     return (extensions_dir() / op_name / f"{op_name}.so").is_file()
 
 
-def announce_build(op_name: str, why: str) -> bool:
+def announce_build(op_name: str, why: str, stale_after_s: float = 900.0) -> bool:
     """Print one line before a JIT build that is about to happen (minutes of silence otherwise).
 
-    Returns True when a build is expected (no cached build of `op_name`).
+    Returns True when a build is expected (no cached build of `op_name`). Also warns about a build
+    `lock` older than `stale_after_s`: torch waits for it forever, and a killed build leaves it behind.
     """
+    lock = extensions_dir() / op_name / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        age = 0.0
+    if age > stale_after_s:
+        print(f"reformer-train: warning: {lock} is {age / 60:.0f} min old; torch waits for it before using "
+              f"{op_name}. If no build is running (a killed build leaves it behind), delete it",
+              file=sys.stderr, flush=True)
     if is_built(op_name):
         return False
     print(f"reformer-train: building DeepSpeed's C++ op {op_name} ({why}) into {extensions_dir() / op_name}: "

@@ -74,3 +74,15 @@ def test_make_starts_processes_with_the_venv_first_on_path():
                        input="show-path:\n\t@echo \"$$PATH\"\n", capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split(os.pathsep)[0] == str(REPO / ".venv" / "bin"), p.stdout
+
+
+def test_announce_build_warns_about_an_old_lock(monkeypatch, tmp_path: Path, capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / "cpu_adam").mkdir()
+    lock = tmp_path / "cpu_adam" / "lock"
+    lock.write_text("")
+    native_ops.announce_build("cpu_adam", "offload")
+    assert "warning" not in capsys.readouterr().err  # a build may be running right now
+    os.utime(lock, (0, os.stat(lock).st_mtime - 3600))
+    native_ops.announce_build("cpu_adam", "offload")
+    assert f"warning: {lock} is 60 min old" in capsys.readouterr().err
