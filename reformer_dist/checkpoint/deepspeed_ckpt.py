@@ -103,6 +103,7 @@ def load_meta(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        verify_torch_file(path)  # a truncated / damaged zip says so by name ("Errno 22" from mmap does not)
         raise CorruptCheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
 
 

@@ -15,8 +15,10 @@ so conversion is a renaming plus two reshapes (axial position weights carry sing
     stack.blocks.i.g.out.*                 reformer.encoder.layers.i.feed_forward.output.dense.*
     head.norm.* [2D]                       reformer.encoder.layer_norm.*
     head.proj.weight [V,2D]                lm_head.decoder.weight
-    (none)                                 lm_head.bias [V]: exported as zeros. transformers 5.x does not add
-                                           it in forward (4.x did, via decoder.bias); import warns if nonzero.
+    (none)                                 lm_head.decoder.bias and lm_head.bias [V]: exported as zeros (our head
+                                           has no bias). transformers 5.x adds decoder.bias in forward and keeps
+                                           lm_head.bias as an unused parameter; 4.x tied the two. Both are written
+                                           so that loading reports no missing key; import warns if either is nonzero.
 
 LSH hashing is NOT portable: our rotations come from a per-layer seeded generator, HF draws them from
 the global RNG (or `torch.manual_seed(hash_seed)`). Converted LSH layers therefore agree exactly only
@@ -240,7 +242,7 @@ def _check_against(state: dict[str, torch.Tensor], want: dict[str, tuple[int, ..
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ReformerConfig) -> dict[str, torch.Tensor]:
-    """Our state dict -> HF `ReformerModelWithLMHead` state dict (plus a zero `lm_head.bias`)."""
+    """Our state dict -> HF `ReformerModelWithLMHead` state dict (plus zero `lm_head.bias` / `lm_head.decoder.bias`)."""
     _check_against(state, expected_shapes(cfg), "reformer_dist state dict")
     names = key_map(cfg.n_layers)
     out: dict[str, torch.Tensor] = {}
@@ -250,7 +252,8 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ReformerConfig) -> dic
         elif k == "pos_emb.cols":
             v = v.unsqueeze(0)  # [b, d2] -> [1, b, d2]
         out[names[k]] = v
-    out["lm_head.bias"] = torch.zeros(cfg.vocab_size, dtype=state["head.proj.weight"].dtype)
+    for key in _HF_BIAS_KEYS:  # separate tensors: safetensors refuses shared storage
+        out[key] = torch.zeros(cfg.vocab_size, dtype=state["head.proj.weight"].dtype)
     return out
 
 
@@ -263,9 +266,9 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ReformerConfig) -
     for k, v in hf_state.items():
         if k in _HF_BIAS_KEYS:
             if torch.count_nonzero(v):
-                notes.append(f"{k} is nonzero (max |b| = {v.abs().max().item():.3g}) and is dropped: transformers 5.x "
-                             "does not apply it in forward and reformer_dist has no head bias; logits of a "
-                             "transformers 4.x model that did apply it will differ by this bias")
+                notes.append(f"{k} is nonzero (max |b| = {v.abs().max().item():.3g}) and is dropped: reformer_dist "
+                             "has no LM-head bias, so its logits differ from transformers' by this bias "
+                             "(lm_head.decoder.bias is added in forward; lm_head.bias only in transformers 4.x)")
             continue
         if _HF_BUFFER_RE.fullmatch(k):
             continue
@@ -315,6 +318,9 @@ def export_hf(src_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fal
     from reformer_dist.checkpoint.writer import check_writable, write_weights_dir
 
     src = Path(src_dir)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src / 'config.json'}: missing; expected a weights folder (config.json + "
+                                "model.safetensors, from `reformer-ckpt consolidate` or save_pretrained)")
     cfg = ReformerConfig.load(src / "config.json")
     hf_cfg = to_hf_config(cfg)  # refuses before anything is read or written
     check_writable(out_dir, overwrite)

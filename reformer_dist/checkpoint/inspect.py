@@ -14,6 +14,7 @@ from typing import Any
 
 from reformer_dist.checkpoint.checksums import CHECKSUMS, CorruptCheckpointError, verify_checksums
 from reformer_dist.checkpoint.deepspeed_ckpt import describe, find_checkpoint
+from reformer_dist.checkpoint.integrity import MANIFEST, verify_manifest
 from reformer_dist.checkpoint.io import weight_files
 
 
@@ -76,6 +77,8 @@ def inspect_path(path: str | Path, tag: str | None = None, verify: bool = True) 
         return inspect_weights_dir(p, verify)
     universal_root = p.is_dir() and (p / "latest_universal").is_file() and not (p / "latest").is_file()
     ref = find_checkpoint(p, tag, latest_name="latest_universal" if universal_root else "latest")
+    if (ref.path / MANIFEST).is_file():
+        verify_manifest(ref.path, hashes=False)  # sizes: a truncated file is named before it is opened
     info = describe(ref).to_dict()
     info["kind"] = "DeepSpeed universal checkpoint" if info["universal"] else "DeepSpeed ZeRO checkpoint"
     reshard_json = ref.root / "reshard.json"

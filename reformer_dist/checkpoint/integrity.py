@@ -78,7 +78,7 @@ def verify_manifest(ckpt_dir: str | Path, hashes: bool = True, workers: int = 4)
         if not p.is_file():
             raise CheckpointError(f"{p}: missing from checkpoint {d} (listed in {MANIFEST})")
         if p.stat().st_size != meta["size"]:
-            raise CheckpointError(f"{p}: corrupt (size {p.stat().st_size} bytes, manifest says {meta['size']})")
+            raise CheckpointError(f"{p}: truncated or altered ({p.stat().st_size} bytes, {MANIFEST} says {meta['size']})")
     if hashes:
         rels = list(files)
         with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 from reformer_dist.checkpoint.deepspeed_ckpt import describe, find_checkpoint, verify_files
-from reformer_dist.checkpoint.writer import check_writable
+from reformer_dist.checkpoint.writer import apply_umask, check_writable
 
 # (saved stage, loading stage) pairs verified to resume exactly; see the module docstring.
 SUPPORTED: dict[tuple[int, int], bool] = {
@@ -109,6 +109,7 @@ def reshard(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = None
                                   "engine.load_checkpoint(OUT, tag=None, load_optimizer_states=True, "
                                   "load_lr_scheduler_states=False)"}
         (tmp / RESHARD_INFO).write_text(json.dumps(summary, indent=2) + "\n")
+        apply_umask(tmp)  # mkdtemp made it 0700
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)

@@ -58,6 +58,30 @@ def _fresh_tmp(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else set-and-restore."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the modes a plain mkdir/open would have had.
+
+    mkdtemp makes 0700 folders, and safetensors writes 0600 files: colleagues on a shared file
+    system could not read a consolidated or exported model.
+    """
+    mask = current_umask()
+    for p in [*folder.rglob("*"), folder]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
     if out.exists():
         if out.is_dir() and not any(out.iterdir()):
@@ -109,6 +133,7 @@ def write_weights_dir(out_dir: str | Path, state: dict[str, torch.Tensor], confi
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
             listed.append(INDEX_NAME)
         write_checksums(tmp, listed)
+        apply_umask(tmp)
         _commit(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -116,4 +141,5 @@ def write_weights_dir(out_dir: str | Path, state: dict[str, torch.Tensor], confi
     return [out / n for n in names]
 
 
-__all__ = ["CHECKSUMS", "DEFAULT_MAX_SHARD", "check_writable", "parse_size", "shard_state", "write_weights_dir"]
+__all__ = ["CHECKSUMS", "DEFAULT_MAX_SHARD", "apply_umask", "check_writable", "parse_size", "shard_state",
+           "write_weights_dir"]

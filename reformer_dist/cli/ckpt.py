@@ -22,6 +22,16 @@ import warnings
 from reformer_dist.checkpoint.integrity import CheckpointError
 
 
+def _shard_size(text: str) -> int:
+    """--max-shard-size, parsed before any checkpoint is read (a typo must not cost a long load)."""
+    from reformer_dist.checkpoint.writer import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("max shard size: ")) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reformer-ckpt", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -33,17 +43,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     c.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="stored weight dtype (default fp32)")
     c.add_argument("--config", help="ReformerConfig JSON (default: the checkpoint's run_config.json / config.json)")
-    c.add_argument("--max-shard-size", default="5GB", help="split into shards above this size (default 5GB)")
+    c.add_argument("--max-shard-size", type=_shard_size, default="5GB",
+                   help="split into shards above this size (default 5GB)")
 
     e = sub.add_parser("export-hf", help="our weights folder -> transformers ReformerModelWithLMHead folder")
     e.add_argument("src", help="folder with config.json + model.safetensors (consolidate / save_pretrained output)")
     e.add_argument("--out", required=True)
-    e.add_argument("--max-shard-size", default="5GB")
+    e.add_argument("--max-shard-size", type=_shard_size, default="5GB")
 
     i = sub.add_parser("import-hf", help="transformers Reformer folder -> our weights folder")
     i.add_argument("src", help="HF folder with config.json + model.safetensors or pytorch_model.bin")
     i.add_argument("--out", required=True)
-    i.add_argument("--max-shard-size", default="5GB")
+    i.add_argument("--max-shard-size", type=_shard_size, default="5GB")
 
     r = sub.add_parser("reshard", help="ZeRO checkpoint -> DeepSpeed universal checkpoint (load with any world size)")
     r.add_argument("ckpt_dir")

@@ -7,7 +7,8 @@
     reformer-data inspect store/            # or: inspect builtin
     reformer-data builtin --out store/      # the embedded default corpus, written as a store
 
-Exit status: 0 on success, 1 on a data error (message on stderr, naming the file).
+Exit status: 0 on success, 1 on a data error (message on stderr, naming the file), 2 on a usage error
+(a bad option value, an output folder inside the input). See docs/troubleshooting.md.
 """
 
 from __future__ import annotations
@@ -17,7 +18,29 @@ import os
 import sys
 from collections.abc import Sequence
 
-from reformer_dist.data.errors import DataError
+from reformer_dist.data.errors import DataError, UsageError
+
+
+def _int_min(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = lo - 1
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}")
+        return v
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return v
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
@@ -35,31 +58,34 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer (byte fallback)")
     _add_input_args(p)
-    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--vocab-size", type=_int_min(1), required=True,
+                   help="pieces to learn (at least 259 + the corpus's frequent characters; may come out smaller)")
     p.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"))
     p.add_argument("--out", required=True, help="folder for tokenizer.model / .vocab / .json")
     p.add_argument("--character-coverage", type=float, default=0.9995,
                    help="share of characters given their own piece; rarer ones fall back to bytes")
-    p.add_argument("--max-sentences", type=int, default=1_000_000,
+    p.add_argument("--max-sentences", type=_int_min(1), default=1_000_000,
                    help="lines sampled from the corpus for training (bounds memory)")
-    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--num-threads", type=_int_min(1), default=None)
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
 
     p = sub.add_parser("shard", help="tokenise a corpus into a token store")
     _add_input_args(p)
     p.add_argument("--tokenizer", required=True, help="'bytes' or a tokenizer folder")
     p.add_argument("--out", required=True, help="store folder (manifest.json + shards)")
-    p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file (default 2^27)")
-    p.add_argument("--num-proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenising processes")
-    p.add_argument("--val-fraction", type=float, default=0.0,
-                   help="share of the --input documents (every 1/F-th) put in the validation split")
+    p.add_argument("--shard-tokens", type=_int_min(1), default=1 << 27, help="tokens per shard file (default 2^27)")
+    p.add_argument("--num-proc", type=_int_min(1), default=min(8, os.cpu_count() or 1), help="tokenising processes")
+    p.add_argument("--val-fraction", type=_fraction, default=0.0,
+                   help="share of the --input documents (every 1/F-th) put in the validation split; default 0: "
+                        "no validation split (training then needs evaluation off), said as a warning")
     p.add_argument("--val-input", nargs="+", default=[],
                    help="files/folders whose documents all go to the validation split")
-    p.add_argument("--overwrite", action="store_true", help="replace a store already in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a store already in --out (only once the new one is complete and verified)")
 
     p = sub.add_parser("inspect", help="counts and a decoded sample of a store")
     p.add_argument("store", help="store folder, or 'builtin'")
-    p.add_argument("--tokens", type=int, default=300, help="tokens of the sample to decode")
+    p.add_argument("--tokens", type=_int_min(0), default=300, help="tokens of the sample to decode")
 
     p = sub.add_parser("verify", help="check every shard's size, sha256 and token range")
     p.add_argument("store")
@@ -108,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   character_coverage=args.character_coverage, max_sentences=args.max_sentences,
                                   num_threads=args.num_threads, verbose=args.verbose)
             print(f"wrote {args.out}: {tok.identity} (vocab_size {tok.vocab_size})")
+            if tok.vocab_size < args.vocab_size:
+                print(f"reformer-data tokenizer: warning: the tokenizer has {tok.vocab_size} pieces, not the "
+                      f"{args.vocab_size} asked for: the corpus has too few distinct pieces for more. Set "
+                      f"model.vocab_size >= {tok.vocab_size} (or train on more text)", file=sys.stderr)
         elif args.command == "shard":
             from reformer_dist.data.pipeline import shard_corpus
 
@@ -116,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 val_fraction=args.val_fraction, val_inputs=args.val_input,
                                 overwrite=args.overwrite)
             _summary(path.parent)
+            _warn_without_validation(path.parent)
         elif args.command == "inspect":
             _inspect(args.store, args.tokens)
         elif args.command == "verify":
@@ -131,8 +162,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             _summary(write_builtin(args.out, overwrite=args.overwrite).parent)
     except DataError as e:
         print(f"reformer-data {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     return 0
+
+
+def _warn_without_validation(store_dir) -> None:
+    from reformer_dist.data.shards import read_manifest
+
+    if read_manifest(store_dir)["splits"]["validation"]["num_tokens"] == 0:
+        print(f"reformer-data shard: warning: the store has no validation split. Training on it needs evaluation "
+              f"off (--set eval.every=0 --set eval.at_end=false); to evaluate, shard again with --val-fraction "
+              f"0.01 (every 100th document) or --val-input held_out/", file=sys.stderr)
 
 
 def _summary(store_dir) -> None:

@@ -16,8 +16,9 @@ from typing import Mapping, Sequence
 from reformer_dist.parallel.env import DistEnv, discover, expand_nodelist
 
 
-def default_slots(environ: Mapping[str, str] = os.environ) -> int:
+def default_slots(environ: Mapping[str, str] | None = None) -> int:
     """GPUs (or tasks) per node: $SLURM_GPUS_ON_NODE, else $SLURM_NTASKS_PER_NODE, else 1."""
+    environ = os.environ if environ is None else environ  # looked up now: os.environ may have been replaced
     for name in ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE"):
         raw = environ.get(name, "").strip()
         if raw:
@@ -28,11 +29,11 @@ def default_slots(environ: Mapping[str, str] = os.environ) -> int:
     return 1
 
 
-def hostfile_text(nodelist: str, slots: int) -> str:
-    """DeepSpeed hostfile contents: one ``host slots=N`` line per node, in SLURM's order."""
+def hostfile_text(nodelist: str, slots: int, what: str = "SLURM_JOB_NODELIST") -> str:
+    """DeepSpeed hostfile contents: one ``host slots=N`` line per node, in SLURM's order (errors name ``what``)."""
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
-    hosts = expand_nodelist(nodelist)
+    hosts = expand_nodelist(nodelist, what)
     if not hosts:
         raise ValueError("empty node list (is SLURM_JOB_NODELIST set? pass --nodelist)")
     seen: list[str] = []
@@ -57,10 +58,11 @@ def format_env(env: DistEnv, fmt: str) -> str:
 
 
 def _cmd_hostfile(args: argparse.Namespace) -> int:
-    nodelist = args.nodelist if args.nodelist is not None else os.environ.get("SLURM_JOB_NODELIST", "")
+    given = args.nodelist is not None
+    nodelist = args.nodelist if given else os.environ.get("SLURM_JOB_NODELIST", "")
     slots = args.slots if args.slots is not None else default_slots()
     try:
-        text = hostfile_text(nodelist, slots)
+        text = hostfile_text(nodelist, slots, "--nodelist" if given else "SLURM_JOB_NODELIST")
     except ValueError as exc:
         print(f"reformer-launch hostfile: {exc}", file=sys.stderr)
         return 2

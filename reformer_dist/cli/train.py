@@ -10,7 +10,9 @@
 Order of work: parse and validate the whole config (defaults -> file -> --set), discover the ranks,
 plan the batches, open the data, generate the DeepSpeed dict -- all before any process group
 starts, so a typo fails in a second on every rank with the key's name. Exit codes: 0 finished or
-preempted (checkpoint saved), 2 bad config/data/checkpoint, 3 stopped after non-finite losses.
+preempted (checkpoint saved), 2 bad config/data/checkpoint (or output.dir in use by another run), 3
+stopped after non-finite losses, 130 interrupted by Ctrl-C (checkpoint saved; a second Ctrl-C aborts
+at once). Every error case we test is listed in docs/troubleshooting.md.
 """
 
 from __future__ import annotations
@@ -20,8 +22,14 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reformer_dist.training.config import ConfigError, describe_schema, load_run_config, plan_batches, to_toml
+from reformer_dist.training.config import (BatchPlan, ConfigError, RunConfig, describe_schema, load_run_config,
+                                           plan_batches, to_toml)
+
+if TYPE_CHECKING:
+    from reformer_dist.data.store import TokenStore
 
 EXIT_USAGE = 2
 
@@ -58,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
         return _fail(str(e))
+    if args.resume not in (None, "auto"):
+        from reformer_dist.training.checkpointing import precheck_resume_path
+
+        problem = precheck_resume_path(args.resume)
+        if problem:
+            return _fail(problem)
 
     from reformer_dist.parallel.env import discover
 
@@ -85,31 +99,96 @@ def main(argv: list[str] | None = None) -> int:
     on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
 
     from reformer_dist.data.errors import DataError
-    from reformer_dist.data.store import TokenStore
+    from reformer_dist.data.store import BUILTIN, TokenStore
 
+    store, missing = None, None
     try:
         store = TokenStore.open(cfg.data.path, expect_tokenizer=cfg.data.tokenizer)
     except (DataError, OSError) as e:
-        return _fail(f"data.path: {e}")
-    if cfg.model.vocab_size < store.vocab_size:
-        return _fail(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's vocabulary "
-                     f"({store.vocab_size}, tokenizer {store.identity}); set model.vocab_size >= {store.vocab_size}")
+        if not (args.dry_run and cfg.data.path != BUILTIN and not Path(cfg.data.path).exists()):
+            return _fail(f"data.path: {e}")
+        missing = e  # a dry run may plan a run whose data is not prepared yet: said below, not fatal
+    if store is not None:
+        if cfg.model.vocab_size < store.vocab_size:
+            return _fail(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's vocabulary "
+                         f"({store.vocab_size}, tokenizer {store.identity}); set model.vocab_size >= {store.vocab_size}")
+        problem = check_data_plan(cfg, plan, store)
+        if problem:
+            return _fail(problem)
+    for key, folder in (("output.dir", cfg.run_dir), ("checkpoint.dir", cfg.checkpoint_dir)):
+        problem = check_output_folder(key, folder)
+        if problem:
+            return _fail(problem)
 
+    from reformer_dist.parallel.env import intra_op_threads
     from reformer_dist.training.deepspeed_config import build_deepspeed_config
 
     try:
         ds_config = build_deepspeed_config(cfg, plan, on_cuda)
     except ConfigError as e:
         return _fail(str(e))
+    threads = intra_op_threads(env.local_world_size, cfg.train.threads)
 
     if args.dry_run:
         if env.rank == 0:
             print(to_toml(cfg))
             print("# batch plan:", json.dumps(dataclasses.asdict(plan)))
+            print(f"# intra-op threads per rank: {threads[0]} ({threads[1]})")
             print("# deepspeed config:", json.dumps(ds_config, indent=2))
-            print(f"# data: {store!r}")
+            if store is not None:
+                print(f"# data: {store!r}")
+            else:
+                print(f"# data: NOT CHECKED, {cfg.data.path} does not exist yet")
+                print(f"reformer-train: warning: data.path: {missing}. The dry run checked everything else; "
+                      f"prepare the store (docs/data.md: reformer-data shard ... --out {cfg.data.path}) before "
+                      "training", file=sys.stderr)
         return 0
-    return _train(cfg, plan, ds_config, env, store, args.resume, on_cuda)
+    return _train(cfg, plan, ds_config, env, store, args.resume, on_cuda, threads)
+
+
+def check_data_plan(cfg: RunConfig, plan: BatchPlan, store: TokenStore) -> str | None:
+    """Whether each split the run reads holds at least one global micro-batch of windows (None: it does).
+
+    Checked before any process group starts, so a tiny or missing split fails in a second, not after
+    DeepSpeed has started. The validation split is needed only when the run evaluates.
+    """
+    from reformer_dist.data.errors import DataError
+    from reformer_dist.data.loader import WindowLoader
+
+    evaluating = bool(cfg.eval.every or cfg.eval.at_end)
+    for key, split in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
+        if key == "data.eval_split" and not evaluating:
+            continue
+        try:
+            WindowLoader(store, split=split, seq_len=cfg.data.seq_len, micro_batch=plan.micro_batch,
+                         dp_size=plan.dp_size, sp_size=plan.sp_size)
+        except DataError as e:
+            if store.num_tokens(split) == 0 and split == "validation":
+                hint = ("the store has no validation split: make one (reformer-data shard --val-fraction / "
+                        "--val-input)" + (" or turn evaluation off (eval.every = 0, eval.at_end = false)"
+                                          if key == "data.eval_split" else ""))
+            elif store.num_tokens(split) == 0:
+                hint = "the store has no train split: shard a corpus into it (reformer-data shard --input ...)"
+            else:
+                hint = ("lower data.seq_len or train.micro_batch, use fewer data-parallel ranks, or add data"
+                        + (", or turn evaluation off (eval.every = 0, eval.at_end = false)"
+                           if key == "data.eval_split" else ""))
+            return f"{key} = {split!r}: {e}; {hint}"
+    return None
+
+
+def check_output_folder(key: str, folder: Path) -> str | None:
+    """Whether the run can create and write `folder` (None: it can); names the key and the obstacle."""
+    if folder.exists() and not folder.is_dir():
+        return f"{key}: {folder} is a file; expected a folder (the run writes its config, metrics and checkpoints there)"
+    first = folder
+    while not first.exists():
+        first = first.parent
+    if not first.is_dir():
+        return f"{key}: {folder} cannot be created: {first} is a file"
+    if not os.access(first, os.W_OK | os.X_OK):
+        return f"{key}: {folder} cannot be written: no write permission on {first}"
+    return None
 
 
 def _free_port() -> int:
@@ -120,7 +199,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _train(cfg, plan, ds_config, env, store, resume, on_cuda) -> int:
+def _train(cfg, plan, ds_config, env, store, resume, on_cuda, threads: tuple[int, str]) -> int:
     import dataclasses as dc
 
     import torch
@@ -132,14 +211,27 @@ def _train(cfg, plan, ds_config, env, store, resume, on_cuda) -> int:
     if env.source == "single" and not os.environ.get("MASTER_PORT"):
         env = dc.replace(env, master_port=_free_port())  # several single-process runs may share a machine
     export_env(env)
+    torch.set_num_threads(threads[0])
+    if env.rank == 0:
+        print(f"reformer-train: {threads[0]} intra-op thread{'s' if threads[0] > 1 else ''} per rank ({threads[1]}; "
+              "train.threads or OMP_NUM_THREADS sets it)", file=sys.stderr)
+        busy = _busy_cores(env.local_world_size * threads[0])
+        if busy and threads[0] > 1:
+            print(f"reformer-train: note: {busy}; with other work on these cores, fewer threads are often several "
+                  "times faster (--set train.threads=1)", file=sys.stderr)
     if on_cuda:
         torch.cuda.set_device(env.local_rank)
         device = torch.device("cuda", env.local_rank)
     else:
         device = torch.device("cpu")
 
+    from reformer_dist.training.native_ops import prefer_interpreter_ninja, skip_unused_ops
+
+    prefer_interpreter_ninja()  # any op that is built (CPUAdam under offload) is built once per machine
     import deepspeed
     import torch.distributed as dist
+
+    skip_unused_ops()  # deepspeed_shm_comm serves inference only: no C++ build at start
 
     # A frozen rank must fail the job, not hang it: DeepSpeed creates its own gradient groups later and
     # they take torch's default timeout (30 min), so set that default as well as the world group's.
@@ -153,16 +245,21 @@ def _train(cfg, plan, ds_config, env, store, resume, on_cuda) -> int:
         c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", auto_mpi_discovery=False, timeout=timeout)
 
+    from reformer_dist.training.run_lock import RunLock, RunLockedError
     from reformer_dist.training.trainer import Trainer
 
     code = 1
+    lock = RunLock(cfg.run_dir) if env.rank == 0 else None
     try:
+        _take_lock(lock)
         trainer = Trainer(cfg, plan, ds_config, env, store, resume, device)
         trainer.setup()
         outcome = trainer.fit()
         code = outcome.exit_code
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, RunLockedError) as e:
         code = _fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (which saves a checkpoint itself)
+        code = _fail("interrupted (Ctrl-C) before training started; nothing to save", 130)
     finally:
         if dist.is_initialized():
             # Tear down explicitly: gloo ranks sometimes abort at interpreter exit otherwise.
@@ -171,7 +268,42 @@ def _train(cfg, plan, ds_config, env, store, resume, on_cuda) -> int:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a peer may already be gone
                 pass
+        if lock is not None:
+            lock.release()
     return code
+
+
+def _busy_cores(wanted: int) -> str | None:
+    """A description of the load when other processes already occupy cores this run's threads need."""
+    try:
+        load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    if load + wanted <= cores + 0.5:
+        return None
+    return f"the machine is busy (load average {load:.1f} on {cores} cores, and this run wants {wanted} threads)"
+
+
+def _take_lock(lock) -> None:
+    """Rank 0 locks output.dir before anything in it is written; every rank gets the same verdict."""
+    import torch.distributed as dist
+
+    from reformer_dist.training.run_lock import RunLockedError
+
+    problem = None
+    if lock is not None:
+        try:
+            note = lock.acquire()
+            if note:
+                print(f"reformer-train: {note}", file=sys.stderr)
+        except (RunLockedError, OSError) as e:
+            problem = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise RunLockedError(problem)
 
 
 if __name__ == "__main__":

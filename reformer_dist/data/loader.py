@@ -134,6 +134,8 @@ class WindowLoader:
         buf = np.empty((self.micro_batch, self.local_len + 1), dtype=self.store.dtype)
         for row, offset in zip(buf, offsets):
             self.store.read(self.split, int(offset) + start, self.local_len + 1, out=row)
+        if buf.size and int(buf.max()) >= self.store.vocab_size:  # a damaged shard of the right size
+            self._bad_token(buf, offsets, start)
         # numpy converts the strided views in one contiguous copy each (torch's .contiguous() on
         # such views was ~50x slower here)
         return {
@@ -141,6 +143,16 @@ class WindowLoader:
             "labels": torch.from_numpy(buf[:, 1:].astype(np.int64)),
             "position_offset": start,
         }
+
+    def _bad_token(self, buf: np.ndarray, offsets: np.ndarray, start: int) -> None:
+        """DataError naming the shard that holds a token id outside the store's vocabulary."""
+        row, col = np.argwhere(buf >= self.store.vocab_size)[0]
+        index = int(offsets[row]) + start + int(col)
+        raise DataError(
+            f"{self.store.shard_name(self.split, index)}: token id {int(buf[row, col])} at {self.split} token {index} "
+            f"is outside the vocabulary 0..{self.store.vocab_size - 1} of {self.store.name}: the shard is corrupt or "
+            f"was altered; run `reformer-data verify {self.store.name}`"
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:

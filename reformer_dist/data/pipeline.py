@@ -2,8 +2,8 @@
 
 Sharding: documents are streamed from the source files into a ``datasets`` Arrow table (on disk,
 memory-mapped: the corpus need not fit in RAM), tokenised with ``map(num_proc=P)``, and appended in
-corpus order to a ``ShardWriter``. The Arrow cache lives in a hidden folder inside the output folder
-(same disk as the result) and is removed at the end.
+corpus order to a ``ShardWriter``. The Arrow cache lives in a hidden folder inside the writer's
+staging folder (same disk as the result) and is removed before the store is committed.
 
 Validation split: the documents of ``val_inputs`` (files you hold out yourself, e.g. the tail of a
 single-document corpus like enwik8), plus, with ``val_fraction`` f, whole documents of ``inputs``
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from reformer_dist.data.errors import DataError
+from reformer_dist.data.errors import DataError, UsageError
 from reformer_dist.data.shards import MANIFEST, ShardWriter, check_token_range, dtype_for_vocab
 from reformer_dist.data.sources import collect_files, iter_documents
 from reformer_dist.data.tokenizers import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
@@ -76,6 +76,7 @@ def shard_corpus(
 
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1) (got {val_fraction})")
+    check_out_outside_inputs(out_dir, [*inputs, *val_inputs])
     files = collect_files(inputs)
     val_files = collect_files(val_inputs) if val_inputs else []
     if both := set(map(str, files)) & set(map(str, val_files)):
@@ -93,7 +94,7 @@ def shard_corpus(
     }
     out = Path(out_dir)
     with ShardWriter(out, tok, shard_tokens, overwrite=overwrite, metadata=meta) as writer:
-        cache = Path(tempfile.mkdtemp(prefix=".datasets-cache-", dir=out))
+        cache = Path(tempfile.mkdtemp(prefix=".datasets-cache-", dir=writer.staging))
         try:
             empty = f"empty corpus: no non-empty document in {_describe(files + val_files)}"
             with _original_error(empty=empty):  # datasets versions differ: an error, or 0 rows
@@ -140,6 +141,18 @@ def shard_corpus(
         finally:
             shutil.rmtree(cache, ignore_errors=True)
     return out / MANIFEST
+
+
+def check_out_outside_inputs(out_dir: str | Path, inputs: Sequence[str | Path]) -> None:
+    """UsageError when the store would be written into (or over) an input folder: it would join its own corpus."""
+    out = Path(out_dir).resolve()
+    for item in inputs:
+        if any(ch in str(item) for ch in "*?["):
+            continue  # a pattern names files, not a folder to keep clear
+        src = Path(item).resolve()
+        if src.is_dir() and (out == src or src in out.parents):
+            raise UsageError(f"--out {out_dir} is inside the input folder {item}: the store would become part of "
+                             "the corpus it is made from (and break the next shard of it); choose a folder outside it")
 
 
 def _generate(files: list[str], held_out: list[bool], text_field: str, text_unit: str, cache_dir: str):

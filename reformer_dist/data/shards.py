@@ -8,8 +8,12 @@ A store is a folder::
     tokenizer.model          SentencePiece stores only: the model, so the store decodes by itself
 
 Shards are flat: documents follow each other, each ended by the tokenizer's end-of-document id, and
-a document may continue into the next shard. Every file is written under a temporary hidden name,
-flushed, then renamed; the manifest comes last, so an interrupted write never looks complete.
+a document may continue into the next shard. A write happens in a hidden staging folder beside the
+store (``.<name>.staging-<pid>-<id>``): shards under temporary names, flushed, renamed; the manifest
+last; then the staged store is verified (sizes, sha256, token range) and only then renamed into
+place. An existing store (``overwrite``) is moved aside in that same step and deleted afterwards, so
+a failed or interrupted write leaves the previous store exactly as it was; files in the folder that
+are not part of a store (notes, a README) are carried over.
 
 Manifest (``FORMAT``)::
 
@@ -28,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -116,8 +121,9 @@ class _OpenShard:
 class ShardWriter:
     """Append token ids per split; shards of ``shard_tokens`` tokens are cut as they fill.
 
-    Use as a context manager: on normal exit the manifest is written (``close``); on an exception
-    every file of this write is removed (``abort``) and no manifest exists.
+    Use as a context manager: on normal exit the staged store is completed, verified and moved into
+    ``out_dir`` (``close``); on an exception the staging folder is removed (``abort``) and ``out_dir``
+    is as it was.
     """
 
     def __init__(
@@ -136,15 +142,17 @@ class ShardWriter:
         self.shard_tokens = int(shard_tokens)
         self.dtype = dtype_for_vocab(tokenizer.vocab_size)
         self.metadata = dict(metadata or {})
-        manifest = self.out_dir / MANIFEST
-        if manifest.exists():
-            if not overwrite:
-                raise DataError(f"{self.out_dir}: already holds a token store ({MANIFEST}); pass overwrite/--overwrite")
-            manifest.unlink()  # first, so the old store stops looking complete
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for p in self.out_dir.iterdir():  # files of an earlier (overwritten or interrupted) write
-            if _LEFTOVER_RE.match(p.name):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise DataError(f"{self.out_dir}: is a file; the store needs a folder")
+        if (self.out_dir / MANIFEST).exists() and not overwrite:
+            raise DataError(f"{self.out_dir}: already holds a token store ({MANIFEST}); pass overwrite/--overwrite")
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_staging(self.out_dir)
+            self.staging = self.out_dir.parent / f".{self.out_dir.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.staging.mkdir(mode=0o777)  # the umask applies, as for any folder the user makes
+        except OSError as e:
+            raise DataError(f"{self.out_dir}: cannot write beside it ({e.strerror or e})") from None
         self._open: dict[str, _OpenShard] = {}
         self._done: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
         self._closed = False
@@ -160,7 +168,7 @@ class ShardWriter:
         while tokens.size:
             shard = self._open.get(split)
             if shard is None:
-                final = self.out_dir / shard_name(split, len(self._done[split]))
+                final = self.staging / shard_name(split, len(self._done[split]))
                 shard = self._open[split] = _OpenShard(final, self.tokenizer.eod_id)
             take = min(self.shard_tokens - shard.num_tokens, tokens.size)
             shard.write(tokens[:take])
@@ -174,28 +182,57 @@ class ShardWriter:
         return sum(d["num_tokens"] for d in self._done[split]) + (open_shard.num_tokens if open_shard else 0)
 
     def close(self) -> Path:
-        """Commit open shards, copy the tokenizer model, then write the manifest. Returns its path."""
-        for split in list(self._open):
-            self._done[split].append(self._open.pop(split).commit())
-        tok_file = None
-        if self.tokenizer.model_file is not None:
-            tok_file = MODEL_FILE
-            atomic_write_bytes(self.out_dir / MODEL_FILE, Path(self.tokenizer.model_file).read_bytes())
-        manifest = make_manifest(self.tokenizer, self._done, self.metadata, tokenizer_file=tok_file)
-        path = self.out_dir / MANIFEST
-        atomic_write_bytes(path, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
-        _fsync_dir(self.out_dir)
+        """Commit open shards, copy the tokenizer model, write the manifest, verify, move into place."""
+        try:
+            for split in list(self._open):
+                self._done[split].append(self._open.pop(split).commit())
+            tok_file = None
+            if self.tokenizer.model_file is not None:
+                tok_file = MODEL_FILE
+                atomic_write_bytes(self.staging / MODEL_FILE, Path(self.tokenizer.model_file).read_bytes())
+            manifest = make_manifest(self.tokenizer, self._done, self.metadata, tokenizer_file=tok_file)
+            atomic_write_bytes(self.staging / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+            _fsync_dir(self.staging)
+            try:
+                verify_store(self.staging)  # what reached the disk, re-read: only a verified store replaces one
+            except DataError as e:
+                raise DataError(f"{self.out_dir}: the new store failed verification, the old one is kept: {e}") from None
+            self._replace_out()
+        except BaseException:
+            self.abort()
+            raise
         self._closed = True
-        return path
+        return self.out_dir / MANIFEST
+
+    def _replace_out(self) -> None:
+        """Swap the verified staging folder in; an existing folder's non-store files are carried over."""
+        out, old = self.out_dir, None
+        if out.is_dir():
+            os.chmod(self.staging, out.stat().st_mode & 0o7777)  # keep the folder's mode (e.g. group setgid)
+            if any(out.iterdir()):
+                old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                try:
+                    os.rename(out, old)
+                except OSError as e:
+                    raise DataError(f"{out}: cannot move the old folder aside ({e.strerror or e}); a mount point? "
+                                    "write the store to a new folder inside it") from None
+            else:
+                out.rmdir()
+        os.rename(self.staging, out)
+        if old is not None:
+            for p in old.iterdir():
+                if p.name in (MANIFEST, MODEL_FILE) or _LEFTOVER_RE.match(p.name) or (out / p.name).exists():
+                    continue
+                os.rename(p, out / p.name)  # the user's own files (notes, a README) stay with the store
+            shutil.rmtree(old)
+        _fsync_dir(out.parent)
 
     def abort(self) -> None:
-        """Remove every file this write made; no manifest is written."""
+        """Remove every file this write made; ``out_dir`` stays as it was."""
         for shard in self._open.values():
             shard.discard()
         self._open.clear()
-        for shards in self._done.values():
-            for d in shards:
-                (self.out_dir / d["file"]).unlink(missing_ok=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
         self._closed = True
 
     def __enter__(self) -> ShardWriter:
@@ -208,6 +245,18 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Staging folders of writes into ``out_dir`` whose process is gone (killed mid-write)."""
+    for p in out_dir.parent.glob(f".{out_dir.name}.staging-*"):
+        try:
+            pid = int(p.name.rsplit(".staging-", 1)[1].split("-")[0])
+            os.kill(pid, 0)
+        except (ValueError, IndexError, ProcessLookupError):
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
 
 
 def make_manifest(
@@ -259,8 +308,8 @@ def read_manifest(store_dir: str | Path) -> dict[str, Any]:
     return m
 
 
-def check_sizes(store_dir: str | Path, manifest: dict[str, Any]) -> None:
-    """Cheap check at open: every shard exists with exactly the size the manifest gives."""
+def check_sizes(store_dir: str | Path, manifest: dict[str, Any], hint: str = "; run `reformer-data verify`") -> None:
+    """Cheap check at open: every shard exists with exactly the size the manifest gives (``hint`` ends the error)."""
     itemsize = np.dtype(manifest["dtype"]).itemsize
     for s in SPLITS:
         for d in manifest["splits"][s]["shards"]:
@@ -273,7 +322,7 @@ def check_sizes(store_dir: str | Path, manifest: dict[str, Any]) -> None:
             if have != want:
                 raise DataError(
                     f"{path}: shard is {have} bytes, manifest says {want} ({d['num_tokens']} tokens): "
-                    "truncated or altered; run `reformer-data verify`"
+                    f"truncated or altered{hint}"
                 )
 
 
@@ -292,7 +341,7 @@ def verify_store(store_dir: str | Path) -> dict[str, Any]:
     """
     store_dir = Path(store_dir)
     m = read_manifest(store_dir)
-    check_sizes(store_dir, m)
+    check_sizes(store_dir, m, hint=" (restore it from a copy, or re-create the store with `reformer-data shard`)")
     problems = []
     dtype, vocab = np.dtype(m["dtype"]), int(m["vocab_size"])
     for s in SPLITS:

@@ -123,4 +123,7 @@ def _file_documents(rows, path: str, fmt: str, text_field: str) -> Iterator[Docu
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - decoding/parsing errors from datasets/pyarrow
-        raise DataError(f"{path}: cannot read as {fmt} (after record {i}): {type(e).__name__}: {e}") from e
+        where = "before its first record" if i < 0 else f"after record {i}, counting from 0"
+        why = (" - not UTF-8 text (a binary file, or another encoding: convert it, e.g. with iconv)"
+               if isinstance(e, UnicodeDecodeError) else "")
+        raise DataError(f"{path}: cannot read as {fmt} ({where}){why}: {type(e).__name__}: {e}") from e

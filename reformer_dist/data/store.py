@@ -126,6 +126,13 @@ class TokenStore:
             i += 1
         return out
 
+    def shard_name(self, split: str, index: int) -> str:
+        """The file (or built-in name) holding token ``index`` of ``split``."""
+        starts = self._starts[self._split(split)]
+        i = max(0, min(bisect.bisect_right(starts, index) - 1, len(starts) - 2))
+        entry = self.manifest["splits"][split]["shards"][i]["file"]
+        return str(self.path / entry) if self.path is not None else entry
+
     def _shard(self, split: str, i: int) -> np.ndarray:
         shard = self._shards[split][i]
         if isinstance(shard, Path):  # map on first use: a big store may have many shards

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -229,6 +230,13 @@ def train_sentencepiece(
             raise failure[0] from None
         if stats["lines"] == 0:
             raise DataError(f"empty corpus: no text to train a tokenizer on ({stats['documents']} documents)") from e
+        need = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if need:  # SentencePiece's own text names its C++ flags (--character_coverage), not ours
+            raise DataError(
+                f"--vocab-size {vocab_size} is too small for this corpus: it needs {need.group(2)} pieces for the "
+                f"256 byte-fallback pieces, 3 special ones and the characters that --character-coverage "
+                f"{character_coverage} keeps; use --vocab-size >= {need.group(2)} (or a lower --character-coverage)"
+            ) from None
         raise DataError(f"SentencePiece training failed: {e}") from e
     if failure:
         tmp.unlink(missing_ok=True)

@@ -93,22 +93,22 @@ def _split_top_level(text: str, what: str) -> list[str]:
     return parts
 
 
-def _expand_range_list(body: str, nodelist: str) -> list[str]:
+def _expand_range_list(body: str, nodelist: str, what: str = "SLURM_JOB_NODELIST") -> list[str]:
     """Expand the inside of one bracket group, e.g. ``"01-03,07"`` -> ``["01","02","03","07"]``."""
     out: list[str] = []
     for item in body.split(","):
         item = item.strip()
         if not item:
-            raise ValueError(f"SLURM_JOB_NODELIST: empty range in {nodelist!r}")
+            raise ValueError(f"{what}: empty range in {nodelist!r}")
         lo, sep, hi = item.partition("-")
         if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ValueError(f"SLURM_JOB_NODELIST: bad range {item!r} in {nodelist!r}")
+            raise ValueError(f"{what}: bad range {item!r} in {nodelist!r}")
         if not sep:
             out.append(lo)
             continue
         a, b = int(lo), int(hi)
         if b < a:
-            raise ValueError(f"SLURM_JOB_NODELIST: descending range {item!r} in {nodelist!r}")
+            raise ValueError(f"{what}: descending range {item!r} in {nodelist!r}")
         # Slurm pads to the width of the lower bound when it has a leading zero ("08-10").
         width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
         out.extend(str(n).zfill(width) for n in range(a, b + 1))
@@ -118,25 +118,25 @@ def _expand_range_list(body: str, nodelist: str) -> list[str]:
 _GROUP = re.compile(r"\[([^\[\]]*)\]")
 
 
-def expand_nodelist(nodelist: str) -> list[str]:
+def expand_nodelist(nodelist: str, what: str = "SLURM_JOB_NODELIST") -> list[str]:
     """Expand a SLURM hostlist such as ``"node[01-03,07],gpu5,rack[1-2]-n[3-4]"``.
 
     Zero padding is kept, several comma-separated names and several bracket groups per name are
     supported (the first group varies slowest, like ``scontrol show hostnames``). Duplicates are
-    kept in order. Raises ``ValueError`` on malformed input.
+    kept in order. Raises ``ValueError`` on malformed input, naming ``what`` (where the list came from).
     """
     text = nodelist.strip()
     if not text:
         return []
     hosts: list[str] = []
-    for name in _split_top_level(text, "SLURM_JOB_NODELIST"):
+    for name in _split_top_level(text, what):
         name = name.strip()
         if not name:
-            raise ValueError(f"SLURM_JOB_NODELIST: empty host name in {nodelist!r}")
+            raise ValueError(f"{what}: empty host name in {nodelist!r}")
         pieces = _GROUP.split(name)  # literal, group, literal, group, ..., literal
         expanded = [""]
         for i, piece in enumerate(pieces):
-            choices = _expand_range_list(piece, nodelist) if i % 2 else [piece]
+            choices = _expand_range_list(piece, nodelist, what) if i % 2 else [piece]
             expanded = [prefix + c for prefix in expanded for c in choices]
         hosts.extend(expanded)
     return hosts
@@ -369,8 +369,31 @@ def discover(environ: Mapping[str, str] | None = None, use_mpi: bool = True) -> 
     return _single(environ)
 
 
-def export_env(env: DistEnv, environ: MutableMapping[str, str] = os.environ) -> None:
+def intra_op_threads(local_world_size: int, configured: int | None = None,
+                     environ: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """(threads per rank, why): `configured` (train.threads), else $OMP_NUM_THREADS, else the cores this
+    process may run on (its affinity, e.g. a SLURM cgroup) shared out among the ranks on this node.
+
+    Ranks that together ask for more threads than there are cores make each other wait at every
+    parallel region; on a 2-core machine 2 ranks x 2 threads ran several times slower than 2 x 1.
+    """
+    environ = os.environ if environ is None else environ
+    if configured is not None:
+        return configured, "train.threads"
+    omp = environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    ranks = max(1, local_world_size)
+    return max(1, cores // ranks), f"{cores} cores / {ranks} rank{'s' if ranks > 1 else ''} on this node"
+
+
+def export_env(env: DistEnv, environ: MutableMapping[str, str] | None = None) -> None:
     """Set RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT from ``env``."""
+    environ = os.environ if environ is None else environ  # looked up now: os.environ may have been replaced
     environ["RANK"] = str(env.rank)
     environ["LOCAL_RANK"] = str(env.local_rank)
     environ["WORLD_SIZE"] = str(env.world_size)

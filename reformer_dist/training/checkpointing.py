@@ -15,6 +15,7 @@ it is testable without a process group. Folders must be on a file system every r
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -119,6 +120,37 @@ def prune(root: Path, keep_last: int) -> list[Path]:
     return doomed
 
 
+def _no_space(e: BaseException | None) -> bool:
+    """Whether a save failed for lack of space: ENOSPC/EDQUOT anywhere in the chain, or torch's short-write error."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "unexpected pos" in str(e) or "No space left" in str(e):  # torch's PyTorchStreamWriter
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def save_failure_message(path: Path, failure: BaseException | None, rank: int) -> str:
+    """What a failed checkpoint save tells the user: the folder, the cause, what was kept, what to do."""
+    root = path.parent
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    kept = (f"the previous checkpoint {root / latest} is intact and `latest` still names it" if latest
+            else "there is no earlier checkpoint")
+    if failure is None:
+        cause = "another rank's write failed"
+    elif _no_space(failure):
+        try:
+            free = shutil.disk_usage(root).free
+            cause = f"no space left on device ({free / 2**20:.1f} MiB free on that file system)"
+        except OSError:
+            cause = "no space left on device"
+    else:
+        cause = f"{type(failure).__name__}: {failure}"
+    return (f"{path}: checkpoint save failed on rank {rank}: {cause}. The partial checkpoint was removed; {kept}. "
+            "Free space (or set checkpoint.dir elsewhere), then run again with --resume auto")
+
+
 # ---------------------------------------------------------------------------------------------- resume
 @dataclass
 class ResumePoint:
@@ -130,6 +162,19 @@ class ResumePoint:
     @property
     def path(self) -> Path:
         return self.root / self.tag
+
+
+def precheck_resume_path(spec: str) -> str | None:
+    """Cheap look at `--resume PATH` before any process group starts: None when it may hold a checkpoint."""
+    p = Path(spec)
+    if not p.exists():
+        return f"--resume {spec}: no such file or folder"
+    if not p.is_dir():
+        return f"--resume {spec}: is a file; expected a checkpoint folder (step_XXXXXXXX), its root, or a reshard output"
+    if step_of(p.name) is None and not (p / "latest_universal").is_file() and not list_tags(p):
+        return (f"--resume {spec}: no checkpoint in this folder (expected step_XXXXXXXX folders, e.g. "
+                f"<output.dir>/checkpoints, or a `reformer-ckpt reshard` output)")
+    return None
 
 
 def find_resume(spec: str, default_root: Path, verify_hashes: bool = True) -> ResumePoint | None:

@@ -128,6 +128,8 @@ class TrainConfig:
     requeue: bool = opt(True, boolean, "on SIGUSR1 under SLURM, requeue the job after the checkpoint")
     dist_timeout_s: int = opt(600, int_min(10), "collective timeout: a hung rank fails the job after this long")
     device: str = opt("auto", choice("auto", "cpu", "cuda"), "auto = cuda when available")
+    threads: int | None = opt(None, optional(int_min(1)), "intra-op CPU threads per rank (default: $OMP_NUM_THREADS, "
+                              "else this process's cores / ranks on this node)")
 
 
 @dataclass

@@ -34,8 +34,13 @@ DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)
 class PreemptionHandler:
     """Signal handlers that only record that a stop was requested (and by which signal)."""
 
-    def __init__(self, signals: Iterable[int | signal.Signals] = DEFAULT_SIGNALS) -> None:
+    def __init__(self, signals: Iterable[int | signal.Signals] = DEFAULT_SIGNALS,
+                 abort_on_repeat: Iterable[int | signal.Signals] = (), repeat_notice: str = "") -> None:
+        """`abort_on_repeat`: signals whose second arrival takes the default action at once (Ctrl-C twice);
+        `repeat_notice` is written to stderr when the first one arrives."""
         self.signals: tuple[int, ...] = tuple(int(s) for s in signals)
+        self.abort_on_repeat: tuple[int, ...] = tuple(int(s) for s in abort_on_repeat)
+        self._notice = repeat_notice.encode()
         self._flag = False
         self._signum: int | None = None
         self._previous: dict[int, Any] = {}
@@ -45,6 +50,10 @@ class PreemptionHandler:
         # Only plain assignments: no I/O, locks or allocation-heavy work in a signal handler.
         self._signum = signum
         self._flag = True
+        if signum in self.abort_on_repeat:
+            signal.signal(signum, signal.SIG_DFL)  # the next one terminates the process, even inside a collective
+            if self._notice:
+                os.write(2, self._notice)  # unbuffered: safe even if the main thread was inside a print
 
     def install(self) -> "PreemptionHandler":
         """Install the handlers (main thread only); remembers the previous ones for uninstall()."""
@@ -124,13 +133,14 @@ def _rank(environ: Mapping[str, str]) -> int:
     return 0
 
 
-def requeue_slurm_job(environ: Mapping[str, str] = os.environ, timeout: float = 60.0) -> bool:
+def requeue_slurm_job(environ: Mapping[str, str] | None = None, timeout: float = 60.0) -> bool:
     """On rank 0 of a SLURM job, ``scontrol requeue $SLURM_JOB_ID``; True when it succeeded.
 
     Returns False (after logging why) on other ranks, outside SLURM, or when scontrol fails. The job
     must allow requeueing (``#SBATCH --requeue``); SLURM then ends the running job and queues it
     again, so call this only after every rank has finished writing its checkpoint.
     """
+    environ = os.environ if environ is None else environ  # looked up now: os.environ may have been replaced
     rank = _rank(environ)
     if rank != 0:
         log.debug("requeue skipped on rank %d", rank)

@@ -12,7 +12,8 @@ One optimizer step = `grad_accum` micro-batches per rank, each `engine(...)` -> 
   `train.max_nonfinite_steps` in a row end the run with a final checkpoint (exit code 3).
 - Checkpoints: `engine.save_checkpoint(save_latest=False)` + per-rank trainer state, barrier, then
   rank 0 writes the manifest and moves `latest` (checkpointing.commit), then prunes old ones.
-- Preemption: `PreemptionHandler.sync()` at every step boundary -> checkpoint, requeue, exit 0.
+- Preemption: `PreemptionHandler.sync()` at every step boundary -> checkpoint, requeue, exit 0; Ctrl-C
+  (SIGINT) the same way with exit 130, and a second Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
@@ -42,14 +43,14 @@ from reformer_dist.training.deepspeed_config import resolve_precision, uses_opti
 from reformer_dist.training.metrics import Metrics, memory_gb
 from reformer_dist.training.schedule import lr_at
 
-EXIT_OK, EXIT_NONFINITE = 0, 3
+EXIT_OK, EXIT_NONFINITE, EXIT_INTERRUPTED = 0, 3, 130  # 130 = 128 + SIGINT, what shells report for Ctrl-C
 
 
 @dataclass
 class Outcome:
     exit_code: int
     step: int
-    reason: str  # "finished" | "preempted" | "nonfinite"
+    reason: str  # "finished" | "preempted" | "interrupted" | "nonfinite"
     final_eval_loss: float | None = None
 
 
@@ -85,13 +86,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig, on_cuda: bool, offload: bool) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig, on_cuda: bool, offload: bool,
+                   announce: bool = True) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`; DeepSpeedCPUAdam under optimizer offload (`announce`: say when it is compiled)."""
     t = cfg.train
     groups = param_groups(model, t.weight_decay)
     kw = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     if offload:
         # ZeRO-Offload steps fp32 partitions on the host: DeepSpeed's CPUAdam (JIT-built once, ~35 s).
         from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        if announce:
+            from reformer_dist.training.native_ops import announce_build
+
+            announce_build("cpu_adam", "the host-side Adam of zero_optimization.offload_optimizer")
 
         return _skippable(DeepSpeedCPUAdam)(groups, adamw_mode=True, **kw)
     # A torch optimizer: no JIT build (FusedAdam costs ~65 s on CPU); fused kernel on CUDA.
@@ -181,7 +189,7 @@ class Trainer:
         model = ReformerLM(cfg.model)
         self.num_parameters = model.num_parameters()
         offload = uses_optimizer_offload(self.ds_config)
-        self.optimizer = make_optimizer(model, cfg, self.device.type == "cuda", offload)
+        self.optimizer = make_optimizer(model, cfg, self.device.type == "cuda", offload, announce=self.main)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
         self.sp, self.sp_rank = None, 0
@@ -197,7 +205,8 @@ class Trainer:
                                    micro_batch=self.plan.micro_batch, seed=cfg.data.seed, dp_rank=self.dp_rank,
                                    dp_size=self.plan.dp_size, sp_rank=self.sp_rank, sp_size=self.plan.sp_size,
                                    loop=True)
-        self._eval_loader()  # fail now, not at the first evaluation, when the held-out split is too small
+        if cfg.eval.every or cfg.eval.at_end:  # without evaluation a store needs no validation split
+            self._eval_loader()  # fail now, not at the first evaluation, when the held-out split is too small
 
         if resume_point is not None:
             self._load(resume_point)
@@ -216,7 +225,8 @@ class Trainer:
             device=str(self.device), launcher=self.env.source, host=platform.node(),
             resume_step=self.step if resume_point else None,
             resume_from=str(resume_point.path) if resume_point else None,
-            torch=torch.__version__, deepspeed=deepspeed.__version__, config=cfg.source)
+            threads=torch.get_num_threads(), torch=torch.__version__, deepspeed=deepspeed.__version__,
+            config=cfg.source)
         p = self.plan
         self.metrics.print(
             f"reformer-train: {self.num_parameters / 1e6:.2f}M parameters | world {self.world} ({self.env.source}), "
@@ -348,7 +358,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint
     def save(self) -> None:
-        """Every rank calls this at the same step; `latest` moves only after all ranks finished."""
+        """Every rank calls this at the same step; `latest` moves only after all ranks finished.
+
+        A failed write on any rank (a full disk) removes the partial folder on every rank's behalf and
+        raises CheckpointError naming it and the cause; `latest` and the previous checkpoint stay.
+        """
         if self.last_saved_step == self.step:
             return
         tag = ckpt.tag_for(self.step)
@@ -357,23 +371,42 @@ class Trainer:
             shutil.rmtree(path)  # a stale folder of an abandoned continuation: never mix files
         _barrier()
         t0 = time.time()
-        self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, save_latest=False,
-                                    client_state={"reformer_dist_step": self.step})
-        ckpt.save_rank_state(path, self.rank, {
-            "step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
-            "nonfinite_streak": self.nonfinite_streak, "nonfinite_total": self.nonfinite_total,
-            "loader": self.loader.state_dict(), "rng": ckpt.capture_rng(), "unigram_loss": self.unigram_loss,
-        })
+        failure: BaseException | None = None
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_root), tag=tag, save_latest=False,
+                                        client_state={"reformer_dist_step": self.step})
+            ckpt.save_rank_state(path, self.rank, {
+                "step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
+                "nonfinite_streak": self.nonfinite_streak, "nonfinite_total": self.nonfinite_total,
+                "loader": self.loader.state_dict(), "rng": ckpt.capture_rng(), "unigram_loss": self.unigram_loss,
+            })
+            if self.main:
+                (path / ckpt.RUN_CONFIG).write_text(json.dumps(self._run_config_record(), indent=2) + "\n")
+        except (OSError, RuntimeError) as e:  # torch reports a short write as RuntimeError("... unexpected pos ...")
+            failure = e
+        self._check_saved(path, failure)  # collective: every rank's files are on disk, or all raise
         if self.main:
-            (path / ckpt.RUN_CONFIG).write_text(json.dumps(self._run_config_record(), indent=2) + "\n")
-        _barrier()  # every rank's files are on disk
+            try:
+                ckpt.commit(self.ckpt_root, tag, extra={"step": self.step, "world_size": self.world})
+            except OSError as e:
+                failure = e
+        self._check_saved(path, failure if self.main else None)
         if self.main:
-            ckpt.commit(self.ckpt_root, tag, extra={"step": self.step, "world_size": self.world})
             removed = ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last)
             self.metrics.event("checkpoint", step=self.step, path=str(path), seconds=round(time.time() - t0, 3),
                                removed=[p.name for p in removed])
         _barrier()  # nobody runs ahead (or exits) before `latest` moved
         self.last_saved_step = self.step
+
+    def _check_saved(self, path: Path, failure: BaseException | None) -> None:
+        """All ranks agree whether a save step failed anywhere; if so the partial folder goes and all raise."""
+        flag = _all_reduce_sum(torch.tensor([1.0 if failure is not None else 0.0], dtype=torch.float64))
+        if not flag.item():
+            return
+        if self.main:
+            shutil.rmtree(path, ignore_errors=True)
+        _barrier()
+        raise CheckpointError(ckpt.save_failure_message(path, failure, self.rank))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -465,7 +498,10 @@ class Trainer:
         from reformer_dist.training.preemption import PreemptionHandler, requeue_slurm_job
 
         cfg = self.cfg
-        handler = PreemptionHandler().install()
+        # Ctrl-C too: checkpoint at the step boundary; a second Ctrl-C aborts at once (default action)
+        handler = PreemptionHandler((signal.SIGUSR1, signal.SIGTERM, signal.SIGINT), abort_on_repeat=(signal.SIGINT,),
+                                    repeat_notice="\nreformer-train: Ctrl-C: saving a checkpoint at the end of this step "
+                                                  "(Ctrl-C again aborts at once)\n").install()
         self.t_start = time.time()
         self.engine.train()
         try:
@@ -489,6 +525,12 @@ class Trainer:
                     self.save()
                 if handler.sync():
                     self.save()
+                    if handler.signum == signal.SIGINT:  # Ctrl-C: the user stops the run and may continue it
+                        self.metrics.event("interrupted", step=self.step, signal=handler.signal_name)
+                        self.metrics.print(f"interrupted (Ctrl-C) at step {self.step}: checkpoint saved in "
+                                           f"{self.ckpt_root / ckpt.tag_for(self.step)}; to continue, run the same "
+                                           f"command with --resume auto")
+                        return Outcome(EXIT_INTERRUPTED, self.step, "interrupted")
                     self.metrics.event("preempted", step=self.step, signal=handler.signal_name)
                     self.metrics.print(f"preempted ({handler.signal_name or 'signal on another rank'}) at step "
                                        f"{self.step}: checkpoint saved")
@@ -507,8 +549,9 @@ class Trainer:
                                nonfinite_total=self.nonfinite_total, seconds=round(time.time() - self.t_start, 1))
             summary = f"done: step {self.step} in {time.time() - self.t_start:.0f} s"
             if final is not None:
+                gain = (self.unigram_loss - final) / math.log(2)
                 summary += (f"; eval loss {final:.4f} nats/token vs unigram baseline {self.unigram_loss:.4f} "
-                            f"({(self.unigram_loss - final) / math.log(2):.2f} bits/token better)")
+                            f"({abs(gain):.2f} bits/token {'better' if gain >= 0 else 'worse'} than the baseline)")
             self.metrics.print(summary)
             if cfg.output.sample_tokens:
                 self.sample()  # last, so the run ends with it

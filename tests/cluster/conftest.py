@@ -37,7 +37,7 @@ def slurm_cluster() -> Iterator[LocalSlurmCluster]:
     root = Path(tempfile.mkdtemp(prefix="rdslurm-"))
     cluster = LocalSlurmCluster(root, nodes=2, cpus_per_node=8, partition="debug")
     try:
-        cluster.start(timeout=45)
+        cluster.start(timeout=180)  # daemons on a busy machine
     except Exception as exc:  # noqa: BLE001 - turned into a clear failure
         shutil.rmtree(root, ignore_errors=True)
         pytest.fail(f"local SLURM cluster did not start: {exc}", pytrace=False)

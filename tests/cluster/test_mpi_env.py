@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from slurm_cluster import CEILING_S
 
 pytestmark = pytest.mark.cluster
 
@@ -52,7 +53,7 @@ def test_mpiexec_two_ranks(venv_mpiexec: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("SLURM_", "PMI_", "OMPI_"))}
     try:
         res = subprocess.run([str(venv_mpiexec), "-n", "2", sys.executable, str(script)], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=90)
+                             capture_output=True, text=True, timeout=CEILING_S)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"mpiexec -n 2 hung: {exc.stdout!r} {exc.stderr!r}")
     rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result*.json"))]

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from slurm_cluster import CEILING_S
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 from train_launcher import TINY, clean_env  # noqa: E402
@@ -39,7 +40,7 @@ def test_mpiexec_trains_two_ranks(venv_mpiexec: Path, repo_root: Path, tmp_path:
     cmd = [str(venv_mpiexec), "-n", "2", sys.executable, "-m", "reformer_dist.cli.train", *args]
     t0 = time.monotonic()
     try:
-        res = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=180)
+        res = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=CEILING_S)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"mpiexec -n 2 reformer-train hung: {str(exc.stdout)[-3000:]}\n{str(exc.stderr)[-3000:]}")
     log = f"rc={res.returncode} after {time.monotonic() - t0:.1f}s\n{res.stdout[-3000:]}\n{res.stderr[-4000:]}"

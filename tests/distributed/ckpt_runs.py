@@ -43,7 +43,7 @@ class WorkerRun:
         return self.out / "ckpt"
 
 
-def run_worker(nprocs: int, args: list[str], out: Path, timeout: float = 300) -> WorkerRun:
+def run_worker(nprocs: int, args: list[str], out: Path, timeout: float = 600) -> WorkerRun:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}", f"--master_port={free_port()}",
            str(WORKER), *args, "--out", str(out)]
     try:

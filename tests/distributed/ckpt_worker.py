@@ -87,6 +87,9 @@ def main() -> None:
 
     import deepspeed
 
+    from reformer_dist.training.native_ops import skip_unused_ops
+
+    skip_unused_ops()  # as the trainer does: no deepspeed_shm_comm C++ build
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.out)

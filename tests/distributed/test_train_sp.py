@@ -27,7 +27,7 @@ def single_process(tmp_path_factory, global_batch: int) -> dict[int, float]:
 def test_sequence_parallel_matches_one_process(tmp_path, tmp_path_factory, nprocs, dp):
     ref = single_process(tmp_path_factory, global_batch=dp)
     run = launch(nprocs, tmp_path, [f"train.global_batch={dp}", f"train.max_steps={STEPS}", ZERO2,
-                                    "parallel.sequence_parallel_size=2"], timeout=420)
+                                    "parallel.sequence_parallel_size=2"], timeout=600)
     for rank in range(nprocs):
         (start,) = run.records(rank, "start")
         assert (start["world_size"], start["sp_size"], start["dp_size"]) == (nprocs, 2, dp), run.output[-3000:]

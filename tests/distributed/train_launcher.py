@@ -42,6 +42,9 @@ def clean_env() -> dict[str, str]:
            and not k.startswith(("SLURM_", "PMI_", "OMPI_"))}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))  # shm_comm op built once
     env["OMP_NUM_THREADS"] = "1"  # ranks share 2 cores
+    # the venv's tools first, as `make test` does: one ninja for any JIT op build (see training/native_ops.py)
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([venv_bin] + [p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin])
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
@@ -67,7 +70,7 @@ class Run:
 
 
 def launch(nprocs: int, out_dir: Path, overrides: list[str], launcher: str = "torchrun",
-           extra_args: list[str] = (), timeout: float = 300, script: Path | None = None,
+           extra_args: list[str] = (), timeout: float = 600, script: Path | None = None,
            env: dict[str, str] | None = None) -> Run:
     """Run reformer-train with TINY + overrides on `nprocs` ranks, writing to `out_dir`.
 

@@ -106,7 +106,8 @@ def test_validation_inputs_are_held_out(tmp_path: Path):
     store = TokenStore.open(manifest.parent)
     assert documents(store, "train") == ["t" * 300] and documents(store, "validation") == ["v" * 40]
     with pytest.raises(DataError, match="train.txt: given both as input and as validation input"):
-        shard_corpus([tmp_path], "bytes", tmp_path / "s2", val_inputs=[tmp_path / "train.txt"])
+        shard_corpus([tmp_path / "train.txt", tmp_path / "valid.txt"], "bytes", tmp_path / "s2",
+                     val_inputs=[tmp_path / "train.txt"])
 
 
 def test_large_vocab_uses_uint32(tmp_path: Path):
@@ -136,11 +137,11 @@ def test_interrupted_write_leaves_no_manifest_and_no_shards(tmp_path: Path):
     with pytest.raises(RuntimeError, match="power cut"):
         with ShardWriter(out, load_tokenizer("bytes"), shard_tokens=10) as w:
             w.add("train", np.arange(25))  # two shards committed, one half written
-            assert (out / "train-00001.bin").exists()
+            assert (w.staging / "train-00001.bin").exists() and not out.exists()
             raise RuntimeError("power cut")
-    assert not (out / MANIFEST).exists()
-    assert list(out.iterdir()) == []
-    with pytest.raises(DataError, match="no manifest.json"):
+    assert not out.exists()  # the write happened in a staging folder beside it, now removed
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DataError, match="manifest.json: no such folder"):
         TokenStore.open(out)
 
 
@@ -151,8 +152,8 @@ def test_failure_inside_pipeline_leaves_no_manifest(tmp_path: Path):
     write_jsonl(corpus / "b.jsonl", [{"text": "fine"}, {"txt": "oops"}])
     with pytest.raises(DataError, match="b.jsonl"):
         shard_corpus([corpus], "bytes", tmp_path / "store", shard_tokens=8)
-    assert not (tmp_path / "store" / MANIFEST).exists()
-    assert list((tmp_path / "store").iterdir()) == []
+    assert not (tmp_path / "store").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
 
 
 def test_leftovers_of_a_killed_write_are_removed_by_the_next(tmp_path: Path):

@@ -179,7 +179,7 @@ def test_no_mpi_without_launcher_vars() -> None:
         "a = discover({'PATH': '/usr/bin'}); b = discover({'PMI_RANK': '0', 'PMI_SIZE': '2'}, use_mpi=False); "
         "print(a.source, b.source, 'mpi4py.MPI' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["single", "single", "False"]
 
@@ -237,3 +237,27 @@ def test_mpi_launcher_inside_slurm_wins_over_slurm_step_variables(monkeypatch):
                   "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_ID": "7"}
     assert envmod.discover({**slurm_vars, "PMI_RANK": "3", "PMI_SIZE": "4"}) == mpi
     assert envmod.discover(slurm_vars).source == "slurm"
+
+
+# ---------------------------------------------------------------------------------------------- threads
+def test_intra_op_threads_share_the_cores_among_local_ranks(monkeypatch):
+    from reformer_dist.parallel.env import intra_op_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert intra_op_threads(1, None, {}) == (4, "4 cores / 1 rank on this node")
+    assert intra_op_threads(2, None, {}) == (2, "4 cores / 2 ranks on this node")
+    assert intra_op_threads(8, None, {})[0] == 1  # never 0
+    assert intra_op_threads(2, None, {"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
+    assert intra_op_threads(2, 1, {"OMP_NUM_THREADS": "3"}) == (1, "train.threads")  # the config key wins
+    assert intra_op_threads(2, None, {"OMP_NUM_THREADS": "junk"})[1] == "4 cores / 2 ranks on this node"
+
+
+def test_busy_machine_note(monkeypatch):
+    from reformer_dist.cli.train import _busy_cores
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert _busy_cores(2) is None  # quiet: 2 threads on 2 cores
+    monkeypatch.setattr("os.getloadavg", lambda: (1.4, 1.0, 0.5))  # another job holds a core
+    assert _busy_cores(2) == "the machine is busy (load average 1.4 on 2 cores, and this run wants 2 threads)"
+    assert _busy_cores(1) is None

@@ -87,3 +87,17 @@ def test_hostfile_cli_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     assert "SLURM_JOB_NODELIST" in capsys.readouterr().err
     assert main(["hostfile", "--nodelist", "n[1-", "--slots", "1"]) == 2
     assert main(["hostfile", "--nodelist", "n1", "--slots", "0"]) == 2
+
+
+def test_environment_defaults_survive_a_replaced_os_environ(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    # `datasets` map(num_proc>1) assigns a copy to os.environ; a function whose default argument is
+    # os.environ (bound at import) then reads a stale environment. Ours look it up when called.
+    import os
+
+    from reformer_dist.cli.launch import default_slots, main
+
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # restored afterwards by monkeypatch
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+    assert default_slots() == 8
+    assert main(["hostfile", "--nodelist", "n1"]) == 0
+    assert capsys.readouterr().out == "n1 slots=8\n"

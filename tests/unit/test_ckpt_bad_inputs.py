@@ -1,0 +1,193 @@
+"""Bad-input sweep of `reformer-ckpt` and `reformer-launch hostfile` (issues #15, #17), in-process via main(argv).
+
+Each case: a message naming the folder / file / field, exit 1 (corrupt or incomplete input) or 2
+(usage, unsupported config), and nothing written or changed. One tiny training run (a subprocess)
+provides the real DeepSpeed checkpoint the cases damage copies of. docs/troubleshooting.md lists them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reformer_dist import ReformerConfig, ReformerLM
+from reformer_dist.cli.ckpt import main
+from reformer_dist.cli.launch import main as launch_main
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "distributed"))
+from train_launcher import TINY, clean_env  # noqa: E402
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """<run>/checkpoints with one complete checkpoint (step 2) and <run>/model, from a real tiny run."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    args = [sys.executable, "-m", "reformer_dist.cli.train", "--set", f"output.dir={out}"]
+    for o in [*TINY, "train.max_steps=2", "checkpoint.at_end=true", "output.save_model=true"]:
+        args += ["--set", o]
+    p = subprocess.run(args, cwd=out.parent, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert (out / "checkpoints" / "latest").is_file(), p.stderr[-3000:]
+    return out
+
+
+@pytest.fixture
+def ckpts(trained, tmp_path) -> Path:
+    """A private copy of the checkpoint root, to damage."""
+    return Path(shutil.copytree(trained / "checkpoints", tmp_path / "checkpoints"))
+
+
+def _optim_file(root: Path) -> Path:
+    return next((root / "step_00000002").glob("*optim_states.pt"))
+
+
+# ---------------------------------------------------------------------------------- consolidate / inspect / reshard
+def test_missing_and_not_a_checkpoint_folders(tmp_path, capsys):
+    code, _, err = run(capsys, "consolidate", tmp_path / "nope", "--out", tmp_path / "o")
+    assert code == 2 and f"{tmp_path / 'nope'}: no such checkpoint folder" in err
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.txt").write_text("hello")
+    for cmd in (["consolidate", tmp_path / "stuff", "--out", tmp_path / "o"], ["inspect", tmp_path / "stuff"],
+                ["reshard", tmp_path / "stuff", "--out", tmp_path / "o"]):
+        code, _, err = run(capsys, *cmd)
+        assert code == 2 and f"{tmp_path / 'stuff'}: not a DeepSpeed checkpoint tag folder and no 'latest' file" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_optimizer_file_is_named_by_consolidate_and_inspect(ckpts, tmp_path, capsys):
+    victim = _optim_file(ckpts)
+    size = victim.stat().st_size
+    victim.write_bytes(victim.read_bytes()[: size // 2])
+    code, _, err = run(capsys, "consolidate", ckpts, "--out", tmp_path / "o")
+    assert code == 1 and f"{victim}: truncated or altered ({size // 2} bytes, MANIFEST.json says {size})" in err, err
+    code, _, err = run(capsys, "inspect", ckpts)
+    assert code == 1 and f"{victim}: truncated or altered ({size // 2} bytes, MANIFEST.json says {size})" in err, err
+    assert "Errno 22" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_file_without_a_manifest_is_named_by_inspect(ckpts, capsys):
+    (ckpts / "step_00000002" / "MANIFEST.json").unlink()  # a plain DeepSpeed save
+    victim = ckpts / "step_00000002" / "mp_rank_00_model_states.pt"
+    victim.write_bytes(victim.read_bytes()[:-500])
+    code, _, err = run(capsys, "inspect", ckpts)
+    assert code == 1 and f"{victim}: truncated or corrupt" in err, err
+
+
+def test_bad_max_shard_size_fails_before_reading_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("reformer_dist.checkpoint.consolidate.consolidate", lambda *a, **k: pytest.fail("ran"))
+    for cmd in ("consolidate", "export-hf", "import-hf"):
+        code, _, err = run(capsys, cmd, tmp_path / "nope", "--out", tmp_path / "o", "--max-shard-size", "5 gigs")
+        assert code == 2 and "argument --max-shard-size: cannot parse '5 gigs' (examples: 5GB" in err, err
+
+
+def test_out_not_empty_is_refused_and_left_alone(ckpts, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "consolidate", ckpts, "--out", tmp_path / "o")
+    assert code == 2 and f"{tmp_path / 'o'}: exists and is not empty (pass --overwrite to replace it)" in err
+    assert tree(tmp_path / "o") == {"keep.txt": hashlib.sha256(b"mine").hexdigest()}
+
+
+def test_unsupported_reshard_transition(ckpts, tmp_path, capsys):
+    code, _, err = run(capsys, "reshard", ckpts, "--out", tmp_path / "u", "--to-stage", "3")
+    assert code == 2 and "--to-stage 3: a ZeRO-1 checkpoint loaded as ZeRO-3" in err
+    assert not (tmp_path / "u").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask-022", "umask-002"])
+def test_written_folders_follow_the_umask(ckpts, trained, tmp_path, capsys, umask):
+    # #17: consolidate / export-hf / import-hf made 0700 folders and 0600 safetensors
+    old = os.umask(umask)
+    try:
+        assert run(capsys, "consolidate", ckpts, "--out", tmp_path / "c")[0] == 0
+        assert run(capsys, "export-hf", trained / "model", "--out", tmp_path / "hf")[0] == 0
+        assert run(capsys, "import-hf", tmp_path / "hf", "--out", tmp_path / "back")[0] == 0
+    finally:
+        os.umask(old)
+    for d in ("c", "hf", "back"):
+        assert (tmp_path / d).stat().st_mode & 0o777 == 0o777 & ~umask, d
+        for f in (tmp_path / d).iterdir():
+            assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+
+# ---------------------------------------------------------------------------------- HF conversion
+def test_export_loads_in_transformers_without_missing_keys(trained, tmp_path, capsys):
+    import transformers
+
+    assert run(capsys, "export-hf", trained / "model", "--out", tmp_path / "hf")[0] == 0
+    model, info = transformers.ReformerModelWithLMHead.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert {k: set(v) for k, v in info.items() if k != "error_msgs"} == {
+        "missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set()}, info
+    assert not info["error_msgs"]
+    assert torch.count_nonzero(model.lm_head.decoder.bias) == 0  # ours has no head bias: zeros, as loaded
+
+
+@pytest.mark.parametrize("change, field", [({"causal": False}, "ReformerConfig.causal"),
+                                           ({"attn_layers": ["full", "lsh"]}, "ReformerConfig.attn_layers")],
+                         ids=["not-causal", "full-attention-layer"])
+def test_export_refuses_configs_hf_cannot_hold(tmp_path, capsys, change, field):
+    cfg = ReformerConfig(**{**dict(vocab_size=53, d_model=32, n_heads=2, d_head=16, d_ff=48, n_layers=2,
+                                   attn_layers=["lsh", "local"], axial_pos_shape=[8, 8]), **change})
+    ReformerLM(cfg).save_pretrained(tmp_path / "ours")
+    code, _, err = run(capsys, "export-hf", tmp_path / "ours", "--out", tmp_path / "hf")
+    assert code == 2 and f"{field} = " in err and "cannot be exported to Hugging Face transformers" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_and_import_of_folders_that_are_not_models(tmp_path, capsys):
+    code, _, err = run(capsys, "export-hf", tmp_path / "nope", "--out", tmp_path / "hf")
+    assert code == 2 and f"{tmp_path / 'nope' / 'config.json'}: missing; expected a weights folder" in err
+    (tmp_path / "notes").mkdir()
+    code, _, err = run(capsys, "import-hf", tmp_path / "notes", "--out", tmp_path / "ours")
+    assert code == 2 and f"{tmp_path / 'notes' / 'config.json'}: missing; expected a Hugging Face model folder" in err
+    (tmp_path / "notes" / "config.json").write_text("{oops")
+    code, _, err = run(capsys, "import-hf", tmp_path / "notes", "--out", tmp_path / "ours")
+    assert code == 2 and f"{tmp_path / 'notes' / 'config.json'}: not valid JSON" in err
+    (tmp_path / "notes" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    code, _, err = run(capsys, "import-hf", tmp_path / "notes", "--out", tmp_path / "ours")
+    assert code == 2 and "model_type = 'bert': not a Reformer config" in err
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "ours").exists()
+
+
+def test_import_of_a_truncated_safetensors(trained, tmp_path, capsys):
+    assert run(capsys, "export-hf", trained / "model", "--out", tmp_path / "hf")[0] == 0
+    (tmp_path / "hf" / "checksums.json").unlink()  # as a folder from the Hub would be: no checksums
+    victim = tmp_path / "hf" / "model.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-64])
+    code, _, err = run(capsys, "import-hf", tmp_path / "hf", "--out", tmp_path / "ours")
+    assert code == 1 and f"{victim}: cannot read safetensors file (truncated or corrupt?)" in err
+    assert not (tmp_path / "ours").exists()
+
+
+# ---------------------------------------------------------------------------------- launch
+def test_hostfile_error_names_the_option_that_was_given(capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[01-02]")
+    assert launch_main(["hostfile", "--nodelist", "node[01-"]) == 2
+    err = capsys.readouterr().err
+    assert "--nodelist: unmatched '[' in 'node[01-'" in err and "SLURM_JOB_NODELIST" not in err
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[03-01]")
+    assert launch_main(["hostfile"]) == 2
+    assert "SLURM_JOB_NODELIST: descending range '03-01'" in capsys.readouterr().err
