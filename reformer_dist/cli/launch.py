@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from reformer_dist.ondisk import atomic_write
 from reformer_dist.parallel.env import DistEnv, discover, expand_nodelist
 
 
@@ -69,9 +70,7 @@ def _cmd_hostfile(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        tmp.write_text(text)
-        tmp.replace(out)
+        atomic_write(out, text)
     else:
         sys.stdout.write(text)
     return 0

@@ -196,7 +196,7 @@ def _train(cfg, plan, ds_config, env, store, resume, on_cuda, threads: tuple[int
 
     import torch
 
-    from reformer_dist.checkpoint.integrity import CheckpointError
+    from reformer_dist.ondisk import CheckpointError
     from reformer_dist.data.errors import DataError
     from reformer_dist.parallel.env import export_env
 

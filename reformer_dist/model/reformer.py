@@ -16,9 +16,7 @@ from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.layers import IGNORE_INDEX, AxialPositionEmbedding, LMHead
 from reformer_dist.model.reversible import ReformerStack
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+from reformer_dist.ondisk import CONFIG_NAME, WEIGHTS_NAME, load_weights
 
 
 def shift_labels(input_ids: Tensor) -> Tensor:
@@ -189,8 +187,6 @@ class ReformerLM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "ReformerLM":
         """Load a directory written by ``save_pretrained`` or ``reformer-ckpt consolidate``."""
-        from reformer_dist.checkpoint.io import load_weights
-
         d = Path(directory)
         cfg_path = d / CONFIG_NAME
         if not cfg_path.is_file():

@@ -19,7 +19,6 @@ import errno
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,22 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from reformer_dist.checkpoint.integrity import CheckpointError, is_complete, verify_manifest, write_manifest
-
-TAG_RE = re.compile(r"^step_(\d{8,})$")
-LATEST = "latest"
-STATE_DIR = "trainer_state"
-RUN_CONFIG = "run_config.json"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_of(tag: str) -> int | None:
-    m = TAG_RE.match(tag)
-    return int(m.group(1)) if m else None
-
+from reformer_dist.ondisk import (LATEST, LATEST_UNIVERSAL, MANIFEST, RUN_CONFIG, TRAINER_STATE_DIR, CheckpointError,
+                                  AtomicFile, atomic_write, is_complete, rank_state_file, step_of, verify_manifest,
+                                  write_manifest)
 
 # ---------------------------------------------------------------------------------------------- RNG
 def capture_rng() -> dict[str, Any]:
@@ -65,21 +51,20 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------- per-rank state
 def state_path(ckpt_dir: Path, rank: int) -> Path:
-    return ckpt_dir / STATE_DIR / f"rank{rank:05d}.pt"
+    return ckpt_dir / rank_state_file(rank)
 
 
 def save_rank_state(ckpt_dir: Path, rank: int, state: dict[str, Any]) -> None:
     p = state_path(ckpt_dir, rank)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, p)
+    with AtomicFile(p) as f:
+        torch.save(state, f)
 
 
 def load_rank_state(ckpt_dir: Path, rank: int) -> dict[str, Any]:
     p = state_path(ckpt_dir, rank)
     if not p.is_file():
-        n = len(list((ckpt_dir / STATE_DIR).glob("rank*.pt")))
+        n = len(list((ckpt_dir / TRAINER_STATE_DIR).glob("rank*.pt")))
         raise CheckpointError(f"{p}: missing; the checkpoint holds trainer state for {n} rank(s) "
                               f"(exact resume needs the same world size)")
     try:
@@ -101,9 +86,7 @@ def list_tags(root: Path) -> list[tuple[int, Path]]:
 def commit(root: Path, tag: str, extra: dict | None = None) -> None:
     """Rank 0, after every rank saved: manifest first, then move `latest` (temp + rename)."""
     write_manifest(root / tag, extra=extra)
-    tmp = root / (LATEST + ".tmp")
-    tmp.write_text(tag)
-    os.replace(tmp, root / LATEST)
+    atomic_write(root / LATEST, tag)
 
 
 def prune(root: Path, keep_last: int) -> list[Path]:
@@ -171,7 +154,7 @@ def precheck_resume_path(spec: str) -> str | None:
         return f"--resume {spec}: no such file or folder"
     if not p.is_dir():
         return f"--resume {spec}: is a file; expected a checkpoint folder (step_XXXXXXXX), its root, or a reshard output"
-    if step_of(p.name) is None and not (p / "latest_universal").is_file() and not list_tags(p):
+    if step_of(p.name) is None and not (p / LATEST_UNIVERSAL).is_file() and not list_tags(p):
         return (f"--resume {spec}: no checkpoint in this folder (expected step_XXXXXXXX folders, e.g. "
                 f"<output.dir>/checkpoints, or a `reformer-ckpt reshard` output)")
     return None
@@ -193,7 +176,7 @@ def find_resume(spec: str, default_root: Path, verify_hashes: bool = True) -> Re
             raise CheckpointError(f"--resume {spec}: no such file or folder")
         if step_of(p.name) is not None and p.is_dir():
             if not is_complete(p):
-                raise CheckpointError(f"{p}: incomplete checkpoint (no MANIFEST.json; the save did not finish)")
+                raise CheckpointError(f"{p}: incomplete checkpoint (no {MANIFEST}; the save did not finish)")
             verify_manifest(p, hashes=verify_hashes)
             return ResumePoint(p.parent, p.name, step_of(p.name), [])  # type: ignore[arg-type]
         root, required = p, True
@@ -205,7 +188,7 @@ def find_resume(spec: str, default_root: Path, verify_hashes: bool = True) -> Re
         verify_manifest(p, hashes=verify_hashes)
         return ResumePoint(root, p.name, step, skipped)
     if required:
-        raise CheckpointError(f"--resume {spec}: no complete checkpoint (step_XXXXXXXX with MANIFEST.json) in {root}")
+        raise CheckpointError(f"--resume {spec}: no complete checkpoint (step_XXXXXXXX with {MANIFEST}) in {root}")
     return None
 
 

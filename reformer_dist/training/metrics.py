@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from reformer_dist.ondisk import METRICS, RANKS_DIR, TENSORBOARD_DIR
+
 
 def memory_gb(device: torch.device) -> float:
     """Peak accelerator memory (CUDA) or peak resident memory of the process (CPU), in GB."""
@@ -41,17 +43,17 @@ class Metrics:
                  tensorboard: bool, progress_bar: bool, rank_files: bool, log_every: int):
         self.rank, self.world_size, self.log_every = rank, world_size, log_every
         self.main = rank == 0
-        self._file = open(run_dir / "metrics.jsonl", "a") if self.main else None
+        self._file = open(run_dir / METRICS, "a") if self.main else None
         self._rank_file = None
         if rank_files:
-            (run_dir / "ranks").mkdir(parents=True, exist_ok=True)
-            self._rank_file = open(run_dir / "ranks" / f"rank{rank}.jsonl", "a")
+            (run_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
+            self._rank_file = open(run_dir / RANKS_DIR / f"rank{rank}.jsonl", "a")
         self._tb = None
         if self.main and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=initial_step + 1 if initial_step else None)
+                self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=initial_step + 1 if initial_step else None)
             except ImportError:  # pragma: no cover - tensorboard is a dependency; degrade rather than die
                 print("metrics: tensorboard is not installed; writing JSON lines only", file=sys.stderr)
         self._bar = None

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reformer_dist.checkpoint.integrity import CheckpointError
+from reformer_dist.ondisk import CheckpointError, tag_for
 from reformer_dist.model.documents import document_ids, positions_in_document
 from reformer_dist.parallel.env import DistEnv
 from reformer_dist.training import checkpointing as ckpt
@@ -365,7 +365,7 @@ class Trainer:
         """
         if self.last_saved_step == self.step:
             return
-        tag = ckpt.tag_for(self.step)
+        tag = tag_for(self.step)
         path = self.ckpt_root / tag
         if self.main and path.exists():
             shutil.rmtree(path)  # a stale folder of an abandoned continuation: never mix files
@@ -550,7 +550,7 @@ class Trainer:
                     if handler.signum == signal.SIGINT:  # Ctrl-C: the user stops the run and may continue it
                         self.metrics.event("interrupted", step=self.step, signal=handler.signal_name)
                         self.metrics.print(f"interrupted (Ctrl-C) at step {self.step}: checkpoint saved in "
-                                           f"{self.ckpt_root / ckpt.tag_for(self.step)}; to continue, run the same "
+                                           f"{self.ckpt_root / tag_for(self.step)}; to continue, run the same "
                                            f"command with --resume auto")
                         return Outcome(EXIT_INTERRUPTED, self.step, "interrupted")
                     self.metrics.event("preempted", step=self.step, signal=handler.signal_name)

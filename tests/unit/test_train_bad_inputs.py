@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reformer_dist.checkpoint.integrity import verify_manifest
 from reformer_dist.cli.train import main
 from reformer_dist.data.shards import MANIFEST, ShardWriter
 from reformer_dist.data.tokenizers import load_tokenizer
+from reformer_dist.ondisk import verify_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "distributed"))

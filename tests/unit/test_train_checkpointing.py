@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-from reformer_dist.checkpoint.integrity import CheckpointError, verify_manifest
+from reformer_dist import ondisk
+from reformer_dist.ondisk import CheckpointError, verify_manifest
 from reformer_dist.training import checkpointing as ckpt
 from reformer_dist.training.metrics import read_records
 
 
 def fake_checkpoint(root, step, complete=True):
-    d = root / ckpt.tag_for(step)
+    d = root / ondisk.tag_for(step)
     (d / "trainer_state").mkdir(parents=True)
     (d / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 100 + bytes([step % 256]))
     (d / "trainer_state" / "rank00000.pt").write_bytes(b"state")
