@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 def _inspect(path: str, n_sample: int) -> None:
     import numpy as np
 
-    from reformer_dist.data.shards import SPLITS
+    from reformer_dist.data.manifest import SPLITS
     from reformer_dist.data.store import TokenStore
 
     store = TokenStore.open(path)
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "inspect":
             _inspect(args.store, args.tokens)
         elif args.command == "verify":
-            from reformer_dist.data.shards import verify_store
+            from reformer_dist.data.verify import verify_store
 
             m = verify_store(args.store)
             shards = sum(len(m["splits"][s]["shards"]) for s in m["splits"])
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _warn_without_validation(store_dir) -> None:
-    from reformer_dist.data.shards import read_manifest
+    from reformer_dist.data.manifest import read_manifest
 
     if read_manifest(store_dir)["splits"]["validation"]["num_tokens"] == 0:
         print(f"reformer-data shard: warning: the store has no validation split. Training on it needs evaluation "
@@ -176,7 +176,7 @@ def _warn_without_validation(store_dir) -> None:
 
 
 def _summary(store_dir) -> None:
-    from reformer_dist.data.shards import read_manifest
+    from reformer_dist.data.manifest import read_manifest
 
     m = read_manifest(store_dir)
     parts = [f"{s} {v['num_tokens']:,} tokens / {v['num_documents']:,} documents / {len(v['shards'])} shards"

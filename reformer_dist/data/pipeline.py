@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from reformer_dist.data.errors import DataError, UsageError
-from reformer_dist.data.shards import MANIFEST, ShardWriter, check_token_range, dtype_for_vocab
+from reformer_dist.data.manifest import MANIFEST, dtype_for_vocab
+from reformer_dist.data.writer import ShardWriter, check_token_range
 from reformer_dist.data.sources import collect_files, iter_documents
 from reformer_dist.data.tokenizers import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
 

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from reformer_dist.cli.train import main
-from reformer_dist.data.shards import MANIFEST, ShardWriter
 from reformer_dist.data.tokenizers import load_tokenizer
+from reformer_dist.data.writer import ShardWriter
+from reformer_dist.ondisk import STORE_MANIFEST as MANIFEST
 from reformer_dist.ondisk import verify_manifest
 
 REPO = Path(__file__).resolve().parents[2]
