@@ -94,8 +94,8 @@ class ReformerLM(nn.Module):
         pad = (-l) % mult if l > self._min_chunk() else 0
         key_valid = None if attention_mask is None else attention_mask.to(torch.bool)
         if sequence_parallel is not None:
-            # Each rank holds a slice: padding is decided on the whole sequence, so it must already fit.
-            sequence_parallel.check(self.cfg, l)
+            # Each rank holds a slice: padding is decided on the whole sequence, so it must already fit
+            # (parallel.sequence.check_layout, checked once when the run config loads).
             if attention_mask is not None:
                 raise ValueError("attention_mask is not supported with sequence parallelism")
             pad = 0

@@ -27,9 +27,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from reformer_dist.config_schema import Section, boolean, int_min, opt, optional, string
 from reformer_dist.ondisk import (LATEST, LATEST_UNIVERSAL, MANIFEST, RUN_CONFIG, TRAINER_STATE_DIR, CheckpointError,
                                   AtomicFile, atomic_write, is_complete, rank_state_file, step_of, verify_manifest,
                                   write_manifest)
+
+
+@dataclass
+class CheckpointConfig(Section):
+    every: int = opt(500, int_min(0), "save every N steps (0 = only at the end)")
+    keep_last: int = opt(3, int_min(1), "complete checkpoints kept; older ones are deleted after a new one completes")
+    at_end: bool = opt(True, boolean, "save after the last step")
+    dir: str | None = opt(None, optional(string), "checkpoint root (default <output.dir>/checkpoints)")
 
 # ---------------------------------------------------------------------------------------------- RNG
 def capture_rng() -> dict[str, Any]:

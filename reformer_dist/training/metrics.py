@@ -18,9 +18,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dataclasses import dataclass
+
 import torch
 
+from reformer_dist.config_schema import Section, boolean, int_min, opt
 from reformer_dist.ondisk import METRICS, RANKS_DIR, TENSORBOARD_DIR
+
+
+@dataclass
+class LoggingConfig(Section):
+    log_every: int = opt(1, int_min(1), "write a step record every N steps")
+    tensorboard: bool = opt(True, boolean, "TensorBoard scalars under <output.dir>/tb (rank 0)")
+    progress_bar: bool = opt(True, boolean, "tqdm bar on rank 0")
+    rank_files: bool = opt(False, boolean, "every rank writes its own <output.dir>/ranks/rank<R>.jsonl (tests, debugging)")
 
 
 def memory_gb(device: torch.device) -> float:
