@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from reformer_dist.ondisk import atomic_write
-from reformer_dist.parallel.env import DistEnv, discover, expand_nodelist
+from reformer_dist.parallel.env import DistEnv, discover
+from reformer_dist.parallel.hostlist import expand_nodelist
 
 
 def default_slots(environ: Mapping[str, str] | None = None) -> int:
