@@ -1,12 +1,12 @@
 """The run config of `reformer-train`: its sections composed, layered defaults -> TOML file -> `--set`.
 
 Each section is a dataclass next to the code that reads it, declared and checked the way
-reformer_dist/config_schema.py describes; this module composes them (and holds the two sections that
-belong to the run itself, [train] and [output]):
+reformer_dist/config_schema.py describes; this module composes them (and holds [train], the run's own
+section, read by the trainer, the optimizer and the schedule):
 
     [model] model/config.py     [data] data/config.py           [parallel] parallel/config.py
     [eval] training/evaluation.py   [checkpoint] training/checkpointing.py   [logging] training/metrics.py
-    [deepspeed] training/deepspeed_config.py   [train] [output] here
+    [deepspeed] training/deepspeed_config.py   [output] training/outputs.py   [train] here
 
 Every unknown key and every bad value raises `ConfigError` naming its dotted key
 (``train.lr: expected a positive number (got -1)``, ``model.n_hedas: unknown key``); a section checks
@@ -43,6 +43,7 @@ from reformer_dist.training.checkpointing import CheckpointConfig
 from reformer_dist.training.deepspeed_config import DeepSpeedConfig
 from reformer_dist.training.evaluation import EvalConfig
 from reformer_dist.training.metrics import LoggingConfig
+from reformer_dist.training.outputs import OutputConfig
 
 __all__ = ["BatchPlan", "ConfigError", "RunConfig", "SECTIONS", "load_run_config", "plan_batches", "to_toml"]
 
@@ -52,7 +53,7 @@ def betas(v: Any) -> str | None:
     return None if ok else "expected two numbers in [0, 1), e.g. [0.9, 0.95]"
 
 
-# ---------------------------------------------------------------------------------------------- the run's own sections
+# ---------------------------------------------------------------------------------------------- the run's own section
 @dataclass
 class TrainConfig(Section):
     micro_batch: int = opt(1, int_min(1), "sequences per rank per forward/backward")
@@ -80,16 +81,6 @@ class TrainConfig(Section):
         if self.decay_steps is not None and self.decay_steps < self.warmup_steps:
             self.fail("decay_steps", f"{self.decay_steps} is before the end of warmup (train.warmup_steps = "
                                      f"{self.warmup_steps})")
-
-
-@dataclass
-class OutputConfig(Section):
-    dir: str = opt("runs/default", string, "run folder: resolved config, metrics.jsonl, tb/, checkpoints/, model/")
-    save_model: bool = opt(True, boolean, "write the final weights with save_pretrained to <output.dir>/model")
-    sample_tokens: int = opt(0, int_min(0), "print a generated sample of this many tokens at the end (0 = none)")
-    sample_prompt: str = opt("", any_string, "prompt of the final sample")
-    sample_temperature: float = opt(0.8, positive_number, "sampling temperature of the final sample")
-    sample_top_k: int | None = opt(None, optional(int_min(1)), "top-k of the final sample")
 
 
 # ---------------------------------------------------------------------------------------------- composition
