@@ -17,8 +17,17 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
+
+# the data modules import neither torch nor datasets (the pipeline loads datasets when it shards)
+from reformer_dist.data.builtin import write_builtin
 from reformer_dist.data.errors import DataError, UsageError
+from reformer_dist.data.manifest import SPLITS, read_manifest
+from reformer_dist.data.pipeline import shard_corpus, train_tokenizer
+from reformer_dist.data.store import TokenStore
+from reformer_dist.data.verify import verify_store
 
 
 def _int_min(lo: int):
@@ -97,11 +106,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _inspect(path: str, n_sample: int) -> None:
-    import numpy as np
-
-    from reformer_dist.data.manifest import SPLITS
-    from reformer_dist.data.store import TokenStore
-
     store = TokenStore.open(path)
     print(f"store       {store.name}")
     print(f"tokenizer   {store.identity}  (vocab_size {store.vocab_size}, end-of-document id {store.eod_id})")
@@ -127,8 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "tokenizer":
-            from reformer_dist.data.pipeline import train_tokenizer
-
             tok = train_tokenizer(args.input, args.out, args.vocab_size, args.model_type,
                                   text_field=args.text_field, text_unit=args.text_unit,
                                   character_coverage=args.character_coverage, max_sentences=args.max_sentences,
@@ -139,8 +141,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{args.vocab_size} asked for: the corpus has too few distinct pieces for more. Set "
                       f"model.vocab_size >= {tok.vocab_size} (or train on more text)", file=sys.stderr)
         elif args.command == "shard":
-            from reformer_dist.data.pipeline import shard_corpus
-
             path = shard_corpus(args.input, args.tokenizer, args.out, shard_tokens=args.shard_tokens,
                                 num_proc=args.num_proc, text_field=args.text_field, text_unit=args.text_unit,
                                 val_fraction=args.val_fraction, val_inputs=args.val_input,
@@ -150,15 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "inspect":
             _inspect(args.store, args.tokens)
         elif args.command == "verify":
-            from reformer_dist.data.verify import verify_store
-
             m = verify_store(args.store)
             shards = sum(len(m["splits"][s]["shards"]) for s in m["splits"])
             tokens = sum(m["splits"][s]["num_tokens"] for s in m["splits"])
             print(f"OK {args.store}: {shards} shards, {tokens:,} tokens, checksums and token range verified")
         elif args.command == "builtin":
-            from reformer_dist.data.builtin import write_builtin
-
             _summary(write_builtin(args.out, overwrite=args.overwrite).parent)
     except DataError as e:
         print(f"reformer-data {args.command}: error: {e}", file=sys.stderr)
@@ -166,18 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _warn_without_validation(store_dir) -> None:
-    from reformer_dist.data.manifest import read_manifest
-
+def _warn_without_validation(store_dir: Path) -> None:
     if read_manifest(store_dir)["splits"]["validation"]["num_tokens"] == 0:
         print(f"reformer-data shard: warning: the store has no validation split. Training on it needs evaluation "
               f"off (--set eval.every=0 --set eval.at_end=false); to evaluate, shard again with --val-fraction "
               f"0.01 (every 100th document) or --val-input held_out/", file=sys.stderr)
 
 
-def _summary(store_dir) -> None:
-    from reformer_dist.data.manifest import read_manifest
-
+def _summary(store_dir: Path) -> None:
     m = read_manifest(store_dir)
     parts = [f"{s} {v['num_tokens']:,} tokens / {v['num_documents']:,} documents / {len(v['shards'])} shards"
              for s, v in m["splits"].items()]

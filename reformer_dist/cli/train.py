@@ -200,8 +200,8 @@ def _train(cfg: RunConfig, plan: BatchPlan, ds_config: dict, env: DistEnv, store
         device = torch.device("cpu")
 
     prefer_interpreter_ninja()  # any op that is built (CPUAdam under offload) is built once per machine
-    # deepspeed (and the trainer, which imports it) load here, not at the top: they take seconds and log
-    # their accelerator choice, which a config error or a dry run should not wait for
+    # deepspeed (and the trainer, which imports it) load here, not at the top: deepspeed logs its
+    # accelerator choice when imported, which a config error or a dry run should not print
     import deepspeed
 
     from reformer_dist.training.trainer import Trainer

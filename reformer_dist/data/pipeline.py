@@ -73,6 +73,8 @@ def shard_corpus(
     overwrite: bool = False,
 ) -> Path:
     """Tokenise ``inputs`` into a token store at ``out_dir``; returns the manifest path."""
+    # datasets takes ~1.5 s to import; this module is also imported for validation_mask (the built-in
+    # corpus, which every default run opens) and by the CLI
     import datasets
 
     if not 0.0 <= val_fraction < 1.0:
@@ -176,7 +178,7 @@ def _tokenize(batch: dict[str, list], indices: list[int], tokenizer: Tokenizer, 
 
 def _write(tokens, writer: ShardWriter) -> None:
     """Append the tokenised documents, in corpus order, to their split (flat arrays, no per-token Python)."""
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # datasets' dependency: loaded with it, only when sharding
 
     for table in tokens.with_format("arrow").iter(batch_size=256):  # documents per step (memory)
         is_val = table.column("validation").to_numpy(zero_copy_only=False)

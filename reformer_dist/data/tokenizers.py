@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import sentencepiece as spm
 
 from reformer_dist.data.errors import DataError
 from reformer_dist.ondisk import TOKENIZER_META, TOKENIZER_MODEL, TOKENIZER_VOCAB, AtomicFile, atomic_write
@@ -84,8 +85,6 @@ class SentencePieceTokenizer:
         self._load(proto)
 
     def _load(self, proto: bytes) -> None:
-        import sentencepiece as spm
-
         self._proto = proto
         self.identity = SP_PREFIX + hashlib.sha256(proto).hexdigest()
         try:
@@ -176,8 +175,6 @@ def train_sentencepiece(
     SentencePiece), so memory stays bounded however large the corpus. Text is not normalised and
     whitespace is kept as is, so decode(encode(text)) == text.
     """
-    import sentencepiece as spm
-
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram' (got {model_type!r})")
     out = Path(out_dir)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from reformer_dist.model.config import ReformerConfig
@@ -176,8 +177,6 @@ class ReformerLM(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json + model.safetensors (fp32 or the parameters' dtype)."""
-        from safetensors.torch import save_file
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.cfg.save(d / CONFIG_NAME)

@@ -21,6 +21,7 @@ from typing import Any
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from reformer_dist.config_schema import Section, boolean, int_min, opt
 from reformer_dist.ondisk import METRICS, RANKS_DIR, TENSORBOARD_DIR
@@ -62,6 +63,8 @@ class Metrics:
         self._tb = None
         if self.main and tensorboard:
             try:
+                # only rank 0 with logging.tensorboard needs it, and a missing tensorboard degrades to
+                # JSON lines here instead of failing every import of this module
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=initial_step + 1 if initial_step else None)
@@ -69,8 +72,6 @@ class Metrics:
                 print("metrics: tensorboard is not installed; writing JSON lines only", file=sys.stderr)
         self._bar = None
         if self.main and progress_bar:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                              mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
 

@@ -28,7 +28,8 @@ class OutputConfig(Section):
 def _gathered(engine: Any, zero_stage: int) -> contextlib.AbstractContextManager:
     """Context in which every rank sees full parameters (ZeRO-3 gathers them; a no-op otherwise)."""
     if zero_stage == 3:
-        # deepspeed takes seconds to import and logs its accelerator: the run config imports this module
+        # deepspeed logs its accelerator choice when imported, and the run config (which must load
+        # quietly, before anything starts) imports this module for OutputConfig
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
