@@ -2,14 +2,14 @@
 
 Each name below is defined here once and imported wherever a folder is written or read. The folders:
 
-    <output.dir>/                  run folder (training/trainer.py)
+    <output.dir>/                  run folder (training/trainer.py; moving files aside: training/resume.py)
         config.toml                  the resolved run config (`reformer-train --config` accepts it)
         deepspeed_config.json        the generated DeepSpeed dict
         metrics.jsonl, tb/, ranks/   metrics (training/metrics.py)
         model/                       final weights folder (save_pretrained)
         .reformer-train.lock         one run per folder (training/run_lock.py)
         replaced-<time>/             an earlier run's files, moved aside by a fresh start
-        checkpoints/                 checkpoint root (training/checkpointing.py)
+        checkpoints/                 checkpoint root (saved: training/checkpointing.py; read: training/resume.py)
             latest                     tag of the newest COMPLETE checkpoint (moved last)
             zero_to_safetensors.py     tools/zero_to_safetensors.py, copied like DeepSpeed's zero_to_fp32.py
             abandoned-<time>/          newer checkpoints moved aside by a resume from an older one
@@ -83,6 +83,7 @@ STORE_MANIFEST = "manifest.json"
 TOKENIZER_MODEL = "tokenizer.model"
 TOKENIZER_VOCAB = "tokenizer.vocab"
 TOKENIZER_META = "tokenizer.json"
+DATASETS_CACHE_PREFIX = ".datasets-cache-"  # the pipeline's Arrow cache inside a store's staging folder
 
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
 
@@ -103,6 +104,11 @@ def rank_state_file(rank: int) -> str:
     return f"{TRAINER_STATE_DIR}/rank{rank:05d}.pt"
 
 
+def rank_metrics_file(rank: int) -> str:
+    """Per-rank metrics in the run folder (logging.rank_files): ranks/rank0.jsonl."""
+    return f"{RANKS_DIR}/rank{rank}.jsonl"
+
+
 def weight_shard_name(index: int, count: int) -> str:
     """Hugging Face's name of weight shard `index` (from 0) of `count`: model-00001-of-00003.safetensors."""
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
@@ -111,6 +117,11 @@ def weight_shard_name(index: int, count: int) -> str:
 def store_shard_name(split: str, index: int) -> str:
     """Token store shard file: train-00000.bin."""
     return f"{split}-{index:05d}.bin"
+
+
+def is_store_shard(name: str, splits: Iterable[str]) -> bool:
+    """Whether a file name is the name of a shard (`store_shard_name`) of one of `splits`."""
+    return re.fullmatch(rf"({'|'.join(map(re.escape, splits))})-\d{{5}}\.bin", name) is not None
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -127,9 +138,14 @@ class CorruptCheckpointError(CheckpointError, ValueError):
 _TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
 
 
+def is_atomic_temp(name: str) -> bool:
+    """Whether a file name is one `AtomicFile` writes under before its rename (.<name>.tmp-<pid>)."""
+    return bool(_TMP_RE.match(name))
+
+
 def is_temporary(name: str) -> bool:
     """Whether a file name is an unfinished atomic write (ours, or an older `.tmp` suffix)."""
-    return bool(_TMP_RE.match(name)) or name.endswith(".tmp")
+    return is_atomic_temp(name) or name.endswith(".tmp")
 
 
 def fsync_dir(path: Path) -> None:

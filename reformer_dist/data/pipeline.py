@@ -28,6 +28,7 @@ from reformer_dist.data.manifest import MANIFEST, dtype_for_vocab
 from reformer_dist.data.writer import ShardWriter, check_token_range
 from reformer_dist.data.sources import collect_files, iter_documents
 from reformer_dist.data.tokenizers import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
+from reformer_dist.ondisk import DATASETS_CACHE_PREFIX
 
 
 def validation_mask(indices: np.ndarray | Sequence[int], fraction: float) -> np.ndarray:
@@ -97,7 +98,7 @@ def shard_corpus(
     }
     out = Path(out_dir)
     with ShardWriter(out, tok, shard_tokens, overwrite=overwrite, metadata=meta) as writer:
-        cache = Path(tempfile.mkdtemp(prefix=".datasets-cache-", dir=writer.staging))
+        cache = Path(tempfile.mkdtemp(prefix=DATASETS_CACHE_PREFIX, dir=writer.staging))
         try:
             empty = f"empty corpus: no non-empty document in {_describe(files + val_files)}"
             with _original_error(empty=empty):  # datasets versions differ: an error, or 0 rows

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
@@ -25,10 +24,14 @@ from reformer_dist.data.errors import DataError
 from reformer_dist.data.manifest import MANIFEST, SPLITS, dtype_for_vocab, make_manifest
 from reformer_dist.data.tokenizers import Tokenizer
 from reformer_dist.data.verify import verify_store
-from reformer_dist.ondisk import TOKENIZER_MODEL, AtomicFile, atomic_write, fsync_dir, store_shard_name
+from reformer_dist.ondisk import (DATASETS_CACHE_PREFIX, TOKENIZER_MODEL, AtomicFile, atomic_write, fsync_dir,
+                                  is_atomic_temp, is_store_shard, store_shard_name)
 
-# shards, and what a killed write leaves: temporary files and the pipeline's datasets cache
-_LEFTOVER_RE = re.compile(r"^(train|validation)-\d{5}\.bin$|^\..+\.tmp-\d+$|^\.datasets-cache-")
+
+def _store_file(name: str) -> bool:
+    """A store's own file, or what a killed write leaves (temporary files, the pipeline's datasets cache)."""
+    return (name in (MANIFEST, TOKENIZER_MODEL) or is_store_shard(name, SPLITS) or is_atomic_temp(name)
+            or name.startswith(DATASETS_CACHE_PREFIX))
 
 
 def check_token_range(tokens: np.ndarray, tokenizer: Tokenizer, where: str) -> None:
@@ -171,7 +174,7 @@ class ShardWriter:
         os.rename(self.staging, out)
         if old is not None:
             for p in old.iterdir():
-                if p.name in (MANIFEST, TOKENIZER_MODEL) or _LEFTOVER_RE.match(p.name) or (out / p.name).exists():
+                if _store_file(p.name) or (out / p.name).exists():
                     continue
                 os.rename(p, out / p.name)  # the user's own files (notes, a README) stay with the store
             shutil.rmtree(old)

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reformer_dist.config_schema import Section, boolean, int_min, opt
-from reformer_dist.ondisk import METRICS, RANKS_DIR, TENSORBOARD_DIR
+from reformer_dist.ondisk import METRICS, RANKS_DIR, TENSORBOARD_DIR, rank_metrics_file
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Metrics:
         self._rank_file = None
         if rank_files:
             (run_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
-            self._rank_file = open(run_dir / RANKS_DIR / f"rank{rank}.jsonl", "a")
+            self._rank_file = open(run_dir / rank_metrics_file(rank), "a")
         self._tb = None
         if self.main and tensorboard:
             try:
