@@ -27,7 +27,9 @@ from torch import Tensor
 from reformer_dist.config_schema import ConfigError
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
+from reformer_dist.model.documents import document_ids, positions_in_document
 from reformer_dist.parallel.bucket import BucketSharding
+from reformer_dist.parallel.collectives import all_gather_cat
 from reformer_dist.parallel.config import ParallelConfig, deepspeed_sequences
 
 
@@ -130,6 +132,20 @@ def check_layout(cfg: ReformerConfig, length: int, parallel: ParallelConfig) -> 
             raise ConfigError(f"data.seq_len={length}: each of the {k} bucket ranks holds {per} tokens, which must be a "
                              f"multiple of model.local_chunk_len={cfg.local_chunk} and hold max("
                              "model.local_n_chunks_before, model.local_n_chunks_after) chunks")
+
+
+def document_inputs(ids: Tensor, eod_id: int, reset_positions: bool, sp: "SequenceParallel | None" = None,
+                    sp_rank: int = 0) -> dict[str, Tensor]:
+    """The model's document inputs for this rank's tokens `ids`: ``document_ids`` of the whole window
+    (attention sees all of it: the SP ranks hold consecutive slices of one window, gathered here) and,
+    with `reset_positions`, this rank's slice of ``positions``."""
+    window = ids if sp is None else all_gather_cat(ids, sp.group, sp.size, dim=1)
+    docs = document_ids(window, eod_id)
+    out = {"document_ids": docs}
+    if reset_positions:
+        n = ids.shape[1]
+        out["positions"] = positions_in_document(docs)[:, sp_rank * n : (sp_rank + 1) * n]
+    return out
 
 
 def sequence_parallel_loss(model: torch.nn.Module, input_ids: Tensor, labels: Tensor, *, position_offset: int,

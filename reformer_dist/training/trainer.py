@@ -42,13 +42,12 @@ import torch
 
 from reformer_dist.data.loader import WindowLoader
 from reformer_dist.data.store import TokenStore
-from reformer_dist.model.documents import document_ids, positions_in_document
 from reformer_dist.model.reformer import ReformerLM
 from reformer_dist.ondisk import DEEPSPEED_CONFIG, MODEL_DIR, RUN_CONFIG_TOML, atomic_write, tag_for
-from reformer_dist.parallel.collectives import all_gather_cat, all_reduce_host, barrier
+from reformer_dist.parallel.collectives import all_reduce_host, barrier
 from reformer_dist.parallel.config import deepspeed_sequences
 from reformer_dist.parallel.env import DistEnv
-from reformer_dist.parallel.sequence import new_sequence_parallel, sequence_parallel_loss
+from reformer_dist.parallel.sequence import document_inputs, new_sequence_parallel, sequence_parallel_loss
 from reformer_dist.training import outputs, resume
 from reformer_dist.training.checkpointing import capture_rng, save_checkpoint, seed_all
 from reformer_dist.training.config import BatchPlan, RunConfig, to_toml
@@ -152,19 +151,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _documents(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``document_ids`` (the whole window's, attention sees all of it) and, with data.reset_positions, this
-        rank's ``positions`` for the model; empty without data.document_masking."""
+        """The model's document inputs (parallel.sequence.document_inputs); none without data.document_masking."""
         if not self.cfg.data.document_masking:
             return {}
-        window = ids
-        if self.sp is not None:  # the SP ranks hold consecutive slices of one window: gather the token ids
-            window = all_gather_cat(ids, self.sp.group, self.sp.size, dim=1)
-        docs = document_ids(window, self.store.eod_id)
-        out = {"document_ids": docs}
-        if self.cfg.data.reset_positions:
-            n = ids.shape[1]
-            out["positions"] = positions_in_document(docs)[:, self.sp_rank * n : (self.sp_rank + 1) * n]
-        return out
+        return document_inputs(ids, self.store.eod_id, self.cfg.data.reset_positions, self.sp, self.sp_rank)
 
     def train_step(self) -> dict[str, Any]:
         engine, plan = self.engine, self.plan
