@@ -12,8 +12,9 @@ rank's flat partition of each parameter group, concatenated; ZeRO-3: each parame
 rank; no ZeRO: the module itself) and writes OUT/model.safetensors and OUT/config.json, the model section
 of the tag's run_config.json; `ReformerLM.from_pretrained(OUT)` loads it. Nothing is verified or
 checksummed here: with the package installed, `reformer-ckpt consolidate` does both. The names of the
-files it reads and writes are reformer_dist's (reformer_dist/ondisk.py); tests/distributed/test_tools.py
-runs this script, in a Python that has neither package, against real checkpoints.
+files it reads and writes are reformer_dist's (reformer_dist/ondisk.py);
+tests/distributed/test_zero_to_safetensors.py runs this script, in a Python that has neither package,
+against real checkpoints.
 """
 
 from __future__ import annotations
