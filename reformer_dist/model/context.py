@@ -13,6 +13,8 @@ class AttentionContext:
     """What one forward pass tells every attention layer.
 
     hash_seed: base seed of this step's LSH rotations (each layer derives its own from it).
+    n_hashes: LSH hash rounds of this call, or None for the model's ``n_hashes`` (more rounds at evaluation:
+        ``hashing.make_rotations`` keeps the trained rounds and adds new ones).
     key_valid: [B, L] bool over the sequence attention sees (False = padding), or None.
     doc_ids: [B, L] int over the sequence attention sees: a token attends only to its own document; or None.
     head_offset: index of the first head this process computes (sequence parallelism splits heads).
@@ -24,6 +26,7 @@ class AttentionContext:
     """
 
     hash_seed: int = 0
+    n_hashes: int | None = None
     key_valid: Tensor | None = None
     doc_ids: Tensor | None = None
     head_offset: int = 0
