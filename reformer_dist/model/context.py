@@ -23,6 +23,8 @@ class AttentionContext:
         tensors around the core (``parallel.sequence.SequenceParallel``); None on a single process.
     bucket: optional ``parallel.bucket.BucketSharding`` when the tokens attention sees are one rank's slice
         of the sequence: LSH layers then shard the globally sorted order, local layers exchange halos.
+    cache: optional ``model.generation.GenerationCache`` (cached generation): every attention core call goes
+        through it, which records the prompt's projections and attends a new token through its cache.
     """
 
     hash_seed: int = 0
@@ -33,9 +35,13 @@ class AttentionContext:
     backend: str = "auto"
     sequence_parallel: Any | None = None
     bucket: Any | None = None
+    cache: Any | None = None
 
     def attend(self, fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
-        """Run an attention core ``fn(*tensors, ctx)`` on [B, L, H, D] tensors, re-sharded if needed."""
+        """Run an attention core ``fn(*tensors, ctx)`` on [B, L, H, D] tensors, re-sharded if needed.
+        ``fn`` is the bound ``attend`` method of an attention layer (the cache finds its layer through it)."""
+        if self.cache is not None:
+            return self.cache.attend(fn, *tensors, ctx=self)
         if self.sequence_parallel is None:
             return fn(*tensors, self)
         return self.sequence_parallel.attend(fn, *tensors, ctx=self)

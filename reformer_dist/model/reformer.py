@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
+from reformer_dist.model.generation import generate_cached, sample_next
 from reformer_dist.model.layers import IGNORE_INDEX, AxialPositionEmbedding, LMHead
 from reformer_dist.model.reversible import ReformerStack
 
@@ -178,23 +179,34 @@ class ReformerLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 hash_seed: int = 0, generator: torch.Generator | None = None) -> Tensor:
-        """Sample continuations (full recompute per token: meant for short demos, not serving)."""
-        ids = prompt_ids
+                 hash_seed: int = 0, generator: torch.Generator | None = None, *, n_hashes: int | None = None,
+                 use_cache: bool = True, return_logits: bool = False, document_ids: Tensor | None = None):
+        """Sample ``max_new_tokens`` after ``prompt_ids`` [B, P] (greedy when ``temperature <= 0``): [B, P + N].
+
+        ``use_cache=True``: the prompt runs once, then each token costs O(layers x (window + buckets))
+        attention work (``model.generation``; what it reproduces exactly and what it approximates:
+        docs/model.md). ``use_cache=False``: the whole context is recomputed per token (O(L) per token; a
+        context longer than ``max_seq_len`` slides). ``n_hashes``: LSH rounds (see ``streams``).
+        ``return_logits``: also return the logits [B, N, V] each new token was drawn from.
+        """
+        if document_ids is not None:
+            raise ValueError("document_ids: generation with document masks is not supported; start each document "
+                             "from its own prompt")
+        if use_cache:
+            ids, scores = generate_cached(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                                          hash_seed=hash_seed, n_hashes=n_hashes, generator=generator)
+            return (ids, scores) if return_logits else ids
+        ids, scores = prompt_ids, []
         for _ in range(max_new_tokens):
             ctx = ids[:, -self.cfg.max_seq_len :]
-            x1, x2, l = self.streams(ctx, hash_seed=hash_seed)
-            logits = self.head(x1[:, l - 1 : l], x2[:, l - 1 : l])[:, -1].float()
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-            ids = torch.cat([ids, nxt], dim=1)
-        return ids
+            x1, x2, l = self.streams(ctx, hash_seed=hash_seed, n_hashes=n_hashes)
+            logits = self.head(x1[:, l - 1 : l], x2[:, l - 1 : l])[:, -1]
+            scores.append(logits)
+            ids = torch.cat([ids, sample_next(logits.float(), temperature, top_k, generator)], dim=1)
+        if not return_logits:
+            return ids
+        empty = prompt_ids.new_zeros(prompt_ids.shape[0], 0, self.cfg.vocab_size, dtype=self.head.proj.weight.dtype)
+        return ids, torch.stack(scores, dim=1) if scores else empty
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:

@@ -605,8 +605,10 @@ class Trainer:
         # ZeRO-3: every rank must run the same forwards (each gathers parameters); otherwise rank 0 alone.
         if self.zero_stage == 3 or self.main:
             gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
+            # the cache holds at most max_seq_len positions; beyond them full recompute slides a window
+            fits = len(prompt) + o.sample_tokens - 1 <= self.cfg.model.max_seq_len
             out = model.generate(ids, o.sample_tokens, temperature=o.sample_temperature, top_k=o.sample_top_k,
-                                 hash_seed=self.eval_hash_seed, generator=gen)
+                                 hash_seed=self.eval_hash_seed, generator=gen, use_cache=fits)
             text = tok.decode(out[0, len(prompt):].tolist())
         model.train()
         _barrier()

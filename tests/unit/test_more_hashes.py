@@ -90,6 +90,8 @@ def test_model_n_hashes_argument():
     four = m(ids, hash_seed=3, n_hashes=4)
     assert (four - base).abs().max() > 1e-3  # more rounds see more keys
     assert torch.isfinite(m.loss(ids, hash_seed=3, n_hashes=4))
+    assert torch.equal(m.generate(ids[:, :5], 3, temperature=0, n_hashes=4, use_cache=False),
+                       m.generate(ids[:, :5], 3, temperature=0, n_hashes=4))
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="n_hashes"):
             m(ids, n_hashes=bad)
