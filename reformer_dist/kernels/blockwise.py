@@ -31,13 +31,6 @@ def block_elems() -> int:
     return _BLOCK_ELEMS
 
 
-def fits_one_block(q: Tensor, index: Tensor | None, *, chunk_len: int, n_before: int, n_after: int, **_) -> bool:
-    """Whether every logit of the call fits in one block (then plain autograd holds no more at peak)."""
-    b, length, h, _ = q.shape
-    s = length if index is None else index.shape[-1]
-    return b * h * s * (1 + n_before + n_after) * chunk_len <= block_elems()
-
-
 @dataclass
 class _Call:
     """Sizes and options of one call, and the iteration over (head group, round, chunk block)."""
