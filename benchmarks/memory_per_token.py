@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -142,7 +143,10 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", str(length), "--d-model", str(args.d_model), "--heads",
                str(args.heads), "--hashes", str(args.hashes), "--layers", str(args.layers), "--dtype", args.dtype,
                "--backend", args.backend] + (["--tracked"] if args.tracked else [])
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        # glibc raises its mmap threshold up to 32 MiB as blocks are freed, then serves such tensors from the heap,
+        # whose freed pages stay in RSS: a fixed threshold keeps RSS following tensor memory at every length
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072"))
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode:
             sys.exit(f"L={length} failed:\n{res.stderr[-3000:]}")
         rec = json.loads(res.stdout.strip().splitlines()[-1])

@@ -83,14 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_batches(cfg, env.world_size)
     except ConfigError as e:
         return _fail(str(e))
-    sp = cfg.parallel.sequence_parallel_size
-    if sp > 1:  # Ulysses shards heads and the sequence: check divisibility before any process group starts
-        if cfg.model.n_heads % sp:
-            return _fail(f"parallel.sequence_parallel_size: {sp} must divide model.n_heads = {cfg.model.n_heads}")
-        mult = cfg.model.pad_multiple()
-        if cfg.data.seq_len % sp or cfg.data.seq_len % mult:
-            return _fail(f"data.seq_len: {cfg.data.seq_len} must be a multiple of parallel.sequence_parallel_size "
-                         f"({sp}) and of the chunk length(s) ({mult}) under sequence parallelism")
 
     import torch
 

@@ -106,8 +106,9 @@ def check_layout(cfg: ReformerConfig, length: int, sp_size: int, ulysses_size: i
     if sp_size % ulysses_size:
         raise ValueError(f"parallel.ulysses_size={ulysses_size} must divide parallel.sequence_parallel_size={sp_size}")
     if cfg.n_heads % ulysses_size:
-        raise ValueError(f"parallel.ulysses_size={ulysses_size} must divide model.n_heads={cfg.n_heads} "
-                         "(Ulysses shards heads)")
+        raise ValueError(f"parallel.ulysses_size={ulysses_size} (default: parallel.sequence_parallel_size) must divide "
+                         f"model.n_heads={cfg.n_heads} (Ulysses shards heads; parallel.ulysses_size=1 shards LSH's "
+                         "sorted order instead)")
     mult = cfg.pad_multiple()
     if length % sp_size or length % mult:
         raise ValueError(f"data.seq_len={length} must be a multiple of parallel.sequence_parallel_size={sp_size} "
@@ -136,14 +137,14 @@ def check_layout(cfg: ReformerConfig, length: int, sp_size: int, ulysses_size: i
 
 def sequence_parallel_loss(model: torch.nn.Module, input_ids: Tensor, labels: Tensor, *, position_offset: int,
                            sp: "SequenceParallel | UlyssesAttention", hash_seed: int | None = None,
-                           scale_for_data_parallel: bool = False) -> tuple[Tensor, Tensor]:
+                           scale_for_data_parallel: bool = False, **model_kwargs) -> tuple[Tensor, Tensor]:
     """(loss to backpropagate, mean loss of the whole sequence for logging) on one SP rank.
 
     The backward loss is local_sum / global_count: summed over the group's ranks it is the full
     sequence's mean, so summing gradients over the group gives the single-process gradient.
     """
     total, count = model(input_ids, labels, position_offset=position_offset, hash_seed=hash_seed,
-                         reduction="sum", sequence_parallel=sp)
+                         reduction="sum", sequence_parallel=sp, **model_kwargs)
     stats = torch.stack([total.detach().to(torch.float64), count.to(torch.float64)])
     dist.all_reduce(stats, group=sp.group)
     loss = total / stats[1].clamp(min=1).to(total.dtype)

@@ -106,6 +106,10 @@ class DataConfig:
     seed: int = opt(0, int_min(0), "window shuffling seed")
     train_split: str = opt("train", choice("train", "validation"), "split trained on")
     eval_split: str = opt("validation", choice("train", "validation"), "held-out split evaluated on")
+    document_masking: bool = opt(False, boolean, "a token attends only to tokens of its own document (documents "
+                                 "end with the store's end-of-document id; windows pack several)")
+    reset_positions: bool = opt(False, boolean, "position embeddings restart at each document (needs "
+                                "data.document_masking)")
 
 
 @dataclass
@@ -168,7 +172,10 @@ class DeepSpeedConfig:
 
 @dataclass
 class ParallelConfig:
-    sequence_parallel_size: int = opt(1, int_min(1), "ranks sharing one sequence (DeepSpeed-Ulysses); divides world size and model.n_heads")
+    sequence_parallel_size: int = opt(1, int_min(1), "ranks sharing one sequence; divides the world size")
+    ulysses_size: int | None = opt(None, optional(int_min(1)), "of those, ranks that shard heads (DeepSpeed-Ulysses; "
+                                   "divides model.n_heads); the rest shard LSH's sorted order (bucket sharding). "
+                                   "Default: all of them (pure Ulysses)")
 
 
 @dataclass
@@ -338,6 +345,23 @@ def check_cross_fields(cfg: RunConfig) -> None:
         raise ConfigError(f"train.decay_steps: {t.decay_steps} is before the end of warmup (train.warmup_steps = {t.warmup_steps})")
     if cfg.deepspeed.config is not None and not Path(cfg.deepspeed.config).is_file():
         raise ConfigError(f"deepspeed.config: no such file {cfg.deepspeed.config}")
+    if cfg.data.reset_positions and not cfg.data.document_masking:
+        raise ConfigError("data.reset_positions: needs data.document_masking = true (positions restart per document)")
+    p = cfg.parallel
+    if p.ulysses_size is not None and p.sequence_parallel_size % p.ulysses_size:
+        raise ConfigError(f"parallel.ulysses_size: {p.ulysses_size} must divide parallel.sequence_parallel_size = "
+                          f"{p.sequence_parallel_size}")
+    if cfg.data.document_masking and p.ulysses_size is not None and p.ulysses_size < p.sequence_parallel_size:
+        raise ConfigError("data.document_masking: not supported with bucket sharding (parallel.ulysses_size < "
+                          "parallel.sequence_parallel_size); use pure Ulysses")
+    if p.sequence_parallel_size > 1:
+        from reformer_dist.parallel.sequence import check_layout  # the one place the layout rules live
+
+        try:
+            check_layout(cfg.model, cfg.data.seq_len, p.sequence_parallel_size,
+                         p.ulysses_size or p.sequence_parallel_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------- batch arithmetic

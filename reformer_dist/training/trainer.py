@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from reformer_dist.checkpoint.integrity import CheckpointError
+from reformer_dist.model.documents import document_ids, positions_in_document
 from reformer_dist.parallel.env import DistEnv
 from reformer_dist.training import checkpointing as ckpt
 from reformer_dist.training.config import BatchPlan, RunConfig, to_toml
@@ -194,11 +195,10 @@ class Trainer:
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
         self.sp, self.sp_rank = None, 0
         if self.plan.sp_size > 1:
-            from reformer_dist.parallel.sequence import UlyssesAttention, new_sequence_parallel_groups
+            from reformer_dist.parallel.sequence import new_sequence_parallel
 
-            group, self.sp_rank, dp_rank, _ = new_sequence_parallel_groups(self.plan.sp_size)
+            self.sp, self.sp_rank, dp_rank, _ = new_sequence_parallel(self.plan.sp_size, cfg.parallel.ulysses_size)
             assert dp_rank == self.dp_rank
-            self.sp = UlyssesAttention(group)
         seed_all(cfg.train.seed + 1 + self.rank)
 
         self.loader = WindowLoader(self.store, split=cfg.data.train_split, seq_len=cfg.data.seq_len,
@@ -408,6 +408,26 @@ class Trainer:
         _barrier()
         raise CheckpointError(ckpt.save_failure_message(path, failure, self.rank))
 
+    # ------------------------------------------------------------------ documents
+    def _documents(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``document_ids`` (the whole window's, attention sees all of it) and, with data.reset_positions, this
+        rank's ``positions`` for the model; empty without data.document_masking."""
+        if not self.cfg.data.document_masking:
+            return {}
+        window = ids
+        if self.sp is not None:  # the SP ranks hold consecutive slices of one window: gather the token ids
+            import torch.distributed as dist
+
+            parts = [torch.empty_like(ids) for _ in range(self.sp.size)]
+            dist.all_gather(parts, ids.contiguous(), group=self.sp.group)
+            window = torch.cat(parts, dim=1)
+        docs = document_ids(window, self.store.eod_id)
+        out = {"document_ids": docs}
+        if self.cfg.data.reset_positions:
+            n = ids.shape[1]
+            out["positions"] = positions_in_document(docs)[:, self.sp_rank * n : (self.sp_rank + 1) * n]
+        return out
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -427,9 +447,11 @@ class Trainer:
         for _ in range(self.cfg.eval.batches):
             b = next(batches)
             ids, labels = b["input_ids"].to(self.device), b["labels"].to(self.device)
+            docs = self._documents(ids)
             for r, acc in passes:
                 loss_sum, count = engine(ids, labels=labels, position_offset=b["position_offset"], n_hashes=r,
-                                         hash_seed=self.eval_hash_seed, reduction="sum", sequence_parallel=self.sp)
+                                         hash_seed=self.eval_hash_seed, reduction="sum", sequence_parallel=self.sp,
+                                         **docs)
                 acc += torch.stack([loss_sum.detach().double().cpu(), count.double().cpu()])
             if hist is not None:
                 valid = b["labels"][b["labels"] != -100]
@@ -473,15 +495,16 @@ class Trainer:
         for micro in range(plan.grad_accum):
             b = next(self.batches)
             ids, labels = b["input_ids"].to(self.device), b["labels"].to(self.device)
+            docs = self._documents(ids)
             if self.sp is None:
-                loss = engine(ids, labels=labels, position_offset=b["position_offset"], hash_seed=hash_seed)
+                loss = engine(ids, labels=labels, position_offset=b["position_offset"], hash_seed=hash_seed, **docs)
                 logged = loss.detach()
             else:  # each SP rank logs the whole sequence's mean; gradients are scaled for DeepSpeed's averaging
                 from reformer_dist.parallel.sequence import sequence_parallel_loss
 
                 loss, logged = sequence_parallel_loss(engine, ids, labels, position_offset=b["position_offset"],
                                                       sp=self.sp, hash_seed=hash_seed,
-                                                      scale_for_data_parallel=True)
+                                                      scale_for_data_parallel=True, **docs)
             engine.backward(loss)
             local += logged.double().cpu()
             if micro == plan.grad_accum - 1:

@@ -1,8 +1,9 @@
 """`reformer-train` with sequence parallelism equals one process with the same global batch.
 
-SP=2 (2 ranks share each sequence) and SP=2 x DP=2 under ZeRO-2 (4 ranks): per-step losses equal a
-single process that sees the same windows whole (fp32, rtol 1e-5). The loader gives each SP rank its
-slice of the same window with its global position offset; LSH rotations are identical per head.
+SP=2 (2 ranks share each sequence) and SP=2 x DP=2 under ZeRO-2 (4 ranks), with Ulysses, with bucket
+sharding (parallel.ulysses_size = 1), and with document masks: per-step losses equal a single process that
+sees the same windows whole (fp32, rtol 1e-5). The loader gives each SP rank its slice of the same window
+with its global position offset; LSH rotations are identical per head.
 """
 
 from __future__ import annotations
@@ -17,17 +18,22 @@ STEPS = 4
 ZERO2 = f"deepspeed.config={REPO}/configs/deepspeed/zero2.json"
 
 
-def single_process(tmp_path_factory, global_batch: int) -> dict[int, float]:
+def single_process(tmp_path_factory, global_batch: int, extra: tuple[str, ...] = ()) -> dict[int, float]:
     run = launch(1, tmp_path_factory.mktemp(f"single{global_batch}"),
-                 [f"train.global_batch={global_batch}", f"train.max_steps={STEPS}", ZERO2], launcher="python")
+                 [f"train.global_batch={global_batch}", f"train.max_steps={STEPS}", ZERO2, *extra], launcher="python")
     return run.losses(0)
 
 
-@pytest.mark.parametrize("nprocs, dp", [(2, 1), (4, 2)])
-def test_sequence_parallel_matches_one_process(tmp_path, tmp_path_factory, nprocs, dp):
-    ref = single_process(tmp_path_factory, global_batch=dp)
+DOCS = ("data.document_masking=true", "data.reset_positions=true")
+
+
+@pytest.mark.parametrize("nprocs, dp, layout", [(2, 1, ()), (4, 2, ()), (2, 1, ("parallel.ulysses_size=1",)),
+                                                (2, 1, DOCS)], ids=["ulysses", "ulysses_x_dp2", "bucket", "documents"])
+def test_sequence_parallel_matches_one_process(tmp_path, tmp_path_factory, nprocs, dp, layout):
+    docs = tuple(x for x in layout if x.startswith("data."))
+    ref = single_process(tmp_path_factory, global_batch=dp, extra=docs)
     run = launch(nprocs, tmp_path, [f"train.global_batch={dp}", f"train.max_steps={STEPS}", ZERO2,
-                                    "parallel.sequence_parallel_size=2"], timeout=600)
+                                    "parallel.sequence_parallel_size=2", *layout], timeout=600)
     for rank in range(nprocs):
         (start,) = run.records(rank, "start")
         assert (start["world_size"], start["sp_size"], start["dp_size"]) == (nprocs, 2, dp), run.output[-3000:]

@@ -48,6 +48,18 @@ def err(tmp_path: Path, toml: str = "", overrides: tuple[str, ...] = ()) -> str:
         ("", ("train.nope=1",), "train.nope: unknown key"),
         ("", ("foo.bar=1",), "foo.bar: unknown section"),
         ("", ("trainlr=1",), "--set 'trainlr=1': expected section.key=value"),
+        ("[data]\nreset_positions = true\n", (), "data.reset_positions: needs data.document_masking"),
+        ("[parallel]\nsequence_parallel_size = 4\nulysses_size = 3\n", (), "parallel.ulysses_size: 3 must divide"),
+        ("[parallel]\nsequence_parallel_size = 2\nulysses_size = 1\n[data]\ndocument_masking = true\n", (),
+         "data.document_masking: not supported with bucket sharding"),
+        ("[parallel]\nsequence_parallel_size = 2\n[data]\nseq_len = 100\n", (), "data.seq_len=100 must be a "
+         "multiple of parallel.sequence_parallel_size=2 and of the chunk length(s) 64"),
+        ("[parallel]\nsequence_parallel_size = 2\n[model]\nn_heads = 1\nd_head = 256\n", (),
+         "parallel.ulysses_size=2 (default: parallel.sequence_parallel_size) must divide model.n_heads=1"),
+        ("[parallel]\nsequence_parallel_size = 2\nulysses_size = 1\n[model]\nattn_layers = [\"full\", \"lsh\"]\n"
+         "n_layers = 2\n", (), "model.attn_layers[0] = 'full' needs the whole sequence"),
+        ("[parallel]\nsequence_parallel_size = 8\nulysses_size = 1\n[data]\nseq_len = 128\n", (),
+         "data.seq_len=128: each of the 8 bucket ranks"),
     ],
 )
 def test_errors_name_the_key(tmp_path, toml, overrides, starts):
@@ -103,9 +115,9 @@ def test_batch_errors_name_the_keys():
     cfg = load_run_config(None, ["train.micro_batch=2", "train.global_batch=16", "train.grad_accum=3"])
     with pytest.raises(ConfigError, match="^train.grad_accum: 3 disagrees with train.global_batch"):
         plan_batches(cfg, 1)
-    cfg = load_run_config(None, ["parallel.sequence_parallel_size=3"])
-    with pytest.raises(ConfigError, match="^parallel.sequence_parallel_size: 3 does not divide"):
-        plan_batches(cfg, 4)
+    cfg = load_run_config(None, ["parallel.sequence_parallel_size=2"])
+    with pytest.raises(ConfigError, match="^parallel.sequence_parallel_size: 2 does not divide"):
+        plan_batches(cfg, 3)
 
 
 def test_deepspeed_dict_is_generated_from_the_run_config(tmp_path):
