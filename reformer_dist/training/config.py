@@ -142,6 +142,8 @@ class EvalConfig:
     batches: int = opt(8, int_min(1), "micro-batches per rank per evaluation (the same ones every time)")
     at_end: bool = opt(True, boolean, "evaluate after the last step")
     hash_seed: int | None = opt(None, optional(int_min(0)), "fixed LSH hash seed for eval (default model.hash_seed)")
+    n_hashes: int | None = opt(None, optional(int_min(1)), "also report the eval loss with this many LSH hash rounds "
+                               "(trained rounds kept, new ones added); the loss at model.n_hashes is reported too")
 
 
 @dataclass

@@ -438,19 +438,28 @@ class Trainer:
         vocab = self.cfg.model.vocab_size
         total = torch.zeros(2, dtype=torch.float64)  # loss sum, token count
         hist = torch.zeros(vocab, dtype=torch.float64) if self.unigram_loss is None else None
+        # eval.n_hashes: the same windows again with that many rounds (the trained rounds plus new ones)
+        want = self.cfg.eval.n_hashes
+        rounds = want if want not in (None, self.cfg.model.n_hashes) else None  # equal: one pass gives both
+        more = torch.zeros(2, dtype=torch.float64)
+        passes = [(None, total)] + ([(rounds, more)] if rounds else [])
         batches = iter(self._eval_loader())  # a fresh loader: the same windows at every evaluation
         for _ in range(self.cfg.eval.batches):
             b = next(batches)
             ids, labels = b["input_ids"].to(self.device), b["labels"].to(self.device)
-            loss_sum, count = engine(ids, labels=labels, position_offset=b["position_offset"],
-                                     hash_seed=self.eval_hash_seed, reduction="sum", sequence_parallel=self.sp,
-                                     **self._documents(ids))
-            total += torch.stack([loss_sum.detach().double().cpu(), count.double().cpu()])
+            docs = self._documents(ids)
+            for r, acc in passes:
+                loss_sum, count = engine(ids, labels=labels, position_offset=b["position_offset"], n_hashes=r,
+                                         hash_seed=self.eval_hash_seed, reduction="sum", sequence_parallel=self.sp,
+                                         **docs)
+                acc += torch.stack([loss_sum.detach().double().cpu(), count.double().cpu()])
             if hist is not None:
                 valid = b["labels"][b["labels"] != -100]
                 hist += torch.bincount(valid.flatten(), minlength=vocab).double()
         engine.train()
         _all_reduce_sum(total)
+        if rounds:
+            _all_reduce_sum(more)
         if hist is not None:
             _all_reduce_sum(hist)
             p = hist[hist > 0] / hist.sum()
@@ -460,9 +469,15 @@ class Trainer:
                "unigram_loss": self.unigram_loss, "eval_tokens": int(total[1])}
         if self.store.identity == "bytes":
             rec["bits_per_byte"] = rec["bits_per_token"]
+        extra = ""
+        if want is not None:  # eval_loss stays the loss at the trained rounds (model.n_hashes)
+            rec["eval_n_hashes"] = want
+            rec["eval_loss_n_hashes"] = float(more[0] / more[1].clamp(min=1)) if rounds else loss
+            extra = (f" | loss with {want} hash rounds {rec['eval_loss_n_hashes']:.4f} "
+                     f"(trained with {self.cfg.model.n_hashes})")
         self.metrics.eval(rec)
         unit = "bits/byte" if "bits_per_byte" in rec else "bits/token"
-        self.metrics.print(f"eval step {self.step}: loss {loss:.4f} ({rec['bits_per_token']:.3f} {unit}) | "
+        self.metrics.print(f"eval step {self.step}: loss {loss:.4f} ({rec['bits_per_token']:.3f} {unit}){extra} | "
                            f"unigram baseline {self.unigram_loss:.4f} (entropy of the held-out tokens)")
         self.last_eval_step, self.last_eval = self.step, rec
         return rec
@@ -613,8 +628,10 @@ class Trainer:
         # ZeRO-3: every rank must run the same forwards (each gathers parameters); otherwise rank 0 alone.
         if self.zero_stage == 3 or self.main:
             gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
+            # the cache holds at most max_seq_len positions; beyond them full recompute slides a window
+            fits = len(prompt) + o.sample_tokens - 1 <= self.cfg.model.max_seq_len
             out = model.generate(ids, o.sample_tokens, temperature=o.sample_temperature, top_k=o.sample_top_k,
-                                 hash_seed=self.eval_hash_seed, generator=gen)
+                                 hash_seed=self.eval_hash_seed, generator=gen, use_cache=fits)
             text = tok.decode(out[0, len(prompt):].tolist())
         model.train()
         _barrier()
