@@ -40,24 +40,24 @@ step() {  # step NAME TIMEOUT CMD...: run with a ceiling, record status and seco
   NAMES+=("$name"); STATUS+=("$([ "$rc" = 0 ] && echo ok || echo "FAILED rc=$rc")"); SECS+=($((SECONDS - t0)))
 }
 
+# the builtin corpus holds a few 1M-token training windows but too few for validation: no eval here
+MILLION=(--config configs/million_1gpu.toml --set data.path=builtin --set train.max_steps=20 --set train.grad_accum=1
+         --set train.warmup_steps=2 --set eval.every=0 --set eval.at_end=false --set checkpoint.every=20
+         --set output.sample_tokens=0 --set output.dir="$OUT_DIR/million_run" --set logging.progress_bar=false)
+
 if [ $DRY = 1 ]; then
   step "gpu tests" 300 $PY -m pytest -q --collect-only tests/gpu
   step "attention core" 300 $PY benchmarks/attention_core.py --dry-run --json "$OUT_DIR/core.json"
   step "train step ladder" 600 $PY benchmarks/train_step.py --dry-run --systems ours,hf,dense-sdpa \
     --json "$OUT_DIR/steps.json"
-  step "million_1gpu" 300 $PY -m reformer_dist.cli.train --config configs/million_1gpu.toml --dry-run \
-    --set data.path=builtin
+  step "million_1gpu" 300 $PY -m reformer_dist.cli.train "${MILLION[@]}" --dry-run
 else
   step "gpu tests" 200 $PY -m pytest -q tests/gpu
   step "attention core" 90 $PY benchmarks/attention_core.py --lengths 16384,65536,262144,1048576 \
     --json "$OUT_DIR/core.json"
   step "train step ladder" 180 $PY benchmarks/train_step.py --lengths 16384,65536,262144,1048576,4194304 \
     --systems ours,hf,dense-sdpa --steps 2 --max-baseline-len 262144 --find-max --json "$OUT_DIR/steps.json"
-  # the builtin corpus holds a few 1M-token training windows but too few for validation: no eval here
-  step "million_1gpu" 150 $PY -m reformer_dist.cli.train --config configs/million_1gpu.toml \
-    --set data.path=builtin --set train.max_steps=20 --set train.grad_accum=1 --set train.warmup_steps=2 \
-    --set eval.every=0 --set eval.at_end=false --set checkpoint.every=20 --set output.sample_tokens=0 \
-    --set output.dir="$OUT_DIR/million_run" --set logging.progress_bar=false
+  step "million_1gpu" 150 $PY -m reformer_dist.cli.train "${MILLION[@]}"
 fi
 
 $PY - "$OUT_DIR" "$DRY" <<'EOF'

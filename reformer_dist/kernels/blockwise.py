@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from reformer_dist.kernels.lean_function import CoreInputs, apply_lean
 from reformer_dist.kernels.logits import (acc_dtype, chunk_of_positions, duplicate_counts, masked_logits,
                                           normalize_keys, normalize_keys_backward, scale_keys)
 
@@ -28,13 +29,6 @@ _BLOCK_ELEMS = 1 << 24  # logits per block (64 MiB in fp32)
 def block_elems() -> int:
     """Logits per block; read at call time so tests can shrink it."""
     return _BLOCK_ELEMS
-
-
-def fits_one_block(q: Tensor, index: Tensor | None, *, chunk_len: int, n_before: int, n_after: int, **_) -> bool:
-    """Whether every logit of the call fits in one block (then plain autograd holds no more at peak)."""
-    b, length, h, _ = q.shape
-    s = length if index is None else index.shape[-1]
-    return b * h * s * (1 + n_before + n_after) * chunk_len <= block_elems()
 
 
 @dataclass
@@ -170,39 +164,26 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-class _BlockwiseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, call: _Call, dedup: bool,
-                n_chunks: int | None):
-        ctx.set_materialize_grads(False)
-        masks = _masks(call, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, dedup, n_chunks, q.device)
-        with torch.autocast(q.device.type, enabled=False):  # the core fixes its own precision
-            out, lse, lse_lo = _forward(call, q, k, v, index, masks)
-        ctx.save_for_backward(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, out, lse, lse_lo)
-        ctx.call, ctx.dedup, ctx.n_chunks = call, dedup, n_chunks
-        ctx.mark_non_differentiable(lse_lo)
-        return out, lse
+class _BlockwiseCore:
+    """``LeanCore`` of one call: its sizes and options, and the masks it derives."""
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, out, lse, lse_lo = ctx.saved_tensors
-        if dout is None and dlse is None:
-            return (None,) * 12
-        masks = _masks(ctx.call, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, ctx.dedup, ctx.n_chunks,
-                       q.device)
-        with torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv = _backward(ctx.call, q, k, v, index, masks, out, lse, lse_lo, dout, dlse)
-        return (dq, dk, dv) + (None,) * 9
+    def __init__(self, call: _Call, dedup: bool, n_chunks: int | None):
+        self.call, self.dedup, self.n_chunks = call, dedup, n_chunks
 
+    def masks(self, x: CoreInputs) -> _Masks:
+        call, chunk_of = self.call, x.chunk_of
+        if self.dedup and chunk_of is None:
+            rows = x.index if x.index is not None else \
+                torch.arange(call.length, device=x.q.device, dtype=torch.int32).expand(call.b, call.h, call.length)
+            chunk_of = chunk_of_positions(rows.to(torch.int32), call.length, call.m)
+        return _Masks(x.key_valid, x.doc_ids, x.slot_bucket, x.positions, chunk_of if self.dedup else None,
+                      call.n_chunks if self.n_chunks is None else self.n_chunks)
 
-def _masks(call: _Call, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, dedup: bool,
-           n_chunks: int | None, device: torch.device) -> _Masks:
-    if dedup and chunk_of is None:
-        rows = index if index is not None else \
-            torch.arange(call.length, device=device, dtype=torch.int32).expand(call.b, call.h, call.length)
-        chunk_of = chunk_of_positions(rows.to(torch.int32), call.length, call.m)
-    return _Masks(key_valid, doc_ids, slot_bucket, positions, chunk_of if dedup else None,
-                  call.n_chunks if n_chunks is None else n_chunks)
+    def forward(self, x: CoreInputs):
+        return _forward(self.call, x.q, x.k, x.v, x.index, self.masks(x))
+
+    def backward(self, x: CoreInputs, out, lse, lse_lo, dout, dlse):
+        return _backward(self.call, x.q, x.k, x.v, x.index, self.masks(x), out, lse, lse_lo, dout, dlse)
 
 
 def split_lse(m: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
@@ -268,8 +249,6 @@ def _backward(call: _Call, q, k, v, index, masks: _Masks, out, lse, lse_lo, dout
     q2, k2, v2 = _flat(q), None if k is None else _flat(k), _flat(v)
     lse2, lo2 = lse.reshape(-1), lse_lo.reshape(-1)
     # delta = rowsum(dO * O) - dlse: dS = P * (dP - delta)
-    if dout is None:
-        dout = torch.zeros_like(out)
     do2 = _flat(dout)
     delta = _row_dots(do2, _flat(out), acc)
     if dlse is not None:
@@ -327,5 +306,5 @@ def chunked_attention_blockwise(q: Tensor, k: Tensor | None, v: Tensor, index: T
     call = _Call(b, length, h, d, s, chunk_len, n_before, n_after, causal, self_mask, head_group)
     q, v = q.contiguous(), v.contiguous()
     k = None if k is None else k.contiguous()
-    return _BlockwiseAttention.apply(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, call, dedup,
-                                     n_chunks)
+    return apply_lean(_BlockwiseCore(call, dedup, n_chunks),
+                      CoreInputs(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of))

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from reformer_dist.kernels.blockwise import split_lse
 from reformer_dist.kernels.chunked_attention import register_backend
+from reformer_dist.kernels.lean_function import CoreInputs, apply_lean
 from reformer_dist.kernels.logits import KEY_NORM_EPS, MASK_VALUE, SELF_MASK_VALUE, chunk_of_positions
 
 _MAX_BLOCK = 256
@@ -121,6 +122,32 @@ def _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, 
 
 
 @triton.jit
+def _rows(ptr, b, pos, h, sb, sl, sh, sd, offs_d, mask):
+    """[BLOCK, BLOCK_D] rows of a [B, L, H, D] tensor: batch b, positions ``pos``, head h."""
+    return tl.load(ptr + b * sb + pos[:, None] * sl + h * sh + offs_d[None, :] * sd, mask=mask, other=0.0)
+
+
+@triton.jit
+def _per_row(ptr, b, pos, h, L, H, lane):
+    """Values of a [B, L, H] tensor (lse, lo, delta) at the rows of a chunk."""
+    return tl.load(ptr + (b * L + pos) * H + h, mask=lane, other=0.0)
+
+
+@triton.jit
+def _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, h, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, k_lane,
+               offs_d, d_ok, D: tl.constexpr, SCALE: tl.constexpr, SHARED: tl.constexpr):
+    """(raw key rows, keys, values) of a key chunk: shared-QK keys are read from q."""
+    if SHARED:
+        raw, keys = _load_keys(q_ptr, b * sqb + pos_k * sql + h * sqh, k_lane, offs_d, d_ok, sqd, D, SCALE, True)
+    else:
+        raw, keys = _load_keys(k_ptr, b * skb + pos_k * skl + h * skh, k_lane, offs_d, d_ok, skd, D, SCALE, False)
+    vv = _rows(v_ptr, b, pos_k, h, svb, svl, svh, svd, offs_d, k_lane[:, None] & d_ok[None, :])
+    return raw, keys, vv
+
+
+# Every kernel takes the same pointers, strides, sizes and flags; one program per (chunk of all rounds, batch)
+# of head h. Pointers: q, k (= q for shared QK), v, index, key_valid, slot_bucket, chunk_of, doc_ids, positions.
+@triton.jit
 def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr, o_ptr, m_ptr, l_ptr,
          sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd,
          h, B, L, H, S, N, R, NCH, RC,
@@ -133,28 +160,21 @@ def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr
     lanes = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_lane = lanes < M
+    lane = lanes < M  # query and key lanes of a chunk (a tile may be wider than the chunk)
     slots_q = c * M + lanes
-    pos_q = _slot_positions(idx_ptr + (b * H + h) * S, slots_q, q_lane, HAS_INDEX)
-    q = tl.load(q_ptr + b * sqb + pos_q[:, None] * sql + h * sqh + offs_d[None, :] * sqd,
-                mask=q_lane[:, None] & d_ok[None, :], other=0.0)
+    pos_q = _slot_positions(idx_ptr + (b * H + h) * S, slots_q, lane, HAS_INDEX)
+    q = _rows(q_ptr, b, pos_q, h, sqb, sql, sqh, sqd, offs_d, lane[:, None] & d_ok[None, :])
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     for o in tl.static_range(0, NB + NA + 1):
-        kc = ((c + o - NB) % N + N) % N
-        slots_k = kc * M + lanes
-        pos_k = _slot_positions(idx_ptr + (b * H + h) * S, slots_k, q_lane, HAS_INDEX)
-        k_lane = q_lane
-        if SHARED:
-            _, keys = _load_keys(q_ptr, b * sqb + pos_k * sql + h * sqh, k_lane, offs_d, d_ok, sqd, D, SCALE, True)
-        else:
-            _, keys = _load_keys(k_ptr, b * skb + pos_k * skl + h * skh, k_lane, offs_d, d_ok, skd, D, SCALE, False)
-        s, _ = _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr,
+        slots_k = (((c + o - NB) % N + N) % N) * M + lanes  # window chunks wrap over all rounds
+        pos_k = _slot_positions(idx_ptr + (b * H + h) * S, slots_k, lane, HAS_INDEX)
+        _, keys, vv = _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, h, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl,
+                                 svh, svd, lane, offs_d, d_ok, D, SCALE, SHARED)
+        s, _ = _scores(q, keys, pos_q, pos_k, lane, lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr,
                        mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET,
                        HAS_DOC, HAS_POS, DEDUP, NB, NA, PREC, UPCAST)
-        vv = tl.load(v_ptr + b * svb + pos_k[:, None] * svl + h * svh + offs_d[None, :] * svd,
-                     mask=k_lane[:, None] & d_ok[None, :], other=0.0)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -167,13 +187,14 @@ def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr
     r = (c * M) // L
     row = (r * B + b) * L + pos_q
     tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=q_lane[:, None] & d_ok[None, :])
-    tl.store(m_ptr + row, m_i, mask=q_lane)
-    tl.store(l_ptr + row, l_i, mask=q_lane)
+             mask=lane[:, None] & d_ok[None, :])
+    tl.store(m_ptr + row, m_i, mask=lane)
+    tl.store(l_ptr + row, l_i, mask=lane)
 
 
 @triton.jit
-def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr, do_ptr, lse_ptr, lo_ptr, delta_ptr, dq_ptr,
+def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr, do_ptr, lse_ptr,
+            lo_ptr, delta_ptr, dq_ptr,
             sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdb, sdl, sdh, sdd, sgb, sgl, sgd,
             h, L, H, S, N, R, NCH, RC,
             M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -185,31 +206,25 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_
     lanes = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_lane = lanes < M
+    lane = lanes < M
+    qd_mask = lane[:, None] & d_ok[None, :]
     slots_q = c * M + lanes
-    pos_q = _slot_positions(idx_ptr + (b * H + h) * S, slots_q, q_lane, HAS_INDEX)
-    qd_mask = q_lane[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + b * sqb + pos_q[:, None] * sql + h * sqh + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
-    do = tl.load(do_ptr + b * sdb + pos_q[:, None] * sdl + h * sdh + offs_d[None, :] * sdd, mask=qd_mask, other=0.0)
-    lse = tl.load(lse_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
-    lo = tl.load(lo_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
-    delta = tl.load(delta_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
+    pos_q = _slot_positions(idx_ptr + (b * H + h) * S, slots_q, lane, HAS_INDEX)
+    q = _rows(q_ptr, b, pos_q, h, sqb, sql, sqh, sqd, offs_d, qd_mask)
+    do = _rows(do_ptr, b, pos_q, h, sdb, sdl, sdh, sdd, offs_d, qd_mask)
+    lse = _per_row(lse_ptr, b, pos_q, h, L, H, lane)
+    lo = _per_row(lo_ptr, b, pos_q, h, L, H, lane)
+    delta = _per_row(delta_ptr, b, pos_q, h, L, H, lane)
     dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     for o in tl.static_range(0, NB + NA + 1):
-        kc = ((c + o - NB) % N + N) % N
-        slots_k = kc * M + lanes
-        pos_k = _slot_positions(idx_ptr + (b * H + h) * S, slots_k, q_lane, HAS_INDEX)
-        k_lane = q_lane
-        if SHARED:
-            _, keys = _load_keys(q_ptr, b * sqb + pos_k * sql + h * sqh, k_lane, offs_d, d_ok, sqd, D, SCALE, True)
-        else:
-            _, keys = _load_keys(k_ptr, b * skb + pos_k * skl + h * skh, k_lane, offs_d, d_ok, skd, D, SCALE, False)
-        s, replaced = _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr,
-                              doc_ptr, mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID,
+        slots_k = (((c + o - NB) % N + N) % N) * M + lanes
+        pos_k = _slot_positions(idx_ptr + (b * H + h) * S, slots_k, lane, HAS_INDEX)
+        _, keys, vv = _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, h, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl,
+                                 svh, svd, lane, offs_d, d_ok, D, SCALE, SHARED)
+        s, replaced = _scores(q, keys, pos_q, pos_k, lane, lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr,
+                              mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID,
                               HAS_BUCKET, HAS_DOC, HAS_POS, DEDUP, NB, NA, PREC, UPCAST)
-        vv = tl.load(v_ptr + b * svb + pos_k[:, None] * svl + h * svh + offs_d[None, :] * svd,
-                     mask=k_lane[:, None] & d_ok[None, :], other=0.0)
-        p = tl.exp((s - lse[:, None]) - lo[:, None])
+        p = tl.exp((s - lse[:, None]) - lo[:, None])  # of the softmax over the union of rounds (exact lse)
         dp = _dot(do, tl.trans(vv), PREC, UPCAST).to(tl.float32)
         ds = tl.where(replaced, 0.0, p * (dp - delta[:, None]))
         dq += _dot(ds.to(keys.dtype), keys, PREC, UPCAST).to(tl.float32)
@@ -217,47 +232,41 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_
 
 
 @triton.jit
-def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr, do_ptr, lse_ptr, lo_ptr, delta_ptr,
-              dk_ptr, dv_ptr,
+def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr, do_ptr, lse_ptr,
+              lo_ptr, delta_ptr, dk_ptr, dv_ptr,
               sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdb, sdl, sdh, sdd, sgb, sgl, sgd,
               h, L, H, S, N, R, NCH, RC,
               M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
               NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
               SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
-              HAS_DOC: tl.constexpr, HAS_POS: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+              HAS_DOC: tl.constexpr, HAS_POS: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr,
+              UPCAST: tl.constexpr):
     kc = tl.program_id(0)
     b = tl.program_id(1)
     lanes = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    k_lane = lanes < M
-    kd_mask = k_lane[:, None] & d_ok[None, :]
+    lane = lanes < M
+    kd_mask = lane[:, None] & d_ok[None, :]
     slots_k = kc * M + lanes
-    pos_k = _slot_positions(idx_ptr + (b * H + h) * S, slots_k, k_lane, HAS_INDEX)
-    if SHARED:
-        raw, keys = _load_keys(q_ptr, b * sqb + pos_k * sql + h * sqh, k_lane, offs_d, d_ok, sqd, D, SCALE, True)
-    else:
-        raw, keys = _load_keys(k_ptr, b * skb + pos_k * skl + h * skh, k_lane, offs_d, d_ok, skd, D, SCALE, False)
-    vv = tl.load(v_ptr + b * svb + pos_k[:, None] * svl + h * svh + offs_d[None, :] * svd, mask=kd_mask, other=0.0)
+    pos_k = _slot_positions(idx_ptr + (b * H + h) * S, slots_k, lane, HAS_INDEX)
+    raw, keys, vv = _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, h, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl,
+                               svh, svd, lane, offs_d, d_ok, D, SCALE, SHARED)
     dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     for o in tl.static_range(0, NB + NA + 1):
         c = ((kc - (o - NB)) % N + N) % N  # the query chunk whose window offset o - NB is this key chunk
-        q_lane = k_lane
         slots_q = c * M + lanes
-        pos_q = _slot_positions(idx_ptr + (b * H + h) * S, slots_q, q_lane, HAS_INDEX)
-        qd_mask = q_lane[:, None] & d_ok[None, :]
-        q = tl.load(q_ptr + b * sqb + pos_q[:, None] * sql + h * sqh + offs_d[None, :] * sqd, mask=qd_mask,
-                    other=0.0)
-        do = tl.load(do_ptr + b * sdb + pos_q[:, None] * sdl + h * sdh + offs_d[None, :] * sdd, mask=qd_mask,
-                     other=0.0)
-        lse = tl.load(lse_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
-        lo = tl.load(lo_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
-        delta = tl.load(delta_ptr + (b * L + pos_q) * H + h, mask=q_lane, other=0.0)
-        s, replaced = _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr,
-                              doc_ptr, mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID,
+        pos_q = _slot_positions(idx_ptr + (b * H + h) * S, slots_q, lane, HAS_INDEX)
+        q = _rows(q_ptr, b, pos_q, h, sqb, sql, sqh, sqd, offs_d, kd_mask)
+        do = _rows(do_ptr, b, pos_q, h, sdb, sdl, sdh, sdd, offs_d, kd_mask)
+        lse = _per_row(lse_ptr, b, pos_q, h, L, H, lane)
+        lo = _per_row(lo_ptr, b, pos_q, h, L, H, lane)
+        delta = _per_row(delta_ptr, b, pos_q, h, L, H, lane)
+        s, replaced = _scores(q, keys, pos_q, pos_k, lane, lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr,
+                              mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID,
                               HAS_BUCKET, HAS_DOC, HAS_POS, DEDUP, NB, NA, PREC, UPCAST)
-        p = tl.where(q_lane[:, None], tl.exp((s - lse[:, None]) - lo[:, None]), 0.0)
+        p = tl.where(lane[:, None], tl.exp((s - lse[:, None]) - lo[:, None]), 0.0)
         dv += _dot(tl.trans(p).to(do.dtype), do, PREC, UPCAST).to(tl.float32)
         dp = _dot(do, tl.trans(vv), PREC, UPCAST).to(tl.float32)
         ds = tl.where(replaced, 0.0, p * (dp - delta[:, None]))
@@ -278,10 +287,12 @@ def _strides(t: Tensor | None, like: Tensor) -> tuple[int, int, int, int]:
 
 
 class _Call:
-    """Sizes, flags and the pointer tensors shared by the three kernels."""
+    """``LeanCore`` of one call: sizes, flags and the pointer tensors shared by the three kernels."""
 
-    def __init__(self, q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, chunk_len, n_before,
-                 n_after, causal, self_mask, dedup, n_chunks):
+    def __init__(self, x: CoreInputs, *, chunk_len: int, n_before: int, n_after: int, causal: bool, self_mask: bool,
+                 dedup: bool, n_chunks: int | None):
+        q, k, index, key_valid, slot_bucket, doc_ids, positions, chunk_of = (
+            x.q, x.k, x.index, x.key_valid, x.slot_bucket, x.doc_ids, x.positions, x.chunk_of)
         b, length, h, d = q.shape
         self.b, self.length, self.h, self.d = b, length, h, d
         self.s = length if index is None else index.shape[-1]
@@ -310,6 +321,12 @@ class _Call:
 
     def tensors(self):
         return self.index, self.valid, self.bucket, self.chunk, self.doc, self.pos
+
+    def forward(self, x: CoreInputs):
+        return _forward(self, x.q, x.k, x.v)
+
+    def backward(self, x: CoreInputs, out, lse, lse_lo, dout, dlse):
+        return _backward(self, x.q, x.k, x.v, out, lse, lse_lo, dout, dlse)
 
 
 def _forward(call: _Call, q, k, v):
@@ -371,40 +388,15 @@ def _backward(call: _Call, q, k, v, out, lse, lse_lo, dout, dlse):
     return grads
 
 
-class _TritonAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, opts: dict):
-        ctx.set_materialize_grads(False)
-        call = _Call(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, **opts)
-        with torch.autocast(q.device.type, enabled=False):
-            out, lse, lse_lo = _forward(call, q, k, v)
-        ctx.save_for_backward(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, out, lse, lse_lo)
-        ctx.opts = opts
-        ctx.mark_non_differentiable(lse_lo)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, out, lse, lse_lo = ctx.saved_tensors
-        if dout is None and dlse is None:
-            return (None,) * 10
-        if dout is None:
-            dout = torch.zeros_like(out)
-        call = _Call(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, **ctx.opts)
-        with torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv = _backward(call, q, k, v, out, lse, lse_lo, dout, dlse)
-        return (dq, dk, dv) + (None,) * 7
-
-
 def chunked_attention_triton(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
                              chunk_len: int, n_before: int, n_after: int, causal: bool, self_mask: bool = True,
                              key_valid: Tensor | None = None, slot_bucket: Tensor | None = None,
                              doc_ids: Tensor | None = None, dedup: bool = False, positions: Tensor | None = None,
                              chunk_of: Tensor | None = None, n_chunks: int | None = None) -> tuple[Tensor, Tensor]:
     """The contract of ``kernels.chunked_attention``, fused (see the module docstring)."""
-    opts = dict(chunk_len=chunk_len, n_before=n_before, n_after=n_after, causal=causal, self_mask=self_mask,
-                dedup=dedup, n_chunks=n_chunks)
-    return _TritonAttention.apply(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of, opts)
+    x = CoreInputs(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of)
+    return apply_lean(_Call(x, chunk_len=chunk_len, n_before=n_before, n_after=n_after, causal=causal,
+                            self_mask=self_mask, dedup=dedup, n_chunks=n_chunks), x)
 
 
 def supports(q: Tensor, *, chunk_len: int, **_) -> bool:

@@ -23,17 +23,37 @@ def layer_seed(hash_seed: int, layer_idx: int) -> int:
 
 
 def make_rotations(seed: int, n_heads: int, d_head: int, n_hashes: int, factors: list[int],
-                   device: torch.device | str = "cpu") -> Tensor:
+                   device: torch.device | str = "cpu", *, trained_hashes: int | None = None) -> Tensor:
     """Random rotations [H, D, R, F] drawn from a private generator seeded with ``seed``.
 
     All heads are drawn together (then sliced by the caller) so a rank holding a subset of heads gets
     exactly the rotations the single-process run would use for those heads.
+
+    ``trained_hashes`` (the model's configured round count; default ``n_hashes``) makes the rounds a
+    prefix-stable sequence when evaluating with another count: the first ``min(R, trained_hashes)``
+    rounds are exactly the training draw, and every further round r is drawn on its own from
+    ``extra_round_seed(seed, r)``. So round r is the same for every R > r, R = trained_hashes gives the
+    training rotations bit for bit, and raising R only adds rounds. (HF's ``num_hashes`` argument
+    instead draws a fresh [H, D, R, F] tensor, which changes every round.)
     """
     device = torch.device(device)
+    base = n_hashes if trained_hashes is None else trained_hashes
+    cols = sum(f // 2 for f in factors)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
-    cols = sum(f // 2 for f in factors)
-    return torch.randn((n_heads, d_head, n_hashes, cols), generator=gen, device=device, dtype=torch.float32)
+    rot = torch.randn((n_heads, d_head, base, cols), generator=gen, device=device, dtype=torch.float32)
+    if n_hashes <= base:
+        return rot if n_hashes == base else rot[:, :, :n_hashes].contiguous()
+    extra = []
+    for r in range(base, n_hashes):
+        gen.manual_seed(extra_round_seed(seed, r))
+        extra.append(torch.randn((n_heads, d_head, cols), generator=gen, device=device, dtype=torch.float32))
+    return torch.cat([rot, torch.stack(extra, dim=2)], dim=2)
+
+
+def extra_round_seed(seed: int, round_idx: int) -> int:
+    """Seed of an evaluation-only round ``round_idx`` (>= the trained round count) of a layer seeded ``seed``."""
+    return (int(seed) * _MIX + (round_idx + 1) * 0x2545F4914F6CDD1D) % (2**63 - 1)
 
 
 def _argmax_signed(part: Tensor) -> Tensor:

@@ -47,6 +47,7 @@ class LocalSelfAttention(nn.Module):
     def __init__(self, cfg: ReformerConfig, layer_idx: int, full: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.layer_idx = layer_idx
         self.full = full
         inner = cfg.n_heads * cfg.d_head
         self.query = nn.Linear(cfg.d_model, inner, bias=False)

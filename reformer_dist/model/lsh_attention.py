@@ -93,8 +93,9 @@ class LSHSelfAttention(nn.Module):
         cfg = self.cfg
         length = qk.shape[1] * (1 if ctx.bucket is None else ctx.bucket.size)  # the whole sequence's length
         factors = cfg.bucket_factors(length)
-        rot = make_rotations(layer_seed(ctx.hash_seed, self.layer_idx), cfg.n_heads, cfg.d_head, cfg.n_hashes,
-                             factors, qk.device)
+        rounds = cfg.n_hashes if ctx.n_hashes is None else ctx.n_hashes
+        rot = make_rotations(layer_seed(ctx.hash_seed, self.layer_idx), cfg.n_heads, cfg.d_head, rounds,
+                             factors, qk.device, trained_hashes=cfg.n_hashes)
         rot = rot[ctx.head_offset : ctx.head_offset + qk.shape[2]]
         if ctx.bucket is not None:  # this rank holds a slice of the sequence: shard the sorted order
             return ctx.bucket.lsh(qk, v, rot, factors, chunk_len=cfg.chunk_len,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
+from reformer_dist.model.generation import generate_cached, sample_next
 from reformer_dist.model.layers import IGNORE_INDEX, AxialPositionEmbedding, LMHead
 from reformer_dist.model.reversible import ReformerStack
 from reformer_dist.ondisk import CONFIG_NAME, WEIGHTS_NAME, load_weights
@@ -71,15 +72,29 @@ class ReformerLM(nn.Module):
 
     def streams(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, document_ids: Tensor | None = None,
                 positions: Tensor | None = None, position_offset: int = 0, hash_seed: int | None = None,
-                sequence_parallel=None) -> tuple[Tensor, Tensor, int]:
+                n_hashes: int | None = None, sequence_parallel=None) -> tuple[Tensor, Tensor, int]:
         """The two final residual streams [B, Lp, D] each (Lp = L padded to the chunk lengths) and L.
 
         ``document_ids`` [B, L] (``model.documents.document_ids``): a token attends only to tokens of its own
         document; under sequence parallelism give the whole sequence's ids (attention sees all of it).
         ``positions`` [B, L]: position of every token for the position embeddings (e.g. restarting per
         document, ``model.documents.positions_in_document``); default ``position_offset + arange(L)``.
+        ``n_hashes``: LSH rounds of this call (default the config's; more rounds at evaluation keep the trained
+        rotations and add new ones, ``hashing.make_rotations``).
         """
+        x, actx, l = self.embed(input_ids, attention_mask, document_ids=document_ids, positions=positions,
+                                position_offset=position_offset, hash_seed=hash_seed, n_hashes=n_hashes,
+                                sequence_parallel=sequence_parallel)
+        x1, x2 = self.stack(x, x, actx)
+        return x1, x2, l
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, document_ids: Tensor | None = None,
+              positions: Tensor | None = None, position_offset: int = 0, hash_seed: int | None = None,
+              n_hashes: int | None = None, sequence_parallel=None) -> tuple[Tensor, AttentionContext, int]:
+        """Embeddings [B, Lp, D] of the padded input, the attention context of the call, and L (see ``streams``)."""
         self._check_inputs(input_ids, position_offset)
+        if n_hashes is not None and (not isinstance(n_hashes, int) or isinstance(n_hashes, bool) or n_hashes < 1):
+            raise ValueError(f"n_hashes: expected an integer >= 1 (LSH hash rounds), got {n_hashes!r}")
         b, l = input_ids.shape
         sp = 1 if sequence_parallel is None else sequence_parallel.size
         if document_ids is not None and sequence_parallel is not None and sequence_parallel.bucket is not None:
@@ -91,8 +106,7 @@ class ReformerLM(nn.Module):
         if positions is not None and tuple(positions.shape) != (b, l):
             raise ValueError(f"positions: expected shape {(b, l)}, got {tuple(positions.shape)}")
         # Pad to a multiple of the chunk lengths; padded keys are masked and hashed to a bucket of their own.
-        mult = self.cfg.pad_multiple()
-        pad = (-l) % mult if l > self._min_chunk() else 0
+        pad = self.padded_length(l) - l
         key_valid = None if attention_mask is None else attention_mask.to(torch.bool)
         if sequence_parallel is not None:
             # Each rank holds a slice: padding is decided on the whole sequence, so it must already fit
@@ -116,10 +130,17 @@ class ReformerLM(nn.Module):
         positions = positions.clamp(max=self.cfg.max_seq_len - 1)  # padding may run past the last position
         x = F.dropout(self.tok_emb(input_ids), self.cfg.dropout, self.training) + self.pos_emb(positions)
         actx = AttentionContext(hash_seed=self.cfg.hash_seed if hash_seed is None else int(hash_seed),
-                                key_valid=key_valid, doc_ids=docs, backend=self.cfg.attention_backend,
-                                sequence_parallel=sequence_parallel)
-        x1, x2 = self.stack(x, x, actx)
-        return x1, x2, l
+                                n_hashes=n_hashes, key_valid=key_valid, doc_ids=docs,
+                                backend=self.cfg.attention_backend, sequence_parallel=sequence_parallel)
+        return x, actx, l
+
+    def padded_length(self, length: int) -> int:
+        """Length attention sees for ``length`` tokens: a multiple of the chunk lengths in use, unless the
+        sequence fits in the shortest chunk (then unpadded)."""
+        if length <= self._min_chunk():
+            return length
+        mult = self.cfg.pad_multiple()
+        return -(-length // mult) * mult
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
         """Final concatenated streams [B, L, 2D] (before the head's LayerNorm)."""
@@ -132,14 +153,15 @@ class ReformerLM(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, attention_mask: Tensor | None = None,
                 document_ids: Tensor | None = None, positions: Tensor | None = None, position_offset: int = 0,
-                hash_seed: int | None = None, reduction: str = "mean", sequence_parallel=None):
+                hash_seed: int | None = None, n_hashes: int | None = None, reduction: str = "mean",
+                sequence_parallel=None):
         """Logits [B, L, V] without labels; with labels the chunked cross-entropy: its mean over labels !=
         -100 (``reduction="mean"``) or ``(sum, count)`` (``reduction="sum"``, for averaging across ranks).
-        ``document_ids`` and ``positions``: see ``streams``."""
+        ``document_ids``, ``positions`` and ``n_hashes`` (LSH rounds of this call): see ``streams``."""
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         x1, x2, l = self.streams(input_ids, attention_mask, document_ids=document_ids, positions=positions,
-                                 position_offset=position_offset, hash_seed=hash_seed,
+                                 position_offset=position_offset, hash_seed=hash_seed, n_hashes=n_hashes,
                                  sequence_parallel=sequence_parallel)
         if labels is None:
             return self.head(x1[:, :l], x2[:, :l])
@@ -156,23 +178,34 @@ class ReformerLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 hash_seed: int = 0, generator: torch.Generator | None = None) -> Tensor:
-        """Sample continuations (full recompute per token: meant for short demos, not serving)."""
-        ids = prompt_ids
+                 hash_seed: int = 0, generator: torch.Generator | None = None, *, n_hashes: int | None = None,
+                 use_cache: bool = True, return_logits: bool = False, document_ids: Tensor | None = None):
+        """Sample ``max_new_tokens`` after ``prompt_ids`` [B, P] (greedy when ``temperature <= 0``): [B, P + N].
+
+        ``use_cache=True``: the prompt runs once, then each token costs O(layers x (window + buckets))
+        attention work (``model.generation``; what it reproduces exactly and what it approximates:
+        docs/model.md). ``use_cache=False``: the whole context is recomputed per token (O(L) per token; a
+        context longer than ``max_seq_len`` slides). ``n_hashes``: LSH rounds (see ``streams``).
+        ``return_logits``: also return the logits [B, N, V] each new token was drawn from.
+        """
+        if document_ids is not None:
+            raise ValueError("document_ids: generation with document masks is not supported; start each document "
+                             "from its own prompt")
+        if use_cache:
+            ids, scores = generate_cached(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                                          hash_seed=hash_seed, n_hashes=n_hashes, generator=generator)
+            return (ids, scores) if return_logits else ids
+        ids, scores = prompt_ids, []
         for _ in range(max_new_tokens):
             ctx = ids[:, -self.cfg.max_seq_len :]
-            x1, x2, l = self.streams(ctx, hash_seed=hash_seed)
-            logits = self.head(x1[:, l - 1 : l], x2[:, l - 1 : l])[:, -1].float()
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-            ids = torch.cat([ids, nxt], dim=1)
-        return ids
+            x1, x2, l = self.streams(ctx, hash_seed=hash_seed, n_hashes=n_hashes)
+            logits = self.head(x1[:, l - 1 : l], x2[:, l - 1 : l])[:, -1]
+            scores.append(logits)
+            ids = torch.cat([ids, sample_next(logits.float(), temperature, top_k, generator)], dim=1)
+        if not return_logits:
+            return ids
+        empty = prompt_ids.new_zeros(prompt_ids.shape[0], 0, self.cfg.vocab_size, dtype=self.head.proj.weight.dtype)
+        return ids, torch.stack(scores, dim=1) if scores else empty
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:

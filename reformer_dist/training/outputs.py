@@ -56,8 +56,10 @@ def sample(engine: Any, zero_stage: int, cfg: OutputConfig, tokenizer: Tokenizer
     # ZeRO-3: every rank must run the same forwards (each gathers parameters); otherwise rank 0 alone.
     if zero_stage == 3 or main:
         gen = torch.Generator(device=device).manual_seed(seed)
+        # the cache holds at most max_seq_len positions; beyond them full recompute slides a window
+        fits = len(prompt) + cfg.sample_tokens - 1 <= model.cfg.max_seq_len
         out = model.generate(ids, cfg.sample_tokens, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
-                             hash_seed=hash_seed, generator=gen)
+                             hash_seed=hash_seed, generator=gen, use_cache=fits)
         text = tokenizer.decode(out[0, len(prompt):].tolist())
     model.train()
     barrier()

@@ -78,7 +78,6 @@ class Trainer:
         self.rank, self.world, self.main = env.rank, env.world_size, env.rank == 0
         self.dp_rank = env.rank // plan.sp_size
         self.run_dir, self.ckpt_root = cfg.run_dir, cfg.checkpoint_dir
-        self.eval_hash_seed = cfg.model.hash_seed if cfg.eval.hash_seed is None else cfg.eval.hash_seed
         self.step = self.tokens_seen = self.nonfinite_streak = self.nonfinite_total = 0
         self.last_saved_step = -1
 
@@ -106,9 +105,8 @@ class Trainer:
         seed_all(cfg.train.seed + 1 + self.rank)
 
         self.loader = self._loader(cfg.data.train_split)
-        self.evaluator = Evaluator(cfg.eval, self.eval_hash_seed, cfg.model.vocab_size,
-                                   lambda: self._loader(cfg.data.eval_split), device, self.sp, self._documents,
-                                   byte_level=store.identity == "bytes")
+        self.evaluator = Evaluator(cfg.eval, cfg.model, lambda: self._loader(cfg.data.eval_split), device, self.sp,
+                                   self._documents, byte_level=store.identity == "bytes")
         if point is not None:
             state = resume.load(point, self.engine, self.loader, self._run_record(), self.rank, self.world,
                                 cfg.train.seed, abandon_newer_in=None if resume_spec == "auto" else self.ckpt_root)
@@ -307,7 +305,7 @@ class Trainer:
     def sample(self) -> str:
         o = self.cfg.output
         text = outputs.sample(self.engine, self.zero_stage, o, self.store.tokenizer, self.device, self.cfg.train.seed,
-                              self.eval_hash_seed, self.main)
+                              self.evaluator.hash_seed, self.main)
         self.metrics.print(f"--- sample ({o.sample_tokens} tokens, temperature {o.sample_temperature}) ---\n"
                            f"{o.sample_prompt}{text}\n---")
         return text

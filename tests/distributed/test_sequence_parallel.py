@@ -124,3 +124,32 @@ def test_bucket_sharded_sp_equals_single_process(tmp_path, sp_size, ulysses_size
         local = forward_bytes("local", **common, rank=kr, chunk_len=8, n_before=1, n_after=0)
         expected += 2 * (2 * lsh + local)
     assert res["bytes_sent"].sum().item() == expected, (res["bytes_sent"], expected)
+
+
+def test_documents_stay_apart_under_ulysses_sp2(tmp_path):
+    """float64, SP=2: changing every token of one packed document changes no logit of the others, bit for bit
+    (LSH and local layers, 3 rounds, positions restarting per document); the changed document does change."""
+    layers = ["lsh", "local", "lsh"]
+    cfg = ReformerConfig(vocab_size=50, d_model=32, n_heads=4, d_head=8, d_ff=64, n_layers=3, attn_layers=layers,
+                         n_hashes=3, chunk_len=16, local_chunk_len=8, axial_pos_shape=[16, 16])
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    torch.manual_seed(1)
+    torch.save(ReformerLM(cfg).double().state_dict(), tmp_path / "init.pt")
+    g = torch.Generator().manual_seed(3)
+    lengths = [37, 50, 41]  # 128 tokens, document 1 straddles the two ranks' slices
+    window = torch.cat([torch.cat([torch.randint(2, 50, (n - 1,), generator=g), torch.tensor([1])]) for n in lengths])
+    other = window.clone()
+    s, e = lengths[0], lengths[0] + lengths[1] - 1
+    other[s:e] = torch.randint(2, 50, (e - s,), generator=g)
+    torch.save(torch.stack([window, other]), tmp_path / "windows.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(WORKER.with_name("docs_worker.py")), str(tmp_path), "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    result = tmp_path / "logits.pt"
+    assert result.exists(), f"workers wrote no result (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    a, b = torch.load(result)
+    keep = torch.ones(128, dtype=torch.bool)
+    keep[s : e + 1] = False
+    assert torch.equal(a[0, keep], b[0, keep])
+    assert not torch.allclose(a[0, s + 1 : e], b[0, s + 1 : e])

@@ -1,7 +1,8 @@
 """Exact resume: 6 steps straight == 3 steps, stop, resume for 3 more (same losses, same weights).
 
-2 gloo ranks, ZeRO-3, dropout on (so the restored torch RNG matters), fresh LSH hashes per step.
-The schedule is pinned with train.decay_steps, so stopping at max_steps=3 does not change it.
+2 gloo ranks, ZeRO-3, dropout on (so the restored torch RNG matters), fresh LSH hashes per step; as 2
+data-parallel ranks and as one sequence over 2 bucket-sharded ranks. The schedule is pinned with
+train.decay_steps, so stopping at max_steps=3 does not change it.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ COMMON = ["train.global_batch=4", "train.decay_steps=6", "model.dropout=0.1", "o
           f"deepspeed.config={REPO}/configs/deepspeed/zero3.json"]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    straight = launch(2, tmp_path / "straight", COMMON + ["train.max_steps=6"])
-    first = launch(2, tmp_path / "resumed", COMMON + ["train.max_steps=3", "checkpoint.at_end=true"])
+@pytest.mark.parametrize("layout", [[], ["parallel.sequence_parallel_size=2", "parallel.ulysses_size=1"]],
+                         ids=["data_parallel", "bucket_sharded"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, layout):
+    common = COMMON + layout
+    straight = launch(2, tmp_path / "straight", common + ["train.max_steps=6"])
+    first = launch(2, tmp_path / "resumed", common + ["train.max_steps=3", "checkpoint.at_end=true"])
     # a fresh start must not be mistaken for a resume of the first part
     assert [r["resume_step"] for r in first.records(0, "start")] == [None]
     ckpts = tmp_path / "resumed" / "checkpoints"
@@ -30,7 +34,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     manifest = json.loads((ckpts / "step_00000003" / "MANIFEST.json").read_text())
     assert {"trainer_state/rank00000.pt", "trainer_state/rank00001.pt", "run_config.json"} <= set(manifest["files"])
 
-    second = launch(2, tmp_path / "resumed", COMMON + ["train.max_steps=6"], extra_args=["--resume", "auto"])
+    second = launch(2, tmp_path / "resumed", common + ["train.max_steps=6"], extra_args=["--resume", "auto"])
     for rank in (0, 1):
         starts = second.records(rank, "start")
         assert [s["resume_step"] for s in starts] == [None, 3] and all(s["world_size"] == 2 for s in starts)

@@ -22,23 +22,15 @@ from reformer_dist import ReformerConfig, ReformerLM
 from reformer_dist.cli.ckpt import main
 from reformer_dist.cli.launch import main as launch_main
 
+from cli_cases import run_cli, snapshot
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "distributed"))
 from train_launcher import TINY, clean_env  # noqa: E402
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def tree(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return run_cli(main, capsys, *argv)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +100,7 @@ def test_out_not_empty_is_refused_and_left_alone(ckpts, tmp_path, capsys):
     (tmp_path / "o" / "keep.txt").write_text("mine")
     code, _, err = run(capsys, "consolidate", ckpts, "--out", tmp_path / "o")
     assert code == 2 and f"{tmp_path / 'o'}: exists and is not empty (pass --overwrite to replace it)" in err
-    assert tree(tmp_path / "o") == {"keep.txt": hashlib.sha256(b"mine").hexdigest()}
+    assert snapshot(tmp_path / "o") == {"keep.txt": hashlib.sha256(b"mine").hexdigest()}
 
 
 def test_unsupported_reshard_transition(ckpts, tmp_path, capsys):

@@ -22,23 +22,13 @@ from reformer_dist.data.verify import verify_store
 from reformer_dist.data.writer import ShardWriter
 from reformer_dist.ondisk import STORE_MANIFEST as MANIFEST
 
+from cli_cases import run_cli, snapshot
+
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `reformer-data ARGV`; argparse's SystemExit counts as the exit code."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under folder (what "untouched" is compared with)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+def run(capsys, *argv) -> tuple[int, str, str]:
+    return run_cli(main, capsys, *argv)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ buckets, internal padding and the ordinary (non-reversible) stack.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -24,11 +25,14 @@ GOLDEN = json.loads((_HERE / "golden.json").read_text())
 
 
 @pytest.mark.parametrize("case", sorted(golden.CASES))
-@pytest.mark.parametrize("core", ["auto", "blockwise_small_blocks"])
+@pytest.mark.parametrize("core", ["auto", "reference", "blockwise_small_blocks"])
 def test_model_matches_golden_outputs_and_gradients(case, core, monkeypatch):
-    if core == "blockwise_small_blocks":  # tiny blocks: "auto" takes the blockwise core, many blocks per round
+    model, ids = golden.build(case)
+    if core == "reference":
+        model.cfg = dataclasses.replace(model.cfg, attention_backend="reference")
+    if core == "blockwise_small_blocks":  # tiny blocks: many blocks per round
         monkeypatch.setattr(blockwise, "_BLOCK_ELEMS", 64)
-    got, want = golden.measure(*golden.build(case)), GOLDEN[case]
+    got, want = golden.measure(model, ids), GOLDEN[case]
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-10)
     assert got["logit_proj"] == pytest.approx(want["logit_proj"], rel=1e-10)
     for row_got, row_want in zip(got["logit_first"], want["logit_first"]):

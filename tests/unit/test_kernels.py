@@ -15,6 +15,8 @@ from reformer_dist.kernels import blockwise
 from reformer_dist.kernels.chunked_attention import available_backends, chunked_attention
 from reformer_dist.kernels.reference import chunked_attention_reference
 
+from attention_inputs import make_inputs
+
 # B, L, H, D, M, R, n_before, n_after, causal, shared_qk, extras
 CASES = [
     (1, 16, 2, 8, 4, 1, 1, 0, True, True, ()),
@@ -30,32 +32,6 @@ CASES = [
 ]
 
 
-def make_inputs(b, length, h, d, r, shared, extras, seed, m=4):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, length, h, d, dtype=torch.float64, generator=g) for _ in range(3))
-    index = None
-    if "identity" not in extras:
-        index = torch.stack([torch.randperm(length, generator=g) for _ in range(b * h * r)]).view(b, h, r * length)
-        index = index.to(torch.int32)
-    kw = {}
-    if "valid" in extras:
-        kw["key_valid"] = torch.rand(b, length, generator=g) > 0.25
-    if "bucket" in extras:
-        kw["slot_bucket"] = torch.randint(0, 3, (b, h, r * length), generator=g)
-    if "doc" in extras:  # packed documents: sorted random boundaries
-        kw["doc_ids"] = torch.randint(0, 2, (b, length), generator=g).cumsum(-1).to(torch.int32) // 3
-    if "dedup" in extras:
-        kw["dedup"] = True
-    if "piece" in extras:  # a rank's piece of a global order: own positions, chunks of a longer sequence
-        s = r * length
-        kw["positions"] = torch.stack([torch.randperm(4 * s, generator=g)[:s] for _ in range(b * h)]).view(b, h, s)
-        n_chunks = 4 * s // m
-        here = (torch.arange(length) // m + n_chunks // 2).expand(b, h, 1, length)  # this piece's own chunks
-        other = torch.randint(0, n_chunks, (b, h, 1, length), generator=g)  # the token's chunk in another round
-        kw["chunk_of"], kw["n_chunks"] = torch.cat([here, other], 2).to(torch.int32), n_chunks
-    return q, None if shared else k, v, index, kw
-
-
 def grads_of(out, lse, inputs, wo, wl):
     return torch.autograd.grad((out * wo).sum() + (lse * wl).sum(), inputs)
 
@@ -67,7 +43,8 @@ def test_backend_matches_reference(backend, b, length, h, d, m, r, nb, na, causa
                                    monkeypatch):
     if small_blocks:  # force several blocks per round so block boundaries and window scatter are exercised
         monkeypatch.setattr(blockwise, "_BLOCK_ELEMS", 1)
-    q, k, v, index, kw = make_inputs(b, length, h, d, r, shared, extras, seed=zlib.crc32(repr(extras).encode()) % 1000 + length, m=m)
+    seed = zlib.crc32(repr(extras).encode()) % 1000 + length
+    q, k, v, index, kw = make_inputs(b, length, h, d, r, shared, extras, seed=seed, m=m)
     inputs = [t.requires_grad_() for t in (q, k, v) if t is not None]
     args = dict(chunk_len=m, n_before=nb, n_after=na, causal=causal, self_mask=True, **kw)
     o1, l1 = chunked_attention(q, k, v, index, backend=backend, **args)
@@ -95,16 +72,15 @@ def test_reference_merge_equals_one_softmax_over_the_union_of_rounds():
     assert torch.allclose(o1, o3, atol=1e-12) and torch.allclose(l3, l1, atol=1e-12)
 
 
-def test_auto_picks_blockwise_when_logits_exceed_one_block(monkeypatch):
+def test_auto_picks_blockwise_on_cpu_and_reference_only_when_asked(monkeypatch):
     calls = []
-    real = blockwise._BlockwiseAttention.apply
-    monkeypatch.setattr(blockwise._BlockwiseAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    real = blockwise._BlockwiseCore.forward
+    monkeypatch.setattr(blockwise._BlockwiseCore, "forward", lambda *a: calls.append(1) or real(*a))
     q, k, v, index, _ = make_inputs(1, 16, 1, 4, 1, True, (), seed=0)
     kw = dict(chunk_len=4, n_before=1, n_after=0, causal=True, self_mask=True)
     chunked_attention(q, k, v, index, **kw)
-    assert calls == []  # 128 logits fit in one block: plain autograd
-    monkeypatch.setattr(blockwise, "_BLOCK_ELEMS", 64)
-    chunked_attention(q, k, v, index, **kw)
+    assert calls == [1]  # even when every logit fits one block
+    chunked_attention(q, k, v, index, backend="reference", **kw)
     assert calls == [1]
 
 

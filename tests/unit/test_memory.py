@@ -93,3 +93,22 @@ def test_hashing_transient_per_token_is_flat(monkeypatch):
         per_token.append(t.peak_bytes / length)
     assert cols[1] > cols[0]  # the test exercises the growing number of bucket columns
     assert abs(per_token[1] - per_token[0]) <= 0.1 * per_token[0], per_token
+
+
+def test_bf16_autocast_step_is_finite_and_close_to_fp32():
+    """bf16 compute with fp32 streams is a first-class path: a training step on CPU at a small length."""
+    torch.manual_seed(0)
+    model = ReformerLM(cfg(n_layers=2, attn_layers=["lsh", "local"]))
+    ids = torch.randint(0, 32, (1, 512))
+    losses, grads = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = model.loss(ids, hash_seed=2)
+        loss.backward()
+        losses[dtype] = loss.item()
+        grads[dtype] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert abs(losses[torch.bfloat16] - losses[torch.float32]) < 0.02 * losses[torch.float32]
+    cos = torch.nn.functional.cosine_similarity(grads[torch.bfloat16], grads[torch.float32], dim=0)
+    assert cos > 0.99, cos

@@ -26,6 +26,8 @@ from reformer_dist.data.writer import ShardWriter
 from reformer_dist.ondisk import STORE_MANIFEST as MANIFEST
 from reformer_dist.ondisk import verify_manifest
 
+from cli_cases import run_cli
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "distributed"))
 from train_launcher import TINY, clean_env  # noqa: E402
@@ -41,14 +43,8 @@ def no_training_in_process(monkeypatch):
     monkeypatch.setattr("reformer_dist.cli.train._train", refuse)
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of an in-process `reformer-train ARGV`."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+def run(capsys, *argv) -> tuple[int, str, str]:
+    return run_cli(main, capsys, *argv)
 
 
 def tiny(out: Path, *extra: str) -> list[str]:

@@ -15,6 +15,8 @@ from reformer_dist import ReformerConfig, ReformerLM
 from reformer_dist.kernels.chunked_attention import available_backends, chunked_attention
 from reformer_dist.kernels.reference import chunked_attention_reference
 
+from attention_inputs import make_inputs
+
 # B, L, H, D, M, R, n_before, n_after, causal, shared_qk, extras
 CASES = [
     (1, 32, 2, 16, 16, 1, 1, 0, True, True, ()),
@@ -36,32 +38,6 @@ PARAMS = [(torch.float32, 1e-4, *c) for c in CASES] + [(torch.bfloat16, 1e-2, *c
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def make_inputs(b, length, h, d, r, shared, extras, seed, dtype, m=8):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, length, h, d, generator=g).to(dtype) for _ in range(3))
-    index = None
-    if "identity" not in extras:
-        index = torch.stack([torch.randperm(length, generator=g) for _ in range(b * h * r)]).view(b, h, r * length)
-        index = index.to(torch.int32)
-    kw = {}
-    if "valid" in extras:
-        kw["key_valid"] = torch.rand(b, length, generator=g) > 0.25
-    if "bucket" in extras:
-        kw["slot_bucket"] = torch.randint(0, 3, (b, h, r * length), generator=g, dtype=torch.int32)
-    if "doc" in extras:  # packed documents: sorted random boundaries
-        kw["doc_ids"] = torch.randint(0, 2, (b, length), generator=g).cumsum(-1).to(torch.int32) // 3
-    if "dedup" in extras:
-        kw["dedup"] = True
-    if "piece" in extras:  # a rank's piece of a global order: own positions, chunks of a longer sequence
-        s = r * length
-        kw["positions"] = torch.stack([torch.randperm(4 * s, generator=g)[:s] for _ in range(b * h)]).view(b, h, s)
-        n_chunks = 4 * s // m
-        here = (torch.arange(length) // m + n_chunks // 2).expand(b, h, 1, length)  # this piece's own chunks
-        other = torch.randint(0, n_chunks, (b, h, 1, length), generator=g)  # the token's chunk in another round
-        kw["chunk_of"], kw["n_chunks"] = torch.cat([here, other], 2).to(torch.int32), n_chunks
-    return q, None if shared else k, v, index, kw
 
 
 @pytest.mark.parametrize("dtype,tol,b,length,h,d,m,r,nb,na,causal,shared,extras", PARAMS)
