@@ -17,7 +17,6 @@ installed package, or the source checkout this file lies in.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 import zipfile
@@ -30,8 +29,9 @@ except ImportError:  # run from a source checkout without installing it
 
 import numpy as np
 
+from reformer_dist.cli.data import corpus_script_parser, print_summary
 from reformer_dist.data.errors import DataError
-from reformer_dist.data.store import TokenStore
+from reformer_dist.data.manifest import read_manifest
 from reformer_dist.data.tokenizers import ByteTokenizer
 from reformer_dist.data.writer import ShardWriter
 
@@ -81,28 +81,18 @@ def prepare(source: Path, out: Path, validation: str = "valid", shard_tokens: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", type=Path, help="the downloaded enwik8 file, or enwik8.zip")
-    p.add_argument("--out", type=Path, required=True, help="token store folder to write")
-    p.add_argument("--validation", choices=("valid", "test"), default="valid",
-                   help="which held-out 5%% becomes the store's validation split (default: valid)")
-    p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file (default 2^27)")
-    p.add_argument("--overwrite", action="store_true", help="replace a store already in --out")
-    args = p.parse_args(argv)
+    args = corpus_script_parser(__doc__, "the downloaded enwik8 file, or enwik8.zip").parse_args(argv)
     try:
         if not args.source.is_file():
             raise DataError(f"{args.source}: no such file")
-        out = prepare(args.source, args.out, args.validation, args.shard_tokens, args.overwrite)
+        out = prepare(args.source, Path(args.out), args.validation, args.shard_tokens, args.overwrite)
     except (DataError, OSError, zipfile.BadZipFile) as e:
         print(f"prepare_enwik8: error: {e}", file=sys.stderr)
         return 1
-    store = TokenStore.open(out)
-    if store.manifest["metadata"]["bytes"] != ENWIK8_BYTES:
+    if read_manifest(out)["metadata"]["bytes"] != ENWIK8_BYTES:
         print(f"prepare_enwik8: note: {args.source} is not the {ENWIK8_BYTES:,}-byte enwik8; split at the same "
               f"fractions", file=sys.stderr)
-    print(f"wrote {out}: train {store.num_tokens('train'):,} tokens, validation ({args.validation}) "
-          f"{store.num_tokens('validation'):,} tokens (bytes + one end-of-document id each)")
+    print_summary(out)
     return 0
 
 

@@ -17,7 +17,6 @@ verifying store writer): the installed package, or the source checkout this file
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,9 +25,9 @@ try:
 except ImportError:  # run from a source checkout without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from reformer_dist.cli.data import corpus_script_parser, print_summary
 from reformer_dist.data.errors import DataError
 from reformer_dist.data.pipeline import shard_corpus
-from reformer_dist.data.store import TokenStore
 
 FOLDERS = {"train": "train", "valid": "validation", "test": "test"}
 BOOKS = "*.txt"
@@ -53,27 +52,17 @@ def prepare(root: Path, out: Path, tokenizer: str = "bytes", validation: str = "
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", type=Path, help="the PG-19 folder (train/, validation/, test/)")
-    p.add_argument("--out", type=Path, required=True, help="token store folder to write")
+    p = corpus_script_parser(__doc__, "the PG-19 folder (train/, validation/, test/)")
     p.add_argument("--tokenizer", default="bytes", help="'bytes' (default) or a `reformer-data tokenizer` folder")
-    p.add_argument("--validation", choices=("valid", "test"), default="valid",
-                   help="which held-out part becomes the store's validation split (default: valid)")
-    p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file (default 2^27)")
     p.add_argument("--num-proc", type=int, default=1, help="tokenising processes (default 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace a store already in --out")
     args = p.parse_args(argv)
     try:
-        out = prepare(args.source, args.out, args.tokenizer, args.validation, args.shard_tokens, args.num_proc,
+        out = prepare(args.source, Path(args.out), args.tokenizer, args.validation, args.shard_tokens, args.num_proc,
                       args.overwrite)
     except DataError as e:
         print(f"prepare_pg19: error: {e}", file=sys.stderr)
         return 1
-    store = TokenStore.open(out)
-    print(f"wrote {out} ({store.identity}): train {store.num_documents('train'):,} books, "
-          f"{store.num_tokens('train'):,} tokens; validation ({args.validation}) "
-          f"{store.num_documents('validation'):,} books, {store.num_tokens('validation'):,} tokens")
+    print_summary(out)
     return 0
 
 

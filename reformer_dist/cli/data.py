@@ -60,6 +60,28 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                    help="what one document is in a plain-text file (default: the whole file)")
 
 
+def add_store_output_args(p: argparse.ArgumentParser) -> None:
+    """--out, --shard-tokens and --overwrite, the same for every command that writes a token store
+    (`reformer-data shard` and the corpus scripts in tools/)."""
+    p.add_argument("--out", required=True, help="store folder (manifest.json + shards)")
+    p.add_argument("--shard-tokens", type=_int_min(1), default=1 << 27, help="tokens per shard file (default 2^27)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a store already in --out (only once the new one is complete and verified)")
+
+
+def corpus_script_parser(doc: str, source_help: str) -> argparse.ArgumentParser:
+    """The command line every corpus script in tools/ shares: its docstring as the help, SOURCE (the local
+    download), --validation valid|test (which held-out part the store's validation split holds) and
+    `add_store_output_args`."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", type=Path, help=source_help)
+    p.add_argument("--validation", choices=("valid", "test"), default="valid",
+                   help="the corpus's held-out part that becomes the store's validation split (default: valid)")
+    add_store_output_args(p)
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="reformer-data", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,16 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shard", help="tokenise a corpus into a token store")
     _add_input_args(p)
     p.add_argument("--tokenizer", required=True, help="'bytes' or a tokenizer folder")
-    p.add_argument("--out", required=True, help="store folder (manifest.json + shards)")
-    p.add_argument("--shard-tokens", type=_int_min(1), default=1 << 27, help="tokens per shard file (default 2^27)")
+    add_store_output_args(p)
     p.add_argument("--num-proc", type=_int_min(1), default=min(8, os.cpu_count() or 1), help="tokenising processes")
     p.add_argument("--val-fraction", type=_fraction, default=0.0,
                    help="share of the --input documents (every 1/F-th) put in the validation split; default 0: "
                         "no validation split (training then needs evaluation off), said as a warning")
     p.add_argument("--val-input", nargs="+", default=[],
                    help="files/folders whose documents all go to the validation split")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a store already in --out (only once the new one is complete and verified)")
 
     p = sub.add_parser("inspect", help="counts and a decoded sample of a store")
     p.add_argument("store", help="store folder, or 'builtin'")
@@ -145,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 num_proc=args.num_proc, text_field=args.text_field, text_unit=args.text_unit,
                                 val_fraction=args.val_fraction, val_inputs=args.val_input,
                                 overwrite=args.overwrite)
-            _summary(path.parent)
+            print_summary(path.parent)
             _warn_without_validation(path.parent)
         elif args.command == "inspect":
             _inspect(args.store, args.tokens)
@@ -155,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokens = sum(m["splits"][s]["num_tokens"] for s in m["splits"])
             print(f"OK {args.store}: {shards} shards, {tokens:,} tokens, checksums and token range verified")
         elif args.command == "builtin":
-            _summary(write_builtin(args.out, overwrite=args.overwrite).parent)
+            print_summary(write_builtin(args.out, overwrite=args.overwrite).parent)
     except DataError as e:
         print(f"reformer-data {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
@@ -169,7 +188,8 @@ def _warn_without_validation(store_dir: Path) -> None:
               f"0.01 (every 100th document) or --val-input held_out/", file=sys.stderr)
 
 
-def _summary(store_dir: Path) -> None:
+def print_summary(store_dir: Path) -> None:
+    """One line: the store written, its tokenizer and dtype, tokens / documents / shards per split."""
     m = read_manifest(store_dir)
     parts = [f"{s} {v['num_tokens']:,} tokens / {v['num_documents']:,} documents / {len(v['shards'])} shards"
              for s, v in m["splits"].items()]
