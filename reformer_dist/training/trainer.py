@@ -8,6 +8,7 @@ module that owns it:
 - evaluation and the unigram baseline: training/evaluation.py
 - checkpoint saves (collective, atomic commit, pruning): training/checkpointing.py
 - optimizer and LR: training/optimizer.py, training/schedule.py (a pure function of the step)
+- the final weights folder and the generated sample: training/outputs.py
 - collectives (NCCL round trips of host values): parallel/collectives.py; sequence parallelism and the
   SP batch rule: parallel/sequence.py, parallel/config.py
 - preemption and Ctrl-C: training/preemption.py; metrics: training/metrics.py
