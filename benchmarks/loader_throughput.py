@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from reformer_dist.data.loader import WindowLoader
-from reformer_dist.data.shards import ShardWriter
+from reformer_dist.data.writer import ShardWriter
 from reformer_dist.data.store import TokenStore
 from reformer_dist.data.tokenizers import ByteTokenizer
 

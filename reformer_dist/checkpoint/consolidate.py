@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from reformer_dist.checkpoint.checksums import CorruptCheckpointError
 from reformer_dist.checkpoint.deepspeed_ckpt import (CheckpointRef, describe, find_checkpoint, load_meta,
                                                      model_state_files, optim_state_files, read_model_config,
                                                      verify_files)
 from reformer_dist.checkpoint.hf_adapter import expected_shapes
 from reformer_dist.checkpoint.writer import DEFAULT_MAX_SHARD, check_writable, write_weights_dir
+from reformer_dist.ondisk import CorruptCheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers, if a caller used one
@@ -40,6 +40,7 @@ def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def fp32_state_dict(ref: CheckpointRef, quiet: bool = True) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of a checkpoint tag (ZeRO-1/2/3 via zero_to_fp32; stage 0 from the module)."""
+    # deepspeed takes seconds to import and logs its accelerator choice: only this command pays for it
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
 
     if not optim_state_files(ref.path):  # no ZeRO partitions: a stage-0 engine saved the whole module

@@ -6,7 +6,7 @@ plain DeepSpeed `global_step300`) and a `latest` file naming the newest tag. One
     ZeRO-1/2:  mp_rank_00_model_states.pt (full module in the training dtype + metadata)
                [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt  (rank r's fp32 master + Adam partition)
     ZeRO-3:    zero_pp_rank_<r>_mp_rank_00_model_states.pt + zero_pp_rank_<r>_mp_rank_00_optim_states.pt
-    trainer:   run_config.json, trainer_state/rank*.pt, MANIFEST.json (checksums; integrity.py)
+    trainer:   run_config.json, trainer_state/rank*.pt, MANIFEST.json (the manifest of reformer_dist/ondisk.py)
 
 Universal checkpoints (`reformer-ckpt reshard`) are roots with `latest_universal` and a tag folder
 holding `zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt` next to copied model-state files.
@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from reformer_dist.checkpoint.checksums import CorruptCheckpointError, verify_torch_file
-from reformer_dist.checkpoint.integrity import MANIFEST, CheckpointError, verify_manifest
 from reformer_dist.model.config import ReformerConfig
+from reformer_dist.ondisk import (CONFIG_NAME, LATEST, MANIFEST, RUN_CONFIG, CheckpointError, CorruptCheckpointError,
+                                  verify_manifest)
 
 _MODEL_STATES = re.compile(r"^(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt$")
 _OPTIM_STATES = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
@@ -44,7 +45,7 @@ def is_tag_dir(p: Path) -> bool:
     return p.is_dir() and any(_MODEL_STATES.match(f.name) for f in p.iterdir())
 
 
-def find_checkpoint(ckpt_dir: str | Path, tag: str | None = None, latest_name: str = "latest") -> CheckpointRef:
+def find_checkpoint(ckpt_dir: str | Path, tag: str | None = None, latest_name: str = LATEST) -> CheckpointRef:
     """Resolve CKPT_DIR [--tag T]: a tag folder itself, or a root with a `latest` file (or a single tag)."""
     p = Path(ckpt_dir)
     if not p.is_dir():
@@ -98,6 +99,35 @@ def verify_files(tag_dir: Path, hashes: bool = True) -> str:
     return "CRC-32 of every .pt record (no MANIFEST.json)"
 
 
+def verify_torch_file(path: str | Path) -> None:
+    """Raise CorruptCheckpointError if a `torch.save` file (zip format) is truncated or fails its CRC-32.
+
+    Reads the whole file once (CRC in C, ~1 GB/s); legacy non-zip pickles are not checked.
+    """
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CorruptCheckpointError(f"{p}: cannot be read ({e})") from None
+    if magic != b"PK\x03\x04":
+        if len(magic) < 4 or magic[:1] != b"\x80":  # not a zip and not a legacy pickle either
+            raise CorruptCheckpointError(f"{p}: not a torch checkpoint file (truncated or corrupt?)")
+        return
+    try:
+        with zipfile.ZipFile(p) as z:
+            for info in z.infolist():
+                # torch.save writes a CRC-32 per record unless torch.serialization.set_crc32_options(False)
+                # was used (then CRC is 0): such records are read through (size checked) but not CRC-checked.
+                with z.open(info) as f:
+                    if info.CRC == 0 and info.file_size:
+                        f._expected_crc = None  # zipfile's own switch for "no CRC to compare"
+                    while f.read(1 << 22):
+                        pass
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as e:
+        raise CorruptCheckpointError(f"{p}: truncated or corrupt ({type(e).__name__}: {e})") from None
+
+
 def load_meta(path: Path) -> dict[str, Any]:
     """torch.load a DeepSpeed state file memory-mapped (tensors are not read), naming it on failure."""
     try:
@@ -114,7 +144,7 @@ def read_model_config(ref: CheckpointRef, config: str | Path | None = None) -> t
     reformer-train; <tag>/config.json; <root>/config.json.
     """
     candidates = [Path(config)] if config is not None else [
-        ref.path / "run_config.json", ref.path / "config.json", ref.root / "config.json"]
+        ref.path / RUN_CONFIG, ref.path / CONFIG_NAME, ref.root / CONFIG_NAME]
     for c in candidates:
         if not c.is_file():
             continue

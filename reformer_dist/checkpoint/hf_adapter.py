@@ -39,7 +39,11 @@ from typing import Any
 
 import torch
 
+from reformer_dist.checkpoint.writer import check_writable, write_weights_dir
 from reformer_dist.model.config import ACTIVATIONS, ReformerConfig
+from reformer_dist.model.reformer import ReformerLM
+from reformer_dist.ondisk import (CONFIG_NAME, HF_BIN_INDEX, HF_BIN_NAME, INDEX_NAME, WEIGHTS_NAME,
+                                  CorruptCheckpointError, load_weights)
 
 HF_ARCH = "ReformerModelWithLMHead"
 HF_ACTIVATIONS = ("relu", "gelu", "silu", "swish", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "tanh", "sigmoid",
@@ -224,8 +228,6 @@ def key_map(n_layers: int) -> dict[str, str]:
 
 def expected_shapes(cfg: ReformerConfig) -> dict[str, tuple[int, ...]]:
     """Our state-dict keys and shapes for cfg (built on the meta device: no memory, no init)."""
-    from reformer_dist.model.reformer import ReformerLM
-
     with torch.device("meta"):
         model = ReformerLM(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -290,19 +292,16 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ReformerConfig) -
 
 # ---------------------------------------------------------------------------------------------- folders
 def _load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from reformer_dist.checkpoint.checksums import CorruptCheckpointError
-    from reformer_dist.checkpoint.io import load_weights
-
-    if (hf_dir / "model.safetensors").is_file() or (hf_dir / "model.safetensors.index.json").is_file():
+    if (hf_dir / WEIGHTS_NAME).is_file() or (hf_dir / INDEX_NAME).is_file():
         return load_weights(hf_dir)
-    bins = [hf_dir / "pytorch_model.bin"]
-    if (hf_dir / "pytorch_model.bin.index.json").is_file():
-        index = json.loads((hf_dir / "pytorch_model.bin.index.json").read_text())
+    bins = [hf_dir / HF_BIN_NAME]
+    if (hf_dir / HF_BIN_INDEX).is_file():
+        index = json.loads((hf_dir / HF_BIN_INDEX).read_text())
         bins = [hf_dir / n for n in sorted(set(index["weight_map"].values()))]
     state: dict[str, torch.Tensor] = {}
     for b in bins:
         if not b.is_file():
-            raise FileNotFoundError(f"{hf_dir}: no model.safetensors, shard index or {b.name}")
+            raise FileNotFoundError(f"{hf_dir}: no {WEIGHTS_NAME}, shard index or {b.name}")
         try:
             state.update(torch.load(b, map_location="cpu", weights_only=True))
         except Exception as e:  # noqa: BLE001 - any failure here means an unreadable file
@@ -314,14 +313,11 @@ def export_hf(src_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fal
               max_shard_size: str | int = "5GB") -> Path:
     """Our weights folder (config.json + model.safetensors) -> a folder `transformers` loads with
     `ReformerModelWithLMHead.from_pretrained(out_dir)`. Weights keep their dtype."""
-    from reformer_dist.checkpoint.io import load_weights
-    from reformer_dist.checkpoint.writer import check_writable, write_weights_dir
-
     src = Path(src_dir)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src / 'config.json'}: missing; expected a weights folder (config.json + "
-                                "model.safetensors, from `reformer-ckpt consolidate` or save_pretrained)")
-    cfg = ReformerConfig.load(src / "config.json")
+    if not (src / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{src / CONFIG_NAME}: missing; expected a weights folder ({CONFIG_NAME} + "
+                                f"{WEIGHTS_NAME}, from `reformer-ckpt consolidate` or save_pretrained)")
+    cfg = ReformerConfig.load(src / CONFIG_NAME)
     hf_cfg = to_hf_config(cfg)  # refuses before anything is read or written
     check_writable(out_dir, overwrite)
     state = to_hf_state_dict(load_weights(src), cfg)
@@ -337,10 +333,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
 
     Returns (out_dir, warnings); warnings are also issued with `warnings.warn`.
     """
-    from reformer_dist.checkpoint.writer import check_writable, write_weights_dir
-
     src = Path(hf_dir)
-    cfg_path = src / "config.json"
+    cfg_path = src / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: missing; expected a Hugging Face model folder")
     try:

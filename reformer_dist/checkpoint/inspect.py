@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reformer_dist.checkpoint.checksums import CHECKSUMS, CorruptCheckpointError, verify_checksums
 from reformer_dist.checkpoint.deepspeed_ckpt import describe, find_checkpoint
-from reformer_dist.checkpoint.integrity import MANIFEST, verify_manifest
-from reformer_dist.checkpoint.io import weight_files
+from reformer_dist.ondisk import (CHECKSUMS, CONFIG_NAME, INDEX_NAME, LATEST, LATEST_UNIVERSAL, MANIFEST, RESHARD_INFO,
+                                  WEIGHTS_NAME, CorruptCheckpointError, verify_checksums, verify_manifest,
+                                  weight_files)
 
 
 def _dir_size(p: Path) -> tuple[int, int]:
@@ -51,7 +51,7 @@ def inspect_weights_dir(d: Path, verify: bool = True) -> dict[str, Any]:
             n_params += numel
             dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + numel
     size, n_files = _dir_size(d)
-    cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+    cfg = json.loads((d / CONFIG_NAME).read_text()) if (d / CONFIG_NAME).is_file() else {}
     kind = "huggingface" if cfg.get("model_type") == "reformer" else "reformer_dist"
     out: dict[str, Any] = {"kind": f"weights folder ({kind})", "path": str(d), "parameters": n_params,
                            "dtype": ", ".join(sorted(dtypes)) or "none", "size_bytes": size, "files": n_files,
@@ -73,15 +73,15 @@ def inspect_path(path: str | Path, tag: str | None = None, verify: bool = True) 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder")
-    if p.is_dir() and ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()):
+    if p.is_dir() and ((p / WEIGHTS_NAME).is_file() or (p / INDEX_NAME).is_file()):
         return inspect_weights_dir(p, verify)
-    universal_root = p.is_dir() and (p / "latest_universal").is_file() and not (p / "latest").is_file()
-    ref = find_checkpoint(p, tag, latest_name="latest_universal" if universal_root else "latest")
+    universal_root = p.is_dir() and (p / LATEST_UNIVERSAL).is_file() and not (p / LATEST).is_file()
+    ref = find_checkpoint(p, tag, latest_name=LATEST_UNIVERSAL if universal_root else LATEST)
     if (ref.path / MANIFEST).is_file():
         verify_manifest(ref.path, hashes=False)  # sizes: a truncated file is named before it is opened
     info = describe(ref).to_dict()
     info["kind"] = "DeepSpeed universal checkpoint" if info["universal"] else "DeepSpeed ZeRO checkpoint"
-    reshard_json = ref.root / "reshard.json"
+    reshard_json = ref.root / RESHARD_INFO
     if info["universal"] and reshard_json.is_file():
         r = json.loads(reshard_json.read_text())
         info.update({"source_world_size": r.get("source_world_size"), "source_zero_stage": r.get("source_zero_stage"),

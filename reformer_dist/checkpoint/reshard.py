@@ -34,13 +34,13 @@ from pathlib import Path
 
 from reformer_dist.checkpoint.deepspeed_ckpt import describe, find_checkpoint, verify_files
 from reformer_dist.checkpoint.writer import apply_umask, check_writable
+from reformer_dist.ondisk import CONFIG_NAME, RESHARD_INFO, RUN_CONFIG, rank_state_file
 
 # (saved stage, loading stage) pairs verified to resume exactly; see the module docstring.
 SUPPORTED: dict[tuple[int, int], bool] = {
     (1, 1): True, (1, 2): True, (2, 1): True, (2, 2): True, (3, 3): True,
     (1, 3): False, (2, 3): False, (3, 1): False, (3, 2): False,
 }
-RESHARD_INFO = "reshard.json"
 
 
 class UnsupportedReshardError(ValueError):
@@ -65,6 +65,7 @@ def check_transition(src_stage: int, dst_stage: int) -> None:
 def reshard(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = None, to_stage: int | None = None,
             workers: int = 1, overwrite: bool = False, verify: bool = True, quiet: bool = True) -> dict:
     """Convert one checkpoint tag into a universal checkpoint root OUT; returns a summary (also in OUT/reshard.json)."""
+    # deepspeed takes seconds to import and logs its accelerator choice: only this command pays for it
     from deepspeed.checkpoint import ds_to_universal
 
     ref = find_checkpoint(ckpt_dir, tag)
@@ -92,16 +93,16 @@ def reshard(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = None
             except Exception as e:  # noqa: BLE001 - surface DeepSpeed's failure with the folder named
                 raise RuntimeError(f"{ref.path}: universal conversion failed ({type(e).__name__}: {e})\n"
                                    f"{sink.getvalue()[-2000:]}") from e
-        for extra in ("run_config.json", "config.json"):
+        for extra in (RUN_CONFIG, CONFIG_NAME):
             for src in (ref.path / extra, ref.root / extra):
                 if src.is_file() and not (tmp / ref.tag / extra).exists():
                     shutil.copy2(src, tmp / ref.tag / extra)
         # reformer-train resumes a universal checkpoint from rank 0's step/loader state (the loader
         # position is global, so it holds for any data-parallel size with the same global batch).
-        rank0 = ref.path / "trainer_state" / "rank00000.pt"
+        rank0 = ref.path / rank_state_file(0)
         if rank0.is_file():
-            (tmp / ref.tag / "trainer_state").mkdir(exist_ok=True)
-            shutil.copy2(rank0, tmp / ref.tag / "trainer_state" / "rank00000.pt")
+            (tmp / ref.tag / rank_state_file(0)).parent.mkdir(exist_ok=True)
+            shutil.copy2(rank0, tmp / ref.tag / rank_state_file(0))
         summary = {"source": str(ref.path), "tag": ref.tag, "step": info.step, "source_zero_stage": info.zero_stage,
                    "source_world_size": info.world_size, "load_as_zero_stage": supported_targets(info.zero_stage),
                    "verified_input": verified,

@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from reformer_dist.checkpoint.checksums import CHECKSUMS, write_checksums
-from reformer_dist.checkpoint.io import INDEX_NAME, WEIGHTS_NAME
+from reformer_dist.ondisk import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, weight_shard_name, write_checksums
 
 DEFAULT_MAX_SHARD = "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -110,23 +110,20 @@ def write_weights_dir(out_dir: str | Path, state: dict[str, torch.Tensor], confi
     ("format": "pt" is always set: transformers refuses files without it); `extra_files` are further small
     text files (name -> content), checksummed too.
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     check_writable(out, overwrite)
     tmp = _fresh_tmp(out)
     try:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         meta = {"format": "pt", **(metadata or {})}
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         shards = shard_state(state, parse_size(max_shard_size))
-        names = [WEIGHTS_NAME] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        names = [WEIGHTS_NAME] if len(shards) == 1 else [weight_shard_name(i, len(shards)) for i in range(len(shards))]
         for name, shard in zip(names, shards):
             save_file(shard, str(tmp / name), metadata=meta)
-        listed = ["config.json", *names, *(extra_files or {})]
+        listed = [CONFIG_NAME, *names, *(extra_files or {})]
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(_nbytes(v) for v in state.values())},
                      "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
@@ -141,5 +138,4 @@ def write_weights_dir(out_dir: str | Path, state: dict[str, torch.Tensor], confi
     return [out / n for n in names]
 
 
-__all__ = ["CHECKSUMS", "DEFAULT_MAX_SHARD", "apply_umask", "check_writable", "parse_size", "shard_state",
-           "write_weights_dir"]
+__all__ = ["DEFAULT_MAX_SHARD", "apply_umask", "check_writable", "parse_size", "shard_state", "write_weights_dir"]

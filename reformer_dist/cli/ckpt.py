@@ -19,12 +19,12 @@ import os
 import sys
 import warnings
 
-from reformer_dist.checkpoint.integrity import CheckpointError
+from reformer_dist.ondisk import CheckpointError
 
 
 def _shard_size(text: str) -> int:
     """--max-shard-size, parsed before any checkpoint is read (a typo must not cost a long load)."""
-    from reformer_dist.checkpoint.writer import parse_size
+    from reformer_dist.checkpoint.writer import parse_size  # imports torch: only when the option is given
 
     try:
         return parse_size(text)
@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> dict | str:
+    # Each command imports only its own module: torch, deepspeed and transformers load when a command needs them.
     if args.cmd == "consolidate":
         from reformer_dist.checkpoint.consolidate import consolidate
 

@@ -17,8 +17,17 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
+
+# the data modules import neither torch nor datasets (the pipeline loads datasets when it shards)
+from reformer_dist.data.builtin import write_builtin
 from reformer_dist.data.errors import DataError, UsageError
+from reformer_dist.data.manifest import SPLITS, read_manifest
+from reformer_dist.data.pipeline import shard_corpus, train_tokenizer
+from reformer_dist.data.store import TokenStore
+from reformer_dist.data.verify import verify_store
 
 
 def _int_min(lo: int):
@@ -51,6 +60,28 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                    help="what one document is in a plain-text file (default: the whole file)")
 
 
+def add_store_output_args(p: argparse.ArgumentParser) -> None:
+    """--out, --shard-tokens and --overwrite, the same for every command that writes a token store
+    (`reformer-data shard` and the corpus scripts in tools/)."""
+    p.add_argument("--out", required=True, help="store folder (manifest.json + shards)")
+    p.add_argument("--shard-tokens", type=_int_min(1), default=1 << 27, help="tokens per shard file (default 2^27)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a store already in --out (only once the new one is complete and verified)")
+
+
+def corpus_script_parser(doc: str, source_help: str) -> argparse.ArgumentParser:
+    """The command line every corpus script in tools/ shares: its docstring as the help, SOURCE (the local
+    download), --validation valid|test (which held-out part the store's validation split holds) and
+    `add_store_output_args`."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", type=Path, help=source_help)
+    p.add_argument("--validation", choices=("valid", "test"), default="valid",
+                   help="the corpus's held-out part that becomes the store's validation split (default: valid)")
+    add_store_output_args(p)
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="reformer-data", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,16 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shard", help="tokenise a corpus into a token store")
     _add_input_args(p)
     p.add_argument("--tokenizer", required=True, help="'bytes' or a tokenizer folder")
-    p.add_argument("--out", required=True, help="store folder (manifest.json + shards)")
-    p.add_argument("--shard-tokens", type=_int_min(1), default=1 << 27, help="tokens per shard file (default 2^27)")
+    add_store_output_args(p)
     p.add_argument("--num-proc", type=_int_min(1), default=min(8, os.cpu_count() or 1), help="tokenising processes")
     p.add_argument("--val-fraction", type=_fraction, default=0.0,
                    help="share of the --input documents (every 1/F-th) put in the validation split; default 0: "
                         "no validation split (training then needs evaluation off), said as a warning")
     p.add_argument("--val-input", nargs="+", default=[],
                    help="files/folders whose documents all go to the validation split")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a store already in --out (only once the new one is complete and verified)")
 
     p = sub.add_parser("inspect", help="counts and a decoded sample of a store")
     p.add_argument("store", help="store folder, or 'builtin'")
@@ -97,11 +125,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _inspect(path: str, n_sample: int) -> None:
-    import numpy as np
-
-    from reformer_dist.data.shards import SPLITS
-    from reformer_dist.data.store import TokenStore
-
     store = TokenStore.open(path)
     print(f"store       {store.name}")
     print(f"tokenizer   {store.identity}  (vocab_size {store.vocab_size}, end-of-document id {store.eod_id})")
@@ -127,8 +150,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "tokenizer":
-            from reformer_dist.data.pipeline import train_tokenizer
-
             tok = train_tokenizer(args.input, args.out, args.vocab_size, args.model_type,
                                   text_field=args.text_field, text_unit=args.text_unit,
                                   character_coverage=args.character_coverage, max_sentences=args.max_sentences,
@@ -139,45 +160,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{args.vocab_size} asked for: the corpus has too few distinct pieces for more. Set "
                       f"model.vocab_size >= {tok.vocab_size} (or train on more text)", file=sys.stderr)
         elif args.command == "shard":
-            from reformer_dist.data.pipeline import shard_corpus
-
             path = shard_corpus(args.input, args.tokenizer, args.out, shard_tokens=args.shard_tokens,
                                 num_proc=args.num_proc, text_field=args.text_field, text_unit=args.text_unit,
                                 val_fraction=args.val_fraction, val_inputs=args.val_input,
                                 overwrite=args.overwrite)
-            _summary(path.parent)
+            print_summary(path.parent)
             _warn_without_validation(path.parent)
         elif args.command == "inspect":
             _inspect(args.store, args.tokens)
         elif args.command == "verify":
-            from reformer_dist.data.shards import verify_store
-
             m = verify_store(args.store)
             shards = sum(len(m["splits"][s]["shards"]) for s in m["splits"])
             tokens = sum(m["splits"][s]["num_tokens"] for s in m["splits"])
             print(f"OK {args.store}: {shards} shards, {tokens:,} tokens, checksums and token range verified")
         elif args.command == "builtin":
-            from reformer_dist.data.builtin import write_builtin
-
-            _summary(write_builtin(args.out, overwrite=args.overwrite).parent)
+            print_summary(write_builtin(args.out, overwrite=args.overwrite).parent)
     except DataError as e:
         print(f"reformer-data {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     return 0
 
 
-def _warn_without_validation(store_dir) -> None:
-    from reformer_dist.data.shards import read_manifest
-
+def _warn_without_validation(store_dir: Path) -> None:
     if read_manifest(store_dir)["splits"]["validation"]["num_tokens"] == 0:
         print(f"reformer-data shard: warning: the store has no validation split. Training on it needs evaluation "
               f"off (--set eval.every=0 --set eval.at_end=false); to evaluate, shard again with --val-fraction "
               f"0.01 (every 100th document) or --val-input held_out/", file=sys.stderr)
 
 
-def _summary(store_dir) -> None:
-    from reformer_dist.data.shards import read_manifest
-
+def print_summary(store_dir: Path) -> None:
+    """One line: the store written, its tokenizer and dtype, tokens / documents / shards per split."""
     m = read_manifest(store_dir)
     parts = [f"{s} {v['num_tokens']:,} tokens / {v['num_documents']:,} documents / {len(v['shards'])} shards"
              for s, v in m["splits"].items()]

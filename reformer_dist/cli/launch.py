@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from reformer_dist.parallel.env import DistEnv, discover, expand_nodelist
+from reformer_dist.ondisk import atomic_write
+from reformer_dist.parallel.env import DistEnv, discover
+from reformer_dist.parallel.hostlist import expand_nodelist
 
 
 def default_slots(environ: Mapping[str, str] | None = None) -> int:
@@ -69,9 +71,7 @@ def _cmd_hostfile(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        tmp.write_text(text)
-        tmp.replace(out)
+        atomic_write(out, text)
     else:
         sys.stdout.write(text)
     return 0

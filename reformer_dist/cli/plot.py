@@ -13,6 +13,7 @@ import math
 import sys
 from pathlib import Path
 
+from reformer_dist.ondisk import METRICS
 from reformer_dist.training.metrics import read_records
 
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
 
-    import matplotlib
+    import matplotlib  # slow to import: only after the arguments parsed
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -47,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     plotted = 0
     for i, run in enumerate(args.runs):
         path = Path(run)
-        path = path / "metrics.jsonl" if path.is_dir() else path
+        path = path / METRICS if path.is_dir() else path
         if not path.is_file():
             print(f"reformer-plot: error: {path}: no such file", file=sys.stderr)
             return 2
         recs = read_records(path)
         start = next((r for r in recs if r.get("event") == "start"), {})
         per_step = start.get("tokens_per_step", 1) if args.x == "tokens" else 1
-        label = path.parent.name if path.name == "metrics.jsonl" else path.stem
+        label = path.parent.name if path.name == METRICS else path.stem
         color = f"C{i % 10}"
         train = [(r["step"], r["loss"]) for r in recs
                  if r.get("event") == "step" and isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]

@@ -22,14 +22,25 @@ import dataclasses
 import json
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+from reformer_dist.data.errors import DataError
+from reformer_dist.data.loader import WindowLoader
+from reformer_dist.data.store import BUILTIN, TokenStore
+from reformer_dist.ondisk import CheckpointError
+from reformer_dist.parallel.collectives import broadcast_object
+from reformer_dist.parallel.env import DistEnv, discover, export_env, free_port, intra_op_threads
 from reformer_dist.training.config import (BatchPlan, ConfigError, RunConfig, describe_schema, load_run_config,
                                            plan_batches, to_toml)
-
-if TYPE_CHECKING:
-    from reformer_dist.data.store import TokenStore
+from reformer_dist.training.deepspeed_config import build_deepspeed_config
+from reformer_dist.training.native_ops import prefer_interpreter_ninja, skip_unused_ops
+from reformer_dist.training.resume import precheck_resume_path
+from reformer_dist.training.run_lock import RunLock, RunLockedError
 
 EXIT_USAGE = 2
 
@@ -67,13 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _fail(str(e))
     if args.resume not in (None, "auto"):
-        from reformer_dist.training.checkpointing import precheck_resume_path
-
         problem = precheck_resume_path(args.resume)
         if problem:
             return _fail(problem)
-
-    from reformer_dist.parallel.env import discover
 
     try:
         env = discover()
@@ -84,14 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _fail(str(e))
 
-    import torch
-
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         return _fail("train.device: 'cuda' requested but torch sees no CUDA device")
     on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-
-    from reformer_dist.data.errors import DataError
-    from reformer_dist.data.store import BUILTIN, TokenStore
 
     store, missing = None, None
     try:
@@ -111,9 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         problem = check_output_folder(key, folder)
         if problem:
             return _fail(problem)
-
-    from reformer_dist.parallel.env import intra_op_threads
-    from reformer_dist.training.deepspeed_config import build_deepspeed_config
 
     try:
         ds_config = build_deepspeed_config(cfg, plan, on_cuda)
@@ -144,12 +143,8 @@ def check_data_plan(cfg: RunConfig, plan: BatchPlan, store: TokenStore) -> str |
     Checked before any process group starts, so a tiny or missing split fails in a second, not after
     DeepSpeed has started. The validation split is needed only when the run evaluates.
     """
-    from reformer_dist.data.errors import DataError
-    from reformer_dist.data.loader import WindowLoader
-
-    evaluating = bool(cfg.eval.every or cfg.eval.at_end)
     for key, split in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
-        if key == "data.eval_split" and not evaluating:
+        if key == "data.eval_split" and not cfg.eval.evaluates:
             continue
         try:
             WindowLoader(store, split=split, seq_len=cfg.data.seq_len, micro_batch=plan.micro_batch,
@@ -183,25 +178,12 @@ def check_output_folder(key: str, folder: Path) -> str | None:
     return None
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _train(cfg, plan, ds_config, env, store, resume, on_cuda, threads: tuple[int, str]) -> int:
-    import dataclasses as dc
-
-    import torch
-
-    from reformer_dist.checkpoint.integrity import CheckpointError
-    from reformer_dist.data.errors import DataError
-    from reformer_dist.parallel.env import export_env
-
+def _train(cfg: RunConfig, plan: BatchPlan, ds_config: dict, env: DistEnv, store: TokenStore, resume: str | None,
+           on_cuda: bool, threads: tuple[int, str]) -> int:
+    """Start the process group, take the run lock, train; the exit code."""
     if env.source == "single" and not os.environ.get("MASTER_PORT"):
-        env = dc.replace(env, master_port=_free_port())  # several single-process runs may share a machine
+        # several single-process runs may share a machine
+        env = dataclasses.replace(env, master_port=free_port("127.0.0.1"))
     export_env(env)
     torch.set_num_threads(threads[0])
     if env.rank == 0:
@@ -217,36 +199,28 @@ def _train(cfg, plan, ds_config, env, store, resume, on_cuda, threads: tuple[int
     else:
         device = torch.device("cpu")
 
-    from reformer_dist.training.native_ops import prefer_interpreter_ninja, skip_unused_ops
-
     prefer_interpreter_ninja()  # any op that is built (CPUAdam under offload) is built once per machine
+    # deepspeed (and the trainer, which imports it) load here, not at the top: deepspeed logs its
+    # accelerator choice when imported, which a config error or a dry run should not print
     import deepspeed
-    import torch.distributed as dist
+
+    from reformer_dist.training.trainer import Trainer
 
     skip_unused_ops()  # deepspeed_shm_comm serves inference only: no C++ build at start
 
     # A frozen rank must fail the job, not hang it: DeepSpeed creates its own gradient groups later and
     # they take torch's default timeout (30 min), so set that default as well as the world group's.
-    from datetime import timedelta
-
-    import torch.distributed.distributed_c10d as c10d
-
     timeout = timedelta(seconds=cfg.train.dist_timeout_s)
     c10d.default_pg_timeout = timeout
     if hasattr(c10d, "default_pg_nccl_timeout"):
         c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", auto_mpi_discovery=False, timeout=timeout)
 
-    from reformer_dist.training.run_lock import RunLock, RunLockedError
-    from reformer_dist.training.trainer import Trainer
-
     code = 1
     lock = RunLock(cfg.run_dir) if env.rank == 0 else None
     try:
         _take_lock(lock)
-        trainer = Trainer(cfg, plan, ds_config, env, store, resume, device)
-        trainer.setup()
-        outcome = trainer.fit()
+        outcome = Trainer(cfg, plan, ds_config, env, store, resume, device).fit()
         code = outcome.exit_code
     except (CheckpointError, DataError, RunLockedError) as e:
         code = _fail(str(e))
@@ -276,12 +250,8 @@ def _busy_cores(wanted: int) -> str | None:
     return f"the machine is busy (load average {load:.1f} on {cores} cores, and this run wants {wanted} threads)"
 
 
-def _take_lock(lock) -> None:
+def _take_lock(lock: RunLock | None) -> None:
     """Rank 0 locks output.dir before anything in it is written; every rank gets the same verdict."""
-    import torch.distributed as dist
-
-    from reformer_dist.training.run_lock import RunLockedError
-
     problem = None
     if lock is not None:
         try:
@@ -290,10 +260,7 @@ def _take_lock(lock) -> None:
                 print(f"reformer-train: {note}", file=sys.stderr)
         except (RunLockedError, OSError) as e:
             problem = str(e)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [problem]
-        dist.broadcast_object_list(box, src=0)
-        problem = box[0]
+    problem = broadcast_object(problem)
     if problem:
         raise RunLockedError(problem)
 

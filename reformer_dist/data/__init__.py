@@ -3,10 +3,12 @@
 Modules, one job each (see docs/data.md):
     tokenizers  byte tokenizer, SentencePiece wrapper, ``load_tokenizer(spec)``, tokenizer training
     sources     local text / JSON lines / Parquet files read as documents with ``datasets`` streaming
-    shards      shard writer (atomic), manifest, checksums (``verify_store``)
+    manifest    the store format: what ``manifest.json`` says about splits and shards
+    writer      ``ShardWriter``: staged, atomic, verified store writes
+    verify      size check at open, full check (sha256, token range) by ``verify_store``
     pipeline    corpus -> tokenised shards with ``datasets.map(num_proc=P)``
-    builtin     the embedded default corpus (Python's own standard library, byte level)
-    store       ``TokenStore``: memory-mapped reader of a store's splits
+    builtin     the embedded default corpus (Python's own standard library, byte level) as arrays
+    store       ``TokenStore``: reader of a store's splits, from a folder (memory-mapped) or arrays
     loader      ``WindowLoader``: deterministic, resumable, DP/SP-aware windows for the trainer
 """
 

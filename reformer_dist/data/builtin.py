@@ -6,13 +6,13 @@ a small byte-level model learns quickly. Every 10th document (the pipeline's ``v
 fraction 0.1, ~0.3 MB) is the validation split. The content depends only on the Python version, which the
 manifest records together with the corpus sha256.
 
-``TokenStore.open("builtin")`` builds it in memory (~0.1 s; each process builds its own, nothing
-is written anywhere); ``reformer-data builtin --out DIR`` writes it as an ordinary store.
+``builtin_corpus()`` returns its token arrays; ``TokenStore.open("builtin")`` makes a store of them in
+memory (~0.1 s; every call reads the files anew, nothing is written anywhere); ``reformer-data builtin
+--out DIR`` writes them as an ordinary store.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import platform
 import sysconfig
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from reformer_dist.data.manifest import MANIFEST, SPLITS
 from reformer_dist.data.pipeline import validation_mask
-from reformer_dist.data.shards import SPLITS, ShardWriter, make_manifest
-from reformer_dist.data.store import TokenStore
 from reformer_dist.data.tokenizers import ByteTokenizer
+from reformer_dist.data.writer import ShardWriter
 
 MAX_BYTES = 4 << 20
 VAL_FRACTION = 0.1
@@ -44,8 +44,9 @@ def builtin_files() -> list[Path]:
     return files
 
 
-def _split_tokens() -> tuple[dict[str, np.ndarray], dict[str, int], str]:
-    """Token arrays per split (uint16, bytes + end-of-document), document counts, corpus sha256."""
+def builtin_corpus() -> tuple[dict[str, np.ndarray], dict]:
+    """The corpus as token arrays per split (uint16 byte ids, each document ended by the end-of-document
+    id) and the metadata a store of it records (its sha256 and the Python version it comes from)."""
     tok = ByteTokenizer()
     files = builtin_files()
     is_val = validation_mask(np.arange(len(files)), VAL_FRACTION)
@@ -57,38 +58,21 @@ def _split_tokens() -> tuple[dict[str, np.ndarray], dict[str, int], str]:
         sha.update(path.name.encode() + b"\0" + data)
         parts["validation" if val else "train"] += [np.frombuffer(data, dtype=np.uint8).astype(np.uint16), eod]
     arrays = {s: np.concatenate(p) if p else np.empty(0, np.uint16) for s, p in parts.items()}
-    docs = {s: len(p) // 2 for s, p in parts.items()}
-    return arrays, docs, sha.hexdigest()
-
-
-def _metadata(corpus_sha256: str) -> dict:
-    return {
+    metadata = {
         "builtin": True,
         "source": "Python standard library (top-level public *.py modules)",
         "python_version": platform.python_version(),
-        "corpus_sha256": corpus_sha256,
+        "corpus_sha256": sha.hexdigest(),
         "val_fraction": VAL_FRACTION,
     }
-
-
-@functools.lru_cache(maxsize=1)
-def builtin_store() -> TokenStore:
-    """The built-in corpus as an in-memory TokenStore (cached per process)."""
-    arrays, docs, corpus_sha = _split_tokens()
-    shards = {
-        s: [{"file": f"<builtin>/{s}", "num_tokens": int(a.size), "num_documents": docs[s],
-             "sha256": hashlib.sha256(a.tobytes()).hexdigest()}]
-        for s, a in arrays.items()
-    }
-    manifest = make_manifest(ByteTokenizer(), shards, _metadata(corpus_sha))
-    return TokenStore(manifest, {s: [a] for s, a in arrays.items()}, path=None)
+    return arrays, metadata
 
 
 def write_builtin(out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write the built-in corpus to ``out_dir`` as an ordinary store (one shard per split)."""
-    arrays, _, corpus_sha = _split_tokens()
+    arrays, metadata = builtin_corpus()
     with ShardWriter(out_dir, ByteTokenizer(), max(a.size for a in arrays.values()),
-                     overwrite=overwrite, metadata=_metadata(corpus_sha)) as writer:
+                     overwrite=overwrite, metadata=metadata) as writer:
         for split, a in arrays.items():
             writer.add(split, a)
-    return Path(out_dir) / "manifest.json"
+    return Path(out_dir) / MANIFEST

@@ -24,9 +24,11 @@ from typing import Any
 import numpy as np
 
 from reformer_dist.data.errors import DataError, UsageError
-from reformer_dist.data.shards import MANIFEST, ShardWriter, check_token_range, dtype_for_vocab
+from reformer_dist.data.manifest import MANIFEST, dtype_for_vocab
+from reformer_dist.data.writer import ShardWriter, check_token_range
 from reformer_dist.data.sources import collect_files, iter_documents
 from reformer_dist.data.tokenizers import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
+from reformer_dist.ondisk import DATASETS_CACHE_PREFIX
 
 
 def validation_mask(indices: np.ndarray | Sequence[int], fraction: float) -> np.ndarray:
@@ -72,6 +74,8 @@ def shard_corpus(
     overwrite: bool = False,
 ) -> Path:
     """Tokenise ``inputs`` into a token store at ``out_dir``; returns the manifest path."""
+    # datasets takes ~1.5 s to import; this module is also imported for validation_mask (the built-in
+    # corpus, which every default run opens) and by the CLI
     import datasets
 
     if not 0.0 <= val_fraction < 1.0:
@@ -94,7 +98,7 @@ def shard_corpus(
     }
     out = Path(out_dir)
     with ShardWriter(out, tok, shard_tokens, overwrite=overwrite, metadata=meta) as writer:
-        cache = Path(tempfile.mkdtemp(prefix=".datasets-cache-", dir=writer.staging))
+        cache = Path(tempfile.mkdtemp(prefix=DATASETS_CACHE_PREFIX, dir=writer.staging))
         try:
             empty = f"empty corpus: no non-empty document in {_describe(files + val_files)}"
             with _original_error(empty=empty):  # datasets versions differ: an error, or 0 rows
@@ -175,7 +179,7 @@ def _tokenize(batch: dict[str, list], indices: list[int], tokenizer: Tokenizer, 
 
 def _write(tokens, writer: ShardWriter) -> None:
     """Append the tokenised documents, in corpus order, to their split (flat arrays, no per-token Python)."""
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # datasets' dependency: loaded with it, only when sharding
 
     for table in tokens.with_format("arrow").iter(batch_size=256):  # documents per step (memory)
         is_val = table.column("validation").to_numpy(zero_copy_only=False)

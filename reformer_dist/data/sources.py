@@ -77,6 +77,7 @@ def iter_documents(
 
     cache_dir: where ``datasets`` may put its (small) lock files; default its own ~/.cache folder.
     """
+    # datasets takes ~1.5 s to import: only reading a corpus (sharding, tokenizer training) needs it
     import datasets
 
     # Local files only: without this, every load pings the Hub's download counter, and on an

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import sentencepiece as spm
 
 from reformer_dist.data.errors import DataError
+from reformer_dist.ondisk import TOKENIZER_META, TOKENIZER_MODEL, TOKENIZER_VOCAB, AtomicFile, atomic_write
 
 BYTES = "bytes"
 SP_PREFIX = "sentencepiece:"
-MODEL_FILE = "tokenizer.model"
-META_FILE = "tokenizer.json"
 # SentencePiece writes U+2581 for a space and cannot give it back as itself; such characters are
 # encoded as their byte-fallback pieces instead (see SentencePieceTokenizer.encode).
 _SP_SPACE = "\u2581"
@@ -85,8 +85,6 @@ class SentencePieceTokenizer:
         self._load(proto)
 
     def _load(self, proto: bytes) -> None:
-        import sentencepiece as spm
-
         self._proto = proto
         self.identity = SP_PREFIX + hashlib.sha256(proto).hexdigest()
         try:
@@ -145,9 +143,9 @@ def load_tokenizer(spec: str | Path) -> ByteTokenizer | SentencePieceTokenizer:
         raise DataError(f"{spec!r} is an identity, not a location: pass the tokenizer directory")
     path = Path(spec)
     if path.is_dir():
-        path = path / MODEL_FILE
+        path = path / TOKENIZER_MODEL
     if not path.is_file():
-        raise DataError(f"{spec}: no tokenizer here (expected 'bytes', a folder with {MODEL_FILE}, or a .model file)")
+        raise DataError(f"{spec}: no tokenizer here (expected 'bytes', a folder with {TOKENIZER_MODEL}, or a .model file)")
     return SentencePieceTokenizer(path)
 
 
@@ -177,8 +175,6 @@ def train_sentencepiece(
     SentencePiece), so memory stays bounded however large the corpus. Text is not normalised and
     whitespace is kept as is, so decode(encode(text)) == text.
     """
-    import sentencepiece as spm
-
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram' (got {model_type!r})")
     out = Path(out_dir)
@@ -198,8 +194,7 @@ def train_sentencepiece(
         except Exception as e:  # noqa: BLE001 - re-raised after training
             failure.append(e)
 
-    model_path = out / MODEL_FILE
-    tmp = out / f".{MODEL_FILE}.tmp-{os.getpid()}"
+    model_path = out / TOKENIZER_MODEL
     options = dict(
         vocab_size=vocab_size,
         model_type=model_type,
@@ -222,10 +217,11 @@ def train_sentencepiece(
         minloglevel=0 if verbose else 2,
     )
     try:
-        with open(tmp, "wb") as f:
+        with AtomicFile(model_path) as f:  # a failed training leaves no model file behind
             spm.SentencePieceTrainer.train(sentence_iterator=lines(), model_writer=f, **options)
+            if failure:
+                raise failure[0]
     except RuntimeError as e:
-        tmp.unlink(missing_ok=True)
         if failure:
             raise failure[0] from None
         if stats["lines"] == 0:
@@ -238,14 +234,9 @@ def train_sentencepiece(
                 f"{character_coverage} keeps; use --vocab-size >= {need.group(2)} (or a lower --character-coverage)"
             ) from None
         raise DataError(f"SentencePiece training failed: {e}") from e
-    if failure:
-        tmp.unlink(missing_ok=True)
-        raise failure[0]
-    os.replace(tmp, model_path)
     tok = SentencePieceTokenizer(model_path)
-    with open(out / "tokenizer.vocab", "w", encoding="utf-8") as f:
-        for i in range(tok.vocab_size):
-            f.write(f"{tok._sp.id_to_piece(i)}\t{tok._sp.get_score(i)}\n")
+    atomic_write(out / TOKENIZER_VOCAB,
+                 "".join(f"{tok._sp.id_to_piece(i)}\t{tok._sp.get_score(i)}\n" for i in range(tok.vocab_size)))
     meta = {
         "identity": tok.identity,
         "vocab_size": tok.vocab_size,
@@ -253,5 +244,5 @@ def train_sentencepiece(
         "trained_on": {**stats, **(metadata or {})},
         "options": {k: v for k, v in options.items() if k not in ("num_threads", "minloglevel")},
     }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    atomic_write(out / TOKENIZER_META, json.dumps(meta, indent=2) + "\n")
     return tok

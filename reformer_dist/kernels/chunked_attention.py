@@ -64,6 +64,7 @@ def available_backends() -> list[str]:
 
 def _load_fused() -> None:
     """Register the Triton kernel when triton imports (it registers itself on import)."""
+    # at first use, not at the top: triton_lsh imports this module (register_backend), a cycle at import time
     try:
         import reformer_dist.kernels.triton_lsh  # noqa: F401  (registration side effect)
     except ImportError:  # triton is optional: the PyTorch cores remain

@@ -1,7 +1,9 @@
-"""`ReformerConfig`: the validated description of one Reformer language model.
+"""`ReformerConfig`: the validated description of one Reformer language model (the run config's [model]).
 
-Only architecture lives here (what the weights mean); training, data and parallelism have their own
-configs. Every check raises ``ValueError`` naming the field, before any tensor is allocated.
+Only architecture lives here (what the weights mean), plus `attention_backend`, which picks the
+attention core that computes it; training, data and parallelism have their own sections. Fields are
+declared and checked the way every config section is (reformer_dist/config_schema.py): each bad value
+raises a ``ValueError`` naming the field, before any tensor is allocated.
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from reformer_dist.config_schema import ListOf, Section, all_of, at_least, choice, of_type, opt, positive_number
+from reformer_dist.ondisk import atomic_write
 
 ATTN_TYPES = ("lsh", "local", "full")
 ACTIVATIONS = ("relu", "gelu", "silu")
@@ -19,104 +24,105 @@ ACTIVATIONS = ("relu", "gelu", "silu")
 ATTENTION_BACKENDS = ("auto", "reference", "blockwise", "triton")
 
 
+def _int(lo: int) -> Any:
+    return all_of(of_type(int), at_least(lo))
+
+
+def _n_buckets(v: Any) -> str | None:
+    factors = v if isinstance(v, (list, tuple)) else [v]
+    ok = v is None or (len(factors) >= 1 and all(isinstance(f, int) and f >= 2 and f % 2 == 0 for f in factors))
+    return None if ok else "expected None, an even integer >= 2, or a list of even integers >= 2"
+
+
+def _axial_shape(v: Any) -> str | None:
+    return None if len(v) == 2 and all(x >= 1 for x in v) else "expected two positive integers [a, b] (max sequence length a*b)"
+
+
+def _dropout(v: Any) -> str | None:
+    return None if 0.0 <= v < 1.0 else "expected 0 <= p < 1"
+
+
 @dataclass
-class ReformerConfig:
+class ReformerConfig(Section):
     """Architecture of a Reformer LM. Defaults give a small causal byte-level model.
 
     Reversible stacks carry two residual streams of width ``d_model`` each (HF layout); the final
     LayerNorm and LM head see their concatenation (``2 * d_model``).
     """
 
-    vocab_size: int = 256
-    d_model: int = 256
-    n_heads: int = 4
-    d_head: int = 64
-    d_ff: int = 1024
-    n_layers: int = 2
-    attn_layers: list[str] | None = None  # one per layer; None -> all "lsh"
+    vocab_size: int = opt(256, _int(1), "token ids 0..vocab_size-1")
+    d_model: int = opt(256, _int(1), "width of each residual stream (= n_heads * d_head)")
+    n_heads: int = opt(4, _int(1), "attention heads")
+    d_head: int = opt(64, _int(1), "width of one head")
+    d_ff: int = opt(1024, _int(1), "feed-forward hidden width")
+    n_layers: int = opt(2, _int(1), "layers (each: attention + feed-forward)")
+    attn_layers: list[str] | None = opt(None, of_type(ListOf(str), None),
+                                        "one of 'lsh', 'local', 'full' per layer; default all 'lsh'")
     # LSH attention
-    n_hashes: int = 2
-    chunk_len: int = 64
-    n_chunks_before: int = 1
-    n_chunks_after: int = 0
-    n_buckets: int | list[int] | None = None  # None = from sequence length (HF rule), int, or factors
-    same_bucket_only: bool = False  # paper's P_i mask; HF does not mask
-    allow_duplicate_attention: bool = True  # False = subtract log(#occurrences) (paper/trax)
-    hash_seed: int = 0  # base seed of the hash rotations; the trainer offsets it per step
+    n_hashes: int = opt(2, _int(1), "LSH rounds")
+    chunk_len: int = opt(64, _int(1), "LSH chunk length")
+    n_chunks_before: int = opt(1, _int(0), "chunks before each chunk that LSH attention looks at")
+    n_chunks_after: int = opt(0, _int(0), "chunks after (0 for a causal model)")
+    n_buckets: int | list[int] | None = opt(None, all_of(of_type(int, ListOf(int), None), _n_buckets),
+                                            "buckets: none = from the sequence length (HF rule), an int, or factors")
+    same_bucket_only: bool = opt(False, of_type(bool), "paper's mask: attend only within the same bucket (HF does not)")
+    allow_duplicate_attention: bool = opt(True, of_type(bool), "false = subtract log(#occurrences) (paper/trax)")
+    hash_seed: int = opt(0, _int(0), "base seed of the hash rotations; the trainer offsets it per step")
     # local attention (HF "local"); None = same as the LSH values
-    local_chunk_len: int | None = None
-    local_n_chunks_before: int = 1
-    local_n_chunks_after: int = 0
+    local_chunk_len: int | None = opt(None, all_of(of_type(int, None), at_least(1)),
+                                      "local attention chunk length (default chunk_len)")
+    local_n_chunks_before: int = opt(1, _int(0), "chunks before, local attention")
+    local_n_chunks_after: int = opt(0, _int(0), "chunks after, local attention (0 for a causal model)")
     # model
-    causal: bool = True
-    reversible: bool = True
-    dropout: float = 0.0
-    activation: str = "relu"
-    layer_norm_eps: float = 1e-12
-    ff_chunk_len: int = 4096  # tokens per feed-forward chunk (0 = no chunking)
-    loss_chunk_len: int = 4096  # tokens per LM-head/cross-entropy chunk
-    axial_pos_shape: list[int] = field(default_factory=lambda: [64, 64])
-    axial_pos_dims: list[int] | None = None  # None -> split d_model in halves
-    init_std: float = 0.02
-    axial_norm_std: float = 0.02  # HF uses 1.0, which drowns 0.02-scale token embeddings in small models
+    causal: bool = opt(True, of_type(bool), "causal language model")
+    reversible: bool = opt(True, of_type(bool), "reversible residual stack (activations recomputed in backward)")
+    dropout: float = opt(0.0, all_of(of_type(float), _dropout), "dropout probability")
+    activation: str = opt("relu", all_of(of_type(str), choice(*ACTIVATIONS)), "feed-forward activation")
+    layer_norm_eps: float = opt(1e-12, all_of(of_type(float), positive_number), "LayerNorm epsilon")
+    ff_chunk_len: int = opt(4096, _int(0), "tokens per feed-forward chunk (0 = no chunking)")
+    loss_chunk_len: int = opt(4096, _int(1), "tokens per LM-head/cross-entropy chunk")
+    axial_pos_shape: list[int] = opt([64, 64], all_of(of_type(ListOf(int)), _axial_shape),
+                                     "axial position shape [a, b]: sequences up to a*b tokens")
+    axial_pos_dims: list[int] | None = opt(None, of_type(ListOf(int), None),
+                                           "widths of the two axial embeddings (sum d_model; default halves)")
+    init_std: float = opt(0.02, of_type(float), "std of the weight init")
+    axial_norm_std: float = opt(0.02, of_type(float),
+                                "std of the axial position init (HF uses 1.0, which drowns 0.02-scale token embeddings)")
     # runtime, not architecture: which attention core computes every layer (same function, other memory/speed)
-    attention_backend: str = "auto"
+    attention_backend: str = opt("auto", all_of(of_type(str), choice(*ATTENTION_BACKENDS)),
+                                 "attention core: auto (triton on CUDA, else reference/blockwise), reference, "
+                                 "blockwise, triton")
 
     def __post_init__(self) -> None:
+        self.check_fields()  # the values as given, before the defaults below fill them in
         if self.attn_layers is None:
             self.attn_layers = ["lsh"] * self.n_layers
         self.attn_layers = list(self.attn_layers)
-        self.axial_pos_shape = [int(x) for x in self.axial_pos_shape]
-        if self.axial_pos_dims is None and isinstance(self.d_model, int):
+        self.axial_pos_shape = list(self.axial_pos_shape)
+        if self.axial_pos_dims is None:
             self.axial_pos_dims = [self.d_model // 2, self.d_model - self.d_model // 2]
-        if self.axial_pos_dims is not None:
-            self.axial_pos_dims = [int(x) for x in self.axial_pos_dims]
-        if isinstance(self.n_buckets, (list, tuple)):
-            self.n_buckets = [int(x) for x in self.n_buckets]
-        self.validate()
+        self.axial_pos_dims = list(self.axial_pos_dims)
+        if isinstance(self.n_buckets, tuple):
+            self.n_buckets = list(self.n_buckets)
+        self.rules()
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
+    def rules(self) -> None:
+        """The rules between fields; each broken one raises naming the field."""
 
         def need(ok: bool, name: str, msg: str) -> None:
             if not ok:
-                raise ValueError(f"ReformerConfig.{name}: {msg} (got {getattr(self, name)!r})")
+                self.fail(name, f"{msg} (got {getattr(self, name)!r})")
 
-        def pos_int(name: str, minimum: int = 1) -> None:
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, name,
-                 f"expected an integer >= {minimum}")
-
-        for name in ("vocab_size", "d_model", "n_heads", "d_head", "d_ff", "n_layers", "n_hashes", "chunk_len"):
-            pos_int(name)
-        for name in ("n_chunks_before", "n_chunks_after", "local_n_chunks_before", "local_n_chunks_after",
-                     "ff_chunk_len", "hash_seed"):
-            pos_int(name, 0)
-        pos_int("loss_chunk_len")
-        if self.local_chunk_len is not None:
-            pos_int("local_chunk_len")
-        need(isinstance(self.attn_layers, list) and len(self.attn_layers) == self.n_layers, "attn_layers",
+        need(len(self.attn_layers) == self.n_layers, "attn_layers",
              f"expected a list of {self.n_layers} entries (one per layer, n_layers={self.n_layers})")
         for t in self.attn_layers:
             need(t in ATTN_TYPES, "attn_layers", f"unknown layer type {t!r}; expected one of {ATTN_TYPES}")
         need(self.d_model == self.n_heads * self.d_head, "d_model",
              f"must equal n_heads * d_head = {self.n_heads} * {self.d_head} = {self.n_heads * self.d_head}")
-        need(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "dropout", "expected 0 <= p < 1")
-        need(self.activation in ACTIVATIONS, "activation", f"expected one of {ACTIVATIONS}")
-        need(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", f"expected one of {ATTENTION_BACKENDS}")
-        need(isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0, "layer_norm_eps",
-             "expected a positive number")
-        need(len(self.axial_pos_shape) == 2 and all(x >= 1 for x in self.axial_pos_shape), "axial_pos_shape",
-             "expected two positive integers [a, b] (max sequence length a*b)")
-        need(self.axial_pos_dims is not None and len(self.axial_pos_dims) == 2
-             and all(x >= 1 for x in self.axial_pos_dims) and sum(self.axial_pos_dims) == self.d_model,
+        need(len(self.axial_pos_dims) == 2 and all(x >= 1 for x in self.axial_pos_dims)
+             and sum(self.axial_pos_dims) == self.d_model,
              "axial_pos_dims", f"expected two positive integers summing to d_model={self.d_model}")
-        nb = self.n_buckets
-        if nb is not None:
-            factors = nb if isinstance(nb, list) else [nb]
-            need(len(factors) >= 1 and all(isinstance(f, int) and f >= 2 and f % 2 == 0 for f in factors),
-                 "n_buckets", "expected None, an even integer >= 2, or a list of even integers >= 2")
         if self.causal:
             need(self.n_chunks_after == 0, "n_chunks_after", "must be 0 for a causal model (it would only see masked keys)")
             need(self.local_n_chunks_after == 0, "local_n_chunks_after", "must be 0 for a causal model")
@@ -173,7 +179,7 @@ class ReformerConfig:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "ReformerConfig":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from reformer_dist.model.config import ReformerConfig
@@ -17,9 +18,7 @@ from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.generation import generate_cached, sample_next
 from reformer_dist.model.layers import IGNORE_INDEX, AxialPositionEmbedding, LMHead
 from reformer_dist.model.reversible import ReformerStack
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+from reformer_dist.ondisk import CONFIG_NAME, WEIGHTS_NAME, load_weights
 
 
 def shift_labels(input_ids: Tensor) -> Tensor:
@@ -110,8 +109,8 @@ class ReformerLM(nn.Module):
         pad = self.padded_length(l) - l
         key_valid = None if attention_mask is None else attention_mask.to(torch.bool)
         if sequence_parallel is not None:
-            # Each rank holds a slice: padding is decided on the whole sequence, so it must already fit.
-            sequence_parallel.check(self.cfg, l)
+            # Each rank holds a slice: padding is decided on the whole sequence, so it must already fit
+            # (parallel.sequence.check_layout, checked once when the run config loads).
             if attention_mask is not None:
                 raise ValueError("attention_mask is not supported with sequence parallelism")
             pad = 0
@@ -211,8 +210,6 @@ class ReformerLM(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json + model.safetensors (fp32 or the parameters' dtype)."""
-        from safetensors.torch import save_file
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.cfg.save(d / CONFIG_NAME)
@@ -222,8 +219,6 @@ class ReformerLM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "ReformerLM":
         """Load a directory written by ``save_pretrained`` or ``reformer-ckpt consolidate``."""
-        from reformer_dist.checkpoint.io import load_weights
-
         d = Path(directory)
         cfg_path = d / CONFIG_NAME
         if not cfg_path.is_file():

@@ -1,15 +1,19 @@
-"""Rank discovery: torch/DeepSpeed launcher variables, SLURM, MPI (mpi4py) or a single process.
+"""Rank discovery: torch/DeepSpeed launcher variables, MPI (mpi4py), SLURM or a single process.
 
 ``discover()`` returns a :class:`DistEnv`; ``export_env()`` writes it back as the variables
 ``torch.distributed`` (``init_method="env://"``) and ``deepspeed.init_distributed`` read.
+``intra_op_threads()`` decides the CPU threads of each rank. SLURM's node lists are parsed by
+``parallel/hostlist.py``.
 
-Order of precedence:
+Order of precedence (``discover``):
 
-1. ``RANK`` + ``WORLD_SIZE`` (torchrun, the ``deepspeed`` launcher, or set by hand);
-2. SLURM: ``SLURM_PROCID`` inside an ``srun`` step (``SLURM_STEP_ID`` set); a batch script or
-   ``salloc`` shell without ``srun``, or a step of one task, is a single process;
-3. MPI through mpi4py, only when an MPI launcher's variables are present (``PMI_RANK``,
-   ``OMPI_COMM_WORLD_SIZE``, ...), so plain runs never call ``MPI_Init``;
+1. ``RANK`` or ``WORLD_SIZE`` set: torchrun, the ``deepspeed`` launcher, or set by hand;
+2. MPI through mpi4py, only when an MPI launcher's variables are present (``PMI_RANK``,
+   ``OMPI_COMM_WORLD_SIZE``, ...), so plain runs never call ``MPI_Init``; it comes before SLURM
+   because an MPI launcher inside an allocation leaves SLURM step variables that describe its helper
+   processes, not the ranks (``use_mpi=False`` skips it);
+3. SLURM: ``SLURM_PROCID`` inside an ``srun`` step (``SLURM_STEP_ID`` set) of more than one task; a
+   batch script or ``salloc`` shell without ``srun``, or a step of one task, is a single process;
 4. a single process.
 """
 
@@ -17,10 +21,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 from dataclasses import asdict, dataclass
 from typing import Mapping, MutableMapping
+
+from reformer_dist.parallel.hostlist import expand_nodelist, parse_tasks_per_node
 
 DEFAULT_PORT = 29500
 SOURCES = ("torch", "slurm", "mpi", "single")
@@ -63,94 +68,6 @@ class DistEnv:
     def to_json(self) -> str:
         """One-line JSON form (used by ``reformer-launch env``)."""
         return json.dumps(asdict(self), sort_keys=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# SLURM hostlists
-# ----------------------------------------------------------------------------------------------
-
-
-def _split_top_level(text: str, what: str) -> list[str]:
-    """Split on commas that are not inside ``[...]``."""
-    parts: list[str] = []
-    depth = 0
-    start = 0
-    for i, ch in enumerate(text):
-        if ch == "[":
-            depth += 1
-            if depth > 1:
-                raise ValueError(f"{what}: nested '[' in {text!r}")
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"{what}: unmatched ']' in {text!r}")
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    if depth != 0:
-        raise ValueError(f"{what}: unmatched '[' in {text!r}")
-    parts.append(text[start:])
-    return parts
-
-
-def _expand_range_list(body: str, nodelist: str, what: str = "SLURM_JOB_NODELIST") -> list[str]:
-    """Expand the inside of one bracket group, e.g. ``"01-03,07"`` -> ``["01","02","03","07"]``."""
-    out: list[str] = []
-    for item in body.split(","):
-        item = item.strip()
-        if not item:
-            raise ValueError(f"{what}: empty range in {nodelist!r}")
-        lo, sep, hi = item.partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ValueError(f"{what}: bad range {item!r} in {nodelist!r}")
-        if not sep:
-            out.append(lo)
-            continue
-        a, b = int(lo), int(hi)
-        if b < a:
-            raise ValueError(f"{what}: descending range {item!r} in {nodelist!r}")
-        # Slurm pads to the width of the lower bound when it has a leading zero ("08-10").
-        width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
-        out.extend(str(n).zfill(width) for n in range(a, b + 1))
-    return out
-
-
-_GROUP = re.compile(r"\[([^\[\]]*)\]")
-
-
-def expand_nodelist(nodelist: str, what: str = "SLURM_JOB_NODELIST") -> list[str]:
-    """Expand a SLURM hostlist such as ``"node[01-03,07],gpu5,rack[1-2]-n[3-4]"``.
-
-    Zero padding is kept, several comma-separated names and several bracket groups per name are
-    supported (the first group varies slowest, like ``scontrol show hostnames``). Duplicates are
-    kept in order. Raises ``ValueError`` on malformed input, naming ``what`` (where the list came from).
-    """
-    text = nodelist.strip()
-    if not text:
-        return []
-    hosts: list[str] = []
-    for name in _split_top_level(text, what):
-        name = name.strip()
-        if not name:
-            raise ValueError(f"{what}: empty host name in {nodelist!r}")
-        pieces = _GROUP.split(name)  # literal, group, literal, group, ..., literal
-        expanded = [""]
-        for i, piece in enumerate(pieces):
-            choices = _expand_range_list(piece, nodelist, what) if i % 2 else [piece]
-            expanded = [prefix + c for prefix in expanded for c in choices]
-        hosts.extend(expanded)
-    return hosts
-
-
-def parse_tasks_per_node(spec: str, name: str = "SLURM_TASKS_PER_NODE") -> list[int]:
-    """Expand SLURM's compressed tasks-per-node list: ``"2(x3),1"`` -> ``[2, 2, 2, 1]``."""
-    out: list[int] = []
-    for item in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
-        if not m:
-            raise ValueError(f"{name}: cannot parse {spec!r}")
-        out.extend([int(m.group(1))] * int(m.group(2) or 1))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,9 +226,10 @@ def _from_slurm(environ: Mapping[str, str]) -> DistEnv | None:
     )
 
 
-def _free_port() -> int:
+def free_port(host: str = "") -> int:
+    """A TCP port free right now on `host` ("" = every interface)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -333,7 +251,7 @@ def _from_mpi(environ: Mapping[str, str]) -> DistEnv | None:
     local.Free()
     if rank == 0:
         addr = environ.get("MASTER_ADDR", "").strip() or socket.gethostname()
-        port = _int(environ, "MASTER_PORT") if environ.get("MASTER_PORT", "").strip() else _free_port()
+        port = _int(environ, "MASTER_PORT") if environ.get("MASTER_PORT", "").strip() else free_port()
         info = (addr, port)
     else:
         info = None

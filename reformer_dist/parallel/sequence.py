@@ -8,8 +8,11 @@ for H/P heads; LSH rotations are drawn for all H heads and sliced, so a head has
 every rank and in the single-process run.
 
 Gradients: each rank's loss is (its token-loss sum) / (token count of the whole sequence), so the sum
-of the ranks' parameter gradients is the full-sequence gradient; ``scale_for_data_parallel`` multiplies
-by P when the optimizer averages gradients over all SP x DP ranks (DeepSpeed without an mpu does).
+of the ranks' parameter gradients is the full-sequence gradient; ``scale_for_data_parallel`` undoes
+DeepSpeed's average over the P ranks that share a sequence (the SP batch rule, ``parallel.config``).
+
+``check_layout`` is the one place the layout rules that involve the model and the sequence length live;
+the run config calls it once, before any process group starts (ParallelConfig checks U divides P).
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from reformer_dist.config_schema import ConfigError
 from reformer_dist.model.config import ReformerConfig
-from reformer_dist.parallel.bucket import BucketSharding
 from reformer_dist.model.context import AttentionContext
+from reformer_dist.model.documents import document_ids, positions_in_document
+from reformer_dist.parallel.bucket import BucketSharding
+from reformer_dist.parallel.collectives import all_gather_cat
+from reformer_dist.parallel.config import ParallelConfig, deepspeed_sequences
 
 
 class UlyssesAttention:
@@ -42,10 +49,6 @@ class UlyssesAttention:
         self.group = group if group is not None else dist.group.WORLD
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
-
-    def check(self, cfg: ReformerConfig, local_len: int) -> None:
-        """Raise ValueError when heads or length do not divide across the group."""
-        check_layout(cfg, local_len * self.size, self.size, self.size)
 
     def attend(self, fn: Callable[..., Tensor], *tensors: Tensor, ctx: AttentionContext) -> Tensor:
         heads = tensors[0].shape[2]
@@ -90,10 +93,6 @@ class SequenceParallel:
     def ulysses_size(self) -> int:
         return 1 if self.ulysses is None else self.ulysses.size
 
-    def check(self, cfg: ReformerConfig, local_len: int) -> None:
-        """Raise ValueError, naming the keys, when the model cannot run in this layout."""
-        check_layout(cfg, local_len * self.size, self.size, self.ulysses_size)
-
     def attend(self, fn: Callable[..., Tensor], *tensors: Tensor, ctx: AttentionContext) -> Tensor:
         inner = dataclasses.replace(ctx, sequence_parallel=None, bucket=self.bucket)
         if self.ulysses is None:
@@ -101,17 +100,17 @@ class SequenceParallel:
         return self.ulysses.attend(fn, *tensors, ctx=inner)
 
 
-def check_layout(cfg: ReformerConfig, length: int, sp_size: int, ulysses_size: int) -> None:
-    """The one place the sequence-parallel layout rules live (errors name the keys)."""
-    if sp_size % ulysses_size:
-        raise ValueError(f"parallel.ulysses_size={ulysses_size} must divide parallel.sequence_parallel_size={sp_size}")
+def check_layout(cfg: ReformerConfig, length: int, parallel: ParallelConfig) -> None:
+    """The one place the sequence-parallel layout rules live: ConfigError naming the keys when the model
+    cannot run sequences of `length` tokens in this layout."""
+    sp_size, ulysses_size = parallel.sequence_parallel_size, parallel.heads_group_size
     if cfg.n_heads % ulysses_size:
-        raise ValueError(f"parallel.ulysses_size={ulysses_size} (default: parallel.sequence_parallel_size) must divide "
+        raise ConfigError(f"parallel.ulysses_size={ulysses_size} (default: parallel.sequence_parallel_size) must divide "
                          f"model.n_heads={cfg.n_heads} (Ulysses shards heads; parallel.ulysses_size=1 shards LSH's "
                          "sorted order instead)")
     mult = cfg.pad_multiple()
     if length % sp_size or length % mult:
-        raise ValueError(f"data.seq_len={length} must be a multiple of parallel.sequence_parallel_size={sp_size} "
+        raise ConfigError(f"data.seq_len={length} must be a multiple of parallel.sequence_parallel_size={sp_size} "
                          f"and of the chunk length(s) {mult} (no internal padding under sequence parallelism)")
     k = sp_size // ulysses_size
     if k == 1:
@@ -119,20 +118,34 @@ def check_layout(cfg: ReformerConfig, length: int, sp_size: int, ulysses_size: i
     per = length // k  # tokens of one bucket rank
     for i, kind in enumerate(cfg.attn_layers):
         if kind == "full":
-            raise ValueError(f"model.attn_layers[{i}] = 'full' needs the whole sequence: it cannot run with bucket "
+            raise ConfigError(f"model.attn_layers[{i}] = 'full' needs the whole sequence: it cannot run with bucket "
                              f"sharding (parallel.sequence_parallel_size={sp_size} > parallel.ulysses_size="
                              f"{ulysses_size}); use 'lsh'/'local' layers or parallel.ulysses_size={sp_size}")
     if "lsh" in cfg.attn_layers:
         piece = cfg.n_hashes * per
         if piece % cfg.chunk_len or piece // cfg.chunk_len < max(cfg.n_chunks_before, cfg.n_chunks_after, 1):
-            raise ValueError(f"data.seq_len={length}: each of the {k} bucket ranks owns n_hashes x seq_len / {k} = "
+            raise ConfigError(f"data.seq_len={length}: each of the {k} bucket ranks owns n_hashes x seq_len / {k} = "
                              f"{piece} sorted slots, which must be a multiple of model.chunk_len={cfg.chunk_len} "
                              f"and hold max(model.n_chunks_before, model.n_chunks_after) chunks")
     if "local" in cfg.attn_layers:
         if per % cfg.local_chunk or per // cfg.local_chunk < max(cfg.local_n_chunks_before, cfg.local_n_chunks_after, 1):
-            raise ValueError(f"data.seq_len={length}: each of the {k} bucket ranks holds {per} tokens, which must be a "
+            raise ConfigError(f"data.seq_len={length}: each of the {k} bucket ranks holds {per} tokens, which must be a "
                              f"multiple of model.local_chunk_len={cfg.local_chunk} and hold max("
                              "model.local_n_chunks_before, model.local_n_chunks_after) chunks")
+
+
+def document_inputs(ids: Tensor, eod_id: int, reset_positions: bool, sp: "SequenceParallel | None" = None,
+                    sp_rank: int = 0) -> dict[str, Tensor]:
+    """The model's document inputs for this rank's tokens `ids`: ``document_ids`` of the whole window
+    (attention sees all of it: the SP ranks hold consecutive slices of one window, gathered here) and,
+    with `reset_positions`, this rank's slice of ``positions``."""
+    window = ids if sp is None else all_gather_cat(ids, sp.group, sp.size, dim=1)
+    docs = document_ids(window, eod_id)
+    out = {"document_ids": docs}
+    if reset_positions:
+        n = ids.shape[1]
+        out["positions"] = positions_in_document(docs)[:, sp_rank * n : (sp_rank + 1) * n]
+    return out
 
 
 def sequence_parallel_loss(model: torch.nn.Module, input_ids: Tensor, labels: Tensor, *, position_offset: int,
@@ -148,39 +161,27 @@ def sequence_parallel_loss(model: torch.nn.Module, input_ids: Tensor, labels: Te
     stats = torch.stack([total.detach().to(torch.float64), count.to(torch.float64)])
     dist.all_reduce(stats, group=sp.group)
     loss = total / stats[1].clamp(min=1).to(total.dtype)
-    if scale_for_data_parallel:
-        loss = loss * sp.size
+    if scale_for_data_parallel:  # DeepSpeed averages over the sp.size ranks of this sequence: undo it
+        loss = loss * deepspeed_sequences(1, sp.size)
     return loss, (stats[0] / stats[1].clamp(min=1)).to(torch.float32)
-
-
-def new_sequence_parallel_groups(sp_size: int) -> tuple[dist.ProcessGroup, int, int, int]:
-    """Split the world into consecutive groups of ``sp_size`` ranks (every rank must call this).
-
-    Returns (this rank's SP group, sp_rank, dp_rank, dp_size).
-    """
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if world % sp_size:
-        raise ValueError(f"parallel.sequence_parallel_size={sp_size} must divide the world size {world}")
-    mine = None
-    for start in range(0, world, sp_size):
-        g = dist.new_group(list(range(start, start + sp_size)))
-        if start <= rank < start + sp_size:
-            mine = g
-    return mine, rank % sp_size, rank // sp_size, world // sp_size
 
 
 def new_sequence_parallel(sp_size: int, ulysses_size: int | None = None) -> tuple[SequenceParallel, int, int, int]:
     """Groups of one P = U x K layout (every rank must call this; U defaults to P, pure Ulysses).
 
-    Returns (this rank's SequenceParallel, sp_rank, dp_rank, dp_size). Within each SP group of P consecutive
-    ranks, Ulysses groups are consecutive blocks of U ranks and bucket groups take one rank of each block.
+    Returns (this rank's SequenceParallel, sp_rank, dp_rank, dp_size). The world splits into consecutive
+    SP groups of P ranks; within each, Ulysses groups are consecutive blocks of U ranks and bucket groups
+    take one rank of each block. The sizes are checked by ParallelConfig (U divides P, P divides the world).
     """
-    u = sp_size if ulysses_size is None else ulysses_size
-    if u < 1 or sp_size % u:
-        raise ValueError(f"parallel.ulysses_size={u} must divide parallel.sequence_parallel_size={sp_size}")
-    sp_group, sp_rank, dp_rank, dp_size = new_sequence_parallel_groups(sp_size)
+    layout = ParallelConfig(sequence_parallel_size=sp_size, ulysses_size=ulysses_size)
     world, rank = dist.get_world_size(), dist.get_rank()
-    ulysses = bucket = None
+    dp_size = layout.data_parallel_size(world)
+    u = layout.heads_group_size
+    sp_group = ulysses = bucket = None
+    for start in range(0, world, sp_size):  # every rank creates every group, in the same order
+        g = dist.new_group(list(range(start, start + sp_size)))
+        if start <= rank < start + sp_size:
+            sp_group = g
     for start in range(0, world, sp_size):
         for k in range(sp_size // u):
             ranks = list(range(start + k * u, start + (k + 1) * u))
@@ -192,4 +193,4 @@ def new_sequence_parallel(sp_size: int, ulysses_size: int | None = None) -> tupl
             g = dist.new_group(ranks)
             if rank in ranks:
                 bucket = g
-    return SequenceParallel(sp_group, ulysses, bucket), sp_rank, dp_rank, dp_size
+    return SequenceParallel(sp_group, ulysses, bucket), rank % sp_size, rank // sp_size, dp_size

@@ -1,16 +1,19 @@
-"""Checkpoint layout, per-rank trainer state, the atomic commit and `--resume` resolution.
+"""Saving checkpoints: the collective save, per-rank trainer state, RNG state, the atomic commit, pruning.
 
-Layout of the checkpoint root (default <output.dir>/checkpoints):
+Layout of the checkpoint root (default <output.dir>/checkpoints; names in reformer_dist/ondisk.py):
 
     latest                      tag of the newest COMPLETE checkpoint (DeepSpeed's format; moved last)
+    zero_to_safetensors.py      tools/zero_to_safetensors.py: ZeRO shards -> model.safetensors, needs
+                                only torch + safetensors (copied like DeepSpeed's zero_to_fp32.py)
     step_00000300/              one checkpoint ("tag")
         mp_rank_00_model_states.pt, *_optim_states.pt   DeepSpeed's files (engine.save_checkpoint)
         trainer_state/rank00000.pt                       per rank: step, loader state, RNG states
         run_config.json                                  the resolved run config + batch plan
-        MANIFEST.json                                    checksums; written by rank 0 after a barrier
+        MANIFEST.json                                    the manifest; written by rank 0 after a barrier
 
-The DeepSpeed calls and barriers live in trainer.py; everything here is plain file handling, so
-it is testable without a process group. Folders must be on a file system every rank sees.
+`save_checkpoint` is the collective every rank calls (it uses the engine's own save); the rest is
+plain file handling, testable without a process group. Reading a checkpoint back is
+training/resume.py. Folders must be on a file system every rank sees.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import errno
 import json
 import os
 import random
-import re
 import shutil
+import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,24 +32,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from reformer_dist.checkpoint.integrity import CheckpointError, is_complete, verify_manifest, write_manifest
+from reformer_dist.config_schema import Section, boolean, int_min, opt, optional, string
+from reformer_dist.ondisk import (LATEST, RUN_CONFIG, TRAINER_STATE_DIR, ZERO_TO_SAFETENSORS, AtomicFile,
+                                  CheckpointError, atomic_write, is_complete, rank_state_file, step_of, tag_for,
+                                  write_manifest)
+from reformer_dist.parallel.collectives import any_rank, barrier
 
-TAG_RE = re.compile(r"^step_(\d{8,})$")
-LATEST = "latest"
-STATE_DIR = "trainer_state"
-RUN_CONFIG = "run_config.json"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
+# The standalone consolidation script copied next to every checkpoint (a source checkout's tools/ folder).
+RECOVERY_SCRIPT = Path(__file__).resolve().parents[2] / "tools" / ZERO_TO_SAFETENSORS
 
 
-def step_of(tag: str) -> int | None:
-    m = TAG_RE.match(tag)
-    return int(m.group(1)) if m else None
+@dataclass
+class CheckpointConfig(Section):
+    every: int = opt(500, int_min(0), "save every N steps (0 = only at the end)")
+    keep_last: int = opt(3, int_min(1), "complete checkpoints kept; older ones are deleted after a new one completes")
+    at_end: bool = opt(True, boolean, "save after the last step")
+    dir: str | None = opt(None, optional(string), "checkpoint root (default <output.dir>/checkpoints)")
 
 
 # ---------------------------------------------------------------------------------------------- RNG
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def capture_rng() -> dict[str, Any]:
     return {
         "python": random.getstate(),
@@ -65,21 +76,20 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------- per-rank state
 def state_path(ckpt_dir: Path, rank: int) -> Path:
-    return ckpt_dir / STATE_DIR / f"rank{rank:05d}.pt"
+    return ckpt_dir / rank_state_file(rank)
 
 
 def save_rank_state(ckpt_dir: Path, rank: int, state: dict[str, Any]) -> None:
     p = state_path(ckpt_dir, rank)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, p)
+    with AtomicFile(p) as f:
+        torch.save(state, f)
 
 
 def load_rank_state(ckpt_dir: Path, rank: int) -> dict[str, Any]:
     p = state_path(ckpt_dir, rank)
     if not p.is_file():
-        n = len(list((ckpt_dir / STATE_DIR).glob("rank*.pt")))
+        n = len(list((ckpt_dir / TRAINER_STATE_DIR).glob("rank*.pt")))
         raise CheckpointError(f"{p}: missing; the checkpoint holds trainer state for {n} rank(s) "
                               f"(exact resume needs the same world size)")
     try:
@@ -101,9 +111,7 @@ def list_tags(root: Path) -> list[tuple[int, Path]]:
 def commit(root: Path, tag: str, extra: dict | None = None) -> None:
     """Rank 0, after every rank saved: manifest first, then move `latest` (temp + rename)."""
     write_manifest(root / tag, extra=extra)
-    tmp = root / (LATEST + ".tmp")
-    tmp.write_text(tag)
-    os.replace(tmp, root / LATEST)
+    atomic_write(root / LATEST, tag)
 
 
 def prune(root: Path, keep_last: int) -> list[Path]:
@@ -151,97 +159,63 @@ def save_failure_message(path: Path, failure: BaseException | None, rank: int) -
             "Free space (or set checkpoint.dir elsewhere), then run again with --resume auto")
 
 
-# ---------------------------------------------------------------------------------------------- resume
-@dataclass
-class ResumePoint:
-    root: Path
-    tag: str
-    step: int
-    skipped_incomplete: list[str]
+# ---------------------------------------------------------------------------------------------- the save
+def save_checkpoint(engine: Any, root: Path, step: int, rank: int, world_size: int, trainer_state: dict[str, Any],
+                    run_record: dict[str, Any], keep_last: int) -> list[Path]:
+    """Save checkpoint `step` under `root`; every rank calls this at the same step. Returns (on rank 0) the
+    checkpoints pruned after it.
 
-    @property
-    def path(self) -> Path:
-        return self.root / self.tag
-
-
-def precheck_resume_path(spec: str) -> str | None:
-    """Cheap look at `--resume PATH` before any process group starts: None when it may hold a checkpoint."""
-    p = Path(spec)
-    if not p.exists():
-        return f"--resume {spec}: no such file or folder"
-    if not p.is_dir():
-        return f"--resume {spec}: is a file; expected a checkpoint folder (step_XXXXXXXX), its root, or a reshard output"
-    if step_of(p.name) is None and not (p / "latest_universal").is_file() and not list_tags(p):
-        return (f"--resume {spec}: no checkpoint in this folder (expected step_XXXXXXXX folders, e.g. "
-                f"<output.dir>/checkpoints, or a `reformer-ckpt reshard` output)")
-    return None
-
-
-def find_resume(spec: str, default_root: Path, verify_hashes: bool = True) -> ResumePoint | None:
-    """Resolve `--resume auto|PATH` to a verified checkpoint; None = start fresh (only for `auto`).
-
-    `auto`: the newest COMPLETE checkpoint under the run's checkpoint root (none -> fresh start).
-    PATH: a checkpoint folder (step_XXXXXXXX) or a checkpoint root (its newest complete one).
-    A complete checkpoint whose files do not match its manifest raises CheckpointError naming the file;
-    it is never silently replaced by an older one.
+    DeepSpeed's files and each rank's trainer state (and rank 0's run config), then a barrier; rank 0
+    writes the manifest and moves `latest` (`commit`), prunes, and copies the recovery script. A failed
+    write on any rank (a full disk) removes the partial folder on every rank's behalf and raises
+    CheckpointError naming it and the cause; `latest` and the previous checkpoint stay.
     """
-    if spec == "auto":
-        root, required = default_root, False
-    else:
-        p = Path(spec)
-        if not p.exists():
-            raise CheckpointError(f"--resume {spec}: no such file or folder")
-        if step_of(p.name) is not None and p.is_dir():
-            if not is_complete(p):
-                raise CheckpointError(f"{p}: incomplete checkpoint (no MANIFEST.json; the save did not finish)")
-            verify_manifest(p, hashes=verify_hashes)
-            return ResumePoint(p.parent, p.name, step_of(p.name), [])  # type: ignore[arg-type]
-        root, required = p, True
-    skipped: list[str] = []
-    for step, p in list_tags(root):
-        if not is_complete(p):
-            skipped.append(p.name)
-            continue
-        verify_manifest(p, hashes=verify_hashes)
-        return ResumePoint(root, p.name, step, skipped)
-    if required:
-        raise CheckpointError(f"--resume {spec}: no complete checkpoint (step_XXXXXXXX with MANIFEST.json) in {root}")
-    return None
-
-
-def read_run_config(ckpt_dir: Path) -> dict[str, Any]:
-    p = ckpt_dir / RUN_CONFIG
+    main = rank == 0
+    tag = tag_for(step)
+    path = root / tag
+    if main and path.exists():
+        shutil.rmtree(path)  # a stale folder of an abandoned continuation: never mix files
+    barrier()
+    failure: BaseException | None = None
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{p}: cannot be read ({e})") from None
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False, client_state={"reformer_dist_step": step})
+        save_rank_state(path, rank, trainer_state)
+        if main:
+            atomic_write(path / RUN_CONFIG, json.dumps(run_record, indent=2) + "\n")
+    except (OSError, RuntimeError) as e:  # torch reports a short write as RuntimeError("... unexpected pos ...")
+        failure = e
+    _agree_saved(path, failure, rank)  # collective: every rank's files are on disk, or all raise
+    if main:
+        try:
+            commit(root, tag, extra={"step": step, "world_size": world_size})
+        except OSError as e:
+            failure = e
+    _agree_saved(path, failure if main else None, rank)
+    removed = []
+    if main:
+        removed = prune(root, keep_last)
+        copy_recovery_script(root)
+    barrier()  # nobody runs ahead (or exits) before `latest` moved
+    return removed
 
 
-def compare_run_configs(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(errors, warnings) between a checkpoint's run config and the current one, as dotted keys.
+def _agree_saved(path: Path, failure: BaseException | None, rank: int) -> None:
+    """All ranks agree whether a save step failed anywhere; if so the partial folder goes and all raise."""
+    if not any_rank(failure is not None):
+        return
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    barrier()
+    raise CheckpointError(save_failure_message(path, failure, rank))
 
-    The model must match (the weights mean something else otherwise) and so must the data-parallel
-    layout (per-rank loader states). Other differences are allowed (e.g. a longer max_steps) but
-    reported, because they break the "same losses as an uninterrupted run" guarantee.
-    """
-    errors, warnings = [], []
-    harmless = {"train.max_steps", "checkpoint.every", "checkpoint.keep_last", "checkpoint.at_end", "checkpoint.dir",
-                "eval.every", "eval.at_end", "logging.log_every", "logging.tensorboard", "logging.progress_bar",
-                "logging.rank_files", "output.dir", "output.save_model", "output.sample_tokens", "output.sample_prompt",
-                "output.sample_temperature", "output.sample_top_k", "train.requeue", "deepspeed.config"}
-    for section, body in current["config"].items():
-        old = saved["config"].get(section, {})
-        for key, value in body.items():
-            if old.get(key, value) != value:
-                dotted = f"{section}.{key}"
-                msg = f"{dotted}: checkpoint has {old.get(key)!r}, this run {value!r}"
-                if section == "model":
-                    errors.append(msg)
-                elif dotted not in harmless:
-                    warnings.append(msg)
-    for key in ("dp_size", "sp_size", "micro_batch", "grad_accum"):
-        if saved["plan"].get(key, 1 if key == "sp_size" else None) != current["plan"].get(key):
-            errors.append(f"batch plan {key}: checkpoint has {saved['plan'].get(key)}, this run {current['plan'].get(key)} "
-                          f"(exact resume needs the same data- and sequence-parallel sizes, micro batch and grad "
-                          f"accumulation)")
-    return errors, warnings
+
+def copy_recovery_script(root: Path) -> None:
+    """Put tools/zero_to_safetensors.py next to the checkpoints, as DeepSpeed does with zero_to_fp32.py."""
+    if not RECOVERY_SCRIPT.is_file():  # a package installed without the source tree's tools/ folder
+        return
+    try:
+        dst = root / ZERO_TO_SAFETENSORS
+        shutil.copyfile(RECOVERY_SCRIPT, dst)
+        os.chmod(dst, os.stat(dst).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    except OSError as e:  # the checkpoint itself is complete: say so, do not fail the run
+        print(f"reformer-train: warning: could not copy {RECOVERY_SCRIPT.name} to {root}: {e}", file=sys.stderr)

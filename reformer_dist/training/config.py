@@ -1,9 +1,18 @@
-"""The run config of `reformer-train`: TOML sections, defaults -> file -> `--set` overrides.
+"""The run config of `reformer-train`: its sections composed, layered defaults -> TOML file -> `--set`.
 
-Each section is a small dataclass that only its own component reads ([model] is `ReformerConfig`).
+Each section is a dataclass next to the code that reads it, declared and checked the way
+reformer_dist/config_schema.py describes; this module composes them (and holds [train], the run's own
+section, read by the trainer, the optimizer and the schedule):
+
+    [model] model/config.py     [data] data/config.py           [parallel] parallel/config.py
+    [eval] training/evaluation.py   [checkpoint] training/checkpointing.py   [logging] training/metrics.py
+    [deepspeed] training/deepspeed_config.py   [output] training/outputs.py   [train] here
+
 Every unknown key and every bad value raises `ConfigError` naming its dotted key
-(``train.lr: expected a positive number (got -1)``, ``model.n_hedas: unknown key``), and all of it
-happens before any process group starts: `load_run_config` touches no device and no network.
+(``train.lr: expected a positive number (got -1)``, ``model.n_hedas: unknown key``); a section checks
+its own fields and the rules among them, this module only the rules that span sections. All of it
+happens before any process group starts: `load_run_config` touches no device and no network. The batch
+arithmetic (`plan_batches`) resolves the config against a world size.
 
 Relative paths: `deepspeed.config` in a TOML file is relative to that file's folder (the JSONs live
 next to the TOMLs); every other path (data.path, output.dir) is relative to the working directory.
@@ -13,107 +22,40 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
+from reformer_dist.config_schema import (ConfigError, FieldError, Section, any_string, boolean, build_section, choice,
+                                         describe, fraction, int_min, is_number, nonneg_number, opt, optional,
+                                         positive_number, string)
+from reformer_dist.data.config import DataConfig
 from reformer_dist.model.config import ReformerConfig
+from reformer_dist.ondisk import CHECKPOINTS_DIR
+from reformer_dist.parallel.config import ParallelConfig
+from reformer_dist.training.checkpointing import CheckpointConfig
+from reformer_dist.training.deepspeed_config import DeepSpeedConfig
+from reformer_dist.training.evaluation import EvalConfig
+from reformer_dist.training.metrics import LoggingConfig
+from reformer_dist.training.outputs import OutputConfig
 
-
-class ConfigError(ValueError):
-    """A run-config problem; the message starts with the dotted key it is about."""
-
-
-# ---------------------------------------------------------------------------------------------- checks
-# A check takes a value and returns an error description, or None when the value is fine.
-Check = Callable[[Any], "str | None"]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def int_min(lo: int) -> Check:
-    return lambda v: None if _is_int(v) and v >= lo else (
-        "expected a positive integer" if lo == 1 else f"expected an integer >= {lo}")
-
-
-def positive_number(v: Any) -> str | None:
-    return None if _is_num(v) and math.isfinite(v) and v > 0 else "expected a positive number"
-
-
-def nonneg_number(v: Any) -> str | None:
-    return None if _is_num(v) and math.isfinite(v) and v >= 0 else "expected a number >= 0"
-
-
-def fraction(v: Any) -> str | None:
-    return None if _is_num(v) and 0 <= v <= 1 else "expected a number in [0, 1]"
-
-
-def open_fraction(v: Any) -> str | None:
-    return None if _is_num(v) and 0 <= v < 1 else "expected a number in [0, 1)"
-
-
-def boolean(v: Any) -> str | None:
-    return None if isinstance(v, bool) else "expected true or false"
-
-
-def string(v: Any) -> str | None:
-    return None if isinstance(v, str) and v else "expected a non-empty string"
-
-
-def any_string(v: Any) -> str | None:
-    return None if isinstance(v, str) else "expected a string"
-
-
-def choice(*options: str) -> Check:
-    return lambda v: None if v in options else f"expected one of {list(options)}"
-
-
-def optional(check: Check) -> Check:
-    return lambda v: None if v is None else check(v)
+__all__ = ["BatchPlan", "ConfigError", "RunConfig", "SECTIONS", "load_run_config", "plan_batches", "to_toml"]
 
 
 def betas(v: Any) -> str | None:
-    ok = isinstance(v, list) and len(v) == 2 and all(_is_num(b) and 0 <= b < 1 for b in v)
+    ok = isinstance(v, list) and len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v)
     return None if ok else "expected two numbers in [0, 1), e.g. [0.9, 0.95]"
 
 
-def opt(default: Any, check: Check, doc: str = "") -> Any:
-    """A config field: default, check, and a one-line doc (shown by `reformer-train --help-config`)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata={"check": check, "doc": doc})
-    return field(default=default, metadata={"check": check, "doc": doc})
-
-
-# ---------------------------------------------------------------------------------------------- sections
+# ---------------------------------------------------------------------------------------------- the run's own section
 @dataclass
-class DataConfig:
-    path: str = opt("builtin", string, "token store folder (`reformer-data` prepares one) or 'builtin'")
-    tokenizer: str | None = opt(None, optional(string), "refuse a store whose tokenizer differs from this name")
-    seq_len: int = opt(1024, int_min(2), "tokens per training window")
-    seed: int = opt(0, int_min(0), "window shuffling seed")
-    train_split: str = opt("train", choice("train", "validation"), "split trained on")
-    eval_split: str = opt("validation", choice("train", "validation"), "held-out split evaluated on")
-    document_masking: bool = opt(False, boolean, "a token attends only to tokens of its own document (documents "
-                                 "end with the store's end-of-document id; windows pack several)")
-    reset_positions: bool = opt(False, boolean, "position embeddings restart at each document (needs "
-                                "data.document_masking)")
-
-
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     micro_batch: int = opt(1, int_min(1), "sequences per rank per forward/backward")
     grad_accum: int | None = opt(None, optional(int_min(1)), "micro-batches per optimizer step (default 1, or derived from global_batch)")
     global_batch: int | None = opt(None, optional(int_min(1)), "sequences per optimizer step over all ranks; must equal micro_batch * grad_accum * data-parallel size")
@@ -135,59 +77,13 @@ class TrainConfig:
     threads: int | None = opt(None, optional(int_min(1)), "intra-op CPU threads per rank (default: $OMP_NUM_THREADS, "
                               "else this process's cores / ranks on this node)")
 
-
-@dataclass
-class EvalConfig:
-    every: int = opt(200, int_min(0), "evaluate every N steps (0 = only at the end)")
-    batches: int = opt(8, int_min(1), "micro-batches per rank per evaluation (the same ones every time)")
-    at_end: bool = opt(True, boolean, "evaluate after the last step")
-    hash_seed: int | None = opt(None, optional(int_min(0)), "fixed LSH hash seed for eval (default model.hash_seed)")
-    n_hashes: int | None = opt(None, optional(int_min(1)), "also report the eval loss with this many LSH hash rounds "
-                               "(trained rounds kept, new ones added); the loss at model.n_hashes is reported too")
+    def rules(self) -> None:
+        if self.decay_steps is not None and self.decay_steps < self.warmup_steps:
+            self.fail("decay_steps", f"{self.decay_steps} is before the end of warmup (train.warmup_steps = "
+                                     f"{self.warmup_steps})")
 
 
-@dataclass
-class CheckpointConfig:
-    every: int = opt(500, int_min(0), "save every N steps (0 = only at the end)")
-    keep_last: int = opt(3, int_min(1), "complete checkpoints kept; older ones are deleted after a new one completes")
-    at_end: bool = opt(True, boolean, "save after the last step")
-    dir: str | None = opt(None, optional(string), "checkpoint root (default <output.dir>/checkpoints)")
-
-
-@dataclass
-class LoggingConfig:
-    log_every: int = opt(1, int_min(1), "write a step record every N steps")
-    tensorboard: bool = opt(True, boolean, "TensorBoard scalars under <output.dir>/tb (rank 0)")
-    progress_bar: bool = opt(True, boolean, "tqdm bar on rank 0")
-    rank_files: bool = opt(False, boolean, "every rank writes its own <output.dir>/ranks/rank<R>.jsonl (tests, debugging)")
-
-
-@dataclass
-class DeepSpeedConfig:
-    config: str | None = opt(None, optional(string), "JSON with ZeRO/offload/bf16 options only (no batch, optimizer or scheduler keys)")
-    zero_stage: int | None = opt(None, optional(lambda v: None if v in (0, 1, 2, 3) and _is_int(v) else "expected 0, 1, 2 or 3"),
-                                 "ZeRO stage; overrides the JSON's zero_optimization.stage (default: the JSON's, else 1)")
-    precision: str = opt("auto", choice("auto", "fp32", "bf16"), "auto = bf16 on CUDA, fp32 on CPU")
-
-
-@dataclass
-class ParallelConfig:
-    sequence_parallel_size: int = opt(1, int_min(1), "ranks sharing one sequence; divides the world size")
-    ulysses_size: int | None = opt(None, optional(int_min(1)), "of those, ranks that shard heads (DeepSpeed-Ulysses; "
-                                   "divides model.n_heads); the rest shard LSH's sorted order (bucket sharding). "
-                                   "Default: all of them (pure Ulysses)")
-
-
-@dataclass
-class OutputConfig:
-    dir: str = opt("runs/default", string, "run folder: resolved config, metrics.jsonl, tb/, checkpoints/, model/")
-    save_model: bool = opt(True, boolean, "write the final weights with save_pretrained to <output.dir>/model")
-    sample_tokens: int = opt(0, int_min(0), "print a generated sample of this many tokens at the end (0 = none)")
-    sample_prompt: str = opt("", any_string, "prompt of the final sample")
-    sample_temperature: float = opt(0.8, positive_number, "sampling temperature of the final sample")
-    sample_top_k: int | None = opt(None, optional(int_min(1)), "top-k of the final sample")
-
-
+# ---------------------------------------------------------------------------------------------- composition
 SECTIONS: dict[str, type] = {
     "model": ReformerConfig,
     "data": DataConfig,
@@ -223,49 +119,7 @@ class RunConfig:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
-
-
-# ---------------------------------------------------------------------------------------------- model section
-def _model_type_error(annotation: str, v: Any) -> str | None:
-    """Check a value against a ReformerConfig annotation string ('int', 'list[str] | None', ...)."""
-    simple = {"int": _is_int, "float": _is_num, "bool": lambda x: isinstance(x, bool),
-              "str": lambda x: isinstance(x, str), "None": lambda x: x is None}
-    for alt in (a.strip() for a in annotation.split("|")):
-        if alt in simple and simple[alt](v):
-            return None
-        if alt.startswith("list[") and isinstance(v, list) and all(simple.get(alt[5:-1], lambda x: True)(x) for x in v):
-            return None
-    return f"expected {annotation.replace('None', 'none')}"
-
-
-def _build_model(d: dict[str, Any], source: str) -> ReformerConfig:
-    fields = {f.name: f for f in dataclasses.fields(ReformerConfig)}
-    for k, v in d.items():
-        if k not in fields:
-            raise ConfigError(f"model.{k}: unknown key (known: {', '.join(sorted(fields))})")
-        err = _model_type_error(str(fields[k].type), v)
-        if err:
-            raise ConfigError(f"model.{k}: {err} (got {v!r})")
-    try:
-        return ReformerConfig.from_dict(dict(d), source=source)
-    except ValueError as e:  # "ReformerConfig.<field>: msg" -> "model.<field>: msg"
-        msg = str(e)
-        raise ConfigError(msg.replace("ReformerConfig.", "model.", 1) if msg.startswith("ReformerConfig.") else f"model: {msg}") from None
-    except TypeError as e:
-        raise ConfigError(f"model: {e}") from None
-
-
-def _build_section(name: str, d: dict[str, Any]) -> Any:
-    cls = SECTIONS[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for k, v in d.items():
-        if k not in fields:
-            raise ConfigError(f"{name}.{k}: unknown key (known: {', '.join(fields)})")
-        err = fields[k].metadata["check"](v)
-        if err:
-            raise ConfigError(f"{name}.{k}: {err} (got {v!r})")
-    return cls(**d)
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / CHECKPOINTS_DIR
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -317,51 +171,34 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple
         if section not in SECTIONS:
             raise ConfigError(f"{section}.{key}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
         raw.setdefault(section, {})[key] = value
-    cfg = RunConfig(source=source)
-    for section, body in raw.items():
-        setattr(cfg, section, _build_model(body, source) if section == "model" else _build_section(section, body))
-    check_cross_fields(cfg)
-    return cfg
+    return from_dict(raw, source)
 
 
 def from_dict(d: dict[str, dict[str, Any]], source: str = "dict") -> RunConfig:
-    """Rebuild a RunConfig from `RunConfig.to_dict()` output (e.g. a checkpoint's run_config.json)."""
+    """Build a RunConfig from section tables (e.g. `RunConfig.to_dict()` output); defaults fill the rest."""
     cfg = RunConfig(source=source)
     for section, body in d.items():
         if section not in SECTIONS:
             raise ConfigError(f"{section}: unknown section (known: {', '.join(SECTIONS)})")
-        setattr(cfg, section, _build_model(body, source) if section == "model" else _build_section(section, body))
-    check_cross_fields(cfg)
+        setattr(cfg, section, build_section(SECTIONS[section], section, body))
+    check_across_sections(cfg)
     return cfg
 
 
-def check_cross_fields(cfg: RunConfig) -> None:
-    """Checks that involve two sections and need no world size."""
+def check_across_sections(cfg: RunConfig) -> None:
+    """The rules that involve two sections (each section checks its own); no world size needed."""
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's maximum length "
                           f"{cfg.model.max_seq_len} (model.axial_pos_shape = {cfg.model.axial_pos_shape}, their product)")
-    t = cfg.train
-    if t.decay_steps is not None and t.decay_steps < t.warmup_steps:
-        raise ConfigError(f"train.decay_steps: {t.decay_steps} is before the end of warmup (train.warmup_steps = {t.warmup_steps})")
-    if cfg.deepspeed.config is not None and not Path(cfg.deepspeed.config).is_file():
-        raise ConfigError(f"deepspeed.config: no such file {cfg.deepspeed.config}")
-    if cfg.data.reset_positions and not cfg.data.document_masking:
-        raise ConfigError("data.reset_positions: needs data.document_masking = true (positions restart per document)")
     p = cfg.parallel
-    if p.ulysses_size is not None and p.sequence_parallel_size % p.ulysses_size:
-        raise ConfigError(f"parallel.ulysses_size: {p.ulysses_size} must divide parallel.sequence_parallel_size = "
-                          f"{p.sequence_parallel_size}")
-    if cfg.data.document_masking and p.ulysses_size is not None and p.ulysses_size < p.sequence_parallel_size:
+    if cfg.data.document_masking and p.bucket_sharding:
         raise ConfigError("data.document_masking: not supported with bucket sharding (parallel.ulysses_size < "
                           "parallel.sequence_parallel_size); use pure Ulysses")
     if p.sequence_parallel_size > 1:
-        from reformer_dist.parallel.sequence import check_layout  # the one place the layout rules live
+        # sequence.py imports DeepSpeed's sequence layer and the attention kernels: only SP runs load them
+        from reformer_dist.parallel.sequence import check_layout
 
-        try:
-            check_layout(cfg.model, cfg.data.seq_len, p.sequence_parallel_size,
-                         p.ulysses_size or p.sequence_parallel_size)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        check_layout(cfg.model, cfg.data.seq_len, p)
 
 
 # ---------------------------------------------------------------------------------------------- batch arithmetic
@@ -385,9 +222,10 @@ class BatchPlan:
 def plan_batches(cfg: RunConfig, world_size: int) -> BatchPlan:
     """Resolve micro batch x grad accumulation x data-parallel size; errors name the keys involved."""
     sp = cfg.parallel.sequence_parallel_size
-    if world_size % sp:
-        raise ConfigError(f"parallel.sequence_parallel_size: {sp} does not divide the world size {world_size}")
-    dp = world_size // sp
+    try:
+        dp = cfg.parallel.data_parallel_size(world_size)
+    except FieldError as e:
+        raise e.within("parallel") from None
     t = cfg.train
     per_step = t.micro_batch * dp  # sequences per micro-step over all ranks
     if t.global_batch is None:
@@ -436,14 +274,5 @@ def describe_schema() -> str:
     """Every section and key with its default and doc (for `reformer-train --help-config`)."""
     out = []
     for section, cls in SECTIONS.items():
-        out.append(f"[{section}]")
-        if cls is ReformerConfig:
-            out.append("  (ReformerConfig fields, see reformer_dist/model/config.py)")
-            for f in dataclasses.fields(cls):
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-                out.append(f"  {f.name} = {default!r}")
-            continue
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            out.append(f"  {f.name} = {default!r}  # {f.metadata.get('doc', '')}")
+        out += [f"[{section}]  ({cls.__module__})", *describe(cls)]
     return "\n".join(out)

@@ -10,12 +10,31 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from reformer_dist.training.config import BatchPlan, ConfigError, RunConfig
+from reformer_dist.config_schema import ConfigError, Section, choice, is_int, opt, optional, string
+from reformer_dist.parallel.config import deepspeed_sequences
+
+if TYPE_CHECKING:
+    from reformer_dist.training.config import BatchPlan, RunConfig
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+@dataclass
+class DeepSpeedConfig(Section):
+    config: str | None = opt(None, optional(string), "JSON with ZeRO/offload/bf16 options only (no batch, optimizer or scheduler keys)")
+    zero_stage: int | None = opt(None, optional(lambda v: None if v in (0, 1, 2, 3) and is_int(v) else "expected 0, 1, 2 or 3"),
+                                 "ZeRO stage; overrides the JSON's zero_optimization.stage (default: the JSON's, else 1)")
+    precision: str = opt("auto", choice("auto", "fp32", "bf16"), "auto = bf16 on CUDA, fp32 on CPU")
+
+    def rules(self) -> None:
+        if self.config is not None and not Path(self.config).is_file():
+            self.fail("config", f"no such file {self.config}")
+
+
 REFUSED_KEYS = {
     "optimizer": "the trainer builds the optimizer from [train] (lr, betas, eps, weight_decay)",
     "scheduler": "the LR schedule comes from [train] (warmup_steps, decay, min_lr_ratio)",
@@ -53,9 +72,7 @@ def build_deepspeed_config(cfg: RunConfig, plan: BatchPlan, on_cuda: bool) -> di
         if key in user:
             raise ConfigError(f"{where}: key {key!r} is not allowed: {why}")
     want = {
-        # DeepSpeed treats every rank as data-parallel; under sequence parallelism the P ranks of a group
-        # share one sequence, so its bookkeeping batch is P times ours (the loss is scaled to match).
-        "train_batch_size": plan.global_batch * plan.sp_size,
+        "train_batch_size": deepspeed_sequences(plan.global_batch, plan.sp_size),  # the SP batch rule
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
     }

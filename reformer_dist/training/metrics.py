@@ -18,7 +18,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dataclasses import dataclass
+
 import torch
+from tqdm.auto import tqdm
+
+from reformer_dist.config_schema import Section, boolean, int_min, opt
+from reformer_dist.ondisk import METRICS, RANKS_DIR, TENSORBOARD_DIR, rank_metrics_file
+
+
+@dataclass
+class LoggingConfig(Section):
+    log_every: int = opt(1, int_min(1), "write a step record every N steps")
+    tensorboard: bool = opt(True, boolean, "TensorBoard scalars under <output.dir>/tb (rank 0)")
+    progress_bar: bool = opt(True, boolean, "tqdm bar on rank 0")
+    rank_files: bool = opt(False, boolean, "every rank writes its own <output.dir>/ranks/rank<R>.jsonl (tests, debugging)")
 
 
 def memory_gb(device: torch.device) -> float:
@@ -41,23 +55,23 @@ class Metrics:
                  tensorboard: bool, progress_bar: bool, rank_files: bool, log_every: int):
         self.rank, self.world_size, self.log_every = rank, world_size, log_every
         self.main = rank == 0
-        self._file = open(run_dir / "metrics.jsonl", "a") if self.main else None
+        self._file = open(run_dir / METRICS, "a") if self.main else None
         self._rank_file = None
         if rank_files:
-            (run_dir / "ranks").mkdir(parents=True, exist_ok=True)
-            self._rank_file = open(run_dir / "ranks" / f"rank{rank}.jsonl", "a")
+            (run_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
+            self._rank_file = open(run_dir / rank_metrics_file(rank), "a")
         self._tb = None
         if self.main and tensorboard:
             try:
+                # only rank 0 with logging.tensorboard needs it, and a missing tensorboard degrades to
+                # JSON lines here instead of failing every import of this module
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=initial_step + 1 if initial_step else None)
+                self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=initial_step + 1 if initial_step else None)
             except ImportError:  # pragma: no cover - tensorboard is a dependency; degrade rather than die
                 print("metrics: tensorboard is not installed; writing JSON lines only", file=sys.stderr)
         self._bar = None
         if self.main and progress_bar:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                              mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
 

@@ -24,6 +24,9 @@ import time
 from collections.abc import MutableMapping
 from pathlib import Path
 
+import torch
+from torch.utils.cpp_extension import get_default_build_root
+
 SHM_COMM = "deepspeed_shm_comm"
 
 
@@ -34,6 +37,8 @@ def skip_unused_ops() -> None:
     `deepspeed.ops.__compatible_ops__` before building the op and skips it when marked incompatible
     (the same path a non-Linux machine takes), falling back to torch.distributed for everything.
     """
+    # deepspeed logs its accelerator choice when imported; cli/train.py imports this module at the top,
+    # and a config error or a dry run must not print that
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__[SHM_COMM] = False
@@ -61,9 +66,6 @@ def extensions_dir() -> Path:
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root:
         return Path(root)
-    import torch
-    from torch.utils.cpp_extension import get_default_build_root
-
     accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
     return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_{accel}"
 

@@ -5,7 +5,7 @@ Flow (the trainer's side)::
     handler = PreemptionHandler().install()
     for step in ...:
         ...optimizer step...
-        if handler.sync():            # same answer on every rank (all_reduce MAX)
+        if handler.sync():            # same answer on every rank (parallel.collectives.any_rank)
             save_checkpoint(...)      # on all ranks
             barrier()
             if args.requeue:
@@ -25,6 +25,8 @@ import signal
 import subprocess
 from types import FrameType
 from typing import Any, Iterable, Mapping
+
+from reformer_dist.parallel.collectives import any_rank
 
 log = logging.getLogger(__name__)
 
@@ -98,26 +100,10 @@ class PreemptionHandler:
         """Whether any rank was asked to stop; the same value on every rank.
 
         With ``torch.distributed`` initialized this is a collective (every rank must call it at the
-        same step): an ``all_reduce(MAX)`` of the local flag, on a CUDA tensor when the backend is
-        NCCL and a CPU tensor otherwise (gloo). Without it, the local flag.
+        same step): ``parallel.collectives.any_rank`` of the local flag. Without it, the local flag.
         """
-        local = self._flag
-        try:
-            import torch
-            import torch.distributed as dist
-        except ImportError:  # pragma: no cover - torch is a dependency
-            return local
-        if not (dist.is_available() and dist.is_initialized()):
-            return local
-        backend = str(dist.get_backend(group))
-        if "nccl" in backend and torch.cuda.is_available():
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            device = torch.device("cpu")
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        stop = bool(flag.item())
-        if stop and not local:
+        stop = any_rank(self._flag, group)
+        if stop and not self._flag:
             log.info("preemption requested on another rank; stopping at this step")
         return stop
 

@@ -28,7 +28,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-LOCK_NAME = ".reformer-train.lock"
+from reformer_dist.ondisk import LOCK_NAME
 
 
 class RunLockedError(RuntimeError):

@@ -20,7 +20,7 @@ from slurm_cluster import CEILING_S
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 from train_launcher import TINY, clean_env  # noqa: E402
 
-from reformer_dist.checkpoint.integrity import verify_manifest  # noqa: E402
+from reformer_dist.ondisk import verify_manifest  # noqa: E402
 
 pytestmark = pytest.mark.cluster
 

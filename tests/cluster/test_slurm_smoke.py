@@ -20,7 +20,7 @@ import pytest
 
 from slurm_cluster import CEILING_S
 
-from reformer_dist.parallel.env import expand_nodelist
+from reformer_dist.parallel.hostlist import expand_nodelist
 
 pytestmark = pytest.mark.cluster
 

@@ -14,7 +14,7 @@ import torch
 
 from ckpt_runs import saved
 from reformer_dist import ReformerConfig, ReformerLM
-from reformer_dist.checkpoint.integrity import write_manifest
+from reformer_dist.ondisk import write_manifest
 from reformer_dist.cli.ckpt import main
 
 pytestmark = pytest.mark.distributed

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from reformer_dist import ReformerConfig, ReformerLM
-from reformer_dist.checkpoint.checksums import (CHECKSUMS, CorruptCheckpointError, verify_checksums,
-                                                verify_torch_file)
-from reformer_dist.checkpoint.io import load_weights
+from reformer_dist.checkpoint.deepspeed_ckpt import verify_torch_file
 from reformer_dist.checkpoint.writer import parse_size, write_weights_dir
 from reformer_dist.cli.ckpt import main
+from reformer_dist.ondisk import CHECKSUMS, CorruptCheckpointError, load_weights, verify_checksums
 
 CFG = ReformerConfig(vocab_size=40, d_model=16, n_heads=2, d_head=8, d_ff=32, n_layers=2, attn_layers=["lsh", "local"],
                      chunk_len=8, axial_pos_shape=[4, 8])

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from reformer_dist.cli.data import main
-from reformer_dist.data.shards import MANIFEST, ShardWriter, verify_store
 from reformer_dist.data.tokenizers import load_tokenizer
+from reformer_dist.data.verify import verify_store
+from reformer_dist.data.writer import ShardWriter
+from reformer_dist.ondisk import STORE_MANIFEST as MANIFEST
 
 from cli_cases import run_cli, snapshot
 

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from reformer_dist.data.builtin import builtin_files, builtin_store, write_builtin
+from reformer_dist.data.builtin import builtin_corpus, builtin_files, write_builtin
 from reformer_dist.data.errors import DataError
 from reformer_dist.data.loader import WindowLoader, permute
-from reformer_dist.data.shards import ShardWriter, verify_store
 from reformer_dist.data.store import TokenStore
+from reformer_dist.data.verify import verify_store
+from reformer_dist.data.writer import ShardWriter
 
 N_TOKENS = 10_007  # token at position p is p: a window's first token is its offset
 
@@ -142,7 +143,9 @@ def test_store_too_small_says_how_many_tokens(store):
 
 def test_builtin_store(tmp_path: Path):
     store = TokenStore.open("builtin", expect_tokenizer="bytes")
-    assert store is builtin_store() and store.vocab_size == 257 and store.eod_id == 256
+    assert store.vocab_size == 257 and store.eod_id == 256
+    arrays, _ = builtin_corpus()  # no cached store: every open builds its own from the same arrays
+    assert TokenStore.open("builtin") is not store and store.num_tokens("train") == arrays["train"].size
     assert 2_000_000 < store.num_tokens("train") < 5_000_000 and store.num_tokens("validation") > 100_000
     files = builtin_files()
     assert files == sorted(files) and store.num_documents("train") + store.num_documents("validation") == len(files)

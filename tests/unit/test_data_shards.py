@@ -12,9 +12,11 @@ import pytest
 
 from reformer_dist.data.errors import DataError
 from reformer_dist.data.pipeline import shard_corpus, train_tokenizer, validation_mask
-from reformer_dist.data.shards import MANIFEST, ShardWriter, verify_store
 from reformer_dist.data.store import TokenStore
 from reformer_dist.data.tokenizers import load_tokenizer
+from reformer_dist.data.verify import verify_store
+from reformer_dist.data.writer import ShardWriter
+from reformer_dist.ondisk import STORE_MANIFEST as MANIFEST
 
 DOCS = [
     "def f(x):\n    return x + 1\n",

@@ -11,6 +11,7 @@ from reformer_dist.model.documents import document_ids, positions_in_document
 from reformer_dist.model.hashing import make_rotations
 from reformer_dist.model.local_attention import local_attention
 from reformer_dist.model.lsh_attention import lsh_attention
+from reformer_dist.parallel.sequence import document_inputs
 
 EOD = 1
 
@@ -19,6 +20,15 @@ def test_document_ids_and_positions():
     ids = torch.tensor([[5, 6, EOD, 7, EOD, EOD, 8, 9]])
     assert document_ids(ids, EOD).tolist() == [[0, 0, 0, 1, 1, 2, 3, 3]]
     assert positions_in_document(document_ids(ids, EOD)).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+
+
+def test_document_inputs_of_one_process():
+    # what the trainer hands the model (the SP gather is tests/distributed/test_train_sp.py's)
+    ids = torch.tensor([[5, 6, EOD, 7, EOD, EOD, 8, 9]])
+    assert document_inputs(ids, EOD, reset_positions=False).keys() == {"document_ids"}
+    out = document_inputs(ids, EOD, reset_positions=True)
+    assert out["document_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 3, 3]]
+    assert out["positions"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
 
 
 def packed(lengths: list[int], vocab: int, seed: int) -> torch.Tensor:

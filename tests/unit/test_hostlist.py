@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reformer_dist.parallel.env import expand_nodelist, parse_tasks_per_node
+from reformer_dist.parallel.hostlist import expand_nodelist, parse_tasks_per_node
 
 
 @pytest.mark.parametrize(

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reformer_dist.checkpoint.integrity import verify_manifest
 from reformer_dist.cli.train import main
-from reformer_dist.data.shards import MANIFEST, ShardWriter
 from reformer_dist.data.tokenizers import load_tokenizer
+from reformer_dist.data.writer import ShardWriter
+from reformer_dist.ondisk import STORE_MANIFEST as MANIFEST
+from reformer_dist.ondisk import verify_manifest
 
 from cli_cases import run_cli
 

@@ -6,13 +6,15 @@ import json
 
 import pytest
 
-from reformer_dist.checkpoint.integrity import CheckpointError, verify_manifest
+from reformer_dist import ondisk
+from reformer_dist.ondisk import CheckpointError, verify_manifest
 from reformer_dist.training import checkpointing as ckpt
+from reformer_dist.training import resume
 from reformer_dist.training.metrics import read_records
 
 
 def fake_checkpoint(root, step, complete=True):
-    d = root / ckpt.tag_for(step)
+    d = root / ondisk.tag_for(step)
     (d / "trainer_state").mkdir(parents=True)
     (d / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 100 + bytes([step % 256]))
     (d / "trainer_state" / "rank00000.pt").write_bytes(b"state")
@@ -25,20 +27,20 @@ def test_auto_picks_the_newest_complete_checkpoint(tmp_path):
     fake_checkpoint(tmp_path, 100)
     fake_checkpoint(tmp_path, 200)
     fake_checkpoint(tmp_path, 300, complete=False)  # a save that never finished
-    point = ckpt.find_resume("auto", tmp_path)
+    point = resume.find_resume("auto", tmp_path)
     assert (point.step, point.tag, point.skipped_incomplete) == (200, "step_00000200", ["step_00000300"])
     assert (tmp_path / "latest").read_text() == "step_00000200"
 
 
 def test_auto_without_checkpoints_starts_fresh_but_a_path_must_exist(tmp_path):
-    assert ckpt.find_resume("auto", tmp_path / "none") is None
+    assert resume.find_resume("auto", tmp_path / "none") is None
     with pytest.raises(CheckpointError, match="no such file"):
-        ckpt.find_resume(str(tmp_path / "none"), tmp_path)
+        resume.find_resume(str(tmp_path / "none"), tmp_path)
     fake_checkpoint(tmp_path, 5, complete=False)
     with pytest.raises(CheckpointError, match="step_00000005: incomplete checkpoint"):
-        ckpt.find_resume(str(tmp_path / "step_00000005"), tmp_path)
+        resume.find_resume(str(tmp_path / "step_00000005"), tmp_path)
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
-        ckpt.find_resume(str(tmp_path), tmp_path)
+        resume.find_resume(str(tmp_path), tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
@@ -54,7 +56,7 @@ def test_a_corrupt_checkpoint_names_the_file(tmp_path, damage):
     else:
         f.unlink()
     with pytest.raises(CheckpointError, match=f"{f}: (corrupt|truncated or altered|missing)"):
-        ckpt.find_resume("auto", tmp_path)  # never silently falls back to an older checkpoint
+        resume.find_resume("auto", tmp_path)  # never silently falls back to an older checkpoint
     with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt"):
         verify_manifest(d)
 
@@ -81,7 +83,7 @@ def test_run_config_comparison_names_keys():
              "plan": {"dp_size": 2, "sp_size": 1, "micro_batch": 1, "grad_accum": 1}}
     now = {"config": {"model": {"d_model": 128}, "train": {"lr": 2e-3, "max_steps": 20}},
            "plan": {"dp_size": 4, "sp_size": 1, "micro_batch": 1, "grad_accum": 1}}
-    errors, warnings = ckpt.compare_run_configs(saved, now)
+    errors, warnings = resume.compare_run_configs(saved, now)
     assert errors[0].startswith("model.d_model: checkpoint has 64, this run 128")
     assert any(e.startswith("batch plan dp_size") for e in errors)
     assert warnings == ["train.lr: checkpoint has 0.001, this run 0.002"]  # max_steps may change silently
@@ -109,3 +111,57 @@ def test_plot_writes_a_png(tmp_path):
     assert main([str(run), "--out", str(out), "--smooth", "3", "--x", "tokens"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_universal_comparison_needs_the_global_batch_not_the_layout():
+    # a reshard output resumes on another world size: DP layout may change, global batch and SP size may not
+    saved = {"config": {"model": {"d_model": 64}}, "plan": {"dp_size": 2, "sp_size": 1, "micro_batch": 1,
+                                                           "grad_accum": 2, "global_batch": 4}}
+    other_layout = {"config": {"model": {"d_model": 64}}, "plan": {"dp_size": 4, "sp_size": 1, "micro_batch": 1,
+                                                                  "grad_accum": 1, "global_batch": 4}}
+    assert resume.compare_run_configs(saved, other_layout, universal=True) == ([], [])
+    assert resume.compare_run_configs(saved, other_layout)[0]  # an exact resume refuses the same change
+    changed = {"config": {"model": {"d_model": 128}}, "plan": {"dp_size": 2, "sp_size": 2, "micro_batch": 1,
+                                                              "grad_accum": 4, "global_batch": 8}}
+    errors, _ = resume.compare_run_configs(saved, changed, universal=True)
+    assert errors == ["model.d_model: checkpoint has 64, this run 128",
+                      "batch plan global_batch: checkpoint has 4, this run 8 (set train.global_batch to keep the "
+                      "same data order)",
+                      "parallel.sequence_parallel_size must stay the same across a reshard"]
+
+
+def test_explicit_resume_moves_the_runs_newer_checkpoints_aside(tmp_path):
+    # --resume PATH of an older checkpoint (here another run's): the newer checkpoints of THIS run's root go
+    # to abandoned-<time>/, so that --resume auto never returns to them; the source root is left alone
+    run_root, other = tmp_path / "run", tmp_path / "other"
+    for step in (1, 2, 3):
+        fake_checkpoint(run_root, step)
+    source = fake_checkpoint(other, 2)
+    fake_checkpoint(other, 5)
+    record = {"config": {"model": {"d_model": 64}},
+              "plan": {"dp_size": 1, "sp_size": 1, "micro_batch": 1, "grad_accum": 1}, "world_size": 1}
+    (source / ondisk.RUN_CONFIG).write_text(json.dumps(record))
+    ckpt.save_rank_state(source, 0, {"step": 2, "world_size": 1, "loader": {"position": 7}, "rng": ckpt.capture_rng()})
+
+    class Engine:
+        def load_checkpoint(self, root, tag, **_):
+            self.loaded = (root, tag)
+            return root, {}
+
+    class Loader:
+        def load_state_dict(self, state):
+            self.state = state
+
+    engine, loader = Engine(), Loader()
+    point = resume.ResumePoint(other, source.name, 2, [])
+    state = resume.load(point, engine, loader, record, rank=0, world_size=1, seed=0, abandon_newer_in=run_root)
+    assert state["step"] == 2 and loader.state == {"position": 7} and engine.loaded == (str(other), source.name)
+    assert [p.name for _, p in ckpt.list_tags(run_root)] == ["step_00000002", "step_00000001"]
+    (aside,) = run_root.glob("abandoned-*")
+    assert [p.name for p in aside.iterdir()] == ["step_00000003"]
+    assert [p.name for _, p in ckpt.list_tags(other)] == ["step_00000005", "step_00000002"]
+
+    # --resume auto (abandon_newer_in=None) moves nothing
+    fake_checkpoint(run_root, 4)
+    resume.load(point, engine, loader, record, rank=0, world_size=1, seed=0, abandon_newer_in=None)
+    assert [p.name for _, p in ckpt.list_tags(run_root)][0] == "step_00000004"

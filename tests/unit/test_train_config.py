@@ -205,3 +205,23 @@ def test_docs_config_table_lists_every_key():
         named = set(re.findall(r"`(\w+)`", rows[section]))
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in named]
         assert not missing, f"docs/training.md [{section}] row lacks {missing}"
+
+
+@pytest.mark.parametrize("backend", ["reference", "blockwise"])
+def test_model_attention_backend_reaches_the_attention_core(monkeypatch, backend):
+    # [model] attention_backend -> ReformerConfig -> AttentionContext.backend -> kernels.chunked_attention
+    import torch
+
+    from reformer_dist import ReformerLM
+    from reformer_dist.kernels import chunked_attention as dispatch
+
+    calls = []
+    for name, (fn, supports) in list(dispatch._BACKENDS.items()):
+        spy = (lambda fn, name: lambda *a, **kw: calls.append(name) or fn(*a, **kw))(fn, name)
+        monkeypatch.setitem(dispatch._BACKENDS, name, (spy, supports))
+    cfg = load_run_config(None, [f"model.attention_backend={backend}", "model.vocab_size=40", "model.d_model=16",
+                                 "model.n_heads=2", "model.d_head=8", "model.d_ff=32", "model.chunk_len=8",
+                                 'model.attn_layers=["lsh","local"]', "model.axial_pos_shape=[4,8]",
+                                 "data.seq_len=32"])
+    ReformerLM(cfg.model)(torch.randint(0, 40, (1, 32)), torch.randint(0, 40, (1, 32)))
+    assert calls and set(calls) == {backend}  # both layers, and nothing chosen behind the config's back

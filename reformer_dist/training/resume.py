@@ -1,0 +1,244 @@
+"""Resume: which checkpoint a run continues from, whether it fits this run, and loading it; and what a
+fresh start does with an earlier run's files.
+
+    --resume auto    the newest COMPLETE checkpoint of this run's checkpoint root (none: start fresh)
+    --resume PATH    a checkpoint folder (step_XXXXXXXX), a checkpoint root (its newest complete one), or a
+                     universal checkpoint root (`reformer-ckpt reshard` output, `latest_universal`)
+
+A normal checkpoint is verified against its manifest and resumes exactly: same world size, batch plan
+and model (`compare_run_configs`), per-rank loader and RNG states. A universal one resumes on any world
+size with the same global batch and sequence-parallel size: rank 0's loader position is global, so
+every rank continues from it; per-rank RNG streams restart from seed + step (only dropout depends on
+them). Resuming from an explicit older checkpoint moves the newer ones aside (`abandoned-<time>/`) so
+that `--resume auto` never returns to them; a fresh start into a used run folder moves the earlier
+run's files aside (`replaced-<time>/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reformer_dist.ondisk import (ABANDONED_PREFIX, CHECKPOINTS_DIR, LATEST_UNIVERSAL, MANIFEST, METRICS, MODEL_DIR,
+                                  RANKS_DIR, REPLACED_PREFIX, RUN_CONFIG, TENSORBOARD_DIR, CheckpointError,
+                                  is_complete, step_of, verify_manifest)
+from reformer_dist.parallel.collectives import barrier, broadcast_object
+from reformer_dist.training.checkpointing import list_tags, load_rank_state, restore_rng, seed_all, state_path
+from reformer_dist.training.config import BatchPlan, RunConfig
+
+# Keys whose change does not alter the losses of the resumed steps (everything else is warned about).
+HARMLESS = {"train.max_steps", "checkpoint.every", "checkpoint.keep_last", "checkpoint.at_end", "checkpoint.dir",
+            "eval.every", "eval.at_end", "logging.log_every", "logging.tensorboard", "logging.progress_bar",
+            "logging.rank_files", "output.dir", "output.save_model", "output.sample_tokens", "output.sample_prompt",
+            "output.sample_temperature", "output.sample_top_k", "train.requeue", "deepspeed.config"}
+
+
+@dataclass
+class ResumePoint:
+    root: Path
+    tag: str
+    step: int
+    skipped_incomplete: list[str]
+    universal: bool = False  # a `reformer-ckpt reshard` output: loads on any world size
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.tag
+
+
+# ---------------------------------------------------------------------------------------------- finding
+def precheck_resume_path(spec: str) -> str | None:
+    """Cheap look at `--resume PATH` before any process group starts: None when it may hold a checkpoint."""
+    p = Path(spec)
+    if not p.exists():
+        return f"--resume {spec}: no such file or folder"
+    if not p.is_dir():
+        return f"--resume {spec}: is a file; expected a checkpoint folder (step_XXXXXXXX), its root, or a reshard output"
+    if step_of(p.name) is None and not (p / LATEST_UNIVERSAL).is_file() and not list_tags(p):
+        return (f"--resume {spec}: no checkpoint in this folder (expected step_XXXXXXXX folders, e.g. "
+                f"<output.dir>/checkpoints, or a `reformer-ckpt reshard` output)")
+    return None
+
+
+def find_resume(spec: str, default_root: Path, verify_hashes: bool = True) -> ResumePoint | None:
+    """Resolve `--resume auto|PATH` to a verified checkpoint; None = start fresh (only for `auto`).
+
+    `auto`: the newest COMPLETE checkpoint under the run's checkpoint root (none -> fresh start).
+    PATH: a checkpoint folder (step_XXXXXXXX) or a checkpoint root (its newest complete one).
+    A complete checkpoint whose files do not match its manifest raises CheckpointError naming the file;
+    it is never silently replaced by an older one.
+    """
+    if spec == "auto":
+        root, required = default_root, False
+    else:
+        p = Path(spec)
+        if not p.exists():
+            raise CheckpointError(f"--resume {spec}: no such file or folder")
+        if step_of(p.name) is not None and p.is_dir():
+            if not is_complete(p):
+                raise CheckpointError(f"{p}: incomplete checkpoint (no {MANIFEST}; the save did not finish)")
+            verify_manifest(p, hashes=verify_hashes)
+            return ResumePoint(p.parent, p.name, step_of(p.name), [])  # type: ignore[arg-type]
+        root, required = p, True
+    skipped: list[str] = []
+    for step, p in list_tags(root):
+        if not is_complete(p):
+            skipped.append(p.name)
+            continue
+        verify_manifest(p, hashes=verify_hashes)
+        return ResumePoint(root, p.name, step, skipped)
+    if required:
+        raise CheckpointError(f"--resume {spec}: no complete checkpoint (step_XXXXXXXX with {MANIFEST}) in {root}")
+    return None
+
+
+def resolve(spec: str | None, ckpt_root: Path, main: bool) -> ResumePoint | None:
+    """The checkpoint `--resume spec` names (None: a fresh start); collective: every rank gets the same
+    answer (or the same error). Rank 0 resolves and verifies a normal checkpoint; a universal one is read
+    by every rank."""
+    if spec is None:
+        return None
+    universal = Path(spec) / LATEST_UNIVERSAL
+    if spec != "auto" and universal.is_file():  # `reformer-ckpt reshard` output: any world size
+        tag = universal.read_text().strip()
+        state = load_rank_state(universal.parent / tag, 0)
+        return ResumePoint(universal.parent, tag, int(state["step"]), [], universal=True)
+    answer: Any = None
+    if main:
+        try:
+            answer = find_resume(spec, ckpt_root)
+        except CheckpointError as e:
+            answer = e
+    answer = broadcast_object(answer)
+    if isinstance(answer, Exception):
+        raise CheckpointError(str(answer))
+    if answer is None and main:
+        print(f"reformer-train: --resume {spec}: no complete checkpoint in {ckpt_root}; starting fresh", file=sys.stderr)
+    return answer
+
+
+def deepspeed_config_for(point: ResumePoint | None, ds_config: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed dict that can load `point`: a universal checkpoint needs `checkpoint.load_universal`."""
+    if point is None or not point.universal:
+        return ds_config
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+def run_config_record(cfg: RunConfig, plan: BatchPlan, world_size: int) -> dict[str, Any]:
+    """What a checkpoint records about its run (run_config.json) and a resume compares against."""
+    return {"config": cfg.to_dict(), "plan": dataclasses.asdict(plan), "world_size": world_size}
+
+
+def read_run_config(ckpt_dir: Path) -> dict[str, Any]:
+    """A checkpoint's run_config.json (`run_config_record` at save time)."""
+    p = ckpt_dir / RUN_CONFIG
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: cannot be read ({e})") from None
+
+
+def compare_run_configs(saved: dict[str, Any], current: dict[str, Any],
+                        universal: bool = False) -> tuple[list[str], list[str]]:
+    """(errors, warnings) between a checkpoint's run config and the current one, as dotted keys.
+
+    The model must match (the weights mean something else otherwise). An exact resume also needs the
+    same data-parallel layout (per-rank loader states); a universal one the same global batch (the data
+    order) and sequence-parallel size. Other differences are allowed (e.g. a longer max_steps) but
+    reported, because they break the "same losses as an uninterrupted run" guarantee.
+    """
+    errors, warnings = [], []
+    for section, body in current["config"].items():
+        old = saved["config"].get(section, {})
+        for key, value in body.items():
+            if old.get(key, value) != value:
+                dotted = f"{section}.{key}"
+                msg = f"{dotted}: checkpoint has {old.get(key)!r}, this run {value!r}"
+                if section == "model":
+                    errors.append(msg)
+                elif dotted not in HARMLESS:
+                    warnings.append(msg)
+    have, want = saved["plan"], current["plan"]
+    if universal:
+        if have.get("global_batch") != want["global_batch"]:
+            errors.append(f"batch plan global_batch: checkpoint has {have.get('global_batch')}, this run "
+                          f"{want['global_batch']} (set train.global_batch to keep the same data order)")
+        if have.get("sp_size", 1) != want["sp_size"]:
+            errors.append("parallel.sequence_parallel_size must stay the same across a reshard")
+        return errors, warnings
+    for key in ("dp_size", "sp_size", "micro_batch", "grad_accum"):
+        if have.get(key, 1 if key == "sp_size" else None) != want.get(key):
+            errors.append(f"batch plan {key}: checkpoint has {have.get(key)}, this run {want.get(key)} "
+                          f"(exact resume needs the same data- and sequence-parallel sizes, micro batch and grad "
+                          f"accumulation)")
+    return errors, warnings
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load(point: ResumePoint, engine: Any, loader: Any, record: dict[str, Any], rank: int, world_size: int,
+         seed: int, abandon_newer_in: Path | None) -> dict[str, Any]:
+    """Load `point` into the engine (DeepSpeed) and the loader; returns this rank's trainer state (step,
+    counters). Every rank calls this. `abandon_newer_in`: the run's checkpoint root when the checkpoint was
+    named explicitly (`--resume PATH`): its checkpoints newer than `point` are moved aside there."""
+    errors, warnings = compare_run_configs(read_run_config(point.path), record, point.universal)
+    if errors:
+        raise CheckpointError(f"{point.path / RUN_CONFIG}: checkpoint does not fit this run:\n  " + "\n  ".join(errors))
+    if warnings and rank == 0:
+        why = "" if point.universal else " (losses will differ from an uninterrupted run)"
+        print(f"reformer-train: resuming with a changed config{why}:\n  " + "\n  ".join(warnings), file=sys.stderr)
+    state = load_rank_state(point.path, 0 if point.universal else rank)
+    if not point.universal and state.get("world_size") != world_size:
+        raise CheckpointError(f"{state_path(point.path, rank)}: saved with world size {state.get('world_size')}, "
+                              f"this run has {world_size}")
+    load_path, _ = engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+    if load_path is None:
+        raise CheckpointError(f"{point.path}: DeepSpeed could not load this checkpoint")
+    loader.load_state_dict(state["loader"])
+    if point.universal:  # per-rank streams of another world size do not exist: derive them from the step
+        seed_all(seed + 1 + rank + 1000003 * int(state["step"]))
+    else:
+        restore_rng(state["rng"])
+        if rank == 0 and abandon_newer_in is not None:
+            abandon_newer_than(abandon_newer_in, point.step)
+    barrier()
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- moving aside
+def _timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def abandon_newer_than(root: Path, step: int) -> None:
+    """Resuming from an older checkpoint: move newer ones aside so `--resume auto` never returns to them."""
+    newer = [p for s, p in list_tags(root) if s > step]
+    if not newer:
+        return
+    dest = root / f"{ABANDONED_PREFIX}{_timestamp()}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in newer:
+        shutil.move(str(p), str(dest / p.name))
+    print(f"reformer-train: moved {len(newer)} newer checkpoint(s) to {dest}", file=sys.stderr)
+
+
+def archive_previous_run(run_dir: Path, ckpt_root: Path) -> None:
+    """A fresh start (no --resume) into a used run dir moves the old artefacts aside instead of mixing them."""
+    old = [run_dir / n for n in (METRICS, TENSORBOARD_DIR, MODEL_DIR, RANKS_DIR) if (run_dir / n).exists()]
+    ckpts = list_tags(ckpt_root)
+    if not old and not ckpts:
+        return
+    dest = run_dir / f"{REPLACED_PREFIX}{_timestamp()}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in old:
+        shutil.move(str(p), str(dest / p.name))
+    if ckpts:
+        shutil.move(str(ckpt_root), str(dest / CHECKPOINTS_DIR))
+    print(f"reformer-train: fresh start (no --resume): moved the previous run's files to {dest}", file=sys.stderr)
