@@ -43,7 +43,8 @@ class Hide:
         return None
 
 sys.meta_path.insert(0, Hide())
-sys.path[:] = [p for p in sys.path if p and not p.startswith(REPO)]
+# the repository's own folders go; the interpreter's (a venv may live inside the repository: `make test`) stay
+sys.path[:] = [p for p in sys.path if p and (not p.startswith(REPO) or p.startswith(sys.prefix))]
 for name in HIDDEN:
     try:
         __import__(name)
