@@ -19,12 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from reformer_dist.kernels.chunked_attention import available_backends, chunked_attention
+from train_step import is_oom  # sibling script: `python benchmarks/attention_core.py` puts benchmarks/ on sys.path
 
 H, D, R, M = 8, 64, 2, 64
-
-
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 def timed(fn, device: str, repeats: int) -> float:
