@@ -27,13 +27,15 @@
 Implementations are interchangeable: the PyTorch reference (plain autograd over sorted copies, the
 oracle), the blockwise PyTorch core (own backward; keeps only q, k, v, index, out and lse; any device)
 and fused kernels registered with ``register_backend`` (the Triton kernel on CUDA). ``backend="auto"``
-picks a fused kernel on CUDA when one is registered and supports the call, else the blockwise core (at
+picks a fused kernel on CUDA when one is registered and takes the call, else the blockwise core (at
 every length: on CPU it is also faster than the reference's plain autograd, 0.65 s vs 0.86 s for one
-bench-config layer's forward + backward at 4K tokens, one thread).
+bench-config layer's forward + backward at 4K tokens, one thread). On CUDA, a call no fused kernel takes
+(or a missing triton) warns once, naming the reason, and runs on the blockwise core.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 from torch import Tensor
@@ -43,17 +45,20 @@ from reformer_dist.kernels.reference import chunked_attention_reference
 
 AttentionCore = Callable[..., tuple[Tensor, Tensor]]
 
-# name -> (implementation, predicate(q, **kwargs) -> bool saying whether it supports this call)
-_BACKENDS: dict[str, tuple[AttentionCore, Callable[..., bool]]] = {
-    "reference": (chunked_attention_reference, lambda q, **kw: True),
-    "blockwise": (chunked_attention_blockwise, lambda q, **kw: True),
+# (q, **kwargs) -> None when the backend takes this call, else the reason it does not
+Unsupported = Callable[..., "str | None"]
+# name -> (implementation, its Unsupported predicate)
+_BACKENDS: dict[str, tuple[AttentionCore, Unsupported]] = {
+    "reference": (chunked_attention_reference, lambda q, **kw: None),
+    "blockwise": (chunked_attention_blockwise, lambda q, **kw: None),
 }
 _PORTABLE = ("reference", "blockwise")
+_WARNED: set[str] = set()  # fallback reasons already announced (one warning each per process)
 
 
-def register_backend(name: str, fn: AttentionCore, supports: Callable[..., bool]) -> None:
+def register_backend(name: str, fn: AttentionCore, unsupported: Unsupported) -> None:
     """Make a fused implementation available to ``backend="auto"`` (tried before the PyTorch cores)."""
-    _BACKENDS[name] = (fn, supports)
+    _BACKENDS[name] = (fn, unsupported)
 
 
 def available_backends() -> list[str]:
@@ -69,6 +74,13 @@ def _load_fused() -> None:
         import reformer_dist.kernels.triton_lsh  # noqa: F401  (registration side effect)
     except ImportError:  # triton is optional: the PyTorch cores remain
         pass
+
+
+def _warn_fallback(reason: str) -> None:
+    """One warning per reason: CUDA attention runs on the blockwise PyTorch core instead of a fused kernel."""
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"attention on CUDA uses the blockwise PyTorch core (slower): {reason}", stacklevel=3)
 
 
 def check_call(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None, *, chunk_len: int,
@@ -103,9 +115,14 @@ def chunked_attention(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | No
     if backend == "auto":
         if q.is_cuda:
             _load_fused()
-            for name, (fn, supports) in _BACKENDS.items():
-                if name not in _PORTABLE and supports(q, **kwargs):
-                    return fn(q, k, v, index, **kwargs)
+            reasons = []
+            for name, (fn, unsupported) in _BACKENDS.items():
+                if name not in _PORTABLE:
+                    why = unsupported(q, **kwargs)
+                    if why is None:
+                        return fn(q, k, v, index, **kwargs)
+                    reasons.append(f"{name}: {why}")
+            _warn_fallback("; ".join(reasons) or "triton is not installed (pip install triton)")
         backend = "blockwise"
     if backend not in _BACKENDS:
         _load_fused()

@@ -1,27 +1,33 @@
 """Fused Triton attention core: the blockwise algorithm in three kernels, same contract as every core.
 
 Importing this module registers the "triton" backend (``backend="auto"`` picks it on CUDA). Kernels, each
-launched per head over all chunks of all rounds at once:
+launched per head (the head index is a runtime argument: one compile serves every head):
 
-- ``_fwd``: one program per (sorted query chunk, batch). Queries and the look-around keys/values are
-  loaded straight from the unsorted [B, L, H, D] tensors through the sort permutation (no gathered
-  copies), logits are masked exactly as ``logits.masked_logits`` does, and an online softmax with fp32
-  accumulation gives the chunk's output and log-sum-exp, written at the queries' original positions in a
-  per-round buffer. The rounds are then merged by log-sum-exp (one softmax over their union).
-- ``_bwd_dq``: per query chunk, recompute the logits, P = exp(logits - merged lse),
+- ``_fwd``: one program per (query sub-tile of a sorted chunk, batch). Queries and the look-around
+  keys/values are loaded straight from the unsorted [B, L, H, D] tensors through the sort permutation (no
+  gathered copies), one key sub-tile at a time; logits are masked exactly as ``logits.masked_logits`` does,
+  and an online softmax with fp32 accumulation gives the output and log-sum-exp, written at the queries'
+  original positions in a per-round buffer. The rounds are then merged by log-sum-exp (one softmax over
+  their union).
+- ``_bwd_dq``: per query sub-tile, recompute the logits, P = exp(logits - merged lse),
   dS = P * (dO.V^T - delta) (delta = rowsum(dO*O) - dlse: FlashAttention-2), dQ += dS.K.
-- ``_bwd_dkdv``: per key chunk, over the query chunks whose windows contain it, dV += P^T.dO and
-  dK += dS^T.Q (shared-QK keys: through the key normalisation into dQ).
+- ``_bwd_dkdv``: per key sub-tile, over the query sub-tiles of the chunks whose windows contain it,
+  dV += P^T.dO and dK += dS^T.Q (shared-QK keys: through the key normalisation into dQ).
 Gradients of one position arrive from several rounds and windows: fp32 atomic adds.
 
-Shapes must satisfy chunk_len <= 256 and head size <= 256 (``supports``). Tested on CPU through Triton's
-interpreter (``TRITON_INTERPRET=1``, set by the tests) and on CUDA by ``tests/gpu``.
+Tiles are never chunk x chunk: a chunk of up to 256 is cut into sub-tiles of at most 64 (``tiles_for``),
+so shared memory and registers do not grow with the chunk length. ``unsupported`` says exactly which calls
+the kernels take (chunk <= 256, head size <= 128, fp32/bf16/fp16): what ``tools/triton_compile_check.py``
+compiles for sm_90 and sm_80 in CI. fp32 inputs multiply with tf32x3 (``precision``). All offsets are 64-bit.
+Tested on CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set by the tests) and on CUDA by
+``tests/gpu``.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -33,11 +39,45 @@ from reformer_dist.kernels.chunked_attention import register_backend
 from reformer_dist.kernels.lean_function import CoreInputs, apply_lean
 from reformer_dist.kernels.logits import KEY_NORM_EPS, MASK_VALUE, SELF_MASK_VALUE, chunk_of_positions
 
-_MAX_BLOCK = 256
 # globals a @triton.jit function reads must be constexpr
 _MASK = tl.constexpr(MASK_VALUE)
 _SELF = tl.constexpr(SELF_MASK_VALUE)
 _EPS = tl.constexpr(KEY_NORM_EPS)
+
+MAX_CHUNK = 256  # chunk lengths the compile check verifies (tools/triton_compile_check.py)
+MAX_HEAD = 128  # head sizes likewise
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Tiles(NamedTuple):
+    """Sub-tile sizes and launch options of one call: a query tile of ``bq`` rows against key tiles of ``bk``,
+    head size padded to ``block_d``. From the small fixed set that the compile check verifies on sm_90 and
+    sm_80 (shared memory within limits, no spills in bf16): never the whole chunk x chunk tile."""
+
+    bq: int
+    bk: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def tiles_for(chunk_len: int, d: int, dtype: torch.dtype) -> Tiles:
+    """The tile set of a chunk length, head size and dtype (see ``Tiles``; numbers from the compile check's
+    table in benchmarks/RESULTS.md: these are the largest tiles without spills in the bench and shipped configs)."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if dtype == torch.float32:  # tf32x3 keeps each operand as two TF32 halves: smaller tiles
+        bq, bk = (32, 32) if block_d <= 64 else (16, 32)
+    else:
+        bq, bk = (64, 64) if block_d <= 64 else (64, 32)
+    fit = max(16, triton.next_power_of_2(chunk_len))  # a short chunk needs no wider tile than itself
+    return Tiles(min(bq, fit), min(bk, fit), block_d, 8, 2)
+
+
+def precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision: fp32 inputs use tf32x3 (three TF32 tensor-core products, error close to fp32's;
+    IEEE fp32 compiles to unrolled FMA code that takes minutes in ptxas and spills), 16-bit inputs their own."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
 
 
 @triton.jit
@@ -145,34 +185,45 @@ def _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, h, sqb, sql, sqh, sqd, skb, skl, s
     return raw, keys, vv
 
 
-# Every kernel takes the same pointers, strides, sizes and flags; one program per (chunk of all rounds, batch)
-# of head h. Pointers: q, k (= q for shared QK), v, index, key_valid, slot_bucket, chunk_of, doc_ids, positions.
-@triton.jit
+# Every kernel takes the same pointers, strides, sizes and flags; one program per (query or key sub-tile of a
+# chunk of all rounds, batch) of head h. Pointers: q, k (= q for shared QK), v, index, key_valid, slot_bucket,
+# chunk_of, doc_ids, positions. The batch, chunk and head indices are widened to int64 before any product, so
+# every offset (b * stride, (b*H + h) * S, position * stride) is 64-bit: they pass 2^31 at batch > 1 and 1M+
+# tokens. ``h`` is not specialised (one compile serves every head).
+@triton.jit(do_not_specialize=["h"])
 def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr, o_ptr, m_ptr, l_ptr,
          sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd,
          h, B, L, H, S, N, R, NCH, RC,
-         M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-         NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
+         M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+         BLOCK_D: tl.constexpr, NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
          SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
          HAS_DOC: tl.constexpr, HAS_POS: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    c = tl.program_id(0)
-    b = tl.program_id(1)
-    lanes = tl.arange(0, BLOCK)
+    NSQ: tl.constexpr = (M + BQ - 1) // BQ
+    NSK: tl.constexpr = (M + BK - 1) // BK
+    pid = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    hh = h.to(tl.int64)
+    c = pid // NSQ
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    lane = lanes < M  # query and key lanes of a chunk (a tile may be wider than the chunk)
-    slots_q = c * M + lanes
-    pos_q = _slot_positions(idx_ptr + (b * H + h) * S, slots_q, lane, HAS_INDEX)
-    q = _rows(q_ptr, b, pos_q, h, sqb, sql, sqh, sqd, offs_d, lane[:, None] & d_ok[None, :])
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    for o in tl.static_range(0, NB + NA + 1):
-        slots_k = (((c + o - NB) % N + N) % N) * M + lanes  # window chunks wrap over all rounds
-        pos_k = _slot_positions(idx_ptr + (b * H + h) * S, slots_k, lane, HAS_INDEX)
-        _, keys, vv = _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, h, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl,
-                                 svh, svd, lane, offs_d, d_ok, D, SCALE, SHARED)
-        s, _ = _scores(q, keys, pos_q, pos_k, lane, lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr,
+    in_q = (pid % NSQ) * BQ + tl.arange(0, BQ)  # query lanes' places in the chunk (a tile may pass its end)
+    lane_q = in_q < M
+    slots_q = c * M + in_q
+    base = (b * H + hh) * S
+    pos_q = _slot_positions(idx_ptr + base, slots_q, lane_q, HAS_INDEX)
+    q = _rows(q_ptr, b, pos_q, hh, sqb, sql, sqh, sqd, offs_d, lane_q[:, None] & d_ok[None, :])
+    m_i = tl.full([BQ], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BQ], dtype=tl.float32)
+    acc = tl.zeros([BQ, BLOCK_D], dtype=tl.float32)
+    for j in range(0, (NB + NA + 1) * NSK):  # key sub-tiles of the window chunks, which wrap over all rounds
+        kc = ((c + j // NSK - NB) % N + N) % N
+        in_k = (j % NSK) * BK + tl.arange(0, BK)
+        lane_k = in_k < M
+        slots_k = kc * M + in_k
+        pos_k = _slot_positions(idx_ptr + base, slots_k, lane_k, HAS_INDEX)
+        _, keys, vv = _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, hh, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl,
+                                 svh, svd, lane_k, offs_d, d_ok, D, SCALE, SHARED)
+        s, _ = _scores(q, keys, pos_q, pos_k, lane_q, lane_k, b, hh, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr,
                        mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET,
                        HAS_DOC, HAS_POS, DEDUP, NB, NA, PREC, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -187,42 +238,51 @@ def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr
     r = (c * M) // L
     row = (r * B + b) * L + pos_q
     tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=lane[:, None] & d_ok[None, :])
-    tl.store(m_ptr + row, m_i, mask=lane)
-    tl.store(l_ptr + row, l_i, mask=lane)
+             mask=lane_q[:, None] & d_ok[None, :])
+    tl.store(m_ptr + row, m_i, mask=lane_q)
+    tl.store(l_ptr + row, l_i, mask=lane_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["h"])
 def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr, do_ptr, lse_ptr,
             lo_ptr, delta_ptr, dq_ptr,
             sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdb, sdl, sdh, sdd, sgb, sgl, sgd,
             h, L, H, S, N, R, NCH, RC,
-            M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-            NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
-            SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
-            HAS_DOC: tl.constexpr, HAS_POS: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    c = tl.program_id(0)
-    b = tl.program_id(1)
-    lanes = tl.arange(0, BLOCK)
+            M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+            BLOCK_D: tl.constexpr, NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr,
+            SELF_MASK: tl.constexpr, SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr,
+            HAS_BUCKET: tl.constexpr, HAS_DOC: tl.constexpr, HAS_POS: tl.constexpr, DEDUP: tl.constexpr,
+            PREC: tl.constexpr, UPCAST: tl.constexpr):
+    NSQ: tl.constexpr = (M + BQ - 1) // BQ
+    NSK: tl.constexpr = (M + BK - 1) // BK
+    pid = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    hh = h.to(tl.int64)
+    c = pid // NSQ
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    lane = lanes < M
-    qd_mask = lane[:, None] & d_ok[None, :]
-    slots_q = c * M + lanes
-    pos_q = _slot_positions(idx_ptr + (b * H + h) * S, slots_q, lane, HAS_INDEX)
-    q = _rows(q_ptr, b, pos_q, h, sqb, sql, sqh, sqd, offs_d, qd_mask)
-    do = _rows(do_ptr, b, pos_q, h, sdb, sdl, sdh, sdd, offs_d, qd_mask)
-    lse = _per_row(lse_ptr, b, pos_q, h, L, H, lane)
-    lo = _per_row(lo_ptr, b, pos_q, h, L, H, lane)
-    delta = _per_row(delta_ptr, b, pos_q, h, L, H, lane)
-    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    for o in tl.static_range(0, NB + NA + 1):
-        slots_k = (((c + o - NB) % N + N) % N) * M + lanes
-        pos_k = _slot_positions(idx_ptr + (b * H + h) * S, slots_k, lane, HAS_INDEX)
-        _, keys, vv = _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, h, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl,
-                                 svh, svd, lane, offs_d, d_ok, D, SCALE, SHARED)
-        s, replaced = _scores(q, keys, pos_q, pos_k, lane, lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr,
-                              mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID,
+    in_q = (pid % NSQ) * BQ + tl.arange(0, BQ)
+    lane_q = in_q < M
+    qd_mask = lane_q[:, None] & d_ok[None, :]
+    slots_q = c * M + in_q
+    base = (b * H + hh) * S
+    pos_q = _slot_positions(idx_ptr + base, slots_q, lane_q, HAS_INDEX)
+    q = _rows(q_ptr, b, pos_q, hh, sqb, sql, sqh, sqd, offs_d, qd_mask)
+    do = _rows(do_ptr, b, pos_q, hh, sdb, sdl, sdh, sdd, offs_d, qd_mask)
+    lse = _per_row(lse_ptr, b, pos_q, hh, L, H, lane_q)
+    lo = _per_row(lo_ptr, b, pos_q, hh, L, H, lane_q)
+    delta = _per_row(delta_ptr, b, pos_q, hh, L, H, lane_q)
+    dq = tl.zeros([BQ, BLOCK_D], dtype=tl.float32)
+    for j in range(0, (NB + NA + 1) * NSK):
+        kc = ((c + j // NSK - NB) % N + N) % N
+        in_k = (j % NSK) * BK + tl.arange(0, BK)
+        lane_k = in_k < M
+        slots_k = kc * M + in_k
+        pos_k = _slot_positions(idx_ptr + base, slots_k, lane_k, HAS_INDEX)
+        _, keys, vv = _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, hh, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl,
+                                 svh, svd, lane_k, offs_d, d_ok, D, SCALE, SHARED)
+        s, replaced = _scores(q, keys, pos_q, pos_k, lane_q, lane_k, b, hh, valid_ptr, bucket_ptr, chunk_ptr,
+                              doc_ptr, mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID,
                               HAS_BUCKET, HAS_DOC, HAS_POS, DEDUP, NB, NA, PREC, UPCAST)
         p = tl.exp((s - lse[:, None]) - lo[:, None])  # of the softmax over the union of rounds (exact lse)
         dp = _dot(do, tl.trans(vv), PREC, UPCAST).to(tl.float32)
@@ -231,48 +291,57 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_
     tl.atomic_add(dq_ptr + b * sgb + pos_q[:, None] * sgl + offs_d[None, :] * sgd, dq, mask=qd_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["h"])
 def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr, do_ptr, lse_ptr,
               lo_ptr, delta_ptr, dk_ptr, dv_ptr,
               sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdb, sdl, sdh, sdd, sgb, sgl, sgd,
               h, L, H, S, N, R, NCH, RC,
-              M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-              NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
-              SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
-              HAS_DOC: tl.constexpr, HAS_POS: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr,
-              UPCAST: tl.constexpr):
-    kc = tl.program_id(0)
-    b = tl.program_id(1)
-    lanes = tl.arange(0, BLOCK)
+              M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+              BLOCK_D: tl.constexpr, NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr,
+              SELF_MASK: tl.constexpr, SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr,
+              HAS_BUCKET: tl.constexpr, HAS_DOC: tl.constexpr, HAS_POS: tl.constexpr, DEDUP: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
+    NSQ: tl.constexpr = (M + BQ - 1) // BQ
+    NSK: tl.constexpr = (M + BK - 1) // BK
+    pid = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    hh = h.to(tl.int64)
+    kc = pid // NSK
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    lane = lanes < M
-    kd_mask = lane[:, None] & d_ok[None, :]
-    slots_k = kc * M + lanes
-    pos_k = _slot_positions(idx_ptr + (b * H + h) * S, slots_k, lane, HAS_INDEX)
-    raw, keys, vv = _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, h, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl,
-                               svh, svd, lane, offs_d, d_ok, D, SCALE, SHARED)
-    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    for o in tl.static_range(0, NB + NA + 1):
-        c = ((kc - (o - NB)) % N + N) % N  # the query chunk whose window offset o - NB is this key chunk
-        slots_q = c * M + lanes
-        pos_q = _slot_positions(idx_ptr + (b * H + h) * S, slots_q, lane, HAS_INDEX)
-        q = _rows(q_ptr, b, pos_q, h, sqb, sql, sqh, sqd, offs_d, kd_mask)
-        do = _rows(do_ptr, b, pos_q, h, sdb, sdl, sdh, sdd, offs_d, kd_mask)
-        lse = _per_row(lse_ptr, b, pos_q, h, L, H, lane)
-        lo = _per_row(lo_ptr, b, pos_q, h, L, H, lane)
-        delta = _per_row(delta_ptr, b, pos_q, h, L, H, lane)
-        s, replaced = _scores(q, keys, pos_q, pos_k, lane, lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr,
-                              mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID,
+    in_k = (pid % NSK) * BK + tl.arange(0, BK)
+    lane_k = in_k < M
+    kd_mask = lane_k[:, None] & d_ok[None, :]
+    slots_k = kc * M + in_k
+    base = (b * H + hh) * S
+    pos_k = _slot_positions(idx_ptr + base, slots_k, lane_k, HAS_INDEX)
+    _, keys, vv = _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, hh, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl,
+                             svh, svd, lane_k, offs_d, d_ok, D, SCALE, SHARED)
+    dk = tl.zeros([BK, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BK, BLOCK_D], dtype=tl.float32)
+    for j in range(0, (NB + NA + 1) * NSQ):
+        c = ((kc - (j // NSQ - NB)) % N + N) % N  # the query chunk whose window offset j // NSQ - NB is this one
+        in_q = (j % NSQ) * BQ + tl.arange(0, BQ)
+        lane_q = in_q < M
+        qd_mask = lane_q[:, None] & d_ok[None, :]
+        slots_q = c * M + in_q
+        pos_q = _slot_positions(idx_ptr + base, slots_q, lane_q, HAS_INDEX)
+        q = _rows(q_ptr, b, pos_q, hh, sqb, sql, sqh, sqd, offs_d, qd_mask)
+        do = _rows(do_ptr, b, pos_q, hh, sdb, sdl, sdh, sdd, offs_d, qd_mask)
+        lse = _per_row(lse_ptr, b, pos_q, hh, L, H, lane_q)
+        lo = _per_row(lo_ptr, b, pos_q, hh, L, H, lane_q)
+        delta = _per_row(delta_ptr, b, pos_q, hh, L, H, lane_q)
+        s, replaced = _scores(q, keys, pos_q, pos_k, lane_q, lane_k, b, hh, valid_ptr, bucket_ptr, chunk_ptr,
+                              doc_ptr, mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID,
                               HAS_BUCKET, HAS_DOC, HAS_POS, DEDUP, NB, NA, PREC, UPCAST)
-        p = tl.where(lane[:, None], tl.exp((s - lse[:, None]) - lo[:, None]), 0.0)
+        p = tl.where(lane_q[:, None], tl.exp((s - lse[:, None]) - lo[:, None]), 0.0)
         dv += _dot(tl.trans(p).to(do.dtype), do, PREC, UPCAST).to(tl.float32)
         dp = _dot(do, tl.trans(vv), PREC, UPCAST).to(tl.float32)
         ds = tl.where(replaced, 0.0, p * (dp - delta[:, None]))
         dk += _dot(tl.trans(ds).to(q.dtype), q, PREC, UPCAST).to(tl.float32)
     if SHARED:  # keys = x r / sqrt(D), r = (mean(x^2) + eps)^-1/2: dx = r/sqrt(D) (dk - x r^2 (x.dk) / D)
-        x = raw.to(tl.float32)
+        # the raw rows are read again rather than kept live through the loop (registers, not bandwidth, bind)
+        x = _rows(q_ptr, b, pos_k, hh, sqb, sql, sqh, sqd, offs_d, kd_mask).to(tl.float32)
         r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + _EPS)
         dot = tl.sum(x * dk, axis=1)
         dk = (r * SCALE)[:, None] * (dk - x * (r * r * dot / D)[:, None])
@@ -311,13 +380,19 @@ class _Call:
         self.chunk = chunk_of.to(torch.int32).contiguous() if dedup else dummy
         self.n_chunks = self.n if n_chunks is None else n_chunks
         self.chunk_rounds = chunk_of.shape[2] if dedup else 1
-        self.meta = dict(M=chunk_len, D=d, SCALE=1.0 / math.sqrt(d), BLOCK=max(16, triton.next_power_of_2(chunk_len)),
-                         BLOCK_D=max(16, triton.next_power_of_2(d)), NB=n_before, NA=n_after, CAUSAL=causal,
+        self.tiles = tiles_for(chunk_len, d, q.dtype)
+        t = self.tiles
+        self.meta = dict(M=chunk_len, D=d, SCALE=1.0 / math.sqrt(d), BQ=t.bq, BK=t.bk, BLOCK_D=t.block_d,
+                         NB=n_before, NA=n_after, CAUSAL=causal,
                          SELF_MASK=self_mask, SHARED=k is None, HAS_INDEX=index is not None,
                          HAS_VALID=key_valid is not None, HAS_BUCKET=slot_bucket is not None,
                          HAS_DOC=doc_ids is not None, HAS_POS=positions is not None, DEDUP=dedup,
-                         PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                         UPCAST=q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1")
+                         PREC=precision(q.dtype),
+                         UPCAST=q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1",
+                         num_warps=t.num_warps, num_stages=t.num_stages)
+        # one program per query (forward, dq) or key (dk, dv) sub-tile of every chunk, per batch row
+        self.grid_q = (self.n * triton.cdiv(chunk_len, t.bq), b)
+        self.grid_k = (self.n * triton.cdiv(chunk_len, t.bk), b)
 
     def tensors(self):
         return self.index, self.valid, self.bucket, self.chunk, self.doc, self.pos
@@ -334,13 +409,12 @@ def _forward(call: _Call, q, k, v):
     out = torch.empty(b, length, h, d, dtype=v.dtype, device=v.device)
     lse = torch.empty(b, length, h, dtype=torch.float32, device=v.device)
     lse_lo = torch.empty_like(lse)
-    grid = (call.n, b)
     for head in range(h):
         # per-round results of one head at the queries' positions, then merged: one softmax over the rounds
         o_r = torch.empty(r, b, length, d, dtype=v.dtype, device=v.device)
         m_r = torch.empty(r, b, length, dtype=torch.float32, device=v.device)
         l_r = torch.empty_like(m_r)
-        _fwd[grid](q, k if k is not None else q, v, *call.tensors(), o_r, m_r, l_r,
+        _fwd[call.grid_q](q, k if k is not None else q, v, *call.tensors(), o_r, m_r, l_r,
                    *q.stride(), *_strides(k, q), *v.stride(), head, b, length, h, call.s, call.n, r, call.n_chunks,
                    call.chunk_rounds, **call.meta)
         mx = m_r.amax(dim=0)
@@ -364,7 +438,6 @@ def _backward(call: _Call, q, k, v, out, lse, lse_lo, dout, dlse):
         delta = delta - dlse.float()
     delta, lse, lse_lo = delta.contiguous(), lse.contiguous(), lse_lo.contiguous()
     grads = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) if t is not None else None for t in (q, k, v)]
-    grid = (call.n, b)
     for head in range(h):
         fp32 = q.dtype == torch.float32
 
@@ -379,8 +452,8 @@ def _backward(call: _Call, q, k, v, out, lse, lse_lo, dout, dlse):
         common = (q, k if k is not None else q, v, *call.tensors(), dout, lse, lse_lo, delta)
         strides = (*q.stride(), *_strides(k, q), *v.stride(), *dout.stride(), *dq.stride())
         sizes = (head, length, h, call.s, call.n, call.r, call.n_chunks, call.chunk_rounds)
-        _bwd_dq[grid](*common, dq, *strides, *sizes, **call.meta)
-        _bwd_dkdv[grid](*common, dk, dv, *strides, *sizes, **call.meta)
+        _bwd_dq[call.grid_q](*common, dq, *strides, *sizes, **call.meta)
+        _bwd_dkdv[call.grid_k](*common, dk, dv, *strides, *sizes, **call.meta)
         if not fp32:
             for g, a in zip(grads, acc):
                 if g is not None:
@@ -399,10 +472,15 @@ def chunked_attention_triton(q: Tensor, k: Tensor | None, v: Tensor, index: Tens
                             self_mask=self_mask, dedup=dedup, n_chunks=n_chunks), x)
 
 
-def supports(q: Tensor, *, chunk_len: int, **_) -> bool:
-    """Shapes and dtypes the kernels are built for."""
-    return (q.dtype in (torch.float32, torch.bfloat16, torch.float16) and chunk_len <= _MAX_BLOCK
-            and q.shape[-1] <= _MAX_BLOCK)
+def unsupported(q: Tensor, *, chunk_len: int, **_) -> str | None:
+    """Why the kernels cannot take this call (None when they can): exactly what the compile check verified."""
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype} (the Triton kernels take float32, bfloat16 and float16)"
+    if chunk_len > MAX_CHUNK:
+        return f"chunk length {chunk_len} > {MAX_CHUNK} (the longest the compile check verifies)"
+    if q.shape[-1] > MAX_HEAD:
+        return f"head size {q.shape[-1]} > {MAX_HEAD} (the largest the compile check verifies)"
+    return None
 
 
-register_backend("triton", chunked_attention_triton, supports)
+register_backend("triton", chunked_attention_triton, unsupported)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from reformer_dist import ReformerConfig, ReformerLM
+from reformer_dist.kernels import triton_lsh
 from reformer_dist.kernels.chunked_attention import available_backends, chunked_attention
 from reformer_dist.kernels.reference import chunked_attention_reference
 
@@ -42,6 +43,36 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype,tol,b,length,h,d,m,r,nb,na,causal,shared,extras", PARAMS)
 def test_triton_matches_float64_reference(dtype, tol, b, length, h, d, m, r, nb, na, causal, shared, extras):
+    check_against_reference(dtype, tol, b, length, h, d, m, r, nb, na, causal, shared, extras)
+
+
+# Chunks wider than their tiles: the kernels walk query and key sub-tiles (on GPU, chunks of up to 256 in tiles
+# of up to 64). Tiles are forced small so the interpreter can afford several per chunk, including a last tile
+# that passes the chunk's end (40 = 16 + 16 + 8) and unequal query/key tiles.
+# tiles (bq, bk), then the CASES columns
+SUBTILE_CASES = [
+    ((16, 16), 1, 80, 2, 16, 40, 2, 1, 0, True, True, ("valid", "dedup")),
+    ((16, 32), 2, 96, 1, 16, 48, 2, 1, 1, False, True, ("bucket",)),
+    ((32, 16), 1, 72, 1, 16, 24, 3, 2, 0, True, True, ("doc",)),
+    ((16, 16), 1, 80, 2, 16, 40, 1, 1, 0, True, False, ("identity", "valid")),
+    ((16, 16), 1, 64, 1, 16, 32, 2, 1, 0, True, True, ("piece", "dedup")),
+]
+
+
+# bf16 on one case (the interpreter is slow): the fp32 cases cover the indexing
+SUBTILE_PARAMS = [(torch.float32, 1e-4, *c) for c in SUBTILE_CASES] + [(torch.bfloat16, 1e-2, *SUBTILE_CASES[1])]
+
+
+@pytest.mark.parametrize("dtype,tol,tiles,b,length,h,d,m,r,nb,na,causal,shared,extras", SUBTILE_PARAMS)
+def test_subtiled_chunks_match_float64_reference(monkeypatch, dtype, tol, tiles, b, length, h, d, m, r, nb, na, causal,
+                                                 shared, extras):
+    real = triton_lsh.tiles_for
+    monkeypatch.setattr(triton_lsh, "tiles_for", lambda m_, d_, dt: real(m_, d_, dt)._replace(bq=tiles[0], bk=tiles[1]))
+    check_against_reference(dtype, tol, b, length, h, d, m, r, nb, na, causal, shared, extras)
+
+
+def check_against_reference(dtype, tol, b, length, h, d, m, r, nb, na, causal, shared, extras):
+    """Outputs, lse and every input gradient of the Triton core vs the float64 reference on the same values."""
     q, k, v, index, kw = make_inputs(b, length, h, d, r, shared, extras, seed=length * 7 + r, dtype=dtype, m=m)
     args = dict(chunk_len=m, n_before=nb, n_after=na, causal=causal, self_mask=True, **kw)
     x64 = [t.double().requires_grad_() for t in (q, k, v) if t is not None]
