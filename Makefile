@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 # on PATH, and the venv's (pip, 1.13) and the system's (1.11) discard each other's builds.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install quickstart test test-fast
+.PHONY: install quickstart test test-fast compile-check
 $(BIN)/python:
 	$(PY) -m venv --system-site-packages $(VENV)
 
@@ -23,10 +23,22 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The Triton versions GPU users run (the H100/H200 image: 3.6.0; torch 2.13's CUDA wheel: 3.7.1), each in a side
+# folder, so the compile check proves the kernels under them as well as under the test environment's own.
+SIDE_TRITONS := $(VENV)/triton-3.6.0 $(VENV)/triton-3.7.1
+$(VENV)/triton-%/.installed: | $(BIN)/python
+	$(BIN)/pip install -q --no-deps --target $(VENV)/triton-$* triton==$*
+	touch $@
+
+# Every Triton kernel the model launches on CUDA, compiled for sm_90 and sm_80 on this CPU (tools/triton_compile_check.py);
+# unchanged kernels come from the committed table in benchmarks/compile_table/.
+compile-check: install $(addsuffix /.installed,$(SIDE_TRITONS))
+	$(BIN)/python tools/triton_compile_check.py $(addprefix --triton ,$(SIDE_TRITONS)) --json $(VENV)/compile_check.json
+
 quickstart: install
 	$(BIN)/reformer-train --config configs/quickstart.toml
 
-test: install
+test: install compile-check
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install

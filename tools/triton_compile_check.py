@@ -444,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default="90,80", help="compute capabilities to compile for (default 90,80)")
     ap.add_argument("--cases", default="shipped,bench,gpu-tests,extreme",
                     help=f"comma-separated case sets: {', '.join(CASE_SETS)}")
+    ap.add_argument("--only", metavar="TEXT", help="only the cases whose name + dtype contains TEXT")
     ap.add_argument("--triton", action="append", default=[], metavar="DIR",
                     help="also check with the Triton installed in DIR (pip install --target DIR triton==X)")
     ap.add_argument("--no-local", action="store_true", help="skip this environment's own Triton")
@@ -471,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(d) / "triton").is_dir():
             ap.error(f"--triton {d}: no triton package there (install with: pip install --target {d} triton==X)")
     sys.path.insert(0, str(ROOT))
-    cases = collect(names)
+    cases = [c for c in collect(names) if not args.only or args.only in f"{c.name} {c.dtype}"]
+    if not cases:
+        ap.error(f"--only {args.only!r}: no case matches")
     by_key = {c.key(): c for c in cases}
     rows = []
     t0 = time.perf_counter()
