@@ -581,6 +581,7 @@ def print_step(s: StepCount) -> None:
     print(f"| total (with AdamW) | {t.mm / 1e9:.1f} | {(t.vec + t.exp) / 1e9:.1f} | {t.bytes / 1e9:.2f} | "
           f"{t.launches:.0f} | {s.step_seconds(False, True) * 1e3:.2f} | {total_adj * 1e3:.2f} | |")
     print("three largest (adjusted): " + "; ".join(f"{n}: {CUTS[n]}" for n in s.largest()))
+    print("three largest (roofline): " + ", ".join(s.largest(adjusted=False)))
 
 
 def print_summary(steps: list[StepCount]) -> list[dict]:
