@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import sys
@@ -10,9 +11,12 @@ from types import ModuleType
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from reformer_dist import ReformerConfig, ReformerLM
+from reformer_dist.model import hashing
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -40,6 +44,95 @@ def linear_weights(model: ReformerLM, names: tuple[str, ...]) -> int:
     """Weight-matrix elements of the stack's Linear layers whose qualified name ends with one of ``names``."""
     return sum(m.weight.numel() for n, m in model.stack.named_modules()
                if isinstance(m, torch.nn.Linear) and n.endswith(names))
+
+
+# aten ops that only make views or allocate (no kernel on a GPU)
+_NO_KERNEL = {"view", "_unsafe_view", "_reshape_alias", "reshape", "t", "transpose", "permute", "expand", "slice",
+              "select", "unsqueeze", "squeeze", "as_strided", "alias", "detach", "split", "split_with_sizes", "narrow",
+              "unbind", "chunk", "empty", "empty_like", "empty_strided", "new_empty", "lift_fresh"}
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_flatten(tensors)[0] if isinstance(t, torch.Tensor))
+
+
+class OpBytes(TorchDispatchMode):
+    """Every dispatched aten op that launches a kernel: count, and bytes of its tensor inputs plus outputs (what a
+    GPU kernel moves, except where an op's schema says more: copy_ writes its destination without reading it,
+    nll_loss reads one logit per row)."""
+
+    def __init__(self, paused: list[int] | None = None):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+        self.bytes: collections.Counter = collections.Counter()
+        self.paused = paused or [0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not self.paused[0] and name not in _NO_KERNEL:
+            self.ops[name] += 1
+            if name == "copy_":
+                moved = _nbytes(args[1]) + _nbytes(args[0])
+            elif name == "nll_loss_forward":
+                moved = _nbytes((args[1], out)) + args[1].numel() * args[0].element_size()
+            else:
+                moved = _nbytes((args, kwargs, out))
+            self.bytes[name] += moved
+        return out
+
+
+def test_hashing_counts_are_the_ops_hash_buckets_dispatches(monkeypatch):
+    # several hash blocks, two bucket factors, under bf16 autocast as in training
+    monkeypatch.setattr(hashing, "_HASH_BLOCK_ELEMS", 1 << 12)
+    factors, h, d, r, length = [8, 16], 2, 64, 2, 1024
+    x = torch.randn(1, length, h, d, dtype=torch.bfloat16)
+    rot = hashing.make_rotations(1, h, d, r, factors)
+    counter = OpBytes()
+    with counter, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hashing.hash_buckets(x, rot, factors)
+    cost = ps.hashing_cost(1, length, h, d, r, factors)
+    rotations = ps.F4 * h * d * r * 12  # make_rotations' randn (drawn outside the counter here), 2 launches
+    assert sum(counter.ops.values()) == cost.launches - 2 == 13 * 24  # 13 blocks of 24 ops
+    assert sum(counter.bytes.values()) == pytest.approx(cost.bytes - rotations, rel=0.01)
+
+
+def test_every_pytorch_op_of_a_real_step_is_counted(monkeypatch):
+    """The real step on CPU (bf16 autocast, the Triton kernels through the interpreter): the bytes and launches of
+    the aten ops it dispatches, forward and backward, against the script's count of everything but the kernels
+    themselves (which no dispatcher sees) and the sort (counted by cub's passes, one aten op here)."""
+    import triton.runtime.interpreter as interpreter
+
+    monkeypatch.setattr(hashing, "_HASH_BLOCK_ELEMS", 1 << 10)  # 8 hash blocks
+    paused = [0]
+    launch = interpreter.GridExecutor.__call__
+
+    def interpreted(self, *a, **k):  # tensor ops inside an interpreted kernel are not GPU launches
+        paused[0] += 1
+        try:
+            return launch(self, *a, **k)
+        finally:
+            paused[0] -= 1
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", interpreted)
+    cfg = ReformerConfig(vocab_size=64, d_model=64, n_heads=2, d_head=32, d_ff=128, n_layers=1, n_hashes=2,
+                         chunk_len=32, axial_pos_shape=[16, 32], ff_chunk_len=128, loss_chunk_len=160,
+                         attention_backend="triton")
+    torch.manual_seed(0)
+    model = ReformerLM(cfg)
+    ids = torch.randint(0, 64, (1, 256))
+    fwd, bwd = OpBytes(paused), OpBytes(paused)
+    with fwd, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, ids, hash_seed=1)
+    with bwd:
+        loss.backward()
+    step = ps.predict(256, cfg, optimizer=False)
+    skip = (CORE, "sort (argsort per round)")
+    perm = ps.ew(8 * 2 * 256, 4 * 2 * 256) * 2  # what stays of the sort: the permutation stored as int32, per round
+    for counter, phases in ((fwd, ("forward",)), (bwd, ("recompute", "backward"))):
+        cost = sum((step.terms[t][p] for t in ps.TERMS if t not in skip for p in phases), perm)
+        assert sum(counter.bytes.values()) - counter.bytes["sort"] == pytest.approx(cost.bytes, rel=0.02)
+        assert sum(counter.ops.values()) - counter.ops["sort"] == pytest.approx(cost.launches, rel=0.1)
 
 
 def test_projection_and_ff_flops_are_6_params_tokens_plus_the_recompute():
