@@ -9,26 +9,36 @@ counted from the config (``ReformerConfig``: layers, widths, heads, chunk length
 ``bucket_factors``, hashing's block size, ff/loss chunking): tensor-core FLOPs, other FLOPs, exponentials, HBM bytes
 and kernel launches.
 
-Times (assumptions, stated because they decide the answer):
-- roofline (pure): per op max(FLOPs / 790e12, bytes / 3.35e12): H100 SXM bf16 dense matmul as measured
-  (targets.md) and HBM3 bandwidth; every FLOP (exp and elementwise included) at the matmul peak.
-- adjusted: per op max(matmul / (790e12 x eff) + other FLOPs / 67e12 + exp / 3.9e12, bytes / (3.35e12 x 0.8),
+Times (assumptions, stated because they decide the answer), per op, then summed (ops run one after another):
+- roofline (pure): max(FLOPs / 790e12, bytes / 3.35e12): H100 SXM bf16 dense matmul as measured (targets.md) and
+  HBM3 bandwidth; every FLOP (exp and elementwise included) at the matmul peak.
+- adjusted: max(matmul / (790e12 x eff) + other FLOPs / 67e12 + exp / 3.9e12, bytes / (3.35e12 x 0.8),
   launches x 5 us). eff = 0.7 for cuBLAS GEMMs with thousands of rows, 0.25 for the Triton attention kernels (64 x 64
   tiles, 1-2 key chunks per program, rows gathered through the permutation, no warp specialisation; FlashAttention-2
   reaches ~35% at head size 64 with long key loops); 67 TFLOP/s is the fp32 CUDA-core peak and 3.9e12/s the
   special-function (exp) rate of an H100 SXM (FlashAttention-3 paper), both serialised with the matmuls as Triton
   schedules them; 80% of HBM bandwidth for streaming and 128-byte-row gathers; 5 us of host time per eager PyTorch
-  op or Triton launch (the GPU idles when kernels are shorter than that).
-- L2 reuse is ignored: a key chunk read by two query programs is counted twice (what the kernel loads).
+  op or Triton launch (the GPU idles when kernels are shorter than that; one op's host time does not overlap
+  another's GPU time here, which is pessimistic where long and short ops alternate).
+- ``--gpu h200``: the same with 4.8 TB/s of HBM.
+- L2 (50 MB) is ignored: a key chunk read by two query programs is counted twice (what the kernel loads), and
+  tensors that would stay in L2 (per-head temporaries at short L) are counted as HBM traffic.
+- An op's bytes are what it reads and writes once (a fp32 atomic add: read + write); bias adds ride in the GEMM
+  epilogue; the LayerNorm backward reads x and dy twice (dx, then the weight gradients).
+- Hashing under autocast: the einsum runs as a bf16 bmm (autocast casts the fp32 operands), per block of
+  ``hashing._HASH_BLOCK_ELEMS`` rotated values, 24 ops per block with two bucket factors.
 - Sorting (torch.sort, stable, int32 keys, CUDA): PyTorch's dispatch (``launch_stable_sort_kernel``): fewer than 128
   rows of < 1M -> one cub radix sort of (key, (row, index)) pairs plus a 1-pass sort of the row ids and a gather;
   1M or more -> one cub radix sort of (key, int64 index) pairs per row. cub onesweep: 8-bit digits over all 32 key
   bits (PyTorch passes the full bit range) = 4 passes, each reading and writing keys and values, plus one histogram
   pass over the keys.
+Checked on CPU (tests/unit/test_predict_step.py): matmul FLOPs equal torch's FLOP counter on the real model (with
+the blockwise core's 9 logit-sized matmuls per layer in place of the kernels' 11), hashing's ops equal what
+``hash_buckets`` dispatches (bytes within 1%), and a real step's dispatched bytes match the count within 2% per phase.
 
     python benchmarks/predict_step.py                           # bench config, 16K..4M tokens, per-op tables
     python benchmarks/predict_step.py --config configs/million_1gpu.toml --json pred.json
-    python benchmarks/predict_step.py --compare steps.json      # predicted vs measured (train_step.py --json rows)
+    python benchmarks/predict_step.py --compare steps.json --gpu auto   # predicted vs measured (train_step.py --json)
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step.py is a sibling script, not a package module
@@ -49,6 +59,8 @@ from reformer_dist.ondisk import atomic_write  # noqa: E402
 
 PEAK_FLOPS = PEAK_BF16_TFLOPS * 1e12
 HBM_BYTES_S = 3.35e12
+# HBM bandwidth per GPU the suite may run on (same bf16 peak: an H200 is an H100 with more and faster HBM)
+GPU_HBM = {"h100": HBM_BYTES_S, "h200": 4.8e12}
 VECTOR_FLOPS = 67e12
 EXP_PER_S = 3.9e12
 LAUNCH_S = 5e-6
@@ -60,22 +72,22 @@ E = 2  # bytes of a bf16 value
 F4 = 4  # bytes of an fp32 value (streams, statistics, accumulators)
 
 PHASES = ("forward", "recompute", "backward", "optimizer")
-# terms in table order, with the op class that sets their matmul efficiency
-TERMS = {
-    "projections (qk/q,k,v, out)": "gemm",
-    "feed-forward": "gemm",
-    "hashing (rotations + argmax)": "gemm",
-    "sort (argsort per round)": "gemm",
-    "attention core (Triton kernels)": "attention",
-    "attention glue (round merge, delta, grad casts)": "gemm",
-    "layer norms + bf16 casts": "gemm",
-    "residual streams (add, sub, casts)": "gemm",
-    "embeddings": "gemm",
-    "LM head + loss": "gemm",
-    "weight casts + grad accumulation": "gemm",
-    "dropout": "gemm",
-    "AdamW (fused, fp32)": "gemm",
-}
+# terms in table order
+TERMS = (
+    "projections (qk/q,k,v, out)",
+    "feed-forward",
+    "hashing (rotations + argmax)",
+    "sort (argsort per round)",
+    "attention core (Triton kernels)",
+    "attention glue (round merge, delta, grad casts)",
+    "layer norms + bf16 casts",
+    "residual streams (add, sub, casts)",
+    "embeddings",
+    "LM head + loss",
+    "weight casts + grad accumulation",
+    "dropout",
+    "AdamW (fused, fp32)",
+)
 CUTS = {
     "attention core (Triton kernels)": "one fused backward kernel (the logits are formed 3x in backward, 4x with the "
     "recompute, dO.V^T twice), skip causally masked sub-tiles, pipelined larger tiles",
@@ -97,41 +109,61 @@ CUTS = {
 }
 
 
-@dataclass
 class Cost:
-    """What some ops cost: tensor-core FLOPs, other FLOPs, exponentials, HBM bytes, kernel launches."""
+    """What some ops cost: a list of ops, each (tensor-core FLOPs, other FLOPs, exponentials, HBM bytes, kernel
+    launches, matmul efficiency). Sums concatenate; times are per op, then summed (ops run one after another)."""
 
-    mm: float = 0.0
-    vec: float = 0.0
-    exp: float = 0.0
-    bytes: float = 0.0
-    launches: float = 0.0
+    __slots__ = ("ops",)
+
+    def __init__(self, mm: float = 0.0, vec: float = 0.0, exp: float = 0.0, bytes: float = 0.0,
+                 launches: float = 0.0, eff: float = MM_EFF["gemm"], *, ops: list[tuple] | None = None):
+        if ops is not None:
+            self.ops = ops
+        else:
+            self.ops = [(mm, vec, exp, bytes, launches, eff)] if any((mm, vec, exp, bytes, launches)) else []
 
     def __add__(self, o: "Cost") -> "Cost":
-        return Cost(self.mm + o.mm, self.vec + o.vec, self.exp + o.exp, self.bytes + o.bytes, self.launches + o.launches)
+        return Cost(ops=self.ops + o.ops)
 
     def __mul__(self, k: float) -> "Cost":
-        return Cost(self.mm * k, self.vec * k, self.exp * k, self.bytes * k, self.launches * k)
+        return Cost(ops=[(a * k, b * k, c * k, d * k, e * k, f) for a, b, c, d, e, f in self.ops])
 
     __rmul__ = __mul__
+
+    def _sum(self, i: int) -> float:
+        return sum(op[i] for op in self.ops)
+
+    mm = property(lambda self: self._sum(0))
+    vec = property(lambda self: self._sum(1))
+    exp = property(lambda self: self._sum(2))
+    bytes = property(lambda self: self._sum(3))
+    launches = property(lambda self: self._sum(4))
 
     @property
     def flops(self) -> float:
         return self.mm + self.vec + self.exp
 
-    def roofline_s(self) -> float:
-        """Pure roofline: every FLOP at the bf16 matmul peak, every byte at the HBM peak."""
-        return max(self.flops / PEAK_FLOPS, self.bytes / HBM_BYTES_S)
+    def merged(self, launches: float | None = None, eff: float | None = None) -> "Cost":
+        """One op doing all of this (one kernel, or uniform ops whose times add up the same)."""
+        e = eff if eff is not None else (self.ops[0][5] if self.ops else MM_EFF["gemm"])
+        return Cost(self.mm, self.vec, self.exp, self.bytes, self.launches if launches is None else launches, e)
 
-    def adjusted_s(self, op_class: str) -> float:
-        """Roofline with the stated efficiencies, the exp and CUDA-core rates, and the host launch floor."""
-        compute = self.mm / (PEAK_FLOPS * MM_EFF[op_class]) + self.vec / VECTOR_FLOPS + self.exp / EXP_PER_S
-        return max(compute, self.bytes / (HBM_BYTES_S * BW_EFF), self.launches * LAUNCH_S)
+    def totals(self) -> dict[str, float]:
+        return {"mm": self.mm, "vec": self.vec, "exp": self.exp, "bytes": self.bytes, "launches": self.launches}
+
+    def roofline_s(self, hbm: float = HBM_BYTES_S) -> float:
+        """Pure roofline per op: every FLOP at the bf16 matmul peak, every byte at the HBM peak (bytes/s)."""
+        return sum(max((mm + vec + ex) / PEAK_FLOPS, nb / hbm) for mm, vec, ex, nb, _, _ in self.ops)
+
+    def adjusted_s(self, hbm: float = HBM_BYTES_S) -> float:
+        """Per op: the stated matmul efficiency, the CUDA-core and exp rates, 80% of HBM, the host launch floor."""
+        return sum(max(mm / (PEAK_FLOPS * eff) + vec / VECTOR_FLOPS + ex / EXP_PER_S, nb / (hbm * BW_EFF),
+                       n * LAUNCH_S) for mm, vec, ex, nb, n, eff in self.ops)
 
 
-def ew(read: float, write: float, vec: float = 0.0, launches: float = 1.0) -> Cost:
+def ew(read: float, write: float, vec: float = 0.0, launches: float = 1.0, exp: float = 0.0) -> Cost:
     """An elementwise/reduction op: bytes read and written."""
-    return Cost(vec=vec, bytes=read + write, launches=launches)
+    return Cost(vec=vec, exp=exp, bytes=read + write, launches=launches)
 
 
 def gemm(m: float, k: float, n: float, launches: float = 1.0) -> Cost:
@@ -205,19 +237,19 @@ def core_kernels(s: CoreShape) -> dict[str, Cost]:
                 exp=w * blk * blk,
                 bytes=m * ib + 2 * row + w * (m * ib + 2 * row + 3 * m * F4) + 2 * m * dd * 2 * F4, launches=0)
     # fp32 atomics (dq, dk, dv) are counted as a read and a write of 4 bytes each
-    return {"_fwd": fwd * progs + Cost(launches=s.h), "_bwd_dq": dq * progs + Cost(launches=s.h),
-            "_bwd_dkdv": dkdv * progs + Cost(launches=s.h)}
+    att = MM_EFF["attention"]
+    return {name: (c * progs).merged(launches=s.h, eff=att) for name, c in (("_fwd", fwd), ("_bwd_dq", dq),
+                                                                          ("_bwd_dkdv", dkdv))}
 
 
 def core_glue(s: CoreShape) -> dict[str, Cost]:
     """PyTorch ops around the kernels (``triton_lsh._forward`` / ``_backward``), all heads."""
     bt, r, dd = s.b * s.length, s.rounds, s.d
     # forward, per head: merge the rounds' (m, l) into the lse and the rounds' outputs into one
-    stats = (ew(F4 * r * bt, F4 * bt) + ew(F4 * (r + 1) * bt, F4 * r * bt) + ew(F4 * r * bt, F4 * r * bt)
+    stats = (ew(F4 * r * bt, F4 * bt) + ew(F4 * (r + 1) * bt, F4 * r * bt) + ew(F4 * r * bt, F4 * r * bt, exp=r * bt)
              + ew(2 * F4 * r * bt, F4 * r * bt) + ew(F4 * r * bt, F4 * bt)  # amax, sub, exp, mul, sum
-             + ew(F4 * bt, F4 * bt) + 3 * ew(2 * F4 * bt, F4 * bt)  # split_lse: log, add, sub, add
+             + ew(F4 * bt, F4 * bt, exp=bt) + 3 * ew(2 * F4 * bt, F4 * bt)  # split_lse: log, add, sub, add
              + 2 * ew(F4 * bt, F4 * bt))  # lse[:, :, head], lse_lo[:, :, head]
-    stats = stats + Cost(exp=r * bt + bt)
     if r == 1:
         outs = ew(E * bt * dd, E * bt * dd)
     else:
@@ -246,18 +278,19 @@ def hashing_cost(b: int, length: int, h: int, d: int, rounds: int, factors: list
     n, btd, bthr = b * length, b * length * h * d, b * length * h * rounds
     rot = h * d * rounds * cols
     c = ew(0, F4 * rot, launches=2)  # randn rotations
-    c = c + ew(E * btd, F4 * btd) + ew(F4 * btd, E * btd)  # .float(), then autocast casts it back for the bmm
-    c = c + ew(F4 * rot * blocks, E * rot * blocks)  # autocast cast of the rotations, every block
-    c = c + Cost(mm=2.0 * n * h * d * rounds * cols, bytes=E * btd + E * rot * blocks + E * bthr * cols)  # bmm
-    c = c + ew(0, F4 * bthr) + ew(F4 * bthr, F4 * bthr)  # zeros accumulator, out[..., s:e] = acc
+    elementwise = ew(E * btd, F4 * btd) + ew(F4 * btd, E * btd)  # .float(), then autocast casts it back for the bmm
+    elementwise = elementwise + ew(F4 * rot * blocks, E * rot * blocks)  # autocast cast of the rotations, every block
+    # the [H, l, D] operand of the bmm is a strided batch: no copy
+    bmm = Cost(mm=2.0 * n * h * d * rounds * cols, bytes=E * btd + E * rot * blocks + E * bthr * cols, launches=blocks)
+    elementwise = elementwise + ew(0, F4 * bthr) + ew(F4 * bthr, F4 * bthr)  # zeros accumulator, out[..., s:e] = acc
     for f in factors:
         half = f // 2
-        c = c + 2 * ew(E * bthr * half, (E + 8) * bthr, vec=bthr * half)  # max, min (values + int64 indices)
-        c = c + ew(E * bthr, E * bthr) + ew(2 * E * bthr, bthr) + ew(8 * bthr, 8 * bthr)  # -lo, >=, arg_lo + n
-        c = c + ew(17 * bthr, 8 * bthr) + ew(8 * bthr, 4 * bthr) + ew(4 * bthr, 4 * bthr) + ew(8 * bthr, 4 * bthr)
-    # per block: .float(), 2 autocast casts, bmm (the [H, l, D] operand is a strided batch: no copy), zeros, store
-    c.launches = (6 + 9 * len(factors)) * blocks + 2
-    return c
+        elementwise = elementwise + 2 * ew(E * bthr * half, (E + 8) * bthr, vec=bthr * half)  # max, min (+ int64 index)
+        elementwise = elementwise + ew(E * bthr, E * bthr) + ew(2 * E * bthr, bthr) + ew(8 * bthr, 8 * bthr)  # -lo, >=, +n
+        elementwise = elementwise + ew(17 * bthr, 8 * bthr) + ew(8 * bthr, 4 * bthr) + ew(4 * bthr, 4 * bthr) \
+            + ew(8 * bthr, 4 * bthr)  # where, .to(int32), scale *, acc +=
+    # per block: .float(), 2 autocast casts, zeros, store and 9 ops per factor (+ the bmm)
+    return c + bmm + elementwise.merged(launches=(5 + 9 * len(factors)) * blocks)
 
 
 def sort_cost(b: int, h: int, rounds: int, length: int) -> Cost:
@@ -280,8 +313,9 @@ def sort_cost(b: int, h: int, rounds: int, length: int) -> Cost:
 class StepCount:
     """All ops of one training step of ``cfg`` at ``length`` tokens (batch ``batch``): cost per (term, phase)."""
 
-    def __init__(self, cfg: ReformerConfig, length: int, batch: int = 1, optimizer: bool = True):
-        self.cfg, self.batch, self.optimizer = cfg, batch, optimizer
+    def __init__(self, cfg: ReformerConfig, length: int, batch: int = 1, optimizer: bool = True,
+                 hbm: float = HBM_BYTES_S):
+        self.cfg, self.batch, self.optimizer, self.hbm = cfg, batch, optimizer, hbm
         self.length = length
         self.padded = self._padded(length)
         self.terms: dict[str, dict[str, Cost]] = {t: {p: Cost() for p in PHASES} for t in TERMS}
@@ -391,10 +425,10 @@ class StepCount:
         btd = b * t * c.n_heads * c.d_head
         if phase == "backward":
             self.add("attention core (Triton kernels)", phase,
-                     Cost(mm=5 * pair, exp=pair / c.d_head / 2, bytes=E * btd * 8, launches=3))
+                     Cost(mm=5 * pair, exp=pair / c.d_head / 2, bytes=E * btd * 8, launches=3, eff=MM_EFF["attention"]))
         else:
             self.add("attention core (Triton kernels)", phase,
-                     Cost(mm=2 * pair, exp=pair / c.d_head / 2, bytes=E * btd * 4, launches=2))
+                     Cost(mm=2 * pair, exp=pair / c.d_head / 2, bytes=E * btd * 4, launches=2, eff=MM_EFF["attention"]))
 
     def _attention_block(self, kind: str, phase: str) -> None:
         """F in the forward (no grad) or its recompute in the reversible backward: LayerNorm -> projections ->
@@ -485,7 +519,7 @@ class StepCount:
                 m = self.batch * t_c
                 f = ew(F4 * m * k, F4 * m * k) + layer_norm(m, k) + ew(F4 * m * k, E * m * k)  # cat, norm, cast
                 f = f + ew(F4 * k * v, E * k * v) + linear_fwd(m, k, v) + ew(E * m * v, F4 * m * v)  # weight, logits
-                f = f + ew(F4 * m * v, F4 * m * v, vec=4 * m * v) + Cost(exp=m * v) + ew(F4 * m + 8 * m, F4 * m)  # CE
+                f = f + ew(F4 * m * v, F4 * m * v, vec=4 * m * v, exp=m * v) + ew(F4 * m + 8 * m, F4 * m)  # CE
                 self.add("LM head + loss", phase, f)
                 self._dropout(phase, m, k, F4)
                 if phase == "backward":
@@ -512,7 +546,7 @@ class StepCount:
         for name, cost in self.term_totals().items():
             if name.startswith("AdamW") and not with_opt:
                 continue
-            out += cost.adjusted_s(TERMS[name]) if adjusted else cost.roofline_s()
+            out += cost.adjusted_s(self.hbm) if adjusted else cost.roofline_s(self.hbm)
         return out
 
     def mfu_flops(self) -> float:
@@ -538,8 +572,8 @@ class StepCount:
         for name, cost in self.term_totals().items():
             if cost.bytes == 0 and cost.flops == 0:
                 continue
-            rows.append({"term": name, "class": TERMS[name], **asdict(cost), "flops": cost.flops,
-                         "roofline_s": cost.roofline_s(), "adjusted_s": cost.adjusted_s(TERMS[name])})
+            rows.append({"term": name, **cost.totals(), "flops": cost.flops, "roofline_s": cost.roofline_s(self.hbm),
+                         "adjusted_s": cost.adjusted_s(self.hbm)})
         return rows
 
     def largest(self, k: int = 3, adjusted: bool = True) -> list[str]:
@@ -556,13 +590,14 @@ def bench_config(length: int) -> ReformerConfig:
                           axial_pos_shape=axial_shape(length), ff_chunk_len=16384, loss_chunk_len=16384)
 
 
-def predict(length: int, config: ReformerConfig | None = None, batch: int = 1, optimizer: bool = True) -> StepCount:
-    """Count one step of ``config`` (default: the bench config for ``length``) at ``length`` tokens."""
+def predict(length: int, config: ReformerConfig | None = None, batch: int = 1, optimizer: bool = True,
+            gpu: str = "h100") -> StepCount:
+    """Count one step of ``config`` (default: the bench config for ``length``) at ``length`` tokens on ``gpu``."""
     cfg = bench_config(length) if config is None else config
     if length > cfg.max_seq_len:
         raise ValueError(f"--lengths: {length} tokens exceed the config's axial_pos_shape {cfg.axial_pos_shape} "
                          f"(max {cfg.max_seq_len} tokens)")
-    return StepCount(cfg, length, batch, optimizer)
+    return StepCount(cfg, length, batch, optimizer, GPU_HBM[gpu])
 
 
 def _fmt_k(x: float) -> str:
@@ -587,7 +622,8 @@ def print_step(s: StepCount) -> None:
 
 def print_summary(steps: list[StepCount]) -> list[dict]:
     rows = [s.summary(optimizer=False) for s in steps]
-    print("\nPredicted H100 step (forward + backward, no optimizer: what train_step.py times; a prediction)")
+    gpu = next(k for k, v in GPU_HBM.items() if v == steps[0].hbm).upper() if steps else "H100"
+    print(f"\nPredicted {gpu} step (forward + backward, no optimizer: what train_step.py times; a prediction)")
     print("| L | roofline ms | roofline tok/s | roofline MFU | adjusted ms | adjusted tok/s | adjusted MFU | "
           "adjusted vs 1.5M tok/s | + AdamW ms (adj.) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -599,7 +635,7 @@ def print_summary(steps: list[StepCount]) -> list[dict]:
     return rows
 
 
-def compare(path: Path, config: ReformerConfig | None, system: str = "ours") -> list[dict]:
+def compare(path: Path, config: ReformerConfig | None, system: str = "ours", gpu: str = "h100") -> list[dict]:
     """Predicted next to measured tokens/s for the rows of ``train_step.py --json`` (system ``ours``)."""
     try:
         data = json.loads(path.read_text())
@@ -611,13 +647,13 @@ def compare(path: Path, config: ReformerConfig | None, system: str = "ours") -> 
         raise SystemExit(f"--compare {path}: expected {{'rows': [{{'system', 'length', 'tok_s', ...}}]}} "
                          "as benchmarks/train_step.py --json writes")
     out = []
-    print(f"\nPredicted (H100, no optimizer) vs measured ({data.get('device', '?')}), system {system}")
+    print(f"\nPredicted ({gpu.upper()}, no optimizer) vs measured ({data.get('device', '?')}), system {system}")
     print("| L | measured tok/s | predicted roofline | predicted adjusted | measured / adjusted | measured MFU |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         if r["system"] != system:
             continue
-        s = predict(int(r["length"]), config).summary(optimizer=False)
+        s = predict(int(r["length"]), config, gpu=gpu).summary(optimizer=False)
         rec = {"length": r["length"], "measured_tok_s": r["tok_s"], "roofline_tok_s": s["roofline_tok_s"],
                "adjusted_tok_s": s["adjusted_tok_s"], "measured_over_adjusted": r["tok_s"] / s["adjusted_tok_s"],
                "measured_mfu": r.get("mfu")}
@@ -637,6 +673,13 @@ def load_model_config(path: str) -> tuple[ReformerConfig, int, int]:
     return run.model, run.data.seq_len, run.train.micro_batch
 
 
+def detect_gpu() -> str:
+    """h200 when this machine's first CUDA device is one, else h100 (the prediction's default)."""
+    import torch
+
+    return "h200" if torch.cuda.is_available() and "H200" in torch.cuda.get_device_name(0) else "h100"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="a run config (TOML): predict its [model] at data.seq_len, train.micro_batch "
@@ -645,6 +688,8 @@ def main(argv: list[str] | None = None) -> None:
                                       "data.seq_len with --config)")
     ap.add_argument("--batch", type=int, help="sequences per step (default 1, or train.micro_batch with --config)")
     ap.add_argument("--compare", help="train_step.py --json output: print predicted next to measured tok/s")
+    ap.add_argument("--gpu", choices=["h100", "h200", "auto"], default="h100",
+                    help="HBM bandwidth: h100 3.35 TB/s, h200 4.8 TB/s (same bf16 peak); auto = this machine's GPU")
     ap.add_argument("--json", help="write every count, table and summary here")
     ap.add_argument("--quiet", action="store_true", help="summary only (no per-op tables)")
     args = ap.parse_args(argv)
@@ -663,15 +708,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.batch < 1:
             raise SystemExit(f"--batch {args.batch}: expected a positive integer")
         batch = args.batch
-    result: dict = {"assumptions": {"peak_bf16_flops": PEAK_FLOPS, "hbm_bytes_s": HBM_BYTES_S,
+    gpu = detect_gpu() if args.gpu == "auto" else args.gpu
+    result: dict = {"gpu": gpu, "assumptions": {"peak_bf16_flops": PEAK_FLOPS, "hbm_bytes_s": GPU_HBM[gpu],
                                     "vector_flops": VECTOR_FLOPS, "exp_per_s": EXP_PER_S, "launch_s": LAUNCH_S,
                                     "bw_efficiency": BW_EFF, "matmul_efficiency": MM_EFF},
                     "config": args.config or "bench (train_step.py BENCH)", "target_tok_s": TARGET_TOK_S}
     if args.compare:
-        result["compare"] = compare(Path(args.compare), config)
+        result["compare"] = compare(Path(args.compare), config, gpu=gpu)
     else:
         try:
-            steps = [predict(x, config, batch) for x in lengths]
+            steps = [predict(x, config, batch, gpu=gpu) for x in lengths]
         except ValueError as e:
             raise SystemExit(str(e)) from None
         if not args.quiet:
@@ -680,7 +726,7 @@ def main(argv: list[str] | None = None) -> None:
         result["summary"] = print_summary(steps)
         result["steps"] = [{"length": s.length, "table": s.table(), "largest": s.largest(),
                             "largest_roofline": s.largest(adjusted=False),
-                            "phases": {t: {p: asdict(c) for p, c in ph.items()} for t, ph in s.terms.items()}}
+                            "phases": {t: {p: c.totals() for p, c in ph.items()} for t, ph in s.terms.items()}}
                            for s in steps]
     if args.json:
         atomic_write(args.json, json.dumps(result, indent=1) + "\n")

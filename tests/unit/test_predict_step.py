@@ -222,6 +222,15 @@ def test_step_time_is_the_sum_of_the_terms_and_mfu_uses_train_steps_definition()
     assert s["roofline_tok_s"] == pytest.approx(tokens / s["roofline_step_s"])
 
 
+def test_h200_differs_only_in_memory_bound_time():
+    h100, h200 = ps.predict(1 << 20), ps.predict(1 << 20, gpu="h200")
+    assert h200.total().bytes == h100.total().bytes and h200.total().mm == h100.total().mm
+    ff = h100.term_totals()[FF]
+    assert h200.term_totals()[FF].roofline_s(h200.hbm) < ff.roofline_s(h100.hbm)
+    memory_bound = h100.term_totals()["residual streams (add, sub, casts)"]
+    assert memory_bound.roofline_s(4.8e12) == pytest.approx(memory_bound.bytes / 4.8e12)
+
+
 def test_cli_json_config_and_compare(tmp_path, capsys):
     out = tmp_path / "pred.json"
     ps.main(["--lengths", "16384,65536", "--json", str(out), "--quiet"])
