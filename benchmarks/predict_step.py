@@ -91,14 +91,15 @@ TERMS = (
 CUTS = {
     "attention core (Triton kernels)": "one fused backward kernel (the logits are formed 3x in backward, 4x with the "
     "recompute, dO.V^T twice), skip causally masked sub-tiles, pipelined larger tiles",
-    "attention glue (round merge, delta, grad casts)": "merge the rounds inside the forward kernel and compute delta in "
-    "the dq kernel: ~60 B of PyTorch elementwise traffic per element per head disappears",
+    "attention glue (round merge, delta, grad casts)": "merge the rounds inside the forward kernel, compute delta in "
+    "the dq kernel and write bf16 gradients from the kernels (~97 KB/token/layer of PyTorch elementwise traffic)",
     "hashing (rotations + argmax)": "one kernel for rotation + argmax that never writes the rotated values (their "
     "columns grow with sqrt(L)); a fixed n_buckets keeps the cost per token flat; bigger hash blocks cut launches",
     "sort (argsort per round)": "sort only log2(n_buckets)+1 key bits (2 radix passes, not 4), all heads and rounds in "
     "one call with int32 indices",
     "projections (qk/q,k,v, out)": "already GEMMs: FP8, or fuse the qk/v projections into one [D, 2d] GEMM",
-    "feed-forward": "already GEMMs; the reversible recompute costs 1/3 more: FP8, or keep G's input for short L",
+    "feed-forward": "FP8 GEMMs, the activation in the GEMM epilogue, LayerNorm + cast in its prologue (the "
+    "reversible recompute adds 1/3)",
     "layer norms + bf16 casts": "fuse LayerNorm with the bf16 cast (and the recipe recompute of the norm output)",
     "residual streams (add, sub, casts)": "fuse the stream add/sub into the epilogue of the output GEMMs",
     "LM head + loss": "a fused linear + cross-entropy kernel (logits never reach HBM)",
