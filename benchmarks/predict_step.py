@@ -92,7 +92,8 @@ CUTS = {
     "attention core (Triton kernels)": "one fused backward kernel (the logits are formed 3x in backward, 4x with the "
     "recompute, dO.V^T twice), skip causally masked sub-tiles, pipelined larger tiles",
     "attention glue (round merge, delta, grad casts)": "merge the rounds inside the forward kernel, compute delta in "
-    "the dq kernel and write bf16 gradients from the kernels (~97 KB/token/layer of PyTorch elementwise traffic)",
+    "the dq kernel and write bf16 gradients from the kernels (its PyTorch elementwise passes move more than the "
+    "kernels)",
     "hashing (rotations + argmax)": "one kernel for rotation + argmax that never writes the rotated values (their "
     "columns grow with sqrt(L)); a fixed n_buckets keeps the cost per token flat; bigger hash blocks cut launches",
     "sort (argsort per round)": "sort only log2(n_buckets)+1 key bits (2 radix passes, not 4), all heads and rounds in "
@@ -234,7 +235,8 @@ def core_kernels(s: CoreShape) -> dict[str, Cost]:
                exp=w * (blk * blk + blk), bytes=m * ib + row + w * (m * ib + 2 * row) + row + 2 * m * F4, launches=0)
     dq = Cost(mm=w * 3 * tile, vec=w * ((_mask_ops(s) + 5) * blk * blk + key_prep), exp=w * blk * blk,
               bytes=m * ib + 2 * row + 3 * m * F4 + w * (m * ib + 2 * row) + m * dd * 2 * F4, launches=0)
-    dkdv = Cost(mm=w * 4 * tile, vec=w * (_mask_ops(s) + 6) * blk * blk + key_prep + (8 * blk * bd if s.shared_qk else 0),
+    dkdv = Cost(mm=w * 4 * tile,
+                vec=w * (_mask_ops(s) + 6) * blk * blk + key_prep + (8 * blk * bd if s.shared_qk else 0),
                 exp=w * blk * blk,
                 bytes=m * ib + 2 * row + w * (m * ib + 2 * row + 3 * m * F4) + 2 * m * dd * 2 * F4, launches=0)
     # fp32 atomics (dq, dk, dv) are counted as a read and a write of 4 bytes each
@@ -287,7 +289,8 @@ def hashing_cost(b: int, length: int, h: int, d: int, rounds: int, factors: list
     for f in factors:
         half = f // 2
         elementwise = elementwise + 2 * ew(E * bthr * half, (E + 8) * bthr, vec=bthr * half)  # max, min (+ int64 index)
-        elementwise = elementwise + ew(E * bthr, E * bthr) + ew(2 * E * bthr, bthr) + ew(8 * bthr, 8 * bthr)  # -lo, >=, +n
+        # -lo, >=, arg_lo + n
+        elementwise = elementwise + ew(E * bthr, E * bthr) + ew(2 * E * bthr, bthr) + ew(8 * bthr, 8 * bthr)
         elementwise = elementwise + ew(17 * bthr, 8 * bthr) + ew(8 * bthr, 4 * bthr) + ew(4 * bthr, 4 * bthr) \
             + ew(8 * bthr, 4 * bthr)  # where, .to(int32), scale *, acc +=
     # per block: .float(), 2 autocast casts, zeros, store and 9 ops per factor (+ the bmm)
@@ -341,7 +344,8 @@ class StepCount:
         c = self.cfg
         inner = c.n_heads * c.d_head
         proj = sum((2 if t == "lsh" else 3) * c.d_model * inner + inner * c.d_model for t in c.attn_layers)
-        return {"projections": proj, "feed-forward": 2 * c.n_layers * c.d_model * c.d_ff, "head": 2 * c.d_model * c.vocab_size}
+        return {"projections": proj, "feed-forward": 2 * c.n_layers * c.d_model * c.d_ff,
+                "head": 2 * c.d_model * c.vocab_size}
 
     def n_params(self) -> int:
         """``ReformerLM.num_parameters()`` of this config, counted from the shapes."""
@@ -349,7 +353,8 @@ class StepCount:
         w = self.matmul_weights()
         norms = c.n_layers * 2 * 2 * c.d_model + 2 * 2 * c.d_model
         biases = c.n_layers * (c.d_ff + c.d_model)
-        emb = c.vocab_size * c.d_model + c.axial_pos_shape[0] * c.axial_pos_dims[0] + c.axial_pos_shape[1] * c.axial_pos_dims[1]
+        (a, b), (d1, d2) = c.axial_pos_shape, c.axial_pos_dims
+        emb = c.vocab_size * c.d_model + a * d1 + b * d2
         return sum(w.values()) + norms + biases + emb
 
     # ------------------------------------------------------------------ counting
@@ -369,7 +374,8 @@ class StepCount:
             attn_w = ((2 if kind == "lsh" else 3) + 1) * dm * inner
             ff_w = 2 * dm * c.d_ff
             n_ff = len(self._ff_chunks())
-            self.add("weight casts + grad accumulation", "forward", ew(F4 * (attn_w + ff_w), E * (attn_w + ff_w), launches=4))
+            self.add("weight casts + grad accumulation", "forward",
+                     ew(F4 * (attn_w + ff_w), E * (attn_w + ff_w), launches=4))
             self.add("weight casts + grad accumulation", "recompute",
                      ew(F4 * (attn_w + n_ff * ff_w), E * (attn_w + n_ff * ff_w), launches=4 + 2 * n_ff))
             # dW (bf16) -> fp32, then accumulated into .grad (the first chunk's is taken as is)
@@ -403,7 +409,8 @@ class StepCount:
         # (one radix pass over log2(rows) bits: 8 + 8 B per id, twice) and a segmented sum of the gradient rows
         bwd = ew(2 * F4 * n * dm, F4 * n * dm)
         for width in (dm, d1, d2):
-            bwd = bwd + Cost(bytes=2 * 16 * n + 8 * n, launches=6) + ew(F4 * n * width + 8 * n, F4 * n * width, launches=3)
+            bwd = bwd + Cost(bytes=2 * 16 * n + 8 * n, launches=6)
+            bwd = bwd + ew(F4 * n * width + 8 * n, F4 * n * width, launches=3)
         self.add("embeddings", "backward", bwd)
         self._dropout("backward", n, dm, F4)
 
@@ -454,7 +461,8 @@ class StepCount:
             self.add("residual streams (add, sub, casts)", phase, ew((F4 + E) * n * dm, F4 * n * dm))  # y1.add_(F)
         else:
             # fo = F(x2).to(fp32); y1.sub_(fo)
-            self.add("residual streams (add, sub, casts)", phase, ew(E * n * dm, F4 * n * dm) + ew(2 * F4 * n * dm, F4 * n * dm))
+            self.add("residual streams (add, sub, casts)", phase,
+                     ew(E * n * dm, F4 * n * dm) + ew(2 * F4 * n * dm, F4 * n * dm))
 
     def _ff_block(self, phase: str) -> None:
         """G chunk by chunk: LayerNorm -> cast -> dense -> activation -> dense -> stream update."""
