@@ -119,6 +119,13 @@ def build_dense(length: int, device: str, dtype: torch.dtype):
 SYSTEMS = {"ours": build_ours, "hf": build_hf, "reformer-pytorch": build_reformer_pytorch, "dense-sdpa": build_dense}
 
 
+def model_flops(params: int, length: int, layers: int = BENCH["layers"], hashes: int = BENCH["hashes"],
+                heads: int = BENCH["heads"], d_head: int = BENCH["d_head"], window: int = 2 * BENCH["chunk"]) -> float:
+    """FLOPs of one step for MFU: 6 x params x tokens plus attention (per round, QK and PV of each query over its
+    ``window`` keys, x3 for forward + backward); the reversible recompute is not counted (it is overhead)."""
+    return 6 * params * length + 4 * layers * hashes * heads * d_head * window * length * 3
+
+
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -152,9 +159,7 @@ def measure(name: str, length: int, device: str, steps: int, optimizer: bool) ->
             times.append(time.perf_counter() - t0)
     dt = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    # 6 x params x tokens, x 4/3 for the reversible recompute of ours, plus attention (per round: QK and PV over 2 chunks)
-    attn = 4 * BENCH["layers"] * BENCH["hashes"] * BENCH["heads"] * BENCH["d_head"] * 2 * BENCH["chunk"] * length * 3
-    flops = 6 * params * length + attn
+    flops = model_flops(params, length)
     mfu = flops / dt / (PEAK_BF16_TFLOPS * 1e12) if device == "cuda" else float("nan")
     del model, opt, ids, loss
     return {"tok_s": length / dt, "peak_gib": peak, "mfu": mfu, "step_s": dt, "params": params}
