@@ -189,6 +189,22 @@ class LMHead(nn.Module):
         h = _dropout(h, self.dropout, self.training)
         return (h.to(dtype) @ weight.to(dtype).t()).to(_acc_dtype(x1))
 
+    @torch.no_grad()
+    def token_scores(self, x1: Tensor, x2: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token cross-entropy [N] (accumulation dtype, 0 where labels = -100) and the argmax prediction [N]
+        of streams [N, D] x 2, chunk by chunk like the summed loss (no N x V logits; evaluation only)."""
+        device = x1.device.type
+        weight = self.proj.weight
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        losses = torch.empty(x1.shape[0], dtype=_acc_dtype(x1), device=x1.device)
+        preds = torch.empty(x1.shape[0], dtype=torch.long, device=x1.device)
+        with torch.autocast(device, enabled=False):
+            for s, e in self.chunks(x1.shape[0]):
+                logits = self.chunk_logits(x1[s:e], x2[s:e], self.norm.weight, self.norm.bias, weight, dtype)
+                losses[s:e] = F.cross_entropy(logits, labels[s:e], ignore_index=IGNORE_INDEX, reduction="none")
+                preds[s:e] = logits.argmax(-1)
+        return losses, preds
+
     def forward(self, x1: Tensor, x2: Tensor, labels: Tensor | None = None) -> Tensor:
         if labels is None:
             h = self.norm(torch.cat([x1, x2], dim=-1).to(self.norm.weight.dtype))
