@@ -57,6 +57,7 @@ class Experiment:
     def __init__(self, out: Path, threads: int | None, time_limit: float | None = None):
         self.out, self.time_limit = out, time_limit
         self.runs: list[dict] = []
+        self.steps: dict[str, int] = {}  # optimizer steps each variant reached
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = str(REPO) + os.pathsep + self.env.get("PYTHONPATH", "")
         if threads:
@@ -91,6 +92,9 @@ class Experiment:
         sets = COMMON + [f"train.warmup_steps={min(50, steps // 10 + 1)}"] + sets + [f"output.dir={run_dir}"]
         self.run(f"train {name}", [PY, "-m", "reformer_dist.cli.train", "--config", "configs/quickstart.toml",
                                    *[a for s in sets for a in ("--set", s)]], self.time_limit)
+        steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        self.runs[-1]["steps_reached"] = max((r["step"] for r in steps if r.get("event") == "step"), default=0)
+        self.steps[name] = self.runs[-1]["steps_reached"]
         # stopped by the time limit: no final weights folder, but the checkpoint of the step it stopped at
         return run_dir / "model" if (run_dir / "model").is_dir() else run_dir / "checkpoints"
 
@@ -101,7 +105,9 @@ class Experiment:
         return json.loads(out.read_text())
 
     def finish(self, summary: dict, table: str) -> None:
-        summary["runs"] = self.runs
+        summary["runs"], summary["steps_reached"] = self.runs, self.steps
+        table += ("\n\nsteps reached: " + ", ".join(f"{k} {v}" for k, v in self.steps.items())
+                  + "; wall time per run: " + ", ".join(f"{r['name']} {r['seconds']:.0f} s" for r in self.runs))
         summary["wall_seconds"] = round(sum(r["seconds"] for r in self.runs), 1)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         (self.out / "summary.md").write_text(table + "\n")
@@ -131,7 +137,7 @@ def table2(a: argparse.Namespace, x: Experiment) -> None:
         res = x.eval(name, model, *args, *(["--n-hashes", rounds] if layers == ["lsh"] else []))
         results[name] = {_key(r["n_hashes"]): r["accuracy"] for r in res["rows"]}
     cols = ["1", "2", "4", "8", "full"]
-    lines = [f"Duplication, length {n}, {a.symbols} symbols, 1 layer d_model {a.d_model}, {a.steps} steps x "
+    lines = [f"Duplication, length {n}, {a.symbols} symbols, 1 layer d_model {a.d_model}, max {a.steps} steps x "
              f"{a.batch} sequences (accuracy on the copied half, teacher-forced; chance {100 / a.symbols:.1f}%)", "",
              "| trained with | eval LSH-1 | LSH-2 | LSH-4 | LSH-8 | full |", "|---|---|---|---|---|---|"]
     for name, accs in results.items():

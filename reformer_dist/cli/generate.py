@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reformer-generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("model", help="weights folder (a run's model/ or `reformer-ckpt consolidate` output) or checkpoint root")
+    p.add_argument("model", help="weights folder (a run's model/ or `reformer-ckpt consolidate` output) or "
+                   "checkpoint root")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", type=Path, help="file holding the prompt (UTF-8)")

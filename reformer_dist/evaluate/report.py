@@ -27,7 +27,8 @@ def lm_table(res: dict[str, Any]) -> str:
         lines.append(f"{_rounds_name(r['n_hashes']):>9} {r['loss']:9.4f} {r['bits_per_token']:11.4f} "
                      f"{r['perplexity']:11.3f} {r['tokens']:10d}")
     lines.append("loss by position (nats; position = tokens of context):")
-    lines.append(f"{'positions':>15} {'tokens':>10} " + " ".join(f"{_rounds_name(r['n_hashes']):>9}" for r in res["rows"]))
+    names = " ".join(f"{_rounds_name(r['n_hashes']):>9}" for r in res["rows"])
+    lines.append(f"{'positions':>15} {'tokens':>10} {names}")
     for i, b in enumerate(res["rows"][0]["by_position"]):
         vals = [r["by_position"][i]["loss"] for r in res["rows"]]
         span = f"{b['lo']}" if b["lo"] == b["hi"] else f"{b['lo']}-{b['hi']}"

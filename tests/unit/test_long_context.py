@@ -28,7 +28,6 @@ from reformer_dist.evaluate.lm import evaluate_lm, plan_windows, position_bins
 from reformer_dist.evaluate.loading import LoadedModel, load_model
 from reformer_dist.evaluate.tasks import answer_labels, evaluate_task, score_answers
 from reformer_dist.model.config import ReformerConfig
-from reformer_dist.model.layers import IGNORE_INDEX
 from reformer_dist.model.reformer import ReformerLM
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,10 +56,10 @@ def trained(tmp_path_factory):
     sets = ["model.d_model=32", "model.d_head=16", "model.d_ff=64", "model.chunk_len=16", "model.n_hashes=2",
             f"data.path={root / 'store'}", f"data.seq_len={SEQ}", "data.document_masking=true",
             "data.reset_positions=true", "train.micro_batch=1", "train.max_steps=2", "train.warmup_steps=1",
-            "eval.every=0", f"eval.batches={WINDOWS}", "checkpoint.at_end=false", "output.sample_tokens=0",
+            "eval.every=0", f"eval.batches={WINDOWS}", "checkpoint.at_end=true", "output.sample_tokens=0",
             "logging.progress_bar=false", "logging.tensorboard=false", f"output.dir={root / 'run'}"]
-    p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train", "--config", str(REPO / "configs/quickstart.toml"),
-                        *[a for s in sets for a in ("--set", s)]],
+    p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train", "--config",
+                        str(REPO / "configs/quickstart.toml"), *[a for s in sets for a in ("--set", s)]],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     return root
@@ -96,6 +95,20 @@ def test_eval_loss_equals_the_trainers_evaluation(trained, tmp_path, capsys):
     loaded.record = {**loaded.record, "document_masking": False, "reset_positions": False}
     other = evaluate_lm(loaded, TokenStore.open(trained / "store"), "validation", SEQ, progress=False)
     assert abs(other["rows"][0]["loss"] - end["eval_loss"]) > 1e-4
+
+
+def test_eval_of_a_checkpoint_root_equals_its_weights_folder(trained, tmp_path, capsys):
+    """A checkpoint root is reassembled in memory (as consolidate does); its data record comes from run_config.json."""
+    losses = []
+    for model in (trained / "run" / "model", trained / "run" / "checkpoints"):
+        out = tmp_path / f"{model.name}.json"
+        code, _, err = run_cli(eval_cli.main, capsys, model, "--data", trained / "store", "--seq-len", SEQ,
+                               "--out", out, "--no-progress", "--no-plot")
+        assert code == 0, err
+        res = json.loads(out.read_text())
+        assert res["document_masking"] is True
+        losses.append(res["rows"][0]["loss"])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
 
 
 def test_generate_end_to_end_from_a_trained_model(trained):
@@ -145,7 +158,8 @@ def test_bins_weighted_by_counts_give_the_total(tmp_path):
         # after the first window only the last 40 labels count: positions 57..96
         later = res["windows"] - 1
         assert [(b["lo"], b["hi"], b["tokens"]) for b in bins] == [
-            (1, 1, 1), (2, 3, 2), (4, 7, 4), (8, 15, 8), (16, 31, 16), (32, 63, 32 + 7 * later), (64, 96, 33 * (later + 1))]
+            (1, 1, 1), (2, 3, 2), (4, 7, 4), (8, 15, 8), (16, 31, 16), (32, 63, 32 + 7 * later),
+            (64, 96, 33 * (later + 1))]
     assert res["rows"][0]["loss"] != res["rows"][1]["loss"]  # another round count, another number
 
 
