@@ -106,7 +106,7 @@ def plot_task(res: dict[str, Any], out: str | Path) -> None:
     """Heat map of accuracy (length x depth), one panel per round count."""
     plt = _pyplot()
     rows = res["rows"]
-    fig, axes = plt.subplots(1, len(rows), figsize=(4 + 3 * len(rows), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(rows), figsize=(2 + 3.5 * len(rows), 4), squeeze=False, constrained_layout=True)
     for ax, row in zip(axes[0], rows):
         depths = sorted({c["depth"] for c in row["cells"]}, key=lambda d: -1 if d is None else d)
         lengths = sorted({c["length"] for c in row["cells"]})

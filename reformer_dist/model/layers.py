@@ -168,7 +168,8 @@ class LMHead(nn.Module):
     """Final LayerNorm over the 2*D concatenated streams + bias-free projection to the vocabulary (HF layout).
 
     ``forward(x1, x2)`` gives logits; ``forward(x1, x2, labels)`` the summed cross-entropy, chunk by chunk
-    (``loss_chunk_len`` tokens), without ever building the concatenation or the L x V logits. Both go
+    (``loss_chunk_len`` tokens), without ever building the concatenation or the L x V logits;
+    ``forward(x1, x2, labels, per_token=True)`` each token's loss and prediction (evaluation). All go
     through this module's forward so ZeRO-3 gathers its parameters.
     """
 
@@ -190,7 +191,7 @@ class LMHead(nn.Module):
         return (h.to(dtype) @ weight.to(dtype).t()).to(_acc_dtype(x1))
 
     @torch.no_grad()
-    def token_scores(self, x1: Tensor, x2: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def _token_scores(self, x1: Tensor, x2: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Per-token cross-entropy [N] (accumulation dtype, 0 where labels = -100) and the argmax prediction [N]
         of streams [N, D] x 2, chunk by chunk like the summed loss (no N x V logits; evaluation only)."""
         device = x1.device.type
@@ -205,7 +206,11 @@ class LMHead(nn.Module):
                 preds[s:e] = logits.argmax(-1)
         return losses, preds
 
-    def forward(self, x1: Tensor, x2: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, x1: Tensor, x2: Tensor, labels: Tensor | None = None, per_token: bool = False):
+        """Logits; with labels the summed loss, or with ``per_token`` (labels [N], streams [N, D]) each token's
+        loss and argmax prediction (``_token_scores``)."""
+        if per_token:
+            return self._token_scores(x1, x2, labels)
         if labels is None:
             h = self.norm(torch.cat([x1, x2], dim=-1).to(self.norm.weight.dtype))
             return self.proj(_dropout(h, self.dropout, self.training))

@@ -171,8 +171,8 @@ class ReformerLM(nn.Module):
             return self.head(x1[:, :l], x2[:, :l])
         if reduction == "none":
             b, lp, d = x1.shape  # padded positions scored with ignored labels (no sliced copies of the streams)
-            losses, preds = self.head.token_scores(x1.reshape(-1, d), x2.reshape(-1, d),
-                                                   F.pad(labels, (0, lp - l), value=IGNORE_INDEX).reshape(-1))
+            losses, preds = self.head(x1.reshape(-1, d), x2.reshape(-1, d),
+                                      F.pad(labels, (0, lp - l), value=IGNORE_INDEX).reshape(-1), per_token=True)
             return losses.view(b, lp)[:, :l], preds.view(b, lp)[:, :l]
         # padded positions get ignored labels, so the head reads the streams as they are (no sliced copies)
         total = self.head(x1, x2, F.pad(labels, (0, x1.shape[1] - l), value=IGNORE_INDEX))

@@ -329,3 +329,20 @@ def test_generate_refuses_what_it_cannot_decode_or_fit(tmp_path, capsys):
     assert code == 1 and "missing.txt: cannot read the prompt" in err, err
     code, out, err = gen(r, "--prompt", "x", "--temperature", "0")
     assert code == 0 and "tokens/s" in err, err
+
+
+def test_eval_task_cli_writes_the_table_json_and_heat_map(tmp_path, capsys):
+    from reformer_dist.data.tokenizers import SymbolTokenizer
+
+    write_synthetic(SynthSpec("duplication", [16, 32], examples=3, n_symbols=9), tmp_path / "d")
+    m = tiny_model(tmp_path / "m", vocab_size=11, record=False)
+    write_record(m, SymbolTokenizer(11), {"path": str(tmp_path / "d")}, 11)
+    code, out, err = _eval(capsys, m, "--data", tmp_path / "d", "--task", "--n-hashes", "1,8,full",
+                           "--out", tmp_path / "t.json")
+    assert code == 0, err
+    res = json.loads((tmp_path / "t.json").read_text())
+    assert res["format"] == "reformer_dist.task_eval/1" and [r["n_hashes"] for r in res["rows"]] == [1, 8, "full"]
+    assert [(c["length"], c["examples"], c["answer_tokens"]) for c in res["rows"][0]["cells"]] == [(16, 3, 21),
+                                                                                                   (32, 3, 45)]
+    assert "duplication:" in out and "n_hashes full: accuracy" in out
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
