@@ -49,6 +49,9 @@ def evaluate_task(loaded: LoadedModel, store: TokenStore, *, split: str = "valid
     """Accuracy on the answers of every validation cell of a synthetic store, one row per round count."""
     rounds = rounds or [None]
     meta = synthetic_metadata(store.manifest, store.where)
+    if split != "validation":
+        raise DataError(f"--split {split}: --task scores the validation split (the grid of lengths x depths); "
+                        "the train split's examples are not laid out for scoring")
     check_store(loaded, store)
     cells = task_layout(meta)
     need = layout_tokens(meta)
