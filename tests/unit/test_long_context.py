@@ -109,6 +109,12 @@ def test_eval_of_a_checkpoint_root_equals_its_weights_folder(trained, tmp_path, 
         assert res["document_masking"] is True
         losses.append(res["rows"][0]["loss"])
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    # a consolidated folder has no training_data.json: its checkpoint's run_config.json says what it was trained on
+    from reformer_dist.checkpoint.consolidate import consolidate
+
+    consolidate(trained / "run" / "checkpoints", tmp_path / "final")
+    rec = load_model(tmp_path / "final").record
+    assert rec["tokenizer"] == "bytes" and rec["document_masking"] and rec["_where"].endswith("run_config.json")
 
 
 def test_generate_end_to_end_from_a_trained_model(trained):
