@@ -93,7 +93,8 @@ class Experiment:
         self.run(f"train {name}", [PY, "-m", "reformer_dist.cli.train", "--config", "configs/quickstart.toml",
                                    *[a for s in sets for a in ("--set", s)]], self.time_limit)
         steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        self.runs[-1]["steps_reached"] = max((r["step"] for r in steps if r.get("event") == "step"), default=0)
+        # step records come every logging.log_every steps; end / preempted records carry the last step
+        self.runs[-1]["steps_reached"] = max((r["step"] for r in steps if isinstance(r.get("step"), int)), default=0)
         self.steps[name] = self.runs[-1]["steps_reached"]
         # stopped by the time limit: no final weights folder, but the checkpoint of the step it stopped at
         return run_dir / "model" if (run_dir / "model").is_dir() else run_dir / "checkpoints"
