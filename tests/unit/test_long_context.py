@@ -352,3 +352,23 @@ def test_eval_task_cli_writes_the_table_json_and_heat_map(tmp_path, capsys):
                                                                                                    (32, 3, 45)]
     assert "duplication:" in out and "n_hashes full: accuracy" in out
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_data_synth_cli_writes_a_store_and_names_bad_options(tmp_path, capsys):
+    from reformer_dist.cli import data as data_cli
+
+    code, out, err = run_cli(data_cli.main, capsys, "synth", "--task", "duplication", "--lengths", "8",
+                             "--symbols", "5", "--examples", "1", "--out", tmp_path / "d")
+    assert code == 0 and "symbols:7" in out, err
+    code, out, err = run_cli(data_cli.main, capsys, "inspect", tmp_path / "d")
+    assert code == 0 and "\n0 " in out and " 0 " in out  # symbols decoded as numbers, not raw bytes
+    code, out, err = run_cli(data_cli.main, capsys, "synth", "--task", "duplication", "--lengths", "9",
+                             "--out", tmp_path / "e")
+    assert code == 2 and "--lengths [9]: duplication documents are 0 w 0 w, an even length >= 4" in err
+    code, out, err = run_cli(data_cli.main, capsys, "synth", "--task", "passkey", "--lengths", "50",
+                             "--out", tmp_path / "e")
+    assert code == 2 and "--lengths [50]: a passkey document needs at least 102 bytes" in err
+    code, out, err = run_cli(data_cli.main, capsys, "synth", "--task", "passkey", "--lengths", "200",
+                             "--depths", "0,1.5", "--out", tmp_path / "e")
+    assert code == 2 and "--depths [0.0, 1.5]: expected fractions in [0, 1]" in err
+    assert not (tmp_path / "e").exists()
