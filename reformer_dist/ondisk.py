@@ -6,7 +6,7 @@ Each name below is defined here once and imported wherever a folder is written o
         config.toml                  the resolved run config (`reformer-train --config` accepts it)
         deepspeed_config.json        the generated DeepSpeed dict
         metrics.jsonl, tb/, ranks/   metrics (training/metrics.py)
-        model/                       final weights folder (save_pretrained)
+        model/                       final weights folder (save_pretrained + training_data.json)
         .reformer-train.lock         one run per folder (training/run_lock.py)
         replaced-<time>/             an earlier run's files, moved aside by a fresh start
         checkpoints/                 checkpoint root (saved: training/checkpointing.py; read: training/resume.py)
@@ -19,7 +19,9 @@ Each name below is defined here once and imported wherever a folder is written o
                 run_config.json                        resolved run config + batch plan
                 MANIFEST.json                          manifest of every file, written last
     universal checkpoint root      `reformer-ckpt reshard` output: latest_universal, reshard.json, <tag>/
-    weights folder                 config.json, model.safetensors (or shards + index), checksums.json
+    weights folder                 config.json, model.safetensors (or shards + index), checksums.json;
+                                   training_data.json (+ tokenizer.model): the tokenizer and data options it was
+                                   trained with (data/model_data.py)
     token store                    manifest.json, <split>-00000.bin ..., tokenizer.model (data/)
     tokenizer folder               tokenizer.model, tokenizer.vocab, tokenizer.json (data/tokenizers.py)
 
@@ -78,6 +80,7 @@ INDEX_NAME = "model.safetensors.index.json"
 CHECKSUMS = "checksums.json"
 HF_BIN_NAME = "pytorch_model.bin"
 HF_BIN_INDEX = "pytorch_model.bin.index.json"
+TRAINING_DATA = "training_data.json"  # what the weights were trained on: tokenizer identity, document options
 # token store and tokenizer folder
 STORE_MANIFEST = "manifest.json"
 TOKENIZER_MODEL = "tokenizer.model"

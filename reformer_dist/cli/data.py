@@ -6,6 +6,8 @@
     reformer-data verify store/
     reformer-data inspect store/            # or: inspect builtin
     reformer-data builtin --out store/      # the embedded default corpus, written as a store
+    reformer-data synth --task duplication --lengths 1024 --train-examples 20000 --out dup/   # docs/long_context.md
+    reformer-data synth --task passkey --lengths 1024,4096 --depths 0,0.5,1 --out passkey/
 
 Exit status: 0 on success, 1 on a data error (message on stderr, naming the file), 2 on a usage error
 (a bad option value, an output folder inside the input). See docs/troubleshooting.md.
@@ -27,6 +29,7 @@ from reformer_dist.data.errors import DataError, UsageError
 from reformer_dist.data.manifest import SPLITS, read_manifest
 from reformer_dist.data.pipeline import shard_corpus, train_tokenizer
 from reformer_dist.data.store import TokenStore
+from reformer_dist.data.synthetic import TASKS, SynthSpec, write_synthetic
 from reformer_dist.data.verify import verify_store
 
 
@@ -121,7 +124,35 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("builtin", help="write the embedded default corpus as a store")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("synth", help="a synthetic long-range task as a store (duplication, passkey), by seed",
+                       description="Documents and answers: docs/long_context.md. The validation split is the grid "
+                                   "(lengths x depths x --examples) that `reformer-eval --task` scores.")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--lengths", type=_int_list, required=True, help="document lengths in tokens, e.g. 1024,4096")
+    p.add_argument("--examples", type=_int_min(1), default=8, help="validation examples per length (x depth)")
+    p.add_argument("--train-examples", type=_int_min(0), default=0, help="train split examples (default 0)")
+    p.add_argument("--seed", type=_int_min(0), default=0, help="same seed, same store (default 0)")
+    p.add_argument("--symbols", type=_int_min(1), default=128, help="duplication: symbols 1..N (default 128)")
+    p.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="passkey: needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--key-digits", type=_int_min(1), default=5, help="passkey: digits of the key (default 5)")
+    add_store_output_args(p)
     return ap
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
 def _inspect(path: str, n_sample: int) -> None:
@@ -175,6 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"OK {args.store}: {shards} shards, {tokens:,} tokens, checksums and token range verified")
         elif args.command == "builtin":
             print_summary(write_builtin(args.out, overwrite=args.overwrite).parent)
+        elif args.command == "synth":
+            spec = SynthSpec(args.task, args.lengths, examples=args.examples, train_examples=args.train_examples,
+                             seed=args.seed, n_symbols=args.symbols, depths=tuple(args.depths),
+                             key_digits=args.key_digits)
+            print_summary(write_synthetic(spec, args.out, overwrite=args.overwrite,
+                                          shard_tokens=args.shard_tokens).parent)
     except DataError as e:
         print(f"reformer-data {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1

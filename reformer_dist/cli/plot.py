@@ -2,6 +2,7 @@
 
     reformer-plot runs/quickstart --out loss.png
     reformer-plot runs/a runs/b --out compare.png --smooth 20 --x tokens
+    reformer-plot lsh.json full.json local.json --out positions.png   # `reformer-eval` results: loss by position
 
 Records a resume superseded (steps after the checkpoint it went back to) are dropped.
 """
@@ -13,6 +14,7 @@ import math
 import sys
 from pathlib import Path
 
+from reformer_dist.evaluate.report import LM_FORMAT, plot_positions, read_results
 from reformer_dist.ondisk import METRICS
 from reformer_dist.training.metrics import read_records
 
@@ -32,12 +34,23 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="reformer-plot", description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="run folders (holding metrics.jsonl) or metrics.jsonl files")
+    p.add_argument("runs", nargs="+", help="run folders (holding metrics.jsonl) or metrics.jsonl files; or "
+                   "`reformer-eval` JSON results, whose loss by position is overlaid")
     p.add_argument("--out", default="loss.png", help="PNG to write (default loss.png)")
     p.add_argument("--smooth", type=int, default=1, help="moving average over N train steps (default 1 = raw)")
     p.add_argument("--x", choices=("step", "tokens"), default="step", help="x axis")
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
+    results = [(Path(r).stem, read_results(r)) for r in args.runs]
+    if any(res is not None for _, res in results):
+        bad = [r for r, (_, res) in zip(args.runs, results) if res is None or res["format"] != LM_FORMAT]
+        if bad:
+            print(f"reformer-plot: error: {', '.join(bad)}: not a `reformer-eval` result with loss by position "
+                  "(runs and eval results do not mix in one plot)", file=sys.stderr)
+            return 2
+        plot_positions(results, args.out, args.title)
+        print(f"wrote {args.out}")
+        return 0
 
     import matplotlib  # slow to import: only after the arguments parsed
 

@@ -8,6 +8,8 @@ Modules, one job each (see docs/data.md):
     verify      size check at open, full check (sha256, token range) by ``verify_store``
     pipeline    corpus -> tokenised shards with ``datasets.map(num_proc=P)``
     builtin     the embedded default corpus (Python's own standard library, byte level) as arrays
+    synthetic   synthetic long-range tasks (duplication, passkey) as stores, and where their answers lie
+    model_data  what a model was trained on (tokenizer identity, document options), kept with its weights
     store       ``TokenStore``: reader of a store's splits, from a folder (memory-mapped) or arrays
     loader      ``WindowLoader``: deterministic, resumable, DP/SP-aware windows for the trainer
 """

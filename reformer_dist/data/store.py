@@ -24,6 +24,7 @@ from reformer_dist.data.errors import DataError
 from reformer_dist.data.manifest import MANIFEST, SPLITS, make_manifest, read_manifest
 from reformer_dist.data.tokenizers import (
     BYTES,
+    SYMBOLS_PREFIX,
     SentencePieceTokenizer,
     Tokenizer,
     load_tokenizer,
@@ -168,8 +169,8 @@ class TokenStore:
 def _folder_tokenizer(root: Path, manifest: dict[str, Any]) -> Tokenizer:
     """The tokenizer a store folder names: bytes, or the SentencePiece model it carries (checked)."""
     identity = manifest["tokenizer"]["identity"]
-    if identity == BYTES:
-        return load_tokenizer(BYTES)
+    if identity == BYTES or identity.startswith(SYMBOLS_PREFIX):
+        return load_tokenizer(identity)
     file = manifest["tokenizer"].get("file")
     if not file:
         raise DataError(f"{root}: store does not carry its tokenizer ({identity})")

@@ -1,8 +1,8 @@
 """Tokenizers: the built-in byte tokenizer, a SentencePiece wrapper, and SentencePiece training.
 
 Every tokenizer has ``encode(str) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``eod_id``
-(end-of-document, appended after each document in a store) and ``identity``: "bytes", or
-"sentencepiece:<sha256 of the model file>". A store records the identity of the tokenizer that wrote
+(end-of-document, appended after each document in a store) and ``identity``: "bytes",
+"sentencepiece:<sha256 of the model file>", or "symbols:<vocab size>" (the synthetic tasks' abstract symbols). A store records the identity of the tokenizer that wrote
 it, so a run can refuse data tokenised differently from what its model was built for.
 
 A tokenizer directory holds ``tokenizer.model`` (the SentencePiece model: all that loading needs),
@@ -28,6 +28,7 @@ from reformer_dist.ondisk import TOKENIZER_META, TOKENIZER_MODEL, TOKENIZER_VOCA
 
 BYTES = "bytes"
 SP_PREFIX = "sentencepiece:"
+SYMBOLS_PREFIX = "symbols:"
 # SentencePiece writes U+2581 for a space and cannot give it back as itself; such characters are
 # encoded as their byte-fallback pieces instead (see SentencePieceTokenizer.encode).
 _SP_SPACE = "\u2581"
@@ -71,6 +72,47 @@ class ByteTokenizer:
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
+
+
+class SymbolTokenizer:
+    """Abstract symbols (the synthetic tasks, data/synthetic.py): ids 0..vocab_size-2 are symbols written as
+    numbers separated by spaces, vocab_size-1 = end-of-document. Identity ``symbols:<vocab_size>``."""
+
+    model_file = None
+
+    def __init__(self, vocab_size: int):
+        if vocab_size < 2:
+            raise DataError(f"{SYMBOLS_PREFIX}{vocab_size}: a symbol vocabulary needs at least one symbol and "
+                            "the end-of-document id")
+        self.vocab_size = int(vocab_size)
+        self.eod_id = self.vocab_size - 1
+        self.identity = f"{SYMBOLS_PREFIX}{self.vocab_size}"
+
+    def encode(self, text: str) -> list[int]:
+        """Whitespace-separated symbol numbers; DataError naming the first one that is not a symbol."""
+        ids = []
+        for word in text.split():
+            if not word.isdigit() or int(word) >= self.eod_id:
+                raise DataError(f"{word!r} is not a symbol of {self.identity} (expected numbers 0..{self.eod_id - 1} "
+                                "separated by spaces)")
+            ids.append(int(word))
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(self.encode(t), dtype=np.int64) for t in texts]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Symbols as numbers separated by spaces; the end-of-document id as a line break."""
+        lines: list[list[str]] = [[]]
+        for i in ids:
+            if int(i) == self.eod_id:
+                lines.append([])
+            else:
+                lines[-1].append(str(int(i)))
+        return "\n".join(" ".join(line) for line in lines)
+
+    def __repr__(self) -> str:
+        return f"SymbolTokenizer({self.vocab_size})"
 
 
 class SentencePieceTokenizer:
@@ -134,11 +176,16 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({str(self.model_file)!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(spec: str | Path) -> ByteTokenizer | SentencePieceTokenizer:
-    """``"bytes"`` -> ByteTokenizer; a directory holding tokenizer.model (or the .model file itself)
-    -> SentencePieceTokenizer."""
+def load_tokenizer(spec: str | Path) -> ByteTokenizer | SymbolTokenizer | SentencePieceTokenizer:
+    """``"bytes"`` -> ByteTokenizer; ``"symbols:<V>"`` -> SymbolTokenizer; a directory holding tokenizer.model
+    (or the .model file itself) -> SentencePieceTokenizer."""
     if str(spec) == BYTES:
         return ByteTokenizer()
+    if str(spec).startswith(SYMBOLS_PREFIX):
+        n = str(spec)[len(SYMBOLS_PREFIX):]
+        if not n.isdigit():
+            raise DataError(f"{spec!r}: expected {SYMBOLS_PREFIX}<vocabulary size>")
+        return SymbolTokenizer(int(n))
     if str(spec).startswith(SP_PREFIX):
         raise DataError(f"{spec!r} is an identity, not a location: pass the tokenizer directory")
     path = Path(spec)
@@ -154,6 +201,8 @@ def tokenizer_identity(spec: str | Path) -> str:
     s = str(spec)
     if s == BYTES or s.startswith(SP_PREFIX):
         return s
+    if s.startswith(SYMBOLS_PREFIX):
+        return load_tokenizer(s).identity
     return load_tokenizer(spec).identity
 
 

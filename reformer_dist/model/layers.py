@@ -168,7 +168,8 @@ class LMHead(nn.Module):
     """Final LayerNorm over the 2*D concatenated streams + bias-free projection to the vocabulary (HF layout).
 
     ``forward(x1, x2)`` gives logits; ``forward(x1, x2, labels)`` the summed cross-entropy, chunk by chunk
-    (``loss_chunk_len`` tokens), without ever building the concatenation or the L x V logits. Both go
+    (``loss_chunk_len`` tokens), without ever building the concatenation or the L x V logits;
+    ``forward(x1, x2, labels, per_token=True)`` each token's loss and prediction (evaluation). All go
     through this module's forward so ZeRO-3 gathers its parameters.
     """
 
@@ -189,7 +190,27 @@ class LMHead(nn.Module):
         h = _dropout(h, self.dropout, self.training)
         return (h.to(dtype) @ weight.to(dtype).t()).to(_acc_dtype(x1))
 
-    def forward(self, x1: Tensor, x2: Tensor, labels: Tensor | None = None) -> Tensor:
+    @torch.no_grad()
+    def _token_scores(self, x1: Tensor, x2: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token cross-entropy [N] (accumulation dtype, 0 where labels = -100) and the argmax prediction [N]
+        of streams [N, D] x 2, chunk by chunk like the summed loss (no N x V logits; evaluation only)."""
+        device = x1.device.type
+        weight = self.proj.weight
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        losses = torch.empty(x1.shape[0], dtype=_acc_dtype(x1), device=x1.device)
+        preds = torch.empty(x1.shape[0], dtype=torch.long, device=x1.device)
+        with torch.autocast(device, enabled=False):
+            for s, e in self.chunks(x1.shape[0]):
+                logits = self.chunk_logits(x1[s:e], x2[s:e], self.norm.weight, self.norm.bias, weight, dtype)
+                losses[s:e] = F.cross_entropy(logits, labels[s:e], ignore_index=IGNORE_INDEX, reduction="none")
+                preds[s:e] = logits.argmax(-1)
+        return losses, preds
+
+    def forward(self, x1: Tensor, x2: Tensor, labels: Tensor | None = None, per_token: bool = False):
+        """Logits; with labels the summed loss, or with ``per_token`` (labels [N], streams [N, D]) each token's
+        loss and argmax prediction (``_token_scores``)."""
+        if per_token:
+            return self._token_scores(x1, x2, labels)
         if labels is None:
             h = self.norm(torch.cat([x1, x2], dim=-1).to(self.norm.weight.dtype))
             return self.proj(_dropout(h, self.dropout, self.training))

@@ -156,15 +156,24 @@ class ReformerLM(nn.Module):
                 hash_seed: int | None = None, n_hashes: int | None = None, reduction: str = "mean",
                 sequence_parallel=None):
         """Logits [B, L, V] without labels; with labels the chunked cross-entropy: its mean over labels !=
-        -100 (``reduction="mean"``) or ``(sum, count)`` (``reduction="sum"``, for averaging across ranks).
+        -100 (``reduction="mean"``), ``(sum, count)`` (``reduction="sum"``, for averaging across ranks), or
+        ``(losses, predictions)`` (``reduction="none"``, evaluation, no gradient): each position's loss [B, L]
+        (0 where the label is -100) and argmax prediction [B, L].
         ``document_ids``, ``positions`` and ``n_hashes`` (LSH rounds of this call): see ``streams``."""
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
         x1, x2, l = self.streams(input_ids, attention_mask, document_ids=document_ids, positions=positions,
                                  position_offset=position_offset, hash_seed=hash_seed, n_hashes=n_hashes,
                                  sequence_parallel=sequence_parallel)
         if labels is None:
             return self.head(x1[:, :l], x2[:, :l])
+        if reduction == "none":
+            b, lp, d = x1.shape  # padded positions scored with ignored labels (no sliced copies of the streams)
+            losses, preds = self.head(x1.reshape(-1, d), x2.reshape(-1, d),
+                                      F.pad(labels, (0, lp - l), value=IGNORE_INDEX).reshape(-1), per_token=True)
+            return losses.view(b, lp)[:, :l], preds.view(b, lp)[:, :l]
         # padded positions get ignored labels, so the head reads the streams as they are (no sliced copies)
         total = self.head(x1, x2, F.pad(labels, (0, x1.shape[1] - l), value=IGNORE_INDEX))
         count = (labels != IGNORE_INDEX).sum()

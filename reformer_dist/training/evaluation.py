@@ -40,6 +40,20 @@ class EvalConfig(Section):
         return bool(self.every or self.at_end)
 
 
+@torch.no_grad()
+def score_batch(model: Any, ids: torch.Tensor, labels: torch.Tensor, *, hash_seed: int, n_hashes: int | None = None,
+                position_offset: int = 0, sequence_parallel: Any = None,
+                documents: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's loss [B, L] (fp32, 0 where the label is -100) and argmax prediction [B, L] of one batch.
+
+    The one evaluation forward: the trainer's held-out loss (``Evaluator``) and ``reformer-eval`` (windows,
+    loss by position, synthetic tasks) both sum these, so their numbers agree on the same windows.
+    ``model`` is a ReformerLM or the DeepSpeed engine around one.
+    """
+    return model(ids, labels=labels, position_offset=position_offset, n_hashes=n_hashes, hash_seed=hash_seed,
+                 reduction="none", sequence_parallel=sequence_parallel, **(documents or {}))
+
+
 class Evaluator:
     """Evaluates a (DeepSpeed-wrapped) ReformerLM; `unigram_loss` is part of the trainer's checkpointed state.
 
@@ -80,10 +94,11 @@ class Evaluator:
             b = next(batches)
             ids, labels = b["input_ids"].to(self.device), b["labels"].to(self.device)
             docs = self.documents(ids)
+            count = float((labels != -100).sum())
             for r, acc in passes:
-                loss_sum, count = engine(ids, labels=labels, position_offset=b["position_offset"], n_hashes=r,
-                                         hash_seed=self.hash_seed, reduction="sum", sequence_parallel=self.sp, **docs)
-                acc += torch.stack([loss_sum.detach().double().cpu(), count.double().cpu()])
+                losses, _ = score_batch(engine, ids, labels, hash_seed=self.hash_seed, n_hashes=r,
+                                        position_offset=b["position_offset"], sequence_parallel=self.sp, documents=docs)
+                acc += torch.tensor([float(losses.double().sum()), count], dtype=torch.float64)
             if hist is not None:
                 valid = b["labels"][b["labels"] != -100]
                 hist += torch.bincount(valid.flatten(), minlength=vocab).double()

@@ -1,5 +1,6 @@
 """[output]: what a finished run leaves besides its checkpoints: the final weights folder
-(`save_pretrained`, loadable with `ReformerLM.from_pretrained`) and a generated sample."""
+(`save_pretrained`, loadable with `ReformerLM.from_pretrained`, plus `training_data.json`: the tokenizer and
+data options it was trained with) and a generated sample."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from reformer_dist.config_schema import Section, any_string, boolean, int_min, opt, optional, positive_number, string
+from reformer_dist.data.model_data import write_record
 from reformer_dist.data.tokenizers import Tokenizer
 from reformer_dist.parallel.collectives import barrier
 
@@ -36,11 +38,15 @@ def _gathered(engine: Any, zero_stage: int) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
-def save_model(engine: Any, zero_stage: int, out: Path, main: bool) -> None:
-    """The engine's model as a weights folder (rank 0 writes; every rank calls this)."""
+def save_model(engine: Any, zero_stage: int, out: Path, main: bool, tokenizer: Tokenizer | None = None,
+               data: dict[str, Any] | None = None) -> None:
+    """The engine's model as a weights folder (rank 0 writes; every rank calls this), with the record of its
+    tokenizer and `[data]` options (data/model_data.py) when they are given."""
     with _gathered(engine, zero_stage):
         if main:
             engine.module.save_pretrained(out)
+            if tokenizer is not None:
+                write_record(out, tokenizer, data or {}, engine.module.cfg.vocab_size)
     barrier()
 
 

@@ -29,6 +29,7 @@ an op training does not use, and checkpoint/consolidate.py and reshard.py use it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -300,7 +301,8 @@ class Trainer:
 
     def save_model(self) -> None:
         out = self.run_dir / MODEL_DIR
-        outputs.save_model(self.engine, self.zero_stage, out, self.main)
+        outputs.save_model(self.engine, self.zero_stage, out, self.main, self.store.tokenizer,
+                           dataclasses.asdict(self.cfg.data))
         self.metrics.print(f"saved weights to {out} (ReformerLM.from_pretrained)")
 
     def sample(self) -> str:
