@@ -12,6 +12,7 @@
 #   bash benchmarks/fetch_gpu_wheels.sh          # on a connected machine: deepspeed and its needs -> .whl/
 #   bash benchmarks/gpu_suite.sh                 # on the GPU machine (carry .whl/ along)
 #   bash benchmarks/gpu_suite.sh --dry-run       # anywhere, CPU: every step at tiny sizes, checks the script
+#   DUPLICATION=1 bash benchmarks/gpu_suite.sh   # also the paper-scale duplication run (a second device call's worth)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -52,6 +53,9 @@ if [ $DRY = 1 ]; then
   step "attention core" 300 $PY benchmarks/attention_core.py --dry-run --json "$OUT_DIR/core.json"
   step "train step ladder" 600 $PY benchmarks/train_step.py --dry-run --systems ours,hf,dense-sdpa \
     --json "$OUT_DIR/steps.json"
+  step "predicted vs measured" 60 $PY benchmarks/predict_step.py --compare "$OUT_DIR/steps.json" --gpu auto \
+    --json "$OUT_DIR/predicted.json"
+  step "duplication 1024" 300 bash benchmarks/duplication_gpu.sh --dry-run
   step "million_1gpu" 300 $PY -m reformer_dist.cli.train "${MILLION[@]}" --dry-run
 else
   step "gpu tests" 210 $PY -m pytest -q tests/gpu
@@ -59,7 +63,13 @@ else
     --json "$OUT_DIR/core.json"
   step "train step ladder" 120 $PY benchmarks/train_step.py --lengths 16384,262144,1048576,4194304 \
     --systems ours,hf,dense-sdpa --steps 2 --max-baseline-len 262144 --find-max --json "$OUT_DIR/steps.json"
+  step "predicted vs measured" 20 $PY benchmarks/predict_step.py --compare "$OUT_DIR/steps.json" --gpu auto \
+    --json "$OUT_DIR/predicted.json"
   step "million_1gpu" 90 $PY -m reformer_dist.cli.train "${MILLION[@]}"
+  # the paper-scale duplication run (issue 22) does not fit the same 8 minutes: a second call, DUPLICATION=1
+  if [ "${DUPLICATION:-0}" = 1 ]; then
+    step "duplication 1024" 300 env TRAIN_SECONDS=90 bash benchmarks/duplication_gpu.sh
+  fi
 fi
 
 $PY - "$OUT_DIR" "$DRY" <<'EOF'

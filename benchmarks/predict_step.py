@@ -53,6 +53,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step.py is a sibling script, not a package module
 from train_step import BENCH, PEAK_BF16_TFLOPS, axial_shape, model_flops  # noqa: E402
 
+import torch  # noqa: E402
+
 from reformer_dist.model import hashing  # noqa: E402
 from reformer_dist.model.config import ReformerConfig  # noqa: E402
 from reformer_dist.ondisk import atomic_write  # noqa: E402
@@ -221,24 +223,32 @@ def _mask_ops(s: CoreShape) -> int:
 def core_kernels(s: CoreShape) -> dict[str, Cost]:
     """The three Triton kernels (``triton_lsh._fwd``, ``_bwd_dq``, ``_bwd_dkdv``), all heads: programs x per-program.
 
-    Tiles are BLOCK x BLOCK_D (the kernel pads chunk and head size to powers of two >= 16): FLOPs are what the tiles
-    execute, bytes what the masked loads read. Rows are read through the int32 permutation, one index per row.
+    Tiles are the kernels' own (``triton_lsh.tiles_for``): a chunk is cut into query sub-tiles of bq rows and key
+    sub-tiles of bk, head size padded to a power of two >= 16. FLOPs are what the tiles execute; bytes what the
+    masked loads read: each query sub-tile reads the whole key window, each key sub-tile (dk, dv) every query
+    sub-tile of its windows. Rows are read through the int32 permutation, one index per row.
     """
-    blk, bd = max(16, next_pow2(s.chunk)), max(16, next_pow2(s.d))
+    from reformer_dist.kernels.triton_lsh import tiles_for  # imports triton: only where the kernels are counted
+
+    t = tiles_for(s.chunk, s.d, torch.bfloat16)
+    nq, nk = -(-s.chunk // t.bq), -(-s.chunk // t.bk)
+    pq, pk, bd = nq * t.bq, nk * t.bk, t.block_d  # padded query and key extents of a chunk
     m, w, dd = s.chunk, s.window, s.d
     ib = 4 if s.has_index else 0
     row = m * dd * E  # one chunk of q, k, v or dO rows of one head
-    tile = 2.0 * blk * blk * bd  # one [BLOCK, BLOCK_D] x [BLOCK_D, BLOCK] matmul
-    progs = s.rounds * s.length // m * s.b * s.h
-    key_prep = (4 if s.shared_qk else 1) * blk * bd  # RMS-normalise (shared QK) or scale the key chunk
-    fwd = Cost(mm=w * 2 * tile, vec=w * (_mask_ops(s) * blk * blk + key_prep + 2 * blk * bd) + blk * bd,
-               exp=w * (blk * blk + blk), bytes=m * ib + row + w * (m * ib + 2 * row) + row + 2 * m * F4, launches=0)
-    dq = Cost(mm=w * 3 * tile, vec=w * ((_mask_ops(s) + 5) * blk * blk + key_prep), exp=w * blk * blk,
-              bytes=m * ib + 2 * row + 3 * m * F4 + w * (m * ib + 2 * row) + m * dd * 2 * F4, launches=0)
+    tile = 2.0 * pq * pk * bd  # one chunk's [q, D] x [D, k] products over all its sub-tiles
+    progs = s.rounds * s.length // m * s.b * s.h  # chunks (each nq or nk programs)
+    key_prep = (4 if s.shared_qk else 1) * pk * bd * nq  # RMS-normalise (shared QK) or scale, per query sub-tile
+    fwd = Cost(mm=w * 2 * tile, vec=w * (_mask_ops(s) * pq * pk + key_prep + 2 * pq * bd * nk) + pq * bd,
+               exp=w * (pq * pk + pq * nk), bytes=m * ib + row + w * (m * ib + 2 * row) * nq + row + 2 * m * F4,
+               launches=0)
+    dq = Cost(mm=w * 3 * tile, vec=w * ((_mask_ops(s) + 5) * pq * pk + key_prep), exp=w * pq * pk,
+              bytes=m * ib + 2 * row + 3 * m * F4 + w * (m * ib + 2 * row) * nq + m * dd * 2 * F4, launches=0)
     dkdv = Cost(mm=w * 4 * tile,
-                vec=w * (_mask_ops(s) + 6) * blk * blk + key_prep + (8 * blk * bd if s.shared_qk else 0),
-                exp=w * blk * blk,
-                bytes=m * ib + 2 * row + w * (m * ib + 2 * row + 3 * m * F4) + 2 * m * dd * 2 * F4, launches=0)
+                vec=w * (_mask_ops(s) + 6) * pq * pk + key_prep / nq + (8 * pk * bd if s.shared_qk else 0),
+                exp=w * pq * pk,
+                bytes=(m * ib + 2 * row + w * (m * ib + 2 * row + 3 * m * F4) * nk + 2 * m * dd * 2 * F4
+                       + (row if s.shared_qk else 0)), launches=0)  # shared QK: raw key rows read again at the end
     # fp32 atomics (dq, dk, dv) are counted as a read and a write of 4 bytes each
     att = MM_EFF["attention"]
     return {name: (c * progs).merged(launches=s.h, eff=att) for name, c in (("_fwd", fwd), ("_bwd_dq", dq),

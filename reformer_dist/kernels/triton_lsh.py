@@ -62,15 +62,17 @@ class Tiles(NamedTuple):
 
 
 def tiles_for(chunk_len: int, d: int, dtype: torch.dtype) -> Tiles:
-    """The tile set of a chunk length, head size and dtype (see ``Tiles``; numbers from the compile check's
-    table in benchmarks/RESULTS.md: these are the largest tiles without spills in the bench and shipped configs)."""
+    """The tile set of a chunk length, head size and dtype (see ``Tiles``; chosen from the compile check's table in
+    benchmarks/RESULTS.md: the largest tiles with no spills on sm_90 in the bench and shipped bf16 configs)."""
     block_d = max(16, triton.next_power_of_2(d))
     if dtype == torch.float32:  # tf32x3 keeps each operand as two TF32 halves: smaller tiles
         bq, bk = (32, 32) if block_d <= 64 else (16, 32)
-    else:
-        bq, bk = (64, 64) if block_d <= 64 else (64, 32)
+    else:  # 128-wide heads: key tiles of 16 keep dk and dv (key rows x 128, fp32) within the registers
+        bq, bk = (64, 64) if block_d <= 64 else (64, 16)
     fit = max(16, triton.next_power_of_2(chunk_len))  # a short chunk needs no wider tile than itself
-    return Tiles(min(bq, fit), min(bk, fit), block_d, 8, 2)
+    bq, bk = min(bq, fit), min(bk, fit)
+    warps = 8 if dtype == torch.float32 or max(bq, bk) >= 64 else 4  # 8 warps on small 16-bit tiles spill
+    return Tiles(bq, bk, block_d, warps, 2)
 
 
 def precision(dtype: torch.dtype) -> str:

@@ -31,10 +31,10 @@ def _env() -> dict:
 
 
 def test_oversized_tile_is_caught(tmp_path):
-    # 128 x 128 tiles of a 128-wide head in fp32: the backward holds tiles far past 166912 B on sm_80
+    # 128 x 128 tiles of a 128-wide head, 3 stages: the backward asks for 197632 B and more, over sm_80's 166912 B
     out = tmp_path / "r.json"
-    run = subprocess.run([sys.executable, str(TOOL), "--cases", "extreme", "--only", "extreme local chunk256 d128 float32",
-                          "--arch", "80", "--tiles", "128,128,4,2", "--no-cache", "--json", str(out)],
+    run = subprocess.run([sys.executable, str(TOOL), "--cases", "extreme", "--only", "extreme local chunk256 d128 bfloat16",
+                          "--arch", "80", "--tiles", "128,128,8,3", "--no-cache", "--json", str(out)],
                          capture_output=True, text=True, env=_env(), timeout=600)
     assert run.returncode == 1, run.stdout + run.stderr
     rows = json.loads(out.read_text())["rows"]
