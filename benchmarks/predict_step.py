@@ -282,8 +282,8 @@ def core_glue(s: CoreShape) -> dict[str, Cost]:
 def hashing_cost(b: int, length: int, h: int, d: int, rounds: int, factors: list[int]) -> Cost:
     """One ``hash_buckets`` call (+ ``make_rotations``): blocks of ``hashing._HASH_BLOCK_ELEMS`` rotated values.
 
-    Under bf16 autocast the einsum runs as a bf16 bmm (autocast casts its fp32 inputs), so the rotated values are
-    bf16; the argmax of each factor is a max and a min over its columns plus a few [B, H, R, l] integer ops.
+    The einsum runs in fp32 whatever the autocast (``hash_buckets`` disables it: a bf16 run hashes as fp32 does), as
+    an fp32 bmm; the argmax of each factor is a max and a min over its columns plus a few [B, H, R, l] integer ops.
     """
     cols = sum(f // 2 for f in factors)
     step = max(1, hashing._HASH_BLOCK_ELEMS // max(1, b * h * rounds * cols))
@@ -291,20 +291,20 @@ def hashing_cost(b: int, length: int, h: int, d: int, rounds: int, factors: list
     n, btd, bthr = b * length, b * length * h * d, b * length * h * rounds
     rot = h * d * rounds * cols
     c = ew(0, F4 * rot, launches=2)  # randn rotations
-    elementwise = ew(E * btd, F4 * btd) + ew(F4 * btd, E * btd)  # .float(), then autocast casts it back for the bmm
-    elementwise = elementwise + ew(F4 * rot * blocks, E * rot * blocks)  # autocast cast of the rotations, every block
+    elementwise = ew(E * btd, F4 * btd)  # .float() of the block (the rotations are fp32 already)
     # the [H, l, D] operand of the bmm is a strided batch: no copy
-    bmm = Cost(mm=2.0 * n * h * d * rounds * cols, bytes=E * btd + E * rot * blocks + E * bthr * cols, launches=blocks)
+    bmm = Cost(mm=2.0 * n * h * d * rounds * cols, bytes=F4 * btd + F4 * rot * blocks + F4 * bthr * cols,
+               launches=blocks)
     elementwise = elementwise + ew(0, F4 * bthr) + ew(F4 * bthr, F4 * bthr)  # zeros accumulator, out[..., s:e] = acc
     for f in factors:
         half = f // 2
-        elementwise = elementwise + 2 * ew(E * bthr * half, (E + 8) * bthr, vec=bthr * half)  # max, min (+ int64 index)
+        elementwise = elementwise + 2 * ew(F4 * bthr * half, (F4 + 8) * bthr, vec=bthr * half)  # max, min (+ index)
         # -lo, >=, arg_lo + n
-        elementwise = elementwise + ew(E * bthr, E * bthr) + ew(2 * E * bthr, bthr) + ew(8 * bthr, 8 * bthr)
+        elementwise = elementwise + ew(F4 * bthr, F4 * bthr) + ew(2 * F4 * bthr, bthr) + ew(8 * bthr, 8 * bthr)
         elementwise = elementwise + ew(17 * bthr, 8 * bthr) + ew(8 * bthr, 4 * bthr) + ew(4 * bthr, 4 * bthr) \
             + ew(8 * bthr, 4 * bthr)  # where, .to(int32), scale *, acc +=
-    # per block: .float(), 2 autocast casts, zeros, store and 9 ops per factor (+ the bmm)
-    return c + bmm + elementwise.merged(launches=(5 + 9 * len(factors)) * blocks)
+    # per block: .float(), zeros, store and 9 ops per factor (+ the bmm)
+    return c + bmm + elementwise.merged(launches=(3 + 9 * len(factors)) * blocks)
 
 
 def sort_cost(b: int, h: int, rounds: int, length: int) -> Cost:

@@ -75,7 +75,8 @@ def hash_buckets(x: Tensor, rotations: Tensor, factors: list[int], key_valid: Te
     out = torch.empty(b, h, r, length, dtype=torch.int32, device=x.device)
     step = max(1, _HASH_BLOCK_ELEMS // max(1, b * h * r * cols))
     rot = rotations.float()
-    with torch.no_grad():
+    # autocast would run the einsum as a bf16 matmul: the buckets of a bf16 run must be those of fp32
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         for s in range(0, length, step):
             e = min(s + step, length)
             rotated = torch.einsum("blhd,hdrf->bhrlf", x[:, s:e].float(), rot)

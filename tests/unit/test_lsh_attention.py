@@ -202,3 +202,16 @@ def test_hashing_in_blocks_equals_hashing_at_once(blocks, monkeypatch):
     monkeypatch.setattr(hashing, "_HASH_BLOCK_ELEMS", blocks * 2 * 3 * 2 * 6)  # `blocks` positions per block
     assert torch.equal(hash_buckets(x, rot, [8, 4], valid), whole)
     assert (whole[0, :, :, ~valid[0]] == 32).all()
+
+
+def test_hashing_is_fp32_under_bf16_autocast():
+    # autocast must not turn the rotation einsum into a bf16 matmul: buckets are the fp32 path's
+    from reformer_dist.model.hashing import hash_buckets, make_rotations
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 512, 4, 64, generator=g).to(torch.bfloat16)
+    rot = make_rotations(3, 4, 64, 2, [32, 16])
+    plain = hash_buckets(x, rot, [32, 16])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = hash_buckets(x, rot, [32, 16])
+    assert torch.equal(under, plain)

@@ -93,7 +93,7 @@ def test_hashing_counts_are_the_ops_hash_buckets_dispatches(monkeypatch):
         hashing.hash_buckets(x, rot, factors)
     cost = ps.hashing_cost(1, length, h, d, r, factors)
     rotations = ps.F4 * h * d * r * 12  # make_rotations' randn (drawn outside the counter here), 2 launches
-    assert sum(counter.ops.values()) == cost.launches - 2 == 13 * 24  # 13 blocks of 24 ops
+    assert sum(counter.ops.values()) == cost.launches - 2 == 13 * 22  # 13 blocks of 22 ops (fp32: no autocast casts)
     assert sum(counter.bytes.values()) == pytest.approx(cost.bytes - rotations, rel=0.01)
 
 
