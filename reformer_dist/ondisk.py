@@ -134,6 +134,38 @@ class CorruptCheckpointError(CheckpointError, ValueError):
     already catch the ValueError that `load_weights` raised before checksums existed.)"""
 
 
+# ---------------------------------------------------------------------------------------------- outputs vs inputs
+class OverlapError(ValueError):
+    """An output folder is, lies inside, or contains one of the inputs it is made from; names both."""
+
+
+def overlap(out: str | Path, src: str | Path) -> str | None:
+    """How path `out` relates to path `src` (symlinks resolved): "is", "is inside", "contains", or None."""
+    o, s = Path(out).resolve(), Path(src).resolve()
+    if o == s:
+        return "is"
+    if s in o.parents:
+        return "is inside"
+    if o in s.parents:
+        return "contains"
+    return None
+
+
+def check_out_apart(out: str | Path, inputs: Iterable[str | Path | None], *, why: str, containing: bool = True,
+                    option: str = "--out") -> None:
+    """OverlapError, before anything is written, when `out` is one of `inputs`, lies inside one, or (with
+    `containing`) contains one: replacing or filling it would change (or delete) the input being read.
+    The one check every tool that writes a folder from folders uses (reformer-data, reformer-ckpt)."""
+    for item in inputs:
+        if item is None:
+            continue
+        rel = overlap(out, item)
+        if rel is None or (rel == "contains" and not containing):
+            continue
+        what = "the input folder" if Path(item).is_dir() else "the input"
+        raise OverlapError(f"{option} {out} {rel} {what} {item}: {why}; choose a folder outside it")
+
+
 # ---------------------------------------------------------------------------------------------- writing
 _TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
 

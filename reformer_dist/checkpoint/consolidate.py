@@ -61,9 +61,11 @@ def consolidate(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = 
     """Write OUT (config.json + safetensors + checksums.json) from a DeepSpeed checkpoint; returns a summary."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    check_writable(out_dir, overwrite, [ckpt_dir, config])  # the paths as given: before anything is read
     ref = find_checkpoint(ckpt_dir, tag)
     cfg, cfg_src = read_model_config(ref, config)
-    check_writable(out_dir, overwrite)
+    inputs = [ckpt_dir, ref.root, ref.path, config]  # the root too: `latest` and the other tags live there
+    check_writable(out_dir, overwrite, inputs)
     verified = verify_files(ref.path) if verify else "not verified (--no-verify)"
     info = describe(ref)
     state = _strip_wrappers(fp32_state_dict(ref))
@@ -81,6 +83,6 @@ def consolidate(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = 
     provenance = {"source": str(ref.path), "step": info.step, "zero_stage": info.zero_stage,
                   "world_size": info.world_size, "dtype": dtype}
     files = write_weights_dir(out_dir, state, cfg.to_dict(), max_shard_size=max_shard_size, overwrite=overwrite,
-                              metadata={"config": json.dumps(cfg.to_dict()), "reformer_dist": json.dumps(provenance)})
+                              inputs=inputs, metadata={"config": json.dumps(cfg.to_dict()), "reformer_dist": json.dumps(provenance)})
     return {**provenance, "out": str(out_dir), "files": [f.name for f in files], "config_from": cfg_src,
             "verified": verified, "parameters": sum(v.numel() for v in state.values())}

@@ -314,16 +314,16 @@ def export_hf(src_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fal
     """Our weights folder (config.json + model.safetensors) -> a folder `transformers` loads with
     `ReformerModelWithLMHead.from_pretrained(out_dir)`. Weights keep their dtype."""
     src = Path(src_dir)
+    check_writable(out_dir, overwrite, [src])
     if not (src / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{src / CONFIG_NAME}: missing; expected a weights folder ({CONFIG_NAME} + "
                                 f"{WEIGHTS_NAME}, from `reformer-ckpt consolidate` or save_pretrained)")
     cfg = ReformerConfig.load(src / CONFIG_NAME)
     hf_cfg = to_hf_config(cfg)  # refuses before anything is read or written
-    check_writable(out_dir, overwrite)
     state = to_hf_state_dict(load_weights(src), cfg)
     dtypes = {v.dtype for v in state.values()}
     hf_cfg["dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
-    write_weights_dir(out_dir, state, hf_cfg, max_shard_size=max_shard_size, overwrite=overwrite)
+    write_weights_dir(out_dir, state, hf_cfg, max_shard_size=max_shard_size, overwrite=overwrite, inputs=[src])
     return Path(out_dir)
 
 
@@ -334,6 +334,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     Returns (out_dir, warnings); warnings are also issued with `warnings.warn`.
     """
     src = Path(hf_dir)
+    check_writable(out_dir, overwrite, [src])
     cfg_path = src / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: missing; expected a Hugging Face model folder")
@@ -342,11 +343,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     cfg, notes = from_hf_config(hf_cfg)
-    check_writable(out_dir, overwrite)
     state, more = from_hf_state_dict(_load_hf_weights(src), cfg)
     notes += more
     for n in notes:
         warnings.warn(f"import-hf: {n}", stacklevel=2)
     write_weights_dir(out_dir, state, cfg.to_dict(), max_shard_size=max_shard_size, overwrite=overwrite,
-                      metadata={"config": json.dumps(cfg.to_dict())})
+                      inputs=[src], metadata={"config": json.dumps(cfg.to_dict())})
     return Path(out_dir), notes

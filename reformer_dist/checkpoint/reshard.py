@@ -68,6 +68,7 @@ def reshard(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = None
     # deepspeed takes seconds to import and logs its accelerator choice: only this command pays for it
     from deepspeed.checkpoint import ds_to_universal
 
+    check_writable(out_dir, overwrite, [ckpt_dir])  # the path as given: before anything is read
     ref = find_checkpoint(ckpt_dir, tag)
     info = describe(ref)
     if info.universal:
@@ -76,7 +77,7 @@ def reshard(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = None
         raise UnsupportedReshardError(f"{ref.path}: ZeRO stage {info.zero_stage}; only ZeRO-1/2/3 checkpoints reshard")
     target = info.zero_stage if to_stage is None else int(to_stage)
     check_transition(info.zero_stage, target)
-    check_writable(out_dir, overwrite)
+    check_writable(out_dir, overwrite, [ckpt_dir, ref.root, ref.path])
     verified = verify_files(ref.path) if verify else "not verified"
 
     out = Path(out_dir)

@@ -13,12 +13,14 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from reformer_dist.ondisk import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, weight_shard_name, write_checksums
+from reformer_dist.ondisk import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_out_apart, weight_shard_name,
+                                  write_checksums)
 
 DEFAULT_MAX_SHARD = "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -94,8 +96,10 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
     os.replace(tmp, out)
 
 
-def check_writable(out: str | Path, overwrite: bool) -> None:
-    """Fail early (before hours of work) if `out` is a non-empty folder and overwrite is off."""
+def check_writable(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Fail early (before hours of work, before anything is written): `out` equal to, inside or containing
+    one of `inputs` (OverlapError, even without overwrite), or a non-empty folder while overwrite is off."""
+    check_out_apart(out, inputs, why="writing there would replace or delete the input it is read from")
     p = Path(out)
     if p.exists() and not overwrite and not (p.is_dir() and not any(p.iterdir())):
         raise FileExistsError(f"{p}: exists and is not empty (pass --overwrite to replace it)")
@@ -103,15 +107,17 @@ def check_writable(out: str | Path, overwrite: bool) -> None:
 
 def write_weights_dir(out_dir: str | Path, state: dict[str, torch.Tensor], config: dict, *,
                       max_shard_size: str | int = DEFAULT_MAX_SHARD, metadata: dict[str, str] | None = None,
-                      extra_files: dict[str, str] | None = None, overwrite: bool = False) -> list[Path]:
+                      extra_files: dict[str, str] | None = None, overwrite: bool = False,
+                      inputs: Iterable[str | Path | None] = ()) -> list[Path]:
     """Write config.json (`config` as JSON), the weights and checksums.json into out_dir.
 
     Returns the weight files written (their final paths). `metadata` goes into every safetensors header
     ("format": "pt" is always set: transformers refuses files without it); `extra_files` are further small
-    text files (name -> content), checksummed too.
+    text files (name -> content), checksummed too. `inputs`: the folders/files the weights were read from
+    (refused as `out_dir`, or inside or around it: see `check_writable`).
     """
     out = Path(out_dir)
-    check_writable(out, overwrite)
+    check_writable(out, overwrite, inputs)
     tmp = _fresh_tmp(out)
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")

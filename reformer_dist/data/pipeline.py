@@ -28,7 +28,7 @@ from reformer_dist.data.manifest import MANIFEST, dtype_for_vocab
 from reformer_dist.data.writer import ShardWriter, check_token_range
 from reformer_dist.data.sources import collect_files, iter_documents
 from reformer_dist.data.tokenizers import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
-from reformer_dist.ondisk import DATASETS_CACHE_PREFIX
+from reformer_dist.ondisk import DATASETS_CACHE_PREFIX, OverlapError, check_out_apart
 
 
 def validation_mask(indices: np.ndarray | Sequence[int], fraction: float) -> np.ndarray:
@@ -148,15 +148,14 @@ def shard_corpus(
 
 
 def check_out_outside_inputs(out_dir: str | Path, inputs: Sequence[str | Path]) -> None:
-    """UsageError when the store would be written into (or over) an input folder: it would join its own corpus."""
-    out = Path(out_dir).resolve()
-    for item in inputs:
-        if any(ch in str(item) for ch in "*?["):
-            continue  # a pattern names files, not a folder to keep clear
-        src = Path(item).resolve()
-        if src.is_dir() and (out == src or src in out.parents):
-            raise UsageError(f"--out {out_dir} is inside the input folder {item}: the store would become part of "
-                             "the corpus it is made from (and break the next shard of it); choose a folder outside it")
+    """UsageError when the store would be written into (or over) an input folder: it would join its own corpus.
+    (A store folder that holds an input file is allowed: a rewrite carries the user's files over.)"""
+    folders = [item for item in inputs if not any(ch in str(item) for ch in "*?[") and Path(item).is_dir()]
+    try:  # a pattern names files, not a folder to keep clear
+        check_out_apart(out_dir, folders, containing=False,
+                        why="the store would become part of the corpus it is made from (and break the next shard of it)")
+    except OverlapError as e:
+        raise UsageError(str(e)) from None
 
 
 def _generate(files: list[str], held_out: list[bool], text_field: str, text_unit: str, cache_dir: str):

@@ -125,6 +125,29 @@ def test_written_folders_follow_the_umask(ckpts, trained, tmp_path, capsys, umas
             assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
+@pytest.mark.parametrize("cmd, src, out, rel", [
+    ("consolidate", "checkpoints", "checkpoints", "is the input folder checkpoints"),
+    ("consolidate", "checkpoints", "checkpoints/step_00000002", "is inside the input folder checkpoints"),
+    ("consolidate", "checkpoints/step_00000002", "checkpoints", "contains the input folder checkpoints/step_00000002"),
+    ("consolidate", "checkpoints/step_00000002", "checkpoints/weights", "is inside the input folder checkpoints"),
+    ("reshard", "checkpoints", ".", "contains the input folder checkpoints"),
+    ("export-hf", "model", "model", "is the input folder model"),
+    ("import-hf", "model", "model/hf", "is inside the input folder model"),
+], ids=["consolidate-same", "consolidate-into-a-tag", "consolidate-over-the-root", "consolidate-beside-the-tags",
+        "reshard-over-the-run", "export-same", "import-inside"])
+def test_out_overlapping_an_input_is_refused_even_with_overwrite(trained, tmp_path, capsys, monkeypatch,
+                                                                 cmd, src, out, rel):
+    # #26: `consolidate CK --out CK --overwrite` deleted every checkpoint; reshard replaced the run folder
+    run_dir = Path(shutil.copytree(trained, tmp_path / "run"))
+    monkeypatch.chdir(run_dir)
+    before = snapshot(run_dir)
+    code, _, err = run(capsys, cmd, src, "--out", out, "--overwrite")
+    assert code == 2 and f"--out {out} {rel}: writing there would replace or delete the input it is read from; " \
+                          "choose a folder outside it" in err, err
+    assert snapshot(run_dir) == before
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in trained.iterdir())  # no temp folder
+
+
 # ---------------------------------------------------------------------------------- HF conversion
 def test_export_loads_in_transformers_without_missing_keys(trained, tmp_path, capsys):
     import transformers
