@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reformer_dist.ondisk import (ABANDONED_PREFIX, CHECKPOINTS_DIR, LATEST_UNIVERSAL, MANIFEST, METRICS, MODEL_DIR,
-                                  RANKS_DIR, REPLACED_PREFIX, RUN_CONFIG, TENSORBOARD_DIR, CheckpointError,
-                                  is_complete, step_of, verify_manifest)
+from reformer_dist.ondisk import (ABANDONED_PREFIX, CHECKPOINTS_DIR, LATEST, LATEST_UNIVERSAL, MANIFEST, METRICS,
+                                  MODEL_DIR, RANKS_DIR, REPLACED_PREFIX, RUN_CONFIG, TENSORBOARD_DIR, CheckpointError,
+                                  atomic_write, is_complete, step_of, tag_for, verify_manifest)
 from reformer_dist.parallel.collectives import barrier, broadcast_object
 from reformer_dist.training.checkpointing import list_tags, load_rank_state, restore_rng, seed_all, state_path
 from reformer_dist.training.config import BatchPlan, RunConfig
@@ -217,16 +217,33 @@ def _timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def abandon_newer_than(root: Path, step: int) -> None:
-    """Resuming from an older checkpoint: move newer ones aside so `--resume auto` never returns to them."""
+def abandon_newer_than(root: Path, step: int, quiet: bool = False) -> Path | None:
+    """Resuming from an older checkpoint: move newer ones aside so `--resume auto` never returns to them.
+    Returns the folder they went to (None: there were none)."""
     newer = [p for s, p in list_tags(root) if s > step]
     if not newer:
-        return
+        return None
     dest = root / f"{ABANDONED_PREFIX}{_timestamp()}"
     dest.mkdir(parents=True, exist_ok=True)
     for p in newer:
         shutil.move(str(p), str(dest / p.name))
-    print(f"reformer-train: moved {len(newer)} newer checkpoint(s) to {dest}", file=sys.stderr)
+    if not quiet:
+        print(f"reformer-train: moved {len(newer)} newer checkpoint(s) to {dest}", file=sys.stderr)
+    return dest
+
+
+def roll_back_to_finite(root: Path, last_finite: int) -> tuple[int | None, Path | None]:
+    """A divergence stop: the weights of step `last_finite` gave only non-finite losses afterwards. Its
+    checkpoint (and any newer one) is moved aside and `latest` names the newest complete checkpoint left,
+    whose weights gave a finite loss; without one `latest` is removed. Returns (that step, where the moved
+    checkpoints went). Rank 0 only."""
+    moved = abandon_newer_than(root, last_finite - 1, quiet=True)
+    good = next((s for s, p in list_tags(root) if is_complete(p)), None)
+    if good is not None:
+        atomic_write(root / LATEST, tag_for(good))
+    elif (root / LATEST).is_file():
+        (root / LATEST).unlink()  # it named a checkpoint that was moved aside
+    return good, moved
 
 
 def archive_previous_run(run_dir: Path, ckpt_root: Path) -> None:

@@ -12,6 +12,8 @@ from reformer_dist.training import checkpointing as ckpt
 from reformer_dist.training import resume
 from reformer_dist.training.metrics import read_records
 
+from cli_cases import snapshot
+
 
 def fake_checkpoint(root, step, complete=True):
     d = root / ondisk.tag_for(step)
@@ -69,6 +71,27 @@ def test_prune_keeps_the_newest_complete_and_drops_stale_partials(tmp_path):
     removed = ckpt.prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in removed) == ["step_00000100", "step_00000150"]
     assert [p.name for _, p in ckpt.list_tags(tmp_path)] == ["step_00000400", "step_00000300", "step_00000200"]
+
+
+def test_rotation_keeps_the_last_tested_checkpoint_until_the_newest_gives_a_finite_loss(tmp_path):
+    # #26: keep_last = 1 deleted the last good checkpoint the moment a (poisoned) newer one was committed
+    for s in (1, 2, 3):
+        fake_checkpoint(tmp_path, s)
+    assert [p.name for p in ckpt.prune(tmp_path, keep_last=1)] == ["step_00000001"]
+    assert [p.name for _, p in ckpt.list_tags(tmp_path)] == ["step_00000003", "step_00000002"]
+    assert [p.name for p in ckpt.prune(tmp_path, keep_last=1, newest_tested=True)] == ["step_00000002"]
+
+
+def test_roll_back_after_divergence_moves_the_poisoned_checkpoint_aside(tmp_path):
+    for s in (2, 3):
+        fake_checkpoint(tmp_path, s)
+    before = snapshot(tmp_path / "step_00000002")
+    good, moved = resume.roll_back_to_finite(tmp_path, last_finite=3)
+    assert good == 2 and (tmp_path / "latest").read_text() == "step_00000002"
+    assert [p.name for p in moved.iterdir()] == ["step_00000003"] and moved.parent == tmp_path
+    assert snapshot(tmp_path / "step_00000002") == before
+    good, moved = resume.roll_back_to_finite(tmp_path, last_finite=2)  # nothing good left: no `latest`
+    assert good is None and not (tmp_path / "latest").exists() and not ckpt.list_tags(tmp_path)
 
 
 def test_rank_state_round_trip_and_missing_rank(tmp_path):
