@@ -150,18 +150,19 @@ def save_failure_message(path: Path, failure: BaseException | None, rank: int) -
     latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
     kept = (f"the previous checkpoint {root / latest} is intact and `latest` still names it" if latest
             else "there is no earlier checkpoint")
+    todo = "Free space (or set checkpoint.dir elsewhere)"
     if failure is None:
-        cause = "another rank's write failed"
+        cause, todo = "another rank's write failed", "See that rank's message"
     elif _no_space(failure):
         try:
             free = shutil.disk_usage(root).free
             cause = f"no space left on device ({free / 2**20:.1f} MiB free on that file system)"
         except OSError:
             cause = "no space left on device"
-    else:
-        cause = f"{type(failure).__name__}: {failure}"
+    else:  # not a full disk: do not send the user to free space
+        cause, todo = f"{type(failure).__name__}: {failure}", "Fix that cause"
     return (f"{path}: checkpoint save failed on rank {rank}: {cause}. The partial checkpoint was removed; {kept}. "
-            "Free space (or set checkpoint.dir elsewhere), then run again with --resume auto")
+            f"{todo}, then run again with --resume auto")
 
 
 # ---------------------------------------------------------------------------------------------- the save

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from reformer_dist.ondisk import (ABANDONED_PREFIX, CHECKPOINTS_DIR, LATEST, LATEST_UNIVERSAL, MANIFEST, METRICS,
-                                  MODEL_DIR, RANKS_DIR, REPLACED_PREFIX, RUN_CONFIG, TENSORBOARD_DIR, CheckpointError,
+                                  LOCK_NAME, MODEL_DIR, RANKS_DIR, REPLACED_PREFIX, RUN_CONFIG, TENSORBOARD_DIR, CheckpointError,
                                   atomic_write, is_complete, step_of, tag_for, verify_manifest)
 from reformer_dist.parallel.collectives import barrier, broadcast_object
 from reformer_dist.training.checkpointing import list_tags, load_rank_state, restore_rng, seed_all, state_path
@@ -66,13 +66,14 @@ def precheck_resume_path(spec: str) -> str | None:
     return None
 
 
-def find_resume(spec: str, default_root: Path, verify_hashes: bool = True) -> ResumePoint | None:
+def find_resume(spec: str, default_root: Path, verify_hashes: bool = True, owner: Path | None = None) -> ResumePoint | None:
     """Resolve `--resume auto|PATH` to a verified checkpoint; None = start fresh (only for `auto`).
 
     `auto`: the newest COMPLETE checkpoint under the run's checkpoint root (none -> fresh start).
     PATH: a checkpoint folder (step_XXXXXXXX) or a checkpoint root (its newest complete one).
     A complete checkpoint whose files do not match its manifest raises CheckpointError naming the file;
-    it is never silently replaced by an older one.
+    it is never silently replaced by an older one. `owner`: this run's output.dir when checkpoint.dir is set
+    explicitly: `auto` refuses a checkpoint another run (another output.dir) wrote there.
     """
     if spec == "auto":
         root, required = default_root, False
@@ -91,6 +92,8 @@ def find_resume(spec: str, default_root: Path, verify_hashes: bool = True) -> Re
         if not is_complete(p):
             skipped.append(p.name)
             continue
+        if spec == "auto" and owner is not None:
+            _check_owner(p, owner, root)
         verify_manifest(p, hashes=verify_hashes)
         return ResumePoint(root, p.name, step, skipped)
     if required:
@@ -98,7 +101,20 @@ def find_resume(spec: str, default_root: Path, verify_hashes: bool = True) -> Re
     return None
 
 
-def resolve(spec: str | None, ckpt_root: Path, main: bool) -> ResumePoint | None:
+def _check_owner(ckpt: Path, owner: Path, root: Path) -> None:
+    """CheckpointError when `ckpt` was written by a run with another output.dir than `owner`."""
+    try:
+        theirs = json.loads((ckpt / RUN_CONFIG).read_text())["config"]["output"]["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no record of its run: the manifest check below names a damaged file
+    if Path(theirs).resolve() != owner.resolve():
+        raise CheckpointError(
+            f"--resume auto: the newest checkpoint in checkpoint.dir {root}, {ckpt.name}, was written by the run in "
+            f"output.dir {theirs}, not by this one ({owner}); --resume auto continues only this run's checkpoints. "
+            f"To continue from it, pass --resume {ckpt}; otherwise give this run its own checkpoint.dir")
+
+
+def resolve(spec: str | None, ckpt_root: Path, main: bool, owner: Path | None = None) -> ResumePoint | None:
     """The checkpoint `--resume spec` names (None: a fresh start); collective: every rank gets the same
     answer (or the same error). Rank 0 resolves and verifies a normal checkpoint; a universal one is read
     by every rank."""
@@ -112,7 +128,7 @@ def resolve(spec: str | None, ckpt_root: Path, main: bool) -> ResumePoint | None
     answer: Any = None
     if main:
         try:
-            answer = find_resume(spec, ckpt_root)
+            answer = find_resume(spec, ckpt_root, owner=owner)
         except CheckpointError as e:
             answer = e
     answer = broadcast_object(answer)
@@ -256,6 +272,9 @@ def archive_previous_run(run_dir: Path, ckpt_root: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for p in old:
         shutil.move(str(p), str(dest / p.name))
-    if ckpts:
-        shutil.move(str(ckpt_root), str(dest / CHECKPOINTS_DIR))
+    if ckpts:  # the contents, not the folder: it holds this run's lock (training/run_lock.py)
+        (dest / CHECKPOINTS_DIR).mkdir()
+        for p in ckpt_root.iterdir():
+            if p.name != LOCK_NAME:
+                shutil.move(str(p), str(dest / CHECKPOINTS_DIR / p.name))
     print(f"reformer-train: fresh start (no --resume): moved the previous run's files to {dest}", file=sys.stderr)

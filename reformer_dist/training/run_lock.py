@@ -1,4 +1,7 @@
 """One run per output folder: `<output.dir>/.reformer-train.lock` names the process that uses the folder.
+The checkpoint root (`checkpoint.dir`, default `<output.dir>/checkpoints`) carries the same lock, so that
+two runs with different output folders cannot share one checkpoint root (one's rotation would delete the
+other's checkpoints, and its `--resume auto` would load them).
 
 A second `reformer-train` on a folder whose run is still going must not touch it (a fresh start would
 move the live run's files aside while it keeps writing). Rank 0 takes the lock before anything in the
@@ -78,10 +81,12 @@ def holder_alive(h: Holder) -> bool | None:
 
 
 class RunLock:
-    """`acquire()` on rank 0 before writing into the folder, `release()` when the run ends."""
+    """`acquire()` on rank 0 before writing into the folder, `release()` when the run ends. `key`: the config
+    key that names the folder (what the messages call it)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, key: str = "output.dir"):
         self.folder = Path(folder)
+        self.key = key
         self.path = self.folder / LOCK_NAME
         self.held: Holder | None = None
 
@@ -118,8 +123,8 @@ class RunLock:
                 same_job = me.job is not None and holder.job == me.job
                 if alive or (alive is None and not same_job):
                     raise RunLockedError(
-                        f"{self.folder}: output.dir is in use by another reformer-train run ({holder.describe()}). "
-                        f"Wait for it to end or choose another output.dir; nothing in the folder was touched. "
+                        f"{self.folder}: {self.key} is in use by another reformer-train run ({holder.describe()}). "
+                        f"Wait for it to end or choose another {self.key}; nothing in the folder was touched. "
                         + ("If that process is gone (e.g. its node crashed), delete " + str(self.path)
                            if alive is None else ""))
                 why = "an earlier start of this SLURM job" if same_job and alive is None else "no longer running"

@@ -86,7 +86,7 @@ class Trainer:
         self.last_loss: float | None = None  # the mean loss of the step just done (None before the first)
         self.spare_pending = False  # an older checkpoint kept until the newest one gives a finite loss
 
-        point = resume.resolve(resume_spec, self.ckpt_root, self.main)
+        point = resume.resolve(resume_spec, self.ckpt_root, self.main, owner=self.run_dir if cfg.checkpoint.dir else None)
         ds_config = resume.deepspeed_config_for(point, ds_config)
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "distributed"))
 from train_launcher import TINY, clean_env  # noqa: E402
 
+from cli_cases import snapshot  # noqa: E402
+
 
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -154,3 +156,35 @@ def test_two_runs_in_one_folder(tmp_path):
     assert f"took over the stale lock {out / LOCK_NAME} of pid {first.pid}" in third.stderr
     assert "resumed from" in third.stderr
     assert not (out / LOCK_NAME).exists()  # released at the end
+
+
+def test_shared_checkpoint_dir_is_refused_while_another_run_uses_it(tmp_path):
+    # #26: only output.dir was locked; run B's rotation deleted its own checkpoints (A's steps were higher)
+    shared = tmp_path / "shared"
+    _plant(shared, pid=os.getpid())  # a live run A (this process) holds the checkpoint root
+    (shared / "step_00000007").mkdir()
+    (shared / "step_00000007" / "MANIFEST.json").write_text("{}")
+    before = snapshot(shared)
+    b = subprocess.run(_args(tmp_path / "b", "train.max_steps=2", f"checkpoint.dir={shared}", "checkpoint.every=1"),
+                       cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert b.returncode == 2, b.stderr[-3000:]
+    assert f"reformer-train: error: {shared}: checkpoint.dir is in use by another reformer-train run (pid " \
+           f"{os.getpid()}" in b.stderr and "choose another checkpoint.dir" in b.stderr, b.stderr[-3000:]
+    assert snapshot(shared) == before
+    assert not (tmp_path / "b" / LOCK_NAME).exists() and not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+def test_resume_auto_refuses_the_checkpoint_of_another_run_in_a_shared_checkpoint_dir(tmp_path):
+    # #26: B's --resume auto silently loaded A's checkpoint
+    shared = tmp_path / "shared"
+    a = subprocess.run(_args(tmp_path / "a", "train.max_steps=2", f"checkpoint.dir={shared}", "checkpoint.at_end=true"),
+                       cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert a.returncode == 0 and (shared / "latest").is_file(), a.stderr[-3000:]
+    before = snapshot(shared)
+    b = subprocess.run(_args(tmp_path / "b", "train.max_steps=4", f"checkpoint.dir={shared}") + ["--resume", "auto"],
+                       cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert b.returncode == 2, b.stderr[-3000:]
+    assert f"--resume auto: the newest checkpoint in checkpoint.dir {shared}, step_00000002, was written by the run " \
+           f"in output.dir {tmp_path / 'a'}, not by this one ({tmp_path / 'b'})" in b.stderr, b.stderr[-3000:]
+    assert f"pass --resume {shared / 'step_00000002'}" in b.stderr
+    assert snapshot(shared) == before and not (shared / LOCK_NAME).exists()
