@@ -99,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="lines sampled from the corpus for training (bounds memory)")
     p.add_argument("--num-threads", type=_int_min(1), default=None)
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
+    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out (never a store)")
 
     p = sub.add_parser("shard", help="tokenise a corpus into a token store")
     _add_input_args(p)
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tok = train_tokenizer(args.input, args.out, args.vocab_size, args.model_type,
                                   text_field=args.text_field, text_unit=args.text_unit,
                                   character_coverage=args.character_coverage, max_sentences=args.max_sentences,
-                                  num_threads=args.num_threads, verbose=args.verbose)
+                                  num_threads=args.num_threads, verbose=args.verbose, overwrite=args.overwrite)
             print(f"wrote {args.out}: {tok.identity} (vocab_size {tok.vocab_size})")
             if tok.vocab_size < args.vocab_size:
                 print(f"reformer-data tokenizer: warning: the tokenizer has {tok.vocab_size} pieces, not the "

@@ -28,7 +28,7 @@ from reformer_dist.data.manifest import MANIFEST, dtype_for_vocab
 from reformer_dist.data.writer import ShardWriter, check_token_range
 from reformer_dist.data.sources import collect_files, iter_documents
 from reformer_dist.data.tokenizers import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
-from reformer_dist.ondisk import DATASETS_CACHE_PREFIX, OverlapError, check_out_apart
+from reformer_dist.ondisk import DATASETS_CACHE_PREFIX, TOKENIZER_MODEL, OverlapError, check_out_apart
 
 
 def validation_mask(indices: np.ndarray | Sequence[int], fraction: float) -> np.ndarray:
@@ -45,9 +45,13 @@ def train_tokenizer(
     *,
     text_field: str = "text",
     text_unit: str = "document",
+    overwrite: bool = False,
     **options: Any,
 ) -> SentencePieceTokenizer:
-    """Train a SentencePiece tokenizer on the documents of ``inputs`` (streamed). See train_sentencepiece."""
+    """Train a SentencePiece tokenizer on the documents of ``inputs`` (streamed). See train_sentencepiece.
+    An existing tokenizer in ``out_dir`` is replaced only with ``overwrite``; a token store never is."""
+    check_out_outside_inputs(out_dir, inputs)
+    check_tokenizer_out(out_dir, overwrite)
     files = collect_files(inputs)
     meta = {"inputs": [str(p) for p in inputs], "files": len(files), "text_field": text_field, "text_unit": text_unit}
     with tempfile.TemporaryDirectory(prefix="reformer-data-") as cache:
@@ -156,6 +160,20 @@ def check_out_outside_inputs(out_dir: str | Path, inputs: Sequence[str | Path]) 
                         why="the store would become part of the corpus it is made from (and break the next shard of it)")
     except OverlapError as e:
         raise UsageError(str(e)) from None
+
+
+def check_tokenizer_out(out_dir: str | Path, overwrite: bool) -> None:
+    """UsageError when ``out_dir`` holds a token store (a tokenizer written there would change the store's
+    tokenizer without its identity: `verify` and training would refuse it), or a tokenizer and not ``overwrite``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; the tokenizer needs a folder")
+    if (out / MANIFEST).is_file():
+        raise UsageError(f"--out {out} holds a token store ({MANIFEST}); a tokenizer written there would replace the "
+                         f"store's own {TOKENIZER_MODEL} and break its tokenizer identity; choose another folder")
+    if (out / TOKENIZER_MODEL).is_file() and not overwrite:
+        raise UsageError(f"--out {out} already holds a tokenizer ({TOKENIZER_MODEL}); pass --overwrite to replace it "
+                         "(stores made with it will no longer match it), or choose another folder")
 
 
 def _generate(files: list[str], held_out: list[bool], text_field: str, text_unit: str, cache_dir: str):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from reformer_dist.cli.data import main
+from reformer_dist.data.store import TokenStore
 from reformer_dist.data.tokenizers import load_tokenizer
 from reformer_dist.data.verify import verify_store
 from reformer_dist.data.writer import ShardWriter
@@ -175,6 +176,44 @@ def test_out_inside_input_is_refused(tmp_path, capsys, corpus, where):
     rel = "is inside" if where == "inside" else "is"
     assert code == 2 and f"--out {out} {rel} the input folder {corpus}" in err, err
     assert snapshot(corpus) == before and not (corpus / "store").exists()
+
+
+def test_second_write_into_the_same_out_is_refused(tmp_path, capsys, corpus):
+    # #26: two `shard` into one new --out both printed "wrote"; the last writer won
+    out = tmp_path / "store"
+    first = ShardWriter(out, load_tokenizer("bytes"), 1000)  # a shard into `out` still running
+    first.add("train", np.arange(100, dtype=np.uint16) % 256)
+    code, _, err = run(capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", out, "--num-proc", "1")
+    assert code == 2 and f"{out}: --out is in use by another reformer-data write (pid {os.getpid()}" in err, err
+    assert "choose another --out; nothing in the folder was touched" in err
+    assert not out.exists()
+    first.close()  # the first write completes untouched
+    verify_store(out)
+    assert TokenStore.open(out).num_tokens("train") == 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "store"]  # lock released, no staging left
+    code, _, err = run(capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", tmp_path / "s2",
+                       "--num-proc", "1")
+    assert code == 0, err
+
+
+def test_tokenizer_out_holding_a_tokenizer_or_a_store_is_refused(tmp_path, capsys, corpus, store):
+    # #26: `tokenizer --out` replaced an existing tokenizer without --overwrite; in a store it broke `verify`
+    args = ["tokenizer", "--input", corpus, "--vocab-size", "400", "--num-threads", "1"]
+    assert run(capsys, *args, "--out", tmp_path / "tok")[0] == 0
+    before = snapshot(tmp_path / "tok")
+    code, _, err = run(capsys, *args, "--out", tmp_path / "tok", "--model-type", "unigram")
+    assert code == 2 and f"--out {tmp_path / 'tok'} already holds a tokenizer (tokenizer.model); pass --overwrite" in err
+    assert snapshot(tmp_path / "tok") == before
+    assert run(capsys, *args, "--out", tmp_path / "tok", "--model-type", "unigram", "--overwrite")[0] == 0
+    assert snapshot(tmp_path / "tok") != before
+
+    before = snapshot(store)
+    for extra in ([], ["--overwrite"]):
+        code, _, err = run(capsys, *args, "--out", store, *extra)
+        assert code == 2 and f"--out {store} holds a token store (manifest.json); a tokenizer written there would " \
+                              "replace the store's own tokenizer.model and break its tokenizer identity" in err, err
+    assert snapshot(store) == before
+    verify_store(store)
 
 
 def test_store_without_validation_split_is_announced(tmp_path, capsys, corpus):
