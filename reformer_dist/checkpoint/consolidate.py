@@ -83,6 +83,7 @@ def consolidate(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = 
     provenance = {"source": str(ref.path), "step": info.step, "zero_stage": info.zero_stage,
                   "world_size": info.world_size, "dtype": dtype}
     files = write_weights_dir(out_dir, state, cfg.to_dict(), max_shard_size=max_shard_size, overwrite=overwrite,
-                              inputs=inputs, metadata={"config": json.dumps(cfg.to_dict()), "reformer_dist": json.dumps(provenance)})
+                              inputs=inputs,
+                              metadata={"config": json.dumps(cfg.to_dict()), "reformer_dist": json.dumps(provenance)})
     return {**provenance, "out": str(out_dir), "files": [f.name for f in files], "config_from": cfg_src,
             "verified": verified, "parameters": sum(v.numel() for v in state.values())}

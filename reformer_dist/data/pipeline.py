@@ -157,7 +157,8 @@ def check_out_outside_inputs(out_dir: str | Path, inputs: Sequence[str | Path]) 
     folders = [item for item in inputs if not any(ch in str(item) for ch in "*?[") and Path(item).is_dir()]
     try:  # a pattern names files, not a folder to keep clear
         check_out_apart(out_dir, folders, containing=False,
-                        why="the store would become part of the corpus it is made from (and break the next shard of it)")
+                        why="the store would become part of the corpus it is made from "
+                            "(and break the next shard of it)")
     except OverlapError as e:
         raise UsageError(str(e)) from None
 

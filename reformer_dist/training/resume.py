@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reformer_dist.ondisk import (ABANDONED_PREFIX, CHECKPOINTS_DIR, LATEST, LATEST_UNIVERSAL, MANIFEST, METRICS,
-                                  LOCK_NAME, MODEL_DIR, RANKS_DIR, REPLACED_PREFIX, RUN_CONFIG, TENSORBOARD_DIR, CheckpointError,
-                                  atomic_write, is_complete, step_of, tag_for, verify_manifest)
+from reformer_dist.ondisk import (ABANDONED_PREFIX, CHECKPOINTS_DIR, DEEPSPEED_CONFIG, LATEST, LATEST_UNIVERSAL,
+                                  LOCK_NAME, MANIFEST, METRICS, MODEL_DIR, RANKS_DIR, REPLACED_PREFIX, RUN_CONFIG,
+                                  RUN_CONFIG_TOML, TENSORBOARD_DIR, CheckpointError, atomic_write, is_complete, step_of,
+                                  tag_for, verify_manifest)
 from reformer_dist.parallel.collectives import barrier, broadcast_object
 from reformer_dist.training.checkpointing import list_tags, load_rank_state, restore_rng, seed_all, state_path
 from reformer_dist.training.config import BatchPlan, RunConfig
@@ -66,7 +67,8 @@ def precheck_resume_path(spec: str) -> str | None:
     return None
 
 
-def find_resume(spec: str, default_root: Path, verify_hashes: bool = True, owner: Path | None = None) -> ResumePoint | None:
+def find_resume(spec: str, default_root: Path, verify_hashes: bool = True,
+                owner: Path | None = None) -> ResumePoint | None:
     """Resolve `--resume auto|PATH` to a verified checkpoint; None = start fresh (only for `auto`).
 
     `auto`: the newest COMPLETE checkpoint under the run's checkpoint root (none -> fresh start).
@@ -198,11 +200,10 @@ def compare_run_configs(saved: dict[str, Any], current: dict[str, Any],
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def load(point: ResumePoint, engine: Any, loader: Any, record: dict[str, Any], rank: int, world_size: int,
-         seed: int, abandon_newer_in: Path | None) -> dict[str, Any]:
-    """Load `point` into the engine (DeepSpeed) and the loader; returns this rank's trainer state (step,
-    counters). Every rank calls this. `abandon_newer_in`: the run's checkpoint root when the checkpoint was
-    named explicitly (`--resume PATH`): its checkpoints newer than `point` are moved aside there."""
+def check_fit(point: ResumePoint, record: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """Whether `point` fits this run (`compare_run_configs`, this rank's trainer state and world size);
+    returns this rank's trainer state. Called before the run folder is written: a refused resume changes
+    nothing there."""
     errors, warnings = compare_run_configs(read_run_config(point.path), record, point.universal)
     if errors:
         raise CheckpointError(f"{point.path / RUN_CONFIG}: checkpoint does not fit this run:\n  " + "\n  ".join(errors))
@@ -213,6 +214,17 @@ def load(point: ResumePoint, engine: Any, loader: Any, record: dict[str, Any], r
     if not point.universal and state.get("world_size") != world_size:
         raise CheckpointError(f"{state_path(point.path, rank)}: saved with world size {state.get('world_size')}, "
                               f"this run has {world_size}")
+    return state
+
+
+def load(point: ResumePoint, engine: Any, loader: Any, record: dict[str, Any], rank: int, world_size: int,
+         seed: int, abandon_newer_in: Path | None, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load `point` into the engine (DeepSpeed) and the loader; returns this rank's trainer state (step,
+    counters). Every rank calls this. `abandon_newer_in`: the run's checkpoint root when the checkpoint was
+    named explicitly (`--resume PATH`): its checkpoints newer than `point` are moved aside there. `state`:
+    what `check_fit` returned (checked again when not given)."""
+    if state is None:
+        state = check_fit(point, record, rank, world_size)
     load_path, _ = engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
     if load_path is None:
@@ -264,7 +276,8 @@ def roll_back_to_finite(root: Path, last_finite: int) -> tuple[int | None, Path 
 
 def archive_previous_run(run_dir: Path, ckpt_root: Path) -> None:
     """A fresh start (no --resume) into a used run dir moves the old artefacts aside instead of mixing them."""
-    old = [run_dir / n for n in (METRICS, TENSORBOARD_DIR, MODEL_DIR, RANKS_DIR) if (run_dir / n).exists()]
+    old = [run_dir / n for n in (RUN_CONFIG_TOML, DEEPSPEED_CONFIG, METRICS, TENSORBOARD_DIR, MODEL_DIR, RANKS_DIR)
+           if (run_dir / n).exists()]
     ckpts = list_tags(ckpt_root)
     if not old and not ckpts:
         return

@@ -86,8 +86,11 @@ class Trainer:
         self.last_loss: float | None = None  # the mean loss of the step just done (None before the first)
         self.spare_pending = False  # an older checkpoint kept until the newest one gives a finite loss
 
-        point = resume.resolve(resume_spec, self.ckpt_root, self.main, owner=self.run_dir if cfg.checkpoint.dir else None)
+        point = resume.resolve(resume_spec, self.ckpt_root, self.main,
+                               owner=self.run_dir if cfg.checkpoint.dir else None)
         ds_config = resume.deepspeed_config_for(point, ds_config)
+        # before anything in the run folder is written: a refused resume leaves config.toml and the rest alone
+        fit_state = resume.check_fit(point, self._run_record(), self.rank, self.world) if point is not None else None
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resume_spec is None:
@@ -114,7 +117,8 @@ class Trainer:
                                    self._documents, byte_level=store.identity == "bytes")
         if point is not None:
             state = resume.load(point, self.engine, self.loader, self._run_record(), self.rank, self.world,
-                                cfg.train.seed, abandon_newer_in=None if resume_spec == "auto" else self.ckpt_root)
+                                cfg.train.seed, abandon_newer_in=None if resume_spec == "auto" else self.ckpt_root,
+                                state=fit_state)
             self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
             self.nonfinite_streak, self.nonfinite_total = int(state["nonfinite_streak"]), int(state["nonfinite_total"])
             self.last_saved_step = self.step

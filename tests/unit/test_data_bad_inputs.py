@@ -202,7 +202,8 @@ def test_tokenizer_out_holding_a_tokenizer_or_a_store_is_refused(tmp_path, capsy
     assert run(capsys, *args, "--out", tmp_path / "tok")[0] == 0
     before = snapshot(tmp_path / "tok")
     code, _, err = run(capsys, *args, "--out", tmp_path / "tok", "--model-type", "unigram")
-    assert code == 2 and f"--out {tmp_path / 'tok'} already holds a tokenizer (tokenizer.model); pass --overwrite" in err
+    assert code == 2 and f"--out {tmp_path / 'tok'} already holds a tokenizer (tokenizer.model); pass --overwrite" \
+        in err
     assert snapshot(tmp_path / "tok") == before
     assert run(capsys, *args, "--out", tmp_path / "tok", "--model-type", "unigram", "--overwrite")[0] == 0
     assert snapshot(tmp_path / "tok") != before

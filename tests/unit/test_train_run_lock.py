@@ -188,3 +188,27 @@ def test_resume_auto_refuses_the_checkpoint_of_another_run_in_a_shared_checkpoin
            f"in output.dir {tmp_path / 'a'}, not by this one ({tmp_path / 'b'})" in b.stderr, b.stderr[-3000:]
     assert f"pass --resume {shared / 'step_00000002'}" in b.stderr
     assert snapshot(shared) == before and not (shared / LOCK_NAME).exists()
+
+
+def test_refused_resume_leaves_the_run_folder_alone_and_a_fresh_start_moves_config_toml_aside(tmp_path):
+    # #26: a refused resume rewrote config.toml and deepspeed_config.json; a fresh start overwrote config.toml
+    out = tmp_path / "run"
+    a = subprocess.run(_args(out, "train.max_steps=2", "checkpoint.at_end=true"), cwd=tmp_path, env=clean_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert a.returncode == 0, a.stderr[-3000:]
+    before = snapshot(out)
+    b = subprocess.run(_args(out, "train.max_steps=4", "model.d_ff=32", "deepspeed.zero_stage=2") + ["--resume", "auto"],
+                       cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert b.returncode == 2 and "checkpoint does not fit this run:\n  model.d_ff: checkpoint has 64, this run 32" \
+        in b.stderr, b.stderr[-3000:]
+    assert snapshot(out) == before
+
+    c = subprocess.run(_args(out, "train.max_steps=1", "model.d_ff=32"), cwd=tmp_path, env=clean_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert c.returncode == 0, c.stderr[-3000:]
+    (aside,) = out.glob("replaced-*")
+    moved = snapshot(aside)
+    assert {k: moved[k] for k in ("config.toml", "deepspeed_config.json", "metrics.jsonl")} == \
+        {k: before[k] for k in ("config.toml", "deepspeed_config.json", "metrics.jsonl")}
+    assert moved["checkpoints/latest"] == before["checkpoints/latest"]
+    assert "d_ff = 32" in (out / "config.toml").read_text()
