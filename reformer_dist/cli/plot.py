@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"reformer-plot: error: {path}: no such file", file=sys.stderr)
             return 2
-        recs = read_records(path)
+        problems: list[str] = []
+        recs = read_records(path, problems)
+        for problem in problems:  # a damaged line is never skipped silently
+            print(f"reformer-plot: warning: {problem}", file=sys.stderr)
         start = next((r for r in recs if r.get("event") == "start"), {})
         per_step = start.get("tokens_per_step", 1) if args.x == "tokens" else 1
         label = path.parent.name if path.name == METRICS else path.stem

@@ -121,6 +121,41 @@ def test_metrics_reader_drops_records_superseded_by_a_resume(tmp_path):
     assert steps == [(1, 9), (2, 8), (3, 0.5)]
 
 
+def test_metrics_with_a_cut_last_line_are_repaired_on_open_and_plot_says_so(tmp_path, capsys):
+    # #26: a resumed run appended its start record to the line a power loss cut; reformer-plot then
+    # silently dropped both (and with the start record, the resume's supersession)
+    from reformer_dist.cli.plot import main as plot
+    from reformer_dist.training.metrics import Metrics
+
+    recs = [{"event": "start", "resume_step": None}] + [{"event": "step", "step": s, "loss": 10 - s} for s in (1, 2, 3)]
+    path = tmp_path / "metrics.jsonl"
+    cut = "\n".join(json.dumps(r) for r in recs) + '\n{"event": "step", "step": 4, "lo'
+    path.write_text(cut)
+    m = Metrics(tmp_path, 0, 1, 10, 2, tensorboard=False, progress_bar=False, rank_files=False, log_every=1)
+    m.event("start", resume_step=2)
+    m.step({"step": 3, "loss": 0.5, "lr": 1e-3, "tokens_per_s": 1.0, "mem_gb": 0.0})
+    m.close()
+    err = capsys.readouterr().err
+    assert f"warning: {path}: its last line was cut (a crash or power loss during a write)" in err
+    assert path.read_text().startswith(cut + "\n")  # the cut bytes kept, the new records on their own lines
+    problems = []
+    steps = [(r["step"], r["loss"]) for r in read_records(path, problems) if r["event"] == "step"]
+    assert steps == [(1, 9), (2, 8), (3, 0.5)]
+    assert problems == [f"{path}:5: not a JSON record (cut by a crash or power loss?): skipped: "
+                        "'{\"event\": \"step\", \"step\": 4, \"lo'"]
+    assert plot([str(tmp_path), "--out", str(tmp_path / "loss.png")]) == 0
+    assert f"reformer-plot: warning: {path}:5: not a JSON record" in capsys.readouterr().err
+
+    # a file written before this fix: the start record glued to the cut line is recovered, and said so
+    glued = tmp_path / "old.jsonl"
+    glued.write_text(cut + json.dumps({"event": "start", "resume_step": 2}) + "\n"
+                     + json.dumps({"event": "step", "step": 3, "loss": 0.5}) + "\n")
+    problems = []
+    steps = [(r["step"], r["loss"]) for r in read_records(glued, problems) if r["event"] == "step"]
+    assert steps == [(1, 9), (2, 8), (3, 0.5)]
+    assert "its complete record after the cut one is kept" in problems[0] and problems[0].startswith(f"{glued}:5:")
+
+
 def test_plot_writes_a_png(tmp_path):
     from reformer_dist.cli.plot import main
 
