@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from reformer_dist.model.config import ReformerConfig
@@ -18,7 +17,7 @@ from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.generation import generate_cached, sample_next
 from reformer_dist.model.layers import IGNORE_INDEX, AxialPositionEmbedding, LMHead
 from reformer_dist.model.reversible import ReformerStack
-from reformer_dist.ondisk import CONFIG_NAME, WEIGHTS_NAME, load_weights
+from reformer_dist.ondisk import CONFIG_NAME, load_weights
 
 
 def shift_labels(input_ids: Tensor) -> Tensor:
@@ -208,13 +207,16 @@ class ReformerLM(nn.Module):
         return ids, torch.stack(scores, dim=1) if scores else empty
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json + model.safetensors (fp32 or the parameters' dtype)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(d / CONFIG_NAME)
+    def save_pretrained(self, directory: str | Path, max_shard_size: str | int = "5GB") -> None:
+        """Write config.json + model.safetensors (the parameters' dtype) + checksums.json, through the one
+        atomic, checksummed writer `reformer-ckpt consolidate` uses (modes follow the umask). Other files in
+        an existing `directory` stay; the weights folder's own files are replaced."""
+        # checkpoint/writer.py imports nothing of the model: a lazy import keeps model/ free of checkpoint/
+        from reformer_dist.checkpoint.writer import write_weights_dir
+
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "config": json.dumps(self.cfg.to_dict())})
+        write_weights_dir(directory, state, self.cfg.to_dict(), max_shard_size=max_shard_size, overwrite="merge",
+                          metadata={"config": json.dumps(self.cfg.to_dict())})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "ReformerLM":

@@ -21,6 +21,7 @@ import torch
 from reformer_dist import ReformerConfig, ReformerLM
 from reformer_dist.cli.ckpt import main
 from reformer_dist.cli.launch import main as launch_main
+from reformer_dist.ondisk import CorruptCheckpointError
 
 from cli_cases import run_cli, snapshot
 
@@ -146,6 +147,41 @@ def test_out_overlapping_an_input_is_refused_even_with_overwrite(trained, tmp_pa
                           "choose a folder outside it" in err, err
     assert snapshot(run_dir) == before
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in trained.iterdir())  # no temp folder
+
+
+def test_trained_model_folder_is_checksummed_and_a_flipped_byte_is_caught(trained, tmp_path, capsys):
+    # #26: reformer-train's model/ had no checksums.json (a flipped byte loaded and exported) and a 0600 file
+    model = Path(shutil.copytree(trained / "model", tmp_path / "model"))
+    assert sorted(p.name for p in model.iterdir()) == ["checksums.json", "config.json", "model.safetensors"]
+    mask = os.umask(0o022)
+    os.umask(mask)  # the training subprocess ran with this process's umask
+    for f in (trained / "model").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
+    victim = model / "model.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0x01  # inside the last tensor's data: safetensors alone would load it
+    victim.write_bytes(bytes(data))
+    before = snapshot(tmp_path)
+    with pytest.raises(CorruptCheckpointError, match=f"{victim}: corrupt \\(SHA-256 differs from"):
+        ReformerLM.from_pretrained(model)
+    code, _, err = run(capsys, "export-hf", model, "--out", tmp_path / "hf")
+    assert code == 1 and f"{victim}: corrupt (SHA-256 differs from {model / 'checksums.json'})" in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_save_pretrained_into_a_used_folder_keeps_other_files(tmp_path):
+    cfg = ReformerConfig(vocab_size=53, d_model=32, n_heads=2, d_head=16, d_ff=48, n_layers=2,
+                         attn_layers=["lsh", "local"], axial_pos_shape=[8, 8])
+    d = tmp_path / "m"
+    ReformerLM(cfg).save_pretrained(d, max_shard_size=20000)  # sharded: index + shards
+    assert (d / "model.safetensors.index.json").is_file()
+    (d / "notes.txt").write_text("mine")
+    torch.manual_seed(1)
+    again = ReformerLM(cfg)
+    again.save_pretrained(d)  # one file now: the earlier shards and index go, the notes stay
+    assert sorted(p.name for p in d.iterdir()) == ["checksums.json", "config.json", "model.safetensors", "notes.txt"]
+    loaded = ReformerLM.from_pretrained(d)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), again.state_dict().values()))
 
 
 # ---------------------------------------------------------------------------------- HF conversion
