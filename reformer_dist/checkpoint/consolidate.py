@@ -25,7 +25,8 @@ from reformer_dist.checkpoint.deepspeed_ckpt import (CheckpointRef, describe, fi
                                                      verify_files)
 from reformer_dist.checkpoint.hf_adapter import expected_shapes
 from reformer_dist.checkpoint.writer import DEFAULT_MAX_SHARD, check_writable, write_weights_dir
-from reformer_dist.ondisk import CorruptCheckpointError
+from reformer_dist.model.config import DOCUMENT_SETTINGS, TRAINED_WITH, ReformerConfig
+from reformer_dist.ondisk import RUN_CONFIG, CorruptCheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers, if a caller used one
@@ -55,6 +56,19 @@ def fp32_state_dict(ref: CheckpointRef, quiet: bool = True) -> dict[str, torch.T
         return to_torch_tensor(lazy)  # the optimizer files are memory-mapped: tensors are read here
 
 
+def _trained_with(ref: CheckpointRef, cfg_src: str) -> dict[str, bool]:
+    """The document settings of the run that wrote the checkpoint: its run_config.json's [data], or what the
+    config.json the model config came from records; {} when neither says."""
+    run_config = ref.path / RUN_CONFIG
+    if run_config.is_file():
+        try:
+            data = json.loads(run_config.read_text())["config"]["data"]
+            return {k: bool(data.get(k, False)) for k in DOCUMENT_SETTINGS}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return ReformerConfig.trained_with(cfg_src)
+
+
 def consolidate(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = None, dtype: str = "fp32",
                 config: str | Path | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD,
                 overwrite: bool = False, verify: bool = True) -> dict:
@@ -80,9 +94,11 @@ def consolidate(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = 
     # model order; views into the flat fp32 groups are copied (safetensors refuses shared storage)
     state = {k: state[k].to(DTYPES[dtype]) for k in want}
     state = {k: v.clone() if v._base is not None else v for k, v in state.items()}
+    trained = _trained_with(ref, cfg_src)
+    config = {**cfg.to_dict(), **({TRAINED_WITH: trained} if trained else {})}
     provenance = {"source": str(ref.path), "step": info.step, "zero_stage": info.zero_stage,
                   "world_size": info.world_size, "dtype": dtype}
-    files = write_weights_dir(out_dir, state, cfg.to_dict(), max_shard_size=max_shard_size, overwrite=overwrite,
+    files = write_weights_dir(out_dir, state, config, max_shard_size=max_shard_size, overwrite=overwrite,
                               inputs=inputs,
                               metadata={"config": json.dumps(cfg.to_dict()), "reformer_dist": json.dumps(provenance)})
     return {**provenance, "out": str(out_dir), "files": [f.name for f in files], "config_from": cfg_src,

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("src", help="folder with config.json + model.safetensors (consolidate / save_pretrained output)")
     e.add_argument("--out", required=True)
     e.add_argument("--max-shard-size", type=_shard_size, default="5GB")
+    e.add_argument("--accept-document-masking", action="store_true",
+                   help="export a model trained with data.document_masking / reset_positions although HF Reformer "
+                        "cannot apply them (refused by default)")
 
     i = sub.add_parser("import-hf", help="transformers Reformer folder -> our weights folder")
     i.add_argument("src", help="HF folder with config.json + model.safetensors or pytorch_model.bin")
@@ -88,8 +91,12 @@ def _run(args: argparse.Namespace) -> dict | str:
     if args.cmd == "export-hf":
         from reformer_dist.checkpoint.hf_adapter import export_hf
 
-        out = export_hf(args.src, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
-        return {"out": str(out), "load_with": f"transformers.ReformerModelWithLMHead.from_pretrained({str(out)!r})"}
+        out, notes = export_hf(args.src, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                               accept_document_masking=args.accept_document_masking)
+        for note in notes:
+            print(f"reformer-ckpt: warning: {note}", file=sys.stderr)
+        return {"out": str(out), "load_with": f"transformers.ReformerModelWithLMHead.from_pretrained({str(out)!r})",
+                "warnings": len(notes)}
     if args.cmd == "import-hf":
         from reformer_dist.checkpoint.hf_adapter import import_hf
 

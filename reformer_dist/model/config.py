@@ -19,6 +19,11 @@ from reformer_dist.config_schema import ListOf, Section, all_of, at_least, choic
 from reformer_dist.ondisk import atomic_write
 
 ATTN_TYPES = ("lsh", "local", "full")
+# config.json key recording how the weights were trained on packed documents ({"document_masking": bool,
+# "reset_positions": bool}, the run's [data] settings): not architecture, but what the weights expect at
+# inference and what an export must not drop. `from_dict` skips it; `trained_with` reads it.
+TRAINED_WITH = "trained_with"
+DOCUMENT_SETTINGS = ("document_masking", "reset_positions")
 ACTIVATIONS = ("relu", "gelu", "silu")
 # attention cores (kernels.chunked_attention): "auto" picks the fused kernel on CUDA, else a PyTorch core
 ATTENTION_BACKENDS = ("auto", "reference", "blockwise", "triton")
@@ -171,12 +176,29 @@ class ReformerConfig(Section):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "ReformerConfig":
-        """Build from a dict, rejecting unknown keys by name."""
+        """Build from a dict, rejecting unknown keys by name (`TRAINED_WITH` is read by `trained_with`)."""
         known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k != TRAINED_WITH}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{source}: unknown ReformerConfig field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**d)
+
+    @staticmethod
+    def trained_with(path: str | Path) -> dict[str, bool]:
+        """The document settings a config.json records (`TRAINED_WITH`); {} when it records none. A value of
+        the wrong type raises ValueError naming the key."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        got = d.get(TRAINED_WITH) if isinstance(d, dict) else None
+        if got is None:
+            return {}
+        if not isinstance(got, dict) or any(not isinstance(got.get(k, False), bool) for k in DOCUMENT_SETTINGS):
+            raise ValueError(f"{path}: {TRAINED_WITH}: expected {{'document_masking': true|false, "
+                             f"'reset_positions': true|false}}, got {got!r}")
+        return {k: bool(got.get(k, False)) for k in DOCUMENT_SETTINGS}
 
     def save(self, path: str | Path) -> None:
         atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reformer_dist.model.config import ReformerConfig
+from reformer_dist.model.config import TRAINED_WITH, ReformerConfig
 from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.generation import generate_cached, sample_next
 from reformer_dist.model.layers import IGNORE_INDEX, AxialPositionEmbedding, LMHead
@@ -207,15 +207,18 @@ class ReformerLM(nn.Module):
         return ids, torch.stack(scores, dim=1) if scores else empty
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | Path, max_shard_size: str | int = "5GB") -> None:
+    def save_pretrained(self, directory: str | Path, max_shard_size: str | int = "5GB",
+                        trained_with: dict[str, bool] | None = None) -> None:
         """Write config.json + model.safetensors (the parameters' dtype) + checksums.json, through the one
         atomic, checksummed writer `reformer-ckpt consolidate` uses (modes follow the umask). Other files in
-        an existing `directory` stay; the weights folder's own files are replaced."""
+        an existing `directory` stay; the weights folder's own files are replaced. `trained_with`: the
+        document settings of the training run, recorded in config.json (config.TRAINED_WITH)."""
         # checkpoint/writer.py imports nothing of the model: a lazy import keeps model/ free of checkpoint/
         from reformer_dist.checkpoint.writer import write_weights_dir
 
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        write_weights_dir(directory, state, self.cfg.to_dict(), max_shard_size=max_shard_size, overwrite="merge",
+        config = {**self.cfg.to_dict(), **({TRAINED_WITH: dict(trained_with)} if trained_with is not None else {})}
+        write_weights_dir(directory, state, config, max_shard_size=max_shard_size, overwrite="merge",
                           metadata={"config": json.dumps(self.cfg.to_dict())})
 
     @classmethod

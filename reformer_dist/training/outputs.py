@@ -36,11 +36,13 @@ def _gathered(engine: Any, zero_stage: int) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
-def save_model(engine: Any, zero_stage: int, out: Path, main: bool) -> None:
-    """The engine's model as a weights folder (rank 0 writes; every rank calls this)."""
+def save_model(engine: Any, zero_stage: int, out: Path, main: bool,
+               trained_with: dict[str, bool] | None = None) -> None:
+    """The engine's model as a weights folder (rank 0 writes; every rank calls this); `trained_with`: the
+    run's document settings, recorded in its config.json."""
     with _gathered(engine, zero_stage):
         if main:
-            engine.module.save_pretrained(out)
+            engine.module.save_pretrained(out, trained_with=trained_with)
     barrier()
 
 

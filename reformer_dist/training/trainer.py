@@ -345,7 +345,10 @@ class Trainer:
 
     def save_model(self) -> None:
         out = self.run_dir / MODEL_DIR
-        outputs.save_model(self.engine, self.zero_stage, out, self.main)
+        data = self.cfg.data
+        outputs.save_model(self.engine, self.zero_stage, out, self.main,
+                           trained_with={"document_masking": data.document_masking,
+                                         "reset_positions": data.reset_positions})
         self.metrics.print(f"saved weights to {out} (ReformerLM.from_pretrained)")
 
     def sample(self) -> str:

@@ -208,6 +208,34 @@ def test_export_refuses_configs_hf_cannot_hold(tmp_path, capsys, change, field):
     assert not (tmp_path / "hf").exists()
 
 
+def test_export_of_a_model_trained_with_document_masks_is_refused_unless_accepted(tmp_path, capsys):
+    # #26: export-hf dropped data.document_masking / reset_positions without a word; config.json had no trace
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "reformer_dist.cli.train", "--set", f"output.dir={out}"]
+    for o in [*TINY, "train.max_steps=1", "checkpoint.at_end=true", "output.save_model=true",
+              "data.document_masking=true", "data.reset_positions=true"]:
+        args += ["--set", o]
+    p = subprocess.run(args, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    trained = {"document_masking": True, "reset_positions": True}
+    assert json.loads((out / "model" / "config.json").read_text())["trained_with"] == trained
+    assert run(capsys, "consolidate", out / "checkpoints", "--out", tmp_path / "c")[0] == 0
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["trained_with"] == trained
+    ReformerLM.from_pretrained(tmp_path / "c")  # the key does not disturb loading
+
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "export-hf", out / "model", "--out", tmp_path / "hf")
+    assert code == 2 and f"{out / 'model' / 'config.json'}: the model was trained with data.document_masking = true " \
+                          "and data.reset_positions = true (trained_with in config.json)" in err, err
+    assert "Pass --accept-document-masking to export anyway" in err
+    assert snapshot(tmp_path) == before
+    code, _, err = run(capsys, "export-hf", out / "model", "--out", tmp_path / "hf", "--accept-document-masking")
+    assert code == 0 and "warning:" in err and "exported anyway (--accept-document-masking)" in err, err
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["reformer_dist"]["trained_with"] == trained
+    assert run(capsys, "import-hf", tmp_path / "hf", "--out", tmp_path / "back")[0] == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["trained_with"] == trained
+
+
 def test_export_and_import_of_folders_that_are_not_models(tmp_path, capsys):
     code, _, err = run(capsys, "export-hf", tmp_path / "nope", "--out", tmp_path / "hf")
     assert code == 2 and f"{tmp_path / 'nope' / 'config.json'}: missing; expected a weights folder" in err
