@@ -34,14 +34,11 @@ def default_slots(environ: Mapping[str, str] | None = None) -> int:
 def hostfile_text(nodelist: str, slots: int, what: str = "SLURM_JOB_NODELIST") -> str:
     """DeepSpeed hostfile contents: one ``host slots=N`` line per node, in SLURM's order (errors name ``what``)."""
     if slots < 1:
-        raise ValueError(f"slots must be >= 1, got {slots}")
+        raise ValueError(f"--slots: expected an integer >= 1, got {slots}")
     hosts = expand_nodelist(nodelist, what)
     if not hosts:
         raise ValueError("empty node list (is SLURM_JOB_NODELIST set? pass --nodelist)")
-    seen: list[str] = []
-    for h in hosts:
-        if h not in seen:
-            seen.append(h)
+    seen = dict.fromkeys(hosts)  # first occurrence, in order; linear (a list's `in` made it quadratic)
     return "".join(f"{h} slots={slots}\n" for h in seen)
 
 

@@ -270,3 +270,17 @@ def test_hostfile_error_names_the_option_that_was_given(capsys, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NODELIST", "node[03-01]")
     assert launch_main(["hostfile"]) == 2
     assert "SLURM_JOB_NODELIST: descending range '03-01'" in capsys.readouterr().err
+
+
+def test_huge_node_list_is_refused_before_expanding_and_long_lists_are_deduplicated(capsys, tmp_path):
+    # #26: node[01-1000000] ran for minutes with no output (quadratic de-duplication)
+    for nodelist in ("node[01-1000000]", "rack[1-300]-n[1-300]", "a[1-40000],b[1-40000]"):
+        assert launch_main(["hostfile", "--nodelist", nodelist]) == 2
+        err = capsys.readouterr().err
+        assert f"reformer-launch hostfile: --nodelist: '{nodelist}' names more than 65536 hosts (SLURM allocates " \
+               "at most 65533 nodes): a typo in a range?" in err, err
+    assert launch_main(["hostfile", "--nodelist", "n[1-60000],n[2-3],m1", "--out", str(tmp_path / "hosts")]) == 0
+    lines = (tmp_path / "hosts").read_text().splitlines()
+    assert len(lines) == 60001 and lines[:2] == ["n1 slots=1", "n2 slots=1"] and lines[-1] == "m1 slots=1"
+    assert launch_main(["hostfile", "--nodelist", "n1", "--slots", "0"]) == 2
+    assert "--slots: expected an integer >= 1, got 0" in capsys.readouterr().err
