@@ -14,8 +14,12 @@ every 1/f-th document. Deterministic, no random state.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
+import os
 import shutil
+import signal
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,6 +86,7 @@ def shard_corpus(
     # corpus, which every default run opens) and by the CLI
     import datasets
 
+    workers_die_with_parent()
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1) (got {val_fraction})")
     check_out_outside_inputs(out_dir, [*inputs, *val_inputs])
@@ -149,6 +154,33 @@ def shard_corpus(
         finally:
             shutil.rmtree(cache, ignore_errors=True)
     return out / MANIFEST
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_fork_parent = [0]  # the pid that is forking, recorded just before each fork (read in the child)
+_registered = [False]
+
+
+def _die_with(parent: int) -> None:
+    """In a forked child: have Linux SIGKILL it when its parent dies (a SIGKILLed `shard` otherwise leaves its
+    tokenising workers blocked on a pipe for good); exit at once if the parent died before this ran."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # not Linux: nothing to ask for
+        return
+    if parent and os.getppid() != parent:
+        os._exit(1)
+
+
+def workers_die_with_parent() -> None:
+    """Every process this one forks from now on (the ``datasets`` worker pools of ``shard``) dies with it."""
+    if _registered[0] or not sys.platform.startswith("linux"):
+        return
+    _registered[0] = True
+    os.register_at_fork(before=lambda: _fork_parent.__setitem__(0, os.getpid()),
+                        after_in_child=lambda: _die_with(_fork_parent[0]))
 
 
 def check_out_outside_inputs(out_dir: str | Path, inputs: Sequence[str | Path]) -> None:

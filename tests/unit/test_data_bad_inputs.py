@@ -10,7 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import numpy as np
@@ -277,3 +281,49 @@ def test_missing_tokenizer_folder(tmp_path, capsys, corpus):
     code, _, err = run(capsys, "shard", "--input", corpus, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "s")
     assert code == 1 and f"{tmp_path / 'tok'}: no tokenizer here" in err
     assert not (tmp_path / "s").exists()
+
+
+def _processes_naming(text: str) -> set[int]:
+    """Live (not zombie) processes whose command line contains `text`: forked workers keep their parent's."""
+    found = set()
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and text in (d / "cmdline").read_bytes().decode(errors="replace") \
+                    and (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.add(int(d.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_killed_shard_leaves_no_worker_process(tmp_path):
+    # #26: a SIGKILLed `shard --num-proc 2` left its workers blocked on a pipe, holding memory, for good
+    corpus = tmp_path / "big"
+    corpus.mkdir()
+    text = (STDLIB / "argparse.py").read_text()
+    for i in range(60):
+        (corpus / f"f{i}.txt").write_text(text * 4)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "reformer_dist.cli.data", "shard", "--input", str(corpus),
+                             "--tokenizer", "bytes", "--out", str(tmp_path / "store"), "--num-proc", "2",
+                             "--shard-tokens", "100000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    mine = str(corpus)  # in the command line of the shard process and of every worker it forks
+    err, workers = b"", set()
+    deadline = time.monotonic() + 300
+    os.set_blocking(proc.stderr.fileno(), False)
+    # the tokenising pool (`map`, its progress bar says "tokenise") is what used to hang
+    while (b"tokenise" not in err or len(workers) < 2) and proc.poll() is None and time.monotonic() < deadline:
+        err += proc.stderr.read() or b""
+        workers = _processes_naming(mine) - {proc.pid}
+        time.sleep(0.02)
+    assert len(workers) >= 2 and b"tokenise" in err, f"no tokenising workers seen (exit {proc.poll()}): {err[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 60  # they notice within a moment; a ceiling for a loaded machine
+    while _processes_naming(mine) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _processes_naming(mine)
+    for p in left:  # do not leave them behind
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"processes outlived the killed shard: {left} (workers seen: {sorted(workers)})"
+    assert not (tmp_path / "store" / MANIFEST).exists()
