@@ -12,7 +12,8 @@ Each name below is defined here once and imported wherever a folder is written o
         checkpoints/                 checkpoint root (saved: training/checkpointing.py; read: training/resume.py)
             latest                     tag of the newest COMPLETE checkpoint (moved last)
             zero_to_safetensors.py     tools/zero_to_safetensors.py, copied like DeepSpeed's zero_to_fp32.py
-            abandoned-<time>/          newer checkpoints moved aside by a resume from an older one
+            abandoned-<time>/          newer checkpoints moved aside by a resume (or a divergence stop)
+            .reformer-ckpt-pin-<pid>-<id>/   hard links to the tag `reformer-ckpt` reads (while it reads)
             step_00000300/             one checkpoint ("tag")
                 *_model_states.pt, *_optim_states.pt   DeepSpeed's files
                 trainer_state/rank00000.pt             per rank: step, loader position, RNG states
@@ -67,6 +68,7 @@ LATEST_UNIVERSAL = "latest_universal"
 RESHARD_INFO = "reshard.json"
 ZERO_TO_SAFETENSORS = "zero_to_safetensors.py"
 ABANDONED_PREFIX = "abandoned-"
+PIN_PREFIX = ".reformer-ckpt-pin-"  # .reformer-ckpt-pin-<pid>-<id>/<tag>/: hard links a reading tool holds
 # one checkpoint (tag folder)
 TRAINER_STATE_DIR = "trainer_state"
 RUN_CONFIG = "run_config.json"

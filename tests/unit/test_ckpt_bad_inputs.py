@@ -284,3 +284,67 @@ def test_huge_node_list_is_refused_before_expanding_and_long_lists_are_deduplica
     assert len(lines) == 60001 and lines[:2] == ["n1 slots=1", "n2 slots=1"] and lines[-1] == "m1 slots=1"
     assert launch_main(["hostfile", "--nodelist", "n1", "--slots", "0"]) == 2
     assert "--slots: expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def _rotate(root: Path, old: str = "step_00000002", new: str = "step_00000003") -> None:
+    """What a live run's save + rotation (keep_last = 1) does to the root: a newer tag, `latest`, old one gone."""
+    shutil.copytree(root / old, root / new)
+    (root / "latest").write_text(new)
+    shutil.rmtree(root / old)
+
+
+def test_consolidate_while_a_run_rotates_the_folder(ckpts, tmp_path, capsys, monkeypatch):
+    # #26: consolidate failed with raw errno text (once an IndexError) when the run deleted the tag it read
+    import reformer_dist.checkpoint.consolidate as consolidate_module
+
+    real_verify = consolidate_module.verify_files
+    calls = []
+
+    def rotating_verify(path, *a, **k):  # the run rotates right after consolidate resolved `latest`
+        if not calls:
+            _rotate(ckpts)
+        calls.append(path)
+        return real_verify(path, *a, **k)
+
+    monkeypatch.setattr(consolidate_module, "verify_files", rotating_verify)
+    code, out, err = run(capsys, "consolidate", ckpts, "--out", tmp_path / "pinned")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["step"] == 2 and summary["source"] == str(ckpts / "step_00000002")  # the pinned one, whole
+    assert ReformerLM.from_pretrained(tmp_path / "pinned") is not None
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith(".")) == []  # the pin is released
+
+    # where no hard link can be made (another file system), the vanished checkpoint is named, with the cause
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(18, "Invalid cross-device link")))
+    calls.clear()
+    monkeypatch.setattr(consolidate_module, "verify_files",
+                        lambda path, *a, **k: (_rotate(ckpts, "step_00000003", "step_00000004"), real_verify(path))[1])
+    code, _, err = run(capsys, "consolidate", ckpts, "--out", tmp_path / "in-place")
+    assert code == 1, err
+    assert f"{ckpts / 'step_00000003'}: deleted while being read: a run is rotating the checkpoints in {ckpts} " \
+           "(checkpoint.keep_last). Pass --tag step_00000004 (the newest now) and run again, or stop the run " \
+           "first" in err, err
+    assert "Traceback" not in err and "Errno" not in err
+    assert not (tmp_path / "in-place").exists()
+
+
+def test_consolidate_follows_latest_that_moves_before_the_pin(ckpts, tmp_path, capsys, monkeypatch):
+    import reformer_dist.checkpoint.deepspeed_ckpt as ds_ckpt
+
+    real_link_tree = ds_ckpt._link_tree
+    rotated = []
+
+    def link_tree(src, dst):  # the run deletes the tag while it is being pinned
+        if not rotated:
+            rotated.append(src.name)
+            _rotate(src.parent, src.name, f"step_{int(src.name[5:]) + 1:08d}")
+        return real_link_tree(src, dst)
+
+    monkeypatch.setattr(ds_ckpt, "_link_tree", link_tree)
+    code, out, err = run(capsys, "consolidate", ckpts, "--out", tmp_path / "o")
+    assert code == 0 and json.loads(out)["step"] == 2 and rotated == ["step_00000002"], err  # the copy's step
+    assert json.loads(out)["source"] == str(ckpts / "step_00000003")
+    rotated.clear()
+    code, _, err = run(capsys, "consolidate", ckpts, "--tag", "step_00000003", "--out", tmp_path / "o2")
+    assert code == 1 and f"{ckpts / 'step_00000003'}: deleted while being read" in err, err
+    assert "Pass --tag step_00000004 (the newest now)" in err and not (tmp_path / "o2").exists()
