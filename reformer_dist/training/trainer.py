@@ -145,12 +145,19 @@ class Trainer:
             zero_stage=self.zero_stage, precision=precision, device=str(self.device), launcher=self.env.source,
             host=platform.node(), resume_step=self.step if point else None,
             resume_from=str(point.path) if point else None, threads=torch.get_num_threads(), torch=torch.__version__,
-            deepspeed=deepspeed.__version__, config=self.cfg.source)
+            deepspeed=deepspeed.__version__, config=self.cfg.source, ulysses_size=self.cfg.parallel.heads_group_size,
+            layout_note=self.cfg.parallel.auto_note)
         self.metrics.print(
             f"reformer-train: {self.num_parameters / 1e6:.2f}M parameters | world {self.world} ({self.env.source}), "
             f"dp {p.dp_size} x sp {p.sp_size} | global batch {p.global_batch} = micro {p.micro_batch} x accum "
             f"{p.grad_accum} x dp {p.dp_size} | {p.tokens_per_step} tokens/step (seq_len {p.seq_len}) | "
             f"ZeRO-{self.zero_stage} {precision} on {self.device.type} | run dir {self.run_dir}")
+        if p.sp_size > 1:
+            u = self.cfg.parallel.heads_group_size
+            layout = (f"sequence parallelism: {p.sp_size} ranks per sequence = Ulysses {u} (heads) x bucket "
+                      f"{p.sp_size // u} (LSH's sorted order)")
+            note = self.cfg.parallel.auto_note
+            self.metrics.print(f"reformer-train: {layout}" + (f"; {note}" if note else ""))
         if point is not None:
             self.metrics.print(f"resumed from {point.path} at step {self.step}"
                                + (f" (skipped incomplete: {', '.join(point.skipped_incomplete)})"
