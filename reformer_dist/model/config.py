@@ -210,4 +210,6 @@ class ReformerConfig(Section):
             d = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}: not valid JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{p}: expected a JSON object of ReformerConfig fields, got {type(d).__name__}")
         return cls.from_dict(d, source=str(p))

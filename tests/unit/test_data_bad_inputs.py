@@ -253,6 +253,36 @@ def test_edited_manifest_is_caught(capsys, store):
         assert code == 1 and f"{store / 'train-00000.bin'}: shard is 6000 bytes, manifest says 6020" in err, err
 
 
+@pytest.mark.parametrize("field, value, says", [
+    (("splits", "train", "shards", 0, "num_tokens"), "3000",
+     "splits.train.shards[0].num_tokens: expected an integer >= 0, got '3000'"),
+    (("splits", "train", "shards", 1, "num_tokens"), -5,
+     "splits.train.shards[1].num_tokens: expected an integer >= 0, got -5"),
+    (("splits", "train", "shards", 0, "file"), "../corpus/abc.py",
+     "splits.train.shards[0].file: expected a file name inside the store"),
+    (("splits", "train", "shards", 0, "sha256"), "xyz", "splits.train.shards[0].sha256: expected 64 lowercase hex digits"),
+    (("splits", "validation", "num_documents"), 1.5,
+     "splits.validation.num_documents: expected an integer >= 0, got 1.5"),
+    (("eod_id",), 300, "eod_id: expected an integer in [0, vocab_size=257), got 300"),
+    (("vocab_size",), True, "vocab_size: expected an integer >= 1, got True"),
+    (("tokenizer", "identity"), 5, "tokenizer.identity: expected the tokenizer's identity string, got 5"),
+], ids=["count-as-text", "negative-count", "file-outside", "bad-sha", "float-count", "eod-out-of-range",
+        "bool-vocab", "identity-not-text"])
+def test_manifest_fields_of_the_wrong_type_or_range_are_named(capsys, store, field, value, says):
+    # #26: such fields were read silently (a string count, a negative size, a shard file outside the store)
+    m = json.loads((store / MANIFEST).read_text())
+    target = m
+    for key in field[:-1]:
+        target = target[key]
+    target[field[-1]] = value
+    (store / MANIFEST).write_text(json.dumps(m))
+    before = snapshot(store)
+    for cmd in ("verify", "inspect"):
+        code, _, err = run(capsys, cmd, store)
+        assert code == 1 and f"{store / MANIFEST}: {says}" in err, err
+    assert snapshot(store) == before
+
+
 def test_truncated_shard_verify_names_it_without_sending_you_to_verify(capsys, store):
     shard = store / "train-00001.bin"
     shard.write_bytes(shard.read_bytes()[:-2])
