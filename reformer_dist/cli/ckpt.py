@@ -32,6 +32,22 @@ def _shard_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e).removeprefix("max shard size: ")) from None
 
 
+def _workers(text: str) -> int:
+    """--workers: 1 .. 4 x the cores (each worker is a process holding parameter shards)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if not 1 <= v <= 4 * cores:
+        raise argparse.ArgumentTypeError(f"expected an integer in 1..{4 * cores} (4 x the {cores} cores this process "
+                                         f"may use), got {text!r}")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reformer-ckpt", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -65,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="universal checkpoint root to create (OUT/<tag>, OUT/latest_universal)")
     r.add_argument("--to-stage", type=int, choices=(1, 2, 3), help="ZeRO stage of the run that will load it "
                    "(default: the saved stage); unsupported transitions are refused")
-    r.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 2)),
-                   help="processes for the conversion")
+    r.add_argument("--workers", type=_workers, default=max(1, min(4, (os.cpu_count() or 1) // 2)),
+                   help="processes for the conversion (1 .. 4 x the cores)")
 
     n = sub.add_parser("inspect", help="step, ZeRO stage, world size, parameters, dtype, size on disk")
     n.add_argument("path")

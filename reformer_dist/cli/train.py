@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         ds_config = build_deepspeed_config(cfg, plan, on_cuda)
     except ConfigError as e:
         return _fail(str(e))
-    threads = intra_op_threads(env.local_world_size, cfg.train.threads)
+    try:
+        threads = intra_op_threads(env.local_world_size, cfg.train.threads)
+    except ValueError as e:
+        return _fail(str(e))
 
     if args.dry_run:
         if env.rank == 0:

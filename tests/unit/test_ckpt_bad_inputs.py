@@ -104,6 +104,14 @@ def test_out_not_empty_is_refused_and_left_alone(ckpts, tmp_path, capsys):
     assert snapshot(tmp_path / "o") == {"keep.txt": hashlib.sha256(b"mine").hexdigest()}
 
 
+def test_reshard_workers_are_bounded(ckpts, tmp_path, capsys):
+    # #26: --workers 0 or 100000 reached DeepSpeed's process pool
+    for value in ("0", "100000"):
+        code, _, err = run(capsys, "reshard", ckpts, "--out", tmp_path / "u", "--workers", value)
+        assert code == 2 and f"argument --workers: expected an integer in 1.." in err and f"got '{value}'" in err, err
+    assert not (tmp_path / "u").exists()
+
+
 def test_unsupported_reshard_transition(ckpts, tmp_path, capsys):
     code, _, err = run(capsys, "reshard", ckpts, "--out", tmp_path / "u", "--to-stage", "3")
     assert code == 2 and "--to-stage 3: a ZeRO-1 checkpoint loaded as ZeRO-3" in err

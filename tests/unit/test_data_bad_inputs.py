@@ -101,14 +101,34 @@ def test_jsonl_records(tmp_path, capsys, rows, expect):
     assert code == 1 and f"{tmp_path / 'rows.jsonl'}: {expect}" in err, err
 
 
+def test_damaged_last_record_is_named_by_line(tmp_path, capsys):
+    # #26: a cut last line was reported "before its first record" (pyarrow parses small files in one block)
+    import gzip
+
+    recs = [json.dumps({"text": f"document {i} " * 20}) for i in range(5)]
+    (tmp_path / "cut.jsonl").write_text("\n".join(recs) + "\n" + recs[0][:25])
+    code, _, err = run(capsys, "shard", "--input", tmp_path / "cut.jsonl", "--tokenizer", "bytes",
+                       "--out", tmp_path / "s", "--num-proc", "1")
+    assert code == 1 and f"{tmp_path / 'cut.jsonl'}: cannot read as json: line 6 (record 5): not valid JSON (" in err \
+        and "the file's last line is cut (no newline at its end): a truncated download or copy?" in err, err
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(("\n".join(recs) + "\n").encode())[:-30])
+    code, _, err = run(capsys, "shard", "--input", tmp_path / "cut.jsonl.gz", "--tokenizer", "bytes",
+                       "--out", tmp_path / "s", "--num-proc", "1")
+    assert code == 1 and f"{tmp_path / 'cut.jsonl.gz'}: cannot read as json: the .gz stream ends early (EOFError: " \
+        in err and "the file is truncated (an interrupted download or copy?)" in err, err
+    assert not (tmp_path / "s").exists()
+
+
 # ---------------------------------------------------------------------------------------- options
 @pytest.mark.parametrize("option, value, expect", [
     ("--shard-tokens", "0", "argument --shard-tokens: expected an integer >= 1, got '0'"),
     ("--shard-tokens", "-5", "argument --shard-tokens: expected an integer >= 1, got '-5'"),
     ("--val-fraction", "1.5", "argument --val-fraction: expected a number in [0, 1), got '1.5'"),
     ("--val-fraction", "-0.1", "argument --val-fraction: expected a number in [0, 1), got '-0.1'"),
-    ("--num-proc", "0", "argument --num-proc: expected an integer >= 1, got '0'"),
-], ids=["shard-tokens-0", "shard-tokens-negative", "val-fraction-1.5", "val-fraction-negative", "num-proc-0"])
+    ("--num-proc", "0", "argument --num-proc: expected an integer in 1.."),
+    ("--num-proc", "100000", "argument --num-proc: expected an integer in 1.."),
+], ids=["shard-tokens-0", "shard-tokens-negative", "val-fraction-1.5", "val-fraction-negative", "num-proc-0",
+        "num-proc-unbounded"])
 def test_bad_numbers_are_usage_errors(tmp_path, capsys, corpus, option, value, expect):
     code, _, err = run(capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", tmp_path / "s",
                        option, value)
