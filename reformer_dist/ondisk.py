@@ -277,6 +277,17 @@ def read_manifest(folder: str | Path, name: str = MANIFEST) -> dict[str, Any]:
     if not isinstance(body, dict) or body.get("format") not in (FORMAT, *LEGACY_FORMATS) \
             or not isinstance(body.get("files"), dict):
         raise CorruptCheckpointError(f"{m}: not a {FORMAT} manifest")
+    for rel, meta in body["files"].items():
+        # a hand-edited entry must not send verification outside the folder or compare against a string
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts:
+            raise CorruptCheckpointError(f"{m}: files[{rel!r}]: expected a path inside {folder}")
+        size, digest = (meta.get("size"), meta.get("sha256")) if isinstance(meta, dict) else (None, None)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise CorruptCheckpointError(f"{m}: files[{rel!r}].size: expected an integer >= 0, got {size!r}")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise CorruptCheckpointError(f"{m}: files[{rel!r}].sha256: expected 64 lowercase hex digits, "
+                                         f"got {digest!r}")
     return body
 
 

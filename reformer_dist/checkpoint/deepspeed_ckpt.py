@@ -57,13 +57,20 @@ def find_checkpoint(ckpt_dir: str | Path, tag: str | None = None, latest_name: s
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: no such checkpoint folder")
     if tag is not None:
+        if Path(tag).name != tag or tag in ("", ".", ".."):
+            raise ValueError(f"--tag {tag!r}: expected the name of a tag folder in {p} (e.g. step_00000300), "
+                             "not a path")
         ref = CheckpointRef(p, tag)
         if not ref.path.is_dir():
             raise FileNotFoundError(f"{ref.path}: no such tag folder (tags here: {_tags(p) or 'none'})")
     elif is_tag_dir(p):
         ref = CheckpointRef(p.parent, p.name)
     elif (p / latest_name).is_file():
-        ref = CheckpointRef(p, (p / latest_name).read_text().strip())
+        named = (p / latest_name).read_text(errors="replace").strip()
+        if Path(named).name != named or named in ("", ".", ".."):
+            raise CheckpointError(f"{p / latest_name}: expected the name of a tag folder in {p}, got {named[:80]!r}; "
+                                  f"pass --tag (tags here: {_tags(p) or 'none'})")
+        ref = CheckpointRef(p, named)
         if not ref.path.is_dir():
             raise CheckpointError(f"{p / latest_name}: names tag {ref.tag!r}, but {ref.path} does not exist")
     else:

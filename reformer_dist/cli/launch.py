@@ -24,10 +24,9 @@ def default_slots(environ: Mapping[str, str] | None = None) -> int:
     for name in ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE"):
         raw = environ.get(name, "").strip()
         if raw:
-            try:
-                return int(raw)
-            except ValueError:
-                raise SystemExit(f"reformer-launch: {name}={raw!r} is not an integer") from None
+            if not raw.isdigit() or int(raw) < 1:
+                raise ValueError(f"{name}={raw!r}: expected an integer >= 1 (slots per node); pass --slots")
+            return int(raw)
     return 1
 
 
@@ -59,8 +58,8 @@ def format_env(env: DistEnv, fmt: str) -> str:
 def _cmd_hostfile(args: argparse.Namespace) -> int:
     given = args.nodelist is not None
     nodelist = args.nodelist if given else os.environ.get("SLURM_JOB_NODELIST", "")
-    slots = args.slots if args.slots is not None else default_slots()
     try:
+        slots = args.slots if args.slots is not None else default_slots()
         text = hostfile_text(nodelist, slots, "--nodelist" if given else "SLURM_JOB_NODELIST")
     except ValueError as exc:
         print(f"reformer-launch hostfile: {exc}", file=sys.stderr)

@@ -158,9 +158,14 @@ def read_run_config(ckpt_dir: Path) -> dict[str, Any]:
     """A checkpoint's run_config.json (`run_config_record` at save time)."""
     p = ckpt_dir / RUN_CONFIG
     try:
-        return json.loads(p.read_text())
+        body = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{p}: cannot be read ({e})") from None
+    if not isinstance(body, dict) or not isinstance(body.get("config"), dict) \
+            or not isinstance(body.get("plan"), dict) or not all(isinstance(v, dict) for v in body["config"].values()):
+        raise CheckpointError(f"{p}: expected {{\"config\": {{section: {{key: value}}}}, \"plan\": {{...}}, ...}} as "
+                              "reformer-train writes it; the file was altered")
+    return body
 
 
 def compare_run_configs(saved: dict[str, Any], current: dict[str, Any],

@@ -89,6 +89,36 @@ def test_truncated_file_without_a_manifest_is_named_by_inspect(ckpts, capsys):
     assert code == 1 and f"{victim}: truncated or corrupt" in err, err
 
 
+def test_altered_manifest_entries_latest_and_tag_are_named(ckpts, tmp_path, capsys):
+    # #26: a string size compared unequal ("truncated or altered"), a missing sha256 was a KeyError traceback,
+    # `latest` or --tag holding a path read a folder outside the checkpoint root
+    manifest = ckpts / "step_00000002" / "MANIFEST.json"
+    good = manifest.read_text()
+    name = "mp_rank_00_model_states.pt"
+    for edit, says in ((lambda e: e.update(size=str(e["size"])), f"files['{name}'].size: expected an integer >= 0"),
+                       (lambda e: e.pop("sha256"),
+                        f"files['{name}'].sha256: expected 64 lowercase hex digits, got None")):
+        body = json.loads(good)
+        edit(body["files"][name])
+        manifest.write_text(json.dumps(body))
+        code, _, err = run(capsys, "consolidate", ckpts, "--out", tmp_path / "o")
+        assert code == 1 and f"{manifest}: {says}" in err and "Traceback" not in err, err
+    body = json.loads(good)
+    body["files"]["../../elsewhere"] = body["files"].pop(name)
+    manifest.write_text(json.dumps(body))
+    code, _, err = run(capsys, "consolidate", ckpts, "--out", tmp_path / "o")
+    assert code == 1 and f"{manifest}: files['../../elsewhere']: expected a path inside" in err, err
+    manifest.write_text(good)
+
+    (ckpts / "latest").write_text("../../etc")
+    code, _, err = run(capsys, "consolidate", ckpts, "--out", tmp_path / "o")
+    assert code == 1 and f"{ckpts / 'latest'}: expected the name of a tag folder in {ckpts}, got '../../etc'; " \
+                          "pass --tag (tags here: ['step_00000002'])" in err, err
+    code, _, err = run(capsys, "consolidate", ckpts, "--tag", "../checkpoints/step_00000002", "--out", tmp_path / "o")
+    assert code == 2 and "--tag '../checkpoints/step_00000002': expected the name of a tag folder in" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_max_shard_size_fails_before_reading_anything(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("reformer_dist.checkpoint.consolidate.consolidate", lambda *a, **k: pytest.fail("ran"))
     for cmd in ("consolidate", "export-hf", "import-hf"):
@@ -356,3 +386,12 @@ def test_consolidate_follows_latest_that_moves_before_the_pin(ckpts, tmp_path, c
     code, _, err = run(capsys, "consolidate", ckpts, "--tag", "step_00000003", "--out", tmp_path / "o2")
     assert code == 1 and f"{ckpts / 'step_00000003'}: deleted while being read" in err, err
     assert "Pass --tag step_00000004 (the newest now)" in err and not (tmp_path / "o2").exists()
+
+
+def test_slots_from_the_environment_are_named(capsys, monkeypatch):
+    # #26: SLURM_GPUS_ON_NODE=0 was reported as "--slots", "abc" as an exit-1 SystemExit
+    for value in ("0", "abc"):
+        monkeypatch.setenv("SLURM_GPUS_ON_NODE", value)
+        assert launch_main(["hostfile", "--nodelist", "n1"]) == 2
+        assert f"SLURM_GPUS_ON_NODE={value!r}: expected an integer >= 1 (slots per node); pass --slots" \
+            in capsys.readouterr().err
