@@ -116,11 +116,29 @@ def _check_owner(ckpt: Path, owner: Path, root: Path) -> None:
             f"To continue from it, pass --resume {ckpt}; otherwise give this run its own checkpoint.dir")
 
 
+def _foreign_checkpoints(root: Path, owner: Path) -> str | None:
+    """What a fresh start must not do to another run's checkpoints in a shared checkpoint.dir (None: none)."""
+    for _, p in list_tags(root):
+        try:
+            _check_owner(p, owner, root)
+        except CheckpointError:
+            theirs = json.loads((p / RUN_CONFIG).read_text())["config"]["output"]["dir"]
+            return (f"checkpoint.dir {root} holds {p.name} of the run in output.dir {theirs}, not of this one "
+                    f"({owner}); a fresh start would move it aside into this run's folder. Give this run its own "
+                    f"checkpoint.dir, or move that run's checkpoints away first")
+    return None
+
+
 def resolve(spec: str | None, ckpt_root: Path, main: bool, owner: Path | None = None) -> ResumePoint | None:
     """The checkpoint `--resume spec` names (None: a fresh start); collective: every rank gets the same
     answer (or the same error). Rank 0 resolves and verifies a normal checkpoint; a universal one is read
-    by every rank."""
+    by every rank. A fresh start (spec None) into an explicit checkpoint.dir (`owner` given) that holds
+    another run's checkpoints is refused: moving them aside would file them under this run's folder."""
     if spec is None:
+        problem = _foreign_checkpoints(ckpt_root, owner) if main and owner is not None else None
+        problem = broadcast_object(problem)
+        if problem:
+            raise CheckpointError(problem)
         return None
     universal = Path(spec) / LATEST_UNIVERSAL
     if spec != "auto" and universal.is_file():  # `reformer-ckpt reshard` output: any world size

@@ -188,6 +188,13 @@ def test_resume_auto_refuses_the_checkpoint_of_another_run_in_a_shared_checkpoin
            f"in output.dir {tmp_path / 'a'}, not by this one ({tmp_path / 'b'})" in b.stderr, b.stderr[-3000:]
     assert f"pass --resume {shared / 'step_00000002'}" in b.stderr
     assert snapshot(shared) == before and not (shared / LOCK_NAME).exists()
+    # a fresh start there would have moved A's checkpoints into B's folder (a third run moved both runs')
+    c = subprocess.run(_args(tmp_path / "b", "train.max_steps=1", f"checkpoint.dir={shared}"), cwd=tmp_path,
+                       env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert c.returncode == 2 and f"checkpoint.dir {shared} holds step_00000002 of the run in output.dir " \
+        f"{tmp_path / 'a'}, not of this one ({tmp_path / 'b'}); a fresh start would move it aside" in c.stderr, \
+        c.stderr[-3000:]
+    assert snapshot(shared) == before and not list((tmp_path / "b").glob("replaced-*"))
 
 
 def test_refused_resume_leaves_the_run_folder_alone_and_a_fresh_start_moves_config_toml_aside(tmp_path):
