@@ -62,6 +62,16 @@ def _workers(text: str) -> int:
     return v
 
 
+def _coverage(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return v
+
+
 def _fraction(text: str) -> float:
     try:
         v = float(text)
@@ -113,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="pieces to learn (at least 259 + the corpus's frequent characters; may come out smaller)")
     p.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"))
     p.add_argument("--out", required=True, help="folder for tokenizer.model / .vocab / .json")
-    p.add_argument("--character-coverage", type=float, default=0.9995,
+    p.add_argument("--character-coverage", type=_coverage, default=0.9995,
                    help="share of characters given their own piece; rarer ones fall back to bytes")
     p.add_argument("--max-sentences", type=_int_min(1), default=1_000_000,
                    help="lines sampled from the corpus for training (bounds memory)")

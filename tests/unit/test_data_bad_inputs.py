@@ -140,6 +140,11 @@ def test_bad_numbers_are_usage_errors(tmp_path, capsys, corpus, option, value, e
 def test_tokenizer_vocab_size_must_be_positive(tmp_path, capsys, corpus, value):
     code, _, err = run(capsys, "tokenizer", "--input", corpus, "--vocab-size", value, "--out", tmp_path / "t")
     assert code == 2 and f"argument --vocab-size: expected an integer >= 1, got '{value}'" in err
+    for coverage in ("0", "1.5"):  # #26: reached SentencePiece, which answered in its own terms
+        code, _, err = run(capsys, "tokenizer", "--input", corpus, "--vocab-size", "400", "--out", tmp_path / "t",
+                           "--character-coverage", coverage)
+        assert code == 2 and f"argument --character-coverage: expected a number in (0, 1], got '{coverage}'" in err
+    assert not (tmp_path / "t").exists()
 
 
 def test_too_small_vocabulary_says_how_large_it_must_be(tmp_path, capsys, corpus):

@@ -169,6 +169,9 @@ def test_plot_writes_a_png(tmp_path):
     assert main([str(run), "--out", str(out), "--smooth", "3", "--x", "tokens"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+    with pytest.raises(SystemExit) as e:  # #26: --smooth 0 or -3 was taken as "no smoothing"
+        main([str(run), "--out", str(out), "--smooth", "0"])
+    assert e.value.code == 2
 
 
 def test_universal_comparison_needs_the_global_batch_not_the_layout():
