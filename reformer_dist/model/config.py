@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reformer_dist.config_schema import ListOf, Section, all_of, at_least, choice, of_type, opt, positive_number
+from reformer_dist.config_schema import (ListOf, Section, all_of, at_least, choice, nonneg_number, of_type, opt,
+                                         positive_number)
 from reformer_dist.ondisk import atomic_write
 
 ATTN_TYPES = ("lsh", "local", "full")
@@ -90,8 +91,8 @@ class ReformerConfig(Section):
                                      "axial position shape [a, b]: sequences up to a*b tokens")
     axial_pos_dims: list[int] | None = opt(None, of_type(ListOf(int), None),
                                            "widths of the two axial embeddings (sum d_model; default halves)")
-    init_std: float = opt(0.02, of_type(float), "std of the weight init")
-    axial_norm_std: float = opt(0.02, of_type(float),
+    init_std: float = opt(0.02, all_of(of_type(float), nonneg_number), "std of the weight init")
+    axial_norm_std: float = opt(0.02, all_of(of_type(float), nonneg_number),
                                 "std of the axial position init (HF uses 1.0, which drowns 0.02-scale token embeddings)")
     # runtime, not architecture: which attention core computes every layer (same function, other memory/speed)
     attention_backend: str = opt("auto", all_of(of_type(str), choice(*ATTENTION_BACKENDS)),

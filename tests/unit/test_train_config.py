@@ -34,6 +34,8 @@ def err(tmp_path: Path, toml: str = "", overrides: tuple[str, ...] = ()) -> str:
         ("[model]\nd_model = \"256\"\n", (), "model.d_model: expected int"),
         ("[model]\nd_model = 100\n", (), "model.d_model: must equal n_heads * d_head"),
         ("[model]\nn_buckets = 3\n", (), "model.n_buckets:"),
+        ("[model]\naxial_norm_std = -1.0\n", (), "model.axial_norm_std: expected a number >= 0"),
+        ("[model]\ninit_std = nan\n", (), "model.init_std: expected a number >= 0"),
         ("[trian]\nlr = 1e-3\n", (), "trian: unknown section"),
         ("[train]\nmicro_batch = 0\n", (), "train.micro_batch: expected a positive integer"),
         ("[train]\nbetas = [0.9]\n", (), "train.betas: expected two numbers"),
