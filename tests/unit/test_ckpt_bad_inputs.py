@@ -366,6 +366,22 @@ def test_consolidate_while_a_run_rotates_the_folder(ckpts, tmp_path, capsys, mon
     assert not (tmp_path / "in-place").exists()
 
 
+def test_inspect_while_a_run_rotates_the_folder(ckpts, capsys, monkeypatch):
+    import reformer_dist.checkpoint.inspect as inspect_module
+
+    real_describe = inspect_module.describe
+
+    def rotating_describe(ref):  # the run deletes the tag right after inspect resolved `latest`
+        _rotate(ckpts)
+        return real_describe(ref)
+
+    monkeypatch.setattr(inspect_module, "describe", rotating_describe)
+    code, _, err = run(capsys, "inspect", ckpts)
+    assert code == 1 and f"{ckpts / 'step_00000002'}: deleted while being read: a run is rotating the checkpoints " \
+                          f"in {ckpts} (checkpoint.keep_last). Pass --tag step_00000003 (the newest now)" in err, err
+    assert "Traceback" not in err and "IndexError" not in err
+
+
 def test_consolidate_follows_latest_that_moves_before_the_pin(ckpts, tmp_path, capsys, monkeypatch):
     import reformer_dist.checkpoint.deepspeed_ckpt as ds_ckpt
 
