@@ -5,7 +5,8 @@ The format is data/manifest.py's. A write happens in a hidden staging folder bes
 then the staged store is verified (data/verify.py: sizes, sha256, token range) and only then renamed
 into place. An existing store (``overwrite``) is moved aside in that same step and deleted afterwards,
 so a failed or interrupted write leaves the previous store exactly as it was; files in the folder that
-are not part of a store (notes, a README) are carried over.
+are not part of a store (notes, a README) are carried over. One write per store folder at a time: a lock
+file ``.<name>.lock`` beside it (training/run_lock.py's lock, taken over when its process is gone).
 """
 
 from __future__ import annotations
