@@ -12,7 +12,8 @@ Each name below is defined here once and imported wherever a folder is written o
         checkpoints/                 checkpoint root (saved: training/checkpointing.py; read: training/resume.py)
             latest                     tag of the newest COMPLETE checkpoint (moved last)
             zero_to_safetensors.py     tools/zero_to_safetensors.py, copied like DeepSpeed's zero_to_fp32.py
-            abandoned-<time>/          newer checkpoints moved aside by a resume from an older one
+            abandoned-<time>/          newer checkpoints moved aside by a resume (or a divergence stop)
+            .reformer-ckpt-pin-<pid>-<id>/   hard links to the tag `reformer-ckpt` reads (while it reads)
             step_00000300/             one checkpoint ("tag")
                 *_model_states.pt, *_optim_states.pt   DeepSpeed's files
                 trainer_state/rank00000.pt             per rank: step, loader position, RNG states
@@ -69,6 +70,7 @@ LATEST_UNIVERSAL = "latest_universal"
 RESHARD_INFO = "reshard.json"
 ZERO_TO_SAFETENSORS = "zero_to_safetensors.py"
 ABANDONED_PREFIX = "abandoned-"
+PIN_PREFIX = ".reformer-ckpt-pin-"  # .reformer-ckpt-pin-<pid>-<id>/<tag>/: hard links a reading tool holds
 # one checkpoint (tag folder)
 TRAINER_STATE_DIR = "trainer_state"
 RUN_CONFIG = "run_config.json"
@@ -135,6 +137,38 @@ class CheckpointError(RuntimeError):
 class CorruptCheckpointError(CheckpointError, ValueError):
     """A file is missing, truncated or altered; the message names it. (A ValueError too, for callers that
     already catch the ValueError that `load_weights` raised before checksums existed.)"""
+
+
+# ---------------------------------------------------------------------------------------------- outputs vs inputs
+class OverlapError(ValueError):
+    """An output folder is, lies inside, or contains one of the inputs it is made from; names both."""
+
+
+def overlap(out: str | Path, src: str | Path) -> str | None:
+    """How path `out` relates to path `src` (symlinks resolved): "is", "is inside", "contains", or None."""
+    o, s = Path(out).resolve(), Path(src).resolve()
+    if o == s:
+        return "is"
+    if s in o.parents:
+        return "is inside"
+    if o in s.parents:
+        return "contains"
+    return None
+
+
+def check_out_apart(out: str | Path, inputs: Iterable[str | Path | None], *, why: str, containing: bool = True,
+                    option: str = "--out") -> None:
+    """OverlapError, before anything is written, when `out` is one of `inputs`, lies inside one, or (with
+    `containing`) contains one: replacing or filling it would change (or delete) the input being read.
+    The one check every tool that writes a folder from folders uses (reformer-data, reformer-ckpt)."""
+    for item in inputs:
+        if item is None:
+            continue
+        rel = overlap(out, item)
+        if rel is None or (rel == "contains" and not containing):
+            continue
+        what = "the input folder" if Path(item).is_dir() else "the input"
+        raise OverlapError(f"{option} {out} {rel} {what} {item}: {why}; choose a folder outside it")
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -246,6 +280,17 @@ def read_manifest(folder: str | Path, name: str = MANIFEST) -> dict[str, Any]:
     if not isinstance(body, dict) or body.get("format") not in (FORMAT, *LEGACY_FORMATS) \
             or not isinstance(body.get("files"), dict):
         raise CorruptCheckpointError(f"{m}: not a {FORMAT} manifest")
+    for rel, meta in body["files"].items():
+        # a hand-edited entry must not send verification outside the folder or compare against a string
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts:
+            raise CorruptCheckpointError(f"{m}: files[{rel!r}]: expected a path inside {folder}")
+        size, digest = (meta.get("size"), meta.get("sha256")) if isinstance(meta, dict) else (None, None)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise CorruptCheckpointError(f"{m}: files[{rel!r}].size: expected an integer >= 0, got {size!r}")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise CorruptCheckpointError(f"{m}: files[{rel!r}].sha256: expected 64 lowercase hex digits, "
+                                         f"got {digest!r}")
     return body
 
 

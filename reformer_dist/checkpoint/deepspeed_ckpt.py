@@ -14,9 +14,15 @@ holding `zero/<param>/{fp32,exp_avg,exp_avg_sq}.pt` next to copied model-state f
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import shutil
+import time
+import uuid
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +30,8 @@ from typing import Any
 import torch
 
 from reformer_dist.model.config import ReformerConfig
-from reformer_dist.ondisk import (CONFIG_NAME, LATEST, MANIFEST, RUN_CONFIG, CheckpointError, CorruptCheckpointError,
-                                  verify_manifest)
+from reformer_dist.ondisk import (CONFIG_NAME, LATEST, MANIFEST, PIN_PREFIX, RUN_CONFIG, CheckpointError,
+                                  CorruptCheckpointError, verify_manifest)
 
 _MODEL_STATES = re.compile(r"^(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt$")
 _OPTIM_STATES = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
@@ -51,13 +57,20 @@ def find_checkpoint(ckpt_dir: str | Path, tag: str | None = None, latest_name: s
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: no such checkpoint folder")
     if tag is not None:
+        if Path(tag).name != tag or tag in ("", ".", ".."):
+            raise ValueError(f"--tag {tag!r}: expected the name of a tag folder in {p} (e.g. step_00000300), "
+                             "not a path")
         ref = CheckpointRef(p, tag)
         if not ref.path.is_dir():
             raise FileNotFoundError(f"{ref.path}: no such tag folder (tags here: {_tags(p) or 'none'})")
     elif is_tag_dir(p):
         ref = CheckpointRef(p.parent, p.name)
     elif (p / latest_name).is_file():
-        ref = CheckpointRef(p, (p / latest_name).read_text().strip())
+        named = (p / latest_name).read_text(errors="replace").strip()
+        if Path(named).name != named or named in ("", ".", ".."):
+            raise CheckpointError(f"{p / latest_name}: expected the name of a tag folder in {p}, got {named[:80]!r}; "
+                                  f"pass --tag (tags here: {_tags(p) or 'none'})")
+        ref = CheckpointRef(p, named)
         if not ref.path.is_dir():
             raise CheckpointError(f"{p / latest_name}: names tag {ref.tag!r}, but {ref.path} does not exist")
     else:
@@ -69,6 +82,111 @@ def find_checkpoint(ckpt_dir: str | Path, tag: str | None = None, latest_name: s
     if not is_tag_dir(ref.path):
         raise FileNotFoundError(f"{ref.path}: no DeepSpeed *_model_states.pt files (not a checkpoint tag folder)")
     return ref
+
+
+# ---------------------------------------------------------------------------------------------- pinning
+def _newest_now(root: Path) -> str:
+    try:
+        return (root / LATEST).read_text().strip() or "none"
+    except OSError:
+        try:
+            return (_tags(root) or ["none"])[-1]
+        except OSError:
+            return "none"
+
+
+def rotated_message(ref: CheckpointRef) -> str:
+    """What a checkpoint that vanished while being read means, and what to do."""
+    return (f"{ref.path}: deleted while being read: a run is rotating the checkpoints in {ref.root} "
+            f"(checkpoint.keep_last). Pass --tag {_newest_now(ref.root)} (the newest now) and run again, or stop "
+            "the run first")
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file under src into dst (folders made): the files outlive a deletion of src."""
+    for dirpath, _, files in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            os.link(Path(dirpath) / f, dst / rel / f)
+    if not dst.is_dir() or not src.is_dir():  # src vanished before (or while) it was walked
+        raise FileNotFoundError(f"{src}: gone")
+
+
+def _remove_stale_pins(root: Path) -> None:
+    """Pins of reading tools that were killed (their pid is gone): they would keep rotated data on disk."""
+    for p in root.glob(f"{PIN_PREFIX}*"):
+        try:
+            os.kill(int(p.name[len(PIN_PREFIX):].split("-")[0]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
+def _pin(ckpt_dir: str | Path, tag: str | None, attempts: int) -> tuple[CheckpointRef, Path | None]:
+    """Resolve CKPT_DIR [--tag] and hard-link the tag into a hidden pin folder of its root; None when links
+    cannot be made there (another file system, read-only): then it is read in place."""
+    for attempt in range(attempts):
+        try:
+            ref = find_checkpoint(ckpt_dir, tag)
+        except (CheckpointError, FileNotFoundError):
+            # `latest` named a tag that a rotation just removed, or a tag folder vanished while listed
+            if tag is None and attempt < attempts - 1 and (Path(ckpt_dir) / LATEST).is_file():
+                time.sleep(0.2)
+                continue
+            raise
+        _remove_stale_pins(ref.root)
+        pin = ref.root / f"{PIN_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            _link_tree(ref.path, pin / ref.tag)
+            if (ref.root / CONFIG_NAME).is_file():  # read_model_config's last resort
+                os.link(ref.root / CONFIG_NAME, pin / CONFIG_NAME)
+            return ref, pin
+        except FileNotFoundError:  # rotated away while being linked
+            shutil.rmtree(pin, ignore_errors=True)
+            if tag is not None or ref.root == Path(ckpt_dir).parent:
+                raise CheckpointError(rotated_message(ref)) from None
+        except OSError:
+            shutil.rmtree(pin, ignore_errors=True)
+            return ref, None
+    raise CheckpointError(f"{ckpt_dir}: every checkpoint was rotated away while being read ({attempts} tries): a run "
+                          "saves and deletes checkpoints faster than they can be read; stop it, or raise its "
+                          "checkpoint.keep_last")
+
+
+def _still_there(ref: CheckpointRef) -> bool:
+    try:
+        return ref.path.is_dir() and bool(model_state_files(ref.path))
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def pinned_checkpoint(ckpt_dir: str | Path, tag: str | None = None,
+                      attempts: int = 5) -> Iterator[tuple[CheckpointRef, CheckpointRef]]:
+    """(the checkpoint CKPT_DIR [--tag] names, where to read it): a run that rotates checkpoints in the same
+    folder may delete the tag while it is read, so its files are pinned with hard links (released on exit).
+    A `latest` that moves on before the pin is taken is followed (no --tag). Where no pin can be made, a
+    checkpoint that vanishes mid-read raises CheckpointError saying so and which --tag to use, never a raw
+    errno or IndexError; messages name the checkpoint's own path, not the pin's."""
+    ref, pin = _pin(ckpt_dir, tag, attempts)
+    try:
+        yield ref, (CheckpointRef(pin, ref.tag) if pin is not None else ref)
+    except (OSError, IndexError, CheckpointError, ValueError, RuntimeError) as e:
+        if pin is None and not _still_there(ref):
+            raise CheckpointError(rotated_message(ref)) from None
+        if pin is not None and str(pin) in str(e):
+            try:
+                renamed = type(e)(str(e).replace(str(pin), str(ref.root)))
+            except Exception:  # noqa: BLE001 - an error type that wants other arguments: keep it as it is
+                renamed = None
+            if renamed is not None:
+                raise renamed from None
+        raise
+    finally:
+        if pin is not None:
+            shutil.rmtree(pin, ignore_errors=True)
 
 
 def _tags(root: Path) -> list[str]:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from reformer_dist.checkpoint.writer import check_writable, write_weights_dir
-from reformer_dist.model.config import ACTIVATIONS, ReformerConfig
+from reformer_dist.model.config import ACTIVATIONS, DOCUMENT_SETTINGS, TRAINED_WITH, ReformerConfig
 from reformer_dist.model.reformer import ReformerLM
 from reformer_dist.ondisk import (CONFIG_NAME, HF_BIN_INDEX, HF_BIN_NAME, INDEX_NAME, WEIGHTS_NAME,
                                   CorruptCheckpointError, load_weights)
@@ -309,22 +309,46 @@ def _load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_document_settings(trained: dict[str, bool], where: Path, accept: bool) -> list[str]:
+    """UnsupportedConfigError (or with `accept`, warnings) for document settings HF Reformer cannot apply."""
+    on = [k for k in DOCUMENT_SETTINGS if trained.get(k)]
+    if not on:
+        return []
+    what = " and ".join(f"data.{k} = true" for k in on)
+    why = (f"{where}: the model was trained with {what} ({TRAINED_WITH} in {CONFIG_NAME}): a token attended only to "
+           f"its own document{' and positions restarted at each document' if 'reset_positions' in on else ''}. "
+           f"Hugging Face transformers' Reformer has no such setting: the exported model attends across "
+           f"documents")
+    if not accept:
+        raise UnsupportedConfigError(f"{why}. Pass --accept-document-masking to export anyway (the setting is kept "
+                                     f"in the export's config.json under {EXTRA_KEY!r}), or feed it one document "
+                                     "per sequence")
+    return [f"{why}; exported anyway (--accept-document-masking), recorded under {EXTRA_KEY!r}.{TRAINED_WITH}"]
+
+
 def export_hf(src_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-              max_shard_size: str | int = "5GB") -> Path:
+              max_shard_size: str | int = "5GB", accept_document_masking: bool = False) -> tuple[Path, list[str]]:
     """Our weights folder (config.json + model.safetensors) -> a folder `transformers` loads with
-    `ReformerModelWithLMHead.from_pretrained(out_dir)`. Weights keep their dtype."""
+    `ReformerModelWithLMHead.from_pretrained(out_dir)`. Weights keep their dtype. Returns (out_dir, warnings).
+
+    A model trained with document masks or position resets (config.json `trained_with`) is refused unless
+    `accept_document_masking`: HF Reformer cannot apply them."""
     src = Path(src_dir)
+    check_writable(out_dir, overwrite, [src])
     if not (src / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{src / CONFIG_NAME}: missing; expected a weights folder ({CONFIG_NAME} + "
                                 f"{WEIGHTS_NAME}, from `reformer-ckpt consolidate` or save_pretrained)")
     cfg = ReformerConfig.load(src / CONFIG_NAME)
     hf_cfg = to_hf_config(cfg)  # refuses before anything is read or written
-    check_writable(out_dir, overwrite)
+    trained = ReformerConfig.trained_with(src / CONFIG_NAME)
+    notes = check_document_settings(trained, src / CONFIG_NAME, accept_document_masking)
+    if trained:
+        hf_cfg[EXTRA_KEY] = {**hf_cfg[EXTRA_KEY], TRAINED_WITH: trained}
     state = to_hf_state_dict(load_weights(src), cfg)
     dtypes = {v.dtype for v in state.values()}
     hf_cfg["dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
-    write_weights_dir(out_dir, state, hf_cfg, max_shard_size=max_shard_size, overwrite=overwrite)
-    return Path(out_dir)
+    write_weights_dir(out_dir, state, hf_cfg, max_shard_size=max_shard_size, overwrite=overwrite, inputs=[src])
+    return Path(out_dir), notes
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
@@ -334,6 +358,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     Returns (out_dir, warnings); warnings are also issued with `warnings.warn`.
     """
     src = Path(hf_dir)
+    check_writable(out_dir, overwrite, [src])
     cfg_path = src / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: missing; expected a Hugging Face model folder")
@@ -342,11 +367,13 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     cfg, notes = from_hf_config(hf_cfg)
-    check_writable(out_dir, overwrite)
     state, more = from_hf_state_dict(_load_hf_weights(src), cfg)
     notes += more
+    extra = hf_cfg.get(EXTRA_KEY) if isinstance(hf_cfg.get(EXTRA_KEY), dict) else {}
+    trained = extra.get(TRAINED_WITH)  # kept by an export of ours: the imported folder records it again
+    config = {**cfg.to_dict(), **({TRAINED_WITH: trained} if isinstance(trained, dict) else {})}
     for n in notes:
         warnings.warn(f"import-hf: {n}", stacklevel=2)
-    write_weights_dir(out_dir, state, cfg.to_dict(), max_shard_size=max_shard_size, overwrite=overwrite,
-                      metadata={"config": json.dumps(cfg.to_dict())})
+    write_weights_dir(out_dir, state, config, max_shard_size=max_shard_size, overwrite=overwrite,
+                      inputs=[src], metadata={"config": json.dumps(cfg.to_dict())})
     return Path(out_dir), notes

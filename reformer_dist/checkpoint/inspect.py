@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reformer_dist.checkpoint.deepspeed_ckpt import describe, find_checkpoint
+from reformer_dist.checkpoint.deepspeed_ckpt import describe, find_checkpoint, rotated_message
 from reformer_dist.ondisk import (CHECKSUMS, CONFIG_NAME, INDEX_NAME, LATEST, LATEST_UNIVERSAL, MANIFEST, RESHARD_INFO,
-                                  WEIGHTS_NAME, CorruptCheckpointError, verify_checksums, verify_manifest,
-                                  weight_files)
+                                  WEIGHTS_NAME, CheckpointError, CorruptCheckpointError, verify_checksums,
+                                  verify_manifest, weight_files)
 
 
 def _dir_size(p: Path) -> tuple[int, int]:
@@ -77,9 +77,14 @@ def inspect_path(path: str | Path, tag: str | None = None, verify: bool = True) 
         return inspect_weights_dir(p, verify)
     universal_root = p.is_dir() and (p / LATEST_UNIVERSAL).is_file() and not (p / LATEST).is_file()
     ref = find_checkpoint(p, tag, latest_name=LATEST_UNIVERSAL if universal_root else LATEST)
-    if (ref.path / MANIFEST).is_file():
-        verify_manifest(ref.path, hashes=False)  # sizes: a truncated file is named before it is opened
-    info = describe(ref).to_dict()
+    try:
+        if (ref.path / MANIFEST).is_file():
+            verify_manifest(ref.path, hashes=False)  # sizes: a truncated file is named before it is opened
+        info = describe(ref).to_dict()
+    except (OSError, IndexError, CheckpointError):
+        if not ref.path.is_dir():  # a run rotated it away while it was read: say so, not errno / IndexError
+            raise CheckpointError(rotated_message(ref)) from None
+        raise
     info["kind"] = "DeepSpeed universal checkpoint" if info["universal"] else "DeepSpeed ZeRO checkpoint"
     reshard_json = ref.root / RESHARD_INFO
     if info["universal"] and reshard_json.is_file():

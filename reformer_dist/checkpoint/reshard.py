@@ -32,7 +32,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from reformer_dist.checkpoint.deepspeed_ckpt import describe, find_checkpoint, verify_files
+from reformer_dist.checkpoint.deepspeed_ckpt import describe, pinned_checkpoint, verify_files
 from reformer_dist.checkpoint.writer import apply_umask, check_writable
 from reformer_dist.ondisk import CONFIG_NAME, RESHARD_INFO, RUN_CONFIG, rank_state_file
 
@@ -68,53 +68,56 @@ def reshard(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = None
     # deepspeed takes seconds to import and logs its accelerator choice: only this command pays for it
     from deepspeed.checkpoint import ds_to_universal
 
-    ref = find_checkpoint(ckpt_dir, tag)
-    info = describe(ref)
-    if info.universal:
-        raise UnsupportedReshardError(f"{ref.path}: already a universal checkpoint")
-    if info.zero_stage not in (1, 2, 3):
-        raise UnsupportedReshardError(f"{ref.path}: ZeRO stage {info.zero_stage}; only ZeRO-1/2/3 checkpoints reshard")
-    target = info.zero_stage if to_stage is None else int(to_stage)
-    check_transition(info.zero_stage, target)
-    check_writable(out_dir, overwrite)
-    verified = verify_files(ref.path) if verify else "not verified"
+    check_writable(out_dir, overwrite, [ckpt_dir])  # the path as given: before anything is read
+    # a run may rotate this folder meanwhile: read a pinned copy (hard links), name the original
+    with pinned_checkpoint(ckpt_dir, tag) as (ref, pinned):
+        info = describe(pinned)
+        if info.universal:
+            raise UnsupportedReshardError(f"{ref.path}: already a universal checkpoint")
+        if info.zero_stage not in (1, 2, 3):
+            raise UnsupportedReshardError(f"{ref.path}: ZeRO stage {info.zero_stage}; only ZeRO-1/2/3 checkpoints "
+                                          "reshard")
+        target = info.zero_stage if to_stage is None else int(to_stage)
+        check_transition(info.zero_stage, target)
+        check_writable(out_dir, overwrite, [ckpt_dir, ref.root, ref.path])
+        verified = verify_files(pinned.path) if verify else "not verified"
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        args = argparse.Namespace(input_folder=str(ref.path), output_folder=str(tmp / ref.tag),
-                                  num_extract_workers=workers, num_merge_workers=workers, keep_temp_folder=False,
-                                  strict=True, inject_missing_state=True)
-        sink = io.StringIO()
-        with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
-            try:
-                ds_to_universal.main(args)  # also writes tmp/latest_universal
-            except Exception as e:  # noqa: BLE001 - surface DeepSpeed's failure with the folder named
-                raise RuntimeError(f"{ref.path}: universal conversion failed ({type(e).__name__}: {e})\n"
-                                   f"{sink.getvalue()[-2000:]}") from e
-        for extra in (RUN_CONFIG, CONFIG_NAME):
-            for src in (ref.path / extra, ref.root / extra):
-                if src.is_file() and not (tmp / ref.tag / extra).exists():
-                    shutil.copy2(src, tmp / ref.tag / extra)
-        # reformer-train resumes a universal checkpoint from rank 0's step/loader state (the loader
-        # position is global, so it holds for any data-parallel size with the same global batch).
-        rank0 = ref.path / rank_state_file(0)
-        if rank0.is_file():
-            (tmp / ref.tag / rank_state_file(0)).parent.mkdir(exist_ok=True)
-            shutil.copy2(rank0, tmp / ref.tag / rank_state_file(0))
-        summary = {"source": str(ref.path), "tag": ref.tag, "step": info.step, "source_zero_stage": info.zero_stage,
-                   "source_world_size": info.world_size, "load_as_zero_stage": supported_targets(info.zero_stage),
-                   "verified_input": verified,
-                   "how_to_load": 'DeepSpeed config "checkpoint": {"load_universal": true}; '
-                                  "engine.load_checkpoint(OUT, tag=None, load_optimizer_states=True, "
-                                  "load_lr_scheduler_states=False)"}
-        (tmp / RESHARD_INFO).write_text(json.dumps(summary, indent=2) + "\n")
-        apply_umask(tmp)  # mkdtemp made it 0700
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            args = argparse.Namespace(input_folder=str(pinned.path), output_folder=str(tmp / ref.tag),
+                                      num_extract_workers=workers, num_merge_workers=workers, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True)
+            sink = io.StringIO()
+            with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+                try:
+                    ds_to_universal.main(args)  # also writes tmp/latest_universal
+                except Exception as e:  # noqa: BLE001 - surface DeepSpeed's failure with the folder named
+                    raise RuntimeError(f"{ref.path}: universal conversion failed ({type(e).__name__}: {e})\n"
+                                       f"{sink.getvalue()[-2000:]}") from e
+            for extra in (RUN_CONFIG, CONFIG_NAME):
+                for src in (pinned.path / extra, pinned.root / extra):
+                    if src.is_file() and not (tmp / ref.tag / extra).exists():
+                        shutil.copy2(src, tmp / ref.tag / extra)
+            # reformer-train resumes a universal checkpoint from rank 0's step/loader state (the loader
+            # position is global, so it holds for any data-parallel size with the same global batch).
+            rank0 = pinned.path / rank_state_file(0)
+            if rank0.is_file():
+                (tmp / ref.tag / rank_state_file(0)).parent.mkdir(exist_ok=True)
+                shutil.copy2(rank0, tmp / ref.tag / rank_state_file(0))
+            summary = {"source": str(ref.path), "tag": ref.tag, "step": info.step, "source_zero_stage": info.zero_stage,
+                       "source_world_size": info.world_size, "load_as_zero_stage": supported_targets(info.zero_stage),
+                       "verified_input": verified,
+                       "how_to_load": 'DeepSpeed config "checkpoint": {"load_universal": true}; '
+                                      "engine.load_checkpoint(OUT, tag=None, load_optimizer_states=True, "
+                                      "load_lr_scheduler_states=False)"}
+            (tmp / RESHARD_INFO).write_text(json.dumps(summary, indent=2) + "\n")
+            apply_umask(tmp)  # mkdtemp made it 0700
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return {**summary, "out": str(out)}

@@ -13,12 +13,14 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from reformer_dist.ondisk import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, weight_shard_name, write_checksums
+from reformer_dist.ondisk import (CHECKSUMS, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_out_apart, fsync_dir,
+                                  weight_shard_name, write_checksums)
 
 DEFAULT_MAX_SHARD = "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -82,7 +84,34 @@ def apply_umask(folder: Path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def _is_weights_file(name: str) -> bool:
+    """A file a weights folder's writer owns (replaced or removed by the next write into it)."""
+    return name in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, CHECKSUMS) or bool(_SHARD_RE.match(name))
+
+
+def _merge(tmp: Path, out: Path) -> None:
+    """Move the files of `tmp` into the existing folder `out` one by one (each rename atomic), leaving files
+    that are not a weights folder's alone: checksums.json last, after the weights of an earlier write that
+    the new ones do not replace are gone (a crash in between is reported as a checksum mismatch on load)."""
+    new = {p.name for p in tmp.iterdir()}
+    for name in sorted(new - {CHECKSUMS}):
+        os.replace(tmp / name, out / name)
+    for p in out.iterdir():
+        if _is_weights_file(p.name) and p.name not in new:
+            p.unlink()
+    if CHECKSUMS in new:
+        os.replace(tmp / CHECKSUMS, out / CHECKSUMS)
+    tmp.rmdir()
+    fsync_dir(out)
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool | str) -> None:
+    if overwrite == "merge" and out.is_dir():
+        _merge(tmp, out)
+        return
     if out.exists():
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
@@ -94,8 +123,10 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
     os.replace(tmp, out)
 
 
-def check_writable(out: str | Path, overwrite: bool) -> None:
-    """Fail early (before hours of work) if `out` is a non-empty folder and overwrite is off."""
+def check_writable(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Fail early (before hours of work, before anything is written): `out` equal to, inside or containing
+    one of `inputs` (OverlapError, even without overwrite), or a non-empty folder while overwrite is off."""
+    check_out_apart(out, inputs, why="writing there would replace or delete the input it is read from")
     p = Path(out)
     if p.exists() and not overwrite and not (p.is_dir() and not any(p.iterdir())):
         raise FileExistsError(f"{p}: exists and is not empty (pass --overwrite to replace it)")
@@ -103,15 +134,18 @@ def check_writable(out: str | Path, overwrite: bool) -> None:
 
 def write_weights_dir(out_dir: str | Path, state: dict[str, torch.Tensor], config: dict, *,
                       max_shard_size: str | int = DEFAULT_MAX_SHARD, metadata: dict[str, str] | None = None,
-                      extra_files: dict[str, str] | None = None, overwrite: bool = False) -> list[Path]:
+                      extra_files: dict[str, str] | None = None, overwrite: bool | str = False,
+                      inputs: Iterable[str | Path | None] = ()) -> list[Path]:
     """Write config.json (`config` as JSON), the weights and checksums.json into out_dir.
 
     Returns the weight files written (their final paths). `metadata` goes into every safetensors header
     ("format": "pt" is always set: transformers refuses files without it); `extra_files` are further small
-    text files (name -> content), checksummed too.
+    text files (name -> content), checksummed too. `inputs`: the folders/files the weights were read from
+    (refused as `out_dir`, or inside or around it: see `check_writable`). `overwrite="merge"` (save_pretrained):
+    an existing folder keeps its other files; only the weights folder's own files are replaced.
     """
     out = Path(out_dir)
-    check_writable(out, overwrite)
+    check_writable(out, bool(overwrite), inputs)
     tmp = _fresh_tmp(out)
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")

@@ -32,6 +32,22 @@ def _shard_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e).removeprefix("max shard size: ")) from None
 
 
+def _workers(text: str) -> int:
+    """--workers: 1 .. 4 x the cores (each worker is a process holding parameter shards)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if not 1 <= v <= 4 * cores:
+        raise argparse.ArgumentTypeError(f"expected an integer in 1..{4 * cores} (4 x the {cores} cores this process "
+                                         f"may use), got {text!r}")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reformer-ckpt", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -50,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("src", help="folder with config.json + model.safetensors (consolidate / save_pretrained output)")
     e.add_argument("--out", required=True)
     e.add_argument("--max-shard-size", type=_shard_size, default="5GB")
+    e.add_argument("--accept-document-masking", action="store_true",
+                   help="export a model trained with data.document_masking / reset_positions although HF Reformer "
+                        "cannot apply them (refused by default)")
 
     i = sub.add_parser("import-hf", help="transformers Reformer folder -> our weights folder")
     i.add_argument("src", help="HF folder with config.json + model.safetensors or pytorch_model.bin")
@@ -62,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="universal checkpoint root to create (OUT/<tag>, OUT/latest_universal)")
     r.add_argument("--to-stage", type=int, choices=(1, 2, 3), help="ZeRO stage of the run that will load it "
                    "(default: the saved stage); unsupported transitions are refused")
-    r.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 2)),
-                   help="processes for the conversion")
+    r.add_argument("--workers", type=_workers, default=max(1, min(4, (os.cpu_count() or 1) // 2)),
+                   help="processes for the conversion (1 .. 4 x the cores)")
 
     n = sub.add_parser("inspect", help="step, ZeRO stage, world size, parameters, dtype, size on disk")
     n.add_argument("path")
@@ -88,8 +107,12 @@ def _run(args: argparse.Namespace) -> dict | str:
     if args.cmd == "export-hf":
         from reformer_dist.checkpoint.hf_adapter import export_hf
 
-        out = export_hf(args.src, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
-        return {"out": str(out), "load_with": f"transformers.ReformerModelWithLMHead.from_pretrained({str(out)!r})"}
+        out, notes = export_hf(args.src, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                               accept_document_masking=args.accept_document_masking)
+        for note in notes:
+            print(f"reformer-ckpt: warning: {note}", file=sys.stderr)
+        return {"out": str(out), "load_with": f"transformers.ReformerModelWithLMHead.from_pretrained({str(out)!r})",
+                "warnings": len(notes)}
     if args.cmd == "import-hf":
         from reformer_dist.checkpoint.hf_adapter import import_hf
 

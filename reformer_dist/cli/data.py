@@ -45,6 +45,36 @@ def _int_min(lo: int):
     return parse
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _workers(text: str) -> int:
+    """--num-proc / --num-threads: 1 .. 4 x the cores this process may use (more only wait, each costs memory)."""
+    most = 4 * _cores()
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if not 1 <= v <= most:
+        raise argparse.ArgumentTypeError(f"expected an integer in 1..{most} (4 x the {_cores()} cores this process "
+                                         f"may use), got {text!r}")
+    return v
+
+
+def _coverage(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return v
+
+
 def _fraction(text: str) -> float:
     try:
         v = float(text)
@@ -96,18 +126,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="pieces to learn (at least 259 + the corpus's frequent characters; may come out smaller)")
     p.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"))
     p.add_argument("--out", required=True, help="folder for tokenizer.model / .vocab / .json")
-    p.add_argument("--character-coverage", type=float, default=0.9995,
+    p.add_argument("--character-coverage", type=_coverage, default=0.9995,
                    help="share of characters given their own piece; rarer ones fall back to bytes")
     p.add_argument("--max-sentences", type=_int_min(1), default=1_000_000,
                    help="lines sampled from the corpus for training (bounds memory)")
-    p.add_argument("--num-threads", type=_int_min(1), default=None)
+    p.add_argument("--num-threads", type=_workers, default=None, help="SentencePiece training threads")
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
+    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out (never a store)")
 
     p = sub.add_parser("shard", help="tokenise a corpus into a token store")
     _add_input_args(p)
     p.add_argument("--tokenizer", required=True, help="'bytes' or a tokenizer folder")
     add_store_output_args(p)
-    p.add_argument("--num-proc", type=_int_min(1), default=min(8, os.cpu_count() or 1), help="tokenising processes")
+    p.add_argument("--num-proc", type=_workers, default=min(8, os.cpu_count() or 1), help="tokenising processes")
     p.add_argument("--val-fraction", type=_fraction, default=0.0,
                    help="share of the --input documents (every 1/F-th) put in the validation split; default 0: "
                         "no validation split (training then needs evaluation off), said as a warning")
@@ -184,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tok = train_tokenizer(args.input, args.out, args.vocab_size, args.model_type,
                                   text_field=args.text_field, text_unit=args.text_unit,
                                   character_coverage=args.character_coverage, max_sentences=args.max_sentences,
-                                  num_threads=args.num_threads, verbose=args.verbose)
+                                  num_threads=args.num_threads, verbose=args.verbose, overwrite=args.overwrite)
             print(f"wrote {args.out}: {tok.identity} (vocab_size {tok.vocab_size})")
             if tok.vocab_size < args.vocab_size:
                 print(f"reformer-data tokenizer: warning: the tokenizer has {tok.vocab_size} pieces, not the "

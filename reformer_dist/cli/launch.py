@@ -24,24 +24,20 @@ def default_slots(environ: Mapping[str, str] | None = None) -> int:
     for name in ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE"):
         raw = environ.get(name, "").strip()
         if raw:
-            try:
-                return int(raw)
-            except ValueError:
-                raise SystemExit(f"reformer-launch: {name}={raw!r} is not an integer") from None
+            if not raw.isdigit() or int(raw) < 1:
+                raise ValueError(f"{name}={raw!r}: expected an integer >= 1 (slots per node); pass --slots")
+            return int(raw)
     return 1
 
 
 def hostfile_text(nodelist: str, slots: int, what: str = "SLURM_JOB_NODELIST") -> str:
     """DeepSpeed hostfile contents: one ``host slots=N`` line per node, in SLURM's order (errors name ``what``)."""
     if slots < 1:
-        raise ValueError(f"slots must be >= 1, got {slots}")
+        raise ValueError(f"--slots: expected an integer >= 1, got {slots}")
     hosts = expand_nodelist(nodelist, what)
     if not hosts:
         raise ValueError("empty node list (is SLURM_JOB_NODELIST set? pass --nodelist)")
-    seen: list[str] = []
-    for h in hosts:
-        if h not in seen:
-            seen.append(h)
+    seen = dict.fromkeys(hosts)  # first occurrence, in order; linear (a list's `in` made it quadratic)
     return "".join(f"{h} slots={slots}\n" for h in seen)
 
 
@@ -62,8 +58,8 @@ def format_env(env: DistEnv, fmt: str) -> str:
 def _cmd_hostfile(args: argparse.Namespace) -> int:
     given = args.nodelist is not None
     nodelist = args.nodelist if given else os.environ.get("SLURM_JOB_NODELIST", "")
-    slots = args.slots if args.slots is not None else default_slots()
     try:
+        slots = args.slots if args.slots is not None else default_slots()
         text = hostfile_text(nodelist, slots, "--nodelist" if given else "SLURM_JOB_NODELIST")
     except ValueError as exc:
         print(f"reformer-launch hostfile: {exc}", file=sys.stderr)

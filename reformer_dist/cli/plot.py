@@ -32,12 +32,22 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _window(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (1 = no smoothing), got {text!r}")
+    return v
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="reformer-plot", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run folders (holding metrics.jsonl) or metrics.jsonl files; or "
                    "`reformer-eval` JSON results, whose loss by position is overlaid")
     p.add_argument("--out", default="loss.png", help="PNG to write (default loss.png)")
-    p.add_argument("--smooth", type=int, default=1, help="moving average over N train steps (default 1 = raw)")
+    p.add_argument("--smooth", type=_window, default=1, help="moving average over N train steps (default 1 = raw)")
     p.add_argument("--x", choices=("step", "tokens"), default="step", help="x axis")
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
@@ -65,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"reformer-plot: error: {path}: no such file", file=sys.stderr)
             return 2
-        recs = read_records(path)
+        problems: list[str] = []
+        recs = read_records(path, problems)
+        for problem in problems:  # a damaged line is never skipped silently
+            print(f"reformer-plot: warning: {problem}", file=sys.stderr)
         start = next((r for r in recs if r.get("event") == "start"), {})
         per_step = start.get("tokens_per_step", 1) if args.x == "tokens" else 1
         label = path.parent.name if path.name == METRICS else path.stem

@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         ds_config = build_deepspeed_config(cfg, plan, on_cuda)
     except ConfigError as e:
         return _fail(str(e))
-    threads = intra_op_threads(env.local_world_size, cfg.train.threads)
+    try:
+        threads = intra_op_threads(env.local_world_size, cfg.train.threads)
+    except ValueError as e:
+        return _fail(str(e))
 
     if args.dry_run:
         if env.rank == 0:
@@ -217,9 +220,9 @@ def _train(cfg: RunConfig, plan: BatchPlan, ds_config: dict, env: DistEnv, store
     deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", auto_mpi_discovery=False, timeout=timeout)
 
     code = 1
-    lock = RunLock(cfg.run_dir) if env.rank == 0 else None
+    locks = _run_locks(cfg) if env.rank == 0 else []
     try:
-        _take_lock(lock)
+        _take_locks(locks)
         outcome = Trainer(cfg, plan, ds_config, env, store, resume, device).fit()
         code = outcome.exit_code
     except (CheckpointError, DataError, RunLockedError) as e:
@@ -234,7 +237,7 @@ def _train(cfg: RunConfig, plan: BatchPlan, ds_config: dict, env: DistEnv, store
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a peer may already be gone
                 pass
-        if lock is not None:
+        for lock in locks:
             lock.release()
     return code
 
@@ -250,16 +253,27 @@ def _busy_cores(wanted: int) -> str | None:
     return f"the machine is busy (load average {load:.1f} on {cores} cores, and this run wants {wanted} threads)"
 
 
-def _take_lock(lock: RunLock | None) -> None:
-    """Rank 0 locks output.dir before anything in it is written; every rank gets the same verdict."""
+def _run_locks(cfg: RunConfig) -> list[RunLock]:
+    """The folders one run must have to itself: output.dir, and the checkpoint root unless it is output.dir."""
+    locks = [RunLock(cfg.run_dir)]
+    if cfg.checkpoint_dir.resolve() != cfg.run_dir.resolve():
+        locks.append(RunLock(cfg.checkpoint_dir, "checkpoint.dir"))
+    return locks
+
+
+def _take_locks(locks: list[RunLock]) -> None:
+    """Rank 0 locks output.dir and checkpoint.dir before anything in them is written; every rank gets the
+    same verdict. A refused second lock releases the first."""
     problem = None
-    if lock is not None:
-        try:
+    try:
+        for lock in locks:
             note = lock.acquire()
             if note:
                 print(f"reformer-train: {note}", file=sys.stderr)
-        except (RunLockedError, OSError) as e:
-            problem = str(e)
+    except (RunLockedError, OSError) as e:
+        problem = str(e)
+        for lock in locks:
+            lock.release()
     problem = broadcast_object(problem)
     if problem:
         raise RunLockedError(problem)

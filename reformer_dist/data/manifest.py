@@ -79,12 +79,55 @@ def read_manifest(store_dir: str | Path) -> dict[str, Any]:
         got = m.get("format") if isinstance(m, dict) else type(m).__name__
         raise DataError(f"{path}: format {got!r}, expected {FORMAT!r}")
     try:
+        _check_fields(m, path)
         if np.dtype(m["dtype"]) != dtype_for_vocab(int(m["vocab_size"])):
             raise DataError(f"{path}: dtype {m['dtype']} does not match vocab_size {m['vocab_size']}")
-        for s in SPLITS:
-            for d in m["splits"][s]["shards"]:
-                d["file"], d["num_tokens"], d["sha256"]  # noqa: B018 - presence check
-        m["tokenizer"]["identity"]  # noqa: B018
     except (KeyError, TypeError) as e:
         raise DataError(f"{path}: malformed manifest (missing {e})") from e
     return m
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_fields(m: dict[str, Any], path: Path) -> None:
+    """Types and ranges of every field a reader relies on: DataError naming the field and what it must be
+    (a hand-edited manifest otherwise reads as a wrong store: a string count, a negative size, a shard
+    file outside the folder)."""
+    def bad(field: str, want: str, got: Any) -> DataError:
+        return DataError(f"{path}: {field}: expected {want}, got {got!r}")
+
+    if not _count(m["vocab_size"]) or m["vocab_size"] < 1:
+        raise bad("vocab_size", "an integer >= 1", m["vocab_size"])
+    if not _count(m["eod_id"]) or m["eod_id"] >= m["vocab_size"]:
+        raise bad("eod_id", f"an integer in [0, vocab_size={m['vocab_size']})", m["eod_id"])
+    if not isinstance(m["dtype"], str):
+        raise bad("dtype", "'uint16' or 'uint32'", m["dtype"])
+    tok = m["tokenizer"]
+    if not isinstance(tok, dict) or not isinstance(tok["identity"], str) or not tok["identity"]:
+        raise bad("tokenizer.identity", "the tokenizer's identity string", tok.get("identity") if isinstance(tok, dict)
+                  else tok)
+    if tok.get("file") is not None and (not isinstance(tok["file"], str) or Path(tok["file"]).name != tok["file"]):
+        raise bad("tokenizer.file", "null or a file name inside the store", tok["file"])
+    for s in SPLITS:
+        split = m["splits"][s]
+        for key in ("num_tokens", "num_documents"):
+            if not _count(split[key]):
+                raise bad(f"splits.{s}.{key}", "an integer >= 0", split[key])
+        if not isinstance(split["shards"], list):
+            raise bad(f"splits.{s}.shards", "a list", split["shards"])
+        for i, d in enumerate(split["shards"]):
+            where = f"splits.{s}.shards[{i}]"
+            if not isinstance(d, dict):
+                raise bad(where, "an object", d)
+            if not isinstance(d["file"], str) or Path(d["file"]).name != d["file"] or d["file"] in ("", ".", ".."):
+                raise bad(f"{where}.file", "a file name inside the store", d["file"])
+            for key in ("num_tokens", "num_documents"):
+                if not _count(d.get(key, 0)):
+                    raise bad(f"{where}.{key}", "an integer >= 0", d.get(key))
+            d["num_tokens"]  # noqa: B018 - presence check
+            sha = d["sha256"]
+            if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+                raise bad(f"{where}.sha256", "64 lowercase hex digits", sha)
+

@@ -14,8 +14,12 @@ every 1/f-th document. Deterministic, no random state.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
+import os
 import shutil
+import signal
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +32,7 @@ from reformer_dist.data.manifest import MANIFEST, dtype_for_vocab
 from reformer_dist.data.writer import ShardWriter, check_token_range
 from reformer_dist.data.sources import collect_files, iter_documents
 from reformer_dist.data.tokenizers import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
-from reformer_dist.ondisk import DATASETS_CACHE_PREFIX
+from reformer_dist.ondisk import DATASETS_CACHE_PREFIX, TOKENIZER_MODEL, OverlapError, check_out_apart
 
 
 def validation_mask(indices: np.ndarray | Sequence[int], fraction: float) -> np.ndarray:
@@ -45,9 +49,13 @@ def train_tokenizer(
     *,
     text_field: str = "text",
     text_unit: str = "document",
+    overwrite: bool = False,
     **options: Any,
 ) -> SentencePieceTokenizer:
-    """Train a SentencePiece tokenizer on the documents of ``inputs`` (streamed). See train_sentencepiece."""
+    """Train a SentencePiece tokenizer on the documents of ``inputs`` (streamed). See train_sentencepiece.
+    An existing tokenizer in ``out_dir`` is replaced only with ``overwrite``; a token store never is."""
+    check_out_outside_inputs(out_dir, inputs)
+    check_tokenizer_out(out_dir, overwrite)
     files = collect_files(inputs)
     meta = {"inputs": [str(p) for p in inputs], "files": len(files), "text_field": text_field, "text_unit": text_unit}
     with tempfile.TemporaryDirectory(prefix="reformer-data-") as cache:
@@ -78,6 +86,7 @@ def shard_corpus(
     # corpus, which every default run opens) and by the CLI
     import datasets
 
+    workers_die_with_parent()
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1) (got {val_fraction})")
     check_out_outside_inputs(out_dir, [*inputs, *val_inputs])
@@ -147,16 +156,57 @@ def shard_corpus(
     return out / MANIFEST
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_fork_parent = [0]  # the pid that is forking, recorded just before each fork (read in the child)
+_registered = [False]
+
+
+def _die_with(parent: int) -> None:
+    """In a forked child: have Linux SIGKILL it when its parent dies (a SIGKILLed `shard` otherwise leaves its
+    tokenising workers blocked on a pipe for good); exit at once if the parent died before this ran."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # not Linux: nothing to ask for
+        return
+    if parent and os.getppid() != parent:
+        os._exit(1)
+
+
+def workers_die_with_parent() -> None:
+    """Every process this one forks from now on (the ``datasets`` worker pools of ``shard``) dies with it."""
+    if _registered[0] or not sys.platform.startswith("linux"):
+        return
+    _registered[0] = True
+    os.register_at_fork(before=lambda: _fork_parent.__setitem__(0, os.getpid()),
+                        after_in_child=lambda: _die_with(_fork_parent[0]))
+
+
 def check_out_outside_inputs(out_dir: str | Path, inputs: Sequence[str | Path]) -> None:
-    """UsageError when the store would be written into (or over) an input folder: it would join its own corpus."""
-    out = Path(out_dir).resolve()
-    for item in inputs:
-        if any(ch in str(item) for ch in "*?["):
-            continue  # a pattern names files, not a folder to keep clear
-        src = Path(item).resolve()
-        if src.is_dir() and (out == src or src in out.parents):
-            raise UsageError(f"--out {out_dir} is inside the input folder {item}: the store would become part of "
-                             "the corpus it is made from (and break the next shard of it); choose a folder outside it")
+    """UsageError when the store would be written into (or over) an input folder: it would join its own corpus.
+    (A store folder that holds an input file is allowed: a rewrite carries the user's files over.)"""
+    folders = [item for item in inputs if not any(ch in str(item) for ch in "*?[") and Path(item).is_dir()]
+    try:  # a pattern names files, not a folder to keep clear
+        check_out_apart(out_dir, folders, containing=False,
+                        why="the store would become part of the corpus it is made from "
+                            "(and break the next shard of it)")
+    except OverlapError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_tokenizer_out(out_dir: str | Path, overwrite: bool) -> None:
+    """UsageError when ``out_dir`` holds a token store (a tokenizer written there would change the store's
+    tokenizer without its identity: `verify` and training would refuse it), or a tokenizer and not ``overwrite``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; the tokenizer needs a folder")
+    if (out / MANIFEST).is_file():
+        raise UsageError(f"--out {out} holds a token store ({MANIFEST}); a tokenizer written there would replace the "
+                         f"store's own {TOKENIZER_MODEL} and break its tokenizer identity; choose another folder")
+    if (out / TOKENIZER_MODEL).is_file() and not overwrite:
+        raise UsageError(f"--out {out} already holds a tokenizer ({TOKENIZER_MODEL}); pass --overwrite to replace it "
+                         "(stores made with it will no longer match it), or choose another folder")
 
 
 def _generate(files: list[str], held_out: list[bool], text_field: str, text_unit: str, cache_dir: str):

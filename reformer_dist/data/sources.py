@@ -96,6 +96,10 @@ def iter_documents(
             streams[fmt] = datasets.load_dataset(fmt, data_files=group, split="train", streaming=True,
                                                  cache_dir=cache_dir, **kwargs)
         except Exception as e:  # noqa: BLE001 - datasets raises many types; name the files
+            for p in group if fmt == "json" else ():
+                found = locate_damage(p)
+                if found:  # name the damaged file and where, not the whole group
+                    raise DataError(f"{p}: cannot read as json: {found}") from e
             raise DataError(f"{group[0] if len(group) == 1 else group}: cannot open as {fmt}: {e}") from e
     position = {fmt: 0 for fmt in groups}
     for path in paths:
@@ -127,4 +131,49 @@ def _file_documents(rows, path: str, fmt: str, text_field: str) -> Iterator[Docu
         where = "before its first record" if i < 0 else f"after record {i}, counting from 0"
         why = (" - not UTF-8 text (a binary file, or another encoding: convert it, e.g. with iconv)"
                if isinstance(e, UnicodeDecodeError) else "")
+        found = locate_damage(path) if fmt == "json" and not why else None
+        if found:  # pyarrow parses in blocks: its "before its first record" may be the last line of a small file
+            raise DataError(f"{path}: cannot read as json: {found}") from e
         raise DataError(f"{path}: cannot read as {fmt} ({where}){why}: {type(e).__name__}: {e}") from e
+
+
+_OPENERS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+
+
+def locate_damage(path: str | Path) -> str | None:
+    """Where a JSON-lines file is damaged, found by reading it line by line (only after a parse error):
+    "line N (record N-1): not valid JSON (...)", saying when it is a cut last line or a cut compressed
+    file; None when it is not JSON lines (a single JSON document) or the damage is not found."""
+    import importlib
+    import json
+
+    p = Path(path)
+    module = _OPENERS.get(p.suffix.lower())
+    opener = importlib.import_module(module).open if module else open
+    n, ended = 0, True
+    try:
+        with opener(p, "rt", encoding="utf-8") as f:
+            first = True
+            for n, line in enumerate(f, start=1):
+                if first and line.lstrip().startswith("["):
+                    return None  # one JSON array, not JSON lines
+                first = False
+                ended = line.endswith("\n")
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    cut = not ended
+                    return (f"line {n} (record {n - 1}): not valid JSON ({getattr(e, 'msg', e)}, column "
+                            f"{getattr(e, 'colno', '?')})" + (": the file's last line is cut (no newline at its end): "
+                                                              "a truncated download or copy? Restore the file, or "
+                                                              "delete that line" if cut else ""))
+    except (EOFError, OSError) as e:
+        if module:
+            return (f"the {p.suffix} stream ends early ({type(e).__name__}: {e}): the file is truncated (an "
+                    "interrupted download or copy?); restore it")
+        return None
+    except UnicodeDecodeError:
+        return None
+    return None

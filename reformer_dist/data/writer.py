@@ -5,7 +5,8 @@ The format is data/manifest.py's. A write happens in a hidden staging folder bes
 then the staged store is verified (data/verify.py: sizes, sha256, token range) and only then renamed
 into place. An existing store (``overwrite``) is moved aside in that same step and deleted afterwards,
 so a failed or interrupted write leaves the previous store exactly as it was; files in the folder that
-are not part of a store (notes, a README) are carried over.
+are not part of a store (notes, a README) are carried over. One write per store folder at a time: a lock
+file ``.<name>.lock`` beside it (training/run_lock.py's lock, taken over when its process is gone).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from reformer_dist.data.errors import DataError
+from reformer_dist.data.errors import DataError, UsageError
 from reformer_dist.data.manifest import MANIFEST, SPLITS, dtype_for_vocab, make_manifest
 from reformer_dist.data.tokenizers import Tokenizer
 from reformer_dist.data.verify import verify_store
 from reformer_dist.ondisk import (DATASETS_CACHE_PREFIX, TOKENIZER_MODEL, AtomicFile, atomic_write, fsync_dir,
                                   is_atomic_temp, is_store_shard, store_shard_name)
+from reformer_dist.training.run_lock import RunLock, RunLockedError
 
 
 def _store_file(name: str) -> bool:
@@ -100,12 +102,22 @@ class ShardWriter:
             raise DataError(f"{self.out_dir}: is a file; the store needs a folder")
         if (self.out_dir / MANIFEST).exists() and not overwrite:
             raise DataError(f"{self.out_dir}: already holds a token store ({MANIFEST}); pass overwrite/--overwrite")
+        # One writer per store folder: two writes into one new --out would both succeed, the last one winning.
+        self._lock = RunLock(self.out_dir, "--out", path=self.out_dir.parent / f".{self.out_dir.name}.lock",
+                             user="reformer-data write")
+        try:
+            self._lock.acquire()
+        except RunLockedError as e:
+            raise UsageError(str(e)) from None
+        except OSError as e:
+            raise DataError(f"{self.out_dir}: cannot write beside it ({e.strerror or e})") from None
         try:
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_staging(self.out_dir)
             self.staging = self.out_dir.parent / f".{self.out_dir.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             self.staging.mkdir(mode=0o777)  # the umask applies, as for any folder the user makes
         except OSError as e:
+            self._lock.release()
             raise DataError(f"{self.out_dir}: cannot write beside it ({e.strerror or e})") from None
         self._open: dict[str, _OpenShard] = {}
         self._done: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
@@ -155,6 +167,7 @@ class ShardWriter:
             self.abort()
             raise
         self._closed = True
+        self._lock.release()
         return self.out_dir / MANIFEST
 
     def _replace_out(self) -> None:
@@ -187,6 +200,7 @@ class ShardWriter:
         self._open.clear()
         shutil.rmtree(self.staging, ignore_errors=True)
         self._closed = True
+        self._lock.release()
 
     def __enter__(self) -> ShardWriter:
         return self

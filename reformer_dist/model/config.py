@@ -15,10 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reformer_dist.config_schema import ListOf, Section, all_of, at_least, choice, of_type, opt, positive_number
+from reformer_dist.config_schema import (ListOf, Section, all_of, at_least, choice, nonneg_number, of_type, opt,
+                                         positive_number)
 from reformer_dist.ondisk import atomic_write
 
 ATTN_TYPES = ("lsh", "local", "full")
+# config.json key recording how the weights were trained on packed documents ({"document_masking": bool,
+# "reset_positions": bool}, the run's [data] settings): not architecture, but what the weights expect at
+# inference and what an export must not drop. `from_dict` skips it; `trained_with` reads it.
+TRAINED_WITH = "trained_with"
+DOCUMENT_SETTINGS = ("document_masking", "reset_positions")
 ACTIVATIONS = ("relu", "gelu", "silu")
 # attention cores (kernels.chunked_attention): "auto" picks the fused kernel on CUDA, else a PyTorch core
 ATTENTION_BACKENDS = ("auto", "reference", "blockwise", "triton")
@@ -85,8 +91,8 @@ class ReformerConfig(Section):
                                      "axial position shape [a, b]: sequences up to a*b tokens")
     axial_pos_dims: list[int] | None = opt(None, of_type(ListOf(int), None),
                                            "widths of the two axial embeddings (sum d_model; default halves)")
-    init_std: float = opt(0.02, of_type(float), "std of the weight init")
-    axial_norm_std: float = opt(0.02, of_type(float),
+    init_std: float = opt(0.02, all_of(of_type(float), nonneg_number), "std of the weight init")
+    axial_norm_std: float = opt(0.02, all_of(of_type(float), nonneg_number),
                                 "std of the axial position init (HF uses 1.0, which drowns 0.02-scale token embeddings)")
     # runtime, not architecture: which attention core computes every layer (same function, other memory/speed)
     attention_backend: str = opt("auto", all_of(of_type(str), choice(*ATTENTION_BACKENDS)),
@@ -171,12 +177,29 @@ class ReformerConfig(Section):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "ReformerConfig":
-        """Build from a dict, rejecting unknown keys by name."""
+        """Build from a dict, rejecting unknown keys by name (`TRAINED_WITH` is read by `trained_with`)."""
         known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k != TRAINED_WITH}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{source}: unknown ReformerConfig field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**d)
+
+    @staticmethod
+    def trained_with(path: str | Path) -> dict[str, bool]:
+        """The document settings a config.json records (`TRAINED_WITH`); {} when it records none. A value of
+        the wrong type raises ValueError naming the key."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        got = d.get(TRAINED_WITH) if isinstance(d, dict) else None
+        if got is None:
+            return {}
+        if not isinstance(got, dict) or any(not isinstance(got.get(k, False), bool) for k in DOCUMENT_SETTINGS):
+            raise ValueError(f"{path}: {TRAINED_WITH}: expected {{'document_masking': true|false, "
+                             f"'reset_positions': true|false}}, got {got!r}")
+        return {k: bool(got.get(k, False)) for k in DOCUMENT_SETTINGS}
 
     def save(self, path: str | Path) -> None:
         atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -188,4 +211,6 @@ class ReformerConfig(Section):
             d = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}: not valid JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{p}: expected a JSON object of ReformerConfig fields, got {type(d).__name__}")
         return cls.from_dict(d, source=str(p))

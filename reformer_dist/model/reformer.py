@@ -6,19 +6,19 @@ Shapes: B batch, L length (Lp after internal padding), D d_model, V vocabulary.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from reformer_dist.model.config import ReformerConfig
+from reformer_dist.model.config import TRAINED_WITH, ReformerConfig
 from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.generation import generate_cached, sample_next
 from reformer_dist.model.layers import IGNORE_INDEX, AxialPositionEmbedding, LMHead
 from reformer_dist.model.reversible import ReformerStack
-from reformer_dist.ondisk import CONFIG_NAME, WEIGHTS_NAME, load_weights
+from reformer_dist.ondisk import CONFIG_NAME, load_weights
 
 
 def shift_labels(input_ids: Tensor) -> Tensor:
@@ -57,9 +57,14 @@ class ReformerLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------ forward
-    def _check_inputs(self, input_ids: Tensor, position_offset: int) -> None:
+    def _check_inputs(self, input_ids: Tensor, position_offset: int, name: str = "input_ids") -> None:
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor of token ids [batch, length], got "
+                            f"{type(input_ids).__name__}")
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected shape [batch, length], got {tuple(input_ids.shape)}")
+            raise ValueError(f"{name}: expected shape [batch, length], got {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"{name}: expected integer token ids (torch.long), got dtype {input_ids.dtype}")
         end = position_offset + input_ids.shape[1]
         if end > self.cfg.max_seq_len:
             raise ValueError(f"input_ids: positions up to {end} exceed axial_pos_shape "
@@ -185,6 +190,27 @@ class ReformerLM(nn.Module):
         """Mean next-token cross-entropy; labels default to the inputs shifted by one."""
         return self(input_ids, shift_labels(input_ids) if labels is None else labels, **kwargs)
 
+    def _check_generate_args(self, prompt_ids: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+                             hash_seed: int, n_hashes: int | None) -> None:
+        """ValueError/TypeError naming the argument and what it must be, before any work."""
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        self._check_inputs(prompt_ids, 0, name="prompt_ids")
+        if prompt_ids.shape[0] < 1 or prompt_ids.shape[1] < 1:
+            raise ValueError(f"prompt_ids: expected at least one sequence of at least one token, got shape "
+                             f"{tuple(prompt_ids.shape)}")
+        if not is_int(max_new_tokens) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+            raise ValueError(f"temperature: expected a finite number (<= 0: greedy), got {temperature!r}")
+        if top_k is not None and (not is_int(top_k) or top_k < 1):
+            raise ValueError(f"top_k: expected None or an integer >= 1, got {top_k!r}")
+        if not is_int(hash_seed) or hash_seed < 0:
+            raise ValueError(f"hash_seed: expected an integer >= 0, got {hash_seed!r}")
+        if n_hashes is not None and (not is_int(n_hashes) or n_hashes < 1):
+            raise ValueError(f"n_hashes: expected an integer >= 1 (LSH hash rounds), got {n_hashes!r}")
+
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  hash_seed: int = 0, generator: torch.Generator | None = None, *, n_hashes: int | None = None,
@@ -200,6 +226,7 @@ class ReformerLM(nn.Module):
         if document_ids is not None:
             raise ValueError("document_ids: generation with document masks is not supported; start each document "
                              "from its own prompt")
+        self._check_generate_args(prompt_ids, max_new_tokens, temperature, top_k, hash_seed, n_hashes)
         if use_cache:
             ids, scores = generate_cached(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                                           hash_seed=hash_seed, n_hashes=n_hashes, generator=generator)
@@ -217,23 +244,36 @@ class ReformerLM(nn.Module):
         return ids, torch.stack(scores, dim=1) if scores else empty
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json + model.safetensors (fp32 or the parameters' dtype)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(d / CONFIG_NAME)
+    def save_pretrained(self, directory: str | Path, max_shard_size: str | int = "5GB",
+                        trained_with: dict[str, bool] | None = None) -> None:
+        """Write config.json + model.safetensors (the parameters' dtype) + checksums.json, through the one
+        atomic, checksummed writer `reformer-ckpt consolidate` uses (modes follow the umask). Other files in
+        an existing `directory` stay; the weights folder's own files are replaced. `trained_with`: the
+        document settings of the training run, recorded in config.json (config.TRAINED_WITH)."""
+        # checkpoint/writer.py imports nothing of the model: a lazy import keeps model/ free of checkpoint/
+        from reformer_dist.checkpoint.writer import write_weights_dir
+
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "config": json.dumps(self.cfg.to_dict())})
+        config = {**self.cfg.to_dict(), **({TRAINED_WITH: dict(trained_with)} if trained_with is not None else {})}
+        write_weights_dir(directory, state, config, max_shard_size=max_shard_size, overwrite="merge",
+                          metadata={"config": json.dumps(self.cfg.to_dict())})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "ReformerLM":
         """Load a directory written by ``save_pretrained`` or ``reformer-ckpt consolidate``."""
         d = Path(directory)
         cfg_path = d / CONFIG_NAME
+        if d.is_file():
+            raise NotADirectoryError(f"{d}: is a file; expected a directory with {CONFIG_NAME} and weights")
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path}: missing; expected a directory with {CONFIG_NAME} and weights")
         model = cls(ReformerConfig.load(cfg_path))
         state = load_weights(d, map_location=map_location)
+        want = model.state_dict()
+        for k, v in state.items():  # load_state_dict would raise a RuntimeError listing every size mismatch
+            if k in want and tuple(v.shape) != tuple(want[k].shape):
+                raise ValueError(f"{d}: weight {k} has shape {tuple(v.shape)}, but {cfg_path} needs "
+                                 f"{tuple(want[k].shape)}: the weights do not belong to this config")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{d}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -8,7 +8,9 @@ the model and the sequence length (heads, chunks) are `parallel.sequence.check_l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from reformer_dist.config_schema import FieldError, Section, int_min, opt, optional
 
@@ -18,7 +20,22 @@ class ParallelConfig(Section):
     sequence_parallel_size: int = opt(1, int_min(1), "ranks sharing one sequence; divides the world size")
     ulysses_size: int | None = opt(None, optional(int_min(1)), "of those, ranks that shard heads (DeepSpeed-Ulysses; "
                                    "divides model.n_heads); the rest shard LSH's sorted order (bucket sharding). "
-                                   "Default: all of them (pure Ulysses)")
+                                   "Default: all of them (pure Ulysses), or where model.n_heads is not a multiple "
+                                   "of sequence_parallel_size, the largest size dividing both")
+    # why ulysses_size was chosen for the user (`choose_ulysses_size`), for the start announcement; not a key
+    auto_note: ClassVar[str | None] = None  # set on the instance; a ClassVar is no config key
+
+    def choose_ulysses_size(self, n_heads: int) -> None:
+        """The default layout for a model with `n_heads` heads: all P ranks shard heads when n_heads allows;
+        otherwise the largest Ulysses size dividing both P and n_heads, the rest sharding LSH's sorted order.
+        An explicit ulysses_size is kept (and checked by `parallel.sequence.check_layout`)."""
+        p = self.sequence_parallel_size
+        if self.ulysses_size is not None or p == 1 or n_heads % p == 0:
+            return
+        self.ulysses_size = math.gcd(p, n_heads)
+        self.auto_note = (f"parallel.ulysses_size = {self.ulysses_size} (chosen: model.n_heads = {n_heads} is not a "
+                          f"multiple of parallel.sequence_parallel_size = {p}; the largest size dividing both shards "
+                          f"heads, the other {p // self.ulysses_size} shard LSH's sorted order by bucket)")
 
     def rules(self) -> None:
         if self.ulysses_size is not None and self.sequence_parallel_size % self.ulysses_size:

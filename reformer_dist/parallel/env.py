@@ -287,6 +287,9 @@ def discover(environ: Mapping[str, str] | None = None, use_mpi: bool = True) -> 
     return _single(environ)
 
 
+MAX_THREADS_PER_CORE = 4
+
+
 def intra_op_threads(local_world_size: int, configured: int | None = None,
                      environ: Mapping[str, str] | None = None) -> tuple[int, str]:
     """(threads per rank, why): `configured` (train.threads), else $OMP_NUM_THREADS, else the cores this
@@ -296,15 +299,24 @@ def intra_op_threads(local_world_size: int, configured: int | None = None,
     parallel region; on a 2-core machine 2 ranks x 2 threads ran several times slower than 2 x 1.
     """
     environ = os.environ if environ is None else environ
-    if configured is not None:
-        return configured, "train.threads"
-    omp = environ.get("OMP_NUM_THREADS", "").strip()
-    if omp.isdigit() and int(omp) > 0:
-        return int(omp), "OMP_NUM_THREADS"
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 1
+    most = MAX_THREADS_PER_CORE * cores  # beyond this, threads only wait for each other (and each has a stack)
+    if configured is not None:
+        if configured > most:
+            raise ValueError(f"train.threads: {configured} is more than {MAX_THREADS_PER_CORE} x the {cores} cores "
+                             f"this process may use; expected 1..{most}")
+        return configured, "train.threads"
+    omp = environ.get("OMP_NUM_THREADS", "").strip()
+    if omp:
+        first = omp.split(",")[0].strip()  # OpenMP's nested form "4,2": the outer level is ours
+        if not first.isdigit() or not 1 <= int(first) <= most:
+            raise ValueError(f"OMP_NUM_THREADS={omp!r}: expected a positive integer up to {most} ({MAX_THREADS_PER_CORE} "
+                             f"x the {cores} cores this process may use); unset it to use one thread per core, or "
+                             "set train.threads")
+        return int(first), "OMP_NUM_THREADS"
     ranks = max(1, local_world_size)
     return max(1, cores // ranks), f"{cores} cores / {ranks} rank{'s' if ranks > 1 else ''} on this node"
 

@@ -6,7 +6,11 @@ Used by rank discovery (``parallel/env.py``: the master is the first host of the
 
 from __future__ import annotations
 
+import math
 import re
+
+# SLURM itself allocates at most 65533 nodes (MaxNodeCount); a longer list is a typo (node[01-1000000]).
+MAX_HOSTS = 65536
 
 
 def _split_top_level(text: str, what: str) -> list[str]:
@@ -30,6 +34,17 @@ def _split_top_level(text: str, what: str) -> list[str]:
         raise ValueError(f"{what}: unmatched '[' in {text!r}")
     parts.append(text[start:])
     return parts
+
+
+def _count_range_list(body: str, nodelist: str, what: str) -> int:
+    """How many names one bracket group expands to, without expanding it (validated as `_expand_range_list`)."""
+    n = 0
+    for item in body.split(","):
+        lo, sep, hi = item.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"{what}: bad range {item.strip()!r} in {nodelist!r}")
+        n += int(hi) - int(lo) + 1 if sep else 1
+    return n
 
 
 def _expand_range_list(body: str, nodelist: str, what: str = "SLURM_JOB_NODELIST") -> list[str]:
@@ -62,13 +77,22 @@ def expand_nodelist(nodelist: str, what: str = "SLURM_JOB_NODELIST") -> list[str
 
     Zero padding is kept, several comma-separated names and several bracket groups per name are
     supported (the first group varies slowest, like ``scontrol show hostnames``). Duplicates are
-    kept in order. Raises ``ValueError`` on malformed input, naming ``what`` (where the list came from).
+    kept in order. Raises ``ValueError`` on malformed input, naming ``what`` (where the list came from), and
+    before expanding anything when the list holds more than ``MAX_HOSTS`` names.
     """
     text = nodelist.strip()
     if not text:
         return []
+    names = _split_top_level(text, what)
+    total = 0
+    for name in names:
+        groups = _GROUP.findall(name)
+        total += math.prod(max(_count_range_list(g, nodelist, what), 0) for g in groups if g.strip())
+        if total > MAX_HOSTS:
+            raise ValueError(f"{what}: {nodelist[:80]!r} names more than {MAX_HOSTS} hosts (SLURM allocates at "
+                             f"most 65533 nodes): a typo in a range?")
     hosts: list[str] = []
-    for name in _split_top_level(text, what):
+    for name in names:
         name = name.strip()
         if not name:
             raise ValueError(f"{what}: empty host name in {nodelist!r}")

@@ -105,9 +105,9 @@ def check_layout(cfg: ReformerConfig, length: int, parallel: ParallelConfig) -> 
     cannot run sequences of `length` tokens in this layout."""
     sp_size, ulysses_size = parallel.sequence_parallel_size, parallel.heads_group_size
     if cfg.n_heads % ulysses_size:
-        raise ConfigError(f"parallel.ulysses_size={ulysses_size} (default: parallel.sequence_parallel_size) must divide "
-                         f"model.n_heads={cfg.n_heads} (Ulysses shards heads; parallel.ulysses_size=1 shards LSH's "
-                         "sorted order instead)")
+        raise ConfigError(f"parallel.ulysses_size={ulysses_size} must divide model.n_heads={cfg.n_heads} (Ulysses "
+                         f"shards heads; leave parallel.ulysses_size unset for the largest size that divides both "
+                         f"model.n_heads and parallel.sequence_parallel_size={sp_size})")
     mult = cfg.pad_multiple()
     if length % sp_size or length % mult:
         raise ConfigError(f"data.seq_len={length} must be a multiple of parallel.sequence_parallel_size={sp_size} "

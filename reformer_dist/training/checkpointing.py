@@ -114,15 +114,20 @@ def commit(root: Path, tag: str, extra: dict | None = None) -> None:
     atomic_write(root / LATEST, tag)
 
 
-def prune(root: Path, keep_last: int) -> list[Path]:
+def prune(root: Path, keep_last: int, newest_tested: bool = False) -> list[Path]:
     """Delete complete checkpoints beyond the newest `keep_last`, and incomplete ones older than the newest
-    complete one (leftovers of interrupted saves). Call only after a new checkpoint is committed."""
+    complete one (leftovers of interrupted saves). Call only after a new checkpoint is committed.
+
+    Until a later step's loss comes out finite (`newest_tested`), the newest checkpoint's weights are untested
+    and may be the ones a divergence starts from: the one before it is kept too, so that rotation never
+    removes the last checkpoint known to give a finite loss."""
     tags = list_tags(root)
     complete = [p for _, p in tags if is_complete(p)]
     if not complete:
         return []
     newest_step = step_of(complete[0].name)
-    doomed = complete[keep_last:] + [p for s, p in tags if not is_complete(p) and s < newest_step]
+    keep = max(keep_last, 1 if newest_tested else 2)
+    doomed = complete[keep:] + [p for s, p in tags if not is_complete(p) and s < newest_step]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
@@ -145,30 +150,32 @@ def save_failure_message(path: Path, failure: BaseException | None, rank: int) -
     latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
     kept = (f"the previous checkpoint {root / latest} is intact and `latest` still names it" if latest
             else "there is no earlier checkpoint")
+    todo = "Free space (or set checkpoint.dir elsewhere)"
     if failure is None:
-        cause = "another rank's write failed"
+        cause, todo = "another rank's write failed", "See that rank's message"
     elif _no_space(failure):
         try:
             free = shutil.disk_usage(root).free
             cause = f"no space left on device ({free / 2**20:.1f} MiB free on that file system)"
         except OSError:
             cause = "no space left on device"
-    else:
-        cause = f"{type(failure).__name__}: {failure}"
+    else:  # not a full disk: do not send the user to free space
+        cause, todo = f"{type(failure).__name__}: {failure}", "Fix that cause"
     return (f"{path}: checkpoint save failed on rank {rank}: {cause}. The partial checkpoint was removed; {kept}. "
-            "Free space (or set checkpoint.dir elsewhere), then run again with --resume auto")
+            f"{todo}, then run again with --resume auto")
 
 
 # ---------------------------------------------------------------------------------------------- the save
 def save_checkpoint(engine: Any, root: Path, step: int, rank: int, world_size: int, trainer_state: dict[str, Any],
-                    run_record: dict[str, Any], keep_last: int) -> list[Path]:
+                    run_record: dict[str, Any], keep_last: int, loss: float | None = None) -> list[Path]:
     """Save checkpoint `step` under `root`; every rank calls this at the same step. Returns (on rank 0) the
     checkpoints pruned after it.
 
     DeepSpeed's files and each rank's trainer state (and rank 0's run config), then a barrier; rank 0
     writes the manifest and moves `latest` (`commit`), prunes, and copies the recovery script. A failed
     write on any rank (a full disk) removes the partial folder on every rank's behalf and raises
-    CheckpointError naming it and the cause; `latest` and the previous checkpoint stay.
+    CheckpointError naming it and the cause; `latest` and the previous checkpoint stay. `loss`: the step's
+    mean loss, recorded in the manifest (the trainer saves only steps whose loss was finite).
     """
     main = rank == 0
     tag = tag_for(step)
@@ -187,7 +194,7 @@ def save_checkpoint(engine: Any, root: Path, step: int, rank: int, world_size: i
     _agree_saved(path, failure, rank)  # collective: every rank's files are on disk, or all raise
     if main:
         try:
-            commit(root, tag, extra={"step": step, "world_size": world_size})
+            commit(root, tag, extra={"step": step, "world_size": world_size, "loss": loss})
         except OSError as e:
             failure = e
     _agree_saved(path, failure if main else None, rank)

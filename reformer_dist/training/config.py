@@ -191,14 +191,19 @@ def check_across_sections(cfg: RunConfig) -> None:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's maximum length "
                           f"{cfg.model.max_seq_len} (model.axial_pos_shape = {cfg.model.axial_pos_shape}, their product)")
     p = cfg.parallel
+    p.choose_ulysses_size(cfg.model.n_heads)
+    chosen = f" [{p.auto_note}]" if p.auto_note else ""
     if cfg.data.document_masking and p.bucket_sharding:
         raise ConfigError("data.document_masking: not supported with bucket sharding (parallel.ulysses_size < "
-                          "parallel.sequence_parallel_size); use pure Ulysses")
+                          f"parallel.sequence_parallel_size); use pure Ulysses{chosen}")
     if p.sequence_parallel_size > 1:
         # sequence.py imports DeepSpeed's sequence layer and the attention kernels: only SP runs load them
         from reformer_dist.parallel.sequence import check_layout
 
-        check_layout(cfg.model, cfg.data.seq_len, p)
+        try:
+            check_layout(cfg.model, cfg.data.seq_len, p)
+        except ConfigError as e:
+            raise ConfigError(f"{e}{chosen}") from None
 
 
 # ---------------------------------------------------------------------------------------------- batch arithmetic

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from dataclasses import dataclass
 
@@ -55,11 +56,11 @@ class Metrics:
                  tensorboard: bool, progress_bar: bool, rank_files: bool, log_every: int):
         self.rank, self.world_size, self.log_every = rank, world_size, log_every
         self.main = rank == 0
-        self._file = open(run_dir / METRICS, "a") if self.main else None
+        self._file = open_for_append(run_dir / METRICS) if self.main else None
         self._rank_file = None
         if rank_files:
             (run_dir / RANKS_DIR).mkdir(parents=True, exist_ok=True)
-            self._rank_file = open(run_dir / rank_metrics_file(rank), "a")
+            self._rank_file = open_for_append(run_dir / rank_metrics_file(rank))
         self._tb = None
         if self.main and tensorboard:
             try:
@@ -131,24 +132,67 @@ class Metrics:
             self._tb = None
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
+def open_for_append(path: Path) -> IO[str]:
+    """A JSON-lines file opened for appending. A last line cut by a crash or power loss (no newline at the
+    end) is ended first, with a warning, so the next record starts on its own line instead of joining the
+    cut one (which made both unreadable); the cut bytes stay as they are."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size:
+                f.seek(size - 1)
+                cut = f.read(1) != b"\n"
+    except FileNotFoundError:
+        size, cut = 0, False
+    handle = open(path, "a")
+    if size and cut:
+        handle.write("\n")
+        handle.flush()
+        print(f"reformer-train: warning: {path}: its last line was cut (a crash or power loss during a write); "
+              "it is kept as it is and new records start on the next line (reformer-plot skips the cut one and "
+              "says so)", file=sys.stderr)
+    return handle
+
+
+_RECORD_START = '{"event"'
+
+
+def read_records(path: str | Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
     """metrics.jsonl -> records, with the ones a resume superseded dropped.
 
     A start record with resume_step=s means the run went back to step s: records of steps > s written
-    before it belong to the abandoned continuation and are dropped.
+    before it belong to the abandoned continuation and are dropped. A line that is not a JSON record (cut
+    by a crash) is skipped and described in `problems` (line number and what was done); when a complete
+    record follows the cut one on the same line (written by a version that appended to the cut line), that
+    record is kept.
     """
     out: list[dict[str, Any]] = []
-    with open(path) as f:
-        for line in f:
+    problems = [] if problems is None else problems
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, start=1):
             line = line.strip()
             if not line:
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line after a crash
+            rec = _parse_record(line)
+            if rec is None:
+                tail = line.rfind(_RECORD_START, 1)
+                rec = _parse_record(line[tail:]) if tail > 0 else None
+                problems.append(f"{path}:{number}: not a JSON record (cut by a crash or power loss?): "
+                                + ("its complete record after the cut one is kept" if rec else "skipped")
+                                + f": {line[:60]!r}")
+                if rec is None:
+                    continue
             if rec.get("event") == "start":
                 s = rec.get("resume_step") or 0
                 out = [r for r in out if r.get("event") == "start" or r.get("step", 0) <= s]
             out.append(rec)
     return out
+
+
+def _parse_record(text: str) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None

@@ -41,10 +41,13 @@ def _gathered(engine: Any, zero_stage: int) -> contextlib.AbstractContextManager
 def save_model(engine: Any, zero_stage: int, out: Path, main: bool, tokenizer: Tokenizer | None = None,
                data: dict[str, Any] | None = None) -> None:
     """The engine's model as a weights folder (rank 0 writes; every rank calls this), with the record of its
-    tokenizer and `[data]` options (data/model_data.py) when they are given."""
+    tokenizer and `[data]` options (data/model_data.py) when they are given; the document settings among those
+    options also go into its config.json (`trained_with`: what an export must not drop)."""
     with _gathered(engine, zero_stage):
         if main:
-            engine.module.save_pretrained(out)
+            trained_with = None if data is None else {k: bool(data.get(k, False))
+                                                      for k in ("document_masking", "reset_positions")}
+            engine.module.save_pretrained(out, trained_with=trained_with)
             if tokenizer is not None:
                 write_record(out, tokenizer, data or {}, engine.module.cfg.vocab_size)
     barrier()

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reformer_dist.ondisk import (ABANDONED_PREFIX, CHECKPOINTS_DIR, LATEST_UNIVERSAL, MANIFEST, METRICS, MODEL_DIR,
-                                  RANKS_DIR, REPLACED_PREFIX, RUN_CONFIG, TENSORBOARD_DIR, CheckpointError,
-                                  is_complete, step_of, verify_manifest)
+from reformer_dist.ondisk import (ABANDONED_PREFIX, CHECKPOINTS_DIR, DEEPSPEED_CONFIG, LATEST, LATEST_UNIVERSAL,
+                                  LOCK_NAME, MANIFEST, METRICS, MODEL_DIR, RANKS_DIR, REPLACED_PREFIX, RUN_CONFIG,
+                                  RUN_CONFIG_TOML, TENSORBOARD_DIR, CheckpointError, atomic_write, is_complete, step_of,
+                                  tag_for, verify_manifest)
 from reformer_dist.parallel.collectives import barrier, broadcast_object
 from reformer_dist.training.checkpointing import list_tags, load_rank_state, restore_rng, seed_all, state_path
 from reformer_dist.training.config import BatchPlan, RunConfig
@@ -66,13 +67,15 @@ def precheck_resume_path(spec: str) -> str | None:
     return None
 
 
-def find_resume(spec: str, default_root: Path, verify_hashes: bool = True) -> ResumePoint | None:
+def find_resume(spec: str, default_root: Path, verify_hashes: bool = True,
+                owner: Path | None = None) -> ResumePoint | None:
     """Resolve `--resume auto|PATH` to a verified checkpoint; None = start fresh (only for `auto`).
 
     `auto`: the newest COMPLETE checkpoint under the run's checkpoint root (none -> fresh start).
     PATH: a checkpoint folder (step_XXXXXXXX) or a checkpoint root (its newest complete one).
     A complete checkpoint whose files do not match its manifest raises CheckpointError naming the file;
-    it is never silently replaced by an older one.
+    it is never silently replaced by an older one. `owner`: this run's output.dir when checkpoint.dir is set
+    explicitly: `auto` refuses a checkpoint another run (another output.dir) wrote there.
     """
     if spec == "auto":
         root, required = default_root, False
@@ -91,6 +94,8 @@ def find_resume(spec: str, default_root: Path, verify_hashes: bool = True) -> Re
         if not is_complete(p):
             skipped.append(p.name)
             continue
+        if spec == "auto" and owner is not None:
+            _check_owner(p, owner, root)
         verify_manifest(p, hashes=verify_hashes)
         return ResumePoint(root, p.name, step, skipped)
     if required:
@@ -98,11 +103,42 @@ def find_resume(spec: str, default_root: Path, verify_hashes: bool = True) -> Re
     return None
 
 
-def resolve(spec: str | None, ckpt_root: Path, main: bool) -> ResumePoint | None:
+def _check_owner(ckpt: Path, owner: Path, root: Path) -> None:
+    """CheckpointError when `ckpt` was written by a run with another output.dir than `owner`."""
+    try:
+        theirs = json.loads((ckpt / RUN_CONFIG).read_text())["config"]["output"]["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no record of its run: the manifest check below names a damaged file
+    if Path(theirs).resolve() != owner.resolve():
+        raise CheckpointError(
+            f"--resume auto: the newest checkpoint in checkpoint.dir {root}, {ckpt.name}, was written by the run in "
+            f"output.dir {theirs}, not by this one ({owner}); --resume auto continues only this run's checkpoints. "
+            f"To continue from it, pass --resume {ckpt}; otherwise give this run its own checkpoint.dir")
+
+
+def _foreign_checkpoints(root: Path, owner: Path) -> str | None:
+    """What a fresh start must not do to another run's checkpoints in a shared checkpoint.dir (None: none)."""
+    for _, p in list_tags(root):
+        try:
+            _check_owner(p, owner, root)
+        except CheckpointError:
+            theirs = json.loads((p / RUN_CONFIG).read_text())["config"]["output"]["dir"]
+            return (f"checkpoint.dir {root} holds {p.name} of the run in output.dir {theirs}, not of this one "
+                    f"({owner}); a fresh start would move it aside into this run's folder. Give this run its own "
+                    f"checkpoint.dir, or move that run's checkpoints away first")
+    return None
+
+
+def resolve(spec: str | None, ckpt_root: Path, main: bool, owner: Path | None = None) -> ResumePoint | None:
     """The checkpoint `--resume spec` names (None: a fresh start); collective: every rank gets the same
     answer (or the same error). Rank 0 resolves and verifies a normal checkpoint; a universal one is read
-    by every rank."""
+    by every rank. A fresh start (spec None) into an explicit checkpoint.dir (`owner` given) that holds
+    another run's checkpoints is refused: moving them aside would file them under this run's folder."""
     if spec is None:
+        problem = _foreign_checkpoints(ckpt_root, owner) if main and owner is not None else None
+        problem = broadcast_object(problem)
+        if problem:
+            raise CheckpointError(problem)
         return None
     universal = Path(spec) / LATEST_UNIVERSAL
     if spec != "auto" and universal.is_file():  # `reformer-ckpt reshard` output: any world size
@@ -112,7 +148,7 @@ def resolve(spec: str | None, ckpt_root: Path, main: bool) -> ResumePoint | None
     answer: Any = None
     if main:
         try:
-            answer = find_resume(spec, ckpt_root)
+            answer = find_resume(spec, ckpt_root, owner=owner)
         except CheckpointError as e:
             answer = e
     answer = broadcast_object(answer)
@@ -140,9 +176,14 @@ def read_run_config(ckpt_dir: Path) -> dict[str, Any]:
     """A checkpoint's run_config.json (`run_config_record` at save time)."""
     p = ckpt_dir / RUN_CONFIG
     try:
-        return json.loads(p.read_text())
+        body = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{p}: cannot be read ({e})") from None
+    if not isinstance(body, dict) or not isinstance(body.get("config"), dict) \
+            or not isinstance(body.get("plan"), dict) or not all(isinstance(v, dict) for v in body["config"].values()):
+        raise CheckpointError(f"{p}: expected {{\"config\": {{section: {{key: value}}}}, \"plan\": {{...}}, ...}} as "
+                              "reformer-train writes it; the file was altered")
+    return body
 
 
 def compare_run_configs(saved: dict[str, Any], current: dict[str, Any],
@@ -182,11 +223,10 @@ def compare_run_configs(saved: dict[str, Any], current: dict[str, Any],
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def load(point: ResumePoint, engine: Any, loader: Any, record: dict[str, Any], rank: int, world_size: int,
-         seed: int, abandon_newer_in: Path | None) -> dict[str, Any]:
-    """Load `point` into the engine (DeepSpeed) and the loader; returns this rank's trainer state (step,
-    counters). Every rank calls this. `abandon_newer_in`: the run's checkpoint root when the checkpoint was
-    named explicitly (`--resume PATH`): its checkpoints newer than `point` are moved aside there."""
+def check_fit(point: ResumePoint, record: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """Whether `point` fits this run (`compare_run_configs`, this rank's trainer state and world size);
+    returns this rank's trainer state. Called before the run folder is written: a refused resume changes
+    nothing there."""
     errors, warnings = compare_run_configs(read_run_config(point.path), record, point.universal)
     if errors:
         raise CheckpointError(f"{point.path / RUN_CONFIG}: checkpoint does not fit this run:\n  " + "\n  ".join(errors))
@@ -197,6 +237,17 @@ def load(point: ResumePoint, engine: Any, loader: Any, record: dict[str, Any], r
     if not point.universal and state.get("world_size") != world_size:
         raise CheckpointError(f"{state_path(point.path, rank)}: saved with world size {state.get('world_size')}, "
                               f"this run has {world_size}")
+    return state
+
+
+def load(point: ResumePoint, engine: Any, loader: Any, record: dict[str, Any], rank: int, world_size: int,
+         seed: int, abandon_newer_in: Path | None, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load `point` into the engine (DeepSpeed) and the loader; returns this rank's trainer state (step,
+    counters). Every rank calls this. `abandon_newer_in`: the run's checkpoint root when the checkpoint was
+    named explicitly (`--resume PATH`): its checkpoints newer than `point` are moved aside there. `state`:
+    what `check_fit` returned (checked again when not given)."""
+    if state is None:
+        state = check_fit(point, record, rank, world_size)
     load_path, _ = engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
     if load_path is None:
@@ -217,21 +268,39 @@ def _timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def abandon_newer_than(root: Path, step: int) -> None:
-    """Resuming from an older checkpoint: move newer ones aside so `--resume auto` never returns to them."""
+def abandon_newer_than(root: Path, step: int, quiet: bool = False) -> Path | None:
+    """Resuming from an older checkpoint: move newer ones aside so `--resume auto` never returns to them.
+    Returns the folder they went to (None: there were none)."""
     newer = [p for s, p in list_tags(root) if s > step]
     if not newer:
-        return
+        return None
     dest = root / f"{ABANDONED_PREFIX}{_timestamp()}"
     dest.mkdir(parents=True, exist_ok=True)
     for p in newer:
         shutil.move(str(p), str(dest / p.name))
-    print(f"reformer-train: moved {len(newer)} newer checkpoint(s) to {dest}", file=sys.stderr)
+    if not quiet:
+        print(f"reformer-train: moved {len(newer)} newer checkpoint(s) to {dest}", file=sys.stderr)
+    return dest
+
+
+def roll_back_to_finite(root: Path, last_finite: int) -> tuple[int | None, Path | None]:
+    """A divergence stop: the weights of step `last_finite` gave only non-finite losses afterwards. Its
+    checkpoint (and any newer one) is moved aside and `latest` names the newest complete checkpoint left,
+    whose weights gave a finite loss; without one `latest` is removed. Returns (that step, where the moved
+    checkpoints went). Rank 0 only."""
+    moved = abandon_newer_than(root, last_finite - 1, quiet=True)
+    good = next((s for s, p in list_tags(root) if is_complete(p)), None)
+    if good is not None:
+        atomic_write(root / LATEST, tag_for(good))
+    elif (root / LATEST).is_file():
+        (root / LATEST).unlink()  # it named a checkpoint that was moved aside
+    return good, moved
 
 
 def archive_previous_run(run_dir: Path, ckpt_root: Path) -> None:
     """A fresh start (no --resume) into a used run dir moves the old artefacts aside instead of mixing them."""
-    old = [run_dir / n for n in (METRICS, TENSORBOARD_DIR, MODEL_DIR, RANKS_DIR) if (run_dir / n).exists()]
+    old = [run_dir / n for n in (RUN_CONFIG_TOML, DEEPSPEED_CONFIG, METRICS, TENSORBOARD_DIR, MODEL_DIR, RANKS_DIR)
+           if (run_dir / n).exists()]
     ckpts = list_tags(ckpt_root)
     if not old and not ckpts:
         return
@@ -239,6 +308,9 @@ def archive_previous_run(run_dir: Path, ckpt_root: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for p in old:
         shutil.move(str(p), str(dest / p.name))
-    if ckpts:
-        shutil.move(str(ckpt_root), str(dest / CHECKPOINTS_DIR))
+    if ckpts:  # the contents, not the folder: it holds this run's lock (training/run_lock.py)
+        (dest / CHECKPOINTS_DIR).mkdir()
+        for p in ckpt_root.iterdir():
+            if p.name != LOCK_NAME:
+                shutil.move(str(p), str(dest / CHECKPOINTS_DIR / p.name))
     print(f"reformer-train: fresh start (no --resume): moved the previous run's files to {dest}", file=sys.stderr)

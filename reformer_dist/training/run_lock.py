@@ -1,4 +1,7 @@
 """One run per output folder: `<output.dir>/.reformer-train.lock` names the process that uses the folder.
+The checkpoint root (`checkpoint.dir`, default `<output.dir>/checkpoints`) carries the same lock, so that
+two runs with different output folders cannot share one checkpoint root (one's rotation would delete the
+other's checkpoints, and its `--resume auto` would load them).
 
 A second `reformer-train` on a folder whose run is still going must not touch it (a fresh start would
 move the live run's files aside while it keeps writing). Rank 0 takes the lock before anything in the
@@ -78,11 +81,16 @@ def holder_alive(h: Holder) -> bool | None:
 
 
 class RunLock:
-    """`acquire()` on rank 0 before writing into the folder, `release()` when the run ends."""
+    """`acquire()` on rank 0 before writing into the folder, `release()` when the run ends. `key`: the config
+    key or option that names the folder (what the messages call it); `path`: the lock file (default inside
+    the folder; reformer-data locks a store folder from beside it, as it renames the folder into place);
+    `user`: what holds such locks, for the messages."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, key: str = "output.dir", path: str | Path | None = None,
+                 user: str = "reformer-train run"):
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.key, self.user = key, user
+        self.path = Path(path) if path is not None else self.folder / LOCK_NAME
         self.held: Holder | None = None
 
     def read(self) -> Holder | None:
@@ -97,10 +105,10 @@ class RunLock:
 
     def acquire(self) -> str | None:
         """Take the lock; returns a note when a stale lock was taken over. Raises RunLockedError."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         me = Holder(pid=os.getpid(), host=platform.node(), proc_start=_proc_start(os.getpid()), job=_slurm_job(),
                     started=time.time(), command=" ".join(sys.argv), token=uuid.uuid4().hex)
-        tmp = self.folder / f"{LOCK_NAME}.{me.token}.tmp"
+        tmp = self.path.with_name(f"{self.path.name}.{me.token}.tmp")
         tmp.write_text(json.dumps(asdict(me)) + "\n")
         note = None
         try:
@@ -118,8 +126,8 @@ class RunLock:
                 same_job = me.job is not None and holder.job == me.job
                 if alive or (alive is None and not same_job):
                     raise RunLockedError(
-                        f"{self.folder}: output.dir is in use by another reformer-train run ({holder.describe()}). "
-                        f"Wait for it to end or choose another output.dir; nothing in the folder was touched. "
+                        f"{self.folder}: {self.key} is in use by another {self.user} ({holder.describe()}). "
+                        f"Wait for it to end or choose another {self.key}; nothing in the folder was touched. "
                         + ("If that process is gone (e.g. its node crashed), delete " + str(self.path)
                            if alive is None else ""))
                 why = "an earlier start of this SLURM job" if same_job and alive is None else "no longer running"
@@ -131,7 +139,7 @@ class RunLock:
 
     def _remove_if_still(self, holder: Holder) -> bool:
         """Remove the lock file if it still belongs to `holder` (another starting run may have replaced it)."""
-        aside = self.folder / f"{LOCK_NAME}.stale-{uuid.uuid4().hex}"
+        aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:

@@ -16,7 +16,9 @@ module that owns it:
 LSH hashes use `model.hash_seed + step` (fresh rotations per step, the same after a resume); evaluation
 and the final sample one fixed seed. A non-finite mean loss (all-reduced over ranks and micro-batches
 BEFORE the boundary `engine.step`) makes every rank skip that update; more than
-`train.max_nonfinite_steps` in a row end the run with a final checkpoint (exit code 3). SIGUSR1/SIGTERM
+`train.max_nonfinite_steps` in a row end the run (exit code 3) without saving those weights: no checkpoint is
+written at a step whose loss was not finite, and at the stop `latest` is moved back to the newest checkpoint
+whose weights gave a finite loss (`_stop_nonfinite`). SIGUSR1/SIGTERM
 checkpoint at the step boundary, requeue (SLURM) and exit 0; Ctrl-C the same with exit 130, and a
 second Ctrl-C aborts at once.
 
@@ -45,12 +47,12 @@ import torch
 from reformer_dist.data.loader import WindowLoader
 from reformer_dist.data.store import TokenStore
 from reformer_dist.model.reformer import ReformerLM
-from reformer_dist.ondisk import DEEPSPEED_CONFIG, MODEL_DIR, RUN_CONFIG_TOML, atomic_write, tag_for
-from reformer_dist.parallel.collectives import all_reduce_host, barrier
+from reformer_dist.ondisk import DEEPSPEED_CONFIG, LATEST, MODEL_DIR, RUN_CONFIG_TOML, atomic_write, tag_for
+from reformer_dist.parallel.collectives import all_reduce_host, barrier, broadcast_object
 from reformer_dist.parallel.config import deepspeed_sequences
 from reformer_dist.parallel.env import DistEnv
 from reformer_dist.parallel.sequence import document_inputs, new_sequence_parallel, sequence_parallel_loss
-from reformer_dist.training import outputs, resume
+from reformer_dist.training import checkpointing, outputs, resume
 from reformer_dist.training.checkpointing import capture_rng, save_checkpoint, seed_all
 from reformer_dist.training.config import BatchPlan, RunConfig, to_toml
 from reformer_dist.training.deepspeed_config import resolve_precision, uses_optimizer_offload
@@ -82,9 +84,14 @@ class Trainer:
         self.run_dir, self.ckpt_root = cfg.run_dir, cfg.checkpoint_dir
         self.step = self.tokens_seen = self.nonfinite_streak = self.nonfinite_total = 0
         self.last_saved_step = -1
+        self.last_loss: float | None = None  # the mean loss of the step just done (None before the first)
+        self.spare_pending = False  # an older checkpoint kept until the newest one gives a finite loss
 
-        point = resume.resolve(resume_spec, self.ckpt_root, self.main)
+        point = resume.resolve(resume_spec, self.ckpt_root, self.main,
+                               owner=self.run_dir if cfg.checkpoint.dir else None)
         ds_config = resume.deepspeed_config_for(point, ds_config)
+        # before anything in the run folder is written: a refused resume leaves config.toml and the rest alone
+        fit_state = resume.check_fit(point, self._run_record(), self.rank, self.world) if point is not None else None
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resume_spec is None:
@@ -111,7 +118,8 @@ class Trainer:
                                    self._documents, byte_level=store.identity == "bytes")
         if point is not None:
             state = resume.load(point, self.engine, self.loader, self._run_record(), self.rank, self.world,
-                                cfg.train.seed, abandon_newer_in=None if resume_spec == "auto" else self.ckpt_root)
+                                cfg.train.seed, abandon_newer_in=None if resume_spec == "auto" else self.ckpt_root,
+                                state=fit_state)
             self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
             self.nonfinite_streak, self.nonfinite_total = int(state["nonfinite_streak"]), int(state["nonfinite_total"])
             self.last_saved_step = self.step
@@ -138,12 +146,19 @@ class Trainer:
             zero_stage=self.zero_stage, precision=precision, device=str(self.device), launcher=self.env.source,
             host=platform.node(), resume_step=self.step if point else None,
             resume_from=str(point.path) if point else None, threads=torch.get_num_threads(), torch=torch.__version__,
-            deepspeed=deepspeed.__version__, config=self.cfg.source)
+            deepspeed=deepspeed.__version__, config=self.cfg.source, ulysses_size=self.cfg.parallel.heads_group_size,
+            layout_note=self.cfg.parallel.auto_note)
         self.metrics.print(
             f"reformer-train: {self.num_parameters / 1e6:.2f}M parameters | world {self.world} ({self.env.source}), "
             f"dp {p.dp_size} x sp {p.sp_size} | global batch {p.global_batch} = micro {p.micro_batch} x accum "
             f"{p.grad_accum} x dp {p.dp_size} | {p.tokens_per_step} tokens/step (seq_len {p.seq_len}) | "
             f"ZeRO-{self.zero_stage} {precision} on {self.device.type} | run dir {self.run_dir}")
+        if p.sp_size > 1:
+            u = self.cfg.parallel.heads_group_size
+            layout = (f"sequence parallelism: {p.sp_size} ranks per sequence = Ulysses {u} (heads) x bucket "
+                      f"{p.sp_size // u} (LSH's sorted order)")
+            note = self.cfg.parallel.auto_note
+            self.metrics.print(f"reformer-train: {layout}" + (f"; {note}" if note else ""))
         if point is not None:
             self.metrics.print(f"resumed from {point.path} at step {self.step}"
                                + (f" (skipped incomplete: {', '.join(point.skipped_incomplete)})"
@@ -213,7 +228,10 @@ class Trainer:
         try:
             while self.step < cfg.train.max_steps:
                 rec = self.train_step()
+                self.last_loss = rec["loss"]
                 self.metrics.step(rec)
+                if not rec["skipped"] and self.spare_pending:
+                    self._drop_spare()
                 if rec["skipped"]:
                     self.metrics.print(f"step {self.step}: non-finite loss ({rec['loss']}), update skipped "
                                        f"({self.nonfinite_streak} in a row, limit {cfg.train.max_nonfinite_steps})")
@@ -231,26 +249,40 @@ class Trainer:
             self.metrics.close()
 
     def _stop_nonfinite(self) -> Outcome:
+        """Stop after too many non-finite steps. The weights now are those of the last finite step S, and they
+        gave the non-finite losses: nothing is saved, and a checkpoint of step >= S is moved aside so that
+        `latest` (and `--resume auto`) name the newest checkpoint whose weights gave a finite loss."""
         limit = self.cfg.train.max_nonfinite_steps
-        msg = (f"stopping: {self.nonfinite_streak} non-finite steps in a row (more than train.max_nonfinite_steps = "
-               f"{limit}); the weights are those of step {self.step - self.nonfinite_streak}. Lower train.lr or "
-               f"check the data.")
-        self.save()
-        self.metrics.event("stopped", step=self.step, reason="nonfinite", message=msg)
+        last_finite = self.step - self.nonfinite_streak
+        good, moved = (resume.roll_back_to_finite(self.ckpt_root, last_finite) if self.main else (None, None))
+        good, moved = broadcast_object((good, moved))
+        if good is not None:
+            where = (f"`latest` names {self.ckpt_root / tag_for(good)}, the last checkpoint whose weights gave a "
+                     f"finite loss (step {good}); lower train.lr (or check the data) and run again with --resume auto")
+        else:
+            where = ("there is no checkpoint whose weights gave a finite loss; lower train.lr (or check the data) "
+                     "and start again")
+        msg = (f"stopping: {self.nonfinite_streak} non-finite steps in a row, steps {last_finite + 1}-{self.step} "
+               f"(more than train.max_nonfinite_steps = {limit}). None of them was saved: the weights are still those "
+               f"of step {last_finite}, which gave these losses. {where[0].upper()}{where[1:]}.")
+        if moved:
+            msg += f" The checkpoint of step {last_finite} (those weights) was moved to {moved}."
+        self.metrics.event("stopped", step=self.step, reason="nonfinite", message=msg, last_good_checkpoint=good)
         self.metrics.print(msg)
         return Outcome(EXIT_NONFINITE, self.step, "nonfinite")
 
     def _stop_on_signal(self, handler: PreemptionHandler) -> Outcome:
-        self.save()
+        saved = self.save()
         if handler.signum == signal.SIGINT:  # Ctrl-C: the user stops the run and may continue it
             self.metrics.event("interrupted", step=self.step, signal=handler.signal_name)
-            self.metrics.print(f"interrupted (Ctrl-C) at step {self.step}: checkpoint saved in "
-                               f"{self.ckpt_root / tag_for(self.step)}; to continue, run the same command with "
-                               f"--resume auto")
+            where = (f"checkpoint saved in {self.ckpt_root / tag_for(self.step)}" if saved else
+                     f"no checkpoint of this step (its loss was not finite); {self._latest_note()}")
+            self.metrics.print(f"interrupted (Ctrl-C) at step {self.step}: {where}; to continue, run the same "
+                               f"command with --resume auto")
             return Outcome(EXIT_INTERRUPTED, self.step, "interrupted")
         self.metrics.event("preempted", step=self.step, signal=handler.signal_name)
         self.metrics.print(f"preempted ({handler.signal_name or 'signal on another rank'}) at step {self.step}: "
-                           f"checkpoint saved")
+                           + ("checkpoint saved" if saved else f"not saved (non-finite loss); {self._latest_note()}"))
         # Only SIGUSR1 (sbatch --signal=B:USR1@120, forwarded to every rank) means "time is up, come back";
         # SIGTERM from a plain scancel must end the job.
         if self.cfg.train.requeue and self.main and os.environ.get("SLURM_JOB_ID") and handler.signum == signal.SIGUSR1:
@@ -284,20 +316,40 @@ class Trainer:
     def _run_record(self) -> dict[str, Any]:
         return resume.run_config_record(self.cfg, self.plan, self.world)
 
-    def save(self) -> None:
-        """Checkpoint this step (collective; once per step); see checkpointing.save_checkpoint."""
+    def save(self) -> bool:
+        """Checkpoint this step (collective; once per step); see checkpointing.save_checkpoint. A step whose
+        loss was not finite is never saved (its weights are those of an earlier step, with a later loader
+        position): returns False and says so."""
         if self.last_saved_step == self.step:
-            return
+            return True
+        if self.nonfinite_streak:
+            self.metrics.print(f"step {self.step}: no checkpoint: its loss was not finite; {self._latest_note()}")
+            return False
         t0 = time.time()
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
                  "nonfinite_streak": self.nonfinite_streak, "nonfinite_total": self.nonfinite_total,
                  "loader": self.loader.state_dict(), "rng": capture_rng(), "unigram_loss": self.evaluator.unigram_loss}
         removed = save_checkpoint(self.engine, self.ckpt_root, self.step, self.rank, self.world, state,
-                                  self._run_record(), self.cfg.checkpoint.keep_last)
+                                  self._run_record(), self.cfg.checkpoint.keep_last, loss=self.last_loss)
+        # Until a later step's loss comes out finite, the newest checkpoint's weights are untested: prune kept
+        # the one before it (with keep_last = 1), dropped after the next finite step (_drop_spare).
+        self.spare_pending = self.cfg.checkpoint.keep_last == 1
         if self.main:
             self.metrics.event("checkpoint", step=self.step, path=str(self.ckpt_root / tag_for(self.step)),
                                seconds=round(time.time() - t0, 3), removed=[p.name for p in removed])
         self.last_saved_step = self.step
+        return True
+
+    def _drop_spare(self) -> None:
+        """The newest checkpoint's weights just gave a finite loss: the older one kept for safety may go."""
+        self.spare_pending = False
+        if self.main:
+            checkpointing.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, newest_tested=True)
+
+    def _latest_note(self) -> str:
+        latest = self.ckpt_root / LATEST
+        name = latest.read_text().strip() if latest.is_file() else None
+        return f"`latest` names {self.ckpt_root / name}" if name else "there is no earlier checkpoint"
 
     def save_model(self) -> None:
         out = self.run_dir / MODEL_DIR

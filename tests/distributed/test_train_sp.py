@@ -47,3 +47,21 @@ def test_sequence_parallel_matches_one_process(tmp_path, tmp_path_factory, nproc
 def test_sequence_parallel_config_errors_name_the_key(tmp_path):
     run = launch(2, tmp_path, ["parallel.sequence_parallel_size=2", "data.seq_len=36"])
     assert "data.seq_len" in run.output and run.returncode != 0
+
+
+def test_more_sequence_parallel_ranks_than_heads_pick_a_layout_by_default(tmp_path, tmp_path_factory):
+    # #26: SP over more ranks than heads failed, asking for parallel.ulysses_size = 1; by default the largest
+    # Ulysses size dividing both (here gcd(2, 1) = 1) is chosen, the rest bucket-shard, and the start says so
+    one_head = ("model.n_heads=1", "model.d_head=32")
+    ref = single_process(tmp_path_factory, global_batch=1, extra=one_head)
+    run = launch(2, tmp_path, ["train.global_batch=1", f"train.max_steps={STEPS}", ZERO2,
+                               "parallel.sequence_parallel_size=2", *one_head], timeout=600)
+    assert "sequence parallelism: 2 ranks per sequence = Ulysses 1 (heads) x bucket 2 (LSH's sorted order); " \
+           "parallel.ulysses_size = 1 (chosen: model.n_heads = 1 is not a multiple of " \
+           "parallel.sequence_parallel_size = 2" in run.output, run.output[-3000:]
+    for rank in range(2):
+        (start,) = run.records(rank, "start")
+        assert start["ulysses_size"] == 1 and start["layout_note"].startswith("parallel.ulysses_size = 1 (chosen")
+        losses = run.losses(rank)
+        for step, loss in ref.items():
+            assert losses[step] == pytest.approx(loss, rel=1e-5, abs=0), f"step {step}, rank {rank}"

@@ -10,13 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from reformer_dist.cli.data import main
+from reformer_dist.data.store import TokenStore
 from reformer_dist.data.tokenizers import load_tokenizer
 from reformer_dist.data.verify import verify_store
 from reformer_dist.data.writer import ShardWriter
@@ -96,14 +101,34 @@ def test_jsonl_records(tmp_path, capsys, rows, expect):
     assert code == 1 and f"{tmp_path / 'rows.jsonl'}: {expect}" in err, err
 
 
+def test_damaged_last_record_is_named_by_line(tmp_path, capsys):
+    # #26: a cut last line was reported "before its first record" (pyarrow parses small files in one block)
+    import gzip
+
+    recs = [json.dumps({"text": f"document {i} " * 20}) for i in range(5)]
+    (tmp_path / "cut.jsonl").write_text("\n".join(recs) + "\n" + recs[0][:25])
+    code, _, err = run(capsys, "shard", "--input", tmp_path / "cut.jsonl", "--tokenizer", "bytes",
+                       "--out", tmp_path / "s", "--num-proc", "1")
+    assert code == 1 and f"{tmp_path / 'cut.jsonl'}: cannot read as json: line 6 (record 5): not valid JSON (" in err \
+        and "the file's last line is cut (no newline at its end): a truncated download or copy?" in err, err
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(("\n".join(recs) + "\n").encode())[:-30])
+    code, _, err = run(capsys, "shard", "--input", tmp_path / "cut.jsonl.gz", "--tokenizer", "bytes",
+                       "--out", tmp_path / "s", "--num-proc", "1")
+    assert code == 1 and f"{tmp_path / 'cut.jsonl.gz'}: cannot read as json: the .gz stream ends early (EOFError: " \
+        in err and "the file is truncated (an interrupted download or copy?)" in err, err
+    assert not (tmp_path / "s").exists()
+
+
 # ---------------------------------------------------------------------------------------- options
 @pytest.mark.parametrize("option, value, expect", [
     ("--shard-tokens", "0", "argument --shard-tokens: expected an integer >= 1, got '0'"),
     ("--shard-tokens", "-5", "argument --shard-tokens: expected an integer >= 1, got '-5'"),
     ("--val-fraction", "1.5", "argument --val-fraction: expected a number in [0, 1), got '1.5'"),
     ("--val-fraction", "-0.1", "argument --val-fraction: expected a number in [0, 1), got '-0.1'"),
-    ("--num-proc", "0", "argument --num-proc: expected an integer >= 1, got '0'"),
-], ids=["shard-tokens-0", "shard-tokens-negative", "val-fraction-1.5", "val-fraction-negative", "num-proc-0"])
+    ("--num-proc", "0", "argument --num-proc: expected an integer in 1.."),
+    ("--num-proc", "100000", "argument --num-proc: expected an integer in 1.."),
+], ids=["shard-tokens-0", "shard-tokens-negative", "val-fraction-1.5", "val-fraction-negative", "num-proc-0",
+        "num-proc-unbounded"])
 def test_bad_numbers_are_usage_errors(tmp_path, capsys, corpus, option, value, expect):
     code, _, err = run(capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", tmp_path / "s",
                        option, value)
@@ -115,6 +140,11 @@ def test_bad_numbers_are_usage_errors(tmp_path, capsys, corpus, option, value, e
 def test_tokenizer_vocab_size_must_be_positive(tmp_path, capsys, corpus, value):
     code, _, err = run(capsys, "tokenizer", "--input", corpus, "--vocab-size", value, "--out", tmp_path / "t")
     assert code == 2 and f"argument --vocab-size: expected an integer >= 1, got '{value}'" in err
+    for coverage in ("0", "1.5"):  # #26: reached SentencePiece, which answered in its own terms
+        code, _, err = run(capsys, "tokenizer", "--input", corpus, "--vocab-size", "400", "--out", tmp_path / "t",
+                           "--character-coverage", coverage)
+        assert code == 2 and f"argument --character-coverage: expected a number in (0, 1], got '{coverage}'" in err
+    assert not (tmp_path / "t").exists()
 
 
 def test_too_small_vocabulary_says_how_large_it_must_be(tmp_path, capsys, corpus):
@@ -172,8 +202,48 @@ def test_out_inside_input_is_refused(tmp_path, capsys, corpus, where):
     out = corpus / "store" if where == "inside" else corpus
     before = snapshot(corpus)
     code, _, err = run(capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", out, "--num-proc", "1")
-    assert code == 2 and f"--out {out} is inside the input folder {corpus}" in err, err
+    rel = "is inside" if where == "inside" else "is"
+    assert code == 2 and f"--out {out} {rel} the input folder {corpus}" in err, err
     assert snapshot(corpus) == before and not (corpus / "store").exists()
+
+
+def test_second_write_into_the_same_out_is_refused(tmp_path, capsys, corpus):
+    # #26: two `shard` into one new --out both printed "wrote"; the last writer won
+    out = tmp_path / "store"
+    first = ShardWriter(out, load_tokenizer("bytes"), 1000)  # a shard into `out` still running
+    first.add("train", np.arange(100, dtype=np.uint16) % 256)
+    code, _, err = run(capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", out, "--num-proc", "1")
+    assert code == 2 and f"{out}: --out is in use by another reformer-data write (pid {os.getpid()}" in err, err
+    assert "choose another --out; nothing in the folder was touched" in err
+    assert not out.exists()
+    first.close()  # the first write completes untouched
+    verify_store(out)
+    assert TokenStore.open(out).num_tokens("train") == 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "store"]  # lock released, no staging left
+    code, _, err = run(capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", tmp_path / "s2",
+                       "--num-proc", "1")
+    assert code == 0, err
+
+
+def test_tokenizer_out_holding_a_tokenizer_or_a_store_is_refused(tmp_path, capsys, corpus, store):
+    # #26: `tokenizer --out` replaced an existing tokenizer without --overwrite; in a store it broke `verify`
+    args = ["tokenizer", "--input", corpus, "--vocab-size", "400", "--num-threads", "1"]
+    assert run(capsys, *args, "--out", tmp_path / "tok")[0] == 0
+    before = snapshot(tmp_path / "tok")
+    code, _, err = run(capsys, *args, "--out", tmp_path / "tok", "--model-type", "unigram")
+    assert code == 2 and f"--out {tmp_path / 'tok'} already holds a tokenizer (tokenizer.model); pass --overwrite" \
+        in err
+    assert snapshot(tmp_path / "tok") == before
+    assert run(capsys, *args, "--out", tmp_path / "tok", "--model-type", "unigram", "--overwrite")[0] == 0
+    assert snapshot(tmp_path / "tok") != before
+
+    before = snapshot(store)
+    for extra in ([], ["--overwrite"]):
+        code, _, err = run(capsys, *args, "--out", store, *extra)
+        assert code == 2 and f"--out {store} holds a token store (manifest.json); a tokenizer written there would " \
+                              "replace the store's own tokenizer.model and break its tokenizer identity" in err, err
+    assert snapshot(store) == before
+    verify_store(store)
 
 
 def test_store_without_validation_split_is_announced(tmp_path, capsys, corpus):
@@ -208,6 +278,36 @@ def test_edited_manifest_is_caught(capsys, store):
         assert code == 1 and f"{store / 'train-00000.bin'}: shard is 6000 bytes, manifest says 6020" in err, err
 
 
+@pytest.mark.parametrize("field, value, says", [
+    (("splits", "train", "shards", 0, "num_tokens"), "3000",
+     "splits.train.shards[0].num_tokens: expected an integer >= 0, got '3000'"),
+    (("splits", "train", "shards", 1, "num_tokens"), -5,
+     "splits.train.shards[1].num_tokens: expected an integer >= 0, got -5"),
+    (("splits", "train", "shards", 0, "file"), "../corpus/abc.py",
+     "splits.train.shards[0].file: expected a file name inside the store"),
+    (("splits", "train", "shards", 0, "sha256"), "xyz", "splits.train.shards[0].sha256: expected 64 lowercase hex digits"),
+    (("splits", "validation", "num_documents"), 1.5,
+     "splits.validation.num_documents: expected an integer >= 0, got 1.5"),
+    (("eod_id",), 300, "eod_id: expected an integer in [0, vocab_size=257), got 300"),
+    (("vocab_size",), True, "vocab_size: expected an integer >= 1, got True"),
+    (("tokenizer", "identity"), 5, "tokenizer.identity: expected the tokenizer's identity string, got 5"),
+], ids=["count-as-text", "negative-count", "file-outside", "bad-sha", "float-count", "eod-out-of-range",
+        "bool-vocab", "identity-not-text"])
+def test_manifest_fields_of_the_wrong_type_or_range_are_named(capsys, store, field, value, says):
+    # #26: such fields were read silently (a string count, a negative size, a shard file outside the store)
+    m = json.loads((store / MANIFEST).read_text())
+    target = m
+    for key in field[:-1]:
+        target = target[key]
+    target[field[-1]] = value
+    (store / MANIFEST).write_text(json.dumps(m))
+    before = snapshot(store)
+    for cmd in ("verify", "inspect"):
+        code, _, err = run(capsys, cmd, store)
+        assert code == 1 and f"{store / MANIFEST}: {says}" in err, err
+    assert snapshot(store) == before
+
+
 def test_truncated_shard_verify_names_it_without_sending_you_to_verify(capsys, store):
     shard = store / "train-00001.bin"
     shard.write_bytes(shard.read_bytes()[:-2])
@@ -236,3 +336,49 @@ def test_missing_tokenizer_folder(tmp_path, capsys, corpus):
     code, _, err = run(capsys, "shard", "--input", corpus, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "s")
     assert code == 1 and f"{tmp_path / 'tok'}: no tokenizer here" in err
     assert not (tmp_path / "s").exists()
+
+
+def _processes_naming(text: str) -> set[int]:
+    """Live (not zombie) processes whose command line contains `text`: forked workers keep their parent's."""
+    found = set()
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and text in (d / "cmdline").read_bytes().decode(errors="replace") \
+                    and (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.add(int(d.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_killed_shard_leaves_no_worker_process(tmp_path):
+    # #26: a SIGKILLed `shard --num-proc 2` left its workers blocked on a pipe, holding memory, for good
+    corpus = tmp_path / "big"
+    corpus.mkdir()
+    text = (STDLIB / "argparse.py").read_text()
+    for i in range(60):
+        (corpus / f"f{i}.txt").write_text(text * 4)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "reformer_dist.cli.data", "shard", "--input", str(corpus),
+                             "--tokenizer", "bytes", "--out", str(tmp_path / "store"), "--num-proc", "2",
+                             "--shard-tokens", "100000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    mine = str(corpus)  # in the command line of the shard process and of every worker it forks
+    err, workers = b"", set()
+    deadline = time.monotonic() + 300
+    os.set_blocking(proc.stderr.fileno(), False)
+    # the tokenising pool (`map`, its progress bar says "tokenise") is what used to hang
+    while (b"tokenise" not in err or len(workers) < 2) and proc.poll() is None and time.monotonic() < deadline:
+        err += proc.stderr.read() or b""
+        workers = _processes_naming(mine) - {proc.pid}
+        time.sleep(0.02)
+    assert len(workers) >= 2 and b"tokenise" in err, f"no tokenising workers seen (exit {proc.poll()}): {err[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 60  # they notice within a moment; a ceiling for a loaded machine
+    while _processes_naming(mine) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _processes_naming(mine)
+    for p in left:  # do not leave them behind
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"processes outlived the killed shard: {left} (workers seen: {sorted(workers)})"
+    assert not (tmp_path / "store" / MANIFEST).exists()

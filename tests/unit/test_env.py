@@ -249,7 +249,15 @@ def test_intra_op_threads_share_the_cores_among_local_ranks(monkeypatch):
     assert intra_op_threads(8, None, {})[0] == 1  # never 0
     assert intra_op_threads(2, None, {"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
     assert intra_op_threads(2, 1, {"OMP_NUM_THREADS": "3"}) == (1, "train.threads")  # the config key wins
-    assert intra_op_threads(2, None, {"OMP_NUM_THREADS": "junk"})[1] == "4 cores / 2 ranks on this node"
+    assert intra_op_threads(2, None, {"OMP_NUM_THREADS": "4,2"}) == (4, "OMP_NUM_THREADS")  # OpenMP's nested form
+    # #26: a malformed or unbounded value was silently replaced (junk) or used (a million threads)
+    for value in ("junk", "0", "100000"):
+        with pytest.raises(ValueError, match=rf"^OMP_NUM_THREADS='{value}': expected a positive integer up to 16 "
+                                             r"\(4 x the 4 cores this process may use\)"):
+            intra_op_threads(2, None, {"OMP_NUM_THREADS": value})
+    with pytest.raises(ValueError, match=r"^train.threads: 17 is more than 4 x the 4 cores this process may use; "
+                                         r"expected 1..16"):
+        intra_op_threads(1, 17, {})
 
 
 def test_busy_machine_note(monkeypatch):

@@ -180,6 +180,46 @@ def test_refusals_name_the_argument(call, match):
         call(model())
 
 
+@pytest.mark.parametrize("kwargs, error, says", [
+    ({"prompt_ids": [[1, 2, 3]]}, TypeError, "prompt_ids: expected a torch.Tensor of token ids [batch, length], got list"),
+    ({"prompt_ids": torch.ones(4, dtype=torch.long)}, ValueError, "prompt_ids: expected shape [batch, length], got (4,)"),
+    ({"prompt_ids": torch.ones(1, 4)}, TypeError, "prompt_ids: expected integer token ids (torch.long), got dtype "
+                                                  "torch.float32"),
+    ({"prompt_ids": torch.ones(1, 0, dtype=torch.long), "use_cache": False}, ValueError,
+     "prompt_ids: expected at least one sequence of at least one token, got shape (1, 0)"),
+    ({"max_new_tokens": -2}, ValueError, "max_new_tokens: expected an integer >= 0, got -2"),
+    ({"max_new_tokens": 2.5}, ValueError, "max_new_tokens: expected an integer >= 0, got 2.5"),
+    ({"top_k": 0}, ValueError, "top_k: expected None or an integer >= 1, got 0"),
+    ({"temperature": float("nan")}, ValueError, "temperature: expected a finite number (<= 0: greedy), got nan"),
+    ({"temperature": float("inf")}, ValueError, "temperature: expected a finite number (<= 0: greedy), got inf"),
+    ({"hash_seed": -1}, ValueError, "hash_seed: expected an integer >= 0, got -1"),
+], ids=["list", "1d", "float", "empty-uncached", "negative-count", "float-count", "top-k-0", "nan-temperature",
+        "inf-temperature", "negative-seed"])
+def test_generate_arguments_are_checked_before_any_work(kwargs, error, says, monkeypatch):
+    # #26: these ended in raw torch errors (unpacking, topk, multinomial) or were silently accepted
+    m = model()
+    monkeypatch.setattr(m, "embed", lambda *a, **k: pytest.fail("work started"))
+    args = {"prompt_ids": prompt(1, 4), "max_new_tokens": 3, **kwargs}
+    with pytest.raises(error) as e:
+        m.generate(**args)
+    assert str(e.value) == says or str(e.value).startswith(says), str(e.value)
+
+
+def test_from_pretrained_of_weights_that_do_not_fit_the_config_names_the_weight(tmp_path):
+    import json
+
+    model().save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "checksums.json").unlink()  # an edited config, on purpose
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 1}))
+    with pytest.raises(ValueError, match=r"m: weight (tok_emb|head.proj).weight has shape \(48, 32\), but .*config.json needs "
+                                         r"\(49, 32\): the weights do not belong to this config"):
+        ReformerLM.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json: expected a JSON object of ReformerConfig fields, got list"):
+        ReformerLM.from_pretrained(tmp_path / "m")
+
+
 def test_non_causal_and_training_dropout_are_refused():
     with pytest.raises(ValueError, match="causal"):
         model(causal=False).generate(prompt(1, 4), 3)

@@ -105,6 +105,7 @@ CASES = [  # id, argv after tiny(<tmp>/run), expected start of the message after
     ("global-batch-not-a-multiple", ["--set", "train.global_batch=3", "--set", "train.micro_batch=2"],
      "train.global_batch: 3 is not a multiple of train.micro_batch * data-parallel size = 2 * 1 = 2"),
     ("threads-zero", ["--set", "train.threads=0"], "train.threads: expected a positive integer"),
+    ("threads-unbounded", ["--set", "train.threads=1000000"], "train.threads: 1000000 is more than 4 x the "),
     ("resume-missing", ["--resume", "{tmp}/nope"], "--resume {tmp}/nope: no such file or folder"),
     ("resume-empty-folder", ["--resume", "{tmp}/empty_ckpts"], "--resume {tmp}/empty_ckpts: no checkpoint in this folder"),
 ]
@@ -121,6 +122,16 @@ def test_refused_before_any_process_group(bad, capsys, case, argv, expect):
         assert err.startswith(f"reformer-train: error: {expect.format(tmp=tmp)}"), err
         assert "Traceback" not in err
     assert not (tmp / "run").exists() and tree(tmp) == before  # nothing written, nothing changed
+
+
+def test_malformed_omp_num_threads_is_refused_naming_the_variable(tmp_path, capsys, monkeypatch):
+    # #26: OMP_NUM_THREADS=junk was silently replaced by a default, OMP_NUM_THREADS=100000 used as given
+    for value in ("junk", "100000"):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        code, _, err = run(capsys, *tiny(tmp_path / "run"), "--dry-run")
+        assert code == 2 and err.startswith(f"reformer-train: error: OMP_NUM_THREADS={value!r}: expected a positive "
+                                            "integer up to "), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_split_errors_say_what_to_do(bad, capsys):

@@ -12,6 +12,8 @@ from reformer_dist.training import checkpointing as ckpt
 from reformer_dist.training import resume
 from reformer_dist.training.metrics import read_records
 
+from cli_cases import snapshot
+
 
 def fake_checkpoint(root, step, complete=True):
     d = root / ondisk.tag_for(step)
@@ -71,6 +73,27 @@ def test_prune_keeps_the_newest_complete_and_drops_stale_partials(tmp_path):
     assert [p.name for _, p in ckpt.list_tags(tmp_path)] == ["step_00000400", "step_00000300", "step_00000200"]
 
 
+def test_rotation_keeps_the_last_tested_checkpoint_until_the_newest_gives_a_finite_loss(tmp_path):
+    # #26: keep_last = 1 deleted the last good checkpoint the moment a (poisoned) newer one was committed
+    for s in (1, 2, 3):
+        fake_checkpoint(tmp_path, s)
+    assert [p.name for p in ckpt.prune(tmp_path, keep_last=1)] == ["step_00000001"]
+    assert [p.name for _, p in ckpt.list_tags(tmp_path)] == ["step_00000003", "step_00000002"]
+    assert [p.name for p in ckpt.prune(tmp_path, keep_last=1, newest_tested=True)] == ["step_00000002"]
+
+
+def test_roll_back_after_divergence_moves_the_poisoned_checkpoint_aside(tmp_path):
+    for s in (2, 3):
+        fake_checkpoint(tmp_path, s)
+    before = snapshot(tmp_path / "step_00000002")
+    good, moved = resume.roll_back_to_finite(tmp_path, last_finite=3)
+    assert good == 2 and (tmp_path / "latest").read_text() == "step_00000002"
+    assert [p.name for p in moved.iterdir()] == ["step_00000003"] and moved.parent == tmp_path
+    assert snapshot(tmp_path / "step_00000002") == before
+    good, moved = resume.roll_back_to_finite(tmp_path, last_finite=2)  # nothing good left: no `latest`
+    assert good is None and not (tmp_path / "latest").exists() and not ckpt.list_tags(tmp_path)
+
+
 def test_rank_state_round_trip_and_missing_rank(tmp_path):
     ckpt.save_rank_state(tmp_path, 0, {"step": 3, "rng": ckpt.capture_rng()})
     assert ckpt.load_rank_state(tmp_path, 0)["step"] == 3
@@ -98,6 +121,41 @@ def test_metrics_reader_drops_records_superseded_by_a_resume(tmp_path):
     assert steps == [(1, 9), (2, 8), (3, 0.5)]
 
 
+def test_metrics_with_a_cut_last_line_are_repaired_on_open_and_plot_says_so(tmp_path, capsys):
+    # #26: a resumed run appended its start record to the line a power loss cut; reformer-plot then
+    # silently dropped both (and with the start record, the resume's supersession)
+    from reformer_dist.cli.plot import main as plot
+    from reformer_dist.training.metrics import Metrics
+
+    recs = [{"event": "start", "resume_step": None}] + [{"event": "step", "step": s, "loss": 10 - s} for s in (1, 2, 3)]
+    path = tmp_path / "metrics.jsonl"
+    cut = "\n".join(json.dumps(r) for r in recs) + '\n{"event": "step", "step": 4, "lo'
+    path.write_text(cut)
+    m = Metrics(tmp_path, 0, 1, 10, 2, tensorboard=False, progress_bar=False, rank_files=False, log_every=1)
+    m.event("start", resume_step=2)
+    m.step({"step": 3, "loss": 0.5, "lr": 1e-3, "tokens_per_s": 1.0, "mem_gb": 0.0})
+    m.close()
+    err = capsys.readouterr().err
+    assert f"warning: {path}: its last line was cut (a crash or power loss during a write)" in err
+    assert path.read_text().startswith(cut + "\n")  # the cut bytes kept, the new records on their own lines
+    problems = []
+    steps = [(r["step"], r["loss"]) for r in read_records(path, problems) if r["event"] == "step"]
+    assert steps == [(1, 9), (2, 8), (3, 0.5)]
+    assert problems == [f"{path}:5: not a JSON record (cut by a crash or power loss?): skipped: "
+                        "'{\"event\": \"step\", \"step\": 4, \"lo'"]
+    assert plot([str(tmp_path), "--out", str(tmp_path / "loss.png")]) == 0
+    assert f"reformer-plot: warning: {path}:5: not a JSON record" in capsys.readouterr().err
+
+    # a file written before this fix: the start record glued to the cut line is recovered, and said so
+    glued = tmp_path / "old.jsonl"
+    glued.write_text(cut + json.dumps({"event": "start", "resume_step": 2}) + "\n"
+                     + json.dumps({"event": "step", "step": 3, "loss": 0.5}) + "\n")
+    problems = []
+    steps = [(r["step"], r["loss"]) for r in read_records(glued, problems) if r["event"] == "step"]
+    assert steps == [(1, 9), (2, 8), (3, 0.5)]
+    assert "its complete record after the cut one is kept" in problems[0] and problems[0].startswith(f"{glued}:5:")
+
+
 def test_plot_writes_a_png(tmp_path):
     from reformer_dist.cli.plot import main
 
@@ -111,6 +169,9 @@ def test_plot_writes_a_png(tmp_path):
     assert main([str(run), "--out", str(out), "--smooth", "3", "--x", "tokens"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+    with pytest.raises(SystemExit) as e:  # #26: --smooth 0 or -3 was taken as "no smoothing"
+        main([str(run), "--out", str(out), "--smooth", "0"])
+    assert e.value.code == 2
 
 
 def test_universal_comparison_needs_the_global_batch_not_the_layout():

@@ -34,6 +34,8 @@ def err(tmp_path: Path, toml: str = "", overrides: tuple[str, ...] = ()) -> str:
         ("[model]\nd_model = \"256\"\n", (), "model.d_model: expected int"),
         ("[model]\nd_model = 100\n", (), "model.d_model: must equal n_heads * d_head"),
         ("[model]\nn_buckets = 3\n", (), "model.n_buckets:"),
+        ("[model]\naxial_norm_std = -1.0\n", (), "model.axial_norm_std: expected a number >= 0"),
+        ("[model]\ninit_std = nan\n", (), "model.init_std: expected a number >= 0"),
         ("[trian]\nlr = 1e-3\n", (), "trian: unknown section"),
         ("[train]\nmicro_batch = 0\n", (), "train.micro_batch: expected a positive integer"),
         ("[train]\nbetas = [0.9]\n", (), "train.betas: expected two numbers"),
@@ -54,8 +56,13 @@ def err(tmp_path: Path, toml: str = "", overrides: tuple[str, ...] = ()) -> str:
          "data.document_masking: not supported with bucket sharding"),
         ("[parallel]\nsequence_parallel_size = 2\n[data]\nseq_len = 100\n", (), "data.seq_len=100 must be a "
          "multiple of parallel.sequence_parallel_size=2 and of the chunk length(s) 64"),
-        ("[parallel]\nsequence_parallel_size = 2\n[model]\nn_heads = 1\nd_head = 256\n", (),
-         "parallel.ulysses_size=2 (default: parallel.sequence_parallel_size) must divide model.n_heads=1"),
+        ("[parallel]\nsequence_parallel_size = 4\nulysses_size = 4\n[model]\nn_heads = 2\nd_head = 128\n", (),
+         "parallel.ulysses_size=4 must divide model.n_heads=2 (Ulysses shards heads; leave parallel.ulysses_size "
+         "unset for the largest size that divides both"),
+        ("[parallel]\nsequence_parallel_size = 4\n[model]\nn_heads = 2\nd_head = 128\n"
+         "[data]\ndocument_masking = true\n", (), "data.document_masking: not supported with bucket sharding (parallel.ulysses_size < "
+         "parallel.sequence_parallel_size); use pure Ulysses [parallel.ulysses_size = 2 (chosen: model.n_heads = 2 "
+         "is not a multiple of parallel.sequence_parallel_size = 4"),
         ("[parallel]\nsequence_parallel_size = 2\nulysses_size = 1\n[model]\nattn_layers = [\"full\", \"lsh\"]\n"
          "n_layers = 2\n", (), "model.attn_layers[0] = 'full' needs the whole sequence"),
         ("[parallel]\nsequence_parallel_size = 8\nulysses_size = 1\n[data]\nseq_len = 128\n", (),
@@ -64,6 +71,24 @@ def err(tmp_path: Path, toml: str = "", overrides: tuple[str, ...] = ()) -> str:
 )
 def test_errors_name_the_key(tmp_path, toml, overrides, starts):
     assert err(tmp_path, toml, overrides).startswith(starts)
+
+
+def test_sequence_parallel_over_more_ranks_than_heads_picks_a_2d_layout():
+    # #26: P = 4 ranks with 2 heads failed asking for parallel.ulysses_size = 1; the default now works
+    cfg = load_run_config(None, ["parallel.sequence_parallel_size=4", "model.n_heads=2", "model.d_head=128"])
+    assert (cfg.parallel.ulysses_size, cfg.parallel.heads_group_size, cfg.parallel.bucket_sharding) == (2, 2, True)
+    assert cfg.parallel.auto_note.startswith("parallel.ulysses_size = 2 (chosen: model.n_heads = 2 is not a multiple "
+                                             "of parallel.sequence_parallel_size = 4; the largest size dividing both "
+                                             "shards heads, the other 2 shard LSH's sorted order by bucket)")
+    assert "auto_note" not in cfg.to_dict()["parallel"]
+    cfg = load_run_config(None, ["parallel.sequence_parallel_size=6", "model.n_heads=4", "model.d_head=64",
+                                 "data.seq_len=768", "model.axial_pos_shape=[32,32]"])
+    assert cfg.parallel.ulysses_size == 2  # gcd(6, 4)
+    cfg = load_run_config(None, ["parallel.sequence_parallel_size=2", "model.n_heads=4", "model.d_head=64"])
+    assert cfg.parallel.ulysses_size is None and cfg.parallel.auto_note is None  # pure Ulysses, as before
+    cfg = load_run_config(None, ["parallel.sequence_parallel_size=4", "parallel.ulysses_size=1", "model.n_heads=2",
+                                 "model.d_head=128"])
+    assert cfg.parallel.ulysses_size == 1 and cfg.parallel.auto_note is None  # explicit wins
 
 
 def test_layering_defaults_file_overrides(tmp_path):

@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "distributed"))
 from train_launcher import TINY, clean_env  # noqa: E402
 
+from cli_cases import snapshot  # noqa: E402
+
 
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -154,3 +156,66 @@ def test_two_runs_in_one_folder(tmp_path):
     assert f"took over the stale lock {out / LOCK_NAME} of pid {first.pid}" in third.stderr
     assert "resumed from" in third.stderr
     assert not (out / LOCK_NAME).exists()  # released at the end
+
+
+def test_shared_checkpoint_dir_is_refused_while_another_run_uses_it(tmp_path):
+    # #26: only output.dir was locked; run B's rotation deleted its own checkpoints (A's steps were higher)
+    shared = tmp_path / "shared"
+    _plant(shared, pid=os.getpid())  # a live run A (this process) holds the checkpoint root
+    (shared / "step_00000007").mkdir()
+    (shared / "step_00000007" / "MANIFEST.json").write_text("{}")
+    before = snapshot(shared)
+    b = subprocess.run(_args(tmp_path / "b", "train.max_steps=2", f"checkpoint.dir={shared}", "checkpoint.every=1"),
+                       cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert b.returncode == 2, b.stderr[-3000:]
+    assert f"reformer-train: error: {shared}: checkpoint.dir is in use by another reformer-train run (pid " \
+           f"{os.getpid()}" in b.stderr and "choose another checkpoint.dir" in b.stderr, b.stderr[-3000:]
+    assert snapshot(shared) == before
+    assert not (tmp_path / "b" / LOCK_NAME).exists() and not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+def test_resume_auto_refuses_the_checkpoint_of_another_run_in_a_shared_checkpoint_dir(tmp_path):
+    # #26: B's --resume auto silently loaded A's checkpoint
+    shared = tmp_path / "shared"
+    a = subprocess.run(_args(tmp_path / "a", "train.max_steps=2", f"checkpoint.dir={shared}", "checkpoint.at_end=true"),
+                       cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert a.returncode == 0 and (shared / "latest").is_file(), a.stderr[-3000:]
+    before = snapshot(shared)
+    b = subprocess.run(_args(tmp_path / "b", "train.max_steps=4", f"checkpoint.dir={shared}") + ["--resume", "auto"],
+                       cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert b.returncode == 2, b.stderr[-3000:]
+    assert f"--resume auto: the newest checkpoint in checkpoint.dir {shared}, step_00000002, was written by the run " \
+           f"in output.dir {tmp_path / 'a'}, not by this one ({tmp_path / 'b'})" in b.stderr, b.stderr[-3000:]
+    assert f"pass --resume {shared / 'step_00000002'}" in b.stderr
+    assert snapshot(shared) == before and not (shared / LOCK_NAME).exists()
+    # a fresh start there would have moved A's checkpoints into B's folder (a third run moved both runs')
+    c = subprocess.run(_args(tmp_path / "b", "train.max_steps=1", f"checkpoint.dir={shared}"), cwd=tmp_path,
+                       env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert c.returncode == 2 and f"checkpoint.dir {shared} holds step_00000002 of the run in output.dir " \
+        f"{tmp_path / 'a'}, not of this one ({tmp_path / 'b'}); a fresh start would move it aside" in c.stderr, \
+        c.stderr[-3000:]
+    assert snapshot(shared) == before and not list((tmp_path / "b").glob("replaced-*"))
+
+
+def test_refused_resume_leaves_the_run_folder_alone_and_a_fresh_start_moves_config_toml_aside(tmp_path):
+    # #26: a refused resume rewrote config.toml and deepspeed_config.json; a fresh start overwrote config.toml
+    out = tmp_path / "run"
+    a = subprocess.run(_args(out, "train.max_steps=2", "checkpoint.at_end=true"), cwd=tmp_path, env=clean_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert a.returncode == 0, a.stderr[-3000:]
+    before = snapshot(out)
+    b = subprocess.run(_args(out, "train.max_steps=4", "model.d_ff=32", "deepspeed.zero_stage=2") + ["--resume", "auto"],
+                       cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert b.returncode == 2 and "checkpoint does not fit this run:\n  model.d_ff: checkpoint has 64, this run 32" \
+        in b.stderr, b.stderr[-3000:]
+    assert snapshot(out) == before
+
+    c = subprocess.run(_args(out, "train.max_steps=1", "model.d_ff=32"), cwd=tmp_path, env=clean_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert c.returncode == 0, c.stderr[-3000:]
+    (aside,) = out.glob("replaced-*")
+    moved = snapshot(aside)
+    assert {k: moved[k] for k in ("config.toml", "deepspeed_config.json", "metrics.jsonl")} == \
+        {k: before[k] for k in ("config.toml", "deepspeed_config.json", "metrics.jsonl")}
+    assert moved["checkpoints/latest"] == before["checkpoints/latest"]
+    assert "d_ff = 32" in (out / "config.toml").read_text()
