@@ -365,17 +365,20 @@ CHECK_VERSION = "1"  # bump when what a worker measures changes: cached results 
 
 
 def source_hash() -> str:
-    """Hash of what decides the compiled code (the kernel module and the constants it reads) and of how it is
-    measured (``CHECK_VERSION``); the case itself (shapes, dtype, flags) is each cached record's key."""
+    """Hash of what decides the compiled code (the kernel module and the constants it reads, less the tile rule)
+    and of how it is measured (``CHECK_VERSION``); the case (shapes, dtype, flags) and the tiles it gets are each
+    cached record's key."""
     h = hashlib.sha256(CHECK_VERSION.encode())
     for p in (ROOT / "reformer_dist/kernels/triton_lsh.py", ROOT / "reformer_dist/kernels/logits.py"):
         tree = ast.parse(p.read_text())
+        # the tile rule is not hashed: each record carries the tiles it was compiled with and is reused only for them
+        tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name == "tiles_for")]
         for node in ast.walk(tree):  # docstrings and comments do not change the code
             body = getattr(node, "body", None)
             if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
                     isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
                 node.body = body[1:] or [ast.Pass()]
-        h.update(ast.dump(tree).encode())
+        h.update(ast.unparse(tree).encode())  # the code alone: formatting, comments and docstrings do not count
     return h.hexdigest()[:16]
 
 
@@ -411,11 +414,18 @@ def run_env(triton_dir: str | None, cases: list[Case], archs: list[int], cache: 
     version = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], env=env,
                              capture_output=True, text=True, check=True).stdout.strip()
     cache_file = None if cache is None or tiles else cache / f"{source_hash()}-triton{version}.jsonl"
+    want = {c.key(): expected_tiles(c, tiles) for c in cases}
     done: dict[tuple, dict] = {}
     if cache_file is not None and cache_file.is_file():
         for line in cache_file.read_text().splitlines():
             rec = json.loads(line)
-            done[(rec["case"], rec["arch"], rec["kernel"])] = rec
+            if rec["case"] not in want or rec["tiles"] == want[rec["case"]]:  # compiled with today's tiles
+                done[(rec["case"], rec["arch"], rec["kernel"])] = rec
+    if cache_file is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        for stale in cache.glob(f"*-triton{version}.jsonl"):  # results of an older kernel source
+            if stale != cache_file:
+                stale.unlink()
     procs = []
     for arch in archs:
         todo = [c for c in cases if any((c.key(), arch, k) not in done for k in KERNELS)]
@@ -426,22 +436,34 @@ def run_env(triton_dir: str | None, cases: list[Case], archs: list[int], cache: 
         p.stdin.write(json.dumps([asdict(c) for c in todo]))
         p.stdin.close()
         procs.append(p)
-    if procs and cache_file is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-        for stale in cache.glob(f"*-triton{version}.jsonl"):  # results of an older kernel source
-            if stale != cache_file:
-                stale.unlink()
     for p in procs:
         for line in p.stdout:
             if line.startswith("{"):
                 rec = json.loads(line)
                 done[(rec["case"], rec["arch"], rec["kernel"])] = rec
-                if cache_file is not None:
+                if cache_file is not None:  # kept as it comes: an interrupted run loses nothing compiled
                     with open(cache_file, "a") as f:
-                        f.write(line.rstrip("\n") + "\n")
+                        f.write(json.dumps(rec) + "\n")
         if p.wait() != 0:
             raise SystemExit(f"triton_compile_check: the worker for Triton {version} failed (exit {p.returncode})")
+    if procs and cache_file is not None:  # one record per (case, arch, kernel), sorted: a reviewable diff
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(done[k]) + "\n" for k in sorted(done)))
+        tmp.replace(cache_file)
     return [done[(c.key(), a, k)] for c in cases for a in archs for k in KERNELS]
+
+
+def expected_tiles(c: Case, override: str | None) -> str:
+    """The tiles a case compiles with (``tiles_for``, or the --tiles override), as the worker records them."""
+    import torch
+
+    from reformer_dist.kernels.triton_lsh import Tiles, tiles_for
+
+    t = tiles_for(c.chunk_len, c.d_head, getattr(torch, c.dtype))
+    if override:
+        bq, bk, w, st = (int(x) for x in override.split(","))
+        t = Tiles(bq, bk, t.block_d, w, st)
+    return f"{t.bq}x{t.bk}x{t.block_d} w{t.num_warps} s{t.num_stages}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,15 +63,16 @@ class Tiles(NamedTuple):
 
 def tiles_for(chunk_len: int, d: int, dtype: torch.dtype) -> Tiles:
     """The tile set of a chunk length, head size and dtype (see ``Tiles``; chosen from the compile check's table in
-    benchmarks/RESULTS.md: the largest tiles with no spills on sm_90 in the bench and shipped bf16 configs)."""
+    benchmarks/RESULTS.md: in 16 bits the largest tiles with no spills on sm_90 and sm_80 in the bench and shipped
+    configs)."""
     block_d = max(16, triton.next_power_of_2(d))
     if dtype == torch.float32:  # tf32x3 keeps each operand as two TF32 halves: smaller tiles
         bq, bk = (32, 32) if block_d <= 64 else (16, 32)
-    else:  # 128-wide heads: key tiles of 16 keep dk and dv (key rows x 128, fp32) within the registers
-        bq, bk = (64, 64) if block_d <= 64 else (64, 16)
+    else:  # 128-wide heads: small tiles keep dk and dv (key rows x 128, fp32) within the registers on sm_80 too
+        bq, bk = (64, 32) if block_d <= 64 else (32, 16)
     fit = max(16, triton.next_power_of_2(chunk_len))  # a short chunk needs no wider tile than itself
     bq, bk = min(bq, fit), min(bk, fit)
-    warps = 8 if dtype == torch.float32 or max(bq, bk) >= 64 else 4  # 8 warps on small 16-bit tiles spill
+    warps = 8 if dtype == torch.float32 or bq >= 64 else 4  # 8 warps on small 16-bit tiles spill
     return Tiles(bq, bk, block_d, warps, 2)
 
 
