@@ -27,7 +27,7 @@ install: $(VENV)/.installed
 # folder, so the compile check proves the kernels under them as well as under the test environment's own.
 SIDE_TRITONS := $(VENV)/triton-3.6.0 $(VENV)/triton-3.7.1
 $(VENV)/triton-%/.installed: | $(BIN)/python
-	$(BIN)/pip install -q --no-deps --target $(VENV)/triton-$* triton==$*
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/triton-$* triton==$*
 	touch $@
 
 # Every Triton kernel the model launches on CUDA, compiled for sm_90 and sm_80 on this CPU (tools/triton_compile_check.py);
