@@ -19,6 +19,7 @@ import os
 import sys
 import warnings
 
+from reformer_dist.cli.args import worker_count
 from reformer_dist.ondisk import CheckpointError
 
 
@@ -30,22 +31,6 @@ def _shard_size(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("max shard size: ")) from None
-
-
-def _workers(text: str) -> int:
-    """--workers: 1 .. 4 x the cores (each worker is a process holding parameter shards)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if not 1 <= v <= 4 * cores:
-        raise argparse.ArgumentTypeError(f"expected an integer in 1..{4 * cores} (4 x the {cores} cores this process "
-                                         f"may use), got {text!r}")
-    return v
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="universal checkpoint root to create (OUT/<tag>, OUT/latest_universal)")
     r.add_argument("--to-stage", type=int, choices=(1, 2, 3), help="ZeRO stage of the run that will load it "
                    "(default: the saved stage); unsupported transitions are refused")
-    r.add_argument("--workers", type=_workers, default=max(1, min(4, (os.cpu_count() or 1) // 2)),
+    r.add_argument("--workers", type=worker_count, default=max(1, min(4, (os.cpu_count() or 1) // 2)),
                    help="processes for the conversion (1 .. 4 x the cores)")
 
     n = sub.add_parser("inspect", help="step, ZeRO stage, world size, parameters, dtype, size on disk")

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 # the data modules import neither torch nor datasets (the pipeline loads datasets when it shards)
+from reformer_dist.cli.args import int_at_least, worker_count
 from reformer_dist.data.builtin import write_builtin
 from reformer_dist.data.errors import DataError, UsageError
 from reformer_dist.data.manifest import SPLITS, read_manifest
@@ -31,38 +32,6 @@ from reformer_dist.data.pipeline import shard_corpus, train_tokenizer
 from reformer_dist.data.store import TokenStore
 from reformer_dist.data.synthetic import TASKS, SynthSpec, write_synthetic
 from reformer_dist.data.verify import verify_store
-
-
-def _int_min(lo: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = lo - 1
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}")
-        return v
-    return parse
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
-def _workers(text: str) -> int:
-    """--num-proc / --num-threads: 1 .. 4 x the cores this process may use (more only wait, each costs memory)."""
-    most = 4 * _cores()
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if not 1 <= v <= most:
-        raise argparse.ArgumentTypeError(f"expected an integer in 1..{most} (4 x the {_cores()} cores this process "
-                                         f"may use), got {text!r}")
-    return v
 
 
 def _coverage(text: str) -> float:
@@ -97,7 +66,7 @@ def add_store_output_args(p: argparse.ArgumentParser) -> None:
     """--out, --shard-tokens and --overwrite, the same for every command that writes a token store
     (`reformer-data shard` and the corpus scripts in tools/)."""
     p.add_argument("--out", required=True, help="store folder (manifest.json + shards)")
-    p.add_argument("--shard-tokens", type=_int_min(1), default=1 << 27, help="tokens per shard file (default 2^27)")
+    p.add_argument("--shard-tokens", type=int_at_least(1), default=1 << 27, help="tokens per shard file (default 2^27)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a store already in --out (only once the new one is complete and verified)")
 
@@ -122,15 +91,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer (byte fallback)")
     _add_input_args(p)
-    p.add_argument("--vocab-size", type=_int_min(1), required=True,
+    p.add_argument("--vocab-size", type=int_at_least(1), required=True,
                    help="pieces to learn (at least 259 + the corpus's frequent characters; may come out smaller)")
     p.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"))
     p.add_argument("--out", required=True, help="folder for tokenizer.model / .vocab / .json")
     p.add_argument("--character-coverage", type=_coverage, default=0.9995,
                    help="share of characters given their own piece; rarer ones fall back to bytes")
-    p.add_argument("--max-sentences", type=_int_min(1), default=1_000_000,
+    p.add_argument("--max-sentences", type=int_at_least(1), default=1_000_000,
                    help="lines sampled from the corpus for training (bounds memory)")
-    p.add_argument("--num-threads", type=_workers, default=None, help="SentencePiece training threads")
+    p.add_argument("--num-threads", type=worker_count, default=None, help="SentencePiece training threads")
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
     p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out (never a store)")
 
@@ -138,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_input_args(p)
     p.add_argument("--tokenizer", required=True, help="'bytes' or a tokenizer folder")
     add_store_output_args(p)
-    p.add_argument("--num-proc", type=_workers, default=min(8, os.cpu_count() or 1), help="tokenising processes")
+    p.add_argument("--num-proc", type=worker_count, default=min(8, os.cpu_count() or 1), help="tokenising processes")
     p.add_argument("--val-fraction", type=_fraction, default=0.0,
                    help="share of the --input documents (every 1/F-th) put in the validation split; default 0: "
                         "no validation split (training then needs evaluation off), said as a warning")
@@ -147,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="counts and a decoded sample of a store")
     p.add_argument("store", help="store folder, or 'builtin'")
-    p.add_argument("--tokens", type=_int_min(0), default=300, help="tokens of the sample to decode")
+    p.add_argument("--tokens", type=int_at_least(0), default=300, help="tokens of the sample to decode")
 
     p = sub.add_parser("verify", help="check every shard's size, sha256 and token range")
     p.add_argument("store")
@@ -161,13 +130,13 @@ def _parser() -> argparse.ArgumentParser:
                                    "(lengths x depths x --examples) that `reformer-eval --task` scores.")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--lengths", type=_int_list, required=True, help="document lengths in tokens, e.g. 1024,4096")
-    p.add_argument("--examples", type=_int_min(1), default=8, help="validation examples per length (x depth)")
-    p.add_argument("--train-examples", type=_int_min(0), default=0, help="train split examples (default 0)")
-    p.add_argument("--seed", type=_int_min(0), default=0, help="same seed, same store (default 0)")
-    p.add_argument("--symbols", type=_int_min(1), default=128, help="duplication: symbols 1..N (default 128)")
+    p.add_argument("--examples", type=int_at_least(1), default=8, help="validation examples per length (x depth)")
+    p.add_argument("--train-examples", type=int_at_least(0), default=0, help="train split examples (default 0)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="same seed, same store (default 0)")
+    p.add_argument("--symbols", type=int_at_least(1), default=128, help="duplication: symbols 1..N (default 128)")
     p.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                    help="passkey: needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
-    p.add_argument("--key-digits", type=_int_min(1), default=5, help="passkey: digits of the key (default 5)")
+    p.add_argument("--key-digits", type=int_at_least(1), default=5, help="passkey: digits of the key (default 5)")
     add_store_output_args(p)
     return ap
 

@@ -18,19 +18,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from reformer_dist.cli.args import int_at_least
 from reformer_dist.data.errors import DataError
-
-
-def _int_min(lo: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = lo - 1
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}")
-        return v
-    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,21 +29,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="weights folder (config.json + model.safetensors) or checkpoint root / tag folder")
     p.add_argument("--data", required=True, help="token store folder or 'builtin'")
     p.add_argument("--split", default="validation", choices=("train", "validation"), help="default validation")
-    p.add_argument("--seq-len", type=_int_min(2), help="window length (required without --task)")
-    p.add_argument("--stride", type=_int_min(1), help="tokens scored per window after the first (default --seq-len: "
+    p.add_argument("--seq-len", type=int_at_least(2), help="window length (required without --task)")
+    p.add_argument("--stride", type=int_at_least(1), help="tokens scored per window after the first (default --seq-len: "
                    "no overlap; smaller: every token keeps at least seq_len - stride tokens of context)")
-    p.add_argument("--start", type=_int_min(0), default=0, help="token offset of the first window (default 0)")
+    p.add_argument("--start", type=int_at_least(0), default=0, help="token offset of the first window (default 0)")
     p.add_argument("--n-hashes", help="hash-round counts, one row each, e.g. 1,2,4,8; 'full' = full attention "
                    "in the LSH layers (default: the trained rounds)")
     p.add_argument("--task", action="store_true",
                    help="score a synthetic task store (reformer-data synth): accuracy on the answers by depth x length")
-    p.add_argument("--max-tokens", type=_int_min(1), help="stop after the window that reaches this many scored tokens")
-    p.add_argument("--batch-size", type=_int_min(1), default=1, help="windows (or task examples) per forward")
-    p.add_argument("--hash-seed", type=_int_min(0), help="LSH rotation seed (default the model's hash_seed, the "
+    p.add_argument("--max-tokens", type=int_at_least(1), help="stop after the window that reaches this many scored tokens")
+    p.add_argument("--batch-size", type=int_at_least(1), default=1, help="windows (or task examples) per forward")
+    p.add_argument("--hash-seed", type=int_at_least(0), help="LSH rotation seed (default the model's hash_seed, the "
                    "trainer's evaluation seed)")
     p.add_argument("--tag", help="checkpoint tag under a checkpoint root (default: latest)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--threads", type=_int_min(1), help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=int_at_least(1), help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", help="JSON to write (default: eval.json or task_eval.json); the PNG beside it")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

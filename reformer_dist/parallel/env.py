@@ -290,6 +290,14 @@ def discover(environ: Mapping[str, str] | None = None, use_mpi: bool = True) -> 
 MAX_THREADS_PER_CORE = 4
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, e.g. a SLURM cgroup; all cores where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def intra_op_threads(local_world_size: int, configured: int | None = None,
                      environ: Mapping[str, str] | None = None) -> tuple[int, str]:
     """(threads per rank, why): `configured` (train.threads), else $OMP_NUM_THREADS, else the cores this
@@ -299,10 +307,7 @@ def intra_op_threads(local_world_size: int, configured: int | None = None,
     parallel region; on a 2-core machine 2 ranks x 2 threads ran several times slower than 2 x 1.
     """
     environ = os.environ if environ is None else environ
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     most = MAX_THREADS_PER_CORE * cores  # beyond this, threads only wait for each other (and each has a stack)
     if configured is not None:
         if configured > most:

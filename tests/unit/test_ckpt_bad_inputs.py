@@ -190,7 +190,8 @@ def test_out_overlapping_an_input_is_refused_even_with_overwrite(trained, tmp_pa
 def test_trained_model_folder_is_checksummed_and_a_flipped_byte_is_caught(trained, tmp_path, capsys):
     # #26: reformer-train's model/ had no checksums.json (a flipped byte loaded and exported) and a 0600 file
     model = Path(shutil.copytree(trained / "model", tmp_path / "model"))
-    assert sorted(p.name for p in model.iterdir()) == ["checksums.json", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in model.iterdir()) == ["checksums.json", "config.json", "model.safetensors",
+                                                       "training_data.json"]  # + the tokenizer record (#22)
     mask = os.umask(0o022)
     os.umask(mask)  # the training subprocess ran with this process's umask
     for f in (trained / "model").iterdir():
