@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from reformer_dist.cli.eval import _int_min
+from reformer_dist.cli.args import int_at_least
 from reformer_dist.data.errors import DataError
 
 
@@ -39,11 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", type=Path, help="file holding the prompt (UTF-8)")
-    p.add_argument("--max-new-tokens", type=_int_min(1), default=200)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=200)
     p.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=_int_min(1), default=None)
-    p.add_argument("--n-hashes", type=_int_min(1), default=None, help="LSH rounds (default: the trained ones)")
-    p.add_argument("--seed", type=_int_min(0), default=0, help="sampling seed (default 0)")
+    p.add_argument("--top-k", type=int_at_least(1), default=None)
+    p.add_argument("--n-hashes", type=int_at_least(1), default=None, help="LSH rounds (default: the trained ones)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="sampling seed (default 0)")
     p.add_argument("--tokenizer", help="'bytes', 'symbols:<V>', a tokenizer folder or a store: needed only when the "
                    "model does not record its tokenizer (must match when it does)")
     p.add_argument("--tag", help="checkpoint tag under a checkpoint root")
