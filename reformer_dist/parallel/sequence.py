@@ -108,6 +108,10 @@ def check_layout(cfg: ReformerConfig, length: int, parallel: ParallelConfig) -> 
         raise ConfigError(f"parallel.ulysses_size={ulysses_size} (default: parallel.sequence_parallel_size) must divide "
                          f"model.n_heads={cfg.n_heads} (Ulysses shards heads; parallel.ulysses_size=1 shards LSH's "
                          "sorted order instead)")
+    try:
+        cfg.head_groups_for(length, ulysses_size)
+    except ValueError as e:
+        raise ConfigError(f"model.{e} (parallel.ulysses_size={ulysses_size})") from None
     mult = cfg.pad_multiple()
     if length % sp_size or length % mult:
         raise ConfigError(f"data.seq_len={length} must be a multiple of parallel.sequence_parallel_size={sp_size} "

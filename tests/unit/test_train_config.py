@@ -60,6 +60,9 @@ def err(tmp_path: Path, toml: str = "", overrides: tuple[str, ...] = ()) -> str:
          "n_layers = 2\n", (), "model.attn_layers[0] = 'full' needs the whole sequence"),
         ("[parallel]\nsequence_parallel_size = 8\nulysses_size = 1\n[data]\nseq_len = 128\n", (),
          "data.seq_len=128: each of the 8 bucket ranks"),
+        ("[model]\nhead_groups = 3\n", (), "model.head_groups: expected 0 (by length) or a divisor of n_heads=4"),
+        ("[parallel]\nsequence_parallel_size = 2\n[model]\nhead_groups = 4\n", (),
+         "model.head_groups: 4 must divide the 2 heads of each of the 2 Ulysses ranks"),
     ],
 )
 def test_errors_name_the_key(tmp_path, toml, overrides, starts):
