@@ -81,9 +81,8 @@ def test_every_pytorch_core(backend):
 def test_triton_core_fp32():
     """The fused core (Triton's interpreter on CPU) in fp32: equal within float rounding."""
     pytest.importorskip("triton")
-    ref = step(make(["lsh", "local"], 1, dtype=torch.float32, attention_backend="triton"), length=64)
-    assert_same(ref, step(make(["lsh", "local"], 2, dtype=torch.float32, attention_backend="triton"), length=64),
-                rtol=1e-5)
+    ref = step(make(["lsh"], 1, dtype=torch.float32, attention_backend="triton"), length=48)
+    assert_same(ref, step(make(["lsh"], 2, dtype=torch.float32, attention_backend="triton"), length=48), rtol=1e-5)
 
 
 def test_fp32_within_rounding():
@@ -118,9 +117,9 @@ def test_default_by_length_and_ulysses():
 
 
 def test_default_groups_a_long_sequence():
-    """Without model.head_groups a sequence of >= 65536 tokens runs grouped, and still equals G = 1 (fp32)."""
+    """Without model.head_groups a sequence of >= 65536 tokens runs grouped, and still equals G = 1."""
     kw = dict(n_heads=2, d_head=4, d_model=8, d_ff=8, vocab_size=40, n_layers=1, attn_layers=["local"],
               chunk_len=64, axial_pos_shape=[256, 256], ff_chunk_len=16384, loss_chunk_len=16384)
     assert ReformerConfig(**kw).head_groups_for(65536) == 2
-    ref = step(make(["local"], 1, dtype=torch.float32, **kw), length=65536)
-    assert_same(ref, step(make(["local"], 0, dtype=torch.float32, **kw), length=65536), rtol=1e-5)
+    ref = step(make(["local"], 1, **kw), length=65536)
+    assert_same(ref, step(make(["local"], 0, **kw), length=65536), rtol=1e-12)
