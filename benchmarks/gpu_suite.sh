@@ -6,6 +6,9 @@
 #                                  then the longest sequence ours trains (doubling until OOM)
 #   4. reformer-train              configs/million_1gpu.toml (1M-token sequences) for 20 DeepSpeed bf16 steps:
 #                                  the loss falls and a checkpoint is written
+#   5. ten million tokens          one bf16 step of the bench config at 5M and 10M tokens, one head per group
+#                                  (configs/ten_million_1gpu.toml's model): peak GiB and bytes per token vs the
+#                                  memory model (reformer_dist/model/memory.py)
 # and prints a short table last. JSON goes to $OUT (the device tool's output folder) or ./gpu_suite_out.
 #
 #   bash benchmarks/fetch_gpu_wheels.sh          # on a connected machine: deepspeed and its needs -> .whl/
@@ -51,6 +54,8 @@ if [ $DRY = 1 ]; then
   step "train step ladder" 600 $PY benchmarks/train_step.py --dry-run --systems ours,hf,dense-sdpa \
     --json "$OUT_DIR/steps.json"
   step "million_1gpu" 300 $PY -m reformer_dist.cli.train "${MILLION[@]}" --dry-run
+  step "ten million tokens" 300 $PY benchmarks/memory_per_token.py --dtype bf16 --head-groups 8 --layers 1 \
+    --lengths 1024,2048 --json "$OUT_DIR/ten_million.json"
 else
   step "gpu tests" 200 $PY -m pytest -q tests/gpu
   step "attention core" 90 $PY benchmarks/attention_core.py --lengths 16384,65536,262144,1048576 \
@@ -58,6 +63,8 @@ else
   step "train step ladder" 180 $PY benchmarks/train_step.py --lengths 16384,65536,262144,1048576,4194304 \
     --systems ours,hf,dense-sdpa --steps 2 --max-baseline-len 262144 --find-max --json "$OUT_DIR/steps.json"
   step "million_1gpu" 150 $PY -m reformer_dist.cli.train "${MILLION[@]}"
+  step "ten million tokens" 240 $PY benchmarks/memory_per_token.py --dtype bf16 --head-groups 8 \
+    --lengths 5242880,10485760 --json "$OUT_DIR/ten_million.json"
 fi
 
 $PY - "$OUT_DIR" "$DRY" <<'EOF'
@@ -89,6 +96,11 @@ if not dry and (run / "metrics.jsonl").is_file():
     print(f"\nmillion_1gpu: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
           f"({'falling' if losses[-1] < losses[0] else 'NOT falling'}), checkpoint "
           f"{summary['million_1gpu']['checkpoint']}")
+if (out / "ten_million.json").is_file():
+    tm = json.loads((out / "ten_million.json").read_text())
+    summary["ten_million"] = tm
+    print(f"\nten million tokens: peaks {[round(p / 2**30, 1) for p in tm['peaks']]} GiB at {tm['lengths']} tokens, "
+          f"{tm['slopes'][-1]:.0f} B/token (model {tm['model']:.0f})")
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 EOF
 
