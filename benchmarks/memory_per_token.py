@@ -100,7 +100,8 @@ def main() -> None:
     for length in [int(x) for x in args.lengths.split(",")]:
         cmd = [sys.executable, __file__, "--one", str(length), "--d-model", str(args.d_model), "--heads",
                str(args.heads), "--hashes", str(args.hashes), "--layers", str(args.layers), "--dtype", args.dtype,
-               "--backend", args.backend, "--head-groups", str(args.head_groups)] + (["--tracked"] if args.tracked else [])
+               "--backend", args.backend, "--head-groups", str(args.head_groups)]
+        cmd += ["--tracked"] if args.tracked else []
         # glibc raises its mmap threshold up to 32 MiB as blocks are freed, then serves such tensors from the heap,
         # whose freed pages stay in RSS: a fixed threshold keeps RSS following tensor memory at every length
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072"))

@@ -7,8 +7,8 @@ the two final streams, and its backward works in place on them: x2 = y2 - G(y1) 
 rebuilt into the same buffers, the stream gradients are accumulated in place, G is recomputed and
 backpropagated chunk by chunk, and F's output is freed before F's backward runs (its gradient edge is
 all the backward needs). With ``model.head_groups`` G > 1 (by default at long sequences), F runs forward,
-recompute and backward one head group at a time (``head_groups.py``). The streams are kept in fp32 whatever the compute dtype, because rebuilding
-x = y - F(...) in bf16 drifts over many layers.
+recompute and backward one head group at a time (``head_groups.py``). The streams are kept in fp32
+whatever the compute dtype, because rebuilding x = y - F(...) in bf16 drifts over many layers.
 """
 
 import torch
