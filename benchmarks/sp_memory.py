@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
 
 
 def worker(args) -> None:
