@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 
-
 def worker(args) -> None:
     import torch.distributed as dist
 
