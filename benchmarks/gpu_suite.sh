@@ -7,12 +7,15 @@
 #                                  then the longest sequence ours trains (doubling until OOM)
 #   4. reformer-train              configs/million_1gpu.toml (1M-token sequences) for 20 DeepSpeed bf16 steps:
 #                                  the loss falls and a checkpoint is written
+#   5. ten million tokens          one bf16 step of the bench config at 5M and 10M tokens, one head per group
+#                                  (configs/ten_million_1gpu.toml's model): peak GiB and bytes per token vs the
+#                                  memory model (reformer_dist/model/memory.py)
 # and prints a short table last. JSON goes to $OUT (the device tool's output folder) or ./gpu_suite_out.
 #
 #   bash benchmarks/fetch_gpu_wheels.sh          # on a connected machine: deepspeed and its needs -> .whl/
 #   bash benchmarks/gpu_suite.sh                 # on the GPU machine (carry .whl/ along)
 #   bash benchmarks/gpu_suite.sh --dry-run       # anywhere, CPU: every step at tiny sizes, checks the script
-#   DUPLICATION=1 bash benchmarks/gpu_suite.sh   # also the paper-scale duplication run (a second device call's worth)
+#   EXTRA=1 bash benchmarks/gpu_suite.sh         # also the duplication run and the 10M-token step (a second call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -57,6 +60,8 @@ if [ $DRY = 1 ]; then
     --json "$OUT_DIR/predicted.json"
   step "duplication 1024" 300 bash benchmarks/duplication_gpu.sh --dry-run
   step "million_1gpu" 300 $PY -m reformer_dist.cli.train "${MILLION[@]}" --dry-run
+  step "ten million tokens" 300 $PY benchmarks/memory_per_token.py --dtype bf16 --head-groups 8 --layers 1 \
+    --lengths 1024,2048 --json "$OUT_DIR/ten_million.json"
 else
   step "gpu tests" 210 $PY -m pytest -q tests/gpu
   step "attention core" 50 $PY benchmarks/attention_core.py --lengths 16384,65536,262144,1048576 \
@@ -66,9 +71,12 @@ else
   step "predicted vs measured" 20 $PY benchmarks/predict_step.py --compare "$OUT_DIR/steps.json" --gpu auto \
     --json "$OUT_DIR/predicted.json"
   step "million_1gpu" 90 $PY -m reformer_dist.cli.train "${MILLION[@]}"
-  # the paper-scale duplication run (issue 22) does not fit the same 8 minutes: a second call, DUPLICATION=1
-  if [ "${DUPLICATION:-0}" = 1 ]; then
+  # what does not fit the same 8 minutes, for a second call (EXTRA=1): the paper-scale duplication run (issue 22)
+  # and one bf16 step of the bench config at 5M and 10M tokens with one head per group (issue 23)
+  if [ "${EXTRA:-0}" = 1 ]; then
     step "duplication 1024" 300 env TRAIN_SECONDS=90 bash benchmarks/duplication_gpu.sh
+    step "ten million tokens" 240 $PY benchmarks/memory_per_token.py --dtype bf16 --head-groups 8 \
+      --lengths 5242880,10485760 --json "$OUT_DIR/ten_million.json"
   fi
 fi
 
@@ -101,6 +109,11 @@ if not dry and (run / "metrics.jsonl").is_file():
     print(f"\nmillion_1gpu: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
           f"({'falling' if losses[-1] < losses[0] else 'NOT falling'}), checkpoint "
           f"{summary['million_1gpu']['checkpoint']}")
+if (out / "ten_million.json").is_file():
+    tm = json.loads((out / "ten_million.json").read_text())
+    summary["ten_million"] = tm
+    print(f"\nten million tokens: peaks {[round(p / 2**30, 1) for p in tm['peaks']]} GiB at {tm['lengths']} tokens, "
+          f"{tm['slopes'][-1]:.0f} B/token (model {tm['model']:.0f})")
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 EOF
 

@@ -26,51 +26,7 @@ import time
 
 import torch
 
-GIB = 2**30
-
-
-def predicted_bytes_per_token(d_model: int, n_heads: int, d_head: int, n_hashes: int, compute_bytes: int = 4,
-                              ulysses: int = 1, bucket: int = 1) -> dict[str, float]:
-    """Memory model of a training step, per token of the sequence per GPU; independent of n_layers.
-
-    One GPU (and Ulysses): the peak is inside one layer's attention backward during the reversible backward:
-    - streams: y1, y2 (rebuilt in place into x1, x2) and their gradients, fp32: 4 x 4 x d_model;
-    - attention: qk, v, the core's output, its gradient, d(qk), d(v) in the compute dtype:
-      6 x c x n_heads x d_head (the LayerNorm output before the projections is a recipe, not values);
-    - the core's fp32 head-group accumulators under bf16 (one head at a time): 2 x 4 x d_head;
-    - integers and small rows: the int32 sort permutation (4 R H), lse (hi, lo) and delta (12 H), LayerNorm
-      statistics (8), token ids, labels and axial indices (int64, 32).
-    Ulysses (U ranks share the heads): everything divides by U; qk, the output and its gradient also exist in
-    the token-sharded layout around the all-to-alls (+3 c d).
-    Bucket sharding (K ranks share the sorted order): the peak is in the forward recompute of an LSH layer,
-    dominated by the R-fold copies the owners of the slots hold: streams, LayerNorm output, local qk and v,
-    the extended pieces of qk and v (2 R c d), the pieces' output (R c d), the outgoing and incoming results
-    of the return exchange and their scatter to token order (3 R c d; the collective keeps its send buffer
-    until the work completes), integers of the pieces and routes (8 R H (6 + R)). With Ulysses in front (2D)
-    qk (twice: DistributedAttention's q/k/v interface) and v also exist after its all-to-all (+3 c d).
-    Everything divides by U x K.
-    """
-    d = n_heads * d_head
-    c = compute_bytes
-    ints = 4.0 * n_hashes * n_heads + 12.0 * n_heads + 8 + 32
-    ulysses_extra = 3.0 * c * d if ulysses > 1 else 0.0
-    if bucket == 1:
-        terms = {
-            "streams and their gradients (fp32)": 16.0 * d_model,
-            "attention backward: qk, v, out, dout, dqk, dv": 6.0 * c * d,
-            "Ulysses: qk, output and its gradient in both layouts": ulysses_extra,
-            "fp32 head accumulators (bf16 only)": 8.0 * d_head if c < 4 else 0.0,
-            "sort permutation, lse, delta, norm stats, ids": ints,
-        }
-    else:
-        terms = {
-            "streams and their gradients (fp32)": 16.0 * d_model,
-            "LayerNorm output, local qk and v": c * d_model + 2.0 * c * d,
-            "Ulysses: qk (twice) and v after the all-to-all": ulysses_extra,
-            "pieces: qk, v (R-fold), output, return exchange": 6.0 * n_hashes * c * d,
-            "integers (ids, positions, buckets, chunks, routes)": ints + 8.0 * n_hashes * n_heads * (6 + n_hashes),
-        }
-    return {k: v / (ulysses * bucket) for k, v in terms.items()}
+from reformer_dist.model.memory import GIB, predicted_bytes_per_token  # the memory model lives in the package
 
 
 def bench_config(args, length: int):
@@ -80,7 +36,7 @@ def bench_config(args, length: int):
     return ReformerConfig(vocab_size=256, d_model=args.d_model, n_heads=args.heads, d_head=args.d_model // args.heads,
                           d_ff=4 * args.d_model, n_layers=args.layers, n_hashes=args.hashes, chunk_len=64,
                           axial_pos_shape=[a, max(64, 2 * length // a)], ff_chunk_len=4096, loss_chunk_len=4096,
-                          attention_backend=args.backend)
+                          attention_backend=args.backend, head_groups=args.head_groups)
 
 
 def one(length: int, args) -> dict:
@@ -131,6 +87,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--backend", default="auto", help="attention core (auto, reference, blockwise, triton)")
+    ap.add_argument("--head-groups", type=int, default=0,
+                    help="model.head_groups (0: by length, the model's rule; the prediction uses the largest length's)")
     ap.add_argument("--tracked", action="store_true", help="count allocations exactly (small lengths)")
     ap.add_argument("--json", help="write the summary here")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
@@ -142,7 +100,8 @@ def main() -> None:
     for length in [int(x) for x in args.lengths.split(",")]:
         cmd = [sys.executable, __file__, "--one", str(length), "--d-model", str(args.d_model), "--heads",
                str(args.heads), "--hashes", str(args.hashes), "--layers", str(args.layers), "--dtype", args.dtype,
-               "--backend", args.backend] + (["--tracked"] if args.tracked else [])
+               "--backend", args.backend, "--head-groups", str(args.head_groups)]
+        cmd += ["--tracked"] if args.tracked else []
         # glibc raises its mmap threshold up to 32 MiB as blocks are freed, then serves such tensors from the heap,
         # whose freed pages stay in RSS: a fixed threshold keeps RSS following tensor memory at every length
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072"))
@@ -157,8 +116,10 @@ def main() -> None:
     slopes = [(peaks[b] - peaks[a]) / (b - a) for a, b in zip(ls, ls[1:])]
     for (a, b), s in zip(zip(ls, ls[1:]), slopes):
         print(f"slope {a}->{b}: {s:.0f} B/token ({s / 1024:.2f} KiB)")
+    groups = bench_config(args, ls[-1]).head_groups_for(ls[-1])
     terms = predicted_bytes_per_token(args.d_model, args.heads, args.d_model // args.heads, args.hashes,
-                                      compute_bytes=2 if args.dtype == "bf16" else 4)
+                                      compute_bytes=2 if args.dtype == "bf16" else 4, groups=groups)
+    print(f"head groups: {groups} (model.head_groups={args.head_groups})")
     pred = sum(terms.values())
     for k, v in terms.items():
         print(f"  model: {k}: {v:.0f} B/token")
@@ -169,7 +130,7 @@ def main() -> None:
     params = 17.7e6 * (args.d_model / 512) ** 2 * args.layers / 6
     gpu_const = 16 * params + 1.0 * GIB  # fp32 weights+grads+Adam, plus CUDA context, blocks and allocator slack
     summary = {"lengths": ls, "peaks": [peaks[x] for x in ls], "slopes": slopes, "model": pred, "terms": terms,
-               "dtype": args.dtype, "tracked": args.tracked}
+               "dtype": args.dtype, "tracked": args.tracked, "head_groups": groups}
     for n in (1 << 20, 1 << 22):
         summary[f"predicted_peak_gib_{n >> 20}M"] = (gpu_const + slope * n) / GIB
         print(f"predicted GPU peak at {n >> 20}M tokens: {(gpu_const + slope * n) / GIB:.1f} GiB")

@@ -3,7 +3,7 @@
 Starts ``torchrun`` with P gloo processes (CPU) per layout and length; each rank counts its tracked
 allocations (``reformer_dist.memtrack``, exact, block constants shrunk) over one forward + backward of the
 bench config; the cost per token per GPU is the slope between two lengths. Compared with
-``memory_per_token.predicted_bytes_per_token`` for the layout.
+``reformer_dist.model.memory.predicted_bytes_per_token`` for the layout (``--head-groups``: model.head_groups).
 
     python benchmarks/sp_memory.py --layouts 2x1,1x2,4x1,2x2 --lengths 4096,8192 --layers 2
 """
@@ -20,8 +20,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-HERE = Path(__file__).resolve().parent
 
 
 def worker(args) -> None:
@@ -40,7 +38,8 @@ def worker(args) -> None:
     cfg = ReformerConfig(vocab_size=256, d_model=args.d_model, n_heads=args.heads, d_head=args.d_model // args.heads,
                          d_ff=4 * args.d_model, n_layers=args.layers, n_hashes=args.hashes, chunk_len=64,
                          attn_layers=["lsh"] * args.layers, axial_pos_shape=[a, max(64, 2 * length // a)],
-                         ff_chunk_len=256, loss_chunk_len=256, attention_backend="blockwise")
+                         ff_chunk_len=256, loss_chunk_len=256, attention_backend="blockwise",
+                         head_groups=args.head_groups)
     torch.manual_seed(0)
     model = ReformerLM(cfg)
     p = dist.get_world_size()
@@ -77,6 +76,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--hashes", type=int, default=2)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--head-groups", type=int, default=0, help="model.head_groups (0: by length)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--ulysses", type=int, help=argparse.SUPPRESS)
@@ -85,8 +85,8 @@ def main() -> None:
     if args.one:
         worker(args)
         return
-    sys.path.insert(0, str(HERE))
-    from memory_per_token import predicted_bytes_per_token
+    from reformer_dist import ReformerConfig
+    from reformer_dist.model.memory import predicted_bytes_per_token
 
     rows = []
     for layout in args.layouts.split(","):
@@ -98,15 +98,20 @@ def main() -> None:
                 cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={u * k}",
                        f"--master_port={free_port()}", __file__, "--one", str(length), "--ulysses", str(u),
                        "--out", str(out), "--d-model", str(args.d_model), "--heads", str(args.heads),
-                       "--hashes", str(args.hashes), "--layers", str(args.layers)]
+                       "--hashes", str(args.hashes), "--layers", str(args.layers), "--head-groups",
+                       str(args.head_groups)]
                 res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
                 if res.returncode:
                     sys.exit(f"{layout} L={length} failed:\n{res.stderr[-3000:]}")
                 peaks[length] = max(json.loads(out.read_text()))
         a, b = sorted(peaks)
         slope = (peaks[b] - peaks[a]) / (b - a)
+        a = 2 ** ((b.bit_length() + 1) // 2)
+        groups = ReformerConfig(d_model=args.d_model, n_heads=args.heads, d_head=args.d_model // args.heads,
+                                head_groups=args.head_groups, axial_pos_shape=[a, max(64, 2 * b // a)]
+                                ).head_groups_for(b, u)
         pred = sum(predicted_bytes_per_token(args.d_model, args.heads, args.d_model // args.heads, args.hashes,
-                                             ulysses=u, bucket=k).values())
+                                             ulysses=u, bucket=k, groups=groups).values())
         rows.append({"layout": layout, "gpus": u * k, "measured": slope, "model": pred})
         print(f"{layout}: measured {slope:.0f} B/token of the sequence per GPU, model {pred:.0f} "
               f"(measured / model {slope / pred:.3f})", flush=True)

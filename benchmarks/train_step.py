@@ -8,6 +8,7 @@ system's ladder stops at its first OOM. With --find-max on CUDA, doubles the len
     python benchmarks/train_step.py                       # CPU: 4K only (a few minutes)
     python benchmarks/train_step.py --lengths 16384,65536,262144,1048576,4194304 --find-max --json steps.json  # GPU
     python benchmarks/train_step.py --dry-run             # CPU, tiny: checks the script end to end
+    python benchmarks/train_step.py --systems ours,ours-grouped --lengths 4096,16384 --steps 5   # head-group cost
 """
 
 from __future__ import annotations
@@ -31,13 +32,21 @@ def axial_shape(length: int) -> list[int]:
     return [a, length // a]
 
 
-def build_ours(length: int, device: str, dtype: torch.dtype):
-    from reformer_dist import ReformerConfig, ReformerLM
+def build_config(length: int, head_groups: int = 0):
+    """The bench config for sequences of ``length`` tokens (a ReformerConfig)."""
+    from reformer_dist import ReformerConfig
 
     b = BENCH
-    cfg = ReformerConfig(vocab_size=b["vocab"], d_model=b["d_model"], n_heads=b["heads"], d_head=b["d_head"],
-                         d_ff=b["d_ff"], n_layers=b["layers"], n_hashes=b["hashes"], chunk_len=b["chunk"],
-                         axial_pos_shape=axial_shape(length), ff_chunk_len=16384, loss_chunk_len=16384)
+    return ReformerConfig(vocab_size=b["vocab"], d_model=b["d_model"], n_heads=b["heads"], d_head=b["d_head"],
+                          d_ff=b["d_ff"], n_layers=b["layers"], n_hashes=b["hashes"], chunk_len=b["chunk"],
+                          axial_pos_shape=axial_shape(length), ff_chunk_len=16384, loss_chunk_len=16384,
+                          head_groups=head_groups)
+
+
+def build_ours(length: int, device: str, dtype: torch.dtype, head_groups: int = 0):
+    from reformer_dist import ReformerLM
+
+    cfg = build_config(length, head_groups)
     model = ReformerLM(cfg).to(device)
     if dtype != torch.float32:
         model = model.to(dtype)
@@ -116,7 +125,13 @@ def build_dense(length: int, device: str, dtype: torch.dtype):
     return model, step
 
 
-SYSTEMS = {"ours": build_ours, "hf": build_hf, "reformer-pytorch": build_reformer_pytorch, "dense-sdpa": build_dense}
+def build_ours_grouped(length: int, device: str, dtype: torch.dtype):
+    """Ours with model.head_groups = n_heads (one head per group) at every length: the cost of grouping."""
+    return build_ours(length, device, dtype, head_groups=BENCH["heads"])
+
+
+SYSTEMS = {"ours": build_ours, "ours-grouped": build_ours_grouped, "hf": build_hf,
+           "reformer-pytorch": build_reformer_pytorch, "dense-sdpa": build_dense}
 
 
 def model_flops(params: int, length: int, layers: int = BENCH["layers"], hashes: int = BENCH["hashes"],
@@ -132,7 +147,7 @@ def is_oom(e: BaseException) -> bool:
 
 def measure(name: str, length: int, device: str, steps: int, optimizer: bool) -> dict:
     """tokens/s and peak memory of `steps` timed steps after one warm-up step."""
-    amp = device == "cuda" and name in ("ours", "dense-sdpa")
+    amp = device == "cuda" and name in ("ours", "ours-grouped", "dense-sdpa")
     model, step = SYSTEMS[name](length, device, torch.float32)
     model.train()
     params = sum(p.numel() for p in model.parameters())
@@ -212,6 +227,13 @@ def main() -> None:
         for l2, name, r in rows:
             if l2 == length and hf_tps:
                 r["vs_hf"] = r["tok_s"] / hf_tps
+        ours = {n: r for l2, n, r in rows if l2 == length and n in ("ours", "ours-grouped")}
+        if len(ours) == 2:  # the step-time cost of head groups at this length, same run
+            cost = ours["ours-grouped"]["step_s"] / ours["ours"]["step_s"] - 1
+            ours["ours-grouped"]["grouping_cost"] = cost
+            default = build_config(length).head_groups_for(length)
+            print(f"{'':>17} L={length:>8}: one head per group costs {100 * cost:+.1f}% step time vs the default "
+                  f"(model.head_groups = 0: {default} group(s) at this length)")
     if args.find_max and dev == "cuda":
         length, best = lengths[-1], None
         while True:

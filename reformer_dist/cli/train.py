@@ -32,6 +32,7 @@ import torch.distributed.distributed_c10d as c10d
 from reformer_dist.data.errors import DataError
 from reformer_dist.data.loader import WindowLoader
 from reformer_dist.data.store import BUILTIN, TokenStore
+from reformer_dist.model.memory import GIB, predicted_peak
 from reformer_dist.ondisk import CheckpointError
 from reformer_dist.parallel.collectives import broadcast_object
 from reformer_dist.parallel.env import DistEnv, discover, export_env, free_port, intra_op_threads
@@ -56,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="auto: newest complete checkpoint of this run (fresh start if none); PATH: a checkpoint "
                         "folder, a checkpoint root, or a `reformer-ckpt reshard` output (resume on another "
                         "number of ranks, same global batch)")
-    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and DeepSpeed dict, exit")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, DeepSpeed dict and "
+                                                          "the predicted peak memory per GPU, exit")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             print("# batch plan:", json.dumps(dataclasses.asdict(plan)))
             print(f"# intra-op threads per rank: {threads[0]} ({threads[1]})")
             print("# deepspeed config:", json.dumps(ds_config, indent=2))
+            print(predicted_memory(cfg, plan, ds_config))
             if store is not None:
                 print(f"# data: {store!r}")
             else:
@@ -138,6 +141,17 @@ def main(argv: list[str] | None = None) -> int:
                       "training", file=sys.stderr)
         return 0
     return _train(cfg, plan, ds_config, env, store, args.resume, on_cuda, threads)
+
+
+def predicted_memory(cfg: RunConfig, plan: BatchPlan, ds_config: dict) -> str:
+    """One comment line: the memory model's predicted peak per GPU of a training step of this run."""
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
+    m = predicted_peak(cfg.model, cfg.data.seq_len, micro_batch=plan.micro_batch, compute_bytes=2 if bf16 else 4,
+                       sequence_parallel=plan.sp_size, ulysses=cfg.parallel.heads_group_size)
+    return (f"# predicted peak per GPU: {m['peak'] / GIB:.1f} GiB = activations {m['activations'] / GIB:.1f} GiB "
+            f"({m['per_token']:.0f} B/token x {plan.micro_batch} x {cfg.data.seq_len // plan.sp_size} tokens per GPU, "
+            f"{'bf16' if bf16 else 'fp32'} compute, {m['groups']} head group(s)) + {m['constants'] / GIB:.1f} GiB "
+            "weights, gradients, Adam and CUDA context (memory model: reformer_dist/model/memory.py)")
 
 
 def check_data_plan(cfg: RunConfig, plan: BatchPlan, store: TokenStore) -> str | None:

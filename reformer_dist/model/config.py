@@ -28,6 +28,9 @@ DOCUMENT_SETTINGS = ("document_masking", "reset_positions")
 ACTIVATIONS = ("relu", "gelu", "silu")
 # attention cores (kernels.chunked_attention): "auto" picks the fused kernel on CUDA, else a PyTorch core
 ATTENTION_BACKENDS = ("auto", "reference", "blockwise", "triton")
+# head_groups = 0: sequences of at least this many tokens recompute attention one head per group (memory), shorter
+# ones all heads at once (speed); docs/sequence_parallel.md "Head groups"
+HEAD_GROUPS_FROM = 65536
 
 
 def _int(lo: int) -> Any:
@@ -85,8 +88,12 @@ class ReformerConfig(Section):
     dropout: float = opt(0.0, all_of(of_type(float), _dropout), "dropout probability")
     activation: str = opt("relu", all_of(of_type(str), choice(*ACTIVATIONS)), "feed-forward activation")
     layer_norm_eps: float = opt(1e-12, all_of(of_type(float), positive_number), "LayerNorm epsilon")
-    ff_chunk_len: int = opt(4096, _int(0), "tokens per feed-forward chunk (0 = no chunking)")
+    ff_chunk_len: int = opt(4096, _int(0), "tokens per feed-forward chunk (0 = no chunking); also the token chunk "
+                            "of a head group's projections (head_groups)")
     loss_chunk_len: int = opt(4096, _int(1), "tokens per LM-head/cross-entropy chunk")
+    head_groups: int = opt(0, _int(0), "head groups of the attention block's reversible recompute and backward "
+                           "(must divide n_heads); 0 = by length: 1 below 65536 tokens, else one head "
+                           "per group (per Ulysses rank)")
     axial_pos_shape: list[int] = opt([64, 64], all_of(of_type(ListOf(int)), _axial_shape),
                                      "axial position shape [a, b]: sequences up to a*b tokens")
     axial_pos_dims: list[int] | None = opt(None, of_type(ListOf(int), None),
@@ -129,6 +136,8 @@ class ReformerConfig(Section):
         need(len(self.axial_pos_dims) == 2 and all(x >= 1 for x in self.axial_pos_dims)
              and sum(self.axial_pos_dims) == self.d_model,
              "axial_pos_dims", f"expected two positive integers summing to d_model={self.d_model}")
+        need(self.head_groups == 0 or self.n_heads % self.head_groups == 0, "head_groups",
+             f"expected 0 (by length) or a divisor of n_heads={self.n_heads}")
         if self.causal:
             need(self.n_chunks_after == 0, "n_chunks_after", "must be 0 for a causal model (it would only see masked keys)")
             need(self.local_n_chunks_after == 0, "local_n_chunks_after", "must be 0 for a causal model")
@@ -170,6 +179,21 @@ class ReformerConfig(Section):
         if nb > limit:
             return [2 ** (p // 2), 2 ** (p - p // 2)]
         return [nb]
+
+    def head_groups_for(self, seq_len: int, ulysses: int = 1) -> int:
+        """Head groups of the reversible attention recompute for a (whole, padded) sequence of ``seq_len`` tokens
+        whose heads are split over ``ulysses`` ranks: ``head_groups`` if set, else 1 below
+        ``HEAD_GROUPS_FROM`` tokens (the attention term is small there and fewer, larger kernels are faster),
+        else ``n_heads / ulysses`` (one head per group on each rank: the least memory). Raises ValueError when
+        a set value does not divide the heads of one rank (each group is split evenly over the Ulysses ranks).
+        """
+        per_rank = self.n_heads // ulysses
+        if self.head_groups:
+            if per_rank % self.head_groups:
+                raise ValueError(f"head_groups: {self.head_groups} must divide the {per_rank} heads of each of the "
+                                 f"{ulysses} Ulysses ranks (n_heads={self.n_heads})")
+            return self.head_groups
+        return 1 if seq_len < HEAD_GROUPS_FROM else per_rank
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
+from reformer_dist.model.head_groups import HeadLinear
 from reformer_dist.model.local_attention import LocalSelfAttention
 from reformer_dist.model.lsh_attention import LSHSelfAttention
 from reformer_dist.model.rng import RNGState, replay
@@ -81,15 +82,22 @@ class AttentionBlock(nn.Module):
             self.attn: nn.Module = LSHSelfAttention(cfg, layer_idx)
         else:
             self.attn = LocalSelfAttention(cfg, layer_idx, full=(kind == "full"))
-        self.out = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=False)
+        self.out = HeadLinear(cfg.n_heads * cfg.d_head, cfg.d_model, cfg.d_head, heads_in=True)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
-        x = x.to(self.norm.weight.dtype)
-        xn = self.norm(x)
+    def normed(self, x: Tensor) -> Tensor:
+        """LayerNorm(x), in the autocast dtype when autocast is on."""
+        xn = self.norm(x.to(self.norm.weight.dtype))
         if torch.is_autocast_enabled(xn.device.type):
             # cast once: autocast would make (and each projection's backward keep) a copy per projection
             xn = xn.to(torch.get_autocast_dtype(xn.device.type))
+        return xn
+
+    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
+        """F(x) with all heads at once (``model.head_groups``: the reversible stack's grouped path is
+        ``head_groups.add_forward`` / ``head_groups.backward``)."""
+        x = x.to(self.norm.weight.dtype)
+        xn = self.normed(x)
         with _NormRecompute(x, xn, self.norm).hooks():
             h = self.attn(xn, ctx)
         return _dropout(self.out(h), self.dropout, self.training)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from reformer_dist.kernels.chunked_attention import chunked_attention
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
+from reformer_dist.model.head_groups import HeadLinear
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_len: int, n_before: int, n_after: int,
@@ -50,14 +51,18 @@ class LocalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.full = full
         inner = cfg.n_heads * cfg.d_head
-        self.query = nn.Linear(cfg.d_model, inner, bias=False)
-        self.key = nn.Linear(cfg.d_model, inner, bias=False)
-        self.value = nn.Linear(cfg.d_model, inner, bias=False)
+        self.query = HeadLinear(cfg.d_model, inner, cfg.d_head, heads_in=False)
+        self.key = HeadLinear(cfg.d_model, inner, cfg.d_head, heads_in=False)
+        self.value = HeadLinear(cfg.d_model, inner, cfg.d_head, heads_in=False)
+
+    def projections(self) -> tuple[HeadLinear, ...]:
+        """The input projections, in the order ``attend`` takes their outputs."""
+        return self.query, self.key, self.value
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         b, l, _ = x.shape
         hd = (self.cfg.n_heads, self.cfg.d_head)
-        q, k, v = (proj(x).view(b, l, *hd) for proj in (self.query, self.key, self.value))
+        q, k, v = (proj(x).view(b, l, *hd) for proj in self.projections())
         return ctx.attend(self.attend, q, k, v).reshape(b, l, -1)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from reformer_dist.kernels.chunked_attention import chunked_attention
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
+from reformer_dist.model.head_groups import HeadLinear
 from reformer_dist.model.hashing import hash_buckets, layer_seed, make_rotations, sort_buckets
 
 
@@ -77,8 +78,12 @@ class LSHSelfAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer_idx = layer_idx
-        self.query_key = nn.Linear(cfg.d_model, cfg.n_heads * cfg.d_head, bias=False)
-        self.value = nn.Linear(cfg.d_model, cfg.n_heads * cfg.d_head, bias=False)
+        self.query_key = HeadLinear(cfg.d_model, cfg.n_heads * cfg.d_head, cfg.d_head, heads_in=False)
+        self.value = HeadLinear(cfg.d_model, cfg.n_heads * cfg.d_head, cfg.d_head, heads_in=False)
+
+    def projections(self) -> tuple[HeadLinear, ...]:
+        """The input projections, in the order ``attend`` takes their outputs."""
+        return self.query_key, self.value
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         b, l, _ = x.shape

@@ -6,14 +6,16 @@ makes gradient parity testable. Activation memory does not grow with depth: the 
 the two final streams, and its backward works in place on them: x2 = y2 - G(y1) and x1 = y1 - F(x2) are
 rebuilt into the same buffers, the stream gradients are accumulated in place, G is recomputed and
 backpropagated chunk by chunk, and F's output is freed before F's backward runs (its gradient edge is
-all the backward needs). The streams are kept in fp32 whatever the compute dtype, because rebuilding
-x = y - F(...) in bf16 drifts over many layers.
+all the backward needs). With ``model.head_groups`` G > 1 (by default at long sequences), F runs forward,
+recompute and backward one head group at a time (``head_groups.py``). The streams are kept in fp32
+whatever the compute dtype, because rebuilding x = y - F(...) in bf16 drifts over many layers.
 """
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
+from reformer_dist.model import head_groups
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.layers import AttentionBlock, FeedForwardBlock
@@ -42,7 +44,8 @@ def _own(grad: Tensor | None, like: Tensor) -> Tensor:
 
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x1: Tensor, x2: Tensor, blocks: nn.ModuleList, actx: AttentionContext, record_rng: bool):
+    def forward(ctx, x1: Tensor, x2: Tensor, blocks: nn.ModuleList, actx: AttentionContext, record_rng: bool,
+                groups: int):
         device = x1.device
         states = []
         with torch.no_grad():
@@ -51,12 +54,15 @@ class _ReversibleFunction(torch.autograd.Function):
             y2 = x2.to(stream_dtype(x2), copy=True)
             for blk in blocks:
                 s_f = RNGState(device) if record_rng else None
-                y1.add_(blk.f(y2, actx))
+                if groups == 1:
+                    y1.add_(blk.f(y2, actx))
+                else:  # one head group at a time (head_groups.py), undone in the same groups in backward
+                    head_groups.add_forward(blk.f, y2, actx, groups, y1)
                 s_g = RNGState(device) if record_rng else None
                 for s, e in blk.g.chunks(y1.shape[1]):
                     y2[:, s:e].add_(blk.g.forward_chunk(y1[:, s:e]))
                 states.append((s_f, s_g))
-        ctx.blocks, ctx.actx, ctx.states, ctx.consumed = blocks, actx, states, False
+        ctx.blocks, ctx.actx, ctx.states, ctx.consumed, ctx.groups = blocks, actx, states, False, groups
         ctx.autocast = (device.type, torch.is_autocast_enabled(device.type),
                         torch.get_autocast_dtype(device.type))
         ctx.save_for_backward(y1, y2)
@@ -86,6 +92,10 @@ class _ReversibleFunction(torch.autograd.Function):
                         y2[:, s:e].sub_(gc)
                         dy1[:, s:e].add_(y1c.grad)
                     del gc, y1c
+            if ctx.groups > 1:  # rebuild x1 and backpropagate F one head group at a time (head_groups.py)
+                with replay(s_f):
+                    head_groups.backward(blk.f, y2, y1, dy1, dy2, ctx.actx, ctx.groups, autocast)
+                continue
             with replay(s_f), autocast, torch.enable_grad():
                 x2c = y2.detach().requires_grad_(True)
                 fo = blk.f(x2c, ctx.actx).to(y1.dtype)
@@ -97,7 +107,7 @@ class _ReversibleFunction(torch.autograd.Function):
             with torch.no_grad():
                 dy2.add_(x2c.grad)
             del edge, x2c
-        return dy1, dy2, None, None, None
+        return dy1, dy2, None, None, None, None
 
 
 class ReformerStack(nn.Module):
@@ -106,13 +116,15 @@ class ReformerStack(nn.Module):
     def __init__(self, cfg: ReformerConfig):
         super().__init__()
         self.blocks = nn.ModuleList(ReformerBlock(cfg, i) for i in range(cfg.n_layers))
+        self.cfg = cfg
         self.reversible = cfg.reversible
         self.record_rng = cfg.dropout > 0
 
     def forward(self, x1: Tensor, x2: Tensor, actx: AttentionContext) -> tuple[Tensor, Tensor]:
         x1, x2 = x1.to(stream_dtype(x1)), x2.to(stream_dtype(x2))
         if self.reversible and torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad):
-            return _ReversibleFunction.apply(x1, x2, self.blocks, actx, self.record_rng and self.training)
+            groups = head_groups.stack_groups(self.cfg, x1.shape[1], actx)
+            return _ReversibleFunction.apply(x1, x2, self.blocks, actx, self.record_rng and self.training, groups)
         for blk in self.blocks:
             x1 = x1 + blk.f(x2, actx).to(x1.dtype)
             x2 = x2 + blk.g(x1).to(x2.dtype)

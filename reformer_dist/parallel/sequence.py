@@ -106,8 +106,12 @@ def check_layout(cfg: ReformerConfig, length: int, parallel: ParallelConfig) -> 
     sp_size, ulysses_size = parallel.sequence_parallel_size, parallel.heads_group_size
     if cfg.n_heads % ulysses_size:
         raise ConfigError(f"parallel.ulysses_size={ulysses_size} must divide model.n_heads={cfg.n_heads} (Ulysses "
-                         f"shards heads; leave parallel.ulysses_size unset for the largest size that divides both "
-                         f"model.n_heads and parallel.sequence_parallel_size={sp_size})")
+                          f"shards heads; leave parallel.ulysses_size unset for the largest size that divides both "
+                          f"model.n_heads and parallel.sequence_parallel_size={sp_size})")
+    try:
+        cfg.head_groups_for(length, ulysses_size)
+    except ValueError as e:
+        raise ConfigError(f"model.{e} (parallel.ulysses_size={ulysses_size})") from None
     mult = cfg.pad_multiple()
     if length % sp_size or length % mult:
         raise ConfigError(f"data.seq_len={length} must be a multiple of parallel.sequence_parallel_size={sp_size} "

@@ -153,3 +153,49 @@ def test_documents_stay_apart_under_ulysses_sp2(tmp_path):
     keep[s : e + 1] = False
     assert torch.equal(a[0, keep], b[0, keep])
     assert not torch.allclose(a[0, s + 1 : e], b[0, s + 1 : e])
+
+
+def ungrouped(model: ReformerLM) -> ReformerLM:
+    """The same weights with model.head_groups = 1 (all heads at once)."""
+    cfg = ReformerConfig(**{**model.cfg.to_dict(), "head_groups": 1})
+    out = ReformerLM(cfg).to(next(model.parameters()).dtype)
+    out.load_state_dict(model.state_dict())
+    return out
+
+
+def test_head_groups_under_ulysses_sp2_float64(tmp_path):
+    """model.head_groups = 2 under Ulysses SP=2 (one head of each group per rank), float64, packed documents:
+    every gradient equals the single-process ungrouped model's to rounding (1e-10 relative)."""
+    layers = ["lsh", "local", "full"]
+    (tmp_path / "opts.json").write_text(json.dumps({"float64": True, "eod_id": 1}))
+    g = torch.Generator().manual_seed(4)
+    data = torch.randint(2, 50, (1, 129), generator=g)
+    data[0, [30, 61, 100]] = 1  # document ends: 4 documents, two of them straddling the ranks' slices
+    res, _, _, model = run_sp(tmp_path, layers, nproc=2, sp_size=2, dp=1, data=data, head_groups=2)
+    assert model.cfg.head_groups_for(128, ulysses=2) == 2
+    from reformer_dist.model.documents import document_ids
+
+    ref = ungrouped(model).double()
+    w = data[0]
+    loss = ref(w[:-1].unsqueeze(0), w[1:].unsqueeze(0), hash_seed=11,
+               document_ids=document_ids(w[:-1].unsqueeze(0), 1))
+    loss.backward()
+    torch.testing.assert_close(res["losses"], torch.tensor([loss.item()] * 2, dtype=torch.float32), rtol=1e-6, atol=0)
+    for k, p in ref.named_parameters():
+        assert res["grads"][k].dtype == torch.float64
+        scale = p.grad.abs().max().item()
+        assert scale > 0, k
+        assert (res["grads"][k] - p.grad).abs().max().item() <= 1e-10 * scale, k
+
+
+def test_head_groups_under_bucket_sharded_sp2(tmp_path):
+    """model.head_groups = 2 with bucket sharding (K = 2 ranks over the sorted order), fp32: equal to the
+    single-process ungrouped model within float rounding."""
+    data = skewed_window(2)
+    res, _, _, model = run_sp(tmp_path, ["lsh", "local", "lsh"], nproc=2, sp_size=2, dp=1, ulysses_size=1, data=data,
+                              n_hashes=3, axial_norm_std=1e-3, head_groups=2)
+    ref = ungrouped(model)
+    loss = ref(data[0, :-1].unsqueeze(0), data[0, 1:].unsqueeze(0), hash_seed=11)
+    loss.backward()
+    torch.testing.assert_close(res["losses"], torch.tensor([loss.item()] * 2), rtol=1e-5, atol=0)
+    assert_grads_close(res["grads"], {k: p.grad for k, p in ref.named_parameters()})

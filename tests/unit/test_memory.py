@@ -6,7 +6,7 @@ Design (fp32, d = n_heads * d_head, R rounds, H heads; per token of sequence):
   recipe over the stream, not values (``layers._NormRecompute``);
 - a training step's peak holds the two streams and their gradients (4 d_model), plus one layer's
   attention backward: qk, v, out, d(out), d(qk), d(v) (6 d): 10 * d_model floats when d == d_model;
-  independent of depth.
+  independent of depth. With model.head_groups = G only one group's share of the latter exists: 6 d / G.
 """
 
 from __future__ import annotations
@@ -112,3 +112,33 @@ def test_bf16_autocast_step_is_finite_and_close_to_fp32():
     assert abs(losses[torch.bfloat16] - losses[torch.float32]) < 0.02 * losses[torch.float32]
     cos = torch.nn.functional.cosine_similarity(grads[torch.bfloat16], grads[torch.float32], dim=0)
     assert cos > 0.99, cos
+
+
+def test_head_groups_peak_is_linear_below_design_and_flat_in_depth():
+    """model.head_groups = G: the attention term of the peak becomes 6 d / G floats per token (one head group's
+    qk, v, out, d(out), d(qk), d(v)); the streams and their gradients (4 d_model floats) stay, so beyond a few
+    groups the peak per token flattens towards them. Exact tracked allocations, fp32."""
+    slopes, peaks = {}, {}
+    for groups, layers in ((2, 2), (4, 2), (4, 4)):  # G = 1: test_training_step_peak_is_linear_flat_in_depth...
+        for length in (1024, 2048):
+            torch.manual_seed(0)
+            model = ReformerLM(cfg(n_layers=layers, head_groups=groups))
+            ids = torch.randint(0, 32, (1, length))
+            model.loss(ids[:, :256], hash_seed=3).backward()  # parameter gradients exist before the count
+            with AllocationTracker() as t:
+                model.loss(ids, hash_seed=3).backward()
+            peaks[groups, layers, length] = t.peak_bytes
+        slopes[groups, layers] = (peaks[groups, layers, 2048] - peaks[groups, layers, 1024]) / 1024
+    for g in (2, 4):
+        ints = 4 * (R * H + 3 * H) / g + 4 * 4  # LayerNorm statistics once per input projection
+        design = 4 * (4 * D + 6 * D / g) + ints
+        assert 4 * 4 * D <= slopes[g, 2] <= design * 1.05, (g, slopes[g, 2], design)
+    # the term really divides by G: halving a group's heads removes half of it
+    drop = slopes[2, 2] - slopes[4, 2]
+    expect = 4 * 6 * D * (1 / 2 - 1 / 4) + 4 * (R * H + 3 * H) * (1 / 2 - 1 / 4)
+    assert abs(drop - expect) <= 0.15 * expect, (drop, expect)
+    # deeper stacks add parameters and their gradients, not activations
+    params = sum(p.numel() for p in ReformerLM(cfg(n_layers=4)).parameters()) - \
+        sum(p.numel() for p in ReformerLM(cfg(n_layers=2)).parameters())
+    for length in (1024, 2048):
+        assert peaks[4, 4, length] - peaks[4, 2, length] <= 4 * 2 * params + 64 * 1024, (length, peaks)

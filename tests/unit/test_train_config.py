@@ -67,6 +67,9 @@ def err(tmp_path: Path, toml: str = "", overrides: tuple[str, ...] = ()) -> str:
          "n_layers = 2\n", (), "model.attn_layers[0] = 'full' needs the whole sequence"),
         ("[parallel]\nsequence_parallel_size = 8\nulysses_size = 1\n[data]\nseq_len = 128\n", (),
          "data.seq_len=128: each of the 8 bucket ranks"),
+        ("[model]\nhead_groups = 3\n", (), "model.head_groups: expected 0 (by length) or a divisor of n_heads=4"),
+        ("[parallel]\nsequence_parallel_size = 2\n[model]\nhead_groups = 4\n", (),
+         "model.head_groups: 4 must divide the 2 heads of each of the 2 Ulysses ranks"),
     ],
 )
 def test_errors_name_the_key(tmp_path, toml, overrides, starts):
@@ -213,6 +216,28 @@ def test_cli_dry_run_prints_the_resolved_plan(tmp_path):
                        timeout=600)
     assert p.returncode == 0, p.stderr
     assert '"train_batch_size": 16' in p.stdout and "[model]" in p.stdout
+
+
+def test_ten_million_config_is_predicted_to_fit_one_141gb_gpu(tmp_path):
+    """--dry-run prints the memory model's peak (reformer_dist/model/memory.py) for the run: 10M tokens of the
+    bench config on one GPU fit in 141 GB with one head per group, and would not without groups."""
+    import re
+
+    from reformer_dist.model.memory import GIB, predicted_peak
+
+    p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train", "--config",
+                        str(REPO / "configs/ten_million_1gpu.toml"), "--dry-run"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr
+    m = re.search(r"# predicted peak per GPU: ([0-9.]+) GiB .*, bf16 compute, 8 head group\(s\)", p.stdout)
+    assert m, p.stdout[-2000:]
+    cfg = load_run_config(REPO / "configs/ten_million_1gpu.toml")
+    assert cfg.data.seq_len >= 10_000_000
+    want = predicted_peak(cfg.model, cfg.data.seq_len, compute_bytes=2)
+    assert float(m.group(1)) == pytest.approx(want["peak"] / GIB, abs=0.05)
+    assert want["peak"] < 0.97 * 141e9
+    cfg.model.head_groups = 1
+    assert predicted_peak(cfg.model, cfg.data.seq_len, compute_bytes=2)["peak"] > 0.97 * 141e9
 
 
 def test_docs_config_table_lists_every_key():
