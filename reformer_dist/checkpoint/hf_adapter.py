@@ -64,7 +64,7 @@ HF_DEFAULTS: dict[str, Any] = {
 # switch: our non-reversible stack computes the same thing); export keeps them under this key so that
 # import-hf restores them; a foreign HF checkpoint gets our defaults.
 EXTRA_KEY = "reformer_dist"
-_NON_HF_FIELDS = ("reversible", "ff_chunk_len", "loss_chunk_len", "init_std", "attention_backend")
+_NON_HF_FIELDS = ("reversible", "ff_chunk_len", "loss_chunk_len", "init_std", "attention_backend", "head_groups")
 
 
 class UnsupportedConfigError(ValueError):

@@ -137,7 +137,7 @@ def test_import_refuses_configs_we_cannot_express(change, field):
 
 def test_config_round_trip_and_mapping():
     cfg = _config(**CONFIGS["local_lsh_mix"], n_buckets=[4, 8], hash_seed=7, dropout=0.1, reversible=False,
-                  ff_chunk_len=16, loss_chunk_len=32)
+                  ff_chunk_len=16, loss_chunk_len=32, head_groups=2)  # head_groups: kept through HF (#23)
     hf = to_hf_config(cfg)
     assert (hf["hidden_size"], hf["attention_head_size"], hf["feed_forward_size"], hf["num_buckets"]) == (32, 16, 48, [4, 8])
     assert (hf["lsh_attn_chunk_length"], hf["local_attn_chunk_length"], hf["max_position_embeddings"]) == (64, 8, 64)
