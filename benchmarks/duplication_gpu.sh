@@ -11,15 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-$PWD/duplication_gpu_out}
 mkdir -p "$OUT_DIR"
-PY=${PYTHON:-python3}
-if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
-if ls .whl/*.whl >/dev/null 2>&1 && ! $PY -c "import deepspeed" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --target .site .whl/*.whl
-  export PYTHONPATH="$PWD/.site:$PWD:${PYTHONPATH:-}"
-else
-  export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-fi
-export TORCH_CUDA_ARCH_LIST=9.0 TORCH_EXTENSIONS_DIR="$PWD/.torch_extensions" HF_HUB_OFFLINE=1
+source benchmarks/gpu_env.sh  # $PY, carried DeepSpeed wheels, the shared environment
 
 if [ "${1:-}" = "--dry-run" ]; then
   exec $PY benchmarks/long_context.py table2 --smoke --set variants=lsh4 --out "$OUT_DIR/table2"

@@ -22,20 +22,7 @@ DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 OUT_DIR=${OUT:-$PWD/gpu_suite_out}
 mkdir -p "$OUT_DIR"
-PY=${PYTHON:-python3}
-if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
-
-# deepspeed is an sdist and the machine is offline: install the carried wheels into .site
-if ls .whl/*.whl >/dev/null 2>&1 && ! $PY -c "import deepspeed" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --target .site .whl/*.whl
-  export PYTHONPATH="$PWD/.site:$PWD:${PYTHONPATH:-}"
-else
-  export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-fi
-export TORCH_CUDA_ARCH_LIST=9.0          # the image's "9.0a" breaks DeepSpeed's op builder
-export TORCH_EXTENSIONS_DIR="$PWD/.torch_extensions"
-export HF_HUB_OFFLINE=1
-export TRITON_CACHE_DIR="$PWD/.triton_cache"   # one cache for every step: a specialisation compiles once
+source benchmarks/gpu_env.sh  # $PY, carried DeepSpeed wheels, the shared environment
 
 declare -a NAMES STATUS SECS
 step() {  # step NAME TIMEOUT CMD...: run with a ceiling, record status and seconds, keep going
