@@ -149,15 +149,21 @@ def bench_cases() -> list[Case]:
 
 
 def gpu_test_cases() -> list[Case]:
-    """tests/gpu/test_cuda_attention.py's core cases (D = 64), fp32 and bf16, and its model tests."""
+    """tests/gpu/test_cuda_attention.py's core cases, fp32 and bf16."""
     cases = []
-    rows = [(1024, 4, 64, 2, 1, 0, True, True, True, False, False), (2048, 2, 64, 4, 1, 0, True, True, False, False, True),
-            (1024, 4, 64, 2, 1, 1, False, True, True, True, False), (1536, 2, 32, 3, 2, 0, True, True, False, False, False),
-            (1024, 4, 128, 0, 1, 0, True, False, False, False, False), (1024, 4, 256, 2, 1, 0, True, True, True, False, False)]
+    # L, H, D, M, R, n_before, n_after, causal, shared_qk, padded, bucket, dedup
+    rows = [(1024, 4, 64, 64, 2, 1, 0, True, True, True, False, False),
+            (2048, 2, 64, 64, 4, 1, 0, True, True, False, False, True),
+            (1024, 4, 64, 64, 2, 1, 1, False, True, True, True, False),
+            (1536, 2, 64, 32, 3, 2, 0, True, True, False, False, False),
+            (1024, 4, 64, 128, 0, 1, 0, True, False, False, False, False),
+            (1024, 4, 64, 256, 2, 1, 0, True, True, True, False, False),
+            (2048, 2, 128, 256, 0, 1, 1, False, False, False, False, False),
+            (2048, 2, 128, 128, 4, 1, 0, True, True, False, False, True)]
     for dtype in ("float32", "bfloat16"):
-        for length, h, m, r, nb, na, causal, shared, valid, bucket, dedup in rows:
-            cases.append(Case(f"tests/gpu L{length} M{m}", 1, length, h, 64, m, r, nb, na, causal, dtype, shared, valid,
-                              bucket=bucket, dedup=dedup))
+        for length, h, d, m, r, nb, na, causal, shared, valid, bucket, dedup in rows:
+            cases.append(Case(f"tests/gpu L{length} M{m} D{d}", 1, length, h, d, m, r, nb, na, causal, dtype, shared,
+                              valid, bucket=bucket, dedup=dedup))
     return cases
 
 
@@ -167,7 +173,8 @@ def extreme_cases() -> list[Case]:
     for dtype in ("bfloat16", "float16", "float32"):
         cases.append(Case("extreme chunk256 d128 all masks", 2, 4096, 2, 128, 256, 4, 2, 1, True, dtype, True, True,
                           True, True, True, True))
-        cases.append(Case("extreme local chunk256 d128", 2, 4096, 2, 128, 256, 0, 1, 1, False, dtype, False, True, True))
+        cases.append(Case("extreme local chunk256 d128", 2, 4096, 2, 128, 256, 0, 1, 1, False, dtype, False, True,
+                          True))
         cases.append(Case("one chunk of 37", 1, 37, 2, 64, 37, 0, 0, 0, True, dtype, True, True))
     cases.append(Case("batch 5 x 1M x 8 heads (offsets > 2^31)", 5, 1 << 20, 8, 64, 64, 2, 1, 0, True, "bfloat16"))
     return cases
@@ -344,7 +351,7 @@ def work(cases: list[Case], archs: list[int], ir: bool, tiles: tuple[int, ...] |
                         ms = [metrics[i] for i in used[kern] if i in metrics]
                         r = Result(f"{c.name} {c.dtype}", arch, kern, triton.__version__, compiles=len(used[kern]),
                                    error=error if not ms else "",
-                                   tiles="" if t is None else f"{t.bq}x{t.bk}x{t.block_d} w{t.num_warps} s{t.num_stages}")
+                                   tiles="" if t is None else tile_label(t))
                         if ms:
                             r.regs = max(m["regs"] for m in ms)
                             r.spills = max(m["spills"] for m in ms)
@@ -463,12 +470,17 @@ def expected_tiles(c: Case, override: str | None) -> str:
     if override:
         bq, bk, w, st = (int(x) for x in override.split(","))
         t = Tiles(bq, bk, t.block_d, w, st)
+    return tile_label(t)
+
+
+def tile_label(t) -> str:
+    """How a result records its tiles (q x k x D, warps, stages): the cache key's tile part."""
     return f"{t.bq}x{t.bk}x{t.block_d} w{t.num_warps} s{t.num_stages}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="90,80", help="compute capabilities to compile for (default 90,80)")
     ap.add_argument("--cases", default="shipped,bench,gpu-tests,extreme",
                     help=f"comma-separated case sets: {', '.join(CASE_SETS)}")
@@ -525,8 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         case = asdict(by_key[r["case"]])
         r["failures"] = problems_of(r, case)
         flag = "  FAIL: " + "; ".join(r["failures"]) if r["failures"] else ""
-        print(f"| {r['triton']} | sm_{r['arch']} | {r['label']}{' pad' if case['valid'] else ''} | "
-              f"{r['kernel']} | {r['tiles']} | {r['regs']} | {r['spills']} | {r['shared']} | {r['seconds']:.1f} |{flag}")
+        print(f"| {r['triton']} | sm_{r['arch']} | {r['label']}{' pad' if case['valid'] else ''} | {r['kernel']} | "
+              f"{r['tiles']} | {r['regs']} | {r['spills']} | {r['shared']} | {r['seconds']:.1f} |{flag}")
         if r["failures"]:
             failures.append(r)
     worst = max((r["seconds"] for r in rows), default=0.0)

@@ -33,8 +33,9 @@ def _env() -> dict:
 def test_oversized_tile_is_caught(tmp_path):
     # 128 x 128 tiles of a 128-wide head, 3 stages: the backward asks for 197632 B and more, over sm_80's 166912 B
     out = tmp_path / "r.json"
-    run = subprocess.run([sys.executable, str(TOOL), "--cases", "extreme", "--only", "extreme local chunk256 d128 bfloat16",
-                          "--arch", "80", "--tiles", "128,128,8,3", "--no-cache", "--json", str(out)],
+    run = subprocess.run([sys.executable, str(TOOL), "--cases", "extreme", "--only",
+                          "extreme local chunk256 d128 bfloat16", "--arch", "80", "--tiles", "128,128,8,3",
+                          "--no-cache", "--json", str(out)],
                          capture_output=True, text=True, env=_env(), timeout=600)
     assert run.returncode == 1, run.stdout + run.stderr
     rows = json.loads(out.read_text())["rows"]
@@ -121,7 +122,8 @@ def test_the_model_kernels_pass_the_ir_check_and_compile_once_for_every_head(tmp
 def test_tiles_never_span_a_whole_long_chunk(m, d, dtype):
     t = triton_lsh.tiles_for(m, d, dtype)
     assert t.bq <= 64 and t.bk <= 64 and t.block_d >= d
-    assert t.bq <= max(16, triton_lsh.triton.next_power_of_2(m)) and t.bk <= max(16, triton_lsh.triton.next_power_of_2(m))
+    fit = max(16, triton_lsh.triton.next_power_of_2(m))
+    assert t.bq <= fit and t.bk <= fit
 
 
 def test_unsupported_names_the_reason_and_accepts_what_the_check_verifies():
