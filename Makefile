@@ -39,7 +39,7 @@ quickstart: install
 	$(BIN)/reformer-train --config configs/quickstart.toml
 
 test: install compile-check
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q tests/unit

@@ -453,7 +453,11 @@ def run_env(triton_dir: str | None, cases: list[Case], archs: list[int], cache: 
                         f.write(json.dumps(rec) + "\n")
         if p.wait() != 0:
             raise SystemExit(f"triton_compile_check: the worker for Triton {version} failed (exit {p.returncode})")
-    if procs and cache_file is not None:  # one record per (case, arch, kernel), sorted: a reviewable diff
+    known = {c.key() for c in collect(list(CASE_SETS))}  # records of cases no set makes any more are dropped
+    dropped = [k for k in done if k[0] not in known]
+    for k in dropped:
+        del done[k]
+    if (procs or dropped) and cache_file is not None:  # one record per (case, arch, kernel), sorted: a readable diff
         tmp = cache_file.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(done[k]) + "\n" for k in sorted(done)))
         tmp.replace(cache_file)
