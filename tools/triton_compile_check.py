@@ -26,7 +26,7 @@ It prints a table (regs, spills, shared bytes, compile seconds per case x arch x
   python tools/triton_compile_check.py --cases bench --arch 90 --json out.json
 
 ``--triton DIR`` adds a Triton installed with ``pip install --target DIR triton==X`` (run in a subprocess
-with DIR first on the path). Results are cached by (kernel source hash, Triton version, arch, case) in
+with DIR first on the path). Results are cached by (kernel code hash, Triton version, arch, case, tiles) in
 ``--cache`` (default ``benchmarks/compile_table/``, committed): an unchanged kernel is not compiled again.
 """
 
@@ -413,7 +413,7 @@ def problems_of(r: dict, case: dict) -> list[str]:
 def run_env(triton_dir: str | None, cases: list[Case], archs: list[int], cache: Path | None,
             tiles: str | None) -> list[dict]:
     """Results of every case under one Triton (a side folder or this environment's), from the cache where the
-    kernel source, this script and the Triton version are unchanged. One worker process per arch."""
+    kernel code (``source_hash``), the Triton version and the case's tiles are unchanged. One worker per arch."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(d).resolve()) for d in [triton_dir] if d] + [str(ROOT)]
