@@ -372,20 +372,28 @@ CHECK_VERSION = "1"  # bump when what a worker measures changes: cached results 
 
 
 def source_hash() -> str:
-    """Hash of what decides the compiled code (the kernel module and the constants it reads, less the tile rule)
-    and of how it is measured (``CHECK_VERSION``); the case (shapes, dtype, flags) and the tiles it gets are each
-    cached record's key."""
+    """Hash of what decides the compiled code (the kernel module, less the tile rule, and the values of the
+    constants it imports from logits.py) and of how it is measured (``CHECK_VERSION``); the case (shapes,
+    dtype, flags) and the tiles it gets are each cached record's key. The rest of logits.py is host code of
+    the other cores: changing it compiles nothing again."""
     h = hashlib.sha256(CHECK_VERSION.encode())
-    for p in (ROOT / "reformer_dist/kernels/triton_lsh.py", ROOT / "reformer_dist/kernels/logits.py"):
-        tree = ast.parse(p.read_text())
-        # the tile rule is not hashed: each record carries the tiles it was compiled with and is reused only for them
-        tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name == "tiles_for")]
-        for node in ast.walk(tree):  # docstrings and comments do not change the code
-            body = getattr(node, "body", None)
-            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
-                    isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
-        h.update(ast.unparse(tree).encode())  # the code alone: formatting, comments and docstrings do not count
+    tree = ast.parse((ROOT / "reformer_dist/kernels/triton_lsh.py").read_text())
+    # the tile rule is not hashed: each record carries the tiles it was compiled with and is reused only for them
+    tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name == "tiles_for")]
+    for node in ast.walk(tree):  # docstrings and comments do not change the code
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    h.update(ast.unparse(tree).encode())  # the code alone: formatting, comments and docstrings do not count
+    from reformer_dist.kernels import logits
+
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module == "reformer_dist.kernels.logits":
+            for alias in node.names:
+                value = getattr(logits, alias.name)
+                if isinstance(value, (int, float)):
+                    h.update(f"{alias.name}={value!r}".encode())
     return h.hexdigest()[:16]
 
 

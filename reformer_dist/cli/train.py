@@ -35,13 +35,14 @@ from reformer_dist.data.store import BUILTIN, TokenStore
 from reformer_dist.model.memory import GIB, predicted_peak
 from reformer_dist.ondisk import CheckpointError
 from reformer_dist.parallel.collectives import broadcast_object
-from reformer_dist.parallel.env import DistEnv, discover, export_env, free_port, intra_op_threads
+from reformer_dist.parallel.env import DistEnv, ThreadPlan, discover, export_env, free_port, intra_op_threads
 from reformer_dist.training.config import (BatchPlan, ConfigError, RunConfig, describe_schema, load_run_config,
                                            plan_batches, to_toml)
 from reformer_dist.training.deepspeed_config import build_deepspeed_config
 from reformer_dist.training.native_ops import prefer_interpreter_ninja, skip_unused_ops
 from reformer_dist.training.resume import precheck_resume_path
 from reformer_dist.training.run_lock import RunLock, RunLockedError
+from reformer_dist.training.threads import candidates
 
 EXIT_USAGE = 2
 
@@ -129,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0:
             print(to_toml(cfg))
             print("# batch plan:", json.dumps(dataclasses.asdict(plan)))
-            print(f"# intra-op threads per rank: {threads[0]} ({threads[1]})")
+            print(f"# intra-op threads per rank: "
+                  + (f"auto, one of {candidates(threads.count)} ({threads.why})" if threads.auto
+                     else f"{threads.count} ({threads.why})"))
             print("# deepspeed config:", json.dumps(ds_config, indent=2))
             print(predicted_memory(cfg, plan, ds_config))
             if store is not None:
@@ -196,20 +199,27 @@ def check_output_folder(key: str, folder: Path) -> str | None:
 
 
 def _train(cfg: RunConfig, plan: BatchPlan, ds_config: dict, env: DistEnv, store: TokenStore, resume: str | None,
-           on_cuda: bool, threads: tuple[int, str]) -> int:
+           on_cuda: bool, threads: ThreadPlan) -> int:
     """Start the process group, take the run lock, train; the exit code."""
     if env.source == "single" and not os.environ.get("MASTER_PORT"):
         # several single-process runs may share a machine
         env = dataclasses.replace(env, master_port=free_port("127.0.0.1"))
     export_env(env)
-    torch.set_num_threads(threads[0])
+    if on_cuda:
+        threads = threads._replace(auto=False)  # GPU steps: the count hardly matters, and timing it is noise
+    torch.set_num_threads(threads.count)
     if env.rank == 0:
-        print(f"reformer-train: {threads[0]} intra-op thread{'s' if threads[0] > 1 else ''} per rank ({threads[1]}; "
-              "train.threads or OMP_NUM_THREADS sets it)", file=sys.stderr)
-        busy = _busy_cores(env.local_world_size * threads[0])
-        if busy and threads[0] > 1:
+        if threads.auto:
+            print(f"reformer-train: intra-op threads per rank: auto, the fastest of {candidates(threads.count)} by "
+                  f"measured step time, re-checked as the load changes (at most {threads.why}); train.threads or "
+                  "OMP_NUM_THREADS fixes the count", file=sys.stderr)
+        else:
+            print(f"reformer-train: {threads.count} intra-op thread{'s' if threads.count > 1 else ''} per rank "
+                  f"({threads.why}; train.threads or OMP_NUM_THREADS sets it)", file=sys.stderr)
+        busy = _busy_cores(env.local_world_size * threads.count)
+        if busy and threads.count > 1 and not threads.auto:
             print(f"reformer-train: note: {busy}; with other work on these cores, fewer threads are often several "
-                  "times faster (--set train.threads=1)", file=sys.stderr)
+                  "times faster (--set train.threads=1, or \"auto\", the default)", file=sys.stderr)
     if on_cuda:
         torch.cuda.set_device(env.local_rank)
         device = torch.device("cuda", env.local_rank)
@@ -237,7 +247,7 @@ def _train(cfg: RunConfig, plan: BatchPlan, ds_config: dict, env: DistEnv, store
     locks = _run_locks(cfg) if env.rank == 0 else []
     try:
         _take_locks(locks)
-        outcome = Trainer(cfg, plan, ds_config, env, store, resume, device).fit()
+        outcome = Trainer(cfg, plan, ds_config, env, store, resume, device, threads).fit()
         code = outcome.exit_code
     except (CheckpointError, DataError, RunLockedError) as e:
         code = _fail(str(e))

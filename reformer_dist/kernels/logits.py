@@ -5,7 +5,7 @@ M chunk length, n query chunks of a block, W = (1 + n_before + n_after) * M keys
 
 Masks work by replacement (HF semantics): keys hidden by causality, padding or bucket get ``MASK_VALUE``;
 then a query's own position gets ``SELF_MASK_VALUE``, so a token attends to itself only when nothing else
-is visible. Replaced entries carry no gradient.
+is visible. Replaced entries carry no gradient (``keep`` is 0 there).
 """
 
 from __future__ import annotations
@@ -96,7 +96,10 @@ def masked_logits(q: Tensor, kw: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal
     q_pos [B,H,n,M] and k_pos [B,H,n,W] are original positions; k_valid [B,H,n,W] marks real keys;
     q_bucket/k_bucket enable the same-bucket-only mask and q_doc/k_doc the same-document mask; counts
     [B,H,n,M,W] the duplicate correction (subtract log count). Returns (logits in the accumulation dtype,
-    bool mask of entries replaced by a constant, or None).
+    ``keep``: 1.0 where the logit is the product, 0.0 where a constant replaced it; None when nothing is masked).
+
+    The replacement is ``fill + logits * keep`` (exact: keep is 0 or 1, fill 0 where keep is 1): on CPU,
+    masked_fill and where with a bool mask cost ~10x a multiply-add, and bool -> float ~8x uint8 -> float.
     """
     acc = acc_dtype(q)
     dots = torch.matmul(q, kw.transpose(-1, -2)).to(acc)
@@ -111,11 +114,25 @@ def masked_logits(q: Tensor, kw: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal
         if a is not None:
             same = a.unsqueeze(-1) == b.unsqueeze(-2)
             visible = same if visible is None else visible & same
-    replaced = None if visible is None else ~visible
-    if replaced is not None:
-        dots = dots.masked_fill(replaced, MASK_VALUE)
-    if self_mask:
-        is_self = q_pos.unsqueeze(-1) == k_pos.unsqueeze(-2)
-        dots = dots.masked_fill(is_self, SELF_MASK_VALUE)
-        replaced = is_self if replaced is None else replaced | is_self
-    return dots, replaced
+    is_self = (q_pos.unsqueeze(-1) == k_pos.unsqueeze(-2)) if self_mask else None
+    if visible is None and is_self is None:
+        return dots, None
+    shape = dots.shape
+    hidden = None if visible is None else (~visible).expand(shape)
+    if is_self is not None:
+        hidden = None if hidden is None else hidden & ~is_self  # the self value wins over the mask value
+        replaced = is_self if hidden is None else hidden | is_self
+    else:
+        replaced = hidden
+    fill = torch.zeros((), dtype=acc, device=dots.device)
+    if hidden is not None:
+        fill = fill + _as_float(hidden, acc) * MASK_VALUE
+    if is_self is not None:
+        fill = fill + _as_float(is_self, acc) * SELF_MASK_VALUE
+    keep = 1.0 - _as_float(replaced.expand(shape), acc)
+    return torch.addcmul(fill.expand(shape), dots, keep), keep
+
+
+def _as_float(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask as 0.0 / 1.0 (through uint8: ATen's bool -> float conversion is the slow one on CPU)."""
+    return mask.contiguous().view(torch.uint8).to(dtype)

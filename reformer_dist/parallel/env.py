@@ -23,7 +23,7 @@ import json
 import os
 import socket
 from dataclasses import asdict, dataclass
-from typing import Mapping, MutableMapping
+from typing import Mapping, MutableMapping, NamedTuple
 
 from reformer_dist.parallel.hostlist import expand_nodelist, parse_tasks_per_node
 
@@ -298,10 +298,20 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def intra_op_threads(local_world_size: int, configured: int | None = None,
-                     environ: Mapping[str, str] | None = None) -> tuple[int, str]:
-    """(threads per rank, why): `configured` (train.threads), else $OMP_NUM_THREADS, else the cores this
-    process may run on (its affinity, e.g. a SLURM cgroup) shared out among the ranks on this node.
+class ThreadPlan(NamedTuple):
+    """Intra-op threads of each rank: the count to start with, where it comes from, and whether
+    `train.threads = "auto"` tunes it (training/threads.py; `count` is then the most it may use)."""
+
+    count: int
+    why: str
+    auto: bool = False
+
+
+def intra_op_threads(local_world_size: int, configured: int | str | None = None,
+                     environ: Mapping[str, str] | None = None) -> ThreadPlan:
+    """The threads of each rank: `configured` (train.threads) when it is a number, else $OMP_NUM_THREADS, else
+    auto: up to the cores this process may run on (its affinity, e.g. a SLURM cgroup) shared out among the
+    ranks on this node, the count chosen by measuring steps.
 
     Ranks that together ask for more threads than there are cores make each other wait at every
     parallel region; on a 2-core machine 2 ranks x 2 threads ran several times slower than 2 x 1.
@@ -309,11 +319,11 @@ def intra_op_threads(local_world_size: int, configured: int | None = None,
     environ = os.environ if environ is None else environ
     cores = usable_cores()
     most = MAX_THREADS_PER_CORE * cores  # beyond this, threads only wait for each other (and each has a stack)
-    if configured is not None:
+    if isinstance(configured, int):
         if configured > most:
             raise ValueError(f"train.threads: {configured} is more than {MAX_THREADS_PER_CORE} x the {cores} cores "
                              f"this process may use; expected 1..{most}")
-        return configured, "train.threads"
+        return ThreadPlan(configured, "train.threads")
     omp = environ.get("OMP_NUM_THREADS", "").strip()
     if omp:
         first = omp.split(",")[0].strip()  # OpenMP's nested form "4,2": the outer level is ours
@@ -321,9 +331,13 @@ def intra_op_threads(local_world_size: int, configured: int | None = None,
             raise ValueError(f"OMP_NUM_THREADS={omp!r}: expected a positive integer up to {most} ({MAX_THREADS_PER_CORE} "
                              f"x the {cores} cores this process may use); unset it to use one thread per core, or "
                              "set train.threads")
-        return int(first), "OMP_NUM_THREADS"
+        return ThreadPlan(int(first), "OMP_NUM_THREADS")
     ranks = max(1, local_world_size)
-    return max(1, cores // ranks), f"{cores} cores / {ranks} rank{'s' if ranks > 1 else ''} on this node"
+    share = max(1, cores // ranks)
+    where = f"{cores} cores / {ranks} rank{'s' if ranks > 1 else ''} on this node"
+    if share == 1:
+        return ThreadPlan(1, where)
+    return ThreadPlan(share, where, auto=True)
 
 
 def export_env(env: DistEnv, environ: MutableMapping[str, str] | None = None) -> None:

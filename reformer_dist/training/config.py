@@ -74,8 +74,10 @@ class TrainConfig(Section):
     requeue: bool = opt(True, boolean, "on SIGUSR1 under SLURM, requeue the job after the checkpoint")
     dist_timeout_s: int = opt(600, int_min(10), "collective timeout: a hung rank fails the job after this long")
     device: str = opt("auto", choice("auto", "cpu", "cuda"), "auto = cuda when available")
-    threads: int | None = opt(None, optional(int_min(1)), "intra-op CPU threads per rank (default: $OMP_NUM_THREADS, "
-                              "else this process's cores / ranks on this node)")
+    threads: int | str = opt("auto", lambda v: None if v == "auto" else int_min(1)(v) and 'expected "auto" or a '
+                             "positive integer", 'intra-op CPU threads per rank: a number, or "auto" (the default; '
+                             "$OMP_NUM_THREADS if set, else the fastest of 1..cores / ranks on this node by measured "
+                             "step time, re-checked as the load changes)")
 
     def rules(self) -> None:
         if self.decay_steps is not None and self.decay_steps < self.warmup_steps:

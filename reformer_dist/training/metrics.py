@@ -2,7 +2,8 @@
 
 metrics.jsonl records, one JSON object a line, appended across resumes:
     {"event": "start", "world_size": N, "resume_step": s | null, ...}   once per process start
-    {"event": "step", "step", "loss", "lr", "tokens_per_s", "grad_norm", "skipped", "mem_gb", ...}
+    {"event": "step", "step", "loss", "lr", "tokens_per_s", "grad_norm", "skipped", "mem_gb", "threads", ...}
+    {"event": "threads", "step", "threads", "reason", "step_time_s"}   train.threads = "auto" changed its choice
     {"event": "eval", "step", "eval_loss", "bits_per_token", "bits_per_byte"?, "unigram_loss", ...}
     {"event": "end" | "preempted" | "stopped", "step", ...}
 `reformer-plot` reads them; after a resume it keeps, for each step, the record written last.
@@ -94,7 +95,7 @@ class Metrics:
         if step % self.log_every == 0 or rec.get("skipped"):
             self._write({"event": "step", **rec})
         if self._tb is not None:
-            for k in ("loss", "lr", "tokens_per_s", "grad_norm", "mem_gb"):
+            for k in ("loss", "lr", "tokens_per_s", "grad_norm", "mem_gb", "threads"):
                 v = rec.get(k)
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"train/{k}", v, step)

@@ -50,7 +50,7 @@ from reformer_dist.model.reformer import ReformerLM
 from reformer_dist.ondisk import DEEPSPEED_CONFIG, LATEST, MODEL_DIR, RUN_CONFIG_TOML, atomic_write, tag_for
 from reformer_dist.parallel.collectives import all_reduce_host, barrier, broadcast_object
 from reformer_dist.parallel.config import deepspeed_sequences
-from reformer_dist.parallel.env import DistEnv
+from reformer_dist.parallel.env import DistEnv, ThreadPlan
 from reformer_dist.parallel.sequence import document_inputs, new_sequence_parallel, sequence_parallel_loss
 from reformer_dist.training import checkpointing, outputs, resume
 from reformer_dist.training.checkpointing import capture_rng, save_checkpoint, seed_all
@@ -61,6 +61,7 @@ from reformer_dist.training.metrics import Metrics, memory_gb
 from reformer_dist.training.optimizer import make_optimizer, set_lr
 from reformer_dist.training.preemption import PreemptionHandler, requeue_slurm_job
 from reformer_dist.training.schedule import lr_at
+from reformer_dist.training.threads import ThreadTuner, candidates
 
 EXIT_OK, EXIT_NONFINITE, EXIT_INTERRUPTED = 0, 3, 130  # 130 = 128 + SIGINT, what shells report for Ctrl-C
 
@@ -77,7 +78,7 @@ class Trainer:
     """Builds the engine, loaders and evaluator of one run (resuming when asked); every rank makes one."""
 
     def __init__(self, cfg: RunConfig, plan: BatchPlan, ds_config: dict[str, Any], env: DistEnv, store: TokenStore,
-                 resume_spec: str | None, device: torch.device):
+                 resume_spec: str | None, device: torch.device, threads: ThreadPlan | None = None):
         self.cfg, self.plan, self.env, self.store, self.device = cfg, plan, env, store, device
         self.rank, self.world, self.main = env.rank, env.world_size, env.rank == 0
         self.dp_rank = env.rank // plan.sp_size
@@ -129,6 +130,7 @@ class Trainer:
         self.metrics = Metrics(self.run_dir, self.rank, self.world, cfg.train.max_steps, self.step,
                                tensorboard=lc.tensorboard, progress_bar=lc.progress_bar,
                                rank_files=lc.rank_files, log_every=lc.log_every)
+        self.threads = ThreadTuner(candidates(threads.count)) if threads is not None and threads.auto else None
         self._announce(point, resolve_precision(cfg, device.type == "cuda"))
 
     def _loader(self, split: str) -> WindowLoader:
@@ -145,7 +147,8 @@ class Trainer:
             tokens_per_step=p.tokens_per_step, max_steps=self.cfg.train.max_steps, num_parameters=self.num_parameters,
             zero_stage=self.zero_stage, precision=precision, device=str(self.device), launcher=self.env.source,
             host=platform.node(), resume_step=self.step if point else None,
-            resume_from=str(point.path) if point else None, threads=torch.get_num_threads(), torch=torch.__version__,
+            resume_from=str(point.path) if point else None, threads=torch.get_num_threads(),
+            threads_auto=self.threads is not None, torch=torch.__version__,
             deepspeed=deepspeed.__version__, config=self.cfg.source, ulysses_size=self.cfg.parallel.heads_group_size,
             layout_note=self.cfg.parallel.auto_note)
         self.metrics.print(
@@ -216,6 +219,23 @@ class Trainer:
                 "step_time_s": dt, "tokens": self.tokens_seen, "skipped": skipped,
                 "nonfinite_streak": self.nonfinite_streak, "mem_gb": memory_gb(self.device)}
 
+    def _timed_step(self) -> dict[str, Any]:
+        """One train step at the thread count `train.threads = "auto"` picks (training/threads.py)."""
+        if self.threads is None:
+            return {**self.train_step(), "threads": torch.get_num_threads()}
+        count = self.threads.next_count()
+        known = len(self.threads.choices)
+        rec = self.train_step()
+        self.threads.record(rec["step_time_s"])
+        if len(self.threads.choices) > known:
+            step, chosen, why = self.threads.choices[-1]
+            times = {str(c): None if t is None else round(t, 4) for c, t in self.threads.times.items()}
+            self.metrics.event("threads", step=step, threads=chosen, reason=why, step_time_s=times)
+            shown = ", ".join(f"{c}: {t:.3g} s" for c, t in times.items() if t is not None)
+            self.metrics.print(f"step {step}: {chosen} intra-op thread{'s' if chosen > 1 else ''} from now on "
+                               f"({why}; step time by threads {shown})")
+        return {**rec, "threads": count}
+
     # ------------------------------------------------------------------ the loop
     def fit(self) -> Outcome:
         cfg = self.cfg
@@ -227,7 +247,7 @@ class Trainer:
         self.engine.train()
         try:
             while self.step < cfg.train.max_steps:
-                rec = self.train_step()
+                rec = self._timed_step()
                 self.last_loss = rec["loss"]
                 self.metrics.step(rec)
                 if not rec["skipped"] and self.spare_pending:

@@ -244,12 +244,12 @@ def test_intra_op_threads_share_the_cores_among_local_ranks(monkeypatch):
     from reformer_dist.parallel.env import intra_op_threads
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    assert intra_op_threads(1, None, {}) == (4, "4 cores / 1 rank on this node")
-    assert intra_op_threads(2, None, {}) == (2, "4 cores / 2 ranks on this node")
+    assert intra_op_threads(1, None, {})[:2] == (4, "4 cores / 1 rank on this node")  # auto: at most 4
+    assert intra_op_threads(2, None, {})[:2] == (2, "4 cores / 2 ranks on this node")
     assert intra_op_threads(8, None, {})[0] == 1  # never 0
-    assert intra_op_threads(2, None, {"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
-    assert intra_op_threads(2, 1, {"OMP_NUM_THREADS": "3"}) == (1, "train.threads")  # the config key wins
-    assert intra_op_threads(2, None, {"OMP_NUM_THREADS": "4,2"}) == (4, "OMP_NUM_THREADS")  # OpenMP's nested form
+    assert intra_op_threads(2, None, {"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS", False)
+    assert intra_op_threads(2, 1, {"OMP_NUM_THREADS": "3"}) == (1, "train.threads", False)  # the config key wins
+    assert intra_op_threads(2, None, {"OMP_NUM_THREADS": "4,2"})[:2] == (4, "OMP_NUM_THREADS")  # OpenMP's nested form
     # #26: a malformed or unbounded value was silently replaced (junk) or used (a million threads)
     for value in ("junk", "0", "100000"):
         with pytest.raises(ValueError, match=rf"^OMP_NUM_THREADS='{value}': expected a positive integer up to 16 "

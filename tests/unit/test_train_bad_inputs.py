@@ -104,7 +104,7 @@ CASES = [  # id, argv after tiny(<tmp>/run), expected start of the message after
      "deepspeed.config ({tmp}/opt.json): key 'optimizer' is not allowed"),
     ("global-batch-not-a-multiple", ["--set", "train.global_batch=3", "--set", "train.micro_batch=2"],
      "train.global_batch: 3 is not a multiple of train.micro_batch * data-parallel size = 2 * 1 = 2"),
-    ("threads-zero", ["--set", "train.threads=0"], "train.threads: expected a positive integer"),
+    ("threads-zero", ["--set", "train.threads=0"], 'train.threads: expected "auto" or a positive integer'),
     ("threads-unbounded", ["--set", "train.threads=1000000"], "train.threads: 1000000 is more than 4 x the "),
     ("resume-missing", ["--resume", "{tmp}/nope"], "--resume {tmp}/nope: no such file or folder"),
     ("resume-empty-folder", ["--resume", "{tmp}/empty_ckpts"], "--resume {tmp}/empty_ckpts: no checkpoint in this folder"),
