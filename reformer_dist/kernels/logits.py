@@ -124,12 +124,11 @@ def masked_logits(q: Tensor, kw: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal
         replaced = is_self if hidden is None else hidden | is_self
     else:
         replaced = hidden
-    fill = torch.zeros((), dtype=acc, device=dots.device)
-    if hidden is not None:
-        fill = fill + _as_float(hidden, acc) * MASK_VALUE
-    if is_self is not None:
-        fill = fill + _as_float(is_self, acc) * SELF_MASK_VALUE
-    keep = 1.0 - _as_float(replaced.expand(shape), acc)
+    # fresh float tensors, so every step after the conversion is in place (one pass each)
+    fill = _as_float(is_self, acc).mul_(SELF_MASK_VALUE) if hidden is None else _as_float(hidden, acc).mul_(MASK_VALUE)
+    if hidden is not None and is_self is not None:
+        fill.add_(_as_float(is_self, acc), alpha=SELF_MASK_VALUE)
+    keep = _as_float(~replaced.expand(shape), acc)
     return torch.addcmul(fill.expand(shape), dots, keep), keep
 
 
