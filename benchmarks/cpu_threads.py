@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -91,7 +91,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for condition in ("idle", "hog"):
-            ctx = cpu_hog(cores[-1], args.hog_nice) if condition == "hog" else _nothing()
+            ctx = cpu_hog(cores[-1], args.hog_nice) if condition == "hog" else nullcontext()
             with ctx:
                 for s in settings:
                     r = run_quickstart(s, args.steps, Path(tmp) / f"{condition}-{s}", extra)
@@ -107,8 +107,8 @@ def main() -> None:
         ratio = by["auto"] / ref
         verdicts.append(f"{condition}: auto / {against} = {ratio:.2f} (target <= {target}: "
                         f"{'met' if ratio <= target else f'missed by {ratio / target - 1:.0%}'})")
-    table = ["| cores | setting | mean step s (idle) | wall s (idle) | mean step s (hog) | wall s (hog) | counts used (idle / hog) |",
-             "|---|---|---|---|---|---|---|"]
+    table = ["| cores | setting | mean step s (idle) | wall s (idle) | mean step s (hog) | wall s (hog) "
+             "| counts used (idle / hog) |", "|---|---|---|---|---|---|---|"]
     for s in settings:
         i, h = (next(r for r in rows if r["condition"] == c and r["threads"] == s) for c in ("idle", "hog"))
         table.append(f"| {len(cores)} | {s} | {i['mean_step_s']:.3f} | {i['wall_s']:.1f} | {h['mean_step_s']:.3f} | "
@@ -128,11 +128,6 @@ def main() -> None:
         with open(args.results, "a") as f:
             f.write("\n" + text)
         print(f"appended to {args.results}")
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield None
 
 
 if __name__ == "__main__":

@@ -22,10 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reformer_dist.kernels.lean_function import CoreInputs, apply_lean
-from reformer_dist.kernels.logits import (acc_dtype, chunk_of_positions, duplicate_counts,
-                                          masked_logits, normalize_keys, normalize_keys_backward, scale_keys)
+from reformer_dist.kernels.logits import (acc_dtype, chunk_of_positions, duplicate_counts, masked_logits,
+                                          normalize_keys, normalize_keys_backward, scale_keys)
 
-_BLOCK_ELEMS = 1 << 20  # logits per block (4 MiB in fp32): a block's chain of elementwise passes stays in cache (2^24: 4.6x slower core at 16K, 2 threads)
+# logits per block (4 MiB in fp32): a block's chain of elementwise passes stays in cache; 2^24-logit blocks page-
+# fault and miss cache (peak RSS also stops growing per token from 16K tokens on instead of 128K: RESULTS.md)
+_BLOCK_ELEMS = 1 << 20
 
 
 def block_elems() -> int:
@@ -143,8 +145,8 @@ def _logits(call: _Call, blk: _Block, q2: Tensor, k2: Tensor | None, masks: "_Ma
         counts = duplicate_counts(blk.pos_q, blk.pos_k, masks.chunk_of[:, h0:h1], call.n_before, call.n_after,
                                   masks.n_chunks)
     dots, keep = masked_logits(qb, kb, mpos_q, mpos_k, causal=call.causal, self_mask=call.self_mask,
-                                   k_valid=k_valid, q_bucket=q_bucket, k_bucket=k_bucket, q_doc=q_doc, k_doc=k_doc,
-                                   counts=counts)
+                               k_valid=k_valid, q_bucket=q_bucket, k_bucket=k_bucket, q_doc=q_doc, k_doc=k_doc,
+                               counts=counts)
     return qb, raw, kb, dots, keep
 
 
@@ -288,7 +290,8 @@ def _backward(call: _Call, q, k, v, index, masks: _Masks, out, lse, lse_lo, dout
             qb, raw, kb, dots, keep = _logits(call, blk, q2, k2, masks, h0, h1)
             shape_q = tuple(blk.pos_q.shape)
             rq = blk.rows_q.reshape(-1)
-            p = exp_of_shifted(dots.sub_(lse2[rq].view(shape_q).unsqueeze(-1)).sub_(lo2[rq].view(shape_q).unsqueeze(-1)))
+            dots.sub_(lse2[rq].view(shape_q).unsqueeze(-1)).sub_(lo2[rq].view(shape_q).unsqueeze(-1))
+            p = exp_of_shifted(dots)
             dob = _rows(do2, blk.rows_q, shape_q).to(acc)
             vb = _rows(v2, blk.rows_k, tuple(blk.pos_k.shape)).to(acc)
             dv_acc.index_add_(0, blk.local_k.reshape(-1), torch.matmul(p.transpose(-1, -2), dob).reshape(-1, call.d))

@@ -119,15 +119,18 @@ def masked_logits(q: Tensor, kw: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal
         return dots, None
     shape = dots.shape
     hidden = None if visible is None else (~visible).expand(shape)
-    if is_self is not None:
-        hidden = None if hidden is None else hidden & ~is_self  # the self value wins over the mask value
-        replaced = is_self if hidden is None else hidden | is_self
-    else:
-        replaced = hidden
-    # fresh float tensors, so every step after the conversion is in place (one pass each)
-    fill = _as_float(is_self, acc).mul_(SELF_MASK_VALUE) if hidden is None else _as_float(hidden, acc).mul_(MASK_VALUE)
     if hidden is not None and is_self is not None:
-        fill.add_(_as_float(is_self, acc), alpha=SELF_MASK_VALUE)
+        hidden = hidden & ~is_self  # the self value wins over the mask value
+    # each replacing constant where its mask is set; fresh float tensors, so each step is one in-place pass
+    fill = replaced = None
+    for mask, value in ((hidden, MASK_VALUE), (is_self, SELF_MASK_VALUE)):
+        if mask is None:
+            continue
+        if fill is None:
+            fill, replaced = _as_float(mask, acc).mul_(value), mask
+        else:
+            fill.add_(_as_float(mask, acc), alpha=value)
+            replaced = replaced | mask
     keep = _as_float(~replaced.expand(shape), acc)
     return torch.addcmul(fill.expand(shape), dots, keep), keep
 

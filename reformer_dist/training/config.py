@@ -54,6 +54,13 @@ def betas(v: Any) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- the run's own section
+def _threads(v: Any) -> str | None:
+    """train.threads: "auto" or a positive integer."""
+    if v == "auto" or int_min(1)(v) is None:
+        return None
+    return 'expected "auto" or a positive integer'
+
+
 @dataclass
 class TrainConfig(Section):
     micro_batch: int = opt(1, int_min(1), "sequences per rank per forward/backward")
@@ -74,8 +81,7 @@ class TrainConfig(Section):
     requeue: bool = opt(True, boolean, "on SIGUSR1 under SLURM, requeue the job after the checkpoint")
     dist_timeout_s: int = opt(600, int_min(10), "collective timeout: a hung rank fails the job after this long")
     device: str = opt("auto", choice("auto", "cpu", "cuda"), "auto = cuda when available")
-    threads: int | str = opt("auto", lambda v: None if v == "auto" else int_min(1)(v) and 'expected "auto" or a '
-                             "positive integer", 'intra-op CPU threads per rank: a number, or "auto" (the default; '
+    threads: int | str = opt("auto", _threads, 'intra-op CPU threads per rank: a number, or "auto" (the default; '
                              "$OMP_NUM_THREADS if set, else the fastest of 1..cores / ranks on this node by measured "
                              "step time, re-checked as the load changes)")
 
