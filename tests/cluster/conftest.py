@@ -14,8 +14,7 @@ from typing import Iterator
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_cluster import LocalSlurmCluster, SlurmUnavailable, ensure_slurm_installed  # noqa: E402
+from tests.cluster.slurm_cluster import LocalSlurmCluster, SlurmUnavailable, ensure_slurm_installed
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

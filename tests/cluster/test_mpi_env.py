@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from slurm_cluster import CEILING_S
+from tests.cluster.slurm_cluster import CEILING_S
 
 pytestmark = pytest.mark.cluster
 

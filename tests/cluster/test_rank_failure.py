@@ -25,14 +25,12 @@ import time
 from pathlib import Path
 
 import pytest
-from jsonl_records import read_records
-from slurm_cluster import CEILING_S
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-from train_launcher import TINY, clean_env, free_port  # noqa: E402
-
-from reformer_dist.ondisk import step_of, verify_manifest  # noqa: E402
-from reformer_dist.training.resume import find_resume  # noqa: E402
+from reformer_dist.ondisk import step_of, verify_manifest
+from reformer_dist.training.resume import find_resume
+from tests.cluster.jsonl_records import read_records
+from tests.cluster.slurm_cluster import CEILING_S
+from tests.distributed.train_launcher import TINY, clean_env, free_port
 
 KILL_AFTER = 10        # kill rank 1 once a checkpoint at this step or later is committed
 # The job must be over this long after the kill: far below the 600 s collective timeout it would

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import CEILING_S
+from tests.cluster.slurm_cluster import CEILING_S
 
 from reformer_dist.parallel.hostlist import expand_nodelist
 

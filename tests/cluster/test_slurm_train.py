@@ -20,13 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
-from jsonl_records import read_records
-from slurm_cluster import CEILING_S
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-from train_launcher import TINY  # noqa: E402
-
-from reformer_dist.ondisk import verify_manifest  # noqa: E402
+from reformer_dist.ondisk import verify_manifest
+from tests.cluster.jsonl_records import read_records
+from tests.cluster.slurm_cluster import CEILING_S
+from tests.distributed.train_launcher import TINY
 
 pytestmark = pytest.mark.cluster
 

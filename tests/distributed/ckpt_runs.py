@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from train_launcher import REPO, clean_env, free_port
+from tests.distributed.train_launcher import REPO, clean_env, free_port
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
 _TMP = Path(tempfile.mkdtemp(prefix="reformer-ckpt-runs-"))

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from ckpt_runs import saved
+from tests.distributed.ckpt_runs import saved
 from reformer_dist import ReformerConfig, ReformerLM
 from reformer_dist.ondisk import write_manifest
 from reformer_dist.cli.ckpt import main

@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from ckpt_runs import run_worker, saved
+from tests.distributed.ckpt_runs import run_worker, saved
 from reformer_dist.checkpoint.reshard import SUPPORTED
 from reformer_dist.cli.ckpt import main
 

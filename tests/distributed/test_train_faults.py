@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train_launcher import launch
+from tests.distributed.train_launcher import launch
 
 pytestmark = pytest.mark.distributed
 

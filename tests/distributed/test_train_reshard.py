@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from train_launcher import REPO, clean_env, launch
+from tests.distributed.train_launcher import REPO, clean_env, launch
 
 pytestmark = pytest.mark.distributed
 

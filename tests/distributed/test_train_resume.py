@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train_launcher import REPO, launch
+from tests.distributed.train_launcher import REPO, launch
 
 pytestmark = pytest.mark.distributed
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from train_launcher import REPO, launch
+from tests.distributed.train_launcher import REPO, launch
 
 pytestmark = pytest.mark.distributed
 

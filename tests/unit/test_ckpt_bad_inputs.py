@@ -23,11 +23,10 @@ from reformer_dist.cli.ckpt import main
 from reformer_dist.cli.launch import main as launch_main
 from reformer_dist.ondisk import CorruptCheckpointError
 
-from cli_cases import run_cli, snapshot
+from tests.distributed.train_launcher import TINY, clean_env
+from tests.unit.cli_cases import run_cli, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "distributed"))
-from train_launcher import TINY, clean_env  # noqa: E402
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

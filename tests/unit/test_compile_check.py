@@ -11,17 +11,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-TOOL = ROOT / "tools" / "triton_compile_check.py"
-sys.path.insert(0, str(TOOL.parent))
-import triton_compile_check as check  # noqa: E402
+from reformer_dist.kernels import triton_lsh
+from tests.helpers import REPO as ROOT
+from tests.helpers import TOOLS, load_tool
 
-from reformer_dist.kernels import triton_lsh  # noqa: E402
+TOOL = TOOLS / "triton_compile_check.py"
+check = load_tool("triton_compile_check")
 
 
 def _env() -> dict:
@@ -63,8 +62,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-sys.path.insert(0, sys.argv[1])
-import triton_compile_check as check
+import triton_compile_check as check  # tools/ is on PYTHONPATH (the test sets it)
 
 @triton.jit
 def wraps(x_ptr, y_ptr, stride):
@@ -96,8 +94,9 @@ print(json.dumps(out))
 def test_ir_check_flags_32bit_offsets_and_passes_64bit_ones(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(IR_PROBE)
-    run = subprocess.run([sys.executable, str(probe), str(TOOL.parent)], capture_output=True, text=True, env=_env(),
-                         timeout=300)
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(TOOLS)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    run = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     found = json.loads(run.stdout.strip().splitlines()[-1])
     assert any("get_program_id" in p for p in found["wraps"])

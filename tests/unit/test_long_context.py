@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_cases import run_cli
+from tests.unit.cli_cases import run_cli
 from reformer_dist.cli import eval as eval_cli
 from reformer_dist.cli import plot as plot_cli
 from reformer_dist.data.builtin import builtin_corpus

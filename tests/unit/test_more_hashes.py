@@ -15,7 +15,7 @@ import torch
 from reformer_dist import ReformerConfig, ReformerLM
 from reformer_dist.model.hashing import make_rotations
 from reformer_dist.model.lsh_attention import lsh_attention
-from test_lsh_attention import dense_lsh_reference  # tests/unit is on sys.path (rootdir-relative imports)
+from tests.unit.lsh_reference import dense_lsh_reference
 
 REPO = Path(__file__).resolve().parents[2]
 

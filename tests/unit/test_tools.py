@@ -3,14 +3,12 @@ synthetic downloads (no network)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -18,16 +16,7 @@ import pytest
 from reformer_dist import ondisk
 from reformer_dist.data.store import TokenStore
 from reformer_dist.data.tokenizers import ByteTokenizer
-
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-
-
-def load_tool(name: str) -> ModuleType:
-    """A tools/ script as a module (they are files, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import TOOLS, load_tool
 
 
 def test_zero_to_safetensors_reads_and_writes_the_packages_file_names():

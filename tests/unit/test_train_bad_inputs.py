@@ -26,11 +26,10 @@ from reformer_dist.data.writer import ShardWriter
 from reformer_dist.ondisk import STORE_MANIFEST as MANIFEST
 from reformer_dist.ondisk import verify_manifest
 
-from cli_cases import run_cli
+from tests.distributed.train_launcher import TINY, clean_env
+from tests.unit.cli_cases import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "distributed"))
-from train_launcher import TINY, clean_env  # noqa: E402
 
 DRIVER = REPO / "tests" / "distributed" / "fault_driver.py"
 

@@ -12,7 +12,7 @@ from reformer_dist.training import checkpointing as ckpt
 from reformer_dist.training import resume
 from reformer_dist.training.metrics import read_records
 
-from cli_cases import snapshot
+from tests.unit.cli_cases import snapshot
 
 
 def fake_checkpoint(root, step, complete=True):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from reformer_dist.training import native_ops
 
+from tests.distributed.train_launcher import TINY, clean_env
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "distributed"))
-from train_launcher import TINY, clean_env  # noqa: E402
 
 
 def _tree(root: Path) -> dict[str, int]:

@@ -16,11 +16,10 @@ import pytest
 
 from reformer_dist.training.run_lock import LOCK_NAME, Holder, RunLock, RunLockedError
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "distributed"))
-from train_launcher import TINY, clean_env  # noqa: E402
+from tests.distributed.train_launcher import TINY, clean_env
+from tests.unit.cli_cases import snapshot
 
-from cli_cases import snapshot  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _dead_pid() -> int:

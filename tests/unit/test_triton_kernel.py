@@ -16,7 +16,7 @@ from reformer_dist.kernels import triton_lsh
 from reformer_dist.kernels.chunked_attention import available_backends, chunked_attention
 from reformer_dist.kernels.reference import chunked_attention_reference
 
-from attention_inputs import make_inputs
+from tests.unit.attention_inputs import make_inputs
 
 # B, L, H, D, M, R, n_before, n_after, causal, shared_qk, extras
 CASES = [

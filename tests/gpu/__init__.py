@@ -1,0 +1,1 @@
+"""CUDA-only tests (skipped without a GPU)."""
