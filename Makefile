@@ -41,5 +41,7 @@ quickstart: install
 test: install compile-check
 	$(BIN)/python -m pytest -q --durations=15 tests
 
+# Every test that starts no Python subprocess (no training/CLI/tool run, torchrun, mpiexec or srun): those are
+# marked `slow` (see pyproject.toml's markers). `make test` runs them all.
 test-fast: install
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10 tests

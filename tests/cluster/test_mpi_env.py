@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tests.cluster.slurm_cluster import CEILING_S
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 PROBE = r'''
 import json, os, signal, sys, time

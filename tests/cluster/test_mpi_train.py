@@ -20,7 +20,7 @@ from reformer_dist.ondisk import verify_manifest
 from tests.cluster.slurm_cluster import CEILING_S
 from tests.distributed.train_launcher import TINY, clean_env
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 STEPS = 4
 

@@ -32,6 +32,8 @@ from tests.cluster.jsonl_records import read_records
 from tests.cluster.slurm_cluster import CEILING_S
 from tests.distributed.train_launcher import TINY, clean_env, free_port
 
+pytestmark = pytest.mark.slow  # every test launches ranks (torchrun or srun); each marks which launcher
+
 KILL_AFTER = 10        # kill rank 1 once a checkpoint at this step or later is committed
 # The job must be over this long after the kill: far below the 600 s collective timeout it would
 # otherwise hang for, and generous for a busy machine (it takes seconds on a quiet one).

@@ -22,7 +22,7 @@ from tests.cluster.slurm_cluster import CEILING_S
 
 from reformer_dist.parallel.hostlist import expand_nodelist
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 # Job options that replace the GPU-cluster defaults of the launch scripts on the local cluster.
 LOCAL_JOB_ARGS = ["--partition=debug", "--gpus-per-node=0", "--nodes=2", "--ntasks-per-node=1",

@@ -26,7 +26,7 @@ from tests.cluster.jsonl_records import read_records
 from tests.cluster.slurm_cluster import CEILING_S
 from tests.distributed.train_launcher import TINY
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 LOCAL_JOB_ARGS = ["--partition=debug", "--gpus-per-node=0", "--nodes=2", "--ntasks-per-node=1",
                   "--cpus-per-task=1", "--time=00:20:00"]

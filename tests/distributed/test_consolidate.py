@@ -17,7 +17,7 @@ from reformer_dist import ReformerConfig, ReformerLM
 from reformer_dist.ondisk import write_manifest
 from reformer_dist.cli.ckpt import main
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _checked(run, stage: int) -> dict[str, torch.Tensor]:

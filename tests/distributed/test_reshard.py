@@ -18,7 +18,7 @@ from tests.distributed.ckpt_runs import run_worker, saved
 from reformer_dist.checkpoint.reshard import SUPPORTED
 from reformer_dist.cli.ckpt import main
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("load_stage", [2, 1])

@@ -15,7 +15,7 @@ import torch
 
 from reformer_dist import ReformerConfig, ReformerLM
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 WORKER = Path(__file__).with_name("sp_worker.py")
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tests.distributed.train_launcher import launch
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
 COMMON = ["train.global_batch=2", "train.decay_steps=8"]

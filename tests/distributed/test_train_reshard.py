@@ -14,7 +14,7 @@ import pytest
 
 from tests.distributed.train_launcher import REPO, clean_env, launch
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 COMMON = ["train.global_batch=2", "train.decay_steps=6", f"deepspeed.config={REPO}/configs/deepspeed/zero2.json"]
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from tests.distributed.train_launcher import REPO, launch
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 COMMON = ["train.global_batch=4", "train.decay_steps=6", "model.dropout=0.1", "output.save_model=true",
           f"deepspeed.config={REPO}/configs/deepspeed/zero3.json"]

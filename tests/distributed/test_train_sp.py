@@ -12,7 +12,7 @@ import pytest
 
 from tests.distributed.train_launcher import REPO, launch
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS = 4
 ZERO2 = f"deepspeed.config={REPO}/configs/deepspeed/zero2.json"

@@ -15,7 +15,7 @@ import pytest
 
 from tests.distributed.train_launcher import REPO, launch
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS = 5
 COMMON = ["train.global_batch=2", f"train.max_steps={STEPS}"]

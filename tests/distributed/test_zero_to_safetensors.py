@@ -26,7 +26,7 @@ from reformer_dist import ReformerConfig, ReformerLM
 from reformer_dist.checkpoint.consolidate import consolidate
 from reformer_dist.ondisk import CONFIG_NAME, WEIGHTS_NAME, ZERO_TO_SAFETENSORS
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 SCRIPT = REPO / "tools" / ZERO_TO_SAFETENSORS
 

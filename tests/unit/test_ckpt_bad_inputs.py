@@ -68,6 +68,7 @@ def test_missing_and_not_a_checkpoint_folders(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_truncated_optimizer_file_is_named_by_consolidate_and_inspect(ckpts, tmp_path, capsys):
     victim = _optim_file(ckpts)
     size = victim.stat().st_size
@@ -80,6 +81,7 @@ def test_truncated_optimizer_file_is_named_by_consolidate_and_inspect(ckpts, tmp
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_truncated_file_without_a_manifest_is_named_by_inspect(ckpts, capsys):
     (ckpts / "step_00000002" / "MANIFEST.json").unlink()  # a plain DeepSpeed save
     victim = ckpts / "step_00000002" / "mp_rank_00_model_states.pt"
@@ -88,6 +90,7 @@ def test_truncated_file_without_a_manifest_is_named_by_inspect(ckpts, capsys):
     assert code == 1 and f"{victim}: truncated or corrupt" in err, err
 
 
+@pytest.mark.slow
 def test_altered_manifest_entries_latest_and_tag_are_named(ckpts, tmp_path, capsys):
     # #26: a string size compared unequal ("truncated or altered"), a missing sha256 was a KeyError traceback,
     # `latest` or --tag holding a path read a folder outside the checkpoint root
@@ -125,6 +128,7 @@ def test_bad_max_shard_size_fails_before_reading_anything(tmp_path, capsys, monk
         assert code == 2 and "argument --max-shard-size: cannot parse '5 gigs' (examples: 5GB" in err, err
 
 
+@pytest.mark.slow
 def test_out_not_empty_is_refused_and_left_alone(ckpts, tmp_path, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("mine")
@@ -133,6 +137,7 @@ def test_out_not_empty_is_refused_and_left_alone(ckpts, tmp_path, capsys):
     assert snapshot(tmp_path / "o") == {"keep.txt": hashlib.sha256(b"mine").hexdigest()}
 
 
+@pytest.mark.slow
 def test_reshard_workers_are_bounded(ckpts, tmp_path, capsys):
     # #26: --workers 0 or 100000 reached DeepSpeed's process pool
     for value in ("0", "100000"):
@@ -141,6 +146,7 @@ def test_reshard_workers_are_bounded(ckpts, tmp_path, capsys):
     assert not (tmp_path / "u").exists()
 
 
+@pytest.mark.slow
 def test_unsupported_reshard_transition(ckpts, tmp_path, capsys):
     code, _, err = run(capsys, "reshard", ckpts, "--out", tmp_path / "u", "--to-stage", "3")
     assert code == 2 and "--to-stage 3: a ZeRO-1 checkpoint loaded as ZeRO-3" in err
@@ -148,6 +154,7 @@ def test_unsupported_reshard_transition(ckpts, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask-022", "umask-002"])
+@pytest.mark.slow
 def test_written_folders_follow_the_umask(ckpts, trained, tmp_path, capsys, umask):
     # #17: consolidate / export-hf / import-hf made 0700 folders and 0600 safetensors
     old = os.umask(umask)
@@ -173,6 +180,7 @@ def test_written_folders_follow_the_umask(ckpts, trained, tmp_path, capsys, umas
     ("import-hf", "model", "model/hf", "is inside the input folder model"),
 ], ids=["consolidate-same", "consolidate-into-a-tag", "consolidate-over-the-root", "consolidate-beside-the-tags",
         "reshard-over-the-run", "export-same", "import-inside"])
+@pytest.mark.slow
 def test_out_overlapping_an_input_is_refused_even_with_overwrite(trained, tmp_path, capsys, monkeypatch,
                                                                  cmd, src, out, rel):
     # #26: `consolidate CK --out CK --overwrite` deleted every checkpoint; reshard replaced the run folder
@@ -186,6 +194,7 @@ def test_out_overlapping_an_input_is_refused_even_with_overwrite(trained, tmp_pa
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in trained.iterdir())  # no temp folder
 
 
+@pytest.mark.slow
 def test_trained_model_folder_is_checksummed_and_a_flipped_byte_is_caught(trained, tmp_path, capsys):
     # #26: reformer-train's model/ had no checksums.json (a flipped byte loaded and exported) and a 0600 file
     model = Path(shutil.copytree(trained / "model", tmp_path / "model"))
@@ -223,6 +232,7 @@ def test_save_pretrained_into_a_used_folder_keeps_other_files(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- HF conversion
+@pytest.mark.slow
 def test_export_loads_in_transformers_without_missing_keys(trained, tmp_path, capsys):
     import transformers
 
@@ -246,6 +256,7 @@ def test_export_refuses_configs_hf_cannot_hold(tmp_path, capsys, change, field):
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.slow
 def test_export_of_a_model_trained_with_document_masks_is_refused_unless_accepted(tmp_path, capsys):
     # #26: export-hf dropped data.document_masking / reset_positions without a word; config.json had no trace
     out = tmp_path / "run"
@@ -289,6 +300,7 @@ def test_export_and_import_of_folders_that_are_not_models(tmp_path, capsys):
     assert not (tmp_path / "hf").exists() and not (tmp_path / "ours").exists()
 
 
+@pytest.mark.slow
 def test_import_of_a_truncated_safetensors(trained, tmp_path, capsys):
     assert run(capsys, "export-hf", trained / "model", "--out", tmp_path / "hf")[0] == 0
     (tmp_path / "hf" / "checksums.json").unlink()  # as a folder from the Hub would be: no checksums
@@ -331,6 +343,7 @@ def _rotate(root: Path, old: str = "step_00000002", new: str = "step_00000003") 
     shutil.rmtree(root / old)
 
 
+@pytest.mark.slow
 def test_consolidate_while_a_run_rotates_the_folder(ckpts, tmp_path, capsys, monkeypatch):
     # #26: consolidate failed with raw errno text (once an IndexError) when the run deleted the tag it read
     import reformer_dist.checkpoint.consolidate as consolidate_module
@@ -366,6 +379,7 @@ def test_consolidate_while_a_run_rotates_the_folder(ckpts, tmp_path, capsys, mon
     assert not (tmp_path / "in-place").exists()
 
 
+@pytest.mark.slow
 def test_inspect_while_a_run_rotates_the_folder(ckpts, capsys, monkeypatch):
     import reformer_dist.checkpoint.inspect as inspect_module
 
@@ -382,6 +396,7 @@ def test_inspect_while_a_run_rotates_the_folder(ckpts, capsys, monkeypatch):
     assert "Traceback" not in err and "IndexError" not in err
 
 
+@pytest.mark.slow
 def test_consolidate_follows_latest_that_moves_before_the_pin(ckpts, tmp_path, capsys, monkeypatch):
     import reformer_dist.checkpoint.deepspeed_ckpt as ds_ckpt
 

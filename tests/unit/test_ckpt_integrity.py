@@ -89,6 +89,7 @@ def test_parse_size():
         parse_size("lots")
 
 
+@pytest.mark.slow
 def test_console_script(tmp_path):
     """The installed `reformer-ckpt` entry point runs (pyproject [project.scripts])."""
     import subprocess

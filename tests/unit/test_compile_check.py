@@ -29,6 +29,7 @@ def _env() -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_oversized_tile_is_caught(tmp_path):
     # 128 x 128 tiles of a 128-wide head, 3 stages: the backward asks for 197632 B and more, over sm_80's 166912 B
     out = tmp_path / "r.json"
@@ -91,6 +92,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_ir_check_flags_32bit_offsets_and_passes_64bit_ones(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(IR_PROBE)
@@ -104,6 +106,7 @@ def test_ir_check_flags_32bit_offsets_and_passes_64bit_ones(tmp_path):
     assert found["widened"] == []
 
 
+@pytest.mark.slow
 def test_the_model_kernels_pass_the_ir_check_and_compile_once_for_every_head(tmp_path):
     # batch 5 x 1M tokens x 8 heads: flat offsets pass 2^31; every head must reuse one compiled kernel
     out = tmp_path / "r.json"

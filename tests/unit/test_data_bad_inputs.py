@@ -351,6 +351,7 @@ def _processes_naming(text: str) -> set[int]:
     return found
 
 
+@pytest.mark.slow
 def test_killed_shard_leaves_no_worker_process(tmp_path):
     # #26: a SIGKILLed `shard --num-proc 2` left its workers blocked on a pipe, holding memory, for good
     corpus = tmp_path / "big"

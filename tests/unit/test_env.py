@@ -172,6 +172,7 @@ def test_single_process() -> None:
     assert discover({"MASTER_PORT": "1111", "LOCAL_RANK": "0"}).master_port == 1111
 
 
+@pytest.mark.slow
 def test_no_mpi_without_launcher_vars() -> None:
     """Without an MPI launcher's variables (or with use_mpi=False) mpi4py is never imported."""
     code = (

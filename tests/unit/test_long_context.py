@@ -77,6 +77,7 @@ def tiny_model(folder: Path, record: bool = True, **kw) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- parity
+@pytest.mark.slow
 def test_eval_loss_equals_the_trainers_evaluation(trained, tmp_path, capsys):
     end = [json.loads(line) for line in (trained / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert end["event"] == "end"
@@ -97,6 +98,7 @@ def test_eval_loss_equals_the_trainers_evaluation(trained, tmp_path, capsys):
     assert abs(other["rows"][0]["loss"] - end["eval_loss"]) > 1e-4
 
 
+@pytest.mark.slow
 def test_eval_of_a_checkpoint_root_equals_its_weights_folder(trained, tmp_path, capsys):
     """A checkpoint root is reassembled in memory (as consolidate does); its data record comes from run_config.json."""
     losses = []
@@ -117,6 +119,7 @@ def test_eval_of_a_checkpoint_root_equals_its_weights_folder(trained, tmp_path, 
     assert rec["tokenizer"] == "bytes" and rec["document_masking"] and rec["_where"].endswith("run_config.json")
 
 
+@pytest.mark.slow
 def test_generate_end_to_end_from_a_trained_model(trained):
     model_dir = trained / "run" / "model"
     p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.generate", str(model_dir), "--prompt", "def ",

@@ -115,6 +115,7 @@ def test_hf_export_ignores_evaluation_rounds(tmp_path):
     assert to_hf_config(c)["num_hashes"] == 2
 
 
+@pytest.mark.slow
 def test_trainer_reports_both_losses(tmp_path):
     """eval.n_hashes: each eval record and log line carries the loss at the trained rounds and at eval.n_hashes."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}

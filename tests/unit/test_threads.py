@@ -143,6 +143,7 @@ def _train(tmp_path: Path, *overrides: str) -> list[dict]:
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="auto has one candidate on one core")
+@pytest.mark.slow
 def test_the_thread_choice_is_visible_in_metrics(tmp_path):
     recs = _train(tmp_path / "auto")
     steps = [r for r in recs if r["event"] == "step"]

@@ -39,12 +39,14 @@ def read_split(store: TokenStore, split: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", ["prepare_enwik8", "prepare_pg19"])
+@pytest.mark.slow
 def test_corpus_scripts_say_they_need_the_package(tmp_path, name):
     p = run_tool(name, "--help", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "needs reformer_dist" in " ".join(p.stdout.split())
 
 
+@pytest.mark.slow
 def test_enwik8_split_90_5_5_scaled_bytes_unchanged(tmp_path):
     # enwik8's format: raw bytes (any value, not necessarily whole UTF-8 characters), 1000 here for 100M
     data = np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes()

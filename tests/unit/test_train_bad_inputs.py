@@ -166,6 +166,7 @@ def _records(out: Path, event: str) -> list[dict]:
             if r.get("event") == event]
 
 
+@pytest.mark.slow
 def test_training_without_a_validation_split_when_evaluation_is_off(tmp_path):
     store = make_store(tmp_path / "noval", 5000, 0)
     p = _train(tmp_path, tmp_path / "run", f"data.path={store}", "train.max_steps=2", "eval.every=0",
@@ -174,6 +175,7 @@ def test_training_without_a_validation_split_when_evaluation_is_off(tmp_path):
     assert [r["step"] for r in _records(tmp_path / "run", "end")] == [2]
 
 
+@pytest.mark.slow
 def test_out_of_range_token_in_a_shard_of_the_right_size(tmp_path):
     store = make_store(tmp_path / "store", 5000, 1000)
     shard = store / "train-00002.bin"
@@ -291,6 +293,7 @@ def test_sigterm_and_ctrl_c_checkpoint_and_resume(tmp_path):
     assert [r["step"] for r in _records(out, "end")] == [inter["step"] + 1]
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once(tmp_path):
     out = tmp_path / "run"
     proc, log = _start(tmp_path, out, "train.max_steps=1000000", "checkpoint.every=1", env={"FAULT_HANG_STEP": "3"})

@@ -202,6 +202,7 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_cli_reports_the_key_before_any_process_group(tmp_path):
     p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train", "--config", str(REPO / "configs/quickstart.toml"),
                         "--set", "model.n_hedas=4", "--local_rank=0"], capture_output=True, text=True, cwd=tmp_path,
@@ -210,6 +211,7 @@ def test_cli_reports_the_key_before_any_process_group(tmp_path):
     assert "reformer-train: error: model.n_hedas: unknown key" in p.stderr
 
 
+@pytest.mark.slow
 def test_cli_dry_run_prints_the_resolved_plan(tmp_path):
     p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train", "--config", str(REPO / "configs/quickstart.toml"),
                         "--set", "train.global_batch=16", "--dry-run"], capture_output=True, text=True, cwd=tmp_path,
@@ -218,6 +220,7 @@ def test_cli_dry_run_prints_the_resolved_plan(tmp_path):
     assert '"train_batch_size": 16' in p.stdout and "[model]" in p.stdout
 
 
+@pytest.mark.slow
 def test_ten_million_config_is_predicted_to_fit_one_141gb_gpu(tmp_path):
     """--dry-run prints the memory model's peak (reformer_dist/model/memory.py) for the run: 10M tokens of the
     bench config on one GPU fit in 141 GB with one head per group, and would not without groups."""

@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reformer_dist.training import native_ops
+import pytest
 
+from reformer_dist.training import native_ops
 from tests.distributed.train_launcher import TINY, clean_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,6 +19,7 @@ def _tree(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
 
 
+@pytest.mark.slow
 def test_two_fresh_starts_with_either_ninja_build_nothing(tmp_path: Path):
     # The two kinds of process of the old rebuild loop: venv bin first on PATH (activated venv, launch
     # scripts: pip's ninja 1.13) and without it (.venv/bin/reformer-train from make: /usr/bin/ninja).

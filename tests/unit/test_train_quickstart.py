@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from reformer_dist.parallel.env import intra_op_threads
+
+pytestmark = pytest.mark.slow  # a reformer-train subprocess
 
 REPO = Path(__file__).resolve().parents[2]
 

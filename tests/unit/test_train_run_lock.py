@@ -157,6 +157,7 @@ def test_two_runs_in_one_folder(tmp_path):
     assert not (out / LOCK_NAME).exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_shared_checkpoint_dir_is_refused_while_another_run_uses_it(tmp_path):
     # #26: only output.dir was locked; run B's rotation deleted its own checkpoints (A's steps were higher)
     shared = tmp_path / "shared"
@@ -173,6 +174,7 @@ def test_shared_checkpoint_dir_is_refused_while_another_run_uses_it(tmp_path):
     assert not (tmp_path / "b" / LOCK_NAME).exists() and not (tmp_path / "b" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_resume_auto_refuses_the_checkpoint_of_another_run_in_a_shared_checkpoint_dir(tmp_path):
     # #26: B's --resume auto silently loaded A's checkpoint
     shared = tmp_path / "shared"
@@ -196,6 +198,7 @@ def test_resume_auto_refuses_the_checkpoint_of_another_run_in_a_shared_checkpoin
     assert snapshot(shared) == before and not list((tmp_path / "b").glob("replaced-*"))
 
 
+@pytest.mark.slow
 def test_refused_resume_leaves_the_run_folder_alone_and_a_fresh_start_moves_config_toml_aside(tmp_path):
     # #26: a refused resume rewrote config.toml and deepspeed_config.json; a fresh start overwrote config.toml
     out = tmp_path / "run"

@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains in a Python subprocess
+
 CODE = """
 import sys
 sys.modules["triton"] = None  # any `import triton` now raises ImportError
