@@ -2,7 +2,7 @@
 
 Each name below is defined here once and imported wherever a folder is written or read. The folders:
 
-    <output.dir>/                  run folder (training/trainer.py; moving files aside: training/resume.py)
+    <output.dir>/                  run folder (prepared by training/run_dir.py)
         config.toml                  the resolved run config (`reformer-train --config` accepts it)
         deepspeed_config.json        the generated DeepSpeed dict
         metrics.jsonl, tb/, ranks/   metrics (training/metrics.py)
@@ -102,6 +102,11 @@ def step_of(tag: str) -> int | None:
     """The step of a checkpoint folder name, or None when the name is not one."""
     m = _TAG_RE.match(tag)
     return int(m.group(1)) if m else None
+
+
+def aside_name(prefix: str) -> str:
+    """A folder that files are moved aside into: `replaced-<time>` or `abandoned-<time>`."""
+    return prefix + time.strftime("%Y%m%d-%H%M%S")
 
 
 def rank_state_file(rank: int) -> str:

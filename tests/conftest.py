@@ -18,3 +18,15 @@ def pytest_collection_modifyitems(config, items):
         if (item.get_closest_marker("distributed") or item.get_closest_marker("cluster")) \
                 and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def console():
+    """The library's messages printed as a command prints them (`reformer-train: warning: ...` on stderr)."""
+    from reformer_dist import console as console_module
+
+    log = console_module.setup("reformer-train")
+    yield log
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    log.setLevel("NOTSET")

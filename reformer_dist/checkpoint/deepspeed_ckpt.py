@@ -32,6 +32,7 @@ import torch
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.ondisk import (CONFIG_NAME, LATEST, MANIFEST, PIN_PREFIX, RUN_CONFIG, CheckpointError,
                                   CorruptCheckpointError, verify_manifest)
+from reformer_dist.training.deepspeed_config import zero_stage
 
 _MODEL_STATES = re.compile(r"^(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt$")
 _OPTIM_STATES = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
@@ -316,7 +317,7 @@ def describe(ref: CheckpointRef) -> CheckpointInfo:
     ds_config = meta.get("ds_config") or {}
     optim = optim_state_files(tag_dir)
     universal = (tag_dir / "zero").is_dir()
-    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    stage = zero_stage(ds_config)
     if optim:
         osd = load_meta(optim[0]).get("optimizer_state_dict", {})
         if "zero_stage" in osd:

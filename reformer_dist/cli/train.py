@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from datetime import timedelta
@@ -29,9 +30,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from reformer_dist import console
 from reformer_dist.data.errors import DataError
 from reformer_dist.data.loader import WindowLoader
 from reformer_dist.data.store import BUILTIN, TokenStore
+from reformer_dist.exit_codes import ExitCode
 from reformer_dist.model.memory import GIB, predicted_peak
 from reformer_dist.ondisk import CheckpointError
 from reformer_dist.parallel.collectives import broadcast_object
@@ -44,7 +47,7 @@ from reformer_dist.training.resume import precheck_resume_path
 from reformer_dist.training.run_lock import RunLock, RunLockedError
 from reformer_dist.training.threads import candidates
 
-EXIT_USAGE = 2
+log = logging.getLogger("reformer_dist.cli.train")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,13 +68,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _fail(msg: str, code: int = EXIT_USAGE) -> int:
-    print(f"reformer-train: error: {msg}", file=sys.stderr)
+def _fail(msg: str, code: ExitCode = ExitCode.USAGE) -> int:
+    log.error(msg)
     return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    console.setup("reformer-train")
     if args.help_config:
         print(describe_schema())
         return 0
@@ -139,9 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# data: {store!r}")
             else:
                 print(f"# data: NOT CHECKED, {cfg.data.path} does not exist yet")
-                print(f"reformer-train: warning: data.path: {missing}. The dry run checked everything else; "
-                      f"prepare the store (docs/data.md: reformer-data shard ... --out {cfg.data.path}) before "
-                      "training", file=sys.stderr)
+                log.warning(f"data.path: {missing}. The dry run checked everything else; prepare the store "
+                            f"(docs/data.md: reformer-data shard ... --out {cfg.data.path}) before training")
         return 0
     return _train(cfg, plan, ds_config, env, store, args.resume, on_cuda, threads)
 
@@ -205,21 +208,22 @@ def _train(cfg: RunConfig, plan: BatchPlan, ds_config: dict, env: DistEnv, store
         # several single-process runs may share a machine
         env = dataclasses.replace(env, master_port=free_port("127.0.0.1"))
     export_env(env)
+    console.setup("reformer-train", show_info=env.rank == 0)
     if on_cuda:
         threads = threads._replace(auto=False)  # GPU steps: the count hardly matters, and timing it is noise
     torch.set_num_threads(threads.count)
     if env.rank == 0:
         if threads.auto:
-            print(f"reformer-train: intra-op threads per rank: auto, the fastest of {candidates(threads.count)} by "
-                  f"measured step time, re-checked as the load changes (at most {threads.why}); train.threads or "
-                  "OMP_NUM_THREADS fixes the count", file=sys.stderr)
+            log.info(f"intra-op threads per rank: auto, the fastest of {candidates(threads.count)} by measured step "
+                     f"time, re-checked as the load changes (at most {threads.why}); train.threads or "
+                     "OMP_NUM_THREADS fixes the count")
         else:
-            print(f"reformer-train: {threads.count} intra-op thread{'s' if threads.count > 1 else ''} per rank "
-                  f"({threads.why}; train.threads or OMP_NUM_THREADS sets it)", file=sys.stderr)
+            log.info(f"{threads.count} intra-op thread{'s' if threads.count > 1 else ''} per rank ({threads.why}; "
+                     "train.threads or OMP_NUM_THREADS sets it)")
         busy = _busy_cores(env.local_world_size * threads.count)
         if busy and threads.count > 1 and not threads.auto:
-            print(f"reformer-train: note: {busy}; with other work on these cores, fewer threads are often several "
-                  "times faster (--set train.threads=1, or \"auto\", the default)", file=sys.stderr)
+            log.info(f"note: {busy}; with other work on these cores, fewer threads are often several times faster "
+                     "(--set train.threads=1, or \"auto\", the default)")
     if on_cuda:
         torch.cuda.set_device(env.local_rank)
         device = torch.device("cuda", env.local_rank)
@@ -243,21 +247,20 @@ def _train(cfg: RunConfig, plan: BatchPlan, ds_config: dict, env: DistEnv, store
         c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", auto_mpi_discovery=False, timeout=timeout)
 
-    code = 1
+    code: int = ExitCode.FAILED
     locks = _run_locks(cfg) if env.rank == 0 else []
     try:
         _take_locks(locks)
-        outcome = Trainer(cfg, plan, ds_config, env, store, resume, device, threads).fit()
-        code = outcome.exit_code
+        code = Trainer(cfg, plan, ds_config, env, store, resume, device, threads).fit()
     except (CheckpointError, DataError, RunLockedError) as e:
         code = _fail(str(e))
     except KeyboardInterrupt:  # Ctrl-C before the training loop (which saves a checkpoint itself)
-        code = _fail("interrupted (Ctrl-C) before training started; nothing to save", 130)
+        code = _fail("interrupted (Ctrl-C) before training started; nothing to save", ExitCode.INTERRUPTED)
     finally:
         if dist.is_initialized():
             # Tear down explicitly: gloo ranks sometimes abort at interpreter exit otherwise.
             try:
-                dist.barrier() if code == 0 else None
+                dist.barrier() if code == ExitCode.OK else None
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a peer may already be gone
                 pass
@@ -293,7 +296,7 @@ def _take_locks(locks: list[RunLock]) -> None:
         for lock in locks:
             note = lock.acquire()
             if note:
-                print(f"reformer-train: {note}", file=sys.stderr)
+                log.info(note)
     except (RunLockedError, OSError) as e:
         problem = str(e)
         for lock in locks:

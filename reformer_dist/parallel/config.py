@@ -69,3 +69,9 @@ def deepspeed_sequences(sequences: int, sp_size: int) -> int:
     (`parallel.sequence.sequence_parallel_loss`), and the divisor of the logged mean loss (the trainer).
     """
     return sequences * sp_size
+
+
+def rank_layout(rank: int, sp_size: int) -> tuple[int, int]:
+    """(data-parallel rank, rank within its sequence) of global rank `rank`: consecutive groups of `sp_size`
+    ranks share one sequence (parallel/sequence.py builds its process groups the same way)."""
+    return rank // sp_size, rank % sp_size

@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
-import random
 import shutil
 import stat
-import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from reformer_dist.config_schema import Section, boolean, int_min, opt, optional, string
@@ -37,9 +36,21 @@ from reformer_dist.ondisk import (LATEST, RUN_CONFIG, TRAINER_STATE_DIR, ZERO_TO
                                   CheckpointError, atomic_write, is_complete, rank_state_file, step_of, tag_for,
                                   write_manifest)
 from reformer_dist.parallel.collectives import any_rank, barrier
+from reformer_dist.training.seeding import capture_rng, restore_rng
+from reformer_dist.training.train_state import TrainState
+
+log = logging.getLogger(__name__)
 
 # The standalone consolidation script copied next to every checkpoint (a source checkout's tools/ folder).
 RECOVERY_SCRIPT = Path(__file__).resolve().parents[2] / "tools" / ZERO_TO_SAFETENSORS
+
+
+class Stateful(Protocol):
+    """What a checkpoint saves and restores of a component (the window loader)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -50,33 +61,30 @@ class CheckpointConfig(Section):
     dir: str | None = opt(None, optional(string), "checkpoint root (default <output.dir>/checkpoints)")
 
 
-# ---------------------------------------------------------------------------------------------- RNG
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def capture_rng() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-    }
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 # ---------------------------------------------------------------------------------------------- per-rank state
 def state_path(ckpt_dir: Path, rank: int) -> Path:
+    """Rank `rank`'s trainer-state file in checkpoint folder `ckpt_dir`."""
     return ckpt_dir / rank_state_file(rank)
+
+
+def rank_state(train: TrainState, loader: Stateful, world_size: int) -> dict[str, Any]:
+    """What one rank's trainer-state file holds: the `TrainState` fields at the top level (the format every
+    earlier checkpoint has), the world size it was saved with, the loader's position and the RNG streams."""
+    return {**train.state_dict(), "world_size": world_size, "loader": loader.state_dict(), "rng": capture_rng()}
+
+
+def saved_world_size(state: dict[str, Any]) -> int | None:
+    """The world size a trainer-state file was saved with."""
+    return state.get("world_size")
+
+
+def restore_rank_state(state: dict[str, Any], train: TrainState, loader: Stateful, rng: bool = True) -> None:
+    """Fill `train` and `loader` from a trainer-state file; `rng`: put this rank's saved streams back too (not
+    for a universal checkpoint, whose streams belong to another world size)."""
+    train.load_state_dict(state)
+    loader.load_state_dict(state["loader"])
+    if rng:
+        restore_rng(state["rng"])
 
 
 def save_rank_state(ckpt_dir: Path, rank: int, state: dict[str, Any]) -> None:
@@ -225,4 +233,53 @@ def copy_recovery_script(root: Path) -> None:
         shutil.copyfile(RECOVERY_SCRIPT, dst)
         os.chmod(dst, os.stat(dst).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     except OSError as e:  # the checkpoint itself is complete: say so, do not fail the run
-        print(f"reformer-train: warning: could not copy {RECOVERY_SCRIPT.name} to {root}: {e}", file=sys.stderr)
+        log.warning(f"could not copy {RECOVERY_SCRIPT.name} to {root}: {e}")
+
+
+# ---------------------------------------------------------------------------------------------- the trainer's side
+class Checkpointer:
+    """When the trainer's checkpoints are written, and which are kept while a divergence is possible.
+
+    A step whose loss was not finite is never saved (its weights are those of an earlier step, with a later
+    loader position). Until a later step's loss comes out finite, the newest checkpoint's weights are
+    untested: with `keep_last = 1` pruning keeps the one before it too (`tested` drops it)."""
+
+    def __init__(self, engine: Any, root: Path, rank: int, world_size: int, keep_last: int,
+                 run_record: dict[str, Any], saved_step: int = -1):
+        self.engine, self.root, self.rank, self.world_size = engine, root, rank, world_size
+        self.keep_last, self.run_record = keep_last, run_record
+        self.saved_step = saved_step  # the step the newest checkpoint of this run holds (-1: none)
+        self.spare_pending = False  # an older checkpoint kept until the newest one gives a finite loss
+
+    def save(self, train: TrainState, loader: Stateful, loss: float | None, metrics: Any) -> bool:
+        """Checkpoint this step (collective; once per step): see `save_checkpoint`. Returns False (and says
+        so) when the step's loss was not finite."""
+        if self.saved_step == train.step:
+            return True
+        if train.nonfinite_streak:
+            log.info(f"step {train.step}: no checkpoint: its loss was not finite; {self.latest_note()}")
+            return False
+        t0 = time.time()
+        removed = save_checkpoint(self.engine, self.root, train.step, self.rank, self.world_size,
+                                  rank_state(train, loader, self.world_size), self.run_record, self.keep_last,
+                                  loss=loss)
+        self.spare_pending = self.keep_last == 1
+        if self.rank == 0:
+            metrics.event("checkpoint", step=train.step, path=str(self.root / tag_for(train.step)),
+                          seconds=round(time.time() - t0, 3), removed=[p.name for p in removed])
+        self.saved_step = train.step
+        return True
+
+    def tested(self) -> None:
+        """A step after the newest checkpoint gave a finite loss: the older one kept for safety may go."""
+        if not self.spare_pending:
+            return
+        self.spare_pending = False
+        if self.rank == 0:
+            prune(self.root, self.keep_last, newest_tested=True)
+
+    def latest_note(self) -> str:
+        """Which checkpoint `latest` names, for messages about a step that was not saved."""
+        latest = self.root / LATEST
+        name = latest.read_text().strip() if latest.is_file() else None
+        return f"`latest` names {self.root / name}" if name else "there is no earlier checkpoint"

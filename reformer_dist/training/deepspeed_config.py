@@ -57,6 +57,7 @@ def load_json(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_precision(cfg: RunConfig, on_cuda: bool) -> str:
+    """The compute precision of a run: `deepspeed.precision`, where "auto" is bf16 on CUDA and fp32 on CPU."""
     p = cfg.deepspeed.precision
     return ("bf16" if on_cuda else "fp32") if p == "auto" else p
 
@@ -112,6 +113,11 @@ def build_deepspeed_config(cfg: RunConfig, plan: BatchPlan, on_cuda: bool) -> di
     ds.setdefault("steps_per_print", 10**9)  # the trainer does its own logging
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    """The ZeRO stage a DeepSpeed dict asks for (0 when it has no `zero_optimization`)."""
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
 
 
 def uses_optimizer_offload(ds: dict[str, Any]) -> bool:

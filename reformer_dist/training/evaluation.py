@@ -11,6 +11,7 @@ on them: computed once (at the first evaluation; a resume restores it) and print
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +22,12 @@ import torch
 from reformer_dist.config_schema import Section, boolean, int_min, opt, optional
 from reformer_dist.data.loader import WindowLoader
 from reformer_dist.model.config import ReformerConfig
+from reformer_dist.model.loss import IGNORE_INDEX
 from reformer_dist.parallel.collectives import all_reduce_host
 from reformer_dist.training.metrics import Metrics
+from reformer_dist.training.train_state import TrainState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,7 +60,8 @@ def score_batch(model: Any, ids: torch.Tensor, labels: torch.Tensor, *, hash_see
 
 
 class Evaluator:
-    """Evaluates a (DeepSpeed-wrapped) ReformerLM; `unigram_loss` is part of the trainer's checkpointed state.
+    """Evaluates a (DeepSpeed-wrapped) ReformerLM; the unigram baseline it computes once is kept in the
+    run's `TrainState` (checkpointed with it).
 
     model: the model's config (vocabulary, trained hash rounds, default hash seed).
     make_loader: a fresh WindowLoader over the held-out split (made once here when the run evaluates, so
@@ -69,21 +75,22 @@ class Evaluator:
         self.cfg, self.model, self.device = cfg, model, device
         self.make_loader, self.sp, self.documents, self.byte_level = make_loader, sequence_parallel, documents, byte_level
         self.hash_seed = model.hash_seed if cfg.hash_seed is None else cfg.hash_seed  # one fixed seed, every time
-        self.unigram_loss: float | None = None
         self.last_eval_step = -1
         self.last_eval: dict[str, Any] | None = None
         if cfg.evaluates:
             make_loader()
 
     @torch.no_grad()
-    def evaluate(self, engine: Any, step: int, metrics: Metrics) -> dict[str, Any]:
-        """Evaluate at `step` (collective: every rank calls it); once per step, the record is reused."""
+    def evaluate(self, engine: Any, state: TrainState, metrics: Metrics) -> dict[str, Any]:
+        """Evaluate at `state.step` (collective: every rank calls it); once per step, the record is reused.
+        Computes `state.unigram_loss` (the held-out tokens' entropy) the first time."""
+        step = state.step
         if self.last_eval_step == step and self.last_eval is not None:
             return self.last_eval
         engine.eval()
         vocab = self.model.vocab_size
         total = torch.zeros(2, dtype=torch.float64)  # loss sum, token count
-        hist = torch.zeros(vocab, dtype=torch.float64) if self.unigram_loss is None else None
+        hist = torch.zeros(vocab, dtype=torch.float64) if state.unigram_loss is None else None
         # eval.n_hashes: the same windows again with that many rounds (the trained rounds plus new ones)
         want = self.cfg.n_hashes
         rounds = want if want not in (None, self.model.n_hashes) else None  # equal: one pass gives both
@@ -94,13 +101,13 @@ class Evaluator:
             b = next(batches)
             ids, labels = b["input_ids"].to(self.device), b["labels"].to(self.device)
             docs = self.documents(ids)
-            count = float((labels != -100).sum())
+            count = float((labels != IGNORE_INDEX).sum())
             for r, acc in passes:
                 losses, _ = score_batch(engine, ids, labels, hash_seed=self.hash_seed, n_hashes=r,
                                         position_offset=b["position_offset"], sequence_parallel=self.sp, documents=docs)
                 acc += torch.tensor([float(losses.double().sum()), count], dtype=torch.float64)
             if hist is not None:
-                valid = b["labels"][b["labels"] != -100]
+                valid = b["labels"][b["labels"] != IGNORE_INDEX]
                 hist += torch.bincount(valid.flatten(), minlength=vocab).double()
         engine.train()
         all_reduce_host(total)
@@ -109,10 +116,10 @@ class Evaluator:
         if hist is not None:
             all_reduce_host(hist)
             p = hist[hist > 0] / hist.sum()
-            self.unigram_loss = float(-(p * p.log()).sum())
+            state.unigram_loss = float(-(p * p.log()).sum())
         loss = float(total[0] / total[1].clamp(min=1))
         rec = {"step": step, "eval_loss": loss, "bits_per_token": loss / math.log(2),
-               "unigram_loss": self.unigram_loss, "eval_tokens": int(total[1])}
+               "unigram_loss": state.unigram_loss, "eval_tokens": int(total[1])}
         if self.byte_level:
             rec["bits_per_byte"] = rec["bits_per_token"]
         extra = ""
@@ -122,7 +129,7 @@ class Evaluator:
             extra = f" | loss with {want} hash rounds {rec['eval_loss_n_hashes']:.4f} (trained with {self.model.n_hashes})"
         metrics.eval(rec)
         unit = "bits/byte" if "bits_per_byte" in rec else "bits/token"
-        metrics.print(f"eval step {step}: loss {loss:.4f} ({rec['bits_per_token']:.3f} {unit}){extra} | "
-                      f"unigram baseline {self.unigram_loss:.4f} (entropy of the held-out tokens)")
+        log.info(f"eval step {step}: loss {loss:.4f} ({rec['bits_per_token']:.3f} {unit}){extra} | "
+                 f"unigram baseline {state.unigram_loss:.4f} (entropy of the held-out tokens)")
         self.last_eval_step, self.last_eval = step, rec
         return rec

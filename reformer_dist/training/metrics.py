@@ -12,6 +12,7 @@ metrics.jsonl records, one JSON object a line, appended across resumes:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -27,6 +28,8 @@ from tqdm.auto import tqdm
 
 from reformer_dist.config_schema import Section, boolean, int_min, opt
 from reformer_dist.ondisk import METRICS, RANKS_DIR, TENSORBOARD_DIR, rank_metrics_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,7 +74,7 @@ class Metrics:
 
                 self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=initial_step + 1 if initial_step else None)
             except ImportError:  # pragma: no cover - tensorboard is a dependency; degrade rather than die
-                print("metrics: tensorboard is not installed; writing JSON lines only", file=sys.stderr)
+                log.warning("tensorboard is not installed; writing JSON lines only")
         self._bar = None
         if self.main and progress_bar:
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
@@ -111,15 +114,6 @@ class Metrics:
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"eval/{k}", v, rec["step"])
 
-    def print(self, text: str) -> None:
-        """A line for the user, on rank 0, without breaking the progress bar."""
-        if not self.main:
-            return
-        if self._bar is not None:
-            self._bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -150,9 +144,8 @@ def open_for_append(path: Path) -> IO[str]:
     if size and cut:
         handle.write("\n")
         handle.flush()
-        print(f"reformer-train: warning: {path}: its last line was cut (a crash or power loss during a write); "
-              "it is kept as it is and new records start on the next line (reformer-plot skips the cut one and "
-              "says so)", file=sys.stderr)
+        log.warning(f"{path}: its last line was cut (a crash or power loss during a write); it is kept as it is and "
+                    "new records start on the next line (reformer-plot skips the cut one and says so)")
     return handle
 
 

@@ -18,6 +18,7 @@ recompiled both objects. The fix has two parts:
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.cpp_extension import get_default_build_root
+
+log = logging.getLogger(__name__)
 
 SHM_COMM = "deepspeed_shm_comm"
 
@@ -87,11 +90,10 @@ def announce_build(op_name: str, why: str, stale_after_s: float = 900.0) -> bool
     except OSError:
         age = 0.0
     if age > stale_after_s:
-        print(f"reformer-train: warning: {lock} is {age / 60:.0f} min old; torch waits for it before using "
-              f"{op_name}. If no build is running (a killed build leaves it behind), delete it",
-              file=sys.stderr, flush=True)
+        log.warning(f"{lock} is {age / 60:.0f} min old; torch waits for it before using {op_name}. If no build is "
+                    "running (a killed build leaves it behind), delete it")
     if is_built(op_name):
         return False
-    print(f"reformer-train: building DeepSpeed's C++ op {op_name} ({why}) into {extensions_dir() / op_name}: "
-          "a one-time compile, 1-4 min on a small CPU; later runs reuse it", file=sys.stderr, flush=True)
+    log.info(f"building DeepSpeed's C++ op {op_name} ({why}) into {extensions_dir() / op_name}: a one-time compile, "
+             "1-4 min on a small CPU; later runs reuse it")
     return True

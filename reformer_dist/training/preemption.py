@@ -7,9 +7,8 @@ Flow (the trainer's side)::
         ...optimizer step...
         if handler.sync():            # same answer on every rank (parallel.collectives.any_rank)
             save_checkpoint(...)      # on all ranks
-            barrier()
-            if args.requeue:
-                requeue_slurm_job()   # rank 0 only; a no-op elsewhere
+            if should_requeue(cfg.train.requeue, handler.signum, rank):
+                requeue_slurm_job()   # rank 0 of a SLURM job, SIGUSR1 only
             break                     # exit 0
 
 The SLURM scripts in ``launch/slurm/`` ask for ``--signal=B:USR1@120`` and forward it to the
@@ -108,41 +107,39 @@ class PreemptionHandler:
         return stop
 
 
-def _rank(environ: Mapping[str, str]) -> int:
-    for name in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
-        value = environ.get(name, "").strip()
-        if value:
-            try:
-                return int(value)
-            except ValueError:
-                log.warning("ignoring non-integer %s=%r", name, value)
-    return 0
+def job_id(environ: Mapping[str, str]) -> str | None:
+    """The SLURM job id, or None outside SLURM."""
+    return environ.get("SLURM_JOB_ID", "").strip() or environ.get("SLURM_JOBID", "").strip() or None
+
+
+def should_requeue(enabled: bool, signum: int | None, rank: int, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process asks SLURM to requeue the job after its preemption checkpoint: `train.requeue`,
+    rank 0 (once per job), inside a SLURM job, and only for SIGUSR1 (``sbatch --signal=B:USR1@120``, forwarded
+    to every rank: "time is up, come back"); SIGTERM from a plain ``scancel`` must end the job."""
+    environ = os.environ if environ is None else environ
+    return enabled and rank == 0 and job_id(environ) is not None and signum == signal.SIGUSR1
 
 
 def requeue_slurm_job(environ: Mapping[str, str] | None = None, timeout: float = 60.0) -> bool:
-    """On rank 0 of a SLURM job, ``scontrol requeue $SLURM_JOB_ID``; True when it succeeded.
+    """``scontrol requeue $SLURM_JOB_ID`` (call it on one rank: `should_requeue`); True when it succeeded.
 
-    Returns False (after logging why) on other ranks, outside SLURM, or when scontrol fails. The job
-    must allow requeueing (``#SBATCH --requeue``); SLURM then ends the running job and queues it
-    again, so call this only after every rank has finished writing its checkpoint.
+    Returns False (after logging why) outside SLURM or when scontrol fails. The job must allow requeueing
+    (``#SBATCH --requeue``); SLURM then ends the running job and queues it again, so call this only after
+    every rank has finished writing its checkpoint.
     """
     environ = os.environ if environ is None else environ  # looked up now: os.environ may have been replaced
-    rank = _rank(environ)
-    if rank != 0:
-        log.debug("requeue skipped on rank %d", rank)
-        return False
-    job_id = environ.get("SLURM_JOB_ID", "").strip() or environ.get("SLURM_JOBID", "").strip()
-    if not job_id:
+    job = job_id(environ)
+    if job is None:
         log.warning("requeue requested but SLURM_JOB_ID is not set (not a SLURM job)")
         return False
-    cmd = ["scontrol", "requeue", job_id]
+    cmd = ["scontrol", "requeue", job]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        log.error("%s failed: %s", " ".join(cmd), exc)
+        log.error(f"{' '.join(cmd)} failed: {exc}")
         return False
     if res.returncode != 0:
-        log.error("%s failed (rc=%d): %s", " ".join(cmd), res.returncode, (res.stderr or res.stdout).strip())
+        log.error(f"{' '.join(cmd)} failed (rc={res.returncode}): {(res.stderr or res.stdout).strip()}")
         return False
-    log.info("requeued SLURM job %s", job_id)
+    log.info(f"requeued SLURM job {job}")
     return True

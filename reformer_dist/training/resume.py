@@ -11,27 +11,29 @@ size with the same global batch and sequence-parallel size: rank 0's loader posi
 every rank continues from it; per-rank RNG streams restart from seed + step (only dropout depends on
 them). Resuming from an explicit older checkpoint moves the newer ones aside (`abandoned-<time>/`) so
 that `--resume auto` never returns to them; a fresh start into a used run folder moves the earlier
-run's files aside (`replaced-<time>/`).
+run's files aside (`replaced-<time>/`, training/run_dir.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reformer_dist.ondisk import (ABANDONED_PREFIX, CHECKPOINTS_DIR, DEEPSPEED_CONFIG, LATEST, LATEST_UNIVERSAL,
-                                  LOCK_NAME, MANIFEST, METRICS, MODEL_DIR, RANKS_DIR, REPLACED_PREFIX, RUN_CONFIG,
-                                  RUN_CONFIG_TOML, TENSORBOARD_DIR, CheckpointError, atomic_write, is_complete, step_of,
-                                  tag_for, verify_manifest)
+from reformer_dist.ondisk import (ABANDONED_PREFIX, LATEST, LATEST_UNIVERSAL, MANIFEST, RUN_CONFIG, CheckpointError,
+                                  aside_name, atomic_write, is_complete, step_of, tag_for, verify_manifest)
 from reformer_dist.parallel.collectives import barrier, broadcast_object
-from reformer_dist.training.checkpointing import list_tags, load_rank_state, restore_rng, seed_all, state_path
+from reformer_dist.training.checkpointing import (Stateful, list_tags, load_rank_state, restore_rank_state,
+                                                  saved_world_size, state_path)
 from reformer_dist.training.config import BatchPlan, RunConfig
+from reformer_dist.training.seeding import rank_seed, seed_all
+from reformer_dist.training.train_state import TrainState
+
+log = logging.getLogger(__name__)
 
 # Keys whose change does not alter the losses of the resumed steps (everything else is warned about).
 HARMLESS = {"train.max_steps", "checkpoint.every", "checkpoint.keep_last", "checkpoint.at_end", "checkpoint.dir",
@@ -155,7 +157,7 @@ def resolve(spec: str | None, ckpt_root: Path, main: bool, owner: Path | None = 
     if isinstance(answer, Exception):
         raise CheckpointError(str(answer))
     if answer is None and main:
-        print(f"reformer-train: --resume {spec}: no complete checkpoint in {ckpt_root}; starting fresh", file=sys.stderr)
+        log.info(f"--resume {spec}: no complete checkpoint in {ckpt_root}; starting fresh")
     return answer
 
 
@@ -232,54 +234,47 @@ def check_fit(point: ResumePoint, record: dict[str, Any], rank: int, world_size:
         raise CheckpointError(f"{point.path / RUN_CONFIG}: checkpoint does not fit this run:\n  " + "\n  ".join(errors))
     if warnings and rank == 0:
         why = "" if point.universal else " (losses will differ from an uninterrupted run)"
-        print(f"reformer-train: resuming with a changed config{why}:\n  " + "\n  ".join(warnings), file=sys.stderr)
+        log.warning(f"resuming with a changed config{why}:\n  " + "\n  ".join(warnings))
     state = load_rank_state(point.path, 0 if point.universal else rank)
-    if not point.universal and state.get("world_size") != world_size:
-        raise CheckpointError(f"{state_path(point.path, rank)}: saved with world size {state.get('world_size')}, "
+    if not point.universal and saved_world_size(state) != world_size:
+        raise CheckpointError(f"{state_path(point.path, rank)}: saved with world size {saved_world_size(state)}, "
                               f"this run has {world_size}")
     return state
 
 
-def load(point: ResumePoint, engine: Any, loader: Any, record: dict[str, Any], rank: int, world_size: int,
-         seed: int, abandon_newer_in: Path | None, state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load `point` into the engine (DeepSpeed) and the loader; returns this rank's trainer state (step,
-    counters). Every rank calls this. `abandon_newer_in`: the run's checkpoint root when the checkpoint was
-    named explicitly (`--resume PATH`): its checkpoints newer than `point` are moved aside there. `state`:
-    what `check_fit` returned (checked again when not given)."""
+def load(point: ResumePoint, engine: Any, loader: Stateful, train: TrainState, record: dict[str, Any], rank: int,
+         world_size: int, seed: int, abandon_newer_in: Path | None, state: dict[str, Any] | None = None) -> None:
+    """Load `point` into the engine (DeepSpeed), the loader and `train` (the trainer's counters). Every rank
+    calls this. `abandon_newer_in`: the run's checkpoint root when the checkpoint was named explicitly
+    (`--resume PATH`): its checkpoints newer than `point` are moved aside there. `state`: what `check_fit`
+    returned (checked again when not given)."""
     if state is None:
         state = check_fit(point, record, rank, world_size)
     load_path, _ = engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
     if load_path is None:
         raise CheckpointError(f"{point.path}: DeepSpeed could not load this checkpoint")
-    loader.load_state_dict(state["loader"])
+    restore_rank_state(state, train, loader, rng=not point.universal)
     if point.universal:  # per-rank streams of another world size do not exist: derive them from the step
-        seed_all(seed + 1 + rank + 1000003 * int(state["step"]))
-    else:
-        restore_rng(state["rng"])
-        if rank == 0 and abandon_newer_in is not None:
-            abandon_newer_than(abandon_newer_in, point.step)
+        seed_all(rank_seed(seed, rank, resumed_at_step=train.step))
+    elif rank == 0 and abandon_newer_in is not None:
+        abandon_newer_than(abandon_newer_in, point.step)
     barrier()
-    return state
 
 
 # ---------------------------------------------------------------------------------------------- moving aside
-def _timestamp() -> str:
-    return time.strftime("%Y%m%d-%H%M%S")
-
-
 def abandon_newer_than(root: Path, step: int, quiet: bool = False) -> Path | None:
     """Resuming from an older checkpoint: move newer ones aside so `--resume auto` never returns to them.
     Returns the folder they went to (None: there were none)."""
     newer = [p for s, p in list_tags(root) if s > step]
     if not newer:
         return None
-    dest = root / f"{ABANDONED_PREFIX}{_timestamp()}"
+    dest = root / aside_name(ABANDONED_PREFIX)
     dest.mkdir(parents=True, exist_ok=True)
     for p in newer:
         shutil.move(str(p), str(dest / p.name))
     if not quiet:
-        print(f"reformer-train: moved {len(newer)} newer checkpoint(s) to {dest}", file=sys.stderr)
+        log.info(f"moved {len(newer)} newer checkpoint(s) to {dest}")
     return dest
 
 
@@ -295,22 +290,3 @@ def roll_back_to_finite(root: Path, last_finite: int) -> tuple[int | None, Path 
     elif (root / LATEST).is_file():
         (root / LATEST).unlink()  # it named a checkpoint that was moved aside
     return good, moved
-
-
-def archive_previous_run(run_dir: Path, ckpt_root: Path) -> None:
-    """A fresh start (no --resume) into a used run dir moves the old artefacts aside instead of mixing them."""
-    old = [run_dir / n for n in (RUN_CONFIG_TOML, DEEPSPEED_CONFIG, METRICS, TENSORBOARD_DIR, MODEL_DIR, RANKS_DIR)
-           if (run_dir / n).exists()]
-    ckpts = list_tags(ckpt_root)
-    if not old and not ckpts:
-        return
-    dest = run_dir / f"{REPLACED_PREFIX}{_timestamp()}"
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in old:
-        shutil.move(str(p), str(dest / p.name))
-    if ckpts:  # the contents, not the folder: it holds this run's lock (training/run_lock.py)
-        (dest / CHECKPOINTS_DIR).mkdir()
-        for p in ckpt_root.iterdir():
-            if p.name != LOCK_NAME:
-                shutil.move(str(p), str(dest / CHECKPOINTS_DIR / p.name))
-    print(f"reformer-train: fresh start (no --resume): moved the previous run's files to {dest}", file=sys.stderr)

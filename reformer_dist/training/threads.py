@@ -26,10 +26,14 @@ the count, and later losses can differ at rounding level once such a gradient ha
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def candidates(most: int) -> list[int]:
@@ -155,3 +159,22 @@ class ThreadTuner:
         self.chosen = best
         self._reference = timed[best]
         self._recent = []
+
+
+def timed_step(tuner: ThreadTuner | None, step: Callable[[], dict[str, Any]], metrics: Any) -> dict[str, Any]:
+    """Run one train step (`step()` returns its record, with `step_time_s`) at the count `tuner` picks (None:
+    the fixed count); adds `threads` to the record, and writes a `threads` event when the choice changes."""
+    if tuner is None:
+        return {**step(), "threads": torch.get_num_threads()}
+    count = tuner.next_count()
+    known = len(tuner.choices)
+    rec = step()
+    tuner.record(rec["step_time_s"])
+    if len(tuner.choices) > known:
+        at, chosen, why = tuner.choices[-1]
+        times = {str(c): None if t is None else round(t, 4) for c, t in tuner.times.items()}
+        metrics.event("threads", step=at, threads=chosen, reason=why, step_time_s=times)
+        shown = ", ".join(f"{c}: {t:.3g} s" for c, t in times.items() if t is not None)
+        log.info(f"step {at}: {chosen} intra-op thread{'s' if chosen > 1 else ''} from now on ({why}; step time "
+                 f"by threads {shown})")
+    return {**rec, "threads": count}

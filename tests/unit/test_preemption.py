@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reformer_dist.training.preemption import PreemptionHandler, requeue_slurm_job
+from reformer_dist.training.preemption import PreemptionHandler, requeue_slurm_job, should_requeue
 
 
 def _deliver(sig: int) -> None:
@@ -103,9 +103,13 @@ def test_requeue_failure_returns_false(fake_scontrol: Path, monkeypatch: pytest.
     assert "boom" in caplog.text
 
 
-def test_requeue_skipped_off_rank0_and_outside_slurm(fake_scontrol: Path) -> None:
-    assert requeue_slurm_job({"SLURM_JOB_ID": "7", "RANK": "1", "SLURM_PROCID": "0"}) is False
-    assert requeue_slurm_job({"SLURM_JOB_ID": "7", "SLURM_PROCID": "3"}) is False
+def test_requeue_only_on_rank0_of_a_slurm_job_after_sigusr1(fake_scontrol: Path) -> None:
+    slurm = {"SLURM_JOB_ID": "7"}
+    assert should_requeue(True, signal.SIGUSR1, 0, slurm)
+    assert not should_requeue(True, signal.SIGUSR1, 1, slurm)  # one request per job
+    assert not should_requeue(True, signal.SIGTERM, 0, slurm)  # a plain scancel ends the job
+    assert not should_requeue(False, signal.SIGUSR1, 0, slurm)  # train.requeue = false
+    assert not should_requeue(True, signal.SIGUSR1, 0, {})  # not a SLURM job
     assert requeue_slurm_job({}) is False
     assert not fake_scontrol.exists()
 

@@ -9,8 +9,9 @@ import pytest
 from reformer_dist import ondisk
 from reformer_dist.ondisk import CheckpointError, verify_manifest
 from reformer_dist.training import checkpointing as ckpt
-from reformer_dist.training import resume
+from reformer_dist.training import resume, seeding
 from reformer_dist.training.metrics import read_records
+from reformer_dist.training.train_state import TrainState
 
 from tests.unit.cli_cases import snapshot
 
@@ -95,7 +96,7 @@ def test_roll_back_after_divergence_moves_the_poisoned_checkpoint_aside(tmp_path
 
 
 def test_rank_state_round_trip_and_missing_rank(tmp_path):
-    ckpt.save_rank_state(tmp_path, 0, {"step": 3, "rng": ckpt.capture_rng()})
+    ckpt.save_rank_state(tmp_path, 0, {"step": 3, "rng": seeding.capture_rng()})
     assert ckpt.load_rank_state(tmp_path, 0)["step"] == 3
     with pytest.raises(CheckpointError, match=r"rank00001.pt: missing; the checkpoint holds trainer state for 1 rank"):
         ckpt.load_rank_state(tmp_path, 1)
@@ -121,7 +122,7 @@ def test_metrics_reader_drops_records_superseded_by_a_resume(tmp_path):
     assert steps == [(1, 9), (2, 8), (3, 0.5)]
 
 
-def test_metrics_with_a_cut_last_line_are_repaired_on_open_and_plot_says_so(tmp_path, capsys):
+def test_metrics_with_a_cut_last_line_are_repaired_on_open_and_plot_says_so(tmp_path, capsys, console):
     # #26: a resumed run appended its start record to the line a power loss cut; reformer-plot then
     # silently dropped both (and with the start record, the resume's supersession)
     from reformer_dist.cli.plot import main as plot
@@ -136,7 +137,7 @@ def test_metrics_with_a_cut_last_line_are_repaired_on_open_and_plot_says_so(tmp_
     m.step({"step": 3, "loss": 0.5, "lr": 1e-3, "tokens_per_s": 1.0, "mem_gb": 0.0})
     m.close()
     err = capsys.readouterr().err
-    assert f"warning: {path}: its last line was cut (a crash or power loss during a write)" in err
+    assert f"reformer-train: warning: {path}: its last line was cut (a crash or power loss during a write)" in err
     assert path.read_text().startswith(cut + "\n")  # the cut bytes kept, the new records on their own lines
     problems = []
     steps = [(r["step"], r["loss"]) for r in read_records(path, problems) if r["event"] == "step"]
@@ -202,7 +203,9 @@ def test_explicit_resume_moves_the_runs_newer_checkpoints_aside(tmp_path):
     record = {"config": {"model": {"d_model": 64}},
               "plan": {"dp_size": 1, "sp_size": 1, "micro_batch": 1, "grad_accum": 1}, "world_size": 1}
     (source / ondisk.RUN_CONFIG).write_text(json.dumps(record))
-    ckpt.save_rank_state(source, 0, {"step": 2, "world_size": 1, "loader": {"position": 7}, "rng": ckpt.capture_rng()})
+    saved = TrainState(step=2, tokens_seen=40, nonfinite_total=1, unigram_loss=3.5)
+    ckpt.save_rank_state(source, 0, {**saved.state_dict(), "world_size": 1, "loader": {"position": 7},
+                                     "rng": seeding.capture_rng()})
 
     class Engine:
         def load_checkpoint(self, root, tag, **_):
@@ -213,10 +216,10 @@ def test_explicit_resume_moves_the_runs_newer_checkpoints_aside(tmp_path):
         def load_state_dict(self, state):
             self.state = state
 
-    engine, loader = Engine(), Loader()
+    engine, loader, train = Engine(), Loader(), TrainState()
     point = resume.ResumePoint(other, source.name, 2, [])
-    state = resume.load(point, engine, loader, record, rank=0, world_size=1, seed=0, abandon_newer_in=run_root)
-    assert state["step"] == 2 and loader.state == {"position": 7} and engine.loaded == (str(other), source.name)
+    resume.load(point, engine, loader, train, record, rank=0, world_size=1, seed=0, abandon_newer_in=run_root)
+    assert train == saved and loader.state == {"position": 7} and engine.loaded == (str(other), source.name)
     assert [p.name for _, p in ckpt.list_tags(run_root)] == ["step_00000002", "step_00000001"]
     (aside,) = run_root.glob("abandoned-*")
     assert [p.name for p in aside.iterdir()] == ["step_00000003"]
@@ -224,5 +227,5 @@ def test_explicit_resume_moves_the_runs_newer_checkpoints_aside(tmp_path):
 
     # --resume auto (abandon_newer_in=None) moves nothing
     fake_checkpoint(run_root, 4)
-    resume.load(point, engine, loader, record, rank=0, world_size=1, seed=0, abandon_newer_in=None)
+    resume.load(point, engine, loader, TrainState(), record, rank=0, world_size=1, seed=0, abandon_newer_in=None)
     assert [p.name for _, p in ckpt.list_tags(run_root)][0] == "step_00000004"

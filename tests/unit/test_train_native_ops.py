@@ -59,7 +59,7 @@ def test_prefer_interpreter_ninja_puts_the_venv_first(monkeypatch, tmp_path: Pat
     assert not native_ops.prefer_interpreter_ninja(env)
 
 
-def test_announce_build_prints_once_per_missing_op(monkeypatch, tmp_path: Path, capsys):
+def test_announce_build_prints_once_per_missing_op(monkeypatch, tmp_path: Path, capsys, console):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert native_ops.announce_build("cpu_adam", "optimizer offload")
     err = capsys.readouterr().err
@@ -78,7 +78,7 @@ def test_make_starts_processes_with_the_venv_first_on_path():
     assert p.stdout.split(os.pathsep)[0] == str(REPO / ".venv" / "bin"), p.stdout
 
 
-def test_announce_build_warns_about_an_old_lock(monkeypatch, tmp_path: Path, capsys):
+def test_announce_build_warns_about_an_old_lock(monkeypatch, tmp_path: Path, capsys, console):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     (tmp_path / "cpu_adam").mkdir()
     lock = tmp_path / "cpu_adam" / "lock"
@@ -87,4 +87,4 @@ def test_announce_build_warns_about_an_old_lock(monkeypatch, tmp_path: Path, cap
     assert "warning" not in capsys.readouterr().err  # a build may be running right now
     os.utime(lock, (0, os.stat(lock).st_mtime - 3600))
     native_ops.announce_build("cpu_adam", "offload")
-    assert f"warning: {lock} is 60 min old" in capsys.readouterr().err
+    assert f"reformer-train: warning: {lock} is 60 min old" in capsys.readouterr().err
