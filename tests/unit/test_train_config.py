@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -121,11 +123,59 @@ def test_deepspeed_config_path_is_relative_to_the_toml(tmp_path):
     assert Path(cfg.deepspeed.config) == (tmp_path / "ds" / "z.json").resolve()
 
 
+def plan_from_toml(raw: dict, world: int) -> dict:
+    """The batch plan a config file asks for, from its raw TOML by the documented rule (not via plan_batches):
+    dp = world / sp; grad_accum = global_batch / (micro_batch * dp) when global_batch is set, else grad_accum
+    (default 1); global batch = micro_batch * grad_accum * dp."""
+    train, sp = raw["train"], raw.get("parallel", {}).get("sequence_parallel_size", 1)
+    assert world % sp == 0, f"sequence_parallel_size {sp} must divide the world size {world}"
+    dp, micro = world // sp, train["micro_batch"]
+    if "global_batch" in train:
+        assert train["global_batch"] % (micro * dp) == 0
+        accum = train["global_batch"] // (micro * dp)
+        assert train.get("grad_accum", accum) == accum
+    else:
+        accum = train.get("grad_accum", 1)
+    return dict(world_size=world, sp_size=sp, dp_size=dp, micro_batch=micro, grad_accum=accum,
+                global_batch=micro * accum * dp, seq_len=raw["data"]["seq_len"])
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
+    raw = tomllib.loads(path.read_text())
     cfg = load_run_config(path)
-    world = 16 if "multinode" in path.name else cfg.parallel.sequence_parallel_size
-    plan_batches(cfg, world)
+    # the loaded config holds the file's values
+    assert (cfg.train.micro_batch, cfg.data.seq_len) == (raw["train"]["micro_batch"], raw["data"]["seq_len"])
+    assert cfg.train.global_batch == raw["train"].get("global_batch")
+    sp = raw.get("parallel", {}).get("sequence_parallel_size", 1)
+    assert cfg.parallel.sequence_parallel_size == sp
+    # the world sizes the config is meant for: its SP group once and twice (SP x DP), or 16 ranks for multinode
+    worlds = [16] if "multinode" in path.name else [sp, 2 * sp]
+    for world in worlds:
+        plan = plan_batches(cfg, world)
+        want = plan_from_toml(raw, world)
+        assert dataclasses.asdict(plan) == want, (world, plan)
+        assert plan.global_batch == plan.micro_batch * plan.grad_accum * plan.dp_size
+        assert plan.tokens_per_step == want["global_batch"] * want["seq_len"]
+        assert plan.sp_size * plan.dp_size == world
+
+
+# The batch arithmetic the configs' header comments promise, worked out by hand:
+# (config, world size) -> (dp, grad_accum, global batch, tokens per step)
+DOCUMENTED_PLANS = {
+    ("enwik8_64k.toml", 8): (8, 1, 8, 524288),           # "8 GPUs: micro 1 x accum 1 x dp 8"
+    ("enwik8_64k.toml", 1): (1, 8, 8, 524288),           # "1 GPU: micro 1 x accum 8 x dp 1"
+    ("multinode_zero3.toml", 16): (16, 4, 64, 4194304),  # "16 GPUs: micro 1 x accum 4 x dp 16", 4.2M tokens
+    ("multinode_zero3.toml", 64): (64, 1, 64, 4194304),  # "64 GPUs: micro 1 x accum 1 x dp 64"
+    ("million_sp8.toml", 8): (1, 4, 4, 33554432),        # "micro 1 x accum 4 x dp 1 (world 8 / sp 8) = 32M tokens"
+    ("million_sp8.toml", 16): (2, 4, 8, 67108864),       # "With 16 GPUs the same config runs sp 8 x dp 2"
+}
+
+
+@pytest.mark.parametrize("name, world", sorted(DOCUMENTED_PLANS))
+def test_shipped_configs_plan_what_their_comments_say(name, world):
+    plan = plan_batches(load_run_config(REPO / "configs" / name), world)
+    assert (plan.dp_size, plan.grad_accum, plan.global_batch, plan.tokens_per_step) == DOCUMENTED_PLANS[(name, world)]
 
 
 # ---------------------------------------------------------------------------------------------- batch arithmetic
