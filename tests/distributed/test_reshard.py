@@ -40,6 +40,7 @@ def test_two_ranks_resume_on_one_after_reshard(tmp_path, capsys, load_stage):
     assert (r["world_size"], r["stage"], sorted(r["losses"])) == (1, load_stage, [3, 4])
     live = torch.load(run.out / "live_state.pt")
     resumed = torch.load(res.out / "resumed_state.pt")
+    assert resumed.keys() == live.keys()
     for k, v in live.items():
         assert torch.equal(resumed[k], v), f"{k}: loaded weights differ from the saved ones"
     for step in (3, 4):

@@ -215,13 +215,21 @@ def test_synthetic_documents_have_the_documented_layout(tmp_path):
             assert doc[1 : n + 1].max() <= 5 and cell.answer == (n + 2, cell.length)
     write_synthetic(SynthSpec("passkey", [300], examples=2, depths=(0.0, 0.5, 1.0), key_digits=4), tmp_path / "p")
     store = TokenStore.open(tmp_path / "p")
+    # by hand: needle + question take 99 bytes (asserted below), so 201 bytes of filler; the needle starts
+    # depth x 201 bytes in: 0, 100 (100.5 rounds to even) and 201 (right before the question)
+    needle_at = {0.0: 0, 0.5: 100, 1.0: 201}
+    depths = []
     for cell in task_layout(store.manifest["metadata"]["synthetic"]):
+        depths.append(cell.depth)
         for s in cell.starts:
             text = bytes(store.read("validation", s, cell.length).astype(np.uint8)).decode()
             key = text[-4:]
-            at = needle_start(300, cell.depth, 4)
-            assert key.isdigit() and text[at:].startswith(f"The pass key is {key}. ")
+            at = needle_at[cell.depth]
+            assert needle_start(300, cell.depth, 4) == at
+            assert key.isdigit() and text[at:].startswith(f"The pass key is {key}. Remember it. {key} is the pass key. ")
+            assert "pass key" not in text[:at]  # filler before the needle
             assert text.endswith(f"What is the pass key? The pass key is {key}") and len(text) == 300
+    assert sorted(depths) == [0.0, 0.5, 1.0]
     assert passkey_fixed_len(4) == len("The pass key is 0000. Remember it. 0000 is the pass key. "
                                        "What is the pass key? The pass key is 0000")
 
