@@ -15,12 +15,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import warnings
 
+from reformer_dist import console
 from reformer_dist.cli.args import worker_count
+from reformer_dist.exit_codes import ExitCode
 from reformer_dist.ondisk import CheckpointError
+
+log = logging.getLogger("reformer_dist.cli.ckpt")  # not __name__: "__main__" under `python -m`
 
 
 def _shard_size(text: str) -> int:
@@ -95,7 +100,7 @@ def _run(args: argparse.Namespace) -> dict | str:
         out, notes = export_hf(args.src, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                                accept_document_masking=args.accept_document_masking)
         for note in notes:
-            print(f"reformer-ckpt: warning: {note}", file=sys.stderr)
+            log.warning(note)
         return {"out": str(out), "load_with": f"transformers.ReformerModelWithLMHead.from_pretrained({str(out)!r})",
                 "warnings": len(notes)}
     if args.cmd == "import-hf":
@@ -105,7 +110,7 @@ def _run(args: argparse.Namespace) -> dict | str:
             warnings.simplefilter("ignore")  # printed below instead
             out, notes = import_hf(args.src, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
         for note in notes:
-            print(f"reformer-ckpt: warning: {note}", file=sys.stderr)
+            log.warning(note)
         return {"out": str(out), "load_with": f"ReformerLM.from_pretrained({str(out)!r})", "warnings": len(notes)}
     if args.cmd == "reshard":
         from reformer_dist.checkpoint.reshard import reshard
@@ -122,18 +127,19 @@ def _run(args: argparse.Namespace) -> dict | str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    console.setup(f"reformer-ckpt {args.cmd}")
     try:
         # DeepSpeed logs (accelerator detection, zero_to_fp32 progress) go to stdout; keep stdout for the result.
         with contextlib.redirect_stdout(sys.stderr):
             result = _run(args)
     except CheckpointError as e:  # corrupt / incomplete input: names the file
-        print(f"reformer-ckpt {args.cmd}: error: {e}", file=sys.stderr)
-        return 1
+        log.error(str(e))
+        return ExitCode.FAILED
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # usage, unsupported config or transition
-        print(f"reformer-ckpt {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        log.error(str(e))
+        return ExitCode.USAGE
     print(result if isinstance(result, str) else json.dumps(result, indent=2))
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Exit status: 0 on success, 1 on a data error (message on stderr, naming the file
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 # the data modules import neither torch nor datasets (the pipeline loads datasets when it shards)
+from reformer_dist import console
 from reformer_dist.cli.args import int_at_least, worker_count
 from reformer_dist.data.builtin import write_builtin
 from reformer_dist.data.errors import DataError, UsageError
@@ -32,6 +34,9 @@ from reformer_dist.data.pipeline import shard_corpus, train_tokenizer
 from reformer_dist.data.store import TokenStore
 from reformer_dist.data.synthetic import TASKS, SynthSpec, write_synthetic
 from reformer_dist.data.verify import verify_store
+from reformer_dist.exit_codes import ExitCode
+
+log = logging.getLogger("reformer_dist.cli.data")  # not __name__: "__main__" under `python -m`
 
 
 def _coverage(text: str) -> float:
@@ -179,6 +184,7 @@ def _inspect(path: str, n_sample: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    console.setup(f"reformer-data {args.command}")
     try:
         if args.command == "tokenizer":
             tok = train_tokenizer(args.input, args.out, args.vocab_size, args.model_type,
@@ -187,9 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   num_threads=args.num_threads, verbose=args.verbose, overwrite=args.overwrite)
             print(f"wrote {args.out}: {tok.identity} (vocab_size {tok.vocab_size})")
             if tok.vocab_size < args.vocab_size:
-                print(f"reformer-data tokenizer: warning: the tokenizer has {tok.vocab_size} pieces, not the "
-                      f"{args.vocab_size} asked for: the corpus has too few distinct pieces for more. Set "
-                      f"model.vocab_size >= {tok.vocab_size} (or train on more text)", file=sys.stderr)
+                log.warning(f"the tokenizer has {tok.vocab_size} pieces, not the {args.vocab_size} asked for: the "
+                            f"corpus has too few distinct pieces for more. Set model.vocab_size >= {tok.vocab_size} "
+                            f"(or train on more text)")
         elif args.command == "shard":
             path = shard_corpus(args.input, args.tokenizer, args.out, shard_tokens=args.shard_tokens,
                                 num_proc=args.num_proc, text_field=args.text_field, text_unit=args.text_unit,
@@ -213,16 +219,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_summary(write_synthetic(spec, args.out, overwrite=args.overwrite,
                                           shard_tokens=args.shard_tokens).parent)
     except DataError as e:
-        print(f"reformer-data {args.command}: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
-    return 0
+        log.error(str(e))
+        return ExitCode.USAGE if isinstance(e, UsageError) else ExitCode.FAILED
+    return ExitCode.OK
 
 
 def _warn_without_validation(store_dir: Path) -> None:
     if read_manifest(store_dir)["splits"]["validation"]["num_tokens"] == 0:
-        print(f"reformer-data shard: warning: the store has no validation split. Training on it needs evaluation "
-              f"off (--set eval.every=0 --set eval.at_end=false); to evaluate, shard again with --val-fraction "
-              f"0.01 (every 100th document) or --val-input held_out/", file=sys.stderr)
+        log.warning("the store has no validation split. Training on it needs evaluation off (--set eval.every=0 "
+                    "--set eval.at_end=false); to evaluate, shard again with --val-fraction 0.01 (every 100th "
+                    "document) or --val-input held_out/")
 
 
 def print_summary(store_dir: Path) -> None:

@@ -14,12 +14,17 @@ model that cannot take --seq-len), 2 usage. What each number means: docs/long_co
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from reformer_dist import console
 from reformer_dist.cli.args import int_at_least
 from reformer_dist.data.errors import DataError
+from reformer_dist.exit_codes import ExitCode
+
+log = logging.getLogger("reformer_dist.cli.eval")  # not __name__: "__main__" under `python -m`
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,10 +56,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    console.setup("reformer-eval")
     args = _parser().parse_args(argv)
     if not args.task and args.seq_len is None:
-        print("reformer-eval: error: --seq-len is required (or --task for a synthetic task store)", file=sys.stderr)
-        return 2
+        log.error("--seq-len is required (or --task for a synthetic task store)")
+        return ExitCode.USAGE
     import torch  # after the arguments parsed: --help stays fast
 
     from reformer_dist.data.store import TokenStore
@@ -81,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               start=args.start, device=device, progress=not args.no_progress)
             print(report.lm_table(res))
     except DataError as e:
-        print(f"reformer-eval: error: {e}", file=sys.stderr)
-        return 1
+        log.error(str(e))
+        return ExitCode.FAILED
     report.write_json(res, out)
     written = [str(out)]
     if not args.no_plot:
@@ -93,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.plot_positions([(Path(res["model"]).name, res)], png)
         written.append(str(png))
     print(f"wrote {', '.join(written)} ({res['seconds']:.1f} s)")
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

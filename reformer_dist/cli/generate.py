@@ -12,12 +12,17 @@ Exit status: 0, 1 bad input (named), 2 usage.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from reformer_dist import console
 from reformer_dist.cli.args import int_at_least
 from reformer_dist.data.errors import DataError
+from reformer_dist.exit_codes import ExitCode
+
+log = logging.getLogger("reformer_dist.cli.generate")  # not __name__: "__main__" under `python -m`
 
 
 def _temperature(text: str) -> float:
@@ -52,13 +57,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    console.setup("reformer-generate")
     args = _parser().parse_args(argv)
     if args.prompt_file is not None:
         try:
             prompt = args.prompt_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            print(f"reformer-generate: error: {args.prompt_file}: cannot read the prompt ({e})", file=sys.stderr)
-            return 1
+            log.error(f"{args.prompt_file}: cannot read the prompt ({e})")
+            return ExitCode.FAILED
     else:
         prompt = args.prompt
     import torch
@@ -73,12 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         g = generate(loaded, tok, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_k=args.top_k, n_hashes=args.n_hashes, seed=args.seed, device=device)
     except DataError as e:
-        print(f"reformer-generate: error: {e}", file=sys.stderr)
-        return 1
+        log.error(str(e))
+        return ExitCode.FAILED
     print(safe_text(g.text))
-    print(f"reformer-generate: {len(g.new_ids)} tokens after a {g.prompt_tokens}-token prompt in {g.seconds:.2f} s: "
-          f"{g.tokens_per_s:.1f} tokens/s (cached, {tok.identity})", file=sys.stderr)
-    return 0
+    log.info(f"{len(g.new_ids)} tokens after a {g.prompt_tokens}-token prompt in {g.seconds:.2f} s: "
+             f"{g.tokens_per_s:.1f} tokens/s (cached, {tok.identity})")
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -7,15 +7,20 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
+from reformer_dist import console
+from reformer_dist.exit_codes import ExitCode
 from reformer_dist.ondisk import atomic_write
 from reformer_dist.parallel.env import DistEnv, discover
 from reformer_dist.parallel.hostlist import expand_nodelist
+
+log = logging.getLogger("reformer_dist.cli.launch")  # not __name__: "__main__" under `python -m`
 
 
 def default_slots(environ: Mapping[str, str] | None = None) -> int:
@@ -62,25 +67,25 @@ def _cmd_hostfile(args: argparse.Namespace) -> int:
         slots = args.slots if args.slots is not None else default_slots()
         text = hostfile_text(nodelist, slots, "--nodelist" if given else "SLURM_JOB_NODELIST")
     except ValueError as exc:
-        print(f"reformer-launch hostfile: {exc}", file=sys.stderr)
-        return 2
+        log.error(str(exc))
+        return ExitCode.USAGE
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, text)
     else:
         sys.stdout.write(text)
-    return 0
+    return ExitCode.OK
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
     try:
         env = discover(use_mpi=not args.no_mpi)
     except ValueError as exc:
-        print(f"reformer-launch env: {exc}", file=sys.stderr)
-        return 2
+        log.error(str(exc))
+        return ExitCode.USAGE
     sys.stdout.write(format_env(env, args.format))
-    return 0
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``reformer-launch``."""
     args = build_parser().parse_args(argv)
+    console.setup(f"reformer-launch {args.command}")
     return int(args.func(args))
 
 

@@ -10,13 +10,18 @@ Records a resume superseded (steps after the checkpoint it went back to) are dro
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from pathlib import Path
 
+from reformer_dist import console
 from reformer_dist.evaluate.report import LM_FORMAT, plot_positions, read_results
+from reformer_dist.exit_codes import ExitCode
 from reformer_dist.ondisk import METRICS
 from reformer_dist.training.metrics import read_records
+
+log = logging.getLogger("reformer_dist.cli.plot")  # not __name__: "__main__" under `python -m`
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -43,6 +48,7 @@ def _window(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    console.setup("reformer-plot")
     p = argparse.ArgumentParser(prog="reformer-plot", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run folders (holding metrics.jsonl) or metrics.jsonl files; or "
                    "`reformer-eval` JSON results, whose loss by position is overlaid")
@@ -55,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(res is not None for _, res in results):
         bad = [r for r, (_, res) in zip(args.runs, results) if res is None or res["format"] != LM_FORMAT]
         if bad:
-            print(f"reformer-plot: error: {', '.join(bad)}: not a `reformer-eval` result with loss by position "
-                  "(runs and eval results do not mix in one plot)", file=sys.stderr)
-            return 2
+            log.error(f"{', '.join(bad)}: not a `reformer-eval` result with loss by position "
+                      "(runs and eval results do not mix in one plot)")
+            return ExitCode.USAGE
         plot_positions(results, args.out, args.title)
         print(f"wrote {args.out}")
-        return 0
+        return ExitCode.OK
 
     import matplotlib  # slow to import: only after the arguments parsed
 
@@ -73,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(run)
         path = path / METRICS if path.is_dir() else path
         if not path.is_file():
-            print(f"reformer-plot: error: {path}: no such file", file=sys.stderr)
-            return 2
+            log.error(f"{path}: no such file")
+            return ExitCode.USAGE
         problems: list[str] = []
         recs = read_records(path, problems)
         for problem in problems:  # a damaged line is never skipped silently
-            print(f"reformer-plot: warning: {problem}", file=sys.stderr)
+            log.warning(problem)
         start = next((r for r in recs if r.get("event") == "start"), {})
         per_step = start.get("tokens_per_step", 1) if args.x == "tokens" else 1
         label = path.parent.name if path.name == METRICS else path.stem
@@ -98,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 ax.axhline(uni, color=color, ls=":", lw=1, label=f"{label} unigram baseline")
             plotted += 1
     if not plotted:
-        print("reformer-plot: error: no step or eval records in " + ", ".join(args.runs), file=sys.stderr)
-        return 2
+        log.error("no step or eval records in " + ", ".join(args.runs))
+        return ExitCode.USAGE
     ax.set_xlabel("tokens" if args.x == "tokens" else "optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(args.title or "Reformer training loss")
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

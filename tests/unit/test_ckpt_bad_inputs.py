@@ -327,7 +327,7 @@ def test_huge_node_list_is_refused_before_expanding_and_long_lists_are_deduplica
     for nodelist in ("node[01-1000000]", "rack[1-300]-n[1-300]", "a[1-40000],b[1-40000]"):
         assert launch_main(["hostfile", "--nodelist", nodelist]) == 2
         err = capsys.readouterr().err
-        assert f"reformer-launch hostfile: --nodelist: '{nodelist}' names more than 65536 hosts (SLURM allocates " \
+        assert f"reformer-launch hostfile: error: --nodelist: '{nodelist}' names more than 65536 hosts (SLURM allocates " \
                "at most 65533 nodes): a typo in a range?" in err, err
     assert launch_main(["hostfile", "--nodelist", "n[1-60000],n[2-3],m1", "--out", str(tmp_path / "hosts")]) == 0
     lines = (tmp_path / "hosts").read_text().splitlines()
