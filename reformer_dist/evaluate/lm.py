@@ -31,7 +31,7 @@ import torch
 from reformer_dist.data.errors import DataError
 from reformer_dist.data.store import TokenStore
 from reformer_dist.evaluate.loading import LoadedModel, ModelInputError
-from reformer_dist.model.layers import IGNORE_INDEX
+from reformer_dist.model.loss import IGNORE_INDEX
 from reformer_dist.model.reformer import ReformerLM
 from reformer_dist.parallel.sequence import document_inputs
 from reformer_dist.training.evaluation import score_batch

@@ -21,7 +21,7 @@ from reformer_dist.data.store import TokenStore
 from reformer_dist.data.synthetic import layout_tokens, synthetic_metadata, task_layout
 from reformer_dist.evaluate.lm import FULL, check_length, check_store, full_attention_model
 from reformer_dist.evaluate.loading import LoadedModel
-from reformer_dist.model.layers import IGNORE_INDEX
+from reformer_dist.model.loss import IGNORE_INDEX
 from reformer_dist.training.evaluation import score_batch
 
 

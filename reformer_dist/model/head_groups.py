@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from reformer_dist.model.context import AttentionContext
-    from reformer_dist.model.layers import AttentionBlock
+    from reformer_dist.model.blocks import AttentionBlock
 
 
 class HeadLinear(nn.Linear):
@@ -91,9 +91,9 @@ def _project(block: "AttentionBlock", x: Tensor, heads: tuple[int, int], chunk: 
 
     With ``into`` (the stream gradient) the chunks are differentiable: each chunk of x is a leaf whose gradient
     is added to ``into`` in place when the backward reaches it, and the LayerNorm outputs are recipes, not
-    values (``layers._NormRecompute``).
+    values (``blocks._NormRecompute``).
     """
-    from reformer_dist.model.layers import _NormRecompute  # here: layers imports this module (HeadLinear)
+    from reformer_dist.model.blocks import _NormRecompute  # here: blocks imports this module (HeadLinear)
 
     b, length, _ = x.shape
     hg, dh = heads[1] - heads[0], block.attn.cfg.d_head

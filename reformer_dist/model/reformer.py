@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from reformer_dist.model.config import TRAINED_WITH, ReformerConfig
 from reformer_dist.model.context import AttentionContext
+from reformer_dist.model.embeddings import AxialPositionEmbedding
 from reformer_dist.model.generation import generate_cached, sample_next
-from reformer_dist.model.layers import IGNORE_INDEX, AxialPositionEmbedding, LMHead
+from reformer_dist.model.loss import IGNORE_INDEX, LMHead
 from reformer_dist.model.reversible import ReformerStack
 from reformer_dist.ondisk import CONFIG_NAME, load_weights
 
@@ -161,9 +162,9 @@ class ReformerLM(nn.Module):
                 hash_seed: int | None = None, n_hashes: int | None = None, reduction: str = "mean",
                 sequence_parallel=None):
         """Logits [B, L, V] without labels; with labels the chunked cross-entropy: its mean over labels !=
-        -100 (``reduction="mean"``), ``(sum, count)`` (``reduction="sum"``, for averaging across ranks), or
-        ``(losses, predictions)`` (``reduction="none"``, evaluation, no gradient): each position's loss [B, L]
-        (0 where the label is -100) and argmax prediction [B, L].
+        ``IGNORE_INDEX`` (-100; ``reduction="mean"``), ``(sum, count)`` (``reduction="sum"``, for averaging across
+        ranks), or ``(losses, predictions)`` (``reduction="none"``, evaluation, no gradient): each position's loss
+        [B, L] (0 where the label is ``IGNORE_INDEX``) and argmax prediction [B, L].
         ``document_ids``, ``positions`` and ``n_hashes`` (LSH rounds of this call): see ``streams``."""
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")

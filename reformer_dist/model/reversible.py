@@ -8,22 +8,20 @@ rebuilt into the same buffers, the stream gradients are accumulated in place, G 
 backpropagated chunk by chunk, and F's output is freed before F's backward runs (its gradient edge is
 all the backward needs). With ``model.head_groups`` G > 1 (by default at long sequences), F runs forward,
 recompute and backward one head group at a time (``head_groups.py``). The streams are kept in fp32
-whatever the compute dtype, because rebuilding x = y - F(...) in bf16 drifts over many layers.
+whatever the compute dtype (the accumulation dtype, ``kernels.logits.acc_dtype``: fp64 models keep fp64), because
+rebuilding x = y - F(...) in bf16 drifts over many layers.
 """
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
+from reformer_dist.kernels.logits import acc_dtype
 from reformer_dist.model import head_groups
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
-from reformer_dist.model.layers import AttentionBlock, FeedForwardBlock
+from reformer_dist.model.blocks import AttentionBlock, FeedForwardBlock
 from reformer_dist.model.rng import RNGState, replay
-
-def stream_dtype(x: Tensor) -> torch.dtype:
-    """Residual streams are fp32 under any lower compute precision (fp64 models keep fp64 streams)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class ReformerBlock(nn.Module):
@@ -50,8 +48,8 @@ class _ReversibleFunction(torch.autograd.Function):
         states = []
         with torch.no_grad():
             # own buffers (the caller passes the embeddings twice), updated in place layer after layer
-            y1 = x1.to(stream_dtype(x1), copy=True)
-            y2 = x2.to(stream_dtype(x2), copy=True)
+            y1 = x1.to(acc_dtype(x1), copy=True)
+            y2 = x2.to(acc_dtype(x2), copy=True)
             for blk in blocks:
                 s_f = RNGState(device) if record_rng else None
                 if groups == 1:
@@ -121,7 +119,7 @@ class ReformerStack(nn.Module):
         self.record_rng = cfg.dropout > 0
 
     def forward(self, x1: Tensor, x2: Tensor, actx: AttentionContext) -> tuple[Tensor, Tensor]:
-        x1, x2 = x1.to(stream_dtype(x1)), x2.to(stream_dtype(x2))
+        x1, x2 = x1.to(acc_dtype(x1)), x2.to(acc_dtype(x2))
         if self.reversible and torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad):
             groups = head_groups.stack_groups(self.cfg, x1.shape[1], actx)
             return _ReversibleFunction.apply(x1, x2, self.blocks, actx, self.record_rng and self.training, groups)

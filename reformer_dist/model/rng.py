@@ -1,10 +1,13 @@
-"""Record and replay the RNG state, so recomputed forwards draw exactly the dropout masks of the original."""
+"""Record and replay the RNG state, so recomputed forwards draw exactly the dropout masks of the original; and
+``dropout``, which draws nothing when it cannot drop anything."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 
 class RNGState:
@@ -29,3 +32,8 @@ class RNGState:
 def replay(state: RNGState | None):
     """``state.replay()``, or a no-op when nothing was recorded (no dropout)."""
     return state.replay() if state is not None else nullcontext()
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Dropout that is the identity (no op, nothing saved, no RNG drawn) when it cannot drop anything."""
+    return F.dropout(x, p, training) if p > 0 and training else x

@@ -3,7 +3,7 @@
 Design (fp32, d = n_heads * d_head, R rounds, H heads; per token of sequence):
 - an LSH layer's forward saves qk, v and its output (3 d floats), the sort permutation (R*H int32),
   the merged log-sum-exp as hi + lo (2 H floats) and LayerNorm's mean and rstd (2 floats): its normalised input is a
-  recipe over the stream, not values (``layers._NormRecompute``);
+  recipe over the stream, not values (``blocks._NormRecompute``);
 - a training step's peak holds the two streams and their gradients (4 d_model), plus one layer's
   attention backward: qk, v, out, d(out), d(qk), d(v) (6 d): 10 * d_model floats when d == d_model;
   independent of depth. With model.head_groups = G only one group's share of the latter exists: 6 d / G.
@@ -20,7 +20,7 @@ from reformer_dist.memtrack import AllocationTracker
 from reformer_dist.model import hashing
 from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.hashing import hash_buckets, make_rotations, sort_buckets
-from reformer_dist.model.layers import AttentionBlock
+from reformer_dist.model.blocks import AttentionBlock
 
 D, H, R = 64, 4, 2
 
