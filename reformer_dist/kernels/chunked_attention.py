@@ -24,10 +24,10 @@
   window occurrences, which equals HF's log-sum-exp merge of per-round outputs; and lse [B, L, H] (float32,
   float64 for float64 inputs), the log-sum-exp of all those logits. Both are differentiable.
 
-Implementations are interchangeable: the PyTorch reference (plain autograd over sorted copies, the
-oracle), the blockwise PyTorch core (own backward; keeps only q, k, v, index, out and lse; any device)
-and fused kernels registered with ``register_backend`` (the Triton kernel on CUDA). ``backend="auto"``
-picks a fused kernel on CUDA when one is registered and takes the call, else the blockwise core (at
+Implementations are interchangeable, named in ``kernels.backends``: the PyTorch reference (plain autograd
+over sorted copies, the oracle), the blockwise PyTorch core (own backward; keeps only q, k, v, index, out and
+lse; any device) and the fused Triton kernel (CUDA), whose module is imported by name at first use.
+``backend="auto"`` picks a fused kernel on CUDA when one imports and takes the call, else the blockwise core (at
 every length: on CPU it is also faster than the reference's plain autograd, 0.65 s vs 0.86 s for one
 bench-config layer's forward + backward at 4K tokens, one thread). On CUDA, a call no fused kernel takes
 (or a missing triton) warns once, naming the reason, and runs on the blockwise core.
@@ -35,11 +35,13 @@ bench-config layer's forward + backward at 4K tokens, one thread). On CUDA, a ca
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Callable
 
 from torch import Tensor
 
+from reformer_dist.kernels.backends import BACKENDS, FUSED, PORTABLE, Backend
 from reformer_dist.kernels.blockwise import chunked_attention_blockwise
 from reformer_dist.kernels.reference import chunked_attention_reference
 
@@ -47,33 +49,32 @@ AttentionCore = Callable[..., tuple[Tensor, Tensor]]
 
 # (q, **kwargs) -> None when the backend takes this call, else the reason it does not
 Unsupported = Callable[..., "str | None"]
-# name -> (implementation, its Unsupported predicate)
+# name -> (implementation, its Unsupported predicate): the cores loaded so far, in ``BACKENDS`` order
 _BACKENDS: dict[str, tuple[AttentionCore, Unsupported]] = {
     "reference": (chunked_attention_reference, lambda q, **kw: None),
     "blockwise": (chunked_attention_blockwise, lambda q, **kw: None),
 }
-_PORTABLE = ("reference", "blockwise")
+_MISSING: dict[str, str] = {}  # fused cores whose module does not import -> why (tried once per process)
 _WARNED: set[str] = set()  # fallback reasons already announced (one warning each per process)
 
 
-def register_backend(name: str, fn: AttentionCore, unsupported: Unsupported) -> None:
-    """Make a fused implementation available to ``backend="auto"`` (tried before the PyTorch cores)."""
-    _BACKENDS[name] = (fn, unsupported)
-
-
 def available_backends() -> list[str]:
-    """Names accepted by ``backend=`` besides "auto"."""
+    """Names accepted by ``backend=`` besides "auto": the portable cores and the fused ones that import."""
     _load_fused()
     return list(_BACKENDS)
 
 
 def _load_fused() -> None:
-    """Register the Triton kernel when triton imports (it registers itself on import)."""
-    # at first use, not at the top: triton_lsh imports this module (register_backend), a cycle at import time
-    try:
-        import reformer_dist.kernels.triton_lsh  # noqa: F401  (registration side effect)
-    except ImportError:  # triton is optional: the PyTorch cores remain
-        pass
+    """Import every fused core not tried yet (``backends.FUSED``); one whose module fails to import is left out."""
+    for name, module in FUSED.items():
+        if name in _BACKENDS or name in _MISSING:
+            continue
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:  # triton is optional: the PyTorch cores remain
+            _MISSING[name] = f"{e}"
+            continue
+        _BACKENDS[name] = (getattr(mod, f"chunked_attention_{name}"), mod.unsupported)
 
 
 def _warn_fallback(reason: str) -> None:
@@ -107,8 +108,8 @@ def check_call(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None, *, 
                          f"got {tuple(slot_bucket.shape)}")
 
 
-def chunked_attention(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *, backend: str = "auto",
-                      **kwargs) -> tuple[Tensor, Tensor]:
+def chunked_attention(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
+                      backend: Backend = "auto", **kwargs) -> tuple[Tensor, Tensor]:
     """Dispatch to a backend; the module docstring states the contract every backend implements."""
     check_call(q, k, v, index, chunk_len=kwargs["chunk_len"], key_valid=kwargs.get("key_valid"),
                slot_bucket=kwargs.get("slot_bucket"), doc_ids=kwargs.get("doc_ids"))
@@ -117,15 +118,17 @@ def chunked_attention(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | No
             _load_fused()
             reasons = []
             for name, (fn, unsupported) in _BACKENDS.items():
-                if name not in _PORTABLE:
+                if name not in PORTABLE:
                     why = unsupported(q, **kwargs)
                     if why is None:
                         return fn(q, k, v, index, **kwargs)
                     reasons.append(f"{name}: {why}")
             _warn_fallback("; ".join(reasons) or "triton is not installed (pip install triton)")
         backend = "blockwise"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; known: {list(BACKENDS)}")
+    _load_fused()
     if backend not in _BACKENDS:
-        _load_fused()
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; available: {available_backends()}")
+        raise ValueError(f"attention backend {backend!r} is not available ({_MISSING.get(backend)}); available: "
+                         f"{available_backends()}")
     return _BACKENDS[backend][0](q, k, v, index, **kwargs)

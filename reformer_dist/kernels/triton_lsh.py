@@ -1,6 +1,7 @@
 """Fused Triton attention core: the blockwise algorithm in three kernels, same contract as every core.
 
-Importing this module registers the "triton" backend (``backend="auto"`` picks it on CUDA). Kernels, each
+``kernels.chunked_attention`` imports this module by name at first use (``kernels.backends.FUSED``) and takes
+``chunked_attention_triton`` and ``unsupported`` from it (``backend="auto"`` picks it on CUDA). Kernels, each
 launched per head (the head index is a runtime argument: one compile serves every head):
 
 - ``_fwd``: one program per (query sub-tile of a sorted chunk, batch). Queries and the look-around
@@ -35,7 +36,6 @@ import triton.language as tl
 from torch import Tensor
 
 from reformer_dist.kernels.blockwise import split_lse
-from reformer_dist.kernels.chunked_attention import register_backend
 from reformer_dist.kernels.lean_function import CoreInputs, apply_lean
 from reformer_dist.kernels.logits import KEY_NORM_EPS, MASK_VALUE, SELF_MASK_VALUE, chunk_of_positions
 
@@ -484,6 +484,3 @@ def unsupported(q: Tensor, *, chunk_len: int, **_) -> str | None:
     if q.shape[-1] > MAX_HEAD:
         return f"head size {q.shape[-1]} > {MAX_HEAD} (the largest the compile check verifies)"
     return None
-
-
-register_backend("triton", chunked_attention_triton, unsupported)

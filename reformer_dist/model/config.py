@@ -13,21 +13,22 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from reformer_dist.config_schema import (ListOf, Section, all_of, at_least, choice, nonneg_number, of_type, opt,
                                          positive_number)
+from reformer_dist.kernels.backends import BACKENDS, Backend
 from reformer_dist.ondisk import atomic_write
 
-ATTN_TYPES = ("lsh", "local", "full")
+AttentionKind = Literal["lsh", "local", "full"]  # what one layer's attention is (``attn_layers``)
+ATTN_TYPES: tuple[AttentionKind, ...] = get_args(AttentionKind)
 # config.json key recording how the weights were trained on packed documents ({"document_masking": bool,
 # "reset_positions": bool}, the run's [data] settings): not architecture, but what the weights expect at
 # inference and what an export must not drop. `from_dict` skips it; `trained_with` reads it.
 TRAINED_WITH = "trained_with"
 DOCUMENT_SETTINGS = ("document_masking", "reset_positions")
-ACTIVATIONS = ("relu", "gelu", "silu")
-# attention cores (kernels.chunked_attention): "auto" picks the fused kernel on CUDA, else a PyTorch core
-ATTENTION_BACKENDS = ("auto", "reference", "blockwise", "triton")
+Activation = Literal["relu", "gelu", "silu"]
+ACTIVATIONS: tuple[Activation, ...] = get_args(Activation)
 # head_groups = 0: sequences of at least this many tokens recompute attention one head per group (memory), shorter
 # ones all heads at once (speed); docs/sequence_parallel.md "Head groups"
 HEAD_GROUPS_FROM = 65536
@@ -65,8 +66,8 @@ class ReformerConfig(Section):
     d_head: int = opt(64, _int(1), "width of one head")
     d_ff: int = opt(1024, _int(1), "feed-forward hidden width")
     n_layers: int = opt(2, _int(1), "layers (each: attention + feed-forward)")
-    attn_layers: list[str] | None = opt(None, of_type(ListOf(str), None),
-                                        "one of 'lsh', 'local', 'full' per layer; default all 'lsh'")
+    attn_layers: list[AttentionKind] | None = opt(None, of_type(ListOf(str), None),
+                                                  "one of 'lsh', 'local', 'full' per layer; default all 'lsh'")
     # LSH attention
     n_hashes: int = opt(2, _int(1), "LSH rounds")
     chunk_len: int = opt(64, _int(1), "LSH chunk length")
@@ -86,7 +87,7 @@ class ReformerConfig(Section):
     causal: bool = opt(True, of_type(bool), "causal language model")
     reversible: bool = opt(True, of_type(bool), "reversible residual stack (activations recomputed in backward)")
     dropout: float = opt(0.0, all_of(of_type(float), _dropout), "dropout probability")
-    activation: str = opt("relu", all_of(of_type(str), choice(*ACTIVATIONS)), "feed-forward activation")
+    activation: Activation = opt("relu", all_of(of_type(str), choice(*ACTIVATIONS)), "feed-forward activation")
     layer_norm_eps: float = opt(1e-12, all_of(of_type(float), positive_number), "LayerNorm epsilon")
     ff_chunk_len: int = opt(4096, _int(0), "tokens per feed-forward chunk (0 = no chunking); also the token chunk "
                             "of a head group's projections (head_groups)")
@@ -102,9 +103,9 @@ class ReformerConfig(Section):
     axial_norm_std: float = opt(0.02, all_of(of_type(float), nonneg_number),
                                 "std of the axial position init (HF uses 1.0, which drowns 0.02-scale token embeddings)")
     # runtime, not architecture: which attention core computes every layer (same function, other memory/speed)
-    attention_backend: str = opt("auto", all_of(of_type(str), choice(*ATTENTION_BACKENDS)),
-                                 "attention core: auto (triton on CUDA, else reference/blockwise), reference, "
-                                 "blockwise, triton")
+    attention_backend: Backend = opt("auto", all_of(of_type(str), choice(*BACKENDS)),
+                                     "attention core: auto (triton on CUDA when it takes the call, else blockwise), "
+                                     "reference, blockwise, triton")
 
     def __post_init__(self) -> None:
         self.check_fields()  # the values as given, before the defaults below fill them in

@@ -106,3 +106,14 @@ def test_contract_violations_are_named(bad, match):
 
 def test_available_backends_lists_portable_cores():
     assert {"reference", "blockwise"} <= set(available_backends())
+
+
+def test_backend_names_are_one_list():
+    # kernels.backends names every core once: the config's choices, the portable cores and the fused modules
+    from reformer_dist.kernels import backends
+
+    assert set(backends.BACKENDS) == {"auto", *backends.PORTABLE, *backends.FUSED}
+    assert set(available_backends()) <= set(backends.BACKENDS)
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        q = torch.zeros(1, 8, 1, 4)
+        chunked_attention(q, None, q, None, chunk_len=8, n_before=0, n_after=0, causal=True, backend="nope")
