@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reformer_dist.kernels.chunked_attention import chunked_attention
+from reformer_dist.model.bucket_rules import full_attention_problem
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.head_groups import HeadLinear
@@ -70,9 +71,7 @@ class LocalSelfAttention(nn.Module):
         cfg = self.cfg
         if ctx.bucket is not None:  # this rank holds a slice of the sequence: halo chunks from its neighbours
             if self.full:
-                raise ValueError("full attention needs the whole sequence: it cannot run with bucket-parallel "
-                                 "sequence parallelism (use lsh/local layers, or parallel.ulysses_size = "
-                                 "parallel.sequence_parallel_size)")
+                raise ValueError(full_attention_problem(cfg.attn_layers))
             return ctx.bucket.local(q, k, v, chunk_len=cfg.local_chunk, n_before=cfg.local_n_chunks_before,
                                     n_after=cfg.local_n_chunks_after, causal=cfg.causal, backend=ctx.backend)
         if self.full:

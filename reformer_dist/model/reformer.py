@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reformer_dist.model.bucket_rules import DOCUMENT_MASKS_REFUSED
 from reformer_dist.model.config import TRAINED_WITH, ReformerConfig
 from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.embeddings import AxialPositionEmbedding
@@ -104,8 +105,7 @@ class ReformerLM(nn.Module):
         b, l = input_ids.shape
         sp = 1 if sequence_parallel is None else sequence_parallel.size
         if document_ids is not None and sequence_parallel is not None and sequence_parallel.bucket is not None:
-            raise ValueError("document_ids: document masks are not supported with bucket-sharded sequence "
-                             "parallelism (parallel.ulysses_size < parallel.sequence_parallel_size)")
+            raise ValueError(f"document_ids: {DOCUMENT_MASKS_REFUSED}")
         if document_ids is not None and tuple(document_ids.shape) != (b, l * sp):
             raise ValueError(f"document_ids: expected shape {(b, l * sp)} (the whole sequence), "
                              f"got {tuple(document_ids.shape)}")

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from reformer_dist.kernels.chunked_attention import chunked_attention
+from reformer_dist.model.bucket_rules import piece_problem
 from reformer_dist.model.hashing import hash_buckets
 
 
@@ -97,14 +98,6 @@ class BucketSharding:
         return ext.transpose(0, 1)
 
     # ------------------------------------------------------------------ attention
-    def check(self, length_local: int, chunk_len: int, n_hashes: int, n_before: int, n_after: int) -> None:
-        """Raise ValueError when the pieces cannot hold whole chunks and their neighbours' look-around."""
-        piece = n_hashes * length_local
-        if piece % chunk_len or piece // chunk_len < max(n_before, n_after, 1):
-            raise ValueError(f"bucket-parallel LSH: a rank's piece of {n_hashes} x {length_local} sorted slots must "
-                             f"be a multiple of chunk_len {chunk_len} and hold at least max(n_chunks_before, "
-                             f"n_chunks_after) chunks")
-
     def lsh(self, qk: Tensor, v: Tensor, rotations: Tensor, factors: list[int], *, chunk_len: int, n_before: int,
             n_after: int, causal: bool, same_bucket_only: bool = False, dedup: bool = False,
             backend: str = "auto") -> Tensor:
@@ -112,7 +105,10 @@ class BucketSharding:
         b, lk, h, d = qk.shape
         size, r, m = self.size, rotations.shape[2], chunk_len
         length = lk * size
-        self.check(lk, m, r, n_before, n_after)
+        problem = piece_problem("lsh", lk, size, chunk_len=m, n_chunks_before=n_before, n_chunks_after=n_after,
+                                n_hashes=r)
+        if problem:
+            raise ValueError(f"bucket-sharded LSH attention: {problem}")
         piece, before, after = r * length // size, n_before * m, n_after * m
         ext = before + piece + after  # rows of a rank's piece with its neighbours' look-around chunks
         flat, buckets = self._global_slots(qk, rotations, factors)  # [B,H,R,Lk] each
@@ -155,10 +151,10 @@ class BucketSharding:
               backend: str = "auto") -> Tensor:
         """Local attention of this rank's tokens [B, Lk, H, D] with its neighbours' halo chunks."""
         b, lk, h, d = q.shape
-        if lk % chunk_len or lk // chunk_len < max(n_before, n_after, 1):
-            raise ValueError(f"bucket-parallel local attention: {lk} tokens per rank must be a multiple of "
-                             f"local_chunk_len {chunk_len} and hold at least max(local_n_chunks_before, "
-                             f"local_n_chunks_after) chunks")
+        problem = piece_problem("local", lk, self.size, chunk_len=chunk_len, n_chunks_before=n_before,
+                                n_chunks_after=n_after)
+        if problem:
+            raise ValueError(f"bucket-sharded local attention: {problem}")
         nb_rows, na_rows = n_before * chunk_len, n_after * chunk_len
         ext = self._halo(torch.cat([q, k, v], dim=-1), nb_rows, na_rows)
         q_ext, k_ext, v_ext = ext[..., :d], ext[..., d : 2 * d], ext[..., 2 * d :]

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from reformer_dist.config_schema import ConfigError
+from reformer_dist.model.bucket_rules import full_attention_problem, piece_problem
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.documents import document_ids, positions_in_document
@@ -120,22 +121,20 @@ def check_layout(cfg: ReformerConfig, length: int, parallel: ParallelConfig) -> 
     if k == 1:
         return
     per = length // k  # tokens of one bucket rank
-    for i, kind in enumerate(cfg.attn_layers):
-        if kind == "full":
-            raise ConfigError(f"model.attn_layers[{i}] = 'full' needs the whole sequence: it cannot run with bucket "
-                             f"sharding (parallel.sequence_parallel_size={sp_size} > parallel.ulysses_size="
-                             f"{ulysses_size}); use 'lsh'/'local' layers or parallel.ulysses_size={sp_size}")
+    problem = full_attention_problem(cfg.attn_layers)
+    if problem:
+        raise ConfigError(f"{problem} (parallel.sequence_parallel_size={sp_size}, parallel.ulysses_size="
+                          f"{ulysses_size})")
     if "lsh" in cfg.attn_layers:
-        piece = cfg.n_hashes * per
-        if piece % cfg.chunk_len or piece // cfg.chunk_len < max(cfg.n_chunks_before, cfg.n_chunks_after, 1):
-            raise ConfigError(f"data.seq_len={length}: each of the {k} bucket ranks owns n_hashes x seq_len / {k} = "
-                             f"{piece} sorted slots, which must be a multiple of model.chunk_len={cfg.chunk_len} "
-                             f"and hold max(model.n_chunks_before, model.n_chunks_after) chunks")
+        problem = piece_problem("lsh", per, k, chunk_len=cfg.chunk_len, n_chunks_before=cfg.n_chunks_before,
+                                n_chunks_after=cfg.n_chunks_after, n_hashes=cfg.n_hashes)
+        if problem:
+            raise ConfigError(f"data.seq_len={length}: {problem}")
     if "local" in cfg.attn_layers:
-        if per % cfg.local_chunk or per // cfg.local_chunk < max(cfg.local_n_chunks_before, cfg.local_n_chunks_after, 1):
-            raise ConfigError(f"data.seq_len={length}: each of the {k} bucket ranks holds {per} tokens, which must be a "
-                             f"multiple of model.local_chunk_len={cfg.local_chunk} and hold max("
-                             "model.local_n_chunks_before, model.local_n_chunks_after) chunks")
+        problem = piece_problem("local", per, k, chunk_len=cfg.local_chunk, n_chunks_before=cfg.local_n_chunks_before,
+                                n_chunks_after=cfg.local_n_chunks_after)
+        if problem:
+            raise ConfigError(f"data.seq_len={length}: {problem}")
 
 
 def document_inputs(ids: Tensor, eod_id: int, reset_positions: bool, sp: "SequenceParallel | None" = None,

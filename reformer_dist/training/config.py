@@ -36,6 +36,7 @@ from reformer_dist.config_schema import (ConfigError, FieldError, Section, any_s
                                          describe, fraction, int_min, is_number, nonneg_number, opt, optional,
                                          positive_number, string)
 from reformer_dist.data.config import DataConfig
+from reformer_dist.model.bucket_rules import DOCUMENT_MASKS_REFUSED
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.ondisk import CHECKPOINTS_DIR
 from reformer_dist.parallel.config import ParallelConfig
@@ -202,8 +203,7 @@ def check_across_sections(cfg: RunConfig) -> None:
     p.choose_ulysses_size(cfg.model.n_heads)
     chosen = f" [{p.auto_note}]" if p.auto_note else ""
     if cfg.data.document_masking and p.bucket_sharding:
-        raise ConfigError("data.document_masking: not supported with bucket sharding (parallel.ulysses_size < "
-                          f"parallel.sequence_parallel_size); use pure Ulysses{chosen}")
+        raise ConfigError(f"data.document_masking: {DOCUMENT_MASKS_REFUSED}{chosen}")
     if p.sequence_parallel_size > 1:
         # sequence.py imports DeepSpeed's sequence layer and the attention kernels: only SP runs load them
         from reformer_dist.parallel.sequence import check_layout
