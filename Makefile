@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 # on PATH, and the venv's (pip, 1.13) and the system's (1.11) discard each other's builds.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install quickstart test test-fast compile-check
+.PHONY: install quickstart test test-fast compile-check lint
 $(BIN)/python:
 	$(PY) -m venv --system-site-packages $(VENV)
 
@@ -35,10 +35,17 @@ $(VENV)/triton-%/.installed: | $(BIN)/python
 compile-check: install $(addsuffix /.installed,$(SIDE_TRITONS))
 	$(BIN)/python tools/triton_compile_check.py $(addprefix --triton ,$(SIDE_TRITONS)) --json $(VENV)/compile_check.json
 
+# Lint and types (config in pyproject.toml): unused imports/locals, undefined names, import order, line length 120,
+# whitespace/blank lines (pycodestyle rules standing in for `ruff format --check`: the code keeps its aligned
+# continuation lines), then mypy on reformer_dist, tools and benchmarks. `$(BIN)/ruff check --fix` mends most finds.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
 quickstart: install
 	$(BIN)/reformer-train --config configs/quickstart.toml
 
-test: install compile-check
+test: install lint compile-check
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Every test that starts no Python subprocess (no training/CLI/tool run, torchrun, mpiexec or srun): those are
