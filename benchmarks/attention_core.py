@@ -52,7 +52,7 @@ def run_lsh(backend: str, length: int, device: str, dtype: torch.dtype, repeats:
     grad = torch.randn(1, length, H, D, device=device, dtype=dtype, generator=g)
 
     def step():
-        out, _ = chunked_attention(qk, None, v, index, chunk_len=M, n_before=1, n_after=0, causal=True,
+        out, _ = chunked_attention(qk, None, v, index, chunk_len=M, n_chunks_before=1, n_chunks_after=0, causal=True,
                                    backend=backend)
         torch.autograd.backward(out, grad)
 

@@ -207,7 +207,7 @@ class CoreShape:
     h: int
     d: int
     chunk: int
-    window: int  # key chunks per query chunk: 1 + n_before + n_after
+    window: int  # key chunks per query chunk: 1 + n_chunks_before + n_chunks_after
     rounds: int
     shared_qk: bool
     has_index: bool

@@ -65,15 +65,15 @@ class Case:
     d_head: int
     chunk_len: int
     rounds: int  # 0 = identity (local attention, one chunk)
-    n_before: int
-    n_after: int
+    n_chunks_before: int
+    n_chunks_after: int
     causal: bool
     dtype: str  # "bfloat16" | "float16" | "float32"
     shared_qk: bool = True
     valid: bool = False
     doc: bool = False
     bucket: bool = False
-    dedup: bool = False
+    allow_duplicate_attention: bool = True  # False: the duplicate-attention correction (its chunk_of input)
     piece: bool = False  # a bucket-sharded rank's piece (positions, chunk_of)
     strict: bool = False  # a shipped/bench config in bf16: spills fail the check on sm_90
 
@@ -116,7 +116,7 @@ def _config_cases(name: str, cfg, seq_len: int, precision: str, documents: bool,
         if "lsh" in kinds and seq_len > cfg.chunk_len:
             cases.append(Case(f"{name} lsh", 1, length, heads, cfg.d_head, cfg.chunk_len, cfg.n_hashes,
                               cfg.n_chunks_before, cfg.n_chunks_after, cfg.causal, dtype, True, valid, documents,
-                              cfg.same_bucket_only, not cfg.allow_duplicate_attention, buckets > 1, strict))
+                              cfg.same_bucket_only, cfg.allow_duplicate_attention, buckets > 1, strict))
         if "local" in kinds:
             cases.append(Case(f"{name} local", 1, length, heads, cfg.d_head, cfg.local_chunk_len or cfg.chunk_len,
                               0, cfg.local_n_chunks_before, cfg.local_n_chunks_after, cfg.causal, dtype, False,
@@ -151,7 +151,7 @@ def bench_cases() -> list[Case]:
 def gpu_test_cases() -> list[Case]:
     """tests/gpu/test_cuda_attention.py's core cases, fp32 and bf16."""
     cases = []
-    # L, H, D, M, R, n_before, n_after, causal, shared_qk, padded, bucket, dedup
+    # L, H, D, M, R, n_chunks_before, n_chunks_after, causal, shared_qk, padded, bucket, duplicate correction
     rows = [(1024, 4, 64, 64, 2, 1, 0, True, True, True, False, False),
             (2048, 2, 64, 64, 4, 1, 0, True, True, False, False, True),
             (1024, 4, 64, 64, 2, 1, 1, False, True, True, True, False),
@@ -161,9 +161,9 @@ def gpu_test_cases() -> list[Case]:
             (2048, 2, 128, 256, 0, 1, 1, False, False, False, False, False),
             (2048, 2, 128, 128, 4, 1, 0, True, True, False, False, True)]
     for dtype in ("float32", "bfloat16"):
-        for length, h, d, m, r, nb, na, causal, shared, valid, bucket, dedup in rows:
+        for length, h, d, m, r, nb, na, causal, shared, valid, bucket, correct in rows:
             cases.append(Case(f"tests/gpu L{length} M{m} D{d}", 1, length, h, d, m, r, nb, na, causal, dtype, shared,
-                              valid, bucket=bucket, dedup=dedup))
+                              valid, bucket=bucket, allow_duplicate_attention=not correct))
     return cases
 
 
@@ -172,7 +172,7 @@ def extreme_cases() -> list[Case]:
     cases = []
     for dtype in ("bfloat16", "float16", "float32"):
         cases.append(Case("extreme chunk256 d128 all masks", 2, 4096, 2, 128, 256, 4, 2, 1, True, dtype, True, True,
-                          True, True, True, True))
+                          doc=True, bucket=True, allow_duplicate_attention=False, piece=True))
         cases.append(Case("extreme local chunk256 d128", 2, 4096, 2, 128, 256, 0, 1, 1, False, dtype, False, True,
                           True))
         cases.append(Case("one chunk of 37", 1, 37, 2, 64, 37, 0, 0, 0, True, dtype, True, True))
@@ -246,12 +246,12 @@ def _meta_inputs(c: Case):
     v = torch.empty(shape, dtype=dt, **meta)
     s = c.length * max(1, c.rounds)
     index = torch.empty(c.batch, c.heads, s, dtype=torch.int32, **meta) if c.rounds else None
-    kw = dict(chunk_len=c.chunk_len, n_before=c.n_before, n_after=c.n_after, causal=c.causal, self_mask=True,
-              dedup=c.dedup)
+    kw = dict(chunk_len=c.chunk_len, n_chunks_before=c.n_chunks_before, n_chunks_after=c.n_chunks_after,
+              causal=c.causal, self_mask=True, allow_duplicate_attention=c.allow_duplicate_attention)
     if c.valid:
         kw["key_valid"] = torch.empty(c.batch, c.length, dtype=torch.bool, **meta)
     if c.doc:
-        kw["doc_ids"] = torch.empty(c.batch, c.length, dtype=torch.int32, **meta)
+        kw["document_ids"] = torch.empty(c.batch, c.length, dtype=torch.int32, **meta)
     if c.bucket:
         kw["slot_bucket"] = torch.empty(c.batch, c.heads, s, dtype=torch.int32, **meta)
     if c.piece:
@@ -338,10 +338,12 @@ def work(cases: list[Case], archs: list[int], ir: bool, tiles: tuple[int, ...] |
                     error, t = "", None
                     try:
                         q, k, v, index, kw = _meta_inputs(c)
-                        x = CoreInputs(q, k, v, index, kw.get("key_valid"), kw.get("slot_bucket"), kw.get("doc_ids"),
-                                       kw.get("positions"), kw.get("chunk_of"))
-                        call = tl_mod._Call(x, chunk_len=c.chunk_len, n_before=c.n_before, n_after=c.n_after,
-                                            causal=c.causal, self_mask=True, dedup=c.dedup, n_chunks=kw.get("n_chunks"))
+                        x = CoreInputs(q, k, v, index, kw.get("key_valid"), kw.get("slot_bucket"),
+                                       kw.get("document_ids"), kw.get("positions"), kw.get("chunk_of"))
+                        call = tl_mod._Call(x, chunk_len=c.chunk_len, n_chunks_before=c.n_chunks_before,
+                                            n_chunks_after=c.n_chunks_after, causal=c.causal, self_mask=True,
+                                            allow_duplicate_attention=c.allow_duplicate_attention,
+                                            n_chunks=kw.get("n_chunks"))
                         t = call.tiles
                         out, lse, lo = tl_mod._forward(call, q, k, v)
                         tl_mod._backward(call, q, k, v, out, lse, lo, torch.empty_like(out), None)

@@ -45,8 +45,8 @@ class _Call:
     d: int
     s: int
     m: int
-    n_before: int
-    n_after: int
+    n_chunks_before: int
+    n_chunks_after: int
     causal: bool
     self_mask: bool
     head_group: int
@@ -61,7 +61,7 @@ class _Call:
 
     @property
     def window(self) -> int:
-        return (1 + self.n_before + self.n_after) * self.m
+        return (1 + self.n_chunks_before + self.n_chunks_after) * self.m
 
     def blocks(self, hg: int) -> Iterator[tuple[int, int, int]]:
         """(round, first chunk, end chunk) blocks of one head group; blocks never straddle rounds, so a
@@ -96,7 +96,7 @@ def _block(call: _Call, index: Tensor | None, h0: int, h1: int, c0: int, c1: int
     ar = torch.arange(m, device=device)
     chunks = torch.arange(c0, c1, device=device)
     slot_q = (chunks.unsqueeze(1) * m + ar).reshape(-1)
-    offsets = torch.arange(-call.n_before, call.n_after + 1, device=device)
+    offsets = torch.arange(-call.n_chunks_before, call.n_chunks_after + 1, device=device)
     win = torch.remainder(chunks.unsqueeze(1) + offsets, call.n_chunks)  # [nc, w] wrapping over all rounds
     slot_k = (win.unsqueeze(-1) * m + ar).reshape(nc, -1)
     if index is None:
@@ -133,8 +133,8 @@ def _logits(call: _Call, blk: _Block, q2: Tensor, k2: Tensor | None, masks: "_Ma
     base = (torch.arange(b, device=q2.device) * call.length).view(-1, 1, 1, 1)
     k_valid = None if masks.key_valid is None else masks.key_valid.reshape(-1)[base + blk.pos_k]
     q_doc = k_doc = None
-    if masks.doc_ids is not None:
-        docs = masks.doc_ids.reshape(-1)
+    if masks.document_ids is not None:
+        docs = masks.document_ids.reshape(-1)
         q_doc, k_doc = docs[base + blk.pos_q], docs[base + blk.pos_k]
     q_bucket = k_bucket = None
     if masks.slot_bucket is not None:
@@ -142,8 +142,8 @@ def _logits(call: _Call, blk: _Block, q2: Tensor, k2: Tensor | None, masks: "_Ma
         q_bucket, k_bucket = sb[:, :, blk.slot_q].view(b, hg, nc, m), sb[:, :, blk.slot_k]
     counts = None
     if masks.chunk_of is not None:
-        counts = duplicate_counts(blk.pos_q, blk.pos_k, masks.chunk_of[:, h0:h1], call.n_before, call.n_after,
-                                  masks.n_chunks)
+        counts = duplicate_counts(blk.pos_q, blk.pos_k, masks.chunk_of[:, h0:h1], call.n_chunks_before,
+                                  call.n_chunks_after, masks.n_chunks)
     dots, keep = masked_logits(qb, kb, mpos_q, mpos_k, causal=call.causal, self_mask=call.self_mask,
                                k_valid=k_valid, q_bucket=q_bucket, k_bucket=k_bucket, q_doc=q_doc, k_doc=k_doc,
                                counts=counts)
@@ -152,11 +152,11 @@ def _logits(call: _Call, blk: _Block, q2: Tensor, k2: Tensor | None, masks: "_Ma
 
 @dataclass
 class _Masks:
-    """Per-call mask inputs: key_valid and doc_ids [B, L] per row, slot_bucket and positions [B, H, S],
-    chunk_of [B, H, R, L] (dedup only) over ``n_chunks`` chunks."""
+    """Per-call mask inputs: key_valid and document_ids [B, L] per row, slot_bucket and positions [B, H, S],
+    chunk_of [B, H, R, L] (duplicate correction only) over ``n_chunks`` chunks."""
 
     key_valid: Tensor | None
-    doc_ids: Tensor | None
+    document_ids: Tensor | None
     slot_bucket: Tensor | None
     positions: Tensor | None
     chunk_of: Tensor | None
@@ -171,16 +171,17 @@ def _flat(x: Tensor) -> Tensor:
 class _BlockwiseCore:
     """``LeanCore`` of one call: its sizes and options, and the masks it derives."""
 
-    def __init__(self, call: _Call, dedup: bool, n_chunks: int | None):
-        self.call, self.dedup, self.n_chunks = call, dedup, n_chunks
+    def __init__(self, call: _Call, allow_duplicate_attention: bool, n_chunks: int | None):
+        self.call, self.allow_duplicate_attention, self.n_chunks = call, allow_duplicate_attention, n_chunks
 
     def masks(self, x: CoreInputs) -> _Masks:
         call, chunk_of = self.call, x.chunk_of
-        if self.dedup and chunk_of is None:
+        correct = not self.allow_duplicate_attention  # subtract log(occurrences): chunk_of needed
+        if correct and chunk_of is None:
             rows = x.index if x.index is not None else \
                 torch.arange(call.length, device=x.q.device, dtype=torch.int32).expand(call.b, call.h, call.length)
             chunk_of = chunk_of_positions(rows.to(torch.int32), call.length, call.m)
-        return _Masks(x.key_valid, x.doc_ids, x.slot_bucket, x.positions, chunk_of if self.dedup else None,
+        return _Masks(x.key_valid, x.document_ids, x.slot_bucket, x.positions, chunk_of if correct else None,
                       call.n_chunks if self.n_chunks is None else self.n_chunks)
 
     def forward(self, x: CoreInputs):
@@ -314,9 +315,10 @@ def _backward(call: _Call, q, k, v, index, masks: _Masks, out, lse, lse_lo, dout
 
 
 def chunked_attention_blockwise(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
-                                chunk_len: int, n_before: int, n_after: int, causal: bool, self_mask: bool = True,
-                                key_valid: Tensor | None = None, slot_bucket: Tensor | None = None,
-                                doc_ids: Tensor | None = None, dedup: bool = False, positions: Tensor | None = None,
+                                chunk_len: int, n_chunks_before: int, n_chunks_after: int, causal: bool,
+                                self_mask: bool = True, key_valid: Tensor | None = None,
+                                slot_bucket: Tensor | None = None, document_ids: Tensor | None = None,
+                                allow_duplicate_attention: bool = True, positions: Tensor | None = None,
                                 chunk_of: Tensor | None = None, n_chunks: int | None = None) -> tuple[Tensor, Tensor]:
     """The contract of ``chunked_attention``, memory-lean (see the module docstring)."""
     b, length, h, d = q.shape
@@ -324,8 +326,8 @@ def chunked_attention_blockwise(q: Tensor, k: Tensor | None, v: Tensor, index: T
     # fp32/fp64 accumulate straight into the outputs; half types accumulate in fp32 one head at a time,
     # so the fp32 accumulators stay a fraction of the activations
     head_group = h if acc_dtype(q) == q.dtype else 1
-    call = _Call(b, length, h, d, s, chunk_len, n_before, n_after, causal, self_mask, head_group)
+    call = _Call(b, length, h, d, s, chunk_len, n_chunks_before, n_chunks_after, causal, self_mask, head_group)
     q, v = q.contiguous(), v.contiguous()
     k = None if k is None else k.contiguous()
-    return apply_lean(_BlockwiseCore(call, dedup, n_chunks),
-                      CoreInputs(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of))
+    return apply_lean(_BlockwiseCore(call, allow_duplicate_attention, n_chunks),
+                      CoreInputs(q, k, v, index, key_valid, slot_bucket, document_ids, positions, chunk_of))

@@ -9,13 +9,13 @@
   Slots form R rounds of L consecutive slots, each round a permutation of 0..L-1 (LSH: the stable sort by
   (bucket, position)). None = the identity (one round: local attention).
 - The S slots are cut into chunks of ``chunk_len``; each chunk's queries attend to the keys of the
-  chunk itself, ``n_before`` chunks before and ``n_after`` after, wrapping over all S slots (HF/trax).
+  chunk itself, ``n_chunks_before`` chunks before and ``n_chunks_after`` after, wrapping over all S slots (HF/trax).
   Keys and values are read from the unsorted tensors through ``index``: no sorted copies exist.
 - Masks (``logits.masked_logits``): causal (key position <= query position), ``key_valid`` [B, L] per row
-  (False = never attended), ``slot_bucket`` [B, H, S] (same-bucket-only), ``doc_ids`` [B, L] per row (a key
+  (False = never attended), ``slot_bucket`` [B, H, S] (same-bucket-only), ``document_ids`` [B, L] per row (a key
   in another document is never attended), then self (``self_mask``: a query's own position gets -1e5).
-  ``dedup`` subtracts log(number of rounds' windows in which the key occurs) (duplicate-attention
-  correction).
+  ``allow_duplicate_attention=False`` subtracts log(number of rounds' windows in which the key occurs)
+  (the duplicate-attention correction; the config key of the same name).
 - Positions are the rows unless ``positions`` [B, H, S] gives each slot's original position, and the
   duplicate correction's chunks come from ``index`` unless ``chunk_of`` [B, H, R, L] (the flat chunk of
   each row's token in each round) and ``n_chunks`` (their number) are given: the form in which a
@@ -86,7 +86,7 @@ def _warn_fallback(reason: str) -> None:
 
 def check_call(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None, *, chunk_len: int,
                key_valid: Tensor | None = None, slot_bucket: Tensor | None = None,
-               doc_ids: Tensor | None = None) -> None:
+               document_ids: Tensor | None = None) -> None:
     """Raise ValueError naming the argument when a call breaks the contract's shapes."""
     if q.dim() != 4:
         raise ValueError(f"chunked_attention: q must be [B, L, H, D], got shape {tuple(q.shape)}")
@@ -100,7 +100,7 @@ def check_call(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None, *, 
                          f"got {tuple(index.shape)}")
     if chunk_len < 1 or length % chunk_len:
         raise ValueError(f"chunked_attention: length {length} is not a multiple of chunk_len {chunk_len}")
-    for name, t in (("key_valid", key_valid), ("doc_ids", doc_ids)):
+    for name, t in (("key_valid", key_valid), ("document_ids", document_ids)):
         if t is not None and tuple(t.shape) != (b, length):
             raise ValueError(f"chunked_attention: {name} must be [B, L] = [{b}, {length}], got {tuple(t.shape)}")
     if slot_bucket is not None and tuple(slot_bucket.shape) != (b, h, s):
@@ -112,7 +112,7 @@ def chunked_attention(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | No
                       backend: Backend = "auto", **kwargs) -> tuple[Tensor, Tensor]:
     """Dispatch to a backend; the module docstring states the contract every backend implements."""
     check_call(q, k, v, index, chunk_len=kwargs["chunk_len"], key_valid=kwargs.get("key_valid"),
-               slot_bucket=kwargs.get("slot_bucket"), doc_ids=kwargs.get("doc_ids"))
+               slot_bucket=kwargs.get("slot_bucket"), document_ids=kwargs.get("document_ids"))
     if backend == "auto":
         if q.is_cuda:
             _load_fused()

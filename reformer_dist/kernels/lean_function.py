@@ -22,7 +22,7 @@ class CoreInputs(NamedTuple):
     index: Tensor | None
     key_valid: Tensor | None
     slot_bucket: Tensor | None
-    doc_ids: Tensor | None
+    document_ids: Tensor | None
     positions: Tensor | None
     chunk_of: Tensor | None
 

@@ -1,7 +1,7 @@
 """How one attention logit is formed, shared by every attention core: keys, masks, duplicate correction.
 
 Legend: B batch, H heads (or a head group), L length, D head size, R hash rounds, S = R*L sorted slots,
-M chunk length, n query chunks of a block, W = (1 + n_before + n_after) * M keys per query.
+M chunk length, n query chunks of a block, W = (1 + n_chunks_before + n_chunks_after) * M keys per query.
 
 Masks work by replacement (HF semantics): keys hidden by causality, padding or bucket get ``MASK_VALUE``;
 then a query's own position gets ``SELF_MASK_VALUE``, so a token attends to itself only when nothing else
@@ -66,7 +66,7 @@ def chunk_of_positions(index: Tensor, length: int, chunk_len: int) -> Tensor:
     return out
 
 
-def duplicate_counts(q_rows: Tensor, k_rows: Tensor, chunk_of: Tensor, n_before: int, n_after: int,
+def duplicate_counts(q_rows: Tensor, k_rows: Tensor, chunk_of: Tensor, n_chunks_before: int, n_chunks_after: int,
                      n_chunks: int) -> Tensor:
     """How often key j occurs among all of query i's windows over all rounds (>= 1 for visible slots).
 
@@ -82,7 +82,7 @@ def duplicate_counts(q_rows: Tensor, k_rows: Tensor, chunk_of: Tensor, n_before:
     for r1 in range(r):
         for r2 in range(r):
             diff = torch.remainder(ck[:, :, r2, :, None, :] - cq[:, :, r1, :, :, None], n_chunks)
-            for o in range(-n_before, n_after + 1):
+            for o in range(-n_chunks_before, n_chunks_after + 1):
                 counts += diff == (o % n_chunks)
     return counts
 

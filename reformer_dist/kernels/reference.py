@@ -15,12 +15,13 @@ from reformer_dist.kernels.logits import (acc_dtype, chunk_of_positions, duplica
                                           normalize_keys, scale_keys)
 
 
-def look_around(x: Tensor, n_before: int, n_after: int) -> Tensor:
-    """[B, H, N, M, ...] -> [B, H, N, (1+n_before+n_after)*M, ...]: each chunk with its neighbours (wrapping)."""
-    if n_before == 0 and n_after == 0:
+def look_around(x: Tensor, n_chunks_before: int, n_chunks_after: int) -> Tensor:
+    """[B, H, N, M, ...] -> [B, H, N, (1 + n_chunks_before + n_chunks_after) * M, ...]: each chunk with its
+    neighbours (wrapping)."""
+    if n_chunks_before == 0 and n_chunks_after == 0:
         return x
     # roll(shifts=-o)[c] == x[c + o]
-    parts = [x if o == 0 else torch.roll(x, shifts=-o, dims=2) for o in range(-n_before, n_after + 1)]
+    parts = [x if o == 0 else torch.roll(x, shifts=-o, dims=2) for o in range(-n_chunks_before, n_chunks_after + 1)]
     return torch.cat(parts, dim=3)
 
 
@@ -32,9 +33,10 @@ def slot_positions(index: Tensor | None, b: int, h: int, length: int, device: to
 
 
 def chunked_attention_reference(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
-                                chunk_len: int, n_before: int, n_after: int, causal: bool, self_mask: bool = True,
-                                key_valid: Tensor | None = None, slot_bucket: Tensor | None = None,
-                                doc_ids: Tensor | None = None, dedup: bool = False, positions: Tensor | None = None,
+                                chunk_len: int, n_chunks_before: int, n_chunks_after: int, causal: bool,
+                                self_mask: bool = True, key_valid: Tensor | None = None,
+                                slot_bucket: Tensor | None = None, document_ids: Tensor | None = None,
+                                allow_duplicate_attention: bool = True, positions: Tensor | None = None,
                                 chunk_of: Tensor | None = None, n_chunks: int | None = None) -> tuple[Tensor, Tensor]:
     """Attention of every chunk of sorted slots over itself and its neighbours, merged over rounds (autograd)."""
     b, length, h, d = q.shape
@@ -43,7 +45,7 @@ def chunked_attention_reference(q: Tensor, k: Tensor | None, v: Tensor, index: T
     s = rows_s.shape[-1]
     r, m = s // length, chunk_len
     n = s // m
-    nb, na = n_before, n_after
+    nb, na = n_chunks_before, n_chunks_after
 
     def sort(x: Tensor) -> Tensor:  # [B,L,H,D] -> [B,H,N,M,D] in slot order
         return x.transpose(1, 2).gather(2, rows_s.unsqueeze(-1).expand(b, h, s, x.shape[-1])).view(b, h, n, m, -1)
@@ -58,10 +60,10 @@ def chunked_attention_reference(q: Tensor, k: Tensor | None, v: Tensor, index: T
     pos = rows if positions is None else positions.long().view(b, h, n, m)
     bucket = None if slot_bucket is None else slot_bucket.view(b, h, n, m)
     counts = None
-    if dedup:
+    if not allow_duplicate_attention:
         co = chunk_of_positions(rows_s, length, m) if chunk_of is None else chunk_of
         counts = duplicate_counts(rows, around(rows), co, nb, na, n if n_chunks is None else n_chunks)
-    kv, doc = per_slot(key_valid), per_slot(doc_ids)
+    kv, doc = per_slot(key_valid), per_slot(document_ids)
     dots, _ = masked_logits(sort(q), around(sort(keys)), pos, around(pos), causal=causal, self_mask=self_mask,
                             k_valid=around(kv), q_bucket=bucket, k_bucket=around(bucket), q_doc=doc,
                             k_doc=around(doc), counts=counts)

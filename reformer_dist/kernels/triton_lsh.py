@@ -115,25 +115,25 @@ def _load_keys(k_ptr, rows, lane, offs_d, d_ok, stride_d, D: tl.constexpr, SCALE
 
 
 @triton.jit
-def _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr,
-            slots_q, slots_k, L, N, RC, H, S, NCH,
-            CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
-            HAS_DOC: tl.constexpr, HAS_POS: tl.constexpr,
-            DEDUP: tl.constexpr, NB: tl.constexpr, NA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, key_valid_ptr, bucket_ptr, chunk_ptr, document_ids_ptr,
+            mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH,
+            CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
+            HAS_DOCUMENT_IDS: tl.constexpr, HAS_POS: tl.constexpr, ALLOW_DUPLICATE_ATTENTION: tl.constexpr,
+            N_CHUNKS_BEFORE: tl.constexpr, N_CHUNKS_AFTER: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Masked logits (fp32) of a query chunk against a key chunk and the mask of replaced entries.
 
-    pos_q/pos_k are the slots' rows (where q/k/v, key_valid, doc_ids and chunk_of are read); the causal and
+    pos_q/pos_k are the slots' rows (where q/k/v, key_valid, document_ids and chunk_of are read); the causal and
     self masks use the original positions, which are the rows unless HAS_POS gives them per slot."""
     s = _dot(q, tl.trans(keys), PREC, UPCAST).to(tl.float32)
-    if DEDUP:  # subtract log(number of (round, window) pairs in which the key is visible to the query)
+    if not ALLOW_DUPLICATE_ATTENTION:  # subtract log(number of (round, window) pairs holding the key)
         counts = tl.zeros(s.shape, dtype=tl.float32)
         for r1 in range(0, RC):
             cq = tl.load(chunk_ptr + ((b * H + h) * RC + r1) * L + pos_q, mask=q_lane, other=0)
             for r2 in range(0, RC):
                 ck = tl.load(chunk_ptr + ((b * H + h) * RC + r2) * L + pos_k, mask=k_lane, other=0)
                 diff = ((ck[None, :] - cq[:, None]) % NCH + NCH) % NCH
-                for o in tl.static_range(0, NB + NA + 1):
-                    off = ((o - NB) % NCH + NCH) % NCH
+                for o in tl.static_range(0, N_CHUNKS_BEFORE + N_CHUNKS_AFTER + 1):
+                    off = ((o - N_CHUNKS_BEFORE) % NCH + NCH) % NCH
                     counts += tl.where(diff == off, 1.0, 0.0)
         s = s - tl.log(tl.maximum(counts, 1.0))
     visible = k_lane[None, :] & q_lane[:, None]
@@ -143,16 +143,16 @@ def _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, valid_ptr, bucket_ptr, 
         mk = tl.load(mpos_ptr + (b * H + h) * S + slots_k, mask=k_lane, other=0).to(tl.int64)
     if CAUSAL:
         visible = visible & (mq[:, None] >= mk[None, :])
-    if HAS_VALID:
-        kv = tl.load(valid_ptr + b * L + pos_k, mask=k_lane, other=0)
+    if HAS_KEY_VALID:
+        kv = tl.load(key_valid_ptr + b * L + pos_k, mask=k_lane, other=0)
         visible = visible & (kv[None, :] != 0)
     if HAS_BUCKET:
         bq = tl.load(bucket_ptr + (b * H + h) * S + slots_q, mask=q_lane, other=0)
         bk = tl.load(bucket_ptr + (b * H + h) * S + slots_k, mask=k_lane, other=0)
         visible = visible & (bq[:, None] == bk[None, :])
-    if HAS_DOC:
-        dq_ = tl.load(doc_ptr + b * L + pos_q, mask=q_lane, other=0)
-        dk_ = tl.load(doc_ptr + b * L + pos_k, mask=k_lane, other=0)
+    if HAS_DOCUMENT_IDS:
+        dq_ = tl.load(document_ids_ptr + b * L + pos_q, mask=q_lane, other=0)
+        dk_ = tl.load(document_ids_ptr + b * L + pos_k, mask=k_lane, other=0)
         visible = visible & (dq_[:, None] == dk_[None, :])
     s = tl.where(visible, s, _MASK)
     replaced = ~visible
@@ -190,17 +190,18 @@ def _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, h, sqb, sql, sqh, sqd, skb, skl, s
 
 # Every kernel takes the same pointers, strides, sizes and flags; one program per (query or key sub-tile of a
 # chunk of all rounds, batch) of head h. Pointers: q, k (= q for shared QK), v, index, key_valid, slot_bucket,
-# chunk_of, doc_ids, positions. The batch, chunk and head indices are widened to int64 before any product, so
+# chunk_of, document_ids, positions. The batch, chunk and head indices are widened to int64 before any product, so
 # every offset (b * stride, (b*H + h) * S, position * stride) is 64-bit: they pass 2^31 at batch > 1 and 1M+
 # tokens. ``h`` is not specialised (one compile serves every head).
 @triton.jit(do_not_specialize=["h"])
-def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr, o_ptr, m_ptr, l_ptr,
-         sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd,
+def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, key_valid_ptr, bucket_ptr, chunk_ptr, document_ids_ptr, mpos_ptr, o_ptr, m_ptr,
+         l_ptr, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd,
          h, B, L, H, S, N, R, NCH, RC,
          M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-         BLOCK_D: tl.constexpr, NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr,
-         SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
-         HAS_DOC: tl.constexpr, HAS_POS: tl.constexpr, DEDUP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+         BLOCK_D: tl.constexpr, N_CHUNKS_BEFORE: tl.constexpr, N_CHUNKS_AFTER: tl.constexpr, CAUSAL: tl.constexpr,
+         SELF_MASK: tl.constexpr, SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+         HAS_BUCKET: tl.constexpr, HAS_DOCUMENT_IDS: tl.constexpr, HAS_POS: tl.constexpr,
+         ALLOW_DUPLICATE_ATTENTION: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     NSQ: tl.constexpr = (M + BQ - 1) // BQ
     NSK: tl.constexpr = (M + BK - 1) // BK
     pid = tl.program_id(0).to(tl.int64)
@@ -218,17 +219,19 @@ def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr
     m_i = tl.full([BQ], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BQ], dtype=tl.float32)
     acc = tl.zeros([BQ, BLOCK_D], dtype=tl.float32)
-    for j in range(0, (NB + NA + 1) * NSK):  # key sub-tiles of the window chunks, which wrap over all rounds
-        kc = ((c + j // NSK - NB) % N + N) % N
+    # key sub-tiles of the window chunks, which wrap over all rounds
+    for j in range(0, (N_CHUNKS_BEFORE + N_CHUNKS_AFTER + 1) * NSK):
+        kc = ((c + j // NSK - N_CHUNKS_BEFORE) % N + N) % N
         in_k = (j % NSK) * BK + tl.arange(0, BK)
         lane_k = in_k < M
         slots_k = kc * M + in_k
         pos_k = _slot_positions(idx_ptr + base, slots_k, lane_k, HAS_INDEX)
         _, keys, vv = _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, hh, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl,
                                  svh, svd, lane_k, offs_d, d_ok, D, SCALE, SHARED)
-        s, _ = _scores(q, keys, pos_q, pos_k, lane_q, lane_k, b, hh, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr,
-                       mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID, HAS_BUCKET,
-                       HAS_DOC, HAS_POS, DEDUP, NB, NA, PREC, UPCAST)
+        s, _ = _scores(q, keys, pos_q, pos_k, lane_q, lane_k, b, hh, key_valid_ptr, bucket_ptr, chunk_ptr,
+                       document_ids_ptr, mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK,
+                       HAS_KEY_VALID, HAS_BUCKET, HAS_DOCUMENT_IDS, HAS_POS, ALLOW_DUPLICATE_ATTENTION, N_CHUNKS_BEFORE,
+                       N_CHUNKS_AFTER, PREC, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -247,15 +250,15 @@ def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr
 
 
 @triton.jit(do_not_specialize=["h"])
-def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr, do_ptr, lse_ptr,
-            lo_ptr, delta_ptr, dq_ptr,
+def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, key_valid_ptr, bucket_ptr, chunk_ptr, document_ids_ptr, mpos_ptr, do_ptr,
+            lse_ptr, lo_ptr, delta_ptr, dq_ptr,
             sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdb, sdl, sdh, sdd, sgb, sgl, sgd,
             h, L, H, S, N, R, NCH, RC,
             M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-            BLOCK_D: tl.constexpr, NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr,
-            SELF_MASK: tl.constexpr, SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr,
-            HAS_BUCKET: tl.constexpr, HAS_DOC: tl.constexpr, HAS_POS: tl.constexpr, DEDUP: tl.constexpr,
-            PREC: tl.constexpr, UPCAST: tl.constexpr):
+            BLOCK_D: tl.constexpr, N_CHUNKS_BEFORE: tl.constexpr, N_CHUNKS_AFTER: tl.constexpr, CAUSAL: tl.constexpr,
+            SELF_MASK: tl.constexpr, SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+            HAS_BUCKET: tl.constexpr, HAS_DOCUMENT_IDS: tl.constexpr, HAS_POS: tl.constexpr,
+            ALLOW_DUPLICATE_ATTENTION: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     NSQ: tl.constexpr = (M + BQ - 1) // BQ
     NSK: tl.constexpr = (M + BK - 1) // BK
     pid = tl.program_id(0).to(tl.int64)
@@ -276,17 +279,18 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_
     lo = _per_row(lo_ptr, b, pos_q, hh, L, H, lane_q)
     delta = _per_row(delta_ptr, b, pos_q, hh, L, H, lane_q)
     dq = tl.zeros([BQ, BLOCK_D], dtype=tl.float32)
-    for j in range(0, (NB + NA + 1) * NSK):
-        kc = ((c + j // NSK - NB) % N + N) % N
+    for j in range(0, (N_CHUNKS_BEFORE + N_CHUNKS_AFTER + 1) * NSK):
+        kc = ((c + j // NSK - N_CHUNKS_BEFORE) % N + N) % N
         in_k = (j % NSK) * BK + tl.arange(0, BK)
         lane_k = in_k < M
         slots_k = kc * M + in_k
         pos_k = _slot_positions(idx_ptr + base, slots_k, lane_k, HAS_INDEX)
         _, keys, vv = _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, hh, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl,
                                  svh, svd, lane_k, offs_d, d_ok, D, SCALE, SHARED)
-        s, replaced = _scores(q, keys, pos_q, pos_k, lane_q, lane_k, b, hh, valid_ptr, bucket_ptr, chunk_ptr,
-                              doc_ptr, mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID,
-                              HAS_BUCKET, HAS_DOC, HAS_POS, DEDUP, NB, NA, PREC, UPCAST)
+        s, replaced = _scores(q, keys, pos_q, pos_k, lane_q, lane_k, b, hh, key_valid_ptr, bucket_ptr, chunk_ptr,
+                              document_ids_ptr, mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK,
+                              HAS_KEY_VALID, HAS_BUCKET, HAS_DOCUMENT_IDS, HAS_POS, ALLOW_DUPLICATE_ATTENTION,
+                              N_CHUNKS_BEFORE, N_CHUNKS_AFTER, PREC, UPCAST)
         p = tl.exp((s - lse[:, None]) - lo[:, None])  # of the softmax over the union of rounds (exact lse)
         dp = _dot(do, tl.trans(vv), PREC, UPCAST).to(tl.float32)
         ds = tl.where(replaced, 0.0, p * (dp - delta[:, None]))
@@ -295,15 +299,15 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_
 
 
 @triton.jit(do_not_specialize=["h"])
-def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, doc_ptr, mpos_ptr, do_ptr, lse_ptr,
-              lo_ptr, delta_ptr, dk_ptr, dv_ptr,
+def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, key_valid_ptr, bucket_ptr, chunk_ptr, document_ids_ptr, mpos_ptr, do_ptr,
+              lse_ptr, lo_ptr, delta_ptr, dk_ptr, dv_ptr,
               sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdb, sdl, sdh, sdd, sgb, sgl, sgd,
               h, L, H, S, N, R, NCH, RC,
               M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-              BLOCK_D: tl.constexpr, NB: tl.constexpr, NA: tl.constexpr, CAUSAL: tl.constexpr,
-              SELF_MASK: tl.constexpr, SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_VALID: tl.constexpr,
-              HAS_BUCKET: tl.constexpr, HAS_DOC: tl.constexpr, HAS_POS: tl.constexpr, DEDUP: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr):
+              BLOCK_D: tl.constexpr, N_CHUNKS_BEFORE: tl.constexpr, N_CHUNKS_AFTER: tl.constexpr, CAUSAL: tl.constexpr,
+              SELF_MASK: tl.constexpr, SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+              HAS_BUCKET: tl.constexpr, HAS_DOCUMENT_IDS: tl.constexpr, HAS_POS: tl.constexpr,
+              ALLOW_DUPLICATE_ATTENTION: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     NSQ: tl.constexpr = (M + BQ - 1) // BQ
     NSK: tl.constexpr = (M + BK - 1) // BK
     pid = tl.program_id(0).to(tl.int64)
@@ -322,8 +326,9 @@ def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, do
                              svh, svd, lane_k, offs_d, d_ok, D, SCALE, SHARED)
     dk = tl.zeros([BK, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BK, BLOCK_D], dtype=tl.float32)
-    for j in range(0, (NB + NA + 1) * NSQ):
-        c = ((kc - (j // NSQ - NB)) % N + N) % N  # the query chunk whose window offset j // NSQ - NB is this one
+    for j in range(0, (N_CHUNKS_BEFORE + N_CHUNKS_AFTER + 1) * NSQ):
+        # the query chunk whose window offset j // NSQ - N_CHUNKS_BEFORE is this one
+        c = ((kc - (j // NSQ - N_CHUNKS_BEFORE)) % N + N) % N
         in_q = (j % NSQ) * BQ + tl.arange(0, BQ)
         lane_q = in_q < M
         qd_mask = lane_q[:, None] & d_ok[None, :]
@@ -334,9 +339,10 @@ def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, valid_ptr, bucket_ptr, chunk_ptr, do
         lse = _per_row(lse_ptr, b, pos_q, hh, L, H, lane_q)
         lo = _per_row(lo_ptr, b, pos_q, hh, L, H, lane_q)
         delta = _per_row(delta_ptr, b, pos_q, hh, L, H, lane_q)
-        s, replaced = _scores(q, keys, pos_q, pos_k, lane_q, lane_k, b, hh, valid_ptr, bucket_ptr, chunk_ptr,
-                              doc_ptr, mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK, HAS_VALID,
-                              HAS_BUCKET, HAS_DOC, HAS_POS, DEDUP, NB, NA, PREC, UPCAST)
+        s, replaced = _scores(q, keys, pos_q, pos_k, lane_q, lane_k, b, hh, key_valid_ptr, bucket_ptr, chunk_ptr,
+                              document_ids_ptr, mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK,
+                              HAS_KEY_VALID, HAS_BUCKET, HAS_DOCUMENT_IDS, HAS_POS, ALLOW_DUPLICATE_ATTENTION,
+                              N_CHUNKS_BEFORE, N_CHUNKS_AFTER, PREC, UPCAST)
         p = tl.where(lane_q[:, None], tl.exp((s - lse[:, None]) - lo[:, None]), 0.0)
         dv += _dot(tl.trans(p).to(do.dtype), do, PREC, UPCAST).to(tl.float32)
         dp = _dot(do, tl.trans(vv), PREC, UPCAST).to(tl.float32)
@@ -361,10 +367,10 @@ def _strides(t: Tensor | None, like: Tensor) -> tuple[int, int, int, int]:
 class _Call:
     """``LeanCore`` of one call: sizes, flags and the pointer tensors shared by the three kernels."""
 
-    def __init__(self, x: CoreInputs, *, chunk_len: int, n_before: int, n_after: int, causal: bool, self_mask: bool,
-                 dedup: bool, n_chunks: int | None):
-        q, k, index, key_valid, slot_bucket, doc_ids, positions, chunk_of = (
-            x.q, x.k, x.index, x.key_valid, x.slot_bucket, x.doc_ids, x.positions, x.chunk_of)
+    def __init__(self, x: CoreInputs, *, chunk_len: int, n_chunks_before: int, n_chunks_after: int, causal: bool,
+                 self_mask: bool, allow_duplicate_attention: bool, n_chunks: int | None):
+        q, k, index, key_valid, slot_bucket, document_ids, positions, chunk_of = (
+            x.q, x.k, x.index, x.key_valid, x.slot_bucket, x.document_ids, x.positions, x.chunk_of)
         b, length, h, d = q.shape
         self.b, self.length, self.h, self.d = b, length, h, d
         self.s = length if index is None else index.shape[-1]
@@ -375,21 +381,23 @@ class _Call:
         self.index = index.to(torch.int32).contiguous() if index is not None else dummy
         self.valid = key_valid.to(torch.int8).contiguous() if key_valid is not None else dummy
         self.bucket = slot_bucket.to(torch.int32).contiguous() if slot_bucket is not None else dummy
-        self.doc = doc_ids.to(torch.int32).contiguous() if doc_ids is not None else dummy
+        self.doc = document_ids.to(torch.int32).contiguous() if document_ids is not None else dummy
         self.pos = positions.to(torch.int32).contiguous() if positions is not None else dummy
-        if dedup and chunk_of is None:
+        correct = not allow_duplicate_attention  # the duplicate correction reads each token's chunks
+        if correct and chunk_of is None:
             ident = torch.arange(length, device=dev, dtype=torch.int32).expand(b, h, length)
             chunk_of = chunk_of_positions(index if index is not None else ident, length, chunk_len)
-        self.chunk = chunk_of.to(torch.int32).contiguous() if dedup else dummy
+        self.chunk = chunk_of.to(torch.int32).contiguous() if correct else dummy
         self.n_chunks = self.n if n_chunks is None else n_chunks
-        self.chunk_rounds = chunk_of.shape[2] if dedup else 1
+        self.chunk_rounds = chunk_of.shape[2] if correct else 1
         self.tiles = tiles_for(chunk_len, d, q.dtype)
         t = self.tiles
         self.meta = dict(M=chunk_len, D=d, SCALE=1.0 / math.sqrt(d), BQ=t.bq, BK=t.bk, BLOCK_D=t.block_d,
-                         NB=n_before, NA=n_after, CAUSAL=causal,
+                         N_CHUNKS_BEFORE=n_chunks_before, N_CHUNKS_AFTER=n_chunks_after, CAUSAL=causal,
                          SELF_MASK=self_mask, SHARED=k is None, HAS_INDEX=index is not None,
-                         HAS_VALID=key_valid is not None, HAS_BUCKET=slot_bucket is not None,
-                         HAS_DOC=doc_ids is not None, HAS_POS=positions is not None, DEDUP=dedup,
+                         HAS_KEY_VALID=key_valid is not None, HAS_BUCKET=slot_bucket is not None,
+                         HAS_DOCUMENT_IDS=document_ids is not None, HAS_POS=positions is not None,
+                         ALLOW_DUPLICATE_ATTENTION=allow_duplicate_attention,
                          PREC=precision(q.dtype),
                          UPCAST=q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1",
                          num_warps=t.num_warps, num_stages=t.num_stages)
@@ -465,14 +473,16 @@ def _backward(call: _Call, q, k, v, out, lse, lse_lo, dout, dlse):
 
 
 def chunked_attention_triton(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
-                             chunk_len: int, n_before: int, n_after: int, causal: bool, self_mask: bool = True,
-                             key_valid: Tensor | None = None, slot_bucket: Tensor | None = None,
-                             doc_ids: Tensor | None = None, dedup: bool = False, positions: Tensor | None = None,
+                             chunk_len: int, n_chunks_before: int, n_chunks_after: int, causal: bool,
+                             self_mask: bool = True, key_valid: Tensor | None = None,
+                             slot_bucket: Tensor | None = None, document_ids: Tensor | None = None,
+                             allow_duplicate_attention: bool = True, positions: Tensor | None = None,
                              chunk_of: Tensor | None = None, n_chunks: int | None = None) -> tuple[Tensor, Tensor]:
     """The contract of ``kernels.chunked_attention``, fused (see the module docstring)."""
-    x = CoreInputs(q, k, v, index, key_valid, slot_bucket, doc_ids, positions, chunk_of)
-    return apply_lean(_Call(x, chunk_len=chunk_len, n_before=n_before, n_after=n_after, causal=causal,
-                            self_mask=self_mask, dedup=dedup, n_chunks=n_chunks), x)
+    x = CoreInputs(q, k, v, index, key_valid, slot_bucket, document_ids, positions, chunk_of)
+    return apply_lean(_Call(x, chunk_len=chunk_len, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
+                            causal=causal, self_mask=self_mask, allow_duplicate_attention=allow_duplicate_attention,
+                            n_chunks=n_chunks), x)
 
 
 def unsupported(q: Tensor, *, chunk_len: int, **_) -> str | None:

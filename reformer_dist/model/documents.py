@@ -18,10 +18,10 @@ def document_ids(input_ids: Tensor, eod_id: int) -> Tensor:
     return eod.cumsum(dim=-1, dtype=torch.int32) - eod
 
 
-def positions_in_document(doc_ids: Tensor) -> Tensor:
+def positions_in_document(document_ids: Tensor) -> Tensor:
     """[B, L] int64: each token's distance from the first token of its document in the window."""
-    t = torch.arange(doc_ids.shape[-1], device=doc_ids.device).expand_as(doc_ids)
-    first = torch.ones_like(doc_ids, dtype=torch.bool)
-    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    t = torch.arange(document_ids.shape[-1], device=document_ids.device).expand_as(document_ids)
+    first = torch.ones_like(document_ids, dtype=torch.bool)
+    first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
     start = torch.where(first, t, torch.zeros_like(t)).cummax(dim=-1).values
     return t - start

@@ -155,13 +155,13 @@ class _LSHCache:
         self.last.scatter_(-1, b * self.w + occ % self.w, torch.full_like(b, t, dtype=torch.int32))
         return rank.squeeze(-1)
 
-    def _window(self, rank: Tensor, n: int, padded: int, n_before: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _window(self, rank: Tensor, n: int, padded: int, n_chunks_before: int) -> tuple[Tensor, Tensor, Tensor]:
         """Positions [B, H, R*W] in the query's window of each round, which are real tokens, and their buckets."""
         b, h, rounds = rank.shape
         m, w, nb = self.m, self.w, self.nb
         dev = rank.device
         s = torch.arange(rounds, device=dev) * padded + rank  # flat slot of the new token in each round
-        start = (torch.div(s, m, rounding_mode="floor") - n_before) * m
+        start = (torch.div(s, m, rounding_mode="floor") - n_chunks_before) * m
         slots = torch.remainder(start.unsqueeze(-1) + torch.arange(w, device=dev), rounds * padded).flatten(-2)
         real = torch.remainder(slots, padded) < n  # the rest is padding (sorted after every real token)
         # which bucket holds each slot: bucket ends over all rounds, offset by the round, are non-decreasing

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from reformer_dist.model.config import ReformerConfig
     from reformer_dist.model.context import AttentionContext
     from reformer_dist.model.blocks import AttentionBlock
 
@@ -61,12 +62,12 @@ def group_ranges(n_heads: int, groups: int) -> list[tuple[int, int]]:
     return [(g * per, (g + 1) * per) for g in range(groups)]
 
 
-def stack_groups(cfg: Any, local_tokens: int, actx: "AttentionContext") -> int:
+def stack_groups(cfg: "ReformerConfig", local_tokens: int, actx: "AttentionContext") -> int:
     """Head groups for a reversible step over ``local_tokens`` tokens of this rank (``cfg.head_groups_for`` of
     the whole sequence, with the heads split over the Ulysses ranks of ``actx.sequence_parallel``)."""
     sp = actx.sequence_parallel
     size = 1 if sp is None else sp.size
-    ulysses = 1 if sp is None else getattr(sp, "ulysses_size", size)  # a bare UlyssesAttention: all ranks
+    ulysses = 1 if sp is None else sp.ulysses_size
     return cfg.head_groups_for(local_tokens * size, ulysses)
 
 

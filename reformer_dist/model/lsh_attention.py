@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from reformer_dist.kernels.backends import Backend
 from reformer_dist.kernels.chunked_attention import chunked_attention
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
@@ -29,19 +30,19 @@ def lsh_attention(
     factors: list[int],
     *,
     chunk_len: int,
-    n_before: int,
-    n_after: int,
+    n_chunks_before: int,
+    n_chunks_after: int,
     causal: bool,
     key_valid: Tensor | None = None,
-    doc_ids: Tensor | None = None,
+    document_ids: Tensor | None = None,
     same_bucket_only: bool = False,
     allow_duplicate_attention: bool = True,
-    backend: str = "auto",
+    backend: Backend = "auto",
     return_buckets: bool = False,
 ):
     """LSH attention of qk, v [B, L, H, D] with rotations [H, D, R, F]; returns [B, L, H, D].
 
-    L must be a multiple of chunk_len (the model pads); key_valid [B, L] marks real tokens. With doc_ids
+    L must be a multiple of chunk_len (the model pads); key_valid [B, L] marks real tokens. With document_ids
     [B, L] a token attends only to its own document, and each round is sorted by (document, bucket,
     position): a document's tokens fill the same slots whatever another document holds, so no document can
     move another's chunk windows. With ``return_buckets`` also returns the bucket ids [B, H, R, L] (None
@@ -49,18 +50,20 @@ def lsh_attention(
     """
     length = qk.shape[1]
     if length <= chunk_len:  # one chunk: plain attention with the same masks, hashing is irrelevant
-        out, _ = chunked_attention(qk, None, v, None, chunk_len=length, n_before=0, n_after=0, causal=causal,
-                                   self_mask=True, key_valid=key_valid, doc_ids=doc_ids, backend=backend)
+        out, _ = chunked_attention(qk, None, v, None, chunk_len=length, n_chunks_before=0, n_chunks_after=0,
+                                   causal=causal, self_mask=True, key_valid=key_valid, document_ids=document_ids,
+                                   backend=backend)
         return (out, None) if return_buckets else out
     buckets = hash_buckets(qk, rotations, factors, key_valid)  # [B,H,R,L] int32
-    if doc_ids is None:
+    if document_ids is None:
         perm = sort_buckets(buckets)  # [B,H,R*L] int32
     else:  # (document, bucket) keys: one bucket id space per document (padding is a bucket of its own)
-        perm = sort_buckets(doc_ids[:, None, None, :].long() * (math.prod(factors) + 1) + buckets)
+        perm = sort_buckets(document_ids[:, None, None, :].long() * (math.prod(factors) + 1) + buckets)
     slot_bucket = buckets.view(*buckets.shape[:2], -1).gather(2, _round_offsets(perm, length)) if same_bucket_only else None
-    out, _ = chunked_attention(qk, None, v, perm, chunk_len=chunk_len, n_before=n_before, n_after=n_after,
-                               causal=causal, self_mask=True, key_valid=key_valid, slot_bucket=slot_bucket,
-                               doc_ids=doc_ids, dedup=not allow_duplicate_attention, backend=backend)
+    out, _ = chunked_attention(qk, None, v, perm, chunk_len=chunk_len, n_chunks_before=n_chunks_before,
+                               n_chunks_after=n_chunks_after, causal=causal, self_mask=True, key_valid=key_valid,
+                               slot_bucket=slot_bucket, document_ids=document_ids,
+                               allow_duplicate_attention=allow_duplicate_attention, backend=backend)
     return (out, buckets) if return_buckets else out
 
 
@@ -103,11 +106,11 @@ class LSHSelfAttention(nn.Module):
                              factors, qk.device, trained_hashes=cfg.n_hashes)
         rot = rot[ctx.head_offset : ctx.head_offset + qk.shape[2]]
         if ctx.bucket is not None:  # this rank holds a slice of the sequence: shard the sorted order
-            return ctx.bucket.lsh(qk, v, rot, factors, chunk_len=cfg.chunk_len,
-                                  n_before=cfg.n_chunks_before, n_after=cfg.n_chunks_after, causal=cfg.causal,
-                                  same_bucket_only=cfg.same_bucket_only, dedup=not cfg.allow_duplicate_attention,
-                                  backend=ctx.backend)
-        return lsh_attention(qk, v, rot, factors, chunk_len=cfg.chunk_len, n_before=cfg.n_chunks_before,
-                             n_after=cfg.n_chunks_after, causal=cfg.causal, key_valid=ctx.key_valid,
-                             doc_ids=ctx.doc_ids, same_bucket_only=cfg.same_bucket_only,
+            return ctx.bucket.lsh(qk, v, rot, factors, chunk_len=cfg.chunk_len, n_chunks_before=cfg.n_chunks_before,
+                                  n_chunks_after=cfg.n_chunks_after, causal=cfg.causal,
+                                  same_bucket_only=cfg.same_bucket_only,
+                                  allow_duplicate_attention=cfg.allow_duplicate_attention, backend=ctx.backend)
+        return lsh_attention(qk, v, rot, factors, chunk_len=cfg.chunk_len, n_chunks_before=cfg.n_chunks_before,
+                             n_chunks_after=cfg.n_chunks_after, causal=cfg.causal, key_valid=ctx.key_valid,
+                             document_ids=ctx.document_ids, same_bucket_only=cfg.same_bucket_only,
                              allow_duplicate_attention=cfg.allow_duplicate_attention, backend=ctx.backend)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from reformer_dist.model.bucket_rules import DOCUMENT_MASKS_REFUSED
 from reformer_dist.model.config import TRAINED_WITH, ReformerConfig
-from reformer_dist.model.context import AttentionContext
+from reformer_dist.model.context import AttentionContext, SequenceParallelSeam
 from reformer_dist.model.embeddings import AxialPositionEmbedding
 from reformer_dist.model.generation import generate_cached, sample_next
 from reformer_dist.model.loss import IGNORE_INDEX, LMHead
@@ -79,7 +79,8 @@ class ReformerLM(nn.Module):
 
     def streams(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, document_ids: Tensor | None = None,
                 positions: Tensor | None = None, position_offset: int = 0, hash_seed: int | None = None,
-                n_hashes: int | None = None, sequence_parallel=None) -> tuple[Tensor, Tensor, int]:
+                n_hashes: int | None = None,
+                sequence_parallel: SequenceParallelSeam | None = None) -> tuple[Tensor, Tensor, int]:
         """The two final residual streams [B, Lp, D] each (Lp = L padded to the chunk lengths) and L.
 
         ``document_ids`` [B, L] (``model.documents.document_ids``): a token attends only to tokens of its own
@@ -97,7 +98,8 @@ class ReformerLM(nn.Module):
 
     def embed(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, document_ids: Tensor | None = None,
               positions: Tensor | None = None, position_offset: int = 0, hash_seed: int | None = None,
-              n_hashes: int | None = None, sequence_parallel=None) -> tuple[Tensor, AttentionContext, int]:
+              n_hashes: int | None = None,
+              sequence_parallel: SequenceParallelSeam | None = None) -> tuple[Tensor, AttentionContext, int]:
         """Embeddings [B, Lp, D] of the padded input, the attention context of the call, and L (see ``streams``)."""
         self._check_inputs(input_ids, position_offset)
         if n_hashes is not None and (not isinstance(n_hashes, int) or isinstance(n_hashes, bool) or n_hashes < 1):
@@ -136,7 +138,7 @@ class ReformerLM(nn.Module):
         positions = positions.clamp(max=self.cfg.max_seq_len - 1)  # padding may run past the last position
         x = F.dropout(self.tok_emb(input_ids), self.cfg.dropout, self.training) + self.pos_emb(positions)
         actx = AttentionContext(hash_seed=self.cfg.hash_seed if hash_seed is None else int(hash_seed),
-                                n_hashes=n_hashes, key_valid=key_valid, doc_ids=docs,
+                                n_hashes=n_hashes, key_valid=key_valid, document_ids=docs,
                                 backend=self.cfg.attention_backend, sequence_parallel=sequence_parallel)
         return x, actx, l
 
@@ -160,7 +162,7 @@ class ReformerLM(nn.Module):
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, attention_mask: Tensor | None = None,
                 document_ids: Tensor | None = None, positions: Tensor | None = None, position_offset: int = 0,
                 hash_seed: int | None = None, n_hashes: int | None = None, reduction: str = "mean",
-                sequence_parallel=None):
+                sequence_parallel: SequenceParallelSeam | None = None):
         """Logits [B, L, V] without labels; with labels the chunked cross-entropy: its mean over labels !=
         ``IGNORE_INDEX`` (-100; ``reduction="mean"``), ``(sum, count)`` (``reduction="sum"``, for averaging across
         ranks), or ``(losses, predictions)`` (``reduction="none"``, evaluation, no gradient): each position's loss

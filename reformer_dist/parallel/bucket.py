@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from reformer_dist.kernels.backends import Backend
 from reformer_dist.kernels.chunked_attention import chunked_attention
 from reformer_dist.model.bucket_rules import piece_problem
 from reformer_dist.model.hashing import hash_buckets
@@ -98,18 +99,18 @@ class BucketSharding:
         return ext.transpose(0, 1)
 
     # ------------------------------------------------------------------ attention
-    def lsh(self, qk: Tensor, v: Tensor, rotations: Tensor, factors: list[int], *, chunk_len: int, n_before: int,
-            n_after: int, causal: bool, same_bucket_only: bool = False, dedup: bool = False,
-            backend: str = "auto") -> Tensor:
+    def lsh(self, qk: Tensor, v: Tensor, rotations: Tensor, factors: list[int], *, chunk_len: int, n_chunks_before: int,
+            n_chunks_after: int, causal: bool, same_bucket_only: bool = False, allow_duplicate_attention: bool = True,
+            backend: Backend = "auto") -> Tensor:
         """LSH attention of this rank's tokens qk, v [B, Lk, H, D] (global positions rank*Lk...) -> [B, Lk, H, D]."""
         b, lk, h, d = qk.shape
         size, r, m = self.size, rotations.shape[2], chunk_len
         length = lk * size
-        problem = piece_problem("lsh", lk, size, chunk_len=m, n_chunks_before=n_before, n_chunks_after=n_after,
-                                n_hashes=r)
+        problem = piece_problem("lsh", lk, size, chunk_len=m, n_chunks_before=n_chunks_before,
+                                n_chunks_after=n_chunks_after, n_hashes=r)
         if problem:
             raise ValueError(f"bucket-sharded LSH attention: {problem}")
-        piece, before, after = r * length // size, n_before * m, n_after * m
+        piece, before, after = r * length // size, n_chunks_before * m, n_chunks_after * m
         ext = before + piece + after  # rows of a rank's piece with its neighbours' look-around chunks
         flat, buckets = self._global_slots(qk, rotations, factors)  # [B,H,R,Lk] each
         route = _Route(self, flat, buckets, piece, before, after, m)
@@ -117,11 +118,14 @@ class BucketSharding:
         ints = route.ints  # [B, ext, H, 2 + R]: position, bucket, the token's flat chunk in every round
         positions = ints[..., 0].transpose(1, 2)
         slot_bucket = ints[..., 1].transpose(1, 2) if same_bucket_only else None
-        chunk_of = ints[..., 2:].permute(0, 2, 3, 1).to(torch.int32) if dedup else None  # [B,H,R,ext]
-        out_ext, lse_ext = chunked_attention(q_ext, None, v_ext, None, chunk_len=m, n_before=n_before,
-                                             n_after=n_after, causal=causal, self_mask=True, slot_bucket=slot_bucket,
-                                             dedup=dedup, positions=positions, chunk_of=chunk_of,
-                                             n_chunks=r * length // m, backend=backend)
+        # [B,H,R,ext]: what the duplicate correction counts
+        chunk_of = None if allow_duplicate_attention else ints[..., 2:].permute(0, 2, 3, 1).to(torch.int32)
+        out_ext, lse_ext = chunked_attention(q_ext, None, v_ext, None, chunk_len=m, n_chunks_before=n_chunks_before,
+                                             n_chunks_after=n_chunks_after, causal=causal, self_mask=True,
+                                             slot_bucket=slot_bucket,
+                                             allow_duplicate_attention=allow_duplicate_attention,
+                                             positions=positions, chunk_of=chunk_of, n_chunks=r * length // m,
+                                             backend=backend)
         del q_ext, v_ext
         own = slice(before, before + piece)
         out_r = route.to_tokens(out_ext[:, own]).view(b, h, r, lk, d)
@@ -147,22 +151,23 @@ class BucketSharding:
         slot = start.gather(3, buckets) + earlier.gather(3, buckets) + within  # slot within its round
         return slot + torch.arange(r, device=dev).view(1, 1, r, 1) * (lk * self.size), buckets
 
-    def local(self, q: Tensor, k: Tensor, v: Tensor, *, chunk_len: int, n_before: int, n_after: int, causal: bool,
-              backend: str = "auto") -> Tensor:
+    def local(self, q: Tensor, k: Tensor, v: Tensor, *, chunk_len: int, n_chunks_before: int, n_chunks_after: int,
+              causal: bool, backend: Backend = "auto") -> Tensor:
         """Local attention of this rank's tokens [B, Lk, H, D] with its neighbours' halo chunks."""
         b, lk, h, d = q.shape
-        problem = piece_problem("local", lk, self.size, chunk_len=chunk_len, n_chunks_before=n_before,
-                                n_chunks_after=n_after)
+        problem = piece_problem("local", lk, self.size, chunk_len=chunk_len, n_chunks_before=n_chunks_before,
+                                n_chunks_after=n_chunks_after)
         if problem:
             raise ValueError(f"bucket-sharded local attention: {problem}")
-        nb_rows, na_rows = n_before * chunk_len, n_after * chunk_len
+        nb_rows, na_rows = n_chunks_before * chunk_len, n_chunks_after * chunk_len
         ext = self._halo(torch.cat([q, k, v], dim=-1), nb_rows, na_rows)
         q_ext, k_ext, v_ext = ext[..., :d], ext[..., d : 2 * d], ext[..., 2 * d :]
         length = lk * self.size
         idx = torch.arange(-nb_rows, lk + na_rows, device=q.device) + self.rank * lk
         positions = torch.remainder(idx, length).expand(b, h, -1)
-        out, _ = chunked_attention(q_ext, k_ext, v_ext, None, chunk_len=chunk_len, n_before=n_before, n_after=n_after,
-                                   causal=causal, self_mask=False, positions=positions, backend=backend)
+        out, _ = chunked_attention(q_ext, k_ext, v_ext, None, chunk_len=chunk_len, n_chunks_before=n_chunks_before,
+                                   n_chunks_after=n_chunks_after, causal=causal, self_mask=False, positions=positions,
+                                   backend=backend)
         return out[:, nb_rows : nb_rows + lk]
 
 
@@ -296,19 +301,20 @@ class _Route:
 
 
 def forward_bytes(kind: str, *, batch: int, heads: int, tokens: int, head_dim: int, elem: int, ranks: int, rank: int,
-                  n_hashes: int = 1, n_buckets: int = 0, chunk_len: int, n_before: int, n_after: int) -> int:
+                  n_hashes: int = 1, n_buckets: int = 0, chunk_len: int, n_chunks_before: int,
+                  n_chunks_after: int) -> int:
     """Bytes one rank hands to collectives in one forward of an LSH or local layer under bucket sharding.
 
     tokens: this rank's tokens (L/K); heads: the heads it computes (H/U); elem: bytes per qk/v value.
     LSH: bucket counts (all-reduce, then the rank prefix's doubling steps, int64), the split sizes, every
     (batch, head, round, token) item's qk and v and its metadata (6 + R int64: batch, head, row, own, position,
     bucket, its flat chunk in every round) to the owner of its slot, plus the halo copies (the first/last
-    chunks of each piece also go to the neighbour: (n_before + n_after) x chunk_len rows per batch and head
-    per rank on average, exact summed over ranks), and each item's output and fp32 log-sum-exp back.
+    chunks of each piece also go to the neighbour: (n_chunks_before + n_chunks_after) x chunk_len rows per batch and
+    head per rank on average, exact summed over ranks), and each item's output and fp32 log-sum-exp back.
     Local: the halo chunks of q, k, v. The backward sends each float exchange's gradient once more; the
     reversible backward repeats the forward.
     """
-    halo = (n_before + n_after) * chunk_len * batch * heads
+    halo = (n_chunks_before + n_chunks_after) * chunk_len * batch * heads
     if kind == "local":
         return halo * 3 * head_dim * elem
     r = n_hashes

@@ -51,6 +51,11 @@ class UlyssesAttention:
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
 
+    @property
+    def ulysses_size(self) -> int:
+        """All ranks of the group shard heads."""
+        return self.size
+
     def attend(self, fn: Callable[..., Tensor], *tensors: Tensor, ctx: AttentionContext) -> Tensor:
         heads = tensors[0].shape[2]
         inner = dataclasses.replace(ctx, sequence_parallel=None,

@@ -120,8 +120,8 @@ def test_bucket_sharded_sp_equals_single_process(tmp_path, sp_size, ulysses_size
     for rank in range(sp_size):
         kr = rank // ulysses_size  # the bucket rank of global rank k*U + u
         lsh = forward_bytes("lsh", **common, rank=kr, n_hashes=3, n_buckets=math.prod(factors), chunk_len=16,
-                            n_before=1, n_after=0)
-        local = forward_bytes("local", **common, rank=kr, chunk_len=8, n_before=1, n_after=0)
+                            n_chunks_before=1, n_chunks_after=0)
+        local = forward_bytes("local", **common, rank=kr, chunk_len=8, n_chunks_before=1, n_chunks_after=0)
         expected += 2 * (2 * lsh + local)
     assert res["bytes_sent"].sum().item() == expected, (res["bytes_sent"], expected)
 

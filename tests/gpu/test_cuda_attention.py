@@ -19,17 +19,18 @@ from reformer_dist.kernels.reference import chunked_attention_reference
 
 pytestmark = pytest.mark.gpu
 
-# L, H, M, R, n_before, n_after, causal, shared_qk, extras  (D = 64 unless "d128"; L not a multiple of M: padded keys)
+# L, H, M, R, n_chunks_before, n_chunks_after, causal, shared_qk, extras
+# (D = 64 unless "d128"; L not a multiple of M: padded keys)
 CASES = [
     (1000, 4, 64, 1, 1, 0, True, True, ("valid",)),
     (1000, 4, 64, 2, 1, 0, True, True, ("valid",)),
-    (2048, 2, 64, 4, 1, 0, True, True, ("dedup",)),
+    (2048, 2, 64, 4, 1, 0, True, True, ("dup_correction",)),
     (1024, 4, 64, 2, 1, 1, False, True, ("valid", "bucket")),
     (1536, 2, 32, 3, 2, 0, True, True, ()),
     (1024, 4, 128, 1, 1, 0, True, False, ("identity",)),  # local attention: separate keys, no permutation
     (4000, 4, 256, 2, 1, 0, True, True, ("valid",)),  # configs/million_1gpu.toml's chunk: 4 x 4 sub-tiles
     (2048, 2, 256, 1, 1, 1, False, False, ("identity", "d128")),  # the largest tiles accepted
-    (2048, 2, 128, 4, 1, 0, True, True, ("d128", "dedup")),  # enwik8_64k's LSH layers
+    (2048, 2, 128, 4, 1, 0, True, True, ("d128", "dup_correction")),  # enwik8_64k's LSH layers
 ]
 
 
@@ -50,8 +51,8 @@ def inputs(length, h, m, r, shared, extras, dtype, seed):
         kw["key_valid"] = (torch.arange(lp) < length).expand(1, lp).clone()
     if "bucket" in extras:
         kw["slot_bucket"] = torch.randint(0, 4, (1, h, r * lp), generator=g, dtype=torch.int32)
-    if "dedup" in extras:
-        kw["dedup"] = True
+    if "dup_correction" in extras:
+        kw["allow_duplicate_attention"] = False
     return q, None if shared else k, v, index, kw
 
 
@@ -61,7 +62,7 @@ def inputs(length, h, m, r, shared, extras, dtype, seed):
 def test_backend_on_cuda_matches_cpu_float64_reference(backend, dtype, length, h, m, r, nb, na, causal, shared,
                                                        extras):
     q, k, v, index, kw = inputs(length, h, m, r, shared, extras, dtype, seed=length + r)
-    args = dict(chunk_len=m, n_before=nb, n_after=na, causal=causal, self_mask=True)
+    args = dict(chunk_len=m, n_chunks_before=nb, n_chunks_after=na, causal=causal, self_mask=True)
     ref = [t.double().requires_grad_() for t in (q, k, v) if t is not None]
     o_ref, l_ref = chunked_attention_reference(ref[0], None if shared else ref[1], ref[-1], index, **args, **kw)
     go, gl = torch.randn_like(o_ref), torch.randn_like(l_ref)
@@ -83,7 +84,8 @@ def test_auto_picks_the_fused_kernel_on_cuda(monkeypatch):
     fn, supports = dispatch._BACKENDS["triton"]
     monkeypatch.setitem(dispatch._BACKENDS, "triton", (lambda *a, **k: calls.append(1) or fn(*a, **k), supports))
     q, k, v, index, kw = inputs(512, 2, 64, 2, True, (), torch.bfloat16, seed=0)
-    chunked_attention(q.cuda(), None, v.cuda(), index.cuda(), chunk_len=64, n_before=1, n_after=0, causal=True)
+    chunked_attention(q.cuda(), None, v.cuda(), index.cuda(), chunk_len=64, n_chunks_before=1, n_chunks_after=0,
+                      causal=True)
     assert calls == [1]
 
 
@@ -127,7 +129,7 @@ def test_calls_the_kernels_do_not_take_fall_back_to_blockwise_with_one_warning(m
 
     monkeypatch.setattr(dispatch, "_WARNED", set())
     q, k, v, index, kw = inputs(1024, 2, 512, 1, True, (), torch.bfloat16, seed=3)
-    args = dict(chunk_len=512, n_before=1, n_after=0, causal=True)
+    args = dict(chunk_len=512, n_chunks_before=1, n_chunks_after=0, causal=True)
     with pytest.warns(UserWarning, match="chunk length 512"):
         o, lse = chunked_attention(q.cuda(), None, v.cuda(), index.cuda(), **args)
     o2, _ = chunked_attention_blockwise(q.cuda(), None, v.cuda(), index.cuda(), **args)
@@ -147,7 +149,7 @@ def test_offsets_past_2_pow_31_batch_rows_equal_each_row_alone():
     v = torch.randn_like(q)
     index = torch.stack([torch.randperm(length, device="cuda") for _ in range(2)]).view(1, 1, 2 * length)
     index = index.expand(b, h, 2 * length).to(torch.int32).contiguous()
-    args = dict(chunk_len=m, n_before=1, n_after=0, causal=True)
+    args = dict(chunk_len=m, n_chunks_before=1, n_chunks_after=0, causal=True)
     assert q.stride(0) * (b - 1) >= 2**31  # the last row's first element
     o, _ = chunked_attention(q, None, v, index, backend="triton", **args)
     last, _ = chunked_attention(q[b - 1 :].contiguous(), None, v[b - 1 :].contiguous(), index[b - 1 :].contiguous(),

@@ -9,7 +9,7 @@ def make_inputs(b: int, length: int, h: int, d: int, r: int, shared: bool, extra
                 dtype: torch.dtype = torch.float64, m: int = 8):
     """(q, k or None for shared QK, v, index or None, keyword masks): fresh random values per seed.
 
-    extras: "identity" (no permutation), "valid" (padding), "bucket", "doc", "dedup", "piece" (positions and
+    extras: "identity" (no permutation), "valid" (padding), "bucket", "doc", "dup_correction", "piece" (positions and
     chunk_of of a rank's piece of a longer sorted order).
     """
     g = torch.Generator().manual_seed(seed)
@@ -24,9 +24,9 @@ def make_inputs(b: int, length: int, h: int, d: int, r: int, shared: bool, extra
     if "bucket" in extras:
         kw["slot_bucket"] = torch.randint(0, 3, (b, h, r * length), generator=g, dtype=torch.int32)
     if "doc" in extras:  # packed documents: sorted random boundaries
-        kw["doc_ids"] = torch.randint(0, 2, (b, length), generator=g).cumsum(-1).to(torch.int32) // 3
-    if "dedup" in extras:
-        kw["dedup"] = True
+        kw["document_ids"] = torch.randint(0, 2, (b, length), generator=g).cumsum(-1).to(torch.int32) // 3
+    if "dup_correction" in extras:
+        kw["allow_duplicate_attention"] = False
     if "piece" in extras:  # a rank's piece of a global order: own positions, chunks of a longer sequence
         s = r * length
         kw["positions"] = torch.stack([torch.randperm(4 * s, generator=g)[:s] for _ in range(b * h)]).view(b, h, s)

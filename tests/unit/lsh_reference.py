@@ -9,8 +9,8 @@ import torch
 from reformer_dist.kernels.logits import normalize_keys
 
 
-def dense_lsh_reference(qk, v, buckets, *, chunk_len, n_before, n_after, causal, key_valid=None,
-                        same_bucket_only=False, dedup=False):
+def dense_lsh_reference(qk, v, buckets, *, chunk_len, n_chunks_before, n_chunks_after, causal, key_valid=None,
+                        same_bucket_only=False, allow_duplicate_attention=True):
     """[B, L, H, D] in/out. Softmax over every (window, key) occurrence of query i across all rounds, built densely (O(L^2)).
 
     Chunks are taken over the concatenation of the R sorted rounds and wrap around, like HF/trax.
@@ -42,7 +42,7 @@ def dense_lsh_reference(qk, v, buckets, *, chunk_len, n_before, n_after, causal,
         for r2 in range(r):
             diff = torch.remainder(chunk[:, :, r2, None, :] - chunk[:, :, r1, :, None], n)
             occ = torch.zeros(b, h, l, l, dtype=torch.bool)
-            for o in range(-n_before, n_after + 1):
+            for o in range(-n_chunks_before, n_chunks_after + 1):
                 occ |= diff == (o % n)
             vis = occ & allowed & ~eye
             if same_bucket_only:
@@ -50,7 +50,7 @@ def dense_lsh_reference(qk, v, buckets, *, chunk_len, n_before, n_after, causal,
             m_all += occ
             m_vis += vis
             m_self += occ & eye
-    val = dots - (m_all.clamp(min=1).log() if dedup else 0)
+    val = dots - (0 if allow_duplicate_attention else m_all.clamp(min=1).log())
     logw = torch.where(m_vis > 0, m_vis.log() + val, torch.full_like(val, -math.inf))
     logw = torch.where(eye, m_self.log() - 1e5, logw)
     return (torch.softmax(logw, dim=-1) @ v).transpose(1, 2)

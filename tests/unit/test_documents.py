@@ -112,10 +112,10 @@ def test_a_token_with_no_earlier_token_in_its_document_attends_to_itself_only(ki
     q, k, v = (torch.randn(b, l, h, d, dtype=torch.float64, generator=g) for _ in range(3))
     docs = torch.tensor([[0] * 10 + [1] * 20 + [2] * 18], dtype=torch.int32)
     if kind == "lsh":
-        out = lsh_attention(q, v, make_rotations(0, h, d, 2, [4]), [4], chunk_len=8, n_before=1, n_after=0,
-                            causal=True, doc_ids=docs)
+        out = lsh_attention(q, v, make_rotations(0, h, d, 2, [4]), [4], chunk_len=8, n_chunks_before=1,
+                            n_chunks_after=0, causal=True, document_ids=docs)
     else:
-        out = local_attention(q, k, v, chunk_len=8, n_before=1, n_after=0, causal=True, doc_ids=docs)
+        out = local_attention(q, k, v, chunk_len=8, n_chunks_before=1, n_chunks_after=0, causal=True, document_ids=docs)
     for first in (0, 10, 30):
         torch.testing.assert_close(out[0, first], v[0, first], rtol=0, atol=1e-12)
     assert not torch.allclose(out[0, 31], v[0, 31])

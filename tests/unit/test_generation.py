@@ -134,7 +134,7 @@ def test_lsh_stack_deviates_from_full_recompute_no_more_than_the_model_itself():
 
 
 def test_local_window_that_wraps_onto_itself_is_the_stated_exception():
-    """local_n_chunks_before >= 2 and a context of 2..n_before chunks: the forward's wrapped window repeats
+    """local_n_chunks_before >= 2 and a context of 2..n_chunks_before chunks: the forward's wrapped window repeats
     chunks, so earlier tokens' outputs depend on the length; a layer reading them then differs."""
     m = model(attn_layers=["local", "local"], local_n_chunks_before=2)
     a, b = both(m, prompt(2, 3), 20)

@@ -17,18 +17,18 @@ from reformer_dist.kernels.reference import chunked_attention_reference
 
 from tests.unit.attention_inputs import make_inputs
 
-# B, L, H, D, M, R, n_before, n_after, causal, shared_qk, extras
+# B, L, H, D, M, R, n_chunks_before, n_chunks_after, causal, shared_qk, extras
 CASES = [
     (1, 16, 2, 8, 4, 1, 1, 0, True, True, ()),
     (2, 24, 1, 8, 4, 2, 1, 1, False, True, ("valid",)),
-    (1, 24, 2, 8, 4, 3, 2, 0, True, True, ("bucket", "dedup")),
+    (1, 24, 2, 8, 4, 3, 2, 0, True, True, ("bucket", "dup_correction")),
     (1, 32, 1, 4, 8, 1, 0, 0, True, False, ("valid", "identity")),
     (2, 8, 2, 4, 8, 1, 0, 0, False, True, ("identity",)),
-    (1, 16, 2, 8, 4, 4, 1, 0, True, True, ("valid", "dedup")),
+    (1, 16, 2, 8, 4, 4, 1, 0, True, True, ("valid", "dup_correction")),
     (2, 20, 2, 8, 4, 2, 1, 2, False, False, ("valid", "bucket")),
     (2, 24, 2, 8, 4, 2, 1, 0, True, True, ("valid", "doc")),
     (1, 16, 1, 8, 4, 1, 1, 1, False, False, ("identity", "doc")),
-    (2, 24, 2, 8, 4, 1, 1, 0, True, True, ("identity", "piece", "dedup", "valid")),
+    (2, 24, 2, 8, 4, 1, 1, 0, True, True, ("identity", "piece", "dup_correction", "valid")),
 ]
 
 
@@ -46,7 +46,7 @@ def test_backend_matches_reference(backend, b, length, h, d, m, r, nb, na, causa
     seed = zlib.crc32(repr(extras).encode()) % 1000 + length
     q, k, v, index, kw = make_inputs(b, length, h, d, r, shared, extras, seed=seed, m=m)
     inputs = [t.requires_grad_() for t in (q, k, v) if t is not None]
-    args = dict(chunk_len=m, n_before=nb, n_after=na, causal=causal, self_mask=True, **kw)
+    args = dict(chunk_len=m, n_chunks_before=nb, n_chunks_after=na, causal=causal, self_mask=True, **kw)
     o1, l1 = chunked_attention(q, k, v, index, backend=backend, **args)
     o2, l2 = chunked_attention_reference(q, k, v, index, **args)
     assert o1.shape == (b, length, h, d) and l1.shape == (b, length, h)
@@ -60,15 +60,15 @@ def test_backend_matches_reference(backend, b, length, h, d, m, r, nb, na, causa
 
 def test_reference_merge_equals_one_softmax_over_the_union_of_rounds():
     """Two rounds with the identity permutation: every key appears twice, so the merged softmax equals
-    plain windowed attention (duplicates cancel in the normalisation) -- and with dedup too."""
+    plain windowed attention (duplicates cancel in the normalisation) -- and with the duplicate correction too."""
     q, k, v, _, _ = make_inputs(1, 16, 1, 4, 1, False, (), seed=3)
     one = torch.arange(16, dtype=torch.int32).view(1, 1, 16)
     two = one.repeat(1, 1, 2)
-    kw = dict(chunk_len=16, n_before=0, n_after=0, causal=True, self_mask=True)
+    kw = dict(chunk_len=16, n_chunks_before=0, n_chunks_after=0, causal=True, self_mask=True)
     o1, l1 = chunked_attention_reference(q, k, v, one, **kw)
     o2, l2 = chunked_attention_reference(q, k, v, two, **kw)
     assert torch.allclose(o1, o2, atol=1e-12) and torch.allclose(l2, l1 + torch.log(torch.tensor(2.0)), atol=1e-12)
-    o3, l3 = chunked_attention_reference(q, k, v, two, dedup=True, **kw)
+    o3, l3 = chunked_attention_reference(q, k, v, two, allow_duplicate_attention=False, **kw)
     assert torch.allclose(o1, o3, atol=1e-12) and torch.allclose(l3, l1, atol=1e-12)
 
 
@@ -77,7 +77,7 @@ def test_auto_picks_blockwise_on_cpu_and_reference_only_when_asked(monkeypatch):
     real = blockwise._BlockwiseCore.forward
     monkeypatch.setattr(blockwise._BlockwiseCore, "forward", lambda *a: calls.append(1) or real(*a))
     q, k, v, index, _ = make_inputs(1, 16, 1, 4, 1, True, (), seed=0)
-    kw = dict(chunk_len=4, n_before=1, n_after=0, causal=True, self_mask=True)
+    kw = dict(chunk_len=4, n_chunks_before=1, n_chunks_after=0, causal=True, self_mask=True)
     chunked_attention(q, k, v, index, **kw)
     assert calls == [1]  # even when every logit fits one block
     chunked_attention(q, k, v, index, backend="reference", **kw)
@@ -87,7 +87,7 @@ def test_auto_picks_blockwise_on_cpu_and_reference_only_when_asked(monkeypatch):
 def test_unknown_backend_is_named():
     q, k, v, index, _ = make_inputs(1, 8, 1, 4, 1, True, (), seed=0)
     with pytest.raises(ValueError, match="nope"):
-        chunked_attention(q, k, v, index, backend="nope", chunk_len=4, n_before=1, n_after=0, causal=True)
+        chunked_attention(q, k, v, index, backend="nope", chunk_len=4, n_chunks_before=1, n_chunks_after=0, causal=True)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -98,7 +98,7 @@ def test_unknown_backend_is_named():
 ])
 def test_contract_violations_are_named(bad, match):
     q, _, v, index, _ = make_inputs(1, 8, 1, 4, 1, True, (), seed=0)
-    kw = dict(index=index, chunk_len=4, n_before=1, n_after=0, causal=True)
+    kw = dict(index=index, chunk_len=4, n_chunks_before=1, n_chunks_after=0, causal=True)
     kw.update(bad)
     with pytest.raises(ValueError, match=match):
         chunked_attention(q, None, v, kw.pop("index"), **kw)
@@ -116,4 +116,5 @@ def test_backend_names_are_one_list():
     assert set(available_backends()) <= set(backends.BACKENDS)
     with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
         q = torch.zeros(1, 8, 1, 4)
-        chunked_attention(q, None, q, None, chunk_len=8, n_before=0, n_after=0, causal=True, backend="nope")
+        chunked_attention(q, None, q, None, chunk_len=8, n_chunks_before=0, n_chunks_after=0, causal=True,
+                          backend="nope")

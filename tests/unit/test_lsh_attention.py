@@ -12,8 +12,8 @@ from reformer_dist.kernels.logits import normalize_keys
 from reformer_dist.model.lsh_attention import lsh_attention
 
 
-def dense_lsh_reference(qk, v, buckets, *, chunk_len, n_before, n_after, causal, key_valid=None,
-                        same_bucket_only=False, dedup=False):
+def dense_lsh_reference(qk, v, buckets, *, chunk_len, n_chunks_before, n_chunks_after, causal, key_valid=None,
+                        same_bucket_only=False, allow_duplicate_attention=True):
     """[B, L, H, D] in/out. Softmax over every (window, key) occurrence of query i across all rounds, built densely (O(L^2)).
 
     Chunks are taken over the concatenation of the R sorted rounds and wrap around, like HF/trax.
@@ -45,7 +45,7 @@ def dense_lsh_reference(qk, v, buckets, *, chunk_len, n_before, n_after, causal,
         for r2 in range(r):
             diff = torch.remainder(chunk[:, :, r2, None, :] - chunk[:, :, r1, :, None], n)
             occ = torch.zeros(b, h, l, l, dtype=torch.bool)
-            for o in range(-n_before, n_after + 1):
+            for o in range(-n_chunks_before, n_chunks_after + 1):
                 occ |= diff == (o % n)
             vis = occ & allowed & ~eye
             if same_bucket_only:
@@ -53,14 +53,14 @@ def dense_lsh_reference(qk, v, buckets, *, chunk_len, n_before, n_after, causal,
             m_all += occ
             m_vis += vis
             m_self += occ & eye
-    val = dots - (m_all.clamp(min=1).log() if dedup else 0)
+    val = dots - (0 if allow_duplicate_attention else m_all.clamp(min=1).log())
     logw = torch.where(m_vis > 0, m_vis.log() + val, torch.full_like(val, -math.inf))
     logw = torch.where(eye, m_self.log() - 1e5, logw)
     return (torch.softmax(logw, dim=-1) @ v).transpose(1, 2)
 
 
 CASES = [
-    # B, H, L, D, chunk, rounds, factors, n_before, n_after, causal
+    # B, H, L, D, chunk, rounds, factors, n_chunks_before, n_chunks_after, causal
     (1, 1, 32, 8, 8, 1, [4], 1, 0, True),
     (2, 2, 64, 16, 8, 2, [8], 1, 0, True),
     (1, 3, 48, 8, 8, 3, [2, 4], 1, 0, True),
@@ -72,7 +72,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("b,h,l,d,m,r,factors,nb,na,causal", CASES)
-@pytest.mark.parametrize("variant", ["plain", "dedup", "padded", "same_bucket"])
+@pytest.mark.parametrize("variant", ["plain", "dup_correction", "padded", "same_bucket"])
 @pytest.mark.parametrize("backend", ["reference", "blockwise"])
 def test_lsh_matches_dense_reference(b, h, l, d, m, r, factors, nb, na, causal, variant, backend):
     g = torch.Generator().manual_seed(hash((b, h, l, d, m, r, variant)) % 2**31)
@@ -83,25 +83,25 @@ def test_lsh_matches_dense_reference(b, h, l, d, m, r, factors, nb, na, causal, 
     if variant == "padded":
         key_valid = torch.ones(b, l, dtype=torch.bool)
         key_valid[:, l - m // 2 - 1 :] = False
-    kwargs = dict(chunk_len=m, n_before=nb, n_after=na, causal=causal, key_valid=key_valid)
+    kwargs = dict(chunk_len=m, n_chunks_before=nb, n_chunks_after=na, causal=causal, key_valid=key_valid)
     out, buckets = lsh_attention(qk, v, rot, factors, **kwargs, same_bucket_only=(variant == "same_bucket"),
-                                 allow_duplicate_attention=(variant != "dedup"), return_buckets=True,
+                                 allow_duplicate_attention=(variant != "dup_correction"), return_buckets=True,
                                  backend=backend)
     ref = dense_lsh_reference(qk, v, buckets, **kwargs, same_bucket_only=(variant == "same_bucket"),
-                              dedup=(variant == "dedup"))
+                              allow_duplicate_attention=(variant != "dup_correction"))
     assert out.shape == (b, l, h, d)
     assert (out - ref).abs().max().item() < 1e-10
     if variant == "padded":  # padding went to its own bucket, sorted after every real token
         assert (buckets[:, :, :, l - m // 2 - 1 :] == math.prod(factors)).all()
 
 
-def test_dedup_changes_result_when_keys_repeat():
+def test_duplicate_correction_changes_result_when_keys_repeat():
     """The correction must matter: with 4 rounds keys repeat across windows."""
     g = torch.Generator().manual_seed(0)
     qk = torch.randn(1, 64, 2, 8, dtype=torch.float64, generator=g)
     v = torch.randn(1, 64, 2, 8, dtype=torch.float64, generator=g)
     rot = make_rotations(1, 2, 8, 4, [4])
-    kw = dict(chunk_len=8, n_before=1, n_after=0, causal=True, backend="reference")
+    kw = dict(chunk_len=8, n_chunks_before=1, n_chunks_after=0, causal=True, backend="reference")
     a = lsh_attention(qk, v, rot, [4], allow_duplicate_attention=True, **kw)
     bb = lsh_attention(qk, v, rot, [4], allow_duplicate_attention=False, **kw)
     assert (a - bb).abs().max() > 1e-3
@@ -114,8 +114,8 @@ def test_single_chunk_equals_full_attention_with_self_mask(causal, rounds):
     b, h, l, d = 2, 2, 24, 8
     qk = torch.randn(b, l, h, d, dtype=torch.float64, generator=g)
     v = torch.randn(b, l, h, d, dtype=torch.float64, generator=g)
-    out = lsh_attention(qk, v, make_rotations(0, h, d, rounds, [4]), [4], chunk_len=32, n_before=1, n_after=0,
-                        causal=causal).transpose(1, 2)
+    out = lsh_attention(qk, v, make_rotations(0, h, d, rounds, [4]), [4], chunk_len=32, n_chunks_before=1,
+                        n_chunks_after=0, causal=causal).transpose(1, 2)
     qk, v = qk.transpose(1, 2), v.transpose(1, 2)
     dots = qk @ normalize_keys(qk).transpose(-1, -2)
     if causal:
@@ -165,11 +165,11 @@ def test_gradients_match_dense_reference(backend):
     qk = torch.randn(1, 32, 2, 8, dtype=torch.float64, generator=g, requires_grad=True)
     v = torch.randn(1, 32, 2, 8, dtype=torch.float64, generator=g, requires_grad=True)
     rot = make_rotations(2, 2, 8, 2, [4])
-    out, buckets = lsh_attention(qk, v, rot, [4], chunk_len=8, n_before=1, n_after=0, causal=True,
+    out, buckets = lsh_attention(qk, v, rot, [4], chunk_len=8, n_chunks_before=1, n_chunks_after=0, causal=True,
                                  return_buckets=True, backend=backend)
     w = torch.randn_like(out)
     ga = torch.autograd.grad((out * w).sum(), (qk, v))
-    ref = dense_lsh_reference(qk, v, buckets, chunk_len=8, n_before=1, n_after=0, causal=True)
+    ref = dense_lsh_reference(qk, v, buckets, chunk_len=8, n_chunks_before=1, n_chunks_after=0, causal=True)
     gb = torch.autograd.grad((ref * w).sum(), (qk, v))
     for x, y in zip(ga, gb):
         assert (x - y).abs().max().item() < 1e-9

@@ -55,9 +55,9 @@ def test_merge_is_over_the_union_of_rounds(backend):
     supports, counts = {}, {}
     for r in (1, 2, 4):
         rot = make_rotations(3, 1, length, r, factors, trained_hashes=trained)
-        out, buckets = lsh_attention(qk, v, rot, factors, chunk_len=m, n_before=1, n_after=0, causal=True,
+        out, buckets = lsh_attention(qk, v, rot, factors, chunk_len=m, n_chunks_before=1, n_chunks_after=0, causal=True,
                                      return_buckets=True, backend=backend)
-        ref = dense_lsh_reference(qk, v, buckets, chunk_len=m, n_before=1, n_after=0, causal=True)
+        ref = dense_lsh_reference(qk, v, buckets, chunk_len=m, n_chunks_before=1, n_chunks_after=0, causal=True)
         assert (out - ref).abs().max().item() < 1e-10
         rows = out[0, :, 0, :].sum(-1)
         assert torch.allclose(rows, torch.ones_like(rows))  # weights of a softmax

@@ -18,17 +18,17 @@ from reformer_dist.kernels.reference import chunked_attention_reference
 
 from tests.unit.attention_inputs import make_inputs
 
-# B, L, H, D, M, R, n_before, n_after, causal, shared_qk, extras
+# B, L, H, D, M, R, n_chunks_before, n_chunks_after, causal, shared_qk, extras
 CASES = [
     (1, 32, 2, 16, 16, 1, 1, 0, True, True, ()),
     (2, 48, 1, 16, 16, 2, 1, 1, False, True, ("valid",)),
-    (1, 24, 1, 8, 12, 3, 2, 0, True, True, ("bucket", "dedup")),  # chunk 12 in a 16-lane tile, D 8 in 16
-    (1, 16, 1, 16, 8, 4, 1, 0, True, True, ("valid", "dedup")),
+    (1, 24, 1, 8, 12, 3, 2, 0, True, True, ("bucket", "dup_correction")),  # chunk 12 in a 16-lane tile, D 8 in 16
+    (1, 16, 1, 16, 8, 4, 1, 0, True, True, ("valid", "dup_correction")),
     (1, 24, 2, 16, 8, 2, 0, 2, False, False, ("valid", "bucket")),
     (2, 16, 2, 16, 16, 1, 0, 0, False, False, ("identity", "valid")),  # local/full attention: no permutation
     (1, 48, 1, 16, 16, 1, 1, 0, True, False, ("identity",)),
     (1, 32, 1, 16, 8, 2, 1, 0, True, True, ("valid", "doc")),
-    (1, 32, 2, 16, 8, 1, 1, 0, True, True, ("identity", "piece", "dedup")),
+    (1, 32, 2, 16, 8, 1, 1, 0, True, True, ("identity", "piece", "dup_correction")),
 ]
 
 
@@ -51,11 +51,11 @@ def test_triton_matches_float64_reference(dtype, tol, b, length, h, d, m, r, nb,
 # that passes the chunk's end (40 = 16 + 16 + 8) and unequal query/key tiles.
 # tiles (bq, bk), then the CASES columns
 SUBTILE_CASES = [
-    ((16, 16), 1, 80, 2, 16, 40, 2, 1, 0, True, True, ("valid", "dedup")),
+    ((16, 16), 1, 80, 2, 16, 40, 2, 1, 0, True, True, ("valid", "dup_correction")),
     ((16, 32), 2, 96, 1, 16, 48, 2, 1, 1, False, True, ("bucket",)),
     ((32, 16), 1, 72, 1, 16, 24, 3, 2, 0, True, True, ("doc",)),
     ((16, 16), 1, 80, 2, 16, 40, 1, 1, 0, True, False, ("identity", "valid")),
-    ((16, 16), 1, 64, 1, 16, 32, 2, 1, 0, True, True, ("piece", "dedup")),
+    ((16, 16), 1, 64, 1, 16, 32, 2, 1, 0, True, True, ("piece", "dup_correction")),
 ]
 
 
@@ -74,7 +74,7 @@ def test_subtiled_chunks_match_float64_reference(monkeypatch, dtype, tol, tiles,
 def check_against_reference(dtype, tol, b, length, h, d, m, r, nb, na, causal, shared, extras):
     """Outputs, lse and every input gradient of the Triton core vs the float64 reference on the same values."""
     q, k, v, index, kw = make_inputs(b, length, h, d, r, shared, extras, seed=length * 7 + r, dtype=dtype, m=m)
-    args = dict(chunk_len=m, n_before=nb, n_after=na, causal=causal, self_mask=True, **kw)
+    args = dict(chunk_len=m, n_chunks_before=nb, n_chunks_after=na, causal=causal, self_mask=True, **kw)
     x64 = [t.double().requires_grad_() for t in (q, k, v) if t is not None]
     xs = [t.detach().clone().requires_grad_() for t in (q, k, v) if t is not None]
     k64, ks = (None, None) if shared else (x64[1], xs[1])
