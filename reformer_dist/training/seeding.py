@@ -27,11 +27,6 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_seed(seed: int) -> int:
-    """The seed every rank builds the initial weights with."""
-    return seed
-
-
 def rank_seed(seed: int, rank: int, resumed_at_step: int | None = None) -> int:
     """The seed of rank `rank`'s streams after the model is built; `resumed_at_step`: a universal resume."""
     return seed + 1 + rank + (0 if resumed_at_step is None else RESUME_STRIDE * resumed_at_step)
