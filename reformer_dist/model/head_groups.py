@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from reformer_dist.model.blocks import AttentionBlock
     from reformer_dist.model.config import ReformerConfig
     from reformer_dist.model.context import AttentionContext
-    from reformer_dist.model.blocks import AttentionBlock
 
 
 class HeadLinear(nn.Linear):

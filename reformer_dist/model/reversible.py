@@ -18,9 +18,9 @@ from torch.autograd.graph import get_gradient_edge
 
 from reformer_dist.kernels.logits import acc_dtype
 from reformer_dist.model import head_groups
+from reformer_dist.model.blocks import AttentionBlock, FeedForwardBlock
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
-from reformer_dist.model.blocks import AttentionBlock, FeedForwardBlock
 from reformer_dist.model.rng import RNGState, replay
 
 

@@ -18,9 +18,9 @@ from reformer_dist import ReformerConfig, ReformerLM
 from reformer_dist.kernels import blockwise
 from reformer_dist.memtrack import AllocationTracker
 from reformer_dist.model import hashing
+from reformer_dist.model.blocks import AttentionBlock
 from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.hashing import hash_buckets, make_rotations, sort_buckets
-from reformer_dist.model.blocks import AttentionBlock
 
 D, H, R = 64, 4, 2
 
