@@ -18,7 +18,7 @@ the run config calls it once, before any process group starts (ParallelConfig ch
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,7 @@ from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.documents import document_ids, positions_in_document
 from reformer_dist.parallel.bucket import BucketSharding
 from reformer_dist.parallel.collectives import all_gather_cat
-from reformer_dist.parallel.config import ParallelConfig, deepspeed_sequences
+from reformer_dist.parallel.config import ParallelConfig, deepspeed_sequences, rank_layout
 
 
 class UlyssesAttention:
@@ -156,7 +156,7 @@ def document_inputs(ids: Tensor, eod_id: int, reset_positions: bool, sp: "Sequen
     return out
 
 
-def sequence_parallel_loss(model: torch.nn.Module, input_ids: Tensor, labels: Tensor, *, position_offset: int,
+def sequence_parallel_loss(model: Callable[..., Any], input_ids: Tensor, labels: Tensor, *, position_offset: int,
                            sp: "SequenceParallel | UlyssesAttention", hash_seed: int | None = None,
                            scale_for_data_parallel: bool = False, **model_kwargs) -> tuple[Tensor, Tensor]:
     """(loss to backpropagate, mean loss of the whole sequence for logging) on one SP rank.
@@ -201,4 +201,5 @@ def new_sequence_parallel(sp_size: int, ulysses_size: int | None = None) -> tupl
             g = dist.new_group(ranks)
             if rank in ranks:
                 bucket = g
-    return SequenceParallel(sp_group, ulysses, bucket), rank % sp_size, rank // sp_size, dp_size
+    dp_rank, sp_rank = rank_layout(rank, sp_size)
+    return SequenceParallel(sp_group, ulysses, bucket), sp_rank, dp_rank, dp_size

@@ -38,6 +38,7 @@ from reformer_dist.ondisk import (LATEST, RUN_CONFIG, TRAINER_STATE_DIR, ZERO_TO
 from reformer_dist.parallel.collectives import any_rank, barrier
 from reformer_dist.training.seeding import capture_rng, restore_rng
 from reformer_dist.training.train_state import TrainState
+from reformer_dist.training.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,12 @@ def prune(root: Path, keep_last: int, newest_tested: bool = False) -> list[Path]
     and may be the ones a divergence starts from: the one before it is kept too, so that rotation never
     removes the last checkpoint known to give a finite loss."""
     tags = list_tags(root)
-    complete = [p for _, p in tags if is_complete(p)]
+    complete = [(s, p) for s, p in tags if is_complete(p)]
     if not complete:
         return []
-    newest_step = step_of(complete[0].name)
+    newest_step = complete[0][0]
     keep = max(keep_last, 1 if newest_tested else 2)
-    doomed = complete[keep:] + [p for s, p in tags if not is_complete(p) and s < newest_step]
+    doomed = [p for _, p in complete[keep:]] + [p for s, p in tags if not is_complete(p) and s < newest_step]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
@@ -174,7 +175,7 @@ def save_failure_message(path: Path, failure: BaseException | None, rank: int) -
 
 
 # ---------------------------------------------------------------------------------------------- the save
-def save_checkpoint(engine: Any, root: Path, step: int, rank: int, world_size: int, trainer_state: dict[str, Any],
+def save_checkpoint(engine: Engine, root: Path, step: int, rank: int, world_size: int, trainer_state: dict[str, Any],
                     run_record: dict[str, Any], keep_last: int, loss: float | None = None) -> list[Path]:
     """Save checkpoint `step` under `root`; every rank calls this at the same step. Returns (on rank 0) the
     checkpoints pruned after it.
@@ -244,7 +245,7 @@ class Checkpointer:
     loader position). Until a later step's loss comes out finite, the newest checkpoint's weights are
     untested: with `keep_last = 1` pruning keeps the one before it too (`tested` drops it)."""
 
-    def __init__(self, engine: Any, root: Path, rank: int, world_size: int, keep_last: int,
+    def __init__(self, engine: Engine, root: Path, rank: int, world_size: int, keep_last: int,
                  run_record: dict[str, Any], saved_step: int = -1):
         self.engine, self.root, self.rank, self.world_size = engine, root, rank, world_size
         self.keep_last, self.run_record = keep_last, run_record

@@ -26,6 +26,7 @@ from reformer_dist.model.loss import IGNORE_INDEX
 from reformer_dist.parallel.collectives import all_reduce_host
 from reformer_dist.training.metrics import Metrics
 from reformer_dist.training.train_state import TrainState
+from reformer_dist.training.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class Evaluator:
             make_loader()
 
     @torch.no_grad()
-    def evaluate(self, engine: Any, state: TrainState, metrics: Metrics) -> dict[str, Any]:
+    def evaluate(self, engine: Engine, state: TrainState, metrics: Metrics) -> dict[str, Any]:
         """Evaluate at `state.step` (collective: every rank calls it); once per step, the record is reused.
         Computes `state.unigram_loss` (the held-out tokens' entropy) the first time."""
         step = state.step

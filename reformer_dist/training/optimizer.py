@@ -8,12 +8,14 @@ from typing import Any
 import torch
 
 from reformer_dist.training.config import TrainConfig
+from reformer_dist.training.engine import SkippableOptimizer
 from reformer_dist.training.native_ops import announce_build
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices; not biases, norms or embeddings (token and axial position)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -24,7 +26,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def _skippable(base: type) -> type:
     """`base` optimizer whose next step() can be turned into a no-op (a skipped non-finite step)."""
 
-    class Skippable(base):  # type: ignore[valid-type, misc]
+    class Skippable(base):
         skip_next_step = False
 
         def step(self, *args: Any, **kwargs: Any) -> Any:
@@ -37,7 +39,7 @@ def _skippable(base: type) -> type:
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig, on_cuda: bool, offload: bool,
-                   announce: bool = True) -> torch.optim.Optimizer:
+                   announce: bool = True) -> SkippableOptimizer:
     """AdamW over `param_groups`; DeepSpeedCPUAdam under optimizer offload (`announce`: say when it is compiled)."""
     groups = param_groups(model, t.weight_decay)
     kw = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps)
@@ -53,6 +55,7 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, on_cuda: bool, offloa
     return _skippable(torch.optim.AdamW)(groups, **kw, **({"fused": True} if on_cuda else {"foreach": True}))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: SkippableOptimizer, lr: float) -> None:
+    """Set every parameter group's learning rate (the schedule's value for the coming step)."""
     for g in optimizer.param_groups:
         g["lr"] = lr

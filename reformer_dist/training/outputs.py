@@ -15,6 +15,7 @@ from reformer_dist.config_schema import Section, any_string, boolean, int_min, o
 from reformer_dist.data.model_data import write_record
 from reformer_dist.data.tokenizers import Tokenizer
 from reformer_dist.parallel.collectives import barrier
+from reformer_dist.training.engine import Engine
 
 
 @dataclass
@@ -27,7 +28,7 @@ class OutputConfig(Section):
     sample_top_k: int | None = opt(None, optional(int_min(1)), "top-k of the final sample")
 
 
-def _gathered(engine: Any, zero_stage: int) -> contextlib.AbstractContextManager:
+def _gathered(engine: Engine, zero_stage: int) -> contextlib.AbstractContextManager:
     """Context in which every rank sees full parameters (ZeRO-3 gathers them; a no-op otherwise)."""
     if zero_stage == 3:
         # deepspeed logs its accelerator choice when imported, and the run config (which must load
@@ -38,7 +39,7 @@ def _gathered(engine: Any, zero_stage: int) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
-def save_model(engine: Any, zero_stage: int, out: Path, main: bool, tokenizer: Tokenizer | None = None,
+def save_model(engine: Engine, zero_stage: int, out: Path, main: bool, tokenizer: Tokenizer | None = None,
                data: dict[str, Any] | None = None) -> None:
     """The engine's model as a weights folder (rank 0 writes; every rank calls this), with the record of its
     tokenizer and `[data]` options (data/model_data.py) when they are given; the document settings among those
@@ -54,7 +55,7 @@ def save_model(engine: Any, zero_stage: int, out: Path, main: bool, tokenizer: T
 
 
 @torch.no_grad()
-def sample(engine: Any, zero_stage: int, cfg: OutputConfig, tokenizer: Tokenizer, device: torch.device, seed: int,
+def sample(engine: Engine, zero_stage: int, cfg: OutputConfig, tokenizer: Tokenizer, device: torch.device, seed: int,
            hash_seed: int, main: bool) -> str:
     """`cfg.sample_tokens` generated after `cfg.sample_prompt`, decoded (rank 0; every rank calls this)."""
     prompt = tokenizer.encode(cfg.sample_prompt) or [tokenizer.eod_id]

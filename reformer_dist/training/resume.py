@@ -32,6 +32,7 @@ from reformer_dist.training.checkpointing import (Stateful, list_tags, load_rank
 from reformer_dist.training.config import BatchPlan, RunConfig
 from reformer_dist.training.seeding import rank_seed, seed_all
 from reformer_dist.training.train_state import TrainState
+from reformer_dist.training.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def check_fit(point: ResumePoint, record: dict[str, Any], rank: int, world_size:
     return state
 
 
-def load(point: ResumePoint, engine: Any, loader: Stateful, train: TrainState, record: dict[str, Any], rank: int,
+def load(point: ResumePoint, engine: Engine, loader: Stateful, train: TrainState, record: dict[str, Any], rank: int,
          world_size: int, seed: int, abandon_newer_in: Path | None, state: dict[str, Any] | None = None) -> None:
     """Load `point` into the engine (DeepSpeed), the loader and `train` (the trainer's counters). Every rank
     calls this. `abandon_newer_in`: the run's checkpoint root when the checkpoint was named explicitly

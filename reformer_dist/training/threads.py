@@ -111,6 +111,7 @@ class ThreadTuner:
         if self._steps == 1 or not self.tuning:
             return  # the first step pays one-time costs: not compared
         count = self._current
+        assert count is not None  # set by next_count() before every step
         seen = self._seen[count]
         if self._queue:
             trials = self._trials.setdefault(count, [])

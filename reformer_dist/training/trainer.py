@@ -47,6 +47,7 @@ from reformer_dist.training import nonfinite, outputs, resume
 from reformer_dist.training.announce import announce_start, end_summary
 from reformer_dist.training.checkpointing import Checkpointer
 from reformer_dist.training.config import BatchPlan, RunConfig
+from reformer_dist.training.engine import Engine
 from reformer_dist.training.deepspeed_config import resolve_precision, uses_optimizer_offload, zero_stage
 from reformer_dist.training.evaluation import Evaluator
 from reformer_dist.training.metrics import Metrics, memory_gb
@@ -86,7 +87,7 @@ class Trainer:
         self.num_parameters = model.num_parameters()
         self.optimizer = make_optimizer(model, cfg.train, device.type == "cuda", uses_optimizer_offload(ds_config),
                                         announce=self.main)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
+        self.engine: Engine = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)[0]
         self.zero_stage = zero_stage(ds_config)
         self.dp_rank, self.sp_rank = rank_layout(env.rank, plan.sp_size)
         self.sp = new_sequence_parallel(plan.sp_size, cfg.parallel.ulysses_size)[0] if plan.sp_size > 1 else None
