@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tests.cluster.slurm_cluster import CEILING_S
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]

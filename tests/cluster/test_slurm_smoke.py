@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.slurm_cluster import CEILING_S
-
 from reformer_dist.parallel.hostlist import expand_nodelist
+from tests.cluster.slurm_cluster import CEILING_S
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

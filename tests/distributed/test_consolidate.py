@@ -12,10 +12,10 @@ import shutil
 import pytest
 import torch
 
-from tests.distributed.ckpt_runs import saved
 from reformer_dist import ReformerConfig, ReformerLM
-from reformer_dist.ondisk import write_manifest
 from reformer_dist.cli.ckpt import main
+from reformer_dist.ondisk import write_manifest
+from tests.distributed.ckpt_runs import saved
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

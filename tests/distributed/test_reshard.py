@@ -14,9 +14,9 @@ import json
 import pytest
 import torch
 
-from tests.distributed.ckpt_runs import run_worker, saved
 from reformer_dist.checkpoint.reshard import SUPPORTED
 from reformer_dist.cli.ckpt import main
+from tests.distributed.ckpt_runs import run_worker, saved
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -20,11 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed.ckpt_runs import saved
-from tests.distributed.train_launcher import REPO, clean_env, launch
 from reformer_dist import ReformerConfig, ReformerLM
 from reformer_dist.checkpoint.consolidate import consolidate
 from reformer_dist.ondisk import CONFIG_NAME, WEIGHTS_NAME, ZERO_TO_SAFETENSORS
+from tests.distributed.ckpt_runs import saved
+from tests.distributed.train_launcher import REPO, clean_env, launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -22,7 +22,6 @@ from reformer_dist import ReformerConfig, ReformerLM
 from reformer_dist.cli.ckpt import main
 from reformer_dist.cli.launch import main as launch_main
 from reformer_dist.ondisk import CorruptCheckpointError
-
 from tests.distributed.train_launcher import TINY, clean_env
 from tests.unit.cli_cases import run_cli, snapshot
 

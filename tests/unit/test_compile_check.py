@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from reformer_dist.kernels import triton_lsh
-from tests.helpers import REPO as ROOT
-from tests.helpers import TOOLS, load_tool
+from tests.helpers import REPO as ROOT, TOOLS, load_tool
 
 TOOL = TOOLS / "triton_compile_check.py"
 check = load_tool("triton_compile_check")

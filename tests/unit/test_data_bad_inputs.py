@@ -26,7 +26,6 @@ from reformer_dist.data.tokenizers import load_tokenizer
 from reformer_dist.data.verify import verify_store
 from reformer_dist.data.writer import ShardWriter
 from reformer_dist.ondisk import STORE_MANIFEST as MANIFEST
-
 from tests.unit.cli_cases import run_cli, snapshot
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

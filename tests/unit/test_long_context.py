@@ -14,13 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.unit.cli_cases import run_cli
-from reformer_dist.cli import eval as eval_cli
-from reformer_dist.cli import plot as plot_cli
+from reformer_dist.cli import eval as eval_cli, plot as plot_cli
 from reformer_dist.data.builtin import builtin_corpus
 from reformer_dist.data.model_data import read_record, write_record
 from reformer_dist.data.store import TokenStore
-from reformer_dist.data.synthetic import (SynthSpec, needle_start, passkey_fixed_len, task_layout, write_synthetic)
+from reformer_dist.data.synthetic import SynthSpec, needle_start, passkey_fixed_len, task_layout, write_synthetic
 from reformer_dist.data.tokenizers import ByteTokenizer
 from reformer_dist.data.writer import ShardWriter
 from reformer_dist.evaluate.generate import safe_text
@@ -29,6 +27,7 @@ from reformer_dist.evaluate.loading import LoadedModel, load_model
 from reformer_dist.evaluate.tasks import answer_labels, evaluate_task, score_answers
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.reformer import ReformerLM
+from tests.unit.cli_cases import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ, WINDOWS = 128, 3

@@ -9,10 +9,10 @@ import os
 import random
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from reformer_dist.model.config import ReformerConfig

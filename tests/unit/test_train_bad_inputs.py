@@ -23,9 +23,7 @@ import pytest
 from reformer_dist.cli.train import main
 from reformer_dist.data.tokenizers import load_tokenizer
 from reformer_dist.data.writer import ShardWriter
-from reformer_dist.ondisk import STORE_MANIFEST as MANIFEST
-from reformer_dist.ondisk import verify_manifest
-
+from reformer_dist.ondisk import STORE_MANIFEST as MANIFEST, verify_manifest
 from tests.distributed.train_launcher import TINY, clean_env
 from tests.unit.cli_cases import run_cli
 

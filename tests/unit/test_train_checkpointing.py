@@ -8,11 +8,9 @@ import pytest
 
 from reformer_dist import ondisk
 from reformer_dist.ondisk import CheckpointError, verify_manifest
-from reformer_dist.training import checkpointing as ckpt
-from reformer_dist.training import resume, seeding
+from reformer_dist.training import checkpointing as ckpt, resume, seeding
 from reformer_dist.training.metrics import read_records
 from reformer_dist.training.train_state import TrainState
-
 from tests.unit.cli_cases import snapshot
 
 

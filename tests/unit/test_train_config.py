@@ -6,10 +6,14 @@ import dataclasses
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from reformer_dist.training.config import ConfigError, load_run_config, plan_batches, to_toml
 from reformer_dist.training.deepspeed_config import build_deepspeed_config

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from reformer_dist.training.run_lock import LOCK_NAME, Holder, RunLock, RunLockedError
-
 from tests.distributed.train_launcher import TINY, clean_env
 from tests.unit.cli_cases import snapshot
 
