@@ -117,8 +117,8 @@ def main() -> None:
                 if device == "cuda":
                     torch.cuda.empty_cache()
             rows.append({"length": length, "system": name, **r})
-            print(f"{name:>10} L={length:>8}: {r['ms']:9.2f} ms  {r['tok_s']:12.0f} tok/s  peak {r['peak_gib']:.2f} GiB",
-                  flush=True)
+            print(f"{name:>10} L={length:>8}: {r['ms']:9.2f} ms  {r['tok_s']:12.0f} tok/s  "
+                  f"peak {r['peak_gib']:.2f} GiB", flush=True)
     print("\n| L | core | fwd+bwd ms | tok/s | peak GiB |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['length']} | {r['system']} | {r['ms']:.2f} | {r['tok_s']:.0f} | {r['peak_gib']:.2f} |")

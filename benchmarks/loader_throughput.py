@@ -16,9 +16,9 @@ import time
 import numpy as np
 
 from reformer_dist.data.loader import WindowLoader
-from reformer_dist.data.writer import ShardWriter
 from reformer_dist.data.store import TokenStore
 from reformer_dist.data.tokenizers import ByteTokenizer
+from reformer_dist.data.writer import ShardWriter
 
 CASES = [(4096, 8), (65536, 2), (1 << 20, 1)]  # (seq_len, micro_batch)
 

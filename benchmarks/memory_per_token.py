@@ -110,8 +110,8 @@ def main() -> None:
             sys.exit(f"L={length} failed:\n{res.stderr[-3000:]}")
         rec = json.loads(res.stdout.strip().splitlines()[-1])
         peaks[length] = rec["peak"]
-        print(f"L={length}: peak {rec['peak'] / 2**20:.1f} MiB" + (f" ({rec['seconds']:.0f} s)" if "seconds" in rec else ""),
-              flush=True)
+        took = f" ({rec['seconds']:.0f} s)" if "seconds" in rec else ""
+        print(f"L={length}: peak {rec['peak'] / 2**20:.1f} MiB" + took, flush=True)
     ls = sorted(peaks)
     slopes = [(peaks[b] - peaks[a]) / (b - a) for a, b in zip(ls, ls[1:])]
     for (a, b), s in zip(zip(ls, ls[1:]), slopes):

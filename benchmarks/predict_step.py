@@ -51,13 +51,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step.py is a sibling script, not a package module
-from train_step import BENCH, PEAK_BF16_TFLOPS, axial_shape, model_flops  # noqa: E402
-
 import torch  # noqa: E402
 
 from reformer_dist.model import hashing  # noqa: E402
 from reformer_dist.model.config import ReformerConfig  # noqa: E402
 from reformer_dist.ondisk import atomic_write  # noqa: E402
+from train_step import BENCH, PEAK_BF16_TFLOPS, axial_shape, model_flops  # noqa: E402
 
 PEAK_FLOPS = PEAK_BF16_TFLOPS * 1e12
 HBM_BYTES_S = 3.35e12

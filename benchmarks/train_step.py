@@ -249,7 +249,8 @@ def main() -> None:
         longest = best
     print("\n| L | system | tok/s | peak GiB | MFU | vs HF |\n|---|---|---|---|---|---|")
     for length, name, r in rows:
-        print(f"| {length} | {name} | {r['tok_s']:.0f} | {r['peak_gib']:.2f} | {r['mfu']:.3f} | {r.get('vs_hf', float('nan')):.2f} |")
+        print(f"| {length} | {name} | {r['tok_s']:.0f} | {r['peak_gib']:.2f} | {r['mfu']:.3f} "
+              f"| {r.get('vs_hf', float('nan')):.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev, "rows": [{"length": l, "system": n, **r} for l, n, r in rows],

@@ -353,7 +353,8 @@ def weight_files(directory: str | Path) -> list[Path]:
             index = json.loads((d / INDEX_NAME).read_text())
             names = sorted(set(index["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CorruptCheckpointError(f"{d / INDEX_NAME}: not a valid shard index ({type(e).__name__}: {e})") from None
+            raise CorruptCheckpointError(
+                f"{d / INDEX_NAME}: not a valid shard index ({type(e).__name__}: {e})") from None
         return [d / n for n in names]
     if (d / WEIGHTS_NAME).is_file():
         return [d / WEIGHTS_NAME]

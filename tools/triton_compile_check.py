@@ -530,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(d) / "triton").is_dir():
             ap.error(f"--triton {d}: no triton package there (install with: pip install --target {d} triton==X)")
     sys.path.insert(0, str(ROOT))
+
     def pick(sets: list[str]) -> list[Case]:
         return [c for c in collect(sets) if not args.only or args.only in f"{c.name} {c.dtype}"]
 
@@ -545,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in args.triton:
         rows += run_env(d, side, archs, cache, args.tiles)
     failures = []
-    print(f"| triton | arch | case | kernel | tiles | regs | spills B | shared B | compile s |")
+    print("| triton | arch | case | kernel | tiles | regs | spills B | shared B | compile s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         case = asdict(by_key[r["case"]])

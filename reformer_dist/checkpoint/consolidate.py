@@ -20,9 +20,16 @@ from pathlib import Path
 
 import torch
 
-from reformer_dist.checkpoint.deepspeed_ckpt import (CheckpointRef, describe, load_meta, model_state_files,
-                                                     optim_state_files, pinned_checkpoint, read_model_config,
-                                                     verify_files)
+from reformer_dist.checkpoint.deepspeed_ckpt import (
+    CheckpointRef,
+    describe,
+    load_meta,
+    model_state_files,
+    optim_state_files,
+    pinned_checkpoint,
+    read_model_config,
+    verify_files,
+)
 from reformer_dist.checkpoint.hf_adapter import expected_shapes
 from reformer_dist.checkpoint.writer import DEFAULT_MAX_SHARD, check_writable, write_weights_dir
 from reformer_dist.model.config import DOCUMENT_SETTINGS, TRAINED_WITH, ReformerConfig
@@ -52,7 +59,8 @@ def fp32_state_dict(ref: CheckpointRef, quiet: bool = True) -> dict[str, torch.T
         try:
             lazy = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag, lazy_mode=True)
         except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
-            raise CorruptCheckpointError(f"{ref.path}: zero_to_fp32 cannot reassemble it ({type(e).__name__}: {e})") from e
+            raise CorruptCheckpointError(
+                f"{ref.path}: zero_to_fp32 cannot reassemble it ({type(e).__name__}: {e})") from e
         return to_torch_tensor(lazy)  # the optimizer files are memory-mapped: tensors are read here
 
 

@@ -30,8 +30,16 @@ from typing import Any
 import torch
 
 from reformer_dist.model.config import ReformerConfig
-from reformer_dist.ondisk import (CONFIG_NAME, LATEST, MANIFEST, PIN_PREFIX, RUN_CONFIG, CheckpointError,
-                                  CorruptCheckpointError, verify_manifest)
+from reformer_dist.ondisk import (
+    CONFIG_NAME,
+    LATEST,
+    MANIFEST,
+    PIN_PREFIX,
+    RUN_CONFIG,
+    CheckpointError,
+    CorruptCheckpointError,
+    verify_manifest,
+)
 from reformer_dist.training.deepspeed_config import zero_stage
 
 _MODEL_STATES = re.compile(r"^(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt$")
@@ -342,9 +350,11 @@ def describe(ref: CheckpointRef) -> CheckpointInfo:
     files = [f for f in tag_dir.rglob("*") if f.is_file()]
     offload = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")
     info = CheckpointInfo(
-        path=str(tag_dir), tag=ref.tag, step=step, zero_stage=stage, world_size=int(meta.get("dp_world_size", len(optim) or 1)),
+        path=str(tag_dir), tag=ref.tag, step=step, zero_stage=stage,
+        world_size=int(meta.get("dp_world_size", len(optim) or 1)),
         dtype=_precision(ds_config), parameters=n_params, size_bytes=sum(f.stat().st_size for f in files),
-        files=len(files), ds_version=meta.get("ds_version"), offload_optimizer=offload if offload not in (None, "none") else None,
+        files=len(files), ds_version=meta.get("ds_version"),
+        offload_optimizer=offload if offload not in (None, "none") else None,
         universal=universal)
     if optim and not universal and len(optim) != info.world_size:
         info.notes.append(f"{len(optim)} optimizer-state files for world size {info.world_size}: incomplete save?")

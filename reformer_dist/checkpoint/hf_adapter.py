@@ -42,8 +42,15 @@ import torch
 from reformer_dist.checkpoint.writer import check_writable, write_weights_dir
 from reformer_dist.model.config import ACTIVATIONS, DOCUMENT_SETTINGS, TRAINED_WITH, ReformerConfig
 from reformer_dist.model.reformer import ReformerLM
-from reformer_dist.ondisk import (CONFIG_NAME, HF_BIN_INDEX, HF_BIN_NAME, INDEX_NAME, WEIGHTS_NAME,
-                                  CorruptCheckpointError, load_weights)
+from reformer_dist.ondisk import (
+    CONFIG_NAME,
+    HF_BIN_INDEX,
+    HF_BIN_NAME,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    CorruptCheckpointError,
+    load_weights,
+)
 
 HF_ARCH = "ReformerModelWithLMHead"
 HF_ACTIVATIONS = ("relu", "gelu", "silu", "swish", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "tanh", "sigmoid",
@@ -213,7 +220,8 @@ _FIXED = {  # ours -> HF
 }
 _HF_BIAS_KEYS = ("lm_head.bias", "lm_head.decoder.bias")  # 4.x stored the tied bias under both names
 # Constant mask values that transformers 4.x saved as persistent buffers; not weights.
-_HF_BUFFER_RE = re.compile(r"reformer\.encoder\.layers\.\d+\.attention\.self_attention\.(self_)?mask_value_float(16|32)$")
+_HF_BUFFER_RE = re.compile(
+    r"reformer\.encoder\.layers\.\d+\.attention\.self_attention\.(self_)?mask_value_float(16|32)$")
 
 
 def key_map(n_layers: int) -> dict[str, str]:
@@ -259,7 +267,8 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ReformerConfig) -> dic
     return out
 
 
-def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ReformerConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+def from_hf_state_dict(hf_state: dict[str, torch.Tensor],
+                       cfg: ReformerConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
     """HF Reformer state dict -> (our state dict, warnings). Unknown keys are an error, not silently dropped."""
     names = {hf: ours for ours, hf in key_map(cfg.n_layers).items()}
     notes: list[str] = []

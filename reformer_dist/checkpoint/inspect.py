@@ -13,9 +13,21 @@ from pathlib import Path
 from typing import Any
 
 from reformer_dist.checkpoint.deepspeed_ckpt import describe, find_checkpoint, rotated_message
-from reformer_dist.ondisk import (CHECKSUMS, CONFIG_NAME, INDEX_NAME, LATEST, LATEST_UNIVERSAL, MANIFEST, RESHARD_INFO,
-                                  WEIGHTS_NAME, CheckpointError, CorruptCheckpointError, verify_checksums,
-                                  verify_manifest, weight_files)
+from reformer_dist.ondisk import (
+    CHECKSUMS,
+    CONFIG_NAME,
+    INDEX_NAME,
+    LATEST,
+    LATEST_UNIVERSAL,
+    MANIFEST,
+    RESHARD_INFO,
+    WEIGHTS_NAME,
+    CheckpointError,
+    CorruptCheckpointError,
+    verify_checksums,
+    verify_manifest,
+    weight_files,
+)
 
 
 def _dir_size(p: Path) -> tuple[int, int]:

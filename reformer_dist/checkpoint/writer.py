@@ -19,8 +19,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from reformer_dist.ondisk import (CHECKSUMS, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_out_apart, fsync_dir,
-                                  weight_shard_name, write_checksums)
+from reformer_dist.ondisk import (
+    CHECKSUMS,
+    CONFIG_NAME,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    check_out_apart,
+    fsync_dir,
+    weight_shard_name,
+    write_checksums,
+)
 
 DEFAULT_MAX_SHARD = "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,

@@ -35,14 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="token store folder or 'builtin'")
     p.add_argument("--split", default="validation", choices=("train", "validation"), help="default validation")
     p.add_argument("--seq-len", type=int_at_least(2), help="window length (required without --task)")
-    p.add_argument("--stride", type=int_at_least(1), help="tokens scored per window after the first (default --seq-len: "
+    p.add_argument("--stride", type=int_at_least(1),
+                   help="tokens scored per window after the first (default --seq-len: "
                    "no overlap; smaller: every token keeps at least seq_len - stride tokens of context)")
     p.add_argument("--start", type=int_at_least(0), default=0, help="token offset of the first window (default 0)")
     p.add_argument("--n-hashes", help="hash-round counts, one row each, e.g. 1,2,4,8; 'full' = full attention "
                    "in the LSH layers (default: the trained rounds)")
     p.add_argument("--task", action="store_true",
                    help="score a synthetic task store (reformer-data synth): accuracy on the answers by depth x length")
-    p.add_argument("--max-tokens", type=int_at_least(1), help="stop after the window that reaches this many scored tokens")
+    p.add_argument("--max-tokens", type=int_at_least(1),
+                   help="stop after the window that reaches this many scored tokens")
     p.add_argument("--batch-size", type=int_at_least(1), default=1, help="windows (or task examples) per forward")
     p.add_argument("--hash-seed", type=int_at_least(0), help="LSH rotation seed (default the model's hash_seed, the "
                    "trainer's evaluation seed)")

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                  if r.get("event") == "step" and isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
         if train:
             xs = [s * per_step for s, _ in train]
-            ax.plot(xs, _smooth([v for _, v in train], args.smooth), color=color, alpha=0.8, lw=1.2, label=f"{label} train")
+            ax.plot(xs, _smooth([v for _, v in train], args.smooth), color=color, alpha=0.8, lw=1.2,
+                    label=f"{label} train")
             plotted += 1
         evals = [r for r in recs if r.get("event") == "eval" and isinstance(r.get("eval_loss"), (int, float))]
         if evals:

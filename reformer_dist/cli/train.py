@@ -39,8 +39,15 @@ from reformer_dist.model.memory import GIB, predicted_peak
 from reformer_dist.ondisk import CheckpointError
 from reformer_dist.parallel.collectives import broadcast_object
 from reformer_dist.parallel.env import DistEnv, ThreadPlan, discover, export_env, free_port, intra_op_threads
-from reformer_dist.training.config import (BatchPlan, ConfigError, RunConfig, describe_schema, load_run_config,
-                                           plan_batches, to_toml)
+from reformer_dist.training.config import (
+    BatchPlan,
+    ConfigError,
+    RunConfig,
+    describe_schema,
+    load_run_config,
+    plan_batches,
+    to_toml,
+)
 from reformer_dist.training.deepspeed_config import build_deepspeed_config
 from reformer_dist.training.native_ops import prefer_interpreter_ninja, skip_unused_ops
 from reformer_dist.training.resume import precheck_resume_path
@@ -112,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     if store is not None:
         if cfg.model.vocab_size < store.vocab_size:
             return _fail(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's vocabulary "
-                         f"({store.vocab_size}, tokenizer {store.identity}); set model.vocab_size >= {store.vocab_size}")
+                         f"({store.vocab_size}, tokenizer {store.identity}); "
+                         f"set model.vocab_size >= {store.vocab_size}")
         problem = check_data_plan(cfg, plan, store)
         if problem:
             return _fail(problem)
@@ -134,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0:
             print(to_toml(cfg))
             print("# batch plan:", json.dumps(dataclasses.asdict(plan)))
-            print(f"# intra-op threads per rank: "
+            print("# intra-op threads per rank: "
                   + (f"auto, one of {candidates(threads.count)} ({threads.why})" if threads.auto
                      else f"{threads.count} ({threads.why})"))
             print("# deepspeed config:", json.dumps(ds_config, indent=2))
@@ -190,7 +198,8 @@ def check_data_plan(cfg: RunConfig, plan: BatchPlan, store: TokenStore) -> str |
 def check_output_folder(key: str, folder: Path) -> str | None:
     """Whether the run can create and write `folder` (None: it can); names the key and the obstacle."""
     if folder.exists() and not folder.is_dir():
-        return f"{key}: {folder} is a file; expected a folder (the run writes its config, metrics and checkpoints there)"
+        return (f"{key}: {folder} is a file; expected a folder "
+                "(the run writes its config, metrics and checkpoints there)")
     first = folder
     while not first.exists():
         first = first.parent

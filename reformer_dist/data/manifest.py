@@ -130,4 +130,3 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
             sha = d["sha256"]
             if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
                 raise bad(f"{where}.sha256", "64 lowercase hex digits", sha)
-

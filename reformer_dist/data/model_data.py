@@ -97,4 +97,3 @@ def record_tokenizer(rec: dict[str, Any]) -> Tokenizer:
         raise DataError(f"{Path(folder) / file}: tokenizer model does not match identity {identity} "
                         f"(recorded in {rec['_where']})")
     return tok
-

@@ -29,9 +29,9 @@ import numpy as np
 
 from reformer_dist.data.errors import DataError, UsageError
 from reformer_dist.data.manifest import MANIFEST, dtype_for_vocab
-from reformer_dist.data.writer import ShardWriter, check_token_range
 from reformer_dist.data.sources import collect_files, iter_documents
 from reformer_dist.data.tokenizers import SentencePieceTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
+from reformer_dist.data.writer import ShardWriter, check_token_range
 from reformer_dist.ondisk import DATASETS_CACHE_PREFIX, TOKENIZER_MODEL, OverlapError, check_out_apart
 
 
@@ -262,4 +262,3 @@ def _original_error(empty: str | None = None):
 def _describe(files: Sequence[Path]) -> str:
     shown = ", ".join(str(f) for f in files[:3])
     return shown + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
-

@@ -79,7 +79,8 @@ class TokenStore:
         if expect_tokenizer is not None:
             want = tokenizer_identity(expect_tokenizer)
             if want != store.identity:
-                raise DataError(f"{store.where}: store was tokenised with {store.identity!r}, but the run expects {want!r}")
+                raise DataError(f"{store.where}: store was tokenised with {store.identity!r}, "
+                                f"but the run expects {want!r}")
         return store
 
     @classmethod

@@ -2,8 +2,9 @@
 
 Every tokenizer has ``encode(str) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``eod_id``
 (end-of-document, appended after each document in a store) and ``identity``: "bytes",
-"sentencepiece:<sha256 of the model file>", or "symbols:<vocab size>" (the synthetic tasks' abstract symbols). A store records the identity of the tokenizer that wrote
-it, so a run can refuse data tokenised differently from what its model was built for.
+"sentencepiece:<sha256 of the model file>", or "symbols:<vocab size>" (the synthetic tasks' abstract symbols).
+A store records the identity of the tokenizer that wrote it, so a run can refuse data tokenised differently from
+what its model was built for.
 
 A tokenizer directory holds ``tokenizer.model`` (the SentencePiece model: all that loading needs),
 ``tokenizer.vocab`` (pieces and scores, for reading) and ``tokenizer.json`` (identity and the options
@@ -192,7 +193,8 @@ def load_tokenizer(spec: str | Path) -> ByteTokenizer | SymbolTokenizer | Senten
     if path.is_dir():
         path = path / TOKENIZER_MODEL
     if not path.is_file():
-        raise DataError(f"{spec}: no tokenizer here (expected 'bytes', a folder with {TOKENIZER_MODEL}, or a .model file)")
+        raise DataError(f"{spec}: no tokenizer here "
+                        f"(expected 'bytes', a folder with {TOKENIZER_MODEL}, or a .model file)")
     return SentencePieceTokenizer(path)
 
 

@@ -25,8 +25,16 @@ from reformer_dist.data.errors import DataError, UsageError
 from reformer_dist.data.manifest import MANIFEST, SPLITS, dtype_for_vocab, make_manifest
 from reformer_dist.data.tokenizers import Tokenizer
 from reformer_dist.data.verify import verify_store
-from reformer_dist.ondisk import (DATASETS_CACHE_PREFIX, TOKENIZER_MODEL, AtomicFile, atomic_write, fsync_dir,
-                                  is_atomic_temp, is_store_shard, store_shard_name)
+from reformer_dist.ondisk import (
+    DATASETS_CACHE_PREFIX,
+    TOKENIZER_MODEL,
+    AtomicFile,
+    atomic_write,
+    fsync_dir,
+    is_atomic_temp,
+    is_store_shard,
+    store_shard_name,
+)
 from reformer_dist.training.run_lock import RunLock, RunLockedError
 
 
@@ -161,7 +169,8 @@ class ShardWriter:
             try:
                 verify_store(self.staging)  # what reached the disk, re-read: only a verified store replaces one
             except DataError as e:
-                raise DataError(f"{self.out_dir}: the new store failed verification, the old one is kept: {e}") from None
+                raise DataError(
+                    f"{self.out_dir}: the new store failed verification, the old one is kept: {e}") from None
             self._replace_out()
         except BaseException:
             self.abort()

@@ -22,8 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reformer_dist.kernels.lean_function import CoreInputs, apply_lean
-from reformer_dist.kernels.logits import (acc_dtype, chunk_of_positions, duplicate_counts, masked_logits,
-                                          normalize_keys, normalize_keys_backward, scale_keys)
+from reformer_dist.kernels.logits import (
+    acc_dtype,
+    chunk_of_positions,
+    duplicate_counts,
+    masked_logits,
+    normalize_keys,
+    normalize_keys_backward,
+    scale_keys,
+)
 
 # logits per block (4 MiB in fp32): a block's chain of elementwise passes stays in cache; 2^24-logit blocks page-
 # fault and miss cache (peak RSS also stops growing per token from 16K tokens on instead of 128K: RESULTS.md)
@@ -278,6 +285,7 @@ def _backward(call: _Call, q, k, v, index, masks: _Masks, out, lse, lse_lo, dout
     for h0, h1 in call.groups():
         hg = h1 - h0
         whole = hg == call.h and q.dtype == acc
+
         def accumulator(g: Tensor | None) -> Tensor | None:
             if g is None:
                 return None

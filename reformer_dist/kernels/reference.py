@@ -11,8 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from reformer_dist.kernels.logits import (acc_dtype, chunk_of_positions, duplicate_counts, masked_logits,
-                                          normalize_keys, scale_keys)
+from reformer_dist.kernels.logits import (
+    acc_dtype,
+    chunk_of_positions,
+    duplicate_counts,
+    masked_logits,
+    normalize_keys,
+    scale_keys,
+)
 
 
 def look_around(x: Tensor, n_chunks_before: int, n_chunks_after: int) -> Tensor:
@@ -71,7 +77,8 @@ def chunked_attention_reference(q: Tensor, k: Tensor | None, v: Tensor, index: T
     out_s = torch.matmul(torch.softmax(dots, dim=-1).to(v.dtype), around(sort(v)))
     # unsort every round, then merge the rounds: softmax over their log-sum-exps (HF's merge)
     where = rows_s.view(b, h, r, length)
-    lse_r = torch.zeros(b, h, r, length, dtype=lse_s.dtype, device=q.device).scatter(3, where, lse_s.view(b, h, r, length))
+    lse_r = torch.zeros(b, h, r, length, dtype=lse_s.dtype, device=q.device).scatter(
+        3, where, lse_s.view(b, h, r, length))
     out_r = torch.zeros(b, h, r, length, d, dtype=out_s.dtype, device=q.device).scatter(
         3, where.unsqueeze(-1).expand(b, h, r, length, d), out_s.view(b, h, r, length, d))
     if r == 1:

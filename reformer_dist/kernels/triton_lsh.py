@@ -82,7 +82,6 @@ def precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with fp32 accumulation; ``UPCAST`` widens the operands first (exact products, as tensor cores form

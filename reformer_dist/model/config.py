@@ -15,8 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from reformer_dist.config_schema import (ListOf, Section, all_of, at_least, choice, nonneg_number, of_type, opt,
-                                         positive_number)
+from reformer_dist.config_schema import (
+    ListOf,
+    Section,
+    all_of,
+    at_least,
+    choice,
+    nonneg_number,
+    of_type,
+    opt,
+    positive_number,
+)
 from reformer_dist.kernels.backends import BACKENDS, Backend
 from reformer_dist.ondisk import atomic_write
 
@@ -45,7 +54,9 @@ def _n_buckets(v: Any) -> str | None:
 
 
 def _axial_shape(v: Any) -> str | None:
-    return None if len(v) == 2 and all(x >= 1 for x in v) else "expected two positive integers [a, b] (max sequence length a*b)"
+    if len(v) == 2 and all(x >= 1 for x in v):
+        return None
+    return "expected two positive integers [a, b] (max sequence length a*b)"
 
 
 def _dropout(v: Any) -> str | None:
@@ -101,7 +112,8 @@ class ReformerConfig(Section):
                                            "widths of the two axial embeddings (sum d_model; default halves)")
     init_std: float = opt(0.02, all_of(of_type(float), nonneg_number), "std of the weight init")
     axial_norm_std: float = opt(0.02, all_of(of_type(float), nonneg_number),
-                                "std of the axial position init (HF uses 1.0, which drowns 0.02-scale token embeddings)")
+                                "std of the axial position init "
+                                "(HF uses 1.0, which drowns 0.02-scale token embeddings)")
     # runtime, not architecture: which attention core computes every layer (same function, other memory/speed)
     attention_backend: Backend = opt("auto", all_of(of_type(str), choice(*BACKENDS)),
                                      "attention core: auto (triton on CUDA when it takes the call, else blockwise), "
@@ -140,7 +152,8 @@ class ReformerConfig(Section):
         need(self.head_groups == 0 or self.n_heads % self.head_groups == 0, "head_groups",
              f"expected 0 (by length) or a divisor of n_heads={self.n_heads}")
         if self.causal:
-            need(self.n_chunks_after == 0, "n_chunks_after", "must be 0 for a causal model (it would only see masked keys)")
+            need(self.n_chunks_after == 0, "n_chunks_after",
+                 "must be 0 for a causal model (it would only see masked keys)")
             need(self.local_n_chunks_after == 0, "local_n_chunks_after", "must be 0 for a causal model")
 
     # ------------------------------------------------------------------ derived values

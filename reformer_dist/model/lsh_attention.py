@@ -19,8 +19,8 @@ from reformer_dist.kernels.backends import Backend
 from reformer_dist.kernels.chunked_attention import chunked_attention
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.context import AttentionContext
-from reformer_dist.model.head_groups import HeadLinear
 from reformer_dist.model.hashing import hash_buckets, layer_seed, make_rotations, sort_buckets
+from reformer_dist.model.head_groups import HeadLinear
 
 
 def lsh_attention(
@@ -59,7 +59,8 @@ def lsh_attention(
         perm = sort_buckets(buckets)  # [B,H,R*L] int32
     else:  # (document, bucket) keys: one bucket id space per document (padding is a bucket of its own)
         perm = sort_buckets(document_ids[:, None, None, :].long() * (math.prod(factors) + 1) + buckets)
-    slot_bucket = buckets.view(*buckets.shape[:2], -1).gather(2, _round_offsets(perm, length)) if same_bucket_only else None
+    slot_bucket = (buckets.view(*buckets.shape[:2], -1).gather(2, _round_offsets(perm, length))
+                   if same_bucket_only else None)
     out, _ = chunked_attention(qk, None, v, perm, chunk_len=chunk_len, n_chunks_before=n_chunks_before,
                                n_chunks_after=n_chunks_after, causal=causal, self_mask=True, key_valid=key_valid,
                                slot_bucket=slot_bucket, document_ids=document_ids,

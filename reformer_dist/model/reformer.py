@@ -279,5 +279,6 @@ class ReformerLM(nn.Module):
                                  f"{tuple(want[k].shape)}: the weights do not belong to this config")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{d}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(f"{d}: weights do not match the config: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model

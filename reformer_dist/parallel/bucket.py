@@ -111,7 +111,7 @@ class BucketSharding:
         if problem:
             raise ValueError(f"bucket-sharded LSH attention: {problem}")
         piece, before, after = r * length // size, n_chunks_before * m, n_chunks_after * m
-        ext = before + piece + after  # rows of a rank's piece with its neighbours' look-around chunks
+        # ext = before + piece + after: rows of a rank's piece with its neighbours' look-around chunks
         flat, buckets = self._global_slots(qk, rotations, factors)  # [B,H,R,Lk] each
         route = _Route(self, flat, buckets, piece, before, after, m)
         q_ext, v_ext = route.to_pieces(qk), route.to_pieces(v)  # [B, ext, H, D], own rows in slot order
@@ -138,7 +138,8 @@ class BucketSharding:
         b, lk, h, _ = qk.shape
         r, nb, dev = rotations.shape[2], math.prod(factors), qk.device
         buckets = hash_buckets(qk, rotations, factors).long()  # [B,H,R,Lk]
-        counts = torch.zeros(b, h, r, nb, dtype=torch.int64, device=dev).scatter_add_(3, buckets, torch.ones_like(buckets))
+        counts = torch.zeros(b, h, r, nb, dtype=torch.int64, device=dev).scatter_add_(
+            3, buckets, torch.ones_like(buckets))
         total = counts.clone()
         self.bytes_sent += total.numel() * total.element_size()
         dist.all_reduce(total, group=self.group)

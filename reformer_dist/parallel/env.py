@@ -328,8 +328,9 @@ def intra_op_threads(local_world_size: int, configured: int | str | None = None,
     if omp:
         first = omp.split(",")[0].strip()  # OpenMP's nested form "4,2": the outer level is ours
         if not first.isdigit() or not 1 <= int(first) <= most:
-            raise ValueError(f"OMP_NUM_THREADS={omp!r}: expected a positive integer up to {most} ({MAX_THREADS_PER_CORE} "
-                             f"x the {cores} cores this process may use); unset it to use one thread per core, or "
+            raise ValueError(f"OMP_NUM_THREADS={omp!r}: expected a positive integer up to {most} "
+                             f"({MAX_THREADS_PER_CORE} x the {cores} cores this process may use); "
+                             "unset it to use one thread per core, or "
                              "set train.threads")
         return ThreadPlan(int(first), "OMP_NUM_THREADS")
     ranks = max(1, local_world_size)

@@ -32,13 +32,24 @@ from typing import Any, Protocol
 import torch
 
 from reformer_dist.config_schema import Section, boolean, int_min, opt, optional, string
-from reformer_dist.ondisk import (LATEST, RUN_CONFIG, TRAINER_STATE_DIR, ZERO_TO_SAFETENSORS, AtomicFile,
-                                  CheckpointError, atomic_write, is_complete, rank_state_file, step_of, tag_for,
-                                  write_manifest)
+from reformer_dist.ondisk import (
+    LATEST,
+    RUN_CONFIG,
+    TRAINER_STATE_DIR,
+    ZERO_TO_SAFETENSORS,
+    AtomicFile,
+    CheckpointError,
+    atomic_write,
+    is_complete,
+    rank_state_file,
+    step_of,
+    tag_for,
+    write_manifest,
+)
 from reformer_dist.parallel.collectives import any_rank, barrier
+from reformer_dist.training.engine import Engine
 from reformer_dist.training.seeding import capture_rng, restore_rng
 from reformer_dist.training.train_state import TrainState
-from reformer_dist.training.engine import Engine
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,22 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from reformer_dist.config_schema import (ConfigError, FieldError, Section, any_string, boolean, build_section, choice,
-                                         describe, fraction, int_min, is_number, nonneg_number, opt, optional,
-                                         positive_number, string)
+from reformer_dist.config_schema import (
+    ConfigError,
+    FieldError,
+    Section,
+    boolean,
+    build_section,
+    choice,
+    describe,
+    fraction,
+    int_min,
+    is_number,
+    nonneg_number,
+    opt,
+    optional,
+    positive_number,
+)
 from reformer_dist.data.config import DataConfig
 from reformer_dist.model.bucket_rules import DOCUMENT_MASKS_REFUSED
 from reformer_dist.model.config import ReformerConfig
@@ -65,8 +78,11 @@ def _threads(v: Any) -> str | None:
 @dataclass
 class TrainConfig(Section):
     micro_batch: int = opt(1, int_min(1), "sequences per rank per forward/backward")
-    grad_accum: int | None = opt(None, optional(int_min(1)), "micro-batches per optimizer step (default 1, or derived from global_batch)")
-    global_batch: int | None = opt(None, optional(int_min(1)), "sequences per optimizer step over all ranks; must equal micro_batch * grad_accum * data-parallel size")
+    grad_accum: int | None = opt(None, optional(int_min(1)),
+                                 "micro-batches per optimizer step (default 1, or derived from global_batch)")
+    global_batch: int | None = opt(None, optional(int_min(1)),
+                                   "sequences per optimizer step over all ranks; "
+                                   "must equal micro_batch * grad_accum * data-parallel size")
     max_steps: int = opt(1000, int_min(1), "optimizer steps in the whole run (a resumed run continues up to it)")
     lr: float = opt(3e-4, positive_number, "peak learning rate")
     min_lr_ratio: float = opt(0.1, fraction, "final LR as a fraction of train.lr")
@@ -198,7 +214,8 @@ def check_across_sections(cfg: RunConfig) -> None:
     """The rules that involve two sections (each section checks its own); no world size needed."""
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's maximum length "
-                          f"{cfg.model.max_seq_len} (model.axial_pos_shape = {cfg.model.axial_pos_shape}, their product)")
+                          f"{cfg.model.max_seq_len} "
+                          f"(model.axial_pos_shape = {cfg.model.axial_pos_shape}, their product)")
     p = cfg.parallel
     p.choose_ulysses_size(cfg.model.n_heads)
     chosen = f" [{p.auto_note}]" if p.auto_note else ""

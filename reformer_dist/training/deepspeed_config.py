@@ -23,11 +23,17 @@ if TYPE_CHECKING:
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
+def _zero_stage(v: Any) -> str | None:
+    return None if v in (0, 1, 2, 3) and is_int(v) else "expected 0, 1, 2 or 3"
+
+
 @dataclass
 class DeepSpeedConfig(Section):
-    config: str | None = opt(None, optional(string), "JSON with ZeRO/offload/bf16 options only (no batch, optimizer or scheduler keys)")
-    zero_stage: int | None = opt(None, optional(lambda v: None if v in (0, 1, 2, 3) and is_int(v) else "expected 0, 1, 2 or 3"),
-                                 "ZeRO stage; overrides the JSON's zero_optimization.stage (default: the JSON's, else 1)")
+    config: str | None = opt(None, optional(string),
+                             "JSON with ZeRO/offload/bf16 options only (no batch, optimizer or scheduler keys)")
+    zero_stage: int | None = opt(None, optional(_zero_stage),
+                                 "ZeRO stage; overrides the JSON's zero_optimization.stage "
+                                 "(default: the JSON's, else 1)")
     precision: str = opt("auto", choice("auto", "fp32", "bf16"), "auto = bf16 on CUDA, fp32 on CPU")
 
     def rules(self) -> None:

@@ -24,9 +24,9 @@ from reformer_dist.data.loader import WindowLoader
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.loss import IGNORE_INDEX
 from reformer_dist.parallel.collectives import all_reduce_host
+from reformer_dist.training.engine import Engine
 from reformer_dist.training.metrics import Metrics
 from reformer_dist.training.train_state import TrainState
-from reformer_dist.training.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ class Evaluator:
                  device: torch.device, sequence_parallel: Any, documents: Callable[[torch.Tensor], dict[str, Any]],
                  byte_level: bool):
         self.cfg, self.model, self.device = cfg, model, device
-        self.make_loader, self.sp, self.documents, self.byte_level = make_loader, sequence_parallel, documents, byte_level
+        self.make_loader, self.sp = make_loader, sequence_parallel
+        self.documents, self.byte_level = documents, byte_level
         self.hash_seed = model.hash_seed if cfg.hash_seed is None else cfg.hash_seed  # one fixed seed, every time
         self.last_eval_step = -1
         self.last_eval: dict[str, Any] | None = None
@@ -127,7 +128,8 @@ class Evaluator:
         if want is not None:  # eval_loss stays the loss at the trained rounds (model.n_hashes)
             rec["eval_n_hashes"] = want
             rec["eval_loss_n_hashes"] = float(more[0] / more[1].clamp(min=1)) if rounds else loss
-            extra = f" | loss with {want} hash rounds {rec['eval_loss_n_hashes']:.4f} (trained with {self.model.n_hashes})"
+            extra = (f" | loss with {want} hash rounds {rec['eval_loss_n_hashes']:.4f} "
+                     f"(trained with {self.model.n_hashes})")
         metrics.eval(rec)
         unit = "bits/byte" if "bits_per_byte" in rec else "bits/token"
         log.info(f"eval step {step}: loss {loss:.4f} ({rec['bits_per_token']:.3f} {unit}){extra} | "

@@ -18,10 +18,9 @@ import os
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -37,7 +36,8 @@ class LoggingConfig(Section):
     log_every: int = opt(1, int_min(1), "write a step record every N steps")
     tensorboard: bool = opt(True, boolean, "TensorBoard scalars under <output.dir>/tb (rank 0)")
     progress_bar: bool = opt(True, boolean, "tqdm bar on rank 0")
-    rank_files: bool = opt(False, boolean, "every rank writes its own <output.dir>/ranks/rank<R>.jsonl (tests, debugging)")
+    rank_files: bool = opt(False, boolean,
+                           "every rank writes its own <output.dir>/ranks/rank<R>.jsonl (tests, debugging)")
 
 
 def memory_gb(device: torch.device) -> float:
@@ -72,7 +72,8 @@ class Metrics:
                 # JSON lines here instead of failing every import of this module
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=initial_step + 1 if initial_step else None)
+                self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR),
+                                         purge_step=initial_step + 1 if initial_step else None)
             except ImportError:  # pragma: no cover - tensorboard is a dependency; degrade rather than die
                 log.warning("tensorboard is not installed; writing JSON lines only")
         self._bar = None

@@ -24,15 +24,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reformer_dist.ondisk import (ABANDONED_PREFIX, LATEST, LATEST_UNIVERSAL, MANIFEST, RUN_CONFIG, CheckpointError,
-                                  aside_name, atomic_write, is_complete, step_of, tag_for, verify_manifest)
+from reformer_dist.ondisk import (
+    ABANDONED_PREFIX,
+    LATEST,
+    LATEST_UNIVERSAL,
+    MANIFEST,
+    RUN_CONFIG,
+    CheckpointError,
+    aside_name,
+    atomic_write,
+    is_complete,
+    step_of,
+    tag_for,
+    verify_manifest,
+)
 from reformer_dist.parallel.collectives import barrier, broadcast_object
-from reformer_dist.training.checkpointing import (Stateful, list_tags, load_rank_state, restore_rank_state,
-                                                  saved_world_size, state_path)
+from reformer_dist.training.checkpointing import (
+    Stateful,
+    list_tags,
+    load_rank_state,
+    restore_rank_state,
+    saved_world_size,
+    state_path,
+)
 from reformer_dist.training.config import BatchPlan, RunConfig
+from reformer_dist.training.engine import Engine
 from reformer_dist.training.seeding import rank_seed, seed_all
 from reformer_dist.training.train_state import TrainState
-from reformer_dist.training.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +81,8 @@ def precheck_resume_path(spec: str) -> str | None:
     if not p.exists():
         return f"--resume {spec}: no such file or folder"
     if not p.is_dir():
-        return f"--resume {spec}: is a file; expected a checkpoint folder (step_XXXXXXXX), its root, or a reshard output"
+        return (f"--resume {spec}: is a file; "
+                "expected a checkpoint folder (step_XXXXXXXX), its root, or a reshard output")
     if step_of(p.name) is None and not (p / LATEST_UNIVERSAL).is_file() and not list_tags(p):
         return (f"--resume {spec}: no checkpoint in this folder (expected step_XXXXXXXX folders, e.g. "
                 f"<output.dir>/checkpoints, or a `reformer-ckpt reshard` output)")

@@ -9,8 +9,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from reformer_dist.ondisk import (CHECKPOINTS_DIR, DEEPSPEED_CONFIG, LOCK_NAME, METRICS, MODEL_DIR, RANKS_DIR,
-                                  REPLACED_PREFIX, RUN_CONFIG_TOML, TENSORBOARD_DIR, aside_name, atomic_write)
+from reformer_dist.ondisk import (
+    CHECKPOINTS_DIR,
+    DEEPSPEED_CONFIG,
+    LOCK_NAME,
+    METRICS,
+    MODEL_DIR,
+    RANKS_DIR,
+    REPLACED_PREFIX,
+    RUN_CONFIG_TOML,
+    TENSORBOARD_DIR,
+    aside_name,
+    atomic_write,
+)
 from reformer_dist.training.checkpointing import list_tags
 from reformer_dist.training.config import RunConfig, to_toml
 

@@ -47,8 +47,8 @@ from reformer_dist.training import nonfinite, outputs, resume
 from reformer_dist.training.announce import announce_start, end_summary
 from reformer_dist.training.checkpointing import Checkpointer
 from reformer_dist.training.config import BatchPlan, RunConfig
-from reformer_dist.training.engine import Engine
 from reformer_dist.training.deepspeed_config import resolve_precision, uses_optimizer_offload, zero_stage
+from reformer_dist.training.engine import Engine
 from reformer_dist.training.evaluation import Evaluator
 from reformer_dist.training.metrics import Metrics, memory_gb
 from reformer_dist.training.optimizer import make_optimizer, set_lr

@@ -22,13 +22,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
 
 # Ceiling of every wait for a job or process: generous, because the machine may be busy (CI has 2
 # cores, shared). Waits end as soon as their event happens; only a hang pays the full ceiling.
 CEILING_S = 600.0
-from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
-
 SLURM_PACKAGES = ("slurmctld", "slurmd", "slurm-client")
 TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                              "BOOT_FAIL", "DEADLINE", "PREEMPTED"})
@@ -61,7 +60,8 @@ def ensure_slurm_installed(timeout: float = 240.0) -> None:
     deadline = time.monotonic() + timeout
     res = _run(install, timeout, env)
     if res.returncode != 0:  # package lists may be missing or stale in a fresh image
-        upd = _run(["apt-get", "-o", "DPkg::Lock::Timeout=120", "update", "-q"], max(10.0, deadline - time.monotonic()), env)
+        upd = _run(["apt-get", "-o", "DPkg::Lock::Timeout=120", "update", "-q"],
+                   max(10.0, deadline - time.monotonic()), env)
         res = _run(install, max(10.0, deadline - time.monotonic()), env)
         if res.returncode != 0:
             raise SlurmUnavailable(

@@ -7,8 +7,8 @@ rank runs through a small wrapper that writes its pid to <run>/pids/rank<R>.pid 
 
 * torchrun --nproc_per_node 2: the survivor's gloo all_reduce fails at once ("Connection reset by
   peer"), torchrun tears the group down and exits non-zero within a second or so; its failure
-  summary names rank 1 (exit code -9, the killed pid). `latest` points to a complete checkpoint whose manifest verifies, and `--resume auto`
-  continues from it.
+  summary names rank 1 (exit code -9, the killed pid). `latest` points to a complete checkpoint whose
+  manifest verifies, and `--resume auto` continues from it.
 * launch/slurm/train.sbatch on the local 2-node cluster: `srun --kill-on-bad-exit=1` ends the step,
   the job is FAILED with a non-zero exit code, the log names task 1 on node2, and the checkpoint
   is intact.

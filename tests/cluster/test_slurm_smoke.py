@@ -199,7 +199,8 @@ def test_train_sbatch_preempt_requeue_resume(slurm_cluster, repo_root: Path, tmp
         assert kinds == expected, (rank, ev, text)
         first, second = ev[0], ev[len(expected) - 3]
         for start, restart in ((first, 0), (second, 1)):
-            assert (start["world_size"], start["source"], start["restart"], start["rank"]) == (2, "slurm", restart, rank)
+            got = (start["world_size"], start["source"], start["restart"], start["rank"])
+            assert got == (2, "slurm", restart, rank)
             assert (start["config"], start["resume"], start["allreduce"]) == ("configs/quickstart.toml", "auto", 3.0)
         preempted = ev[2]
         assert preempted["signal"] == "SIGUSR1"

@@ -18,7 +18,7 @@ from reformer_dist.parallel.sequence import new_sequence_parallel, sequence_para
 
 
 def main() -> None:
-    out_dir, layers, sp_size = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
+    out_dir, sp_size = sys.argv[1], int(sys.argv[3])  # argv[2], the layer kinds, is already in cfg.json
     ulysses_size = int(sys.argv[4]) if len(sys.argv) > 4 else sp_size
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

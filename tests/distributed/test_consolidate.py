@@ -43,7 +43,8 @@ def test_consolidate_equals_live_model(tmp_path, capsys, stage, offload):
     assert rc == 0, err
     summary = json.loads(out)
     assert (summary["zero_stage"], summary["world_size"], summary["step"]) == (stage, 2, 2)
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["checksums.json", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "checksums.json", "config.json", "model.safetensors"]
 
     model = ReformerLM.from_pretrained(tmp_path / "model")
     assert model.cfg == ReformerConfig.load(run.root / "config.json")

@@ -24,6 +24,7 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_all(tmp_path):
     faulty = launch(2, tmp_path / "faulty", COMMON + ["train.max_steps=4", "output.save_model=true"], script=DRIVER,
                     env={"FAULT_NAN_STEPS": "3,4", "FAULT_RANK": "1"})
     ref = launch(2, tmp_path / "ref", COMMON + ["train.max_steps=2", "output.save_model=true"])
+    assert ref.returncode == 0, ref.output[-3000:]
     for rank in (0, 1):
         steps = {r["step"]: r for r in faulty.records(rank, "step")}
         assert [steps[s]["skipped"] for s in (1, 2, 3, 4)] == [False, False, True, True], faulty.output[-3000:]

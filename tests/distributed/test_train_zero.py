@@ -23,8 +23,8 @@ COMMON = ["train.global_batch=2", f"train.max_steps={STEPS}"]
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    run = launch(1, tmp_path_factory.mktemp("single"), COMMON + [f"deepspeed.config={REPO}/configs/deepspeed/zero1.json"],
-                 launcher="python")
+    run = launch(1, tmp_path_factory.mktemp("single"),
+                 COMMON + [f"deepspeed.config={REPO}/configs/deepspeed/zero1.json"], launcher="python")
     (start,) = run.records(0, "start")
     assert (start["world_size"], start["grad_accum"], start["global_batch"]) == (1, 2, 2)
     return run.losses(0)

@@ -44,7 +44,8 @@ def clean_env() -> dict[str, str]:
     env["OMP_NUM_THREADS"] = "1"  # ranks share 2 cores
     # the venv's tools first, as `make test` does: one ninja for any JIT op build (see training/native_ops.py)
     venv_bin = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([venv_bin] + [p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin])
+    rest = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin]
+    env["PATH"] = os.pathsep.join([venv_bin] + rest)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
@@ -86,8 +87,8 @@ def launch(nprocs: int, out_dir: Path, overrides: list[str], launcher: str = "to
         assert nprocs == 1
         cmd = [sys.executable, *target, *args]
     elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}", f"--master_port={free_port()}",
-               *target, *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}",
+               f"--master_port={free_port()}", *target, *args]
     elif launcher == "deepspeed":
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nprocs}",
                f"--master_port={free_port()}", *(["--module"] if script is None else []), *target[-1:], *args]

@@ -1,1 +1,2 @@
-"""Single-process tests: model, kernels, data, configs and the CLIs (run in-process or, marked slow, as subprocesses)."""
+"""Single-process tests: model, kernels, data, configs and the CLIs (run in-process or, marked slow, as
+subprocesses)."""

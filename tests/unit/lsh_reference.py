@@ -11,7 +11,8 @@ from reformer_dist.kernels.logits import normalize_keys
 
 def dense_lsh_reference(qk, v, buckets, *, chunk_len, n_chunks_before, n_chunks_after, causal, key_valid=None,
                         same_bucket_only=False, allow_duplicate_attention=True):
-    """[B, L, H, D] in/out. Softmax over every (window, key) occurrence of query i across all rounds, built densely (O(L^2)).
+    """[B, L, H, D] in/out. Softmax over every (window, key) occurrence of query i across all rounds, built densely
+    (O(L^2)).
 
     Chunks are taken over the concatenation of the R sorted rounds and wrap around, like HF/trax.
     Masked occurrences get -1e9 and self occurrences -1e5; in float64 the -1e9 terms contribute exactly

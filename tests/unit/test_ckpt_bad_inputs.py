@@ -141,7 +141,7 @@ def test_reshard_workers_are_bounded(ckpts, tmp_path, capsys):
     # #26: --workers 0 or 100000 reached DeepSpeed's process pool
     for value in ("0", "100000"):
         code, _, err = run(capsys, "reshard", ckpts, "--out", tmp_path / "u", "--workers", value)
-        assert code == 2 and f"argument --workers: expected an integer in 1.." in err and f"got '{value}'" in err, err
+        assert code == 2 and "argument --workers: expected an integer in 1.." in err and f"got '{value}'" in err, err
     assert not (tmp_path / "u").exists()
 
 
@@ -326,8 +326,8 @@ def test_huge_node_list_is_refused_before_expanding_and_long_lists_are_deduplica
     for nodelist in ("node[01-1000000]", "rack[1-300]-n[1-300]", "a[1-40000],b[1-40000]"):
         assert launch_main(["hostfile", "--nodelist", nodelist]) == 2
         err = capsys.readouterr().err
-        assert f"reformer-launch hostfile: error: --nodelist: '{nodelist}' names more than 65536 hosts (SLURM allocates " \
-               "at most 65533 nodes): a typo in a range?" in err, err
+        assert f"reformer-launch hostfile: error: --nodelist: '{nodelist}' names more than 65536 hosts " \
+               "(SLURM allocates at most 65533 nodes): a typo in a range?" in err, err
     assert launch_main(["hostfile", "--nodelist", "n[1-60000],n[2-3],m1", "--out", str(tmp_path / "hosts")]) == 0
     lines = (tmp_path / "hosts").read_text().splitlines()
     assert len(lines) == 60001 and lines[:2] == ["n1 slots=1", "n2 slots=1"] and lines[-1] == "m1 slots=1"

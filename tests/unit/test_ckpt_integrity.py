@@ -99,7 +99,8 @@ def test_console_script(tmp_path):
     script = Path(sys.executable).with_name("reformer-ckpt")
     assert script.is_file(), f"{script}: console script not installed (pip install -e .)"
     _write(tmp_path)
-    p = subprocess.run([str(script), "inspect", str(tmp_path / "m"), "--json"], capture_output=True, text=True, timeout=600)
+    p = subprocess.run([str(script), "inspect", str(tmp_path / "m"), "--json"], capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)
     assert info["parameters"] == sum(v.numel() for v in ReformerLM(CFG).state_dict().values())

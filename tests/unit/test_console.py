@@ -4,13 +4,12 @@ training (training/run_dir.py)."""
 from __future__ import annotations
 
 import json
-import sys
 import logging
+import sys
 
 from tqdm import tqdm
 
-from reformer_dist import console as console_module
-from reformer_dist import ondisk
+from reformer_dist import console as console_module, ondisk
 from reformer_dist.training.config import load_run_config
 from reformer_dist.training.run_dir import prepare_run_dir
 

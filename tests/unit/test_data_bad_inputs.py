@@ -57,7 +57,8 @@ def store(tmp_path: Path, corpus: Path, capsys) -> Path:
 
 # ---------------------------------------------------------------------------------------- inputs
 def test_missing_input(tmp_path, capsys):
-    code, _, err = run(capsys, "shard", "--input", tmp_path / "nope.txt", "--tokenizer", "bytes", "--out", tmp_path / "s")
+    code, _, err = run(capsys, "shard", "--input", tmp_path / "nope.txt", "--tokenizer", "bytes",
+                       "--out", tmp_path / "s")
     assert code == 1 and f"{tmp_path / 'nope.txt'}: no such file or folder" in err
     assert not (tmp_path / "s" / MANIFEST).exists()
 
@@ -284,7 +285,8 @@ def test_edited_manifest_is_caught(capsys, store):
      "splits.train.shards[1].num_tokens: expected an integer >= 0, got -5"),
     (("splits", "train", "shards", 0, "file"), "../corpus/abc.py",
      "splits.train.shards[0].file: expected a file name inside the store"),
-    (("splits", "train", "shards", 0, "sha256"), "xyz", "splits.train.shards[0].sha256: expected 64 lowercase hex digits"),
+    (("splits", "train", "shards", 0, "sha256"), "xyz",
+     "splits.train.shards[0].sha256: expected 64 lowercase hex digits"),
     (("splits", "validation", "num_documents"), 1.5,
      "splits.validation.num_documents: expected an integer >= 0, got 1.5"),
     (("eod_id",), 300, "eod_id: expected an integer in [0, vocab_size=257), got 300"),

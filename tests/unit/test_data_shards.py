@@ -263,7 +263,8 @@ def test_altered_shard_detected_by_checksum(small_store: Path):
 
 def test_manifest_from_another_tokenizer(small_store: Path):
     assert TokenStore.open(small_store, expect_tokenizer="bytes").identity == "bytes"
-    with pytest.raises(DataError, match=r"manifest.json: store was tokenised with 'bytes', but the run expects 'senten"):
+    with pytest.raises(DataError,
+                       match=r"manifest.json: store was tokenised with 'bytes', but the run expects 'senten"):
         TokenStore.open(small_store, expect_tokenizer="sentencepiece:abcd")
 
 

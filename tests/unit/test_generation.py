@@ -146,7 +146,8 @@ def test_work_per_token_is_the_window(monkeypatch):
     """Each step attends R x W key slots in an LSH layer and W in a local one, whatever the context length."""
     seen = []
     real = generation._attend_one
-    monkeypatch.setattr(generation, "_attend_one", lambda q, k, *a, **kw: seen.append(k.shape[2]) or real(q, k, *a, **kw))
+    monkeypatch.setattr(generation, "_attend_one",
+                        lambda q, k, *a, **kw: seen.append(k.shape[2]) or real(q, k, *a, **kw))
     m = model(attn_layers=["local", "lsh"], local_chunk_len=4, n_chunks_before=2, n_hashes=3)
     m.generate(prompt(1, 200), 5, temperature=0)
     assert seen == [2 * 4, 3 * 3 * 8] * 4  # local: (1 + 1) chunks of 4; LSH: 3 rounds x (2 + 1) chunks of 8
@@ -181,8 +182,10 @@ def test_refusals_name_the_argument(call, match):
 
 
 @pytest.mark.parametrize("kwargs, error, says", [
-    ({"prompt_ids": [[1, 2, 3]]}, TypeError, "prompt_ids: expected a torch.Tensor of token ids [batch, length], got list"),
-    ({"prompt_ids": torch.ones(4, dtype=torch.long)}, ValueError, "prompt_ids: expected shape [batch, length], got (4,)"),
+    ({"prompt_ids": [[1, 2, 3]]}, TypeError,
+     "prompt_ids: expected a torch.Tensor of token ids [batch, length], got list"),
+    ({"prompt_ids": torch.ones(4, dtype=torch.long)}, ValueError,
+     "prompt_ids: expected shape [batch, length], got (4,)"),
     ({"prompt_ids": torch.ones(1, 4)}, TypeError, "prompt_ids: expected integer token ids (torch.long), got dtype "
                                                   "torch.float32"),
     ({"prompt_ids": torch.ones(1, 0, dtype=torch.long), "use_cache": False}, ValueError,
@@ -212,7 +215,8 @@ def test_from_pretrained_of_weights_that_do_not_fit_the_config_names_the_weight(
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "checksums.json").unlink()  # an edited config, on purpose
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 1}))
-    with pytest.raises(ValueError, match=r"m: weight (tok_emb|head.proj).weight has shape \(48, 32\), but .*config.json needs "
+    with pytest.raises(ValueError, match=r"m: weight (tok_emb|head.proj).weight has shape \(48, 32\), "
+                                         r"but .*config.json needs "
                                          r"\(49, 32\): the weights do not belong to this config"):
         ReformerLM.from_pretrained(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text("[1, 2]")

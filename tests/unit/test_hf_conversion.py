@@ -102,7 +102,8 @@ def test_transformers_model_imports_with_identical_logits(tmp_path):
     assert any("lm_head.bias is nonzero" in n for n in notes)
     assert any("lm_head.bias" in str(w.message) for w in caught)
     ours = ReformerLM.from_pretrained(tmp_path / "ours").eval()
-    assert (ours.cfg.local_chunk, ours.cfg.chunk_len, ours.cfg.hash_seed, ours.cfg.axial_pos_dims) == (16, 64, 3, [12, 20])
+    got = (ours.cfg.local_chunk, ours.cfg.chunk_len, ours.cfg.hash_seed, ours.cfg.axial_pos_dims)
+    assert got == (16, 64, 3, [12, 20])
     ids = torch.randint(0, 47, (3, 48))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=ATOL, rtol=0)
@@ -139,7 +140,8 @@ def test_config_round_trip_and_mapping():
     cfg = _config(**CONFIGS["local_lsh_mix"], n_buckets=[4, 8], hash_seed=7, dropout=0.1, reversible=False,
                   ff_chunk_len=16, loss_chunk_len=32, head_groups=2)  # head_groups: kept through HF (#23)
     hf = to_hf_config(cfg)
-    assert (hf["hidden_size"], hf["attention_head_size"], hf["feed_forward_size"], hf["num_buckets"]) == (32, 16, 48, [4, 8])
+    got = (hf["hidden_size"], hf["attention_head_size"], hf["feed_forward_size"], hf["num_buckets"])
+    assert got == (32, 16, 48, [4, 8])
     assert (hf["lsh_attn_chunk_length"], hf["local_attn_chunk_length"], hf["max_position_embeddings"]) == (64, 8, 64)
     assert hf["hidden_dropout_prob"] == 0.1 and hf["lsh_attention_probs_dropout_prob"] == 0.0
     back, notes = from_hf_config(json.loads(json.dumps(hf)))

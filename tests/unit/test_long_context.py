@@ -225,7 +225,8 @@ def test_synthetic_documents_have_the_documented_layout(tmp_path):
             key = text[-4:]
             at = needle_at[cell.depth]
             assert needle_start(300, cell.depth, 4) == at
-            assert key.isdigit() and text[at:].startswith(f"The pass key is {key}. Remember it. {key} is the pass key. ")
+            assert key.isdigit()
+            assert text[at:].startswith(f"The pass key is {key}. Remember it. {key} is the pass key. ")
             assert "pass key" not in text[:at]  # filler before the needle
             assert text.endswith(f"What is the pass key? The pass key is {key}") and len(text) == 300
     assert sorted(depths) == [0.0, 0.5, 1.0]

@@ -125,8 +125,8 @@ def test_trainer_reports_both_losses(tmp_path):
             "eval.every=1", "eval.batches=1", "eval.n_hashes=4", "checkpoint.at_end=false",
             "output.save_model=false", "output.sample_tokens=0", "logging.progress_bar=false",
             "logging.tensorboard=false", f"output.dir={tmp_path}"]
-    p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train", "--config", str(REPO / "configs/quickstart.toml"),
-                        *[a for s in sets for a in ("--set", s)]],
+    p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train",
+                        "--config", str(REPO / "configs/quickstart.toml"), *[a for s in sets for a in ("--set", s)]],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -90,7 +90,8 @@ def test_pg19_books_are_documents(tmp_path, capsys):
     assert store.tokenizer.decode(read_split(store, "validation")) == "A held-out book."
 
     assert tool.main([str(tmp_path / "pg19"), "--out", str(tmp_path / "test_store"), "--validation", "test"]) == 0
-    assert store.tokenizer.decode(read_split(TokenStore.open(tmp_path / "test_store"), "validation")) == "The test book."
+    validation = read_split(TokenStore.open(tmp_path / "test_store"), "validation")
+    assert store.tokenizer.decode(validation) == "The test book."
 
     shutil.rmtree(tmp_path / "pg19" / "validation")
     capsys.readouterr()

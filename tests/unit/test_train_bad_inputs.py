@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 from reformer_dist.cli.train import main
 from reformer_dist.data.tokenizers import load_tokenizer
 from reformer_dist.data.writer import ShardWriter
-from reformer_dist.ondisk import STORE_MANIFEST as MANIFEST, verify_manifest
+from reformer_dist.ondisk import verify_manifest
 from tests.distributed.train_launcher import TINY, clean_env
 from tests.unit.cli_cases import run_cli
 
@@ -104,7 +103,8 @@ CASES = [  # id, argv after tiny(<tmp>/run), expected start of the message after
     ("threads-zero", ["--set", "train.threads=0"], 'train.threads: expected "auto" or a positive integer'),
     ("threads-unbounded", ["--set", "train.threads=1000000"], "train.threads: 1000000 is more than 4 x the "),
     ("resume-missing", ["--resume", "{tmp}/nope"], "--resume {tmp}/nope: no such file or folder"),
-    ("resume-empty-folder", ["--resume", "{tmp}/empty_ckpts"], "--resume {tmp}/empty_ckpts: no checkpoint in this folder"),
+    ("resume-empty-folder", ["--resume", "{tmp}/empty_ckpts"],
+     "--resume {tmp}/empty_ckpts: no checkpoint in this folder"),
 ]
 
 

@@ -112,7 +112,8 @@ def test_run_config_comparison_names_keys():
 
 
 def test_metrics_reader_drops_records_superseded_by_a_resume(tmp_path):
-    recs = [{"event": "start", "resume_step": None}] + [{"event": "step", "step": s, "loss": 10 - s} for s in (1, 2, 3, 4)]
+    recs = [{"event": "start", "resume_step": None}]
+    recs += [{"event": "step", "step": s, "loss": 10 - s} for s in (1, 2, 3, 4)]
     recs += [{"event": "start", "resume_step": 2}, {"event": "step", "step": 3, "loss": 0.5}]
     p = tmp_path / "metrics.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in recs) + '\n{"event": "st')  # torn last line

@@ -66,7 +66,8 @@ def err(tmp_path: Path, toml: str = "", overrides: tuple[str, ...] = ()) -> str:
          "parallel.ulysses_size=4 must divide model.n_heads=2 (Ulysses shards heads; leave parallel.ulysses_size "
          "unset for the largest size that divides both"),
         ("[parallel]\nsequence_parallel_size = 4\n[model]\nn_heads = 2\nd_head = 128\n"
-         "[data]\ndocument_masking = true\n", (), "data.document_masking: not supported with bucket sharding (parallel.ulysses_size < "
+         "[data]\ndocument_masking = true\n", (),
+         "data.document_masking: not supported with bucket sharding (parallel.ulysses_size < "
          "parallel.sequence_parallel_size); use pure Ulysses [parallel.ulysses_size = 2 (chosen: model.n_heads = 2 "
          "is not a multiple of parallel.sequence_parallel_size = 4"),
         ("[parallel]\nsequence_parallel_size = 2\nulysses_size = 1\n[model]\nattn_layers = [\"full\", \"lsh\"]\n"
@@ -209,7 +210,8 @@ def test_deepspeed_dict_is_generated_from_the_run_config(tmp_path):
     cfg = load_run_config(None, [f"deepspeed.config={j}", "train.micro_batch=2", "train.grad_accum=4",
                                  "deepspeed.zero_stage=3", "train.grad_clip=0.5"])
     ds = build_deepspeed_config(cfg, plan_batches(cfg, 2), on_cuda=False)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 4)
+    got = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+    assert got == (16, 2, 4)
     assert ds["zero_optimization"]["stage"] == 3  # the run config's stage wins over the JSON's
     assert ds["zero_optimization"]["offload_optimizer"]["pin_memory"] is False  # set explicitly
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False
@@ -225,7 +227,8 @@ def test_deepspeed_dict_is_generated_from_the_run_config(tmp_path):
         ({"scheduler": {"type": "WarmupLR"}}, r"key 'scheduler' is not allowed"),
         ({"gradient_clipping": 5.0}, r"gradient_clipping = 5.0 disagrees with train.grad_clip"),
         ({"bf16": {"enabled": True}}, r"bf16.enabled = True disagrees with deepspeed.precision"),
-        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, r"zero_optimization.offload_param needs ZeRO stage 3"),
+        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
+         r"zero_optimization.offload_param needs ZeRO stage 3"),
     ],
 )
 def test_deepspeed_json_may_not_contradict_the_run_config(tmp_path, body, match):
@@ -258,7 +261,8 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 # ---------------------------------------------------------------------------------------------- CLI
 @pytest.mark.slow
 def test_cli_reports_the_key_before_any_process_group(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train", "--config", str(REPO / "configs/quickstart.toml"),
+    p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train",
+                        "--config", str(REPO / "configs/quickstart.toml"),
                         "--set", "model.n_hedas=4", "--local_rank=0"], capture_output=True, text=True, cwd=tmp_path,
                        timeout=600)
     assert p.returncode == 2
@@ -267,7 +271,8 @@ def test_cli_reports_the_key_before_any_process_group(tmp_path):
 
 @pytest.mark.slow
 def test_cli_dry_run_prints_the_resolved_plan(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train", "--config", str(REPO / "configs/quickstart.toml"),
+    p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train",
+                        "--config", str(REPO / "configs/quickstart.toml"),
                         "--set", "train.global_batch=16", "--dry-run"], capture_output=True, text=True, cwd=tmp_path,
                        timeout=600)
     assert p.returncode == 0, p.stderr

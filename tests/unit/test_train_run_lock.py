@@ -205,7 +205,8 @@ def test_refused_resume_leaves_the_run_folder_alone_and_a_fresh_start_moves_conf
                        capture_output=True, text=True, timeout=600)
     assert a.returncode == 0, a.stderr[-3000:]
     before = snapshot(out)
-    b = subprocess.run(_args(out, "train.max_steps=4", "model.d_ff=32", "deepspeed.zero_stage=2") + ["--resume", "auto"],
+    b = subprocess.run(_args(out, "train.max_steps=4", "model.d_ff=32", "deepspeed.zero_stage=2")
+                       + ["--resume", "auto"],
                        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert b.returncode == 2 and "checkpoint does not fit this run:\n  model.d_ff: checkpoint has 64, this run 32" \
         in b.stderr, b.stderr[-3000:]

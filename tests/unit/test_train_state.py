@@ -11,8 +11,7 @@ import numpy as np
 import torch
 
 from reformer_dist import ondisk
-from reformer_dist.training import checkpointing as ckpt
-from reformer_dist.training import nonfinite, seeding
+from reformer_dist.training import checkpointing as ckpt, nonfinite, seeding
 from reformer_dist.training.config import BatchPlan
 from reformer_dist.training.train_state import TrainState
 

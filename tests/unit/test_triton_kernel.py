@@ -15,7 +15,6 @@ from reformer_dist import ReformerConfig, ReformerLM
 from reformer_dist.kernels import triton_lsh
 from reformer_dist.kernels.chunked_attention import available_backends, chunked_attention
 from reformer_dist.kernels.reference import chunked_attention_reference
-
 from tests.unit.attention_inputs import make_inputs
 
 # B, L, H, D, M, R, n_chunks_before, n_chunks_after, causal, shared_qk, extras
