@@ -175,7 +175,7 @@ def describe(cls: type) -> list[str]:
     """`key = default  # doc` lines of a section (for `reformer-train --help-config`)."""
     out = []
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
         doc = f.metadata.get("doc", "")
         out.append(f"  {f.name} = {default!r}" + (f"  # {doc}" if doc else ""))
     return out

@@ -208,7 +208,7 @@ def model_state_files(tag_dir: Path) -> list[Path]:
 
 def optim_state_files(tag_dir: Path) -> list[Path]:
     files = [f for f in tag_dir.iterdir() if _OPTIM_STATES.match(f.name)]
-    return sorted(files, key=lambda f: int(_OPTIM_STATES.match(f.name).group(2)))
+    return sorted(files, key=lambda f: int(_OPTIM_STATES.match(f.name).group(2)))  # type: ignore[union-attr]  # matched above
 
 
 def verify_files(tag_dir: Path, hashes: bool = True) -> str:
@@ -248,7 +248,7 @@ def verify_torch_file(path: str | Path) -> None:
                 # was used (then CRC is 0): such records are read through (size checked) but not CRC-checked.
                 with z.open(info) as f:
                     if info.CRC == 0 and info.file_size:
-                        f._expected_crc = None  # zipfile's own switch for "no CRC to compare"
+                        f._expected_crc = None  # type: ignore[attr-defined]  # zipfile's private "no CRC to compare"
                     while f.read(1 << 22):
                         pass
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as e:

@@ -52,7 +52,9 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
 
 def inspect_weights_dir(d: Path, verify: bool = True) -> dict[str, Any]:
     files = weight_files(d)
-    n_params, dtypes, meta = 0, {}, {}
+    n_params = 0
+    dtypes: dict[str, int] = {}
+    meta: dict[str, Any] = {}
     for f in files:
         header = _safetensors_header(f)
         meta = header.pop("__metadata__", None) or meta

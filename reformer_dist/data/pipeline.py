@@ -251,7 +251,7 @@ def _original_error(empty: str | None = None):
     except Exception as e:
         if empty and "corresponds to no data" in str(e):
             raise DataError(empty) from None
-        cause = e
+        cause: BaseException | None = e
         while cause is not None and not isinstance(cause, DataError):
             cause = cause.__cause__ or cause.__context__
         if cause is None:

@@ -27,7 +27,7 @@ _PARQUET = (".parquet",)
 class Document(NamedTuple):
     text: str
     source: str  # file it came from
-    index: int  # record/row (or paragraph/line) number within that file, from 0
+    index: int  # type: ignore[assignment]  # a field, shadowing tuple.index; record/row (or paragraph/line) number within that file, from 0
 
 
 def file_format(path: str | Path) -> str:

@@ -43,7 +43,9 @@ class Tokenizer(Protocol):
     identity: str
     vocab_size: int
     eod_id: int
-    model_file: Path | None  # file a store copies to stay self-contained; None = nothing to copy
+
+    @property
+    def model_file(self) -> Path | None: ...  # file a store copies to stay self-contained; None = nothing to copy
 
     def encode(self, text: str) -> list[int]: ...
 

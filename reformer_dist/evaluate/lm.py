@@ -75,7 +75,9 @@ def plan_windows(n_tokens: int, seq_len: int, stride: int | None = None, max_tok
     if start + seq_len + 1 > n_tokens:
         raise DataError(f"{where}: {n_tokens} tokens; a window of --seq-len {seq_len} needs {seq_len + 1}"
                         + (f" after --start {start}" if start else ""))
-    starts, scored, total = [], [], 0
+    starts: list[int] = []
+    scored: list[int] = []
+    total = 0
     s = start
     while s + seq_len + 1 <= n_tokens:
         first = 0 if not starts else seq_len - stride

@@ -11,6 +11,7 @@ run's `model/`; the checkpoint's `run_config.json`. Without any of them, the tok
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,9 +116,9 @@ def _record_beside(folder: Path) -> dict[str, Any] | None:
     consolidated folder: the checkpoint it names in its safetensors metadata."""
     toml = folder.parent / RUN_CONFIG_TOML
     if toml.is_file():
-        try:
+        if sys.version_info >= (3, 11):
             import tomllib
-        except ModuleNotFoundError:  # Python 3.10
+        else:  # pragma: no cover - Python 3.10
             import tomli as tomllib
         try:
             data = tomllib.loads(toml.read_text()).get("data", {})

@@ -260,7 +260,7 @@ def exp_of_shifted(logits: Tensor) -> Tensor:
     """
     floor = -700.0 if logits.dtype == torch.float64 else -87.0
     tiny = 2.0 * math.exp(floor)
-    return F.threshold_(logits.clamp_min_(floor).exp_(), tiny, 0.0)
+    return F.threshold_(logits.clamp_min_(floor).exp_(), tiny, 0.0)  # type: ignore[attr-defined]  # not in torch's stubs
 
 
 def _row_dots(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
@@ -294,6 +294,7 @@ def _backward(call: _Call, q, k, v, index, masks: _Masks, out, lse, lse_lo, dout
 
         accs = [accumulator(g) for g in grads]
         dq_acc, dk_acc, dv_acc = accs
+        assert dq_acc is not None and dv_acc is not None  # q and v always have gradients; k only when not shared
         for _, c0, c1 in call.blocks(hg):
             blk = _block(call, index, h0, h1, c0, c1, q.device)
             qb, raw, kb, dots, keep = _logits(call, blk, q2, k2, masks, h0, h1)
@@ -314,10 +315,12 @@ def _backward(call: _Call, q, k, v, index, masks: _Masks, out, lse, lse_lo, dout
             if k is None:  # shared QK: the keys' gradient flows into q through the normalisation
                 dq_acc.index_add_(0, blk.local_k.reshape(-1), normalize_keys_backward(raw, dkb).reshape(-1, call.d))
             else:
+                assert dk_acc is not None
                 dk_acc.index_add_(0, blk.local_k.reshape(-1), scale_keys(dkb).reshape(-1, call.d))
         if not whole:
             for g, a in zip(grads, accs):
                 if g is not None:
+                    assert a is not None
                     g[:, :, h0:h1] = a.view(call.b, call.length, hg, call.d).to(g.dtype)
     return tuple(grads)
 

@@ -19,7 +19,7 @@ class CoreInputs(NamedTuple):
     q: Tensor
     k: Tensor | None
     v: Tensor
-    index: Tensor | None
+    index: Tensor | None  # type: ignore[assignment]  # a field, shadowing tuple.index
     key_valid: Tensor | None
     slot_bucket: Tensor | None
     document_ids: Tensor | None
@@ -42,7 +42,7 @@ class _LeanAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, core: LeanCore, *tensors: Tensor | None):
         ctx.set_materialize_grads(False)
-        x = CoreInputs(*tensors)
+        x = CoreInputs(*tensors)  # type: ignore[arg-type]  # q and v are never None
         with torch.autocast(x.q.device.type, enabled=False):
             out, lse, lse_lo = core.forward(x)
         ctx.save_for_backward(*x, out, lse, lse_lo)

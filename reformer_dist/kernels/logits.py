@@ -112,6 +112,7 @@ def masked_logits(q: Tensor, kw: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal
         visible = k_valid.unsqueeze(-2) if visible is None else visible & k_valid.unsqueeze(-2)
     for a, b in ((q_bucket, k_bucket), (q_doc, k_doc)):
         if a is not None:
+            assert b is not None  # the query and key sides come in pairs
             same = a.unsqueeze(-1) == b.unsqueeze(-2)
             visible = same if visible is None else visible & same
     is_self = (q_pos.unsqueeze(-1) == k_pos.unsqueeze(-2)) if self_mask else None
@@ -129,8 +130,10 @@ def masked_logits(q: Tensor, kw: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal
         if fill is None:
             fill, replaced = _as_float(mask, acc).mul_(value), mask
         else:
+            assert replaced is not None
             fill.add_(_as_float(mask, acc), alpha=value)
             replaced = replaced | mask
+    assert fill is not None and replaced is not None  # one of the masks is set (the early return above)
     keep = _as_float(~replaced.expand(shape), acc)
     return torch.addcmul(fill.expand(shape), dots, keep), keep
 

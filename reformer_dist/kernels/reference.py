@@ -59,8 +59,11 @@ def chunked_attention_reference(q: Tensor, k: Tensor | None, v: Tensor, index: T
     def per_slot(x: Tensor | None) -> Tensor | None:  # [B, L] per row -> [B,H,N,M]
         return None if x is None else x.gather(1, rows_s.reshape(b, h * s)).view(b, h, n, m)
 
-    def around(x: Tensor | None) -> Tensor | None:
-        return None if x is None else look_around(x, nb, na)
+    def around(x: Tensor) -> Tensor:
+        return look_around(x, nb, na)
+
+    def around_opt(x: Tensor | None) -> Tensor | None:
+        return None if x is None else around(x)
 
     rows = rows_s.view(b, h, n, m)
     pos = rows if positions is None else positions.long().view(b, h, n, m)
@@ -71,8 +74,8 @@ def chunked_attention_reference(q: Tensor, k: Tensor | None, v: Tensor, index: T
         counts = duplicate_counts(rows, around(rows), co, nb, na, n if n_chunks is None else n_chunks)
     kv, doc = per_slot(key_valid), per_slot(document_ids)
     dots, _ = masked_logits(sort(q), around(sort(keys)), pos, around(pos), causal=causal, self_mask=self_mask,
-                            k_valid=around(kv), q_bucket=bucket, k_bucket=around(bucket), q_doc=doc,
-                            k_doc=around(doc), counts=counts)
+                            k_valid=around_opt(kv), q_bucket=bucket, k_bucket=around_opt(bucket), q_doc=doc,
+                            k_doc=around_opt(doc), counts=counts)
     lse_s = torch.logsumexp(dots, dim=-1)  # [B,H,N,M]
     out_s = torch.matmul(torch.softmax(dots, dim=-1).to(v.dtype), around(sort(v)))
     # unsort every round, then merge the rounds: softmax over their log-sum-exps (HF's merge)

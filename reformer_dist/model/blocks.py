@@ -6,6 +6,8 @@ Shapes: B batch, L length, D d_model.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,7 +19,7 @@ from reformer_dist.model.local_attention import LocalSelfAttention
 from reformer_dist.model.lsh_attention import LSHSelfAttention
 from reformer_dist.model.rng import dropout
 
-_ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+_ACTS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 class _NormRecompute:
@@ -57,7 +59,7 @@ class AttentionBlock(nn.Module):
         self.kind = kind
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         if kind == "lsh":
-            self.attn: nn.Module = LSHSelfAttention(cfg, layer_idx)
+            self.attn: LSHSelfAttention | LocalSelfAttention = LSHSelfAttention(cfg, layer_idx)
         else:
             self.attn = LocalSelfAttention(cfg, layer_idx, full=(kind == "full"))
         self.out = HeadLinear(cfg.n_heads * cfg.d_head, cfg.d_model, cfg.d_head, heads_in=True)

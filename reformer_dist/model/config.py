@@ -77,8 +77,9 @@ class ReformerConfig(Section):
     d_head: int = opt(64, _int(1), "width of one head")
     d_ff: int = opt(1024, _int(1), "feed-forward hidden width")
     n_layers: int = opt(2, _int(1), "layers (each: attention + feed-forward)")
-    attn_layers: list[AttentionKind] | None = opt(None, of_type(ListOf(str), None),
-                                                  "one of 'lsh', 'local', 'full' per layer; default all 'lsh'")
+    # None (the default) is filled in by __post_init__: the annotations give the types after it (here: a list)
+    attn_layers: list[AttentionKind] = opt(None, of_type(ListOf(str), None),
+                                           "one of 'lsh', 'local', 'full' per layer; default all 'lsh'")
     # LSH attention
     n_hashes: int = opt(2, _int(1), "LSH rounds")
     chunk_len: int = opt(64, _int(1), "LSH chunk length")
@@ -108,8 +109,8 @@ class ReformerConfig(Section):
                            "per group (per Ulysses rank)")
     axial_pos_shape: list[int] = opt([64, 64], all_of(of_type(ListOf(int)), _axial_shape),
                                      "axial position shape [a, b]: sequences up to a*b tokens")
-    axial_pos_dims: list[int] | None = opt(None, of_type(ListOf(int), None),
-                                           "widths of the two axial embeddings (sum d_model; default halves)")
+    axial_pos_dims: list[int] = opt(None, of_type(ListOf(int), None),  # None: filled in by __post_init__
+                                    "widths of the two axial embeddings (sum d_model; default halves)")
     init_std: float = opt(0.02, all_of(of_type(float), nonneg_number), "std of the weight init")
     axial_norm_std: float = opt(0.02, all_of(of_type(float), nonneg_number),
                                 "std of the axial position init "

@@ -225,7 +225,7 @@ class GenerationCache:
 
     def attend(self, fn: Callable[..., Tensor], *tensors: Tensor, ctx: AttentionContext) -> Tensor:
         """The attention core call of one layer (``fn`` is the layer's bound ``attend``): [B, L, H, D] in/out."""
-        layer = fn.__self__
+        layer = fn.__self__  # type: ignore[attr-defined]  # a bound method (see above)
         idx = layer.layer_idx
         lsh = len(tensors) == 2  # LSH layers pass (qk, v); local and full layers (q, k, v)
         if self.pos is None:
@@ -239,7 +239,7 @@ class GenerationCache:
         t = self.pos
         padded = self.model.padded_length(t + 1)
         cache = self.layers[idx]
-        if lsh:
+        if isinstance(cache, _LSHCache):  # made by the prompt pass above: an LSH cache for an LSH layer
             out = cache.step(layer, tensors[0][:, 0], tensors[1][:, 0], t, padded, ctx)
         else:
             out = cache.step(layer, tensors[0][:, 0], tensors[1][:, 0], tensors[2][:, 0], t, padded)

@@ -120,6 +120,7 @@ def _project(block: "AttentionBlock", x: Tensor, heads: tuple[int, int], chunk: 
 
 def _adder(into: Tensor, s: int, e: int):
     def hook(leaf: Tensor) -> None:
+        assert leaf.grad is not None  # a post-accumulate-grad hook: the gradient is there
         with torch.no_grad():
             into[:, s:e].add_(leaf.grad)
         leaf.grad = None
@@ -178,6 +179,7 @@ def backward(block: "AttentionBlock", x: Tensor, y: Tensor, dy: Tensor, dx: Tens
             with torch.no_grad():
                 y[:, s:e].sub_(f)
             torch.autograd.backward(f, dy[:, s:e])
+            assert hc.grad is not None  # hc is a leaf that f was computed from
             dh[:, s:e] = hc.grad
             del f, hc
         # through the core into the group's projections; their chunks add into dx as they finish

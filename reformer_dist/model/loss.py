@@ -104,6 +104,7 @@ class LMHead(nn.Module):
         """Logits; with labels the summed loss, or with ``per_token`` (labels [N], streams [N, D]) each token's
         loss and argmax prediction (``_token_scores``)."""
         if per_token:
+            assert labels is not None, "per_token scores need labels"
             return self._token_scores(x1, x2, labels)
         if labels is None:
             h = self.norm(torch.cat([x1, x2], dim=-1).to(self.norm.weight.dtype))

@@ -231,9 +231,9 @@ class ReformerLM(nn.Module):
                              "from its own prompt")
         self._check_generate_args(prompt_ids, max_new_tokens, temperature, top_k, hash_seed, n_hashes)
         if use_cache:
-            ids, scores = generate_cached(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+            ids, cached = generate_cached(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                                           hash_seed=hash_seed, n_hashes=n_hashes, generator=generator)
-            return (ids, scores) if return_logits else ids
+            return (ids, cached) if return_logits else ids
         ids, scores = prompt_ids, []
         for _ in range(max_new_tokens):
             ctx = ids[:, -self.cfg.max_seq_len :]

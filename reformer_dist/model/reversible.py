@@ -12,6 +12,8 @@ whatever the compute dtype (the accumulation dtype, ``kernels.logits.acc_dtype``
 rebuilding x = y - F(...) in bf16 drifts over many layers.
 """
 
+from typing import Iterable, cast
+
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
@@ -50,7 +52,7 @@ class _ReversibleFunction(torch.autograd.Function):
             # own buffers (the caller passes the embeddings twice), updated in place layer after layer
             y1 = x1.to(acc_dtype(x1), copy=True)
             y2 = x2.to(acc_dtype(x2), copy=True)
-            for blk in blocks:
+            for blk in cast("Iterable[ReformerBlock]", blocks):  # an nn.ModuleList is typed as yielding nn.Module
                 s_f = RNGState(device) if record_rng else None
                 if groups == 1:
                     y1.add_(blk.f(y2, actx))
@@ -123,7 +125,7 @@ class ReformerStack(nn.Module):
         if self.reversible and torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad):
             groups = head_groups.stack_groups(self.cfg, x1.shape[1], actx)
             return _ReversibleFunction.apply(x1, x2, self.blocks, actx, self.record_rng and self.training, groups)
-        for blk in self.blocks:
+        for blk in cast("Iterable[ReformerBlock]", self.blocks):
             x1 = x1 + blk.f(x2, actx).to(x1.dtype)
             x2 = x2 + blk.g(x1).to(x2.dtype)
         return x1, x2

@@ -33,7 +33,8 @@ class ParallelConfig(Section):
         if self.ulysses_size is not None or p == 1 or n_heads % p == 0:
             return
         self.ulysses_size = math.gcd(p, n_heads)
-        self.auto_note = (f"parallel.ulysses_size = {self.ulysses_size} (chosen: model.n_heads = {n_heads} is not a "
+        self.auto_note = (  # type: ignore[misc]  # an instance note; ClassVar keeps it out of the config keys
+            f"parallel.ulysses_size = {self.ulysses_size} (chosen: model.n_heads = {n_heads} is not a "
                           f"multiple of parallel.sequence_parallel_size = {p}; the largest size dividing both shards "
                           f"heads, the other {p // self.ulysses_size} shard LSH's sorted order by bucket)")
 

@@ -302,7 +302,7 @@ class ThreadPlan(NamedTuple):
     """Intra-op threads of each rank: the count to start with, where it comes from, and whether
     `train.threads = "auto"` tunes it (training/threads.py; `count` is then the most it may use)."""
 
-    count: int
+    count: int  # type: ignore[assignment]  # a field, shadowing tuple.count
     why: str
     auto: bool = False
 

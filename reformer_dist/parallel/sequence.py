@@ -63,10 +63,10 @@ class UlyssesAttention:
         if len(tensors) == 2:  # shared-QK LSH: DistributedAttention moves (q, k, v); k is qk and unused
             qk, v = tensors
 
-            def local(q: Tensor, _k: Tensor, vv: Tensor) -> Tensor:
+            def local(q: Tensor, k: Tensor, vv: Tensor) -> Tensor:  # k is q: shared QK
                 return fn(q, vv, inner)
 
-            args = (qk, qk, v)
+            args: tuple[Tensor, ...] = (qk, qk, v)
         else:
             def local(q: Tensor, k: Tensor, vv: Tensor) -> Tensor:
                 return fn(q, k, vv, inner)
