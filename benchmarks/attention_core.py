@@ -52,8 +52,9 @@ def run_lsh(backend: str, length: int, device: str, dtype: torch.dtype, repeats:
     grad = torch.randn(1, length, H, D, device=device, dtype=dtype, generator=g)
 
     def step():
-        out, _ = chunked_attention(qk, None, v, index, chunk_len=M, n_chunks_before=1, n_chunks_after=0, causal=True,
-                                   backend=backend)
+        out, _ = chunked_attention(
+            qk, None, v, index, chunk_len=M, n_chunks_before=1, n_chunks_after=0, causal=True, backend=backend
+        )
         torch.autograd.backward(out, grad)
 
     return _measure(step, length, device, repeats)
@@ -61,8 +62,9 @@ def run_lsh(backend: str, length: int, device: str, dtype: torch.dtype, repeats:
 
 def run_dense(length: int, device: str, dtype: torch.dtype, repeats: int) -> dict:
     g = torch.Generator(device=device).manual_seed(length)
-    q, k, v = (torch.randn(1, H, length, D, device=device, dtype=dtype, generator=g, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(1, H, length, D, device=device, dtype=dtype, generator=g, requires_grad=True) for _ in range(3)
+    )
     grad = torch.randn(1, H, length, D, device=device, dtype=dtype, generator=g)
 
     def step():
@@ -105,8 +107,11 @@ def main() -> None:
             if name in dead:
                 continue
             try:
-                r = run_dense(length, device, dtype, args.repeats) if name == "dense-sdpa" else \
-                    run_lsh(name, length, device, dtype, args.repeats)
+                r = (
+                    run_dense(length, device, dtype, args.repeats)
+                    if name == "dense-sdpa"
+                    else run_lsh(name, length, device, dtype, args.repeats)
+                )
             except (RuntimeError, torch.OutOfMemoryError) as e:
                 if not is_oom(e):
                     raise
@@ -117,8 +122,10 @@ def main() -> None:
                 if device == "cuda":
                     torch.cuda.empty_cache()
             rows.append({"length": length, "system": name, **r})
-            print(f"{name:>10} L={length:>8}: {r['ms']:9.2f} ms  {r['tok_s']:12.0f} tok/s  "
-                  f"peak {r['peak_gib']:.2f} GiB", flush=True)
+            print(
+                f"{name:>10} L={length:>8}: {r['ms']:9.2f} ms  {r['tok_s']:12.0f} tok/s  peak {r['peak_gib']:.2f} GiB",
+                flush=True,
+            )
     print("\n| L | core | fwd+bwd ms | tok/s | peak GiB |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['length']} | {r['system']} | {r['ms']:.2f} | {r['tok_s']:.0f} | {r['peak_gib']:.2f} |")

@@ -36,8 +36,7 @@ TARGET_HOG, TARGET_IDLE = 1.3, 1.05
 @contextmanager
 def cpu_hog(core: int, nice: int) -> Iterator[int]:
     """A busy loop on `core` (a separate process, niced by `nice`) for the duration of the block; its pid."""
-    code = (f"import os; os.sched_setaffinity(0, {{{core}}}); os.nice({nice})\n"
-            "while True:\n    pass\n")
+    code = f"import os; os.sched_setaffinity(0, {{{core}}}); os.nice({nice})\nwhile True:\n    pass\n"
     hog = subprocess.Popen([sys.executable, "-c", code])
     try:
         time.sleep(0.5)
@@ -55,8 +54,14 @@ def run_quickstart(threads: str, steps: int, out: Path, extra: list[str]) -> dic
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     sets = [f"output.dir={out}", f"train.threads={threads}", "logging.progress_bar=false"]
     if steps:
-        sets += [f"train.max_steps={steps}", "eval.every=0", "eval.at_end=false", "output.sample_tokens=0",
-                 "output.save_model=false", "checkpoint.at_end=false"]
+        sets += [
+            f"train.max_steps={steps}",
+            "eval.every=0",
+            "eval.at_end=false",
+            "output.sample_tokens=0",
+            "output.save_model=false",
+            "checkpoint.at_end=false",
+        ]
     cmd = [sys.executable, "-m", "reformer_dist.cli.train", "--config", str(REPO / "configs/quickstart.toml")]
     for s in sets + extra:
         cmd += ["--set", s]
@@ -68,9 +73,14 @@ def run_quickstart(threads: str, steps: int, out: Path, extra: list[str]) -> dic
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps_ = [r for r in recs if r["event"] == "step"]
     timed = [r["step_time_s"] for r in steps_[1:]]
-    return {"threads": threads, "mean_step_s": sum(timed) / len(timed), "wall_s": wall, "steps": len(steps_),
-            "counts": sorted({r["threads"] for r in steps_}),
-            "choices": [(r["step"], r["threads"], r["reason"]) for r in recs if r["event"] == "threads"]}
+    return {
+        "threads": threads,
+        "mean_step_s": sum(timed) / len(timed),
+        "wall_s": wall,
+        "steps": len(steps_),
+        "counts": sorted({r["threads"] for r in steps_}),
+        "choices": [(r["step"], r["threads"], r["reason"]) for r in recs if r["event"] == "threads"],
+    }
 
 
 def main() -> None:
@@ -105,24 +115,38 @@ def main() -> None:
             continue  # the targets compare auto with 1 thread and all cores
         ref = min(by["1"], by[str(len(cores))]) if condition == "hog" else by[str(len(cores))]
         ratio = by["auto"] / ref
-        verdicts.append(f"{condition}: auto / {against} = {ratio:.2f} (target <= {target}: "
-                        f"{'met' if ratio <= target else f'missed by {ratio / target - 1:.0%}'})")
-    table = ["| cores | setting | mean step s (idle) | wall s (idle) | mean step s (hog) | wall s (hog) "
-             "| counts used (idle / hog) |", "|---|---|---|---|---|---|---|"]
+        verdicts.append(
+            f"{condition}: auto / {against} = {ratio:.2f} (target <= {target}: "
+            f"{'met' if ratio <= target else f'missed by {ratio / target - 1:.0%}'})"
+        )
+    table = [
+        "| cores | setting | mean step s (idle) | wall s (idle) | mean step s (hog) | wall s (hog) "
+        "| counts used (idle / hog) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in settings:
         i, h = (next(r for r in rows if r["condition"] == c and r["threads"] == s) for c in ("idle", "hog"))
-        table.append(f"| {len(cores)} | {s} | {i['mean_step_s']:.3f} | {i['wall_s']:.1f} | {h['mean_step_s']:.3f} | "
-                     f"{h['wall_s']:.1f} | {i['counts']} / {h['counts']} |")
+        table.append(
+            f"| {len(cores)} | {s} | {i['mean_step_s']:.3f} | {i['wall_s']:.1f} | {h['mean_step_s']:.3f} | "
+            f"{h['wall_s']:.1f} | {i['counts']} / {h['counts']} |"
+        )
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = " ".join(["python benchmarks/cpu_threads.py", *sys.argv[1:]])
-    text = "\n".join([
-        f"## Quickstart threads: {' vs '.join(settings)}, idle and with one busy core ({when})",
-        f"`{cmd}` on {platform.node()} ({len(cores)} cores; load average {load_before[0]:.2f} before "
-        f"the first run). {'Whole quickstart' if not args.steps else f'{args.steps} steps'} per run, mean step "
-        f"time of steps 2.. (auto's probes included); the hog is a busy Python loop pinned to core {cores[-1]}, "
-        f"nice {args.hog_nice}.",
-        "", *table, "", *[f"- {v}" for v in verdicts],
-        *[f"- auto's choices ({r['condition']}): {r['choices']}" for r in rows if r["threads"] == "auto"], ""])
+    text = "\n".join(
+        [
+            f"## Quickstart threads: {' vs '.join(settings)}, idle and with one busy core ({when})",
+            f"`{cmd}` on {platform.node()} ({len(cores)} cores; load average {load_before[0]:.2f} before "
+            f"the first run). {'Whole quickstart' if not args.steps else f'{args.steps} steps'} per run, mean step "
+            f"time of steps 2.. (auto's probes included); the hog is a busy Python loop pinned to core {cores[-1]}, "
+            f"nice {args.hog_nice}.",
+            "",
+            *table,
+            "",
+            *[f"- {v}" for v in verdicts],
+            *[f"- auto's choices ({r['condition']}): {r['choices']}" for r in rows if r["threads"] == "auto"],
+            "",
+        ]
+    )
     print(text)
     if not args.no_write:
         with open(args.results, "a") as f:

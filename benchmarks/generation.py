@@ -23,10 +23,29 @@ import time
 
 import torch
 
-BENCH = dict(vocab_size=256, d_model=256, n_heads=4, d_head=64, d_ff=1024, n_layers=6,
-             attn_layers=["local", "lsh"] * 3, n_hashes=2, chunk_len=64, axial_pos_shape=[128, 256])
-TINY = dict(BENCH, d_model=32, n_heads=2, d_head=16, d_ff=64, n_layers=2, attn_layers=["local", "lsh"], chunk_len=8,
-            axial_pos_shape=[16, 16])
+BENCH = dict(
+    vocab_size=256,
+    d_model=256,
+    n_heads=4,
+    d_head=64,
+    d_ff=1024,
+    n_layers=6,
+    attn_layers=["local", "lsh"] * 3,
+    n_hashes=2,
+    chunk_len=64,
+    axial_pos_shape=[128, 256],
+)
+TINY = dict(
+    BENCH,
+    d_model=32,
+    n_heads=2,
+    d_head=16,
+    d_ff=64,
+    n_layers=2,
+    attn_layers=["local", "lsh"],
+    chunk_len=8,
+    axial_pos_shape=[16, 16],
+)
 
 
 def build(spec: dict, seed: int, length: int):
@@ -60,16 +79,26 @@ def timed(fn) -> tuple[float, object]:
 
 def run_ours(model, prompt: torch.Tensor, n: int, use_cache: bool) -> tuple[float, torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        t, (ids, logits) = timed(lambda: model.generate(prompt, n, temperature=0, use_cache=use_cache,
-                                                        return_logits=True))
+        t, (ids, logits) = timed(
+            lambda: model.generate(prompt, n, temperature=0, use_cache=use_cache, return_logits=True)
+        )
     return t, ids, logits
 
 
 def run_hf(hf, prompt: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
     # HF's Reformer prints a warning line per step for generate() keywords it does not know
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        t, ids = timed(lambda: hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                           use_cache=True, pad_token_id=0, eos_token_id=None))
+        t, ids = timed(
+            lambda: hf.generate(
+                prompt,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+        )
     return t, ids
 
 
@@ -92,11 +121,20 @@ def main(argv: list[str] | None = None) -> dict:
     ours, hf = build(spec, a.seed, a.prompt)
     prompt = torch.randint(0, spec["vocab_size"], (1, a.prompt), generator=torch.Generator().manual_seed(a.seed + 1))
     warm = prompt[:, : 4 * spec["chunk_len"]]  # first calls pay one-time costs: not timed
-    res: dict = {"prompt": a.prompt, "new": a.new, "threads": torch.get_num_threads(),
-                 "load_avg": os.getloadavg(), "torch": torch.__version__, "systems": {}}
+    res: dict = {
+        "prompt": a.prompt,
+        "new": a.new,
+        "threads": torch.get_num_threads(),
+        "load_avg": os.getloadavg(),
+        "torch": torch.__version__,
+        "systems": {},
+    }
     systems = a.systems.split(",")
-    print(f"prompt {a.prompt} tokens, {a.new} new, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {res['load_avg'][0]:.2f} at start", flush=True)
+    print(
+        f"prompt {a.prompt} tokens, {a.new} new, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {res['load_avg'][0]:.2f} at start",
+        flush=True,
+    )
     cached = None
     for name in systems:
         if name == "ours-cached":
@@ -110,8 +148,14 @@ def main(argv: list[str] | None = None) -> dict:
             run_ours(ours, warm, 2, False)
             tk, ids, logits = run_ours(ours, prompt, k, False)
             per = tk / k
-            r = dict(timed_tokens=k, total_s=tk, per_token_s=per, decode_tok_s=1 / per,
-                     extrapolated_total_s=per * a.new, extrapolated=True)
+            r = dict(
+                timed_tokens=k,
+                total_s=tk,
+                per_token_s=per,
+                decode_tok_s=1 / per,
+                extrapolated_total_s=per * a.new,
+                extrapolated=True,
+            )
             if cached is not None:  # the cache's tokens and logits vs full recompute on the first k steps
                 r["same_tokens_first_k"] = bool(torch.equal(ids, cached[0][:, : a.prompt + k]))
                 spread = logits.std(-1)

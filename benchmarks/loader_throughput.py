@@ -35,8 +35,10 @@ def main() -> None:
             for k in range(0, args.tokens, 1 << 22):
                 w.add("train", rng.integers(0, 257, size=min(1 << 22, args.tokens - k), dtype=np.uint16))
         store = TokenStore.open(tmp)
-        print(f"store: {store.num_tokens('train'):,} tokens in {store.num_shards('train')} shards of "
-              f"{args.shard_tokens:,} ({store.dtype.name})")
+        print(
+            f"store: {store.num_tokens('train'):,} tokens in {store.num_shards('train')} shards of "
+            f"{args.shard_tokens:,} ({store.dtype.name})"
+        )
         for seq_len, micro_batch in CASES:
             loader = WindowLoader(store, seq_len=seq_len, micro_batch=micro_batch, seed=0)
             it = iter(loader)
@@ -46,8 +48,10 @@ def main() -> None:
                 next(it)
                 batches += 1
             tok_s = batches * micro_batch * seq_len / elapsed
-            print(f"seq_len {seq_len:>9,}  micro_batch {micro_batch}  {tok_s / 1e6:8.1f}M tokens/s  "
-                  f"({elapsed / batches * 1e3:.2f} ms/batch)")
+            print(
+                f"seq_len {seq_len:>9,}  micro_batch {micro_batch}  {tok_s / 1e6:8.1f}M tokens/s  "
+                f"({elapsed / batches * 1e3:.2f} ms/batch)"
+            )
 
 
 if __name__ == "__main__":

@@ -37,18 +37,35 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 # the trainer's settings every experiment shares (a CPU run, one process)
-COMMON = ["train.grad_clip=1.0", "eval.every=0", "eval.at_end=false", "checkpoint.every=0",
-          "checkpoint.at_end=false", "output.sample_tokens=0", "logging.tensorboard=false", "logging.log_every=10"]
+COMMON = [
+    "train.grad_clip=1.0",
+    "eval.every=0",
+    "eval.at_end=false",
+    "checkpoint.every=0",
+    "checkpoint.at_end=false",
+    "output.sample_tokens=0",
+    "logging.tensorboard=false",
+    "logging.log_every=10",
+]
 
 
-def model_sets(d_model: int, n_layers: int, layers: list[str], n_hashes: int, chunk: int, max_len: int,
-               vocab: int) -> list[str]:
+def model_sets(
+    d_model: int, n_layers: int, layers: list[str], n_hashes: int, chunk: int, max_len: int, vocab: int
+) -> list[str]:
     heads = max(1, d_model // 64)
     side = 1 << ((max_len - 1).bit_length() + 1) // 2  # axial shape [a, b] with a * b >= max_len
-    return [f"model.vocab_size={vocab}", f"model.d_model={d_model}", f"model.n_heads={heads}",
-            f"model.d_head={d_model // heads}", f"model.d_ff={2 * d_model}", f"model.n_layers={n_layers}",
-            f"model.attn_layers={json.dumps(layers)}", f"model.n_hashes={n_hashes}", f"model.chunk_len={chunk}",
-            f"model.axial_pos_shape=[{-(-max_len // side)}, {side}]"]
+    return [
+        f"model.vocab_size={vocab}",
+        f"model.d_model={d_model}",
+        f"model.n_heads={heads}",
+        f"model.d_head={d_model // heads}",
+        f"model.d_ff={2 * d_model}",
+        f"model.n_layers={n_layers}",
+        f"model.attn_layers={json.dumps(layers)}",
+        f"model.n_hashes={n_hashes}",
+        f"model.chunk_len={chunk}",
+        f"model.axial_pos_shape=[{-(-max_len // side)}, {side}]",
+    ]
 
 
 class Experiment:
@@ -90,8 +107,18 @@ class Experiment:
         run_dir = self.out / name
         steps = int(next(s for s in sets if s.startswith("train.max_steps=")).split("=")[1])
         sets = COMMON + [f"train.warmup_steps={min(50, steps // 10 + 1)}"] + sets + [f"output.dir={run_dir}"]
-        self.run(f"train {name}", [PY, "-m", "reformer_dist.cli.train", "--config", "configs/quickstart.toml",
-                                   *[a for s in sets for a in ("--set", s)]], self.time_limit)
+        self.run(
+            f"train {name}",
+            [
+                PY,
+                "-m",
+                "reformer_dist.cli.train",
+                "--config",
+                "configs/quickstart.toml",
+                *[a for s in sets for a in ("--set", s)],
+            ],
+            self.time_limit,
+        )
         steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         # step records come every logging.log_every steps; end / preempted records carry the last step
         self.runs[-1]["steps_reached"] = max((r["step"] for r in steps if isinstance(r.get("step"), int)), default=0)
@@ -101,14 +128,19 @@ class Experiment:
 
     def eval(self, name: str, model: Path, *args: str) -> dict:
         out = self.out / f"{name}.json"
-        self.run(f"eval {name}", [PY, "-m", "reformer_dist.cli.eval", str(model), *args, "--out", str(out),
-                                  "--no-progress"])
+        self.run(
+            f"eval {name}", [PY, "-m", "reformer_dist.cli.eval", str(model), *args, "--out", str(out), "--no-progress"]
+        )
         return json.loads(out.read_text())
 
     def finish(self, summary: dict, table: str) -> None:
         summary["runs"], summary["steps_reached"] = self.runs, self.steps
-        table += ("\n\nsteps reached: " + ", ".join(f"{k} {v}" for k, v in self.steps.items())
-                  + "; wall time per run: " + ", ".join(f"{r['name']} {r['seconds']:.0f} s" for r in self.runs))
+        table += (
+            "\n\nsteps reached: "
+            + ", ".join(f"{k} {v}" for k, v in self.steps.items())
+            + "; wall time per run: "
+            + ", ".join(f"{r['name']} {r['seconds']:.0f} s" for r in self.runs)
+        )
         summary["wall_seconds"] = round(sum(r["seconds"] for r in self.runs), 1)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         (self.out / "summary.md").write_text(table + "\n")
@@ -122,25 +154,49 @@ def _pct(x: float | None) -> str:
 
 def table2(a: argparse.Namespace, x: Experiment) -> None:
     n = a.length
-    x.data("synth", "--task", "duplication", "--lengths", str(n), "--symbols", str(a.symbols), "--examples",
-           str(a.examples), "--train-examples", str(a.train_examples), "--seed", "0", "--out",
-           str(x.out / "data"), "--overwrite")
+    x.data(
+        "synth",
+        "--task",
+        "duplication",
+        "--lengths",
+        str(n),
+        "--symbols",
+        str(a.symbols),
+        "--examples",
+        str(a.examples),
+        "--train-examples",
+        str(a.train_examples),
+        "--seed",
+        "0",
+        "--out",
+        str(x.out / "data"),
+        "--overwrite",
+    )
     rounds = "1,2,4,8,full"
     results = {}
     variants = (("lsh1", ["lsh"], 1), ("lsh2", ["lsh"], 2), ("lsh4", ["lsh"], 4), ("full", ["full"], 1))
     for name, layers, hashes in [v for v in variants if v[0] in a.variants.split(",")]:
         sets = model_sets(a.d_model, 1, layers, hashes, a.chunk, n, a.symbols + 2) + [
-            f"data.path={x.out / 'data'}", f"data.seq_len={n}", "data.document_masking=true",
-            "data.reset_positions=true", f"train.max_steps={a.steps}", f"train.micro_batch={a.batch}",
-            f"train.lr={a.lr}"]
+            f"data.path={x.out / 'data'}",
+            f"data.seq_len={n}",
+            "data.document_masking=true",
+            "data.reset_positions=true",
+            f"train.max_steps={a.steps}",
+            f"train.micro_batch={a.batch}",
+            f"train.lr={a.lr}",
+        ]
         model = x.train(name, sets)
         args = ["--data", str(x.out / "data"), "--task", "--batch-size", "4"]
         res = x.eval(name, model, *args, *(["--n-hashes", rounds] if layers == ["lsh"] else []))
         results[name] = {_key(r["n_hashes"]): r["accuracy"] for r in res["rows"]}
     cols = ["1", "2", "4", "8", "full"]
-    lines = [f"Duplication, length {n}, {a.symbols} symbols, 1 layer d_model {a.d_model}, max {a.steps} steps x "
-             f"{a.batch} sequences (accuracy on the copied half, teacher-forced; chance {100 / a.symbols:.1f}%)", "",
-             "| trained with | eval LSH-1 | LSH-2 | LSH-4 | LSH-8 | full |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Duplication, length {n}, {a.symbols} symbols, 1 layer d_model {a.d_model}, max {a.steps} steps x "
+        f"{a.batch} sequences (accuracy on the copied half, teacher-forced; chance {100 / a.symbols:.1f}%)",
+        "",
+        "| trained with | eval LSH-1 | LSH-2 | LSH-4 | LSH-8 | full |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, accs in results.items():
         row = [None] * 4 + [accs.get("trained")] if name == "full" else [accs.get(c) for c in cols]
         lines.append(f"| {name} | " + " | ".join(_pct(v) for v in row) + " |")
@@ -153,21 +209,46 @@ def _key(r) -> str:
 
 def retrieval(a: argparse.Namespace, x: Experiment) -> None:
     n = a.length
-    x.data("synth", "--task", "passkey", "--lengths", str(n), "--depths", a.depths, "--examples", str(a.examples),
-           "--train-examples", str(a.train_examples), "--seed", "0", "--out", str(x.out / "data"), "--overwrite")
+    x.data(
+        "synth",
+        "--task",
+        "passkey",
+        "--lengths",
+        str(n),
+        "--depths",
+        a.depths,
+        "--examples",
+        str(a.examples),
+        "--train-examples",
+        str(a.train_examples),
+        "--seed",
+        "0",
+        "--out",
+        str(x.out / "data"),
+        "--overwrite",
+    )
     results = {}
     for name, layers in (("lsh", ["local", "lsh"] * (a.layers // 2)), ("local", ["local"] * a.layers)):
         sets = model_sets(a.d_model, a.layers, layers, a.n_hashes, a.chunk, n, 257) + [
-            f"data.path={x.out / 'data'}", f"data.seq_len={n}", "data.document_masking=true",
-            "data.reset_positions=true", f"train.max_steps={a.steps}", f"train.micro_batch={a.batch}",
-            f"train.lr={a.lr}"]
+            f"data.path={x.out / 'data'}",
+            f"data.seq_len={n}",
+            "data.document_masking=true",
+            "data.reset_positions=true",
+            f"train.max_steps={a.steps}",
+            f"train.micro_batch={a.batch}",
+            f"train.lr={a.lr}",
+        ]
         res = x.eval(name, x.train(name, sets), "--data", str(x.out / "data"), "--task", "--batch-size", "2")
         results[name] = {f"{c['depth']:g}": c["accuracy"] for c in res["rows"][0]["cells"]}
     depths = list(results["lsh"])
     window = 2 * a.chunk  # local attention: own chunk + 1 before
-    lines = [f"Passkey retrieval, {n}-byte documents, {a.layers} layers d_model {a.d_model}, local window {window} "
-             f"tokens, {a.steps} steps x {a.batch} (accuracy on the key digits; chance 10%)", "",
-             "| model | " + " | ".join(f"depth {d}" for d in depths) + " |", "|---|" + "---|" * len(depths)]
+    lines = [
+        f"Passkey retrieval, {n}-byte documents, {a.layers} layers d_model {a.d_model}, local window {window} "
+        f"tokens, {a.steps} steps x {a.batch} (accuracy on the key digits; chance 10%)",
+        "",
+        "| model | " + " | ".join(f"depth {d}" for d in depths) + " |",
+        "|---|" + "---|" * len(depths),
+    ]
     for name, accs in results.items():
         lines.append(f"| {name} | " + " | ".join(_pct(accs[d]) for d in depths) + " |")
     x.finish({"experiment": "retrieval", "args": vars(a), "accuracy": results}, "\n".join(lines))
@@ -176,21 +257,52 @@ def retrieval(a: argparse.Namespace, x: Experiment) -> None:
 def positions(a: argparse.Namespace, x: Experiment) -> None:
     n = a.length
     results, files = {}, []
-    for name, layers in (("lsh", ["local", "lsh"] * (a.layers // 2)), ("full", ["full"] * a.layers),
-                         ("local", ["local"] * a.layers)):
+    for name, layers in (
+        ("lsh", ["local", "lsh"] * (a.layers // 2)),
+        ("full", ["full"] * a.layers),
+        ("local", ["local"] * a.layers),
+    ):
         sets = model_sets(a.d_model, a.layers, layers, a.n_hashes, a.chunk, n, 257) + [
-            "data.path=builtin", f"data.seq_len={n}", f"train.max_steps={a.steps}", f"train.micro_batch={a.batch}",
-            f"train.lr={a.lr}"]
-        res = x.eval(name, x.train(name, sets), "--data", "builtin", "--seq-len", str(n), "--max-tokens",
-                     str(a.eval_tokens), "--no-plot")
+            "data.path=builtin",
+            f"data.seq_len={n}",
+            f"train.max_steps={a.steps}",
+            f"train.micro_batch={a.batch}",
+            f"train.lr={a.lr}",
+        ]
+        res = x.eval(
+            name,
+            x.train(name, sets),
+            "--data",
+            "builtin",
+            "--seq-len",
+            str(n),
+            "--max-tokens",
+            str(a.eval_tokens),
+            "--no-plot",
+        )
         results[name] = res["rows"][0]
         files.append(str(x.out / f"{name}.json"))
-    x.run("plot", [PY, "-m", "reformer_dist.cli.plot", *files, "--out", str(x.out / "positions.png"),
-                   "--title", f"loss by position, {n}-byte windows of the built-in corpus, {a.steps} steps"])
+    x.run(
+        "plot",
+        [
+            PY,
+            "-m",
+            "reformer_dist.cli.plot",
+            *files,
+            "--out",
+            str(x.out / "positions.png"),
+            "--title",
+            f"loss by position, {n}-byte windows of the built-in corpus, {a.steps} steps",
+        ],
+    )
     bins = [f"{b['lo']}-{b['hi']}" for b in results["lsh"]["by_position"]]
-    lines = [f"Loss by position (nats/byte), built-in corpus validation, seq_len {n}, {a.layers} layers d_model "
-             f"{a.d_model}, {a.steps} steps x {a.batch}; local window {2 * a.chunk}", "",
-             "| positions | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    lines = [
+        f"Loss by position (nats/byte), built-in corpus validation, seq_len {n}, {a.layers} layers d_model "
+        f"{a.d_model}, {a.steps} steps x {a.batch}; local window {2 * a.chunk}",
+        "",
+        "| positions | " + " | ".join(results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
     for i, b in enumerate(bins):
         vals = [results[k]["by_position"][i]["loss"] for k in results]
         lines.append(f"| {b} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
@@ -200,32 +312,95 @@ def positions(a: argparse.Namespace, x: Experiment) -> None:
 
 # experiment -> (its function, full-size defaults, --smoke sizes)
 EXPERIMENTS = {
-    "table2": (table2, dict(length=1024, symbols=128, d_model=128, chunk=64, steps=600, batch=8, lr=1e-3,
-                            examples=32, train_examples=6000, variants="lsh1,lsh2,lsh4,full"),
-               dict(length=64, symbols=8, d_model=32, chunk=8, steps=2, batch=2, lr=1e-3, examples=2,
-                    train_examples=16, variants="lsh1,lsh2,lsh4,full")),
-    "retrieval": (retrieval, dict(length=4096, depths="0,0.25,0.5,0.75,0.9,1", layers=4, d_model=128, chunk=64,
-                                  n_hashes=2, steps=600, batch=4, lr=1e-3, examples=16, train_examples=3000),
-                  dict(length=256, depths="0,0.5,1", layers=2, d_model=32, chunk=16, n_hashes=2, steps=2, batch=2,
-                       lr=1e-3, examples=2, train_examples=8)),
-    "positions": (positions, dict(length=4096, layers=4, d_model=128, chunk=64, n_hashes=2, steps=600, batch=2,
-                                  lr=1e-3, eval_tokens=200_000),
-                  dict(length=128, layers=2, d_model=32, chunk=16, n_hashes=2, steps=2, batch=2, lr=1e-3,
-                       eval_tokens=512)),
+    "table2": (
+        table2,
+        dict(
+            length=1024,
+            symbols=128,
+            d_model=128,
+            chunk=64,
+            steps=600,
+            batch=8,
+            lr=1e-3,
+            examples=32,
+            train_examples=6000,
+            variants="lsh1,lsh2,lsh4,full",
+        ),
+        dict(
+            length=64,
+            symbols=8,
+            d_model=32,
+            chunk=8,
+            steps=2,
+            batch=2,
+            lr=1e-3,
+            examples=2,
+            train_examples=16,
+            variants="lsh1,lsh2,lsh4,full",
+        ),
+    ),
+    "retrieval": (
+        retrieval,
+        dict(
+            length=4096,
+            depths="0,0.25,0.5,0.75,0.9,1",
+            layers=4,
+            d_model=128,
+            chunk=64,
+            n_hashes=2,
+            steps=600,
+            batch=4,
+            lr=1e-3,
+            examples=16,
+            train_examples=3000,
+        ),
+        dict(
+            length=256,
+            depths="0,0.5,1",
+            layers=2,
+            d_model=32,
+            chunk=16,
+            n_hashes=2,
+            steps=2,
+            batch=2,
+            lr=1e-3,
+            examples=2,
+            train_examples=8,
+        ),
+    ),
+    "positions": (
+        positions,
+        dict(
+            length=4096, layers=4, d_model=128, chunk=64, n_hashes=2, steps=600, batch=2, lr=1e-3, eval_tokens=200_000
+        ),
+        dict(length=128, layers=2, d_model=32, chunk=16, n_hashes=2, steps=2, batch=2, lr=1e-3, eval_tokens=512),
+    ),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("experiment", choices=sorted(EXPERIMENTS))
     p.add_argument("--smoke", action="store_true", help="toy sizes: checks the pipeline end to end in seconds")
     p.add_argument("--out", type=Path, help="output folder (default runs/long_context/<experiment>[_smoke])")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every run")
-    p.add_argument("--time-limit", type=float, help="seconds per training run: then it checkpoints and stops, and "
-                   "the checkpoint is evaluated (the steps reached are in its metrics.jsonl)")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="change a default of the experiment (e.g. --set steps=2000 --set length=2048)")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        help="seconds per training run: then it checkpoints and stops, and "
+        "the checkpoint is evaluated (the steps reached are in its metrics.jsonl)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="change a default of the experiment (e.g. --set steps=2000 --set length=2048)",
+    )
     a = p.parse_args(argv)
     fn, full, smoke = EXPERIMENTS[a.experiment]
     params = dict(smoke if a.smoke else full)

@@ -33,10 +33,21 @@ def bench_config(args, length: int):
     from reformer_dist import ReformerConfig
 
     a = 2 ** ((int(length).bit_length() + 1) // 2)
-    return ReformerConfig(vocab_size=256, d_model=args.d_model, n_heads=args.heads, d_head=args.d_model // args.heads,
-                          d_ff=4 * args.d_model, n_layers=args.layers, n_hashes=args.hashes, chunk_len=64,
-                          axial_pos_shape=[a, max(64, 2 * length // a)], ff_chunk_len=4096, loss_chunk_len=4096,
-                          attention_backend=args.backend, head_groups=args.head_groups)
+    return ReformerConfig(
+        vocab_size=256,
+        d_model=args.d_model,
+        n_heads=args.heads,
+        d_head=args.d_model // args.heads,
+        d_ff=4 * args.d_model,
+        n_layers=args.layers,
+        n_hashes=args.hashes,
+        chunk_len=64,
+        axial_pos_shape=[a, max(64, 2 * length // a)],
+        ff_chunk_len=4096,
+        loss_chunk_len=4096,
+        attention_backend=args.backend,
+        head_groups=args.head_groups,
+    )
 
 
 def one(length: int, args) -> dict:
@@ -87,8 +98,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--backend", default="auto", help="attention core (auto, reference, blockwise, triton)")
-    ap.add_argument("--head-groups", type=int, default=0,
-                    help="model.head_groups (0: by length, the model's rule; the prediction uses the largest length's)")
+    ap.add_argument(
+        "--head-groups",
+        type=int,
+        default=0,
+        help="model.head_groups (0: by length, the model's rule; the prediction uses the largest length's)",
+    )
     ap.add_argument("--tracked", action="store_true", help="count allocations exactly (small lengths)")
     ap.add_argument("--json", help="write the summary here")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
@@ -98,9 +113,26 @@ def main() -> None:
         return
     peaks = {}
     for length in [int(x) for x in args.lengths.split(",")]:
-        cmd = [sys.executable, __file__, "--one", str(length), "--d-model", str(args.d_model), "--heads",
-               str(args.heads), "--hashes", str(args.hashes), "--layers", str(args.layers), "--dtype", args.dtype,
-               "--backend", args.backend, "--head-groups", str(args.head_groups)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            str(length),
+            "--d-model",
+            str(args.d_model),
+            "--heads",
+            str(args.heads),
+            "--hashes",
+            str(args.hashes),
+            "--layers",
+            str(args.layers),
+            "--dtype",
+            args.dtype,
+            "--backend",
+            args.backend,
+            "--head-groups",
+            str(args.head_groups),
+        ]
         cmd += ["--tracked"] if args.tracked else []
         # glibc raises its mmap threshold up to 32 MiB as blocks are freed, then serves such tensors from the heap,
         # whose freed pages stay in RSS: a fixed threshold keeps RSS following tensor memory at every length
@@ -117,20 +149,36 @@ def main() -> None:
     for (a, b), s in zip(zip(ls, ls[1:]), slopes):
         print(f"slope {a}->{b}: {s:.0f} B/token ({s / 1024:.2f} KiB)")
     groups = bench_config(args, ls[-1]).head_groups_for(ls[-1])
-    terms = predicted_bytes_per_token(args.d_model, args.heads, args.d_model // args.heads, args.hashes,
-                                      compute_bytes=2 if args.dtype == "bf16" else 4, groups=groups)
+    terms = predicted_bytes_per_token(
+        args.d_model,
+        args.heads,
+        args.d_model // args.heads,
+        args.hashes,
+        compute_bytes=2 if args.dtype == "bf16" else 4,
+        groups=groups,
+    )
     print(f"head groups: {groups} (model.head_groups={args.head_groups})")
     pred = sum(terms.values())
     for k, v in terms.items():
         print(f"  model: {k}: {v:.0f} B/token")
     slope = slopes[-1]
     const = peaks[ls[-1]] - slope * ls[-1]
-    print(f"measured {slope:.0f} B/token, model {pred:.0f} B/token (measured / model {slope / pred:.3f}); "
-          f"intercept {const / GIB:.2f} GiB")
+    print(
+        f"measured {slope:.0f} B/token, model {pred:.0f} B/token (measured / model {slope / pred:.3f}); "
+        f"intercept {const / GIB:.2f} GiB"
+    )
     params = 17.7e6 * (args.d_model / 512) ** 2 * args.layers / 6
     gpu_const = 16 * params + 1.0 * GIB  # fp32 weights+grads+Adam, plus CUDA context, blocks and allocator slack
-    summary = {"lengths": ls, "peaks": [peaks[x] for x in ls], "slopes": slopes, "model": pred, "terms": terms,
-               "dtype": args.dtype, "tracked": args.tracked, "head_groups": groups}
+    summary = {
+        "lengths": ls,
+        "peaks": [peaks[x] for x in ls],
+        "slopes": slopes,
+        "model": pred,
+        "terms": terms,
+        "dtype": args.dtype,
+        "tracked": args.tracked,
+        "head_groups": groups,
+    }
     for n in (1 << 20, 1 << 22):
         summary[f"predicted_peak_gib_{n >> 20}M"] = (gpu_const + slope * n) / GIB
         print(f"predicted GPU peak at {n >> 20}M tokens: {(gpu_const + slope * n) / GIB:.1f} GiB")

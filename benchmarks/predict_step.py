@@ -118,8 +118,17 @@ class Cost:
 
     __slots__ = ("ops",)
 
-    def __init__(self, mm: float = 0.0, vec: float = 0.0, exp: float = 0.0, bytes: float = 0.0,
-                 launches: float = 0.0, eff: float = MM_EFF["gemm"], *, ops: list[tuple] | None = None):
+    def __init__(
+        self,
+        mm: float = 0.0,
+        vec: float = 0.0,
+        exp: float = 0.0,
+        bytes: float = 0.0,
+        launches: float = 0.0,
+        eff: float = MM_EFF["gemm"],
+        *,
+        ops: list[tuple] | None = None,
+    ):
         if ops is not None:
             self.ops = ops
         else:
@@ -160,8 +169,10 @@ class Cost:
 
     def adjusted_s(self, hbm: float = HBM_BYTES_S) -> float:
         """Per op: the stated matmul efficiency, the CUDA-core and exp rates, 80% of HBM, the host launch floor."""
-        return sum(max(mm / (PEAK_FLOPS * eff) + vec / VECTOR_FLOPS + ex / EXP_PER_S, nb / (hbm * BW_EFF),
-                       n * LAUNCH_S) for mm, vec, ex, nb, n, eff in self.ops)
+        return sum(
+            max(mm / (PEAK_FLOPS * eff) + vec / VECTOR_FLOPS + ex / EXP_PER_S, nb / (hbm * BW_EFF), n * LAUNCH_S)
+            for mm, vec, ex, nb, n, eff in self.ops
+        )
 
 
 def ew(read: float, write: float, vec: float = 0.0, launches: float = 1.0, exp: float = 0.0) -> Cost:
@@ -238,35 +249,64 @@ def core_kernels(s: CoreShape) -> dict[str, Cost]:
     tile = 2.0 * pq * pk * bd  # one chunk's [q, D] x [D, k] products over all its sub-tiles
     progs = s.rounds * s.length // m * s.b * s.h  # chunks (each nq or nk programs)
     key_prep = (4 if s.shared_qk else 1) * pk * bd * nq  # RMS-normalise (shared QK) or scale, per query sub-tile
-    fwd = Cost(mm=w * 2 * tile, vec=w * (_mask_ops(s) * pq * pk + key_prep + 2 * pq * bd * nk) + pq * bd,
-               exp=w * (pq * pk + pq * nk), bytes=m * ib + row + w * (m * ib + 2 * row) * nq + row + 2 * m * F4,
-               launches=0)
-    dq = Cost(mm=w * 3 * tile, vec=w * ((_mask_ops(s) + 5) * pq * pk + key_prep), exp=w * pq * pk,
-              bytes=m * ib + 2 * row + 3 * m * F4 + w * (m * ib + 2 * row) * nq + m * dd * 2 * F4, launches=0)
-    dkdv = Cost(mm=w * 4 * tile,
-                vec=w * (_mask_ops(s) + 6) * pq * pk + key_prep / nq + (8 * pk * bd if s.shared_qk else 0),
-                exp=w * pq * pk,
-                bytes=(m * ib + 2 * row + w * (m * ib + 2 * row + 3 * m * F4) * nk + 2 * m * dd * 2 * F4
-                       + (row if s.shared_qk else 0)), launches=0)  # shared QK: raw key rows read again at the end
+    fwd = Cost(
+        mm=w * 2 * tile,
+        vec=w * (_mask_ops(s) * pq * pk + key_prep + 2 * pq * bd * nk) + pq * bd,
+        exp=w * (pq * pk + pq * nk),
+        bytes=m * ib + row + w * (m * ib + 2 * row) * nq + row + 2 * m * F4,
+        launches=0,
+    )
+    dq = Cost(
+        mm=w * 3 * tile,
+        vec=w * ((_mask_ops(s) + 5) * pq * pk + key_prep),
+        exp=w * pq * pk,
+        bytes=m * ib + 2 * row + 3 * m * F4 + w * (m * ib + 2 * row) * nq + m * dd * 2 * F4,
+        launches=0,
+    )
+    dkdv = Cost(
+        mm=w * 4 * tile,
+        vec=w * (_mask_ops(s) + 6) * pq * pk + key_prep / nq + (8 * pk * bd if s.shared_qk else 0),
+        exp=w * pq * pk,
+        bytes=(
+            m * ib
+            + 2 * row
+            + w * (m * ib + 2 * row + 3 * m * F4) * nk
+            + 2 * m * dd * 2 * F4
+            + (row if s.shared_qk else 0)
+        ),
+        launches=0,
+    )  # shared QK: raw key rows read again at the end
     # fp32 atomics (dq, dk, dv) are counted as a read and a write of 4 bytes each
     att = MM_EFF["attention"]
-    return {name: (c * progs).merged(launches=s.h, eff=att) for name, c in (("_fwd", fwd), ("_bwd_dq", dq),
-                                                                          ("_bwd_dkdv", dkdv))}
+    return {
+        name: (c * progs).merged(launches=s.h, eff=att)
+        for name, c in (("_fwd", fwd), ("_bwd_dq", dq), ("_bwd_dkdv", dkdv))
+    }
 
 
 def core_glue(s: CoreShape) -> dict[str, Cost]:
     """PyTorch ops around the kernels (``triton_lsh._forward`` / ``_backward``), all heads."""
     bt, r, dd = s.b * s.length, s.rounds, s.d
     # forward, per head: merge the rounds' (m, l) into the lse and the rounds' outputs into one
-    stats = (ew(F4 * r * bt, F4 * bt) + ew(F4 * (r + 1) * bt, F4 * r * bt) + ew(F4 * r * bt, F4 * r * bt, exp=r * bt)
-             + ew(2 * F4 * r * bt, F4 * r * bt) + ew(F4 * r * bt, F4 * bt)  # amax, sub, exp, mul, sum
-             + ew(F4 * bt, F4 * bt, exp=bt) + 3 * ew(2 * F4 * bt, F4 * bt)  # split_lse: log, add, sub, add
-             + 2 * ew(F4 * bt, F4 * bt))  # lse[:, :, head], lse_lo[:, :, head]
+    stats = (
+        ew(F4 * r * bt, F4 * bt)
+        + ew(F4 * (r + 1) * bt, F4 * r * bt)
+        + ew(F4 * r * bt, F4 * r * bt, exp=r * bt)
+        + ew(2 * F4 * r * bt, F4 * r * bt)
+        + ew(F4 * r * bt, F4 * bt)  # amax, sub, exp, mul, sum
+        + ew(F4 * bt, F4 * bt, exp=bt)
+        + 3 * ew(2 * F4 * bt, F4 * bt)  # split_lse: log, add, sub, add
+        + 2 * ew(F4 * bt, F4 * bt)
+    )  # lse[:, :, head], lse_lo[:, :, head]
     if r == 1:
         outs = ew(E * bt * dd, E * bt * dd)
     else:
-        per_round = (ew(E * bt * dd, F4 * bt * dd) + ew(2 * F4 * bt, F4 * bt) + ew(F4 * bt * (dd + 1), F4 * bt * dd)
-                     + ew(2 * F4 * bt * dd, F4 * bt * dd))  # .float(), w / den, multiply, add_
+        per_round = (
+            ew(E * bt * dd, F4 * bt * dd)
+            + ew(2 * F4 * bt, F4 * bt)
+            + ew(F4 * bt * (dd + 1), F4 * bt * dd)
+            + ew(2 * F4 * bt * dd, F4 * bt * dd)
+        )  # .float(), w / den, multiply, add_
         outs = ew(0, F4 * bt * dd) + r * per_round + ew(F4 * bt * dd, E * bt * dd)  # zeros, rounds, out[:, :, head]
     fwd = (stats + outs) * s.h
     n_acc = 2 if s.shared_qk else 3  # gradient accumulators per head: dq (+ dk), dv
@@ -292,16 +332,22 @@ def hashing_cost(b: int, length: int, h: int, d: int, rounds: int, factors: list
     c = ew(0, F4 * rot, launches=2)  # randn rotations
     elementwise = ew(E * btd, F4 * btd)  # .float() of the block (the rotations are fp32 already)
     # the [H, l, D] operand of the bmm is a strided batch: no copy
-    bmm = Cost(mm=2.0 * n * h * d * rounds * cols, bytes=F4 * btd + F4 * rot * blocks + F4 * bthr * cols,
-               launches=blocks)
+    bmm = Cost(
+        mm=2.0 * n * h * d * rounds * cols, bytes=F4 * btd + F4 * rot * blocks + F4 * bthr * cols, launches=blocks
+    )
     elementwise = elementwise + ew(0, F4 * bthr) + ew(F4 * bthr, F4 * bthr)  # zeros accumulator, out[..., s:e] = acc
     for f in factors:
         half = f // 2
         elementwise = elementwise + 2 * ew(F4 * bthr * half, (F4 + 8) * bthr, vec=bthr * half)  # max, min (+ index)
         # -lo, >=, arg_lo + n
         elementwise = elementwise + ew(F4 * bthr, F4 * bthr) + ew(2 * F4 * bthr, bthr) + ew(8 * bthr, 8 * bthr)
-        elementwise = elementwise + ew(17 * bthr, 8 * bthr) + ew(8 * bthr, 4 * bthr) + ew(4 * bthr, 4 * bthr) \
-            + ew(8 * bthr, 4 * bthr)  # where, .to(int32), scale *, acc +=
+        elementwise = (
+            elementwise
+            + ew(17 * bthr, 8 * bthr)
+            + ew(8 * bthr, 4 * bthr)
+            + ew(4 * bthr, 4 * bthr)
+            + ew(8 * bthr, 4 * bthr)
+        )  # where, .to(int32), scale *, acc +=
     # per block: .float(), zeros, store and 9 ops per factor (+ the bmm)
     return c + bmm + elementwise.merged(launches=(3 + 9 * len(factors)) * blocks)
 
@@ -326,8 +372,9 @@ def sort_cost(b: int, h: int, rounds: int, length: int) -> Cost:
 class StepCount:
     """All ops of one training step of ``cfg`` at ``length`` tokens (batch ``batch``): cost per (term, phase)."""
 
-    def __init__(self, cfg: ReformerConfig, length: int, batch: int = 1, optimizer: bool = True,
-                 hbm: float = HBM_BYTES_S):
+    def __init__(
+        self, cfg: ReformerConfig, length: int, batch: int = 1, optimizer: bool = True, hbm: float = HBM_BYTES_S
+    ):
         self.cfg, self.batch, self.optimizer, self.hbm = cfg, batch, optimizer, hbm
         self.length = length
         self.padded = self._padded(length)
@@ -353,8 +400,11 @@ class StepCount:
         c = self.cfg
         inner = c.n_heads * c.d_head
         proj = sum((2 if t == "lsh" else 3) * c.d_model * inner + inner * c.d_model for t in c.attn_layers)
-        return {"projections": proj, "feed-forward": 2 * c.n_layers * c.d_model * c.d_ff,
-                "head": 2 * c.d_model * c.vocab_size}
+        return {
+            "projections": proj,
+            "feed-forward": 2 * c.n_layers * c.d_model * c.d_ff,
+            "head": 2 * c.d_model * c.vocab_size,
+        }
 
     def n_params(self) -> int:
         """``ReformerLM.num_parameters()`` of this config, counted from the shapes."""
@@ -383,14 +433,21 @@ class StepCount:
             attn_w = ((2 if kind == "lsh" else 3) + 1) * dm * inner
             ff_w = 2 * dm * c.d_ff
             n_ff = len(self._ff_chunks())
-            self.add("weight casts + grad accumulation", "forward",
-                     ew(F4 * (attn_w + ff_w), E * (attn_w + ff_w), launches=4))
-            self.add("weight casts + grad accumulation", "recompute",
-                     ew(F4 * (attn_w + n_ff * ff_w), E * (attn_w + n_ff * ff_w), launches=4 + 2 * n_ff))
+            self.add(
+                "weight casts + grad accumulation", "forward", ew(F4 * (attn_w + ff_w), E * (attn_w + ff_w), launches=4)
+            )
+            self.add(
+                "weight casts + grad accumulation",
+                "recompute",
+                ew(F4 * (attn_w + n_ff * ff_w), E * (attn_w + n_ff * ff_w), launches=4 + 2 * n_ff),
+            )
             # dW (bf16) -> fp32, then accumulated into .grad (the first chunk's is taken as is)
-            self.add("weight casts + grad accumulation", "backward",
-                     ew(E * (attn_w + n_ff * ff_w), F4 * (attn_w + n_ff * ff_w), launches=4 + 2 * n_ff)
-                     + ew(2 * F4 * (n_ff - 1) * ff_w, F4 * (n_ff - 1) * ff_w, launches=2 * (n_ff - 1)))
+            self.add(
+                "weight casts + grad accumulation",
+                "backward",
+                ew(E * (attn_w + n_ff * ff_w), F4 * (attn_w + n_ff * ff_w), launches=4 + 2 * n_ff)
+                + ew(2 * F4 * (n_ff - 1) * ff_w, F4 * (n_ff - 1) * ff_w, launches=2 * (n_ff - 1)),
+            )
         self._head(n)
         if self.optimizer:
             p = self.n_params()
@@ -428,8 +485,19 @@ class StepCount:
         if kind == "lsh":
             if t <= c.chunk_len:  # one chunk: plain attention, no hashing
                 return CoreShape(self.batch, t, c.n_heads, c.d_head, t, 1, 1, True, False, c.causal, True)
-            return CoreShape(self.batch, t, c.n_heads, c.d_head, c.chunk_len, 1 + c.n_chunks_before + c.n_chunks_after,
-                             c.n_hashes, True, True, c.causal, True)
+            return CoreShape(
+                self.batch,
+                t,
+                c.n_heads,
+                c.d_head,
+                c.chunk_len,
+                1 + c.n_chunks_before + c.n_chunks_after,
+                c.n_hashes,
+                True,
+                True,
+                c.causal,
+                True,
+            )
         m = min(c.local_chunk, t)
         w = 1 + c.local_n_chunks_before + c.local_n_chunks_after if t > c.local_chunk else 1
         return CoreShape(self.batch, t, c.n_heads, c.d_head, m, w, 1, False, False, c.causal, False)
@@ -441,11 +509,17 @@ class StepCount:
         pair = 2.0 * b * c.n_heads * t * t * c.d_head * frac
         btd = b * t * c.n_heads * c.d_head
         if phase == "backward":
-            self.add("attention core (Triton kernels)", phase,
-                     Cost(mm=5 * pair, exp=pair / c.d_head / 2, bytes=E * btd * 8, launches=3, eff=MM_EFF["attention"]))
+            self.add(
+                "attention core (Triton kernels)",
+                phase,
+                Cost(mm=5 * pair, exp=pair / c.d_head / 2, bytes=E * btd * 8, launches=3, eff=MM_EFF["attention"]),
+            )
         else:
-            self.add("attention core (Triton kernels)", phase,
-                     Cost(mm=2 * pair, exp=pair / c.d_head / 2, bytes=E * btd * 4, launches=2, eff=MM_EFF["attention"]))
+            self.add(
+                "attention core (Triton kernels)",
+                phase,
+                Cost(mm=2 * pair, exp=pair / c.d_head / 2, bytes=E * btd * 4, launches=2, eff=MM_EFF["attention"]),
+            )
 
     def _attention_block(self, kind: str, phase: str) -> None:
         """F in the forward (no grad) or its recompute in the reversible backward: LayerNorm -> projections ->
@@ -460,8 +534,11 @@ class StepCount:
         else:
             s = self._core_shape(kind)
             if s.has_index:
-                self.add("hashing (rotations + argmax)", phase,
-                         hashing_cost(b, t, c.n_heads, c.d_head, c.n_hashes, self.factors))
+                self.add(
+                    "hashing (rotations + argmax)",
+                    phase,
+                    hashing_cost(b, t, c.n_heads, c.d_head, c.n_hashes, self.factors),
+                )
                 self.add("sort (argsort per round)", phase, sort_cost(b, c.n_heads, c.n_hashes, t))
             self.add("attention core (Triton kernels)", phase, core_kernels(s)["_fwd"])
             self.add("attention glue (round merge, delta, grad casts)", phase, core_glue(s)["forward"])
@@ -470,8 +547,11 @@ class StepCount:
             self.add("residual streams (add, sub, casts)", phase, ew((F4 + E) * n * dm, F4 * n * dm))  # y1.add_(F)
         else:
             # fo = F(x2).to(fp32); y1.sub_(fo)
-            self.add("residual streams (add, sub, casts)", phase,
-                     ew(E * n * dm, F4 * n * dm) + ew(2 * F4 * n * dm, F4 * n * dm))
+            self.add(
+                "residual streams (add, sub, casts)",
+                phase,
+                ew(E * n * dm, F4 * n * dm) + ew(2 * F4 * n * dm, F4 * n * dm),
+            )
 
     def _ff_block(self, phase: str) -> None:
         """G chunk by chunk: LayerNorm -> cast -> dense -> activation -> dense -> stream update."""
@@ -480,8 +560,11 @@ class StepCount:
         for t_c in self._ff_chunks():
             n = self.batch * t_c
             self.add("layer norms + bf16 casts", phase, layer_norm(n, dm) + ew(F4 * n * dm, E * n * dm))
-            self.add("feed-forward", phase, linear_fwd(n, dm, ff) + ew(E * n * ff, E * n * ff, vec=n * ff)
-                     + linear_fwd(n, ff, dm))
+            self.add(
+                "feed-forward",
+                phase,
+                linear_fwd(n, dm, ff) + ew(E * n * ff, E * n * ff, vec=n * ff) + linear_fwd(n, ff, dm),
+            )
             self._dropout(phase, n, ff, E)
             self._dropout(phase, n, dm, E)
             if phase == "forward":  # y2[:, s:e].add_(G)
@@ -496,8 +579,15 @@ class StepCount:
             n = self.batch * t_c
             # dy2 -> bf16, out and dense backward, ReLU backward, bias gradients, dX -> fp32
             self.add("residual streams (add, sub, casts)", "backward", ew(F4 * n * dm, E * n * dm))
-            self.add("feed-forward", "backward", linear_bwd(n, ff, dm) + linear_bwd(n, dm, ff)
-                     + ew(2 * E * n * ff, E * n * ff, vec=n * ff) + ew(E * n * dm, E * dm) + ew(E * n * ff, E * ff))
+            self.add(
+                "feed-forward",
+                "backward",
+                linear_bwd(n, ff, dm)
+                + linear_bwd(n, dm, ff)
+                + ew(2 * E * n * ff, E * n * ff, vec=n * ff)
+                + ew(E * n * dm, E * dm)
+                + ew(E * n * ff, E * ff),
+            )
             self._dropout("backward", n, ff, E)
             self._dropout("backward", n, dm, E)
             self.add("layer norms + bf16 casts", "backward", ew(E * n * dm, F4 * n * dm) + layer_norm_bwd(n, dm))
@@ -521,8 +611,13 @@ class StepCount:
         # the input projections' dX summed; the norm output rebuilt from its recipe for each projection's dW;
         # its cast's backward; LayerNorm backward; dy2.add_(x2c.grad)
         self.add("projections (qk/q,k,v, out)", "backward", ew((n_in * E) * n * dm, E * n * dm, launches=n_in - 1))
-        self.add("layer norms + bf16 casts", "backward", n_in * (layer_norm(n, dm) + ew(F4 * n * dm, E * n * dm))
-                 + ew(E * n * dm, F4 * n * dm) + layer_norm_bwd(n, dm))
+        self.add(
+            "layer norms + bf16 casts",
+            "backward",
+            n_in * (layer_norm(n, dm) + ew(F4 * n * dm, E * n * dm))
+            + ew(E * n * dm, F4 * n * dm)
+            + layer_norm_bwd(n, dm),
+        )
         self.add("residual streams (add, sub, casts)", "backward", ew(2 * F4 * n * dm, F4 * n * dm))
 
     def _head(self, n: int) -> None:
@@ -555,8 +650,9 @@ class StepCount:
 
     def total(self, optimizer: bool | None = None) -> Cost:
         with_opt = self.optimizer if optimizer is None else optimizer
-        return sum((cost for name, cost in self.term_totals().items() if with_opt or not name.startswith("AdamW")),
-                   Cost())
+        return sum(
+            (cost for name, cost in self.term_totals().items() if with_opt or not name.startswith("AdamW")), Cost()
+        )
 
     def step_seconds(self, adjusted: bool, optimizer: bool | None = None) -> float:
         with_opt = self.optimizer if optimizer is None else optimizer
@@ -571,13 +667,26 @@ class StepCount:
         """train_step.py's MFU numerator for this config (its attention term counts LSH and local windows alike)."""
         c = self.cfg
         window = (1 + c.n_chunks_before + c.n_chunks_after) * c.chunk_len
-        return model_flops(self.n_params(), self.length * self.batch, layers=c.n_layers, hashes=c.n_hashes,
-                           heads=c.n_heads, d_head=c.d_head, window=window)
+        return model_flops(
+            self.n_params(),
+            self.length * self.batch,
+            layers=c.n_layers,
+            hashes=c.n_hashes,
+            heads=c.n_heads,
+            d_head=c.d_head,
+            window=window,
+        )
 
     def summary(self, optimizer: bool = False) -> dict:
         """Step seconds, tokens/s and MFU (pure roofline and adjusted); fwd+bwd unless ``optimizer``."""
-        out = {"length": self.length, "batch": self.batch, "padded": self.padded, "params": self.n_params(),
-               "bucket_factors": self.factors, "optimizer": optimizer}
+        out = {
+            "length": self.length,
+            "batch": self.batch,
+            "padded": self.padded,
+            "params": self.n_params(),
+            "bucket_factors": self.factors,
+            "optimizer": optimizer,
+        }
         for label, adj in (("roofline", False), ("adjusted", True)):
             sec = self.step_seconds(adj, optimizer)
             out[f"{label}_step_s"] = sec
@@ -590,8 +699,15 @@ class StepCount:
         for name, cost in self.term_totals().items():
             if cost.bytes == 0 and cost.flops == 0:
                 continue
-            rows.append({"term": name, **cost.totals(), "flops": cost.flops, "roofline_s": cost.roofline_s(self.hbm),
-                         "adjusted_s": cost.adjusted_s(self.hbm)})
+            rows.append(
+                {
+                    "term": name,
+                    **cost.totals(),
+                    "flops": cost.flops,
+                    "roofline_s": cost.roofline_s(self.hbm),
+                    "adjusted_s": cost.adjusted_s(self.hbm),
+                }
+            )
         return rows
 
     def largest(self, k: int = 3, adjusted: bool = True) -> list[str]:
@@ -603,18 +719,31 @@ class StepCount:
 def bench_config(length: int) -> ReformerConfig:
     """The bench config exactly as ``train_step.build_ours`` builds it for ``length`` tokens."""
     b = BENCH
-    return ReformerConfig(vocab_size=b["vocab"], d_model=b["d_model"], n_heads=b["heads"], d_head=b["d_head"],
-                          d_ff=b["d_ff"], n_layers=b["layers"], n_hashes=b["hashes"], chunk_len=b["chunk"],
-                          axial_pos_shape=axial_shape(length), ff_chunk_len=16384, loss_chunk_len=16384)
+    return ReformerConfig(
+        vocab_size=b["vocab"],
+        d_model=b["d_model"],
+        n_heads=b["heads"],
+        d_head=b["d_head"],
+        d_ff=b["d_ff"],
+        n_layers=b["layers"],
+        n_hashes=b["hashes"],
+        chunk_len=b["chunk"],
+        axial_pos_shape=axial_shape(length),
+        ff_chunk_len=16384,
+        loss_chunk_len=16384,
+    )
 
 
-def predict(length: int, config: ReformerConfig | None = None, batch: int = 1, optimizer: bool = True,
-            gpu: str = "h100") -> StepCount:
+def predict(
+    length: int, config: ReformerConfig | None = None, batch: int = 1, optimizer: bool = True, gpu: str = "h100"
+) -> StepCount:
     """Count one step of ``config`` (default: the bench config for ``length``) at ``length`` tokens on ``gpu``."""
     cfg = bench_config(length) if config is None else config
     if length > cfg.max_seq_len:
-        raise ValueError(f"--lengths: {length} tokens exceed the config's axial_pos_shape {cfg.axial_pos_shape} "
-                         f"(max {cfg.max_seq_len} tokens)")
+        raise ValueError(
+            f"--lengths: {length} tokens exceed the config's axial_pos_shape {cfg.axial_pos_shape} "
+            f"(max {cfg.max_seq_len} tokens)"
+        )
     return StepCount(cfg, length, batch, optimizer, GPU_HBM[gpu])
 
 
@@ -628,12 +757,16 @@ def print_step(s: StepCount) -> None:
     print("| term | GFLOP (matmul) | GFLOP (other + exp) | GB | launches | roofline ms | adjusted ms | share |")
     print("|---|---|---|---|---|---|---|---|")
     for r in s.table():
-        print(f"| {r['term']} | {r['mm'] / 1e9:.1f} | {(r['vec'] + r['exp']) / 1e9:.1f} | {r['bytes'] / 1e9:.2f} | "
-              f"{r['launches']:.0f} | {r['roofline_s'] * 1e3:.2f} | {r['adjusted_s'] * 1e3:.2f} | "
-              f"{r['adjusted_s'] / total_adj:.0%} |")
+        print(
+            f"| {r['term']} | {r['mm'] / 1e9:.1f} | {(r['vec'] + r['exp']) / 1e9:.1f} | {r['bytes'] / 1e9:.2f} | "
+            f"{r['launches']:.0f} | {r['roofline_s'] * 1e3:.2f} | {r['adjusted_s'] * 1e3:.2f} | "
+            f"{r['adjusted_s'] / total_adj:.0%} |"
+        )
     t = s.total(optimizer=True)
-    print(f"| total (with AdamW) | {t.mm / 1e9:.1f} | {(t.vec + t.exp) / 1e9:.1f} | {t.bytes / 1e9:.2f} | "
-          f"{t.launches:.0f} | {s.step_seconds(False, True) * 1e3:.2f} | {total_adj * 1e3:.2f} | |")
+    print(
+        f"| total (with AdamW) | {t.mm / 1e9:.1f} | {(t.vec + t.exp) / 1e9:.1f} | {t.bytes / 1e9:.2f} | "
+        f"{t.launches:.0f} | {s.step_seconds(False, True) * 1e3:.2f} | {total_adj * 1e3:.2f} | |"
+    )
     print("three largest (adjusted): " + "; ".join(f"{n}: {CUTS[n]}" for n in s.largest()))
     print("three largest (roofline): " + ", ".join(s.largest(adjusted=False)))
 
@@ -642,14 +775,18 @@ def print_summary(steps: list[StepCount]) -> list[dict]:
     rows = [s.summary(optimizer=False) for s in steps]
     gpu = next(k for k, v in GPU_HBM.items() if v == steps[0].hbm).upper() if steps else "H100"
     print(f"\nPredicted {gpu} step (forward + backward, no optimizer: what train_step.py times; a prediction)")
-    print("| L | roofline ms | roofline tok/s | roofline MFU | adjusted ms | adjusted tok/s | adjusted MFU | "
-          "adjusted vs 1.5M tok/s | + AdamW ms (adj.) |")
+    print(
+        "| L | roofline ms | roofline tok/s | roofline MFU | adjusted ms | adjusted tok/s | adjusted MFU | "
+        "adjusted vs 1.5M tok/s | + AdamW ms (adj.) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for s, r in zip(steps, rows):
-        print(f"| {s.length} | {r['roofline_step_s'] * 1e3:.1f} | {_fmt_k(r['roofline_tok_s'])} | "
-              f"{r['roofline_mfu']:.2f} | {r['adjusted_step_s'] * 1e3:.1f} | {_fmt_k(r['adjusted_tok_s'])} | "
-              f"{r['adjusted_mfu']:.2f} | {r['adjusted_tok_s'] / TARGET_TOK_S:.2f} | "
-              f"{s.step_seconds(True, True) * 1e3:.1f} |")
+        print(
+            f"| {s.length} | {r['roofline_step_s'] * 1e3:.1f} | {_fmt_k(r['roofline_tok_s'])} | "
+            f"{r['roofline_mfu']:.2f} | {r['adjusted_step_s'] * 1e3:.1f} | {_fmt_k(r['adjusted_tok_s'])} | "
+            f"{r['adjusted_mfu']:.2f} | {r['adjusted_tok_s'] / TARGET_TOK_S:.2f} | "
+            f"{s.step_seconds(True, True) * 1e3:.1f} |"
+        )
     return rows
 
 
@@ -660,10 +797,13 @@ def compare(path: Path, config: ReformerConfig | None, system: str = "ours", gpu
     except (OSError, json.JSONDecodeError) as e:
         raise SystemExit(f"--compare {path}: cannot read train_step.py's JSON ({e})") from None
     rows = data.get("rows") if isinstance(data, dict) else None
-    if not isinstance(rows, list) or any(not isinstance(r, dict) or not {"system", "length", "tok_s"} <= r.keys()
-                                         for r in rows):
-        raise SystemExit(f"--compare {path}: expected {{'rows': [{{'system', 'length', 'tok_s', ...}}]}} "
-                         "as benchmarks/train_step.py --json writes")
+    if not isinstance(rows, list) or any(
+        not isinstance(r, dict) or not {"system", "length", "tok_s"} <= r.keys() for r in rows
+    ):
+        raise SystemExit(
+            f"--compare {path}: expected {{'rows': [{{'system', 'length', 'tok_s', ...}}]}} "
+            "as benchmarks/train_step.py --json writes"
+        )
     out = []
     print(f"\nPredicted ({gpu.upper()}, no optimizer) vs measured ({data.get('device', '?')}), system {system}")
     print("| L | measured tok/s | predicted roofline | predicted adjusted | measured / adjusted | measured MFU |")
@@ -672,12 +812,19 @@ def compare(path: Path, config: ReformerConfig | None, system: str = "ours", gpu
         if r["system"] != system:
             continue
         s = predict(int(r["length"]), config, gpu=gpu).summary(optimizer=False)
-        rec = {"length": r["length"], "measured_tok_s": r["tok_s"], "roofline_tok_s": s["roofline_tok_s"],
-               "adjusted_tok_s": s["adjusted_tok_s"], "measured_over_adjusted": r["tok_s"] / s["adjusted_tok_s"],
-               "measured_mfu": r.get("mfu")}
+        rec = {
+            "length": r["length"],
+            "measured_tok_s": r["tok_s"],
+            "roofline_tok_s": s["roofline_tok_s"],
+            "adjusted_tok_s": s["adjusted_tok_s"],
+            "measured_over_adjusted": r["tok_s"] / s["adjusted_tok_s"],
+            "measured_mfu": r.get("mfu"),
+        }
         out.append(rec)
-        print(f"| {r['length']} | {r['tok_s']:.0f} | {s['roofline_tok_s']:.0f} | {s['adjusted_tok_s']:.0f} | "
-              f"{rec['measured_over_adjusted']:.2f} | {r.get('mfu', float('nan')):.3f} |")
+        print(
+            f"| {r['length']} | {r['tok_s']:.0f} | {s['roofline_tok_s']:.0f} | {s['adjusted_tok_s']:.0f} | "
+            f"{rec['measured_over_adjusted']:.2f} | {r.get('mfu', float('nan')):.3f} |"
+        )
     if not out:
         print(f"(no rows of system {system!r})")
     return out
@@ -700,14 +847,23 @@ def detect_gpu() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="a run config (TOML): predict its [model] at data.seq_len, train.micro_batch "
-                                     "(one GPU: sequence-parallel communication is not modelled)")
-    ap.add_argument("--lengths", help="comma-separated token counts (default: 16K..4M for the bench config, "
-                                      "data.seq_len with --config)")
+    ap.add_argument(
+        "--config",
+        help="a run config (TOML): predict its [model] at data.seq_len, train.micro_batch "
+        "(one GPU: sequence-parallel communication is not modelled)",
+    )
+    ap.add_argument(
+        "--lengths",
+        help="comma-separated token counts (default: 16K..4M for the bench config, data.seq_len with --config)",
+    )
     ap.add_argument("--batch", type=int, help="sequences per step (default 1, or train.micro_batch with --config)")
     ap.add_argument("--compare", help="train_step.py --json output: print predicted next to measured tok/s")
-    ap.add_argument("--gpu", choices=["h100", "h200", "auto"], default="h100",
-                    help="HBM bandwidth: h100 3.35 TB/s, h200 4.8 TB/s (same bf16 peak); auto = this machine's GPU")
+    ap.add_argument(
+        "--gpu",
+        choices=["h100", "h200", "auto"],
+        default="h100",
+        help="HBM bandwidth: h100 3.35 TB/s, h200 4.8 TB/s (same bf16 peak); auto = this machine's GPU",
+    )
     ap.add_argument("--json", help="write every count, table and summary here")
     ap.add_argument("--quiet", action="store_true", help="summary only (no per-op tables)")
     args = ap.parse_args(argv)
@@ -727,10 +883,20 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--batch {args.batch}: expected a positive integer")
         batch = args.batch
     gpu = detect_gpu() if args.gpu == "auto" else args.gpu
-    result: dict = {"gpu": gpu, "assumptions": {"peak_bf16_flops": PEAK_FLOPS, "hbm_bytes_s": GPU_HBM[gpu],
-                                    "vector_flops": VECTOR_FLOPS, "exp_per_s": EXP_PER_S, "launch_s": LAUNCH_S,
-                                    "bw_efficiency": BW_EFF, "matmul_efficiency": MM_EFF},
-                    "config": args.config or "bench (train_step.py BENCH)", "target_tok_s": TARGET_TOK_S}
+    result: dict = {
+        "gpu": gpu,
+        "assumptions": {
+            "peak_bf16_flops": PEAK_FLOPS,
+            "hbm_bytes_s": GPU_HBM[gpu],
+            "vector_flops": VECTOR_FLOPS,
+            "exp_per_s": EXP_PER_S,
+            "launch_s": LAUNCH_S,
+            "bw_efficiency": BW_EFF,
+            "matmul_efficiency": MM_EFF,
+        },
+        "config": args.config or "bench (train_step.py BENCH)",
+        "target_tok_s": TARGET_TOK_S,
+    }
     if args.compare:
         result["compare"] = compare(Path(args.compare), config, gpu=gpu)
     else:
@@ -742,10 +908,16 @@ def main(argv: list[str] | None = None) -> None:
             for s in steps:
                 print_step(s)
         result["summary"] = print_summary(steps)
-        result["steps"] = [{"length": s.length, "table": s.table(), "largest": s.largest(),
-                            "largest_roofline": s.largest(adjusted=False),
-                            "phases": {t: {p: c.totals() for p, c in ph.items()} for t, ph in s.terms.items()}}
-                           for s in steps]
+        result["steps"] = [
+            {
+                "length": s.length,
+                "table": s.table(),
+                "largest": s.largest(),
+                "largest_roofline": s.largest(adjusted=False),
+                "phases": {t: {p: c.totals() for p, c in ph.items()} for t, ph in s.terms.items()},
+            }
+            for s in steps
+        ]
     if args.json:
         atomic_write(args.json, json.dumps(result, indent=1) + "\n")
 

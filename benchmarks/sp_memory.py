@@ -35,11 +35,22 @@ def worker(args) -> None:
     blockwise._BLOCK_ELEMS, hashing._HASH_BLOCK_ELEMS = 1 << 14, 1 << 12
     length, u = args.one, args.ulysses
     a = 2 ** ((length.bit_length() + 1) // 2)
-    cfg = ReformerConfig(vocab_size=256, d_model=args.d_model, n_heads=args.heads, d_head=args.d_model // args.heads,
-                         d_ff=4 * args.d_model, n_layers=args.layers, n_hashes=args.hashes, chunk_len=64,
-                         attn_layers=["lsh"] * args.layers, axial_pos_shape=[a, max(64, 2 * length // a)],
-                         ff_chunk_len=256, loss_chunk_len=256, attention_backend="blockwise",
-                         head_groups=args.head_groups)
+    cfg = ReformerConfig(
+        vocab_size=256,
+        d_model=args.d_model,
+        n_heads=args.heads,
+        d_head=args.d_model // args.heads,
+        d_ff=4 * args.d_model,
+        n_layers=args.layers,
+        n_hashes=args.hashes,
+        chunk_len=64,
+        attn_layers=["lsh"] * args.layers,
+        axial_pos_shape=[a, max(64, 2 * length // a)],
+        ff_chunk_len=256,
+        loss_chunk_len=256,
+        attention_backend="blockwise",
+        head_groups=args.head_groups,
+    )
     torch.manual_seed(0)
     model = ReformerLM(cfg)
     p = dist.get_world_size()
@@ -95,11 +106,30 @@ def main() -> None:
         for length in [int(x) for x in args.lengths.split(",")]:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "peaks.json"
-                cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={u * k}",
-                       f"--master_port={free_port()}", __file__, "--one", str(length), "--ulysses", str(u),
-                       "--out", str(out), "--d-model", str(args.d_model), "--heads", str(args.heads),
-                       "--hashes", str(args.hashes), "--layers", str(args.layers), "--head-groups",
-                       str(args.head_groups)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    f"--nproc_per_node={u * k}",
+                    f"--master_port={free_port()}",
+                    __file__,
+                    "--one",
+                    str(length),
+                    "--ulysses",
+                    str(u),
+                    "--out",
+                    str(out),
+                    "--d-model",
+                    str(args.d_model),
+                    "--heads",
+                    str(args.heads),
+                    "--hashes",
+                    str(args.hashes),
+                    "--layers",
+                    str(args.layers),
+                    "--head-groups",
+                    str(args.head_groups),
+                ]
                 res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
                 if res.returncode:
                     sys.exit(f"{layout} L={length} failed:\n{res.stderr[-3000:]}")
@@ -107,14 +137,24 @@ def main() -> None:
         a, b = sorted(peaks)
         slope = (peaks[b] - peaks[a]) / (b - a)
         a = 2 ** ((b.bit_length() + 1) // 2)
-        groups = ReformerConfig(d_model=args.d_model, n_heads=args.heads, d_head=args.d_model // args.heads,
-                                head_groups=args.head_groups, axial_pos_shape=[a, max(64, 2 * b // a)]
-                                ).head_groups_for(b, u)
-        pred = sum(predicted_bytes_per_token(args.d_model, args.heads, args.d_model // args.heads, args.hashes,
-                                             ulysses=u, bucket=k, groups=groups).values())
+        groups = ReformerConfig(
+            d_model=args.d_model,
+            n_heads=args.heads,
+            d_head=args.d_model // args.heads,
+            head_groups=args.head_groups,
+            axial_pos_shape=[a, max(64, 2 * b // a)],
+        ).head_groups_for(b, u)
+        pred = sum(
+            predicted_bytes_per_token(
+                args.d_model, args.heads, args.d_model // args.heads, args.hashes, ulysses=u, bucket=k, groups=groups
+            ).values()
+        )
         rows.append({"layout": layout, "gpus": u * k, "measured": slope, "model": pred})
-        print(f"{layout}: measured {slope:.0f} B/token of the sequence per GPU, model {pred:.0f} "
-              f"(measured / model {slope / pred:.3f})", flush=True)
+        print(
+            f"{layout}: measured {slope:.0f} B/token of the sequence per GPU, model {pred:.0f} "
+            f"(measured / model {slope / pred:.3f})",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

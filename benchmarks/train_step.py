@@ -37,10 +37,20 @@ def build_config(length: int, head_groups: int = 0):
     from reformer_dist import ReformerConfig
 
     b = BENCH
-    return ReformerConfig(vocab_size=b["vocab"], d_model=b["d_model"], n_heads=b["heads"], d_head=b["d_head"],
-                          d_ff=b["d_ff"], n_layers=b["layers"], n_hashes=b["hashes"], chunk_len=b["chunk"],
-                          axial_pos_shape=axial_shape(length), ff_chunk_len=16384, loss_chunk_len=16384,
-                          head_groups=head_groups)
+    return ReformerConfig(
+        vocab_size=b["vocab"],
+        d_model=b["d_model"],
+        n_heads=b["heads"],
+        d_head=b["d_head"],
+        d_ff=b["d_ff"],
+        n_layers=b["layers"],
+        n_hashes=b["hashes"],
+        chunk_len=b["chunk"],
+        axial_pos_shape=axial_shape(length),
+        ff_chunk_len=16384,
+        loss_chunk_len=16384,
+        head_groups=head_groups,
+    )
 
 
 def build_ours(length: int, device: str, dtype: torch.dtype, head_groups: int = 0):
@@ -61,13 +71,26 @@ def build_hf(length: int, device: str, dtype: torch.dtype):
     from transformers import ReformerConfig as HFConfig, ReformerModelWithLMHead
 
     b = BENCH
-    cfg = HFConfig(vocab_size=b["vocab"], hidden_size=b["d_model"], num_attention_heads=b["heads"],
-                   attention_head_size=b["d_head"], feed_forward_size=b["d_ff"], attn_layers=["lsh"] * b["layers"],
-                   num_hashes=b["hashes"], lsh_attn_chunk_length=b["chunk"], lsh_num_chunks_before=1,
-                   lsh_num_chunks_after=0, is_decoder=True, axial_pos_shape=axial_shape(length),
-                   axial_pos_embds_dim=[b["d_model"] // 2, b["d_model"] // 2], max_position_embeddings=length,
-                   hidden_dropout_prob=0.0, lsh_attention_probs_dropout_prob=0.0, chunk_size_lm_head=0,
-                   chunk_size_feed_forward=0)
+    cfg = HFConfig(
+        vocab_size=b["vocab"],
+        hidden_size=b["d_model"],
+        num_attention_heads=b["heads"],
+        attention_head_size=b["d_head"],
+        feed_forward_size=b["d_ff"],
+        attn_layers=["lsh"] * b["layers"],
+        num_hashes=b["hashes"],
+        lsh_attn_chunk_length=b["chunk"],
+        lsh_num_chunks_before=1,
+        lsh_num_chunks_after=0,
+        is_decoder=True,
+        axial_pos_shape=axial_shape(length),
+        axial_pos_embds_dim=[b["d_model"] // 2, b["d_model"] // 2],
+        max_position_embeddings=length,
+        hidden_dropout_prob=0.0,
+        lsh_attention_probs_dropout_prob=0.0,
+        chunk_size_lm_head=0,
+        chunk_size_feed_forward=0,
+    )
     model = ReformerModelWithLMHead(cfg).to(device)
 
     def step(ids, seed):
@@ -80,9 +103,20 @@ def build_reformer_pytorch(length: int, device: str, dtype: torch.dtype):
     from reformer_pytorch import ReformerLM as RP  # optional dependency
 
     b = BENCH
-    model = RP(num_tokens=b["vocab"], dim=b["d_model"], depth=b["layers"], heads=b["heads"], dim_head=b["d_head"],
-               max_seq_len=length, bucket_size=b["chunk"], n_hashes=b["hashes"], causal=True, ff_chunks=8,
-               axial_position_emb=True, axial_position_shape=axial_shape(length)).to(device)
+    model = RP(
+        num_tokens=b["vocab"],
+        dim=b["d_model"],
+        depth=b["layers"],
+        heads=b["heads"],
+        dim_head=b["d_head"],
+        max_seq_len=length,
+        bucket_size=b["chunk"],
+        n_hashes=b["hashes"],
+        causal=True,
+        ff_chunks=8,
+        axial_position_emb=True,
+        axial_position_shape=axial_shape(length),
+    ).to(device)
 
     def step(ids, seed):
         logits = model(ids)
@@ -130,12 +164,24 @@ def build_ours_grouped(length: int, device: str, dtype: torch.dtype):
     return build_ours(length, device, dtype, head_groups=BENCH["heads"])
 
 
-SYSTEMS = {"ours": build_ours, "ours-grouped": build_ours_grouped, "hf": build_hf,
-           "reformer-pytorch": build_reformer_pytorch, "dense-sdpa": build_dense}
+SYSTEMS = {
+    "ours": build_ours,
+    "ours-grouped": build_ours_grouped,
+    "hf": build_hf,
+    "reformer-pytorch": build_reformer_pytorch,
+    "dense-sdpa": build_dense,
+}
 
 
-def model_flops(params: int, length: int, layers: int = BENCH["layers"], hashes: int = BENCH["hashes"],
-                heads: int = BENCH["heads"], d_head: int = BENCH["d_head"], window: int = 2 * BENCH["chunk"]) -> float:
+def model_flops(
+    params: int,
+    length: int,
+    layers: int = BENCH["layers"],
+    hashes: int = BENCH["hashes"],
+    heads: int = BENCH["heads"],
+    d_head: int = BENCH["d_head"],
+    window: int = 2 * BENCH["chunk"],
+) -> float:
     """FLOPs of one step for MFU: 6 x params x tokens plus attention (per round, QK and PV of each query over its
     ``window`` keys, x3 for forward + backward); the reversible recompute is not counted (it is overhead)."""
     return 6 * params * length + 4 * layers * hashes * heads * d_head * window * length * 3
@@ -189,8 +235,12 @@ def main() -> None:
     ap.add_argument("--optimizer", action="store_true", help="include AdamW in the step")
     ap.add_argument("--find-max", action="store_true", help="CUDA: double L until ours runs out of memory")
     ap.add_argument("--json", help="write the rows (and the longest sequence) here")
-    ap.add_argument("--max-baseline-len", type=int, default=0,
-                    help="run systems other than ours only up to this length (0: no limit)")
+    ap.add_argument(
+        "--max-baseline-len",
+        type=int,
+        default=0,
+        help="run systems other than ours only up to this length (0: no limit)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="CPU, one tiny length, one step: check the script")
     args = ap.parse_args()
     if args.dry_run:
@@ -222,8 +272,11 @@ def main() -> None:
             if name == "hf":
                 hf_tps = r["tok_s"]
             rows.append((length, name, r))
-            print(f"{name:>17} L={length:>8}: {r['tok_s']:>10.0f} tok/s  peak {r['peak_gib']:.2f} GiB  "
-                  f"MFU {r['mfu']:.3f}  step {r['step_s']:.3f}s", flush=True)
+            print(
+                f"{name:>17} L={length:>8}: {r['tok_s']:>10.0f} tok/s  peak {r['peak_gib']:.2f} GiB  "
+                f"MFU {r['mfu']:.3f}  step {r['step_s']:.3f}s",
+                flush=True,
+            )
         for l2, name, r in rows:
             if l2 == length and hf_tps:
                 r["vs_hf"] = r["tok_s"] / hf_tps
@@ -232,8 +285,10 @@ def main() -> None:
             cost = ours["ours-grouped"]["step_s"] / ours["ours"]["step_s"] - 1
             ours["ours-grouped"]["grouping_cost"] = cost
             default = build_config(length).head_groups_for(length)
-            print(f"{'':>17} L={length:>8}: one head per group costs {100 * cost:+.1f}% step time vs the default "
-                  f"(model.head_groups = 0: {default} group(s) at this length)")
+            print(
+                f"{'':>17} L={length:>8}: one head per group costs {100 * cost:+.1f}% step time vs the default "
+                f"(model.head_groups = 0: {default} group(s) at this length)"
+            )
     if args.find_max and dev == "cuda":
         length, best = lengths[-1], None
         while True:
@@ -249,12 +304,17 @@ def main() -> None:
         longest = best
     print("\n| L | system | tok/s | peak GiB | MFU | vs HF |\n|---|---|---|---|---|---|")
     for length, name, r in rows:
-        print(f"| {length} | {name} | {r['tok_s']:.0f} | {r['peak_gib']:.2f} | {r['mfu']:.3f} "
-              f"| {r.get('vs_hf', float('nan')):.2f} |")
+        print(
+            f"| {length} | {name} | {r['tok_s']:.0f} | {r['peak_gib']:.2f} | {r['mfu']:.3f} "
+            f"| {r.get('vs_hf', float('nan')):.2f} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": dev, "rows": [{"length": l, "system": n, **r} for l, n, r in rows],
-                       "longest_ours": longest}, f, indent=1)
+            json.dump(
+                {"device": dev, "rows": [{"length": l, "system": n, **r} for l, n, r in rows], "longest_ours": longest},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ Check = Callable[[Any], "str | None"]
 def opt(default: Any, check: Check, doc: str = "") -> Any:
     """A config field: default, check, and a one-line doc (shown by `reformer-train --help-config`)."""
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: json.loads(json.dumps(default)),
-                                 metadata={"check": check, "doc": doc})
+        return dataclasses.field(
+            default_factory=lambda: json.loads(json.dumps(default)), metadata={"check": check, "doc": doc}
+        )
     return dataclasses.field(default=default, metadata={"check": check, "doc": doc})
 
 
@@ -96,8 +97,11 @@ def is_number(v: Any) -> bool:
 
 
 def int_min(lo: int) -> Check:
-    return lambda v: None if is_int(v) and v >= lo else (
-        "expected a positive integer" if lo == 1 else f"expected an integer >= {lo}")
+    return lambda v: (
+        None
+        if is_int(v) and v >= lo
+        else ("expected a positive integer" if lo == 1 else f"expected an integer >= {lo}")
+    )
 
 
 def positive_number(v: Any) -> str | None:
@@ -134,12 +138,14 @@ def optional(check: Check) -> Check:
 
 def all_of(*checks: Check) -> Check:
     """The first problem any of `checks` finds."""
+
     def check(v: Any) -> str | None:
         for c in checks:
             problem = c(v)
             if problem:
                 return problem
         return None
+
     return check
 
 
@@ -150,19 +156,26 @@ class ListOf:
     item: type
 
 
-_TYPE_TESTS: dict[Any, Callable[[Any], bool]] = {int: is_int, float: is_number, bool: lambda v: isinstance(v, bool),
-                                                 str: lambda v: isinstance(v, str), None: lambda v: v is None}
+_TYPE_TESTS: dict[Any, Callable[[Any], bool]] = {
+    int: is_int,
+    float: is_number,
+    bool: lambda v: isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    None: lambda v: v is None,
+}
 
 
 def of_type(*kinds: type | ListOf | None) -> Check:
     """Values of one of `kinds` (int, float, bool, str, None, ListOf(int), ...): "expected int | none"."""
+
     def accepts(kind: type | ListOf | None, v: Any) -> bool:
         if isinstance(kind, ListOf):
             return isinstance(v, (list, tuple)) and all(_TYPE_TESTS[kind.item](x) for x in v)
         return _TYPE_TESTS[kind](v)
 
-    names = " | ".join("none" if k is None else f"list[{k.item.__name__}]" if isinstance(k, ListOf) else k.__name__
-                       for k in kinds)
+    names = " | ".join(
+        "none" if k is None else f"list[{k.item.__name__}]" if isinstance(k, ListOf) else k.__name__ for k in kinds
+    )
     return lambda v: None if any(accepts(k, v) for k in kinds) else f"expected {names}"
 
 

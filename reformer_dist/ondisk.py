@@ -161,8 +161,9 @@ def overlap(out: str | Path, src: str | Path) -> str | None:
     return None
 
 
-def check_out_apart(out: str | Path, inputs: Iterable[str | Path | None], *, why: str, containing: bool = True,
-                    option: str = "--out") -> None:
+def check_out_apart(
+    out: str | Path, inputs: Iterable[str | Path | None], *, why: str, containing: bool = True, option: str = "--out"
+) -> None:
     """OverlapError, before anything is written, when `out` is one of `inputs`, lies inside one, or (with
     `containing`) contains one: replacing or filling it would change (or delete) the input being read.
     The one check every tool that writes a folder from folders uses (reformer-data, reformer-ckpt)."""
@@ -256,14 +257,20 @@ def _hash_all(paths: list[Path], workers: int) -> list[str]:
         return list(pool.map(sha256_file, paths))
 
 
-def write_manifest(folder: str | Path, name: str = MANIFEST, files: Iterable[str] | None = None,
-                   extra: dict[str, Any] | None = None, workers: int = 4) -> Path:
+def write_manifest(
+    folder: str | Path,
+    name: str = MANIFEST,
+    files: Iterable[str] | None = None,
+    extra: dict[str, Any] | None = None,
+    workers: int = 4,
+) -> Path:
     """Hash `files` (paths relative to `folder`; default every file under it but the manifest itself and
     unfinished writes) into folder/name, atomically. Checkpoints: call on one rank, after every rank wrote."""
     d = Path(folder)
     if files is None:
-        rels = sorted(str(p.relative_to(d)) for p in d.rglob("*")
-                      if p.is_file() and p.name != name and not is_temporary(p.name))
+        rels = sorted(
+            str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != name and not is_temporary(p.name)
+        )
     else:
         rels = sorted(files)
     digests = _hash_all([d / r for r in rels], workers)
@@ -282,8 +289,11 @@ def read_manifest(folder: str | Path, name: str = MANIFEST) -> dict[str, Any]:
         body = json.loads(m.read_text())
     except (OSError, ValueError) as e:
         raise CorruptCheckpointError(f"{m}: corrupt manifest ({e})") from None
-    if not isinstance(body, dict) or body.get("format") not in (FORMAT, *LEGACY_FORMATS) \
-            or not isinstance(body.get("files"), dict):
+    if (
+        not isinstance(body, dict)
+        or body.get("format") not in (FORMAT, *LEGACY_FORMATS)
+        or not isinstance(body.get("files"), dict)
+    ):
         raise CorruptCheckpointError(f"{m}: not a {FORMAT} manifest")
     for rel, meta in body["files"].items():
         # a hand-edited entry must not send verification outside the folder or compare against a string
@@ -294,8 +304,9 @@ def read_manifest(folder: str | Path, name: str = MANIFEST) -> dict[str, Any]:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise CorruptCheckpointError(f"{m}: files[{rel!r}].size: expected an integer >= 0, got {size!r}")
         if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise CorruptCheckpointError(f"{m}: files[{rel!r}].sha256: expected 64 lowercase hex digits, "
-                                         f"got {digest!r}")
+            raise CorruptCheckpointError(
+                f"{m}: files[{rel!r}].sha256: expected 64 lowercase hex digits, got {digest!r}"
+            )
     return body
 
 
@@ -318,8 +329,9 @@ def verify_manifest(folder: str | Path, name: str = MANIFEST, hashes: bool = Tru
         rels = list(files)
         for rel, h in zip(rels, _hash_all([d / r for r in rels], workers)):
             if h != files[rel]["sha256"]:
-                raise CorruptCheckpointError(f"{d / rel}: corrupt (SHA-256 differs from {d / name})"
-                                             + _EDIT_HINT.get(name, ""))
+                raise CorruptCheckpointError(
+                    f"{d / rel}: corrupt (SHA-256 differs from {d / name})" + _EDIT_HINT.get(name, "")
+                )
     return body
 
 
@@ -354,7 +366,8 @@ def weight_files(directory: str | Path) -> list[Path]:
             names = sorted(set(index["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpointError(
-                f"{d / INDEX_NAME}: not a valid shard index ({type(e).__name__}: {e})") from None
+                f"{d / INDEX_NAME}: not a valid shard index ({type(e).__name__}: {e})"
+            ) from None
         return [d / n for n in names]
     if (d / WEIGHTS_NAME).is_file():
         return [d / WEIGHTS_NAME]

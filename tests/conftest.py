@@ -15,8 +15,9 @@ if not torch.cuda.is_available():
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if (item.get_closest_marker("distributed") or item.get_closest_marker("cluster")) \
-                and not item.get_closest_marker("slow"):
+        if (
+            item.get_closest_marker("distributed") or item.get_closest_marker("cluster")
+        ) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
 
 

@@ -57,8 +57,9 @@ def split_points(n: int) -> tuple[int, int]:
     return n * TRAIN_END // 100, n * VALID_END // 100
 
 
-def prepare(source: Path, out: Path, validation: str = "valid", shard_tokens: int = 1 << 27,
-            overwrite: bool = False) -> Path:
+def prepare(
+    source: Path, out: Path, validation: str = "valid", shard_tokens: int = 1 << 27, overwrite: bool = False
+) -> Path:
     """Write the token store; returns its folder."""
     data = read_corpus(source)
     if not data:
@@ -68,14 +69,20 @@ def prepare(source: Path, out: Path, validation: str = "valid", shard_tokens: in
     raw = np.frombuffer(data, dtype=np.uint8)
     tok = ByteTokenizer()
     eod = np.array([tok.eod_id], dtype=np.uint16)
-    metadata = {"source": str(source), "corpus": "enwik8", "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(), "train_bytes": [0, a],
-                "validation_bytes": list(held_out), "validation_is": validation}
+    metadata = {
+        "source": str(source),
+        "corpus": "enwik8",
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "train_bytes": [0, a],
+        "validation_bytes": list(held_out),
+        "validation_is": validation,
+    }
     with ShardWriter(out, tok, shard_tokens, overwrite=overwrite, metadata=metadata) as writer:
         for split, (lo, hi) in (("train", (0, a)), ("validation", held_out)):
             step = 1 << 24  # 16M bytes at a time: memory stays ~3x that, not 3x the corpus
             for start in range(lo, hi, step):
-                writer.add(split, raw[start:min(start + step, hi)].astype(np.uint16))
+                writer.add(split, raw[start : min(start + step, hi)].astype(np.uint16))
             writer.add(split, eod)
     return out
 
@@ -90,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare_enwik8: error: {e}", file=sys.stderr)
         return 1
     if read_manifest(out)["metadata"]["bytes"] != ENWIK8_BYTES:
-        print(f"prepare_enwik8: note: {args.source} is not the {ENWIK8_BYTES:,}-byte enwik8; split at the same "
-              f"fractions", file=sys.stderr)
+        print(
+            f"prepare_enwik8: note: {args.source} is not the {ENWIK8_BYTES:,}-byte enwik8; split at the same fractions",
+            file=sys.stderr,
+        )
     print_summary(out)
     return 0
 

@@ -43,11 +43,26 @@ def books(root: Path, part: str) -> str:
     return str(folder / BOOKS)
 
 
-def prepare(root: Path, out: Path, tokenizer: str = "bytes", validation: str = "valid", shard_tokens: int = 1 << 27,
-            num_proc: int = 1, overwrite: bool = False) -> Path:
+def prepare(
+    root: Path,
+    out: Path,
+    tokenizer: str = "bytes",
+    validation: str = "valid",
+    shard_tokens: int = 1 << 27,
+    num_proc: int = 1,
+    overwrite: bool = False,
+) -> Path:
     """Write the token store; returns its folder."""
-    shard_corpus([books(root, "train")], tokenizer, out, val_inputs=[books(root, validation)],
-                 shard_tokens=shard_tokens, num_proc=num_proc, text_unit="document", overwrite=overwrite)
+    shard_corpus(
+        [books(root, "train")],
+        tokenizer,
+        out,
+        val_inputs=[books(root, validation)],
+        shard_tokens=shard_tokens,
+        num_proc=num_proc,
+        text_unit="document",
+        overwrite=overwrite,
+    )
     return out
 
 
@@ -57,8 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-proc", type=int, default=1, help="tokenising processes (default 1)")
     args = p.parse_args(argv)
     try:
-        out = prepare(args.source, Path(args.out), args.tokenizer, args.validation, args.shard_tokens, args.num_proc,
-                      args.overwrite)
+        out = prepare(
+            args.source,
+            Path(args.out),
+            args.tokenizer,
+            args.validation,
+            args.shard_tokens,
+            args.num_proc,
+            args.overwrite,
+        )
     except DataError as e:
         print(f"prepare_pg19: error: {e}", file=sys.stderr)
         return 1

@@ -99,8 +99,10 @@ class Result:
 
 # ----------------------------------------------------------------------------------------------- cases
 
-def _config_cases(name: str, cfg, seq_len: int, precision: str, documents: bool, ulysses: int,
-                  buckets: int) -> list[Case]:
+
+def _config_cases(
+    name: str, cfg, seq_len: int, precision: str, documents: bool, ulysses: int, buckets: int
+) -> list[Case]:
     """The core calls of one model config (a ReformerConfig) on one rank: its LSH and local layers, in its own
     precision, bf16, fp16 and fp32, with and without padding. Ulysses ranks hold n_heads / ``ulysses`` heads of
     the whole length; bucket-sharded ranks 1 / ``buckets`` of the sorted order (positions and chunk_of given)."""
@@ -110,17 +112,53 @@ def _config_cases(name: str, cfg, seq_len: int, precision: str, documents: bool,
     cases = []
     # the config's own precision and bf16 with and without padding; fp32 without (fp16 compiles as bf16 does:
     # it is checked on the bench config and the tile extremes)
-    for dtype, valid in dict.fromkeys([(own, False), (own, True), ("bfloat16", False), ("bfloat16", True),
-                                       ("float32", False)]):
+    for dtype, valid in dict.fromkeys(
+        [(own, False), (own, True), ("bfloat16", False), ("bfloat16", True), ("float32", False)]
+    ):
         strict = dtype == "bfloat16"
         if "lsh" in kinds and seq_len > cfg.chunk_len:
-            cases.append(Case(f"{name} lsh", 1, length, heads, cfg.d_head, cfg.chunk_len, cfg.n_hashes,
-                              cfg.n_chunks_before, cfg.n_chunks_after, cfg.causal, dtype, True, valid, documents,
-                              cfg.same_bucket_only, cfg.allow_duplicate_attention, buckets > 1, strict))
+            cases.append(
+                Case(
+                    f"{name} lsh",
+                    1,
+                    length,
+                    heads,
+                    cfg.d_head,
+                    cfg.chunk_len,
+                    cfg.n_hashes,
+                    cfg.n_chunks_before,
+                    cfg.n_chunks_after,
+                    cfg.causal,
+                    dtype,
+                    True,
+                    valid,
+                    documents,
+                    cfg.same_bucket_only,
+                    cfg.allow_duplicate_attention,
+                    buckets > 1,
+                    strict,
+                )
+            )
         if "local" in kinds:
-            cases.append(Case(f"{name} local", 1, length, heads, cfg.d_head, cfg.local_chunk_len or cfg.chunk_len,
-                              0, cfg.local_n_chunks_before, cfg.local_n_chunks_after, cfg.causal, dtype, False,
-                              valid, documents, strict=strict))
+            cases.append(
+                Case(
+                    f"{name} local",
+                    1,
+                    length,
+                    heads,
+                    cfg.d_head,
+                    cfg.local_chunk_len or cfg.chunk_len,
+                    0,
+                    cfg.local_n_chunks_before,
+                    cfg.local_n_chunks_after,
+                    cfg.causal,
+                    dtype,
+                    False,
+                    valid,
+                    documents,
+                    strict=strict,
+                )
+            )
     return cases
 
 
@@ -133,8 +171,15 @@ def shipped_cases() -> list[Case]:
         run = load_run_config(path)
         par = run.parallel
         u = par.heads_group_size
-        cases += _config_cases(path.stem, run.model, run.data.seq_len, run.deepspeed.precision,
-                               bool(run.data.document_masking), u, par.sequence_parallel_size // u)
+        cases += _config_cases(
+            path.stem,
+            run.model,
+            run.data.seq_len,
+            run.deepspeed.precision,
+            bool(run.data.document_masking),
+            u,
+            par.sequence_parallel_size // u,
+        )
     return cases
 
 
@@ -142,8 +187,18 @@ def bench_cases() -> list[Case]:
     """The bench config of shared/design/targets.md at 1M tokens (benchmarks/train_step.py's ``ours``)."""
     from reformer_dist.model.config import ReformerConfig
 
-    cfg = ReformerConfig(vocab_size=256, d_model=512, n_heads=8, d_head=64, d_ff=2048, n_layers=6,
-                         attn_layers=["lsh"] * 6, n_hashes=2, chunk_len=64, axial_pos_shape=[1024, 1024])
+    cfg = ReformerConfig(
+        vocab_size=256,
+        d_model=512,
+        n_heads=8,
+        d_head=64,
+        d_ff=2048,
+        n_layers=6,
+        attn_layers=["lsh"] * 6,
+        n_hashes=2,
+        chunk_len=64,
+        axial_pos_shape=[1024, 1024],
+    )
     fp16 = Case("bench lsh", 1, 1 << 20, 8, 64, 64, 2, 1, 0, True, "float16")
     return _config_cases("bench", cfg, 1 << 20, "bf16", False, 1, 1) + [fp16]
 
@@ -152,18 +207,37 @@ def gpu_test_cases() -> list[Case]:
     """tests/gpu/test_cuda_attention.py's core cases, fp32 and bf16."""
     cases = []
     # L, H, D, M, R, n_chunks_before, n_chunks_after, causal, shared_qk, padded, bucket, duplicate correction
-    rows = [(1024, 4, 64, 64, 2, 1, 0, True, True, True, False, False),
-            (2048, 2, 64, 64, 4, 1, 0, True, True, False, False, True),
-            (1024, 4, 64, 64, 2, 1, 1, False, True, True, True, False),
-            (1536, 2, 64, 32, 3, 2, 0, True, True, False, False, False),
-            (1024, 4, 64, 128, 0, 1, 0, True, False, False, False, False),
-            (1024, 4, 64, 256, 2, 1, 0, True, True, True, False, False),
-            (2048, 2, 128, 256, 0, 1, 1, False, False, False, False, False),
-            (2048, 2, 128, 128, 4, 1, 0, True, True, False, False, True)]
+    rows = [
+        (1024, 4, 64, 64, 2, 1, 0, True, True, True, False, False),
+        (2048, 2, 64, 64, 4, 1, 0, True, True, False, False, True),
+        (1024, 4, 64, 64, 2, 1, 1, False, True, True, True, False),
+        (1536, 2, 64, 32, 3, 2, 0, True, True, False, False, False),
+        (1024, 4, 64, 128, 0, 1, 0, True, False, False, False, False),
+        (1024, 4, 64, 256, 2, 1, 0, True, True, True, False, False),
+        (2048, 2, 128, 256, 0, 1, 1, False, False, False, False, False),
+        (2048, 2, 128, 128, 4, 1, 0, True, True, False, False, True),
+    ]
     for dtype in ("float32", "bfloat16"):
         for length, h, d, m, r, nb, na, causal, shared, valid, bucket, correct in rows:
-            cases.append(Case(f"tests/gpu L{length} M{m} D{d}", 1, length, h, d, m, r, nb, na, causal, dtype, shared,
-                              valid, bucket=bucket, allow_duplicate_attention=not correct))
+            cases.append(
+                Case(
+                    f"tests/gpu L{length} M{m} D{d}",
+                    1,
+                    length,
+                    h,
+                    d,
+                    m,
+                    r,
+                    nb,
+                    na,
+                    causal,
+                    dtype,
+                    shared,
+                    valid,
+                    bucket=bucket,
+                    allow_duplicate_attention=not correct,
+                )
+            )
     return cases
 
 
@@ -171,10 +245,30 @@ def extreme_cases() -> list[Case]:
     """The largest tiles ``unsupported`` accepts, every optional mask on; an odd one-chunk length; int64 offsets."""
     cases = []
     for dtype in ("bfloat16", "float16", "float32"):
-        cases.append(Case("extreme chunk256 d128 all masks", 2, 4096, 2, 128, 256, 4, 2, 1, True, dtype, True, True,
-                          doc=True, bucket=True, allow_duplicate_attention=False, piece=True))
-        cases.append(Case("extreme local chunk256 d128", 2, 4096, 2, 128, 256, 0, 1, 1, False, dtype, False, True,
-                          True))
+        cases.append(
+            Case(
+                "extreme chunk256 d128 all masks",
+                2,
+                4096,
+                2,
+                128,
+                256,
+                4,
+                2,
+                1,
+                True,
+                dtype,
+                True,
+                True,
+                doc=True,
+                bucket=True,
+                allow_duplicate_attention=False,
+                piece=True,
+            )
+        )
+        cases.append(
+            Case("extreme local chunk256 d128", 2, 4096, 2, 128, 256, 0, 1, 1, False, dtype, False, True, True)
+        )
         cases.append(Case("one chunk of 37", 1, 37, 2, 64, 37, 0, 0, 0, True, dtype, True, True))
     cases.append(Case("batch 5 x 1M x 8 heads (offsets > 2^31)", 5, 1 << 20, 8, 64, 64, 2, 1, 0, True, "bfloat16"))
     return cases
@@ -185,8 +279,13 @@ def shipped_bf16_cases() -> list[Case]:
     return [c for c in shipped_cases() if c.dtype == "bfloat16"]
 
 
-CASE_SETS = {"shipped": shipped_cases, "shipped-bf16": shipped_bf16_cases, "bench": bench_cases,
-             "gpu-tests": gpu_test_cases, "extreme": extreme_cases}
+CASE_SETS = {
+    "shipped": shipped_cases,
+    "shipped-bf16": shipped_bf16_cases,
+    "bench": bench_cases,
+    "gpu-tests": gpu_test_cases,
+    "extreme": extreme_cases,
+}
 
 
 def collect(names: list[str]) -> list[Case]:
@@ -200,6 +299,7 @@ def collect(names: list[str]) -> list[Case]:
 
 
 # ---------------------------------------------------------------------------------------------- worker
+
 
 class _StandInDriver:
     """What Triton's launcher asks of a driver to compile (never to launch): a device, a stream, the target."""
@@ -246,8 +346,14 @@ def _meta_inputs(c: Case):
     v = torch.empty(shape, dtype=dt, **meta)
     s = c.length * max(1, c.rounds)
     index = torch.empty(c.batch, c.heads, s, dtype=torch.int32, **meta) if c.rounds else None
-    kw = dict(chunk_len=c.chunk_len, n_chunks_before=c.n_chunks_before, n_chunks_after=c.n_chunks_after,
-              causal=c.causal, self_mask=True, allow_duplicate_attention=c.allow_duplicate_attention)
+    kw = dict(
+        chunk_len=c.chunk_len,
+        n_chunks_before=c.n_chunks_before,
+        n_chunks_after=c.n_chunks_after,
+        causal=c.causal,
+        self_mask=True,
+        allow_duplicate_attention=c.allow_duplicate_attention,
+    )
     if c.valid:
         kw["key_valid"] = torch.empty(c.batch, c.length, dtype=torch.bool, **meta)
     if c.doc:
@@ -270,8 +376,11 @@ def _ir_problems(ttir: str) -> list[str]:
         m = re.match(r"\s*(%[\w#]+) = ([\w.]+)(.*)", line)
         if m:
             defs[m.group(1)] = (m.group(2), m.group(3).strip())
-    risky = {name: op for name, (op, rest) in defs.items()
-             if op == "tt.get_program_id" or (op == "tt.load" and "!tt.ptr<i32>" in rest)}
+    risky = {
+        name: op
+        for name, (op, rest) in defs.items()
+        if op == "tt.get_program_id" or (op == "tt.load" and "!tt.ptr<i32>" in rest)
+    }
     problems = []
     for name, (op, rest) in defs.items():
         if op in ("arith.muli", "arith.addi", "arith.subi") and re.search(r":\s*(tensor<[\dx]+x)?i32>?$", rest):
@@ -319,10 +428,12 @@ def work(cases: list[Case], archs: list[int], ir: bool, tiles: tuple[int, ...] |
             kernel = orig_compile(src, target=target, options=options, **kw)
         log = buf.getvalue()
         metrics[id(kernel)] = dict(
-            seconds=time.perf_counter() - t0, shared=int(kernel.metadata.shared),
+            seconds=time.perf_counter() - t0,
+            shared=int(kernel.metadata.shared),
             regs=max([int(x) for x in _PTXAS.findall(log)] or [-1]),
             spills=max([int(a) + int(b) for a, b in _SPILL.findall(log)] or [-1]),
-            problems=_ir_problems(kernel.asm["ttir"]) if ir and "ttir" in kernel.asm else [])
+            problems=_ir_problems(kernel.asm["ttir"]) if ir and "ttir" in kernel.asm else [],
+        )
         return kernel
 
     jit_mod.JITFunction.run = run
@@ -338,12 +449,27 @@ def work(cases: list[Case], archs: list[int], ir: bool, tiles: tuple[int, ...] |
                     error, t = "", None
                     try:
                         q, k, v, index, kw = _meta_inputs(c)
-                        x = CoreInputs(q, k, v, index, kw.get("key_valid"), kw.get("slot_bucket"),
-                                       kw.get("document_ids"), kw.get("positions"), kw.get("chunk_of"))
-                        call = tl_mod._Call(x, chunk_len=c.chunk_len, n_chunks_before=c.n_chunks_before,
-                                            n_chunks_after=c.n_chunks_after, causal=c.causal, self_mask=True,
-                                            allow_duplicate_attention=c.allow_duplicate_attention,
-                                            n_chunks=kw.get("n_chunks"))
+                        x = CoreInputs(
+                            q,
+                            k,
+                            v,
+                            index,
+                            kw.get("key_valid"),
+                            kw.get("slot_bucket"),
+                            kw.get("document_ids"),
+                            kw.get("positions"),
+                            kw.get("chunk_of"),
+                        )
+                        call = tl_mod._Call(
+                            x,
+                            chunk_len=c.chunk_len,
+                            n_chunks_before=c.n_chunks_before,
+                            n_chunks_after=c.n_chunks_after,
+                            causal=c.causal,
+                            self_mask=True,
+                            allow_duplicate_attention=c.allow_duplicate_attention,
+                            n_chunks=kw.get("n_chunks"),
+                        )
                         t = call.tiles
                         out, lse, lo = tl_mod._forward(call, q, k, v)
                         tl_mod._backward(call, q, k, v, out, lse, lo, torch.empty_like(out), None)
@@ -351,9 +477,15 @@ def work(cases: list[Case], archs: list[int], ir: bool, tiles: tuple[int, ...] |
                         error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
                     for kern in KERNELS:
                         ms = [metrics[i] for i in used[kern] if i in metrics]
-                        r = Result(f"{c.name} {c.dtype}", arch, kern, triton.__version__, compiles=len(used[kern]),
-                                   error=error if not ms else "",
-                                   tiles="" if t is None else tile_label(t))
+                        r = Result(
+                            f"{c.name} {c.dtype}",
+                            arch,
+                            kern,
+                            triton.__version__,
+                            compiles=len(used[kern]),
+                            error=error if not ms else "",
+                            tiles="" if t is None else tile_label(t),
+                        )
                         if ms:
                             r.regs = max(m["regs"] for m in ms)
                             r.spills = max(m["spills"] for m in ms)
@@ -384,8 +516,13 @@ def source_hash() -> str:
     tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name == "tiles_for")]
     for node in ast.walk(tree):  # docstrings and comments do not change the code
         body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
-                isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(getattr(body[0], "value", None), ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             node.body = body[1:] or [ast.Pass()]
     h.update(ast.unparse(tree).encode())  # the code alone: formatting, comments and docstrings do not count
     from reformer_dist.kernels import logits
@@ -414,22 +551,31 @@ def problems_of(r: dict, case: dict) -> list[str]:
     if r["seconds"] > MAX_COMPILE_S:
         out.append(f"compile took {r['seconds']:.0f} s > {MAX_COMPILE_S:.0f} s")
     if r["compiles"] != 1:
-        out.append(f"{r['compiles']} different compiled kernels in one case (a runtime argument such as the head "
-                   "index is specialised by value)")
+        out.append(
+            f"{r['compiles']} different compiled kernels in one case (a runtime argument such as the head "
+            "index is specialised by value)"
+        )
     out += r.get("problems", [])
     return out
 
 
-def run_env(triton_dir: str | None, cases: list[Case], archs: list[int], cache: Path | None,
-            tiles: str | None) -> list[dict]:
+def run_env(
+    triton_dir: str | None, cases: list[Case], archs: list[int], cache: Path | None, tiles: str | None
+) -> list[dict]:
     """Results of every case under one Triton (a side folder or this environment's), from the cache where the
     kernel code (``source_hash``), the Triton version and the case's tiles are unchanged. One worker per arch."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(d).resolve()) for d in [triton_dir] if d] + [str(ROOT)]
-                                        + [env.get("PYTHONPATH", "")])
-    version = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], env=env,
-                             capture_output=True, text=True, check=True).stdout.strip()
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(d).resolve()) for d in [triton_dir] if d] + [str(ROOT)] + [env.get("PYTHONPATH", "")]
+    )
+    version = subprocess.run(
+        [sys.executable, "-c", "import triton; print(triton.__version__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     cache_file = None if cache is None or tiles else cache / f"{source_hash()}-triton{version}.jsonl"
     want = {c.key(): expected_tiles(c, tiles) for c in cases}
     done: dict[tuple, dict] = {}
@@ -493,24 +639,43 @@ def tile_label(t) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--arch", default="90,80", help="compute capabilities to compile for (default 90,80)")
-    ap.add_argument("--cases", default="shipped,bench,gpu-tests,extreme",
-                    help=f"comma-separated case sets: {', '.join(CASE_SETS)}")
+    ap.add_argument(
+        "--cases", default="shipped,bench,gpu-tests,extreme", help=f"comma-separated case sets: {', '.join(CASE_SETS)}"
+    )
     ap.add_argument("--only", metavar="TEXT", help="only the cases whose name + dtype contains TEXT")
-    ap.add_argument("--triton", action="append", default=[], metavar="DIR",
-                    help="also check with the Triton installed in DIR (pip install --target DIR triton==X)")
-    ap.add_argument("--triton-cases", default="shipped-bf16,bench,extreme",
-                    help="case sets for the --triton versions (default: every config in bf16, the bench config in "
-                         "every dtype, the tile extremes)")
+    ap.add_argument(
+        "--triton",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also check with the Triton installed in DIR (pip install --target DIR triton==X)",
+    )
+    ap.add_argument(
+        "--triton-cases",
+        default="shipped-bf16,bench,extreme",
+        help="case sets for the --triton versions (default: every config in bf16, the bench config in "
+        "every dtype, the tile extremes)",
+    )
     ap.add_argument("--no-local", action="store_true", help="skip this environment's own Triton")
     ap.add_argument("--json", type=Path, help="write every result here")
-    ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "compile_table",
-                    help="results by (kernel source hash, Triton version); committed, so CI compiles only what changed")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=ROOT / "benchmarks" / "compile_table",
+        help="results by (kernel source hash, Triton version); committed, so CI compiles only what changed",
+    )
     ap.add_argument("--no-cache", action="store_true", help="compile everything, read and write no cache")
-    ap.add_argument("--tiles", help="bq,bk,num_warps,num_stages: compile with these tiles instead of tiles_for's "
-                                    "(to try a tile set; never cached)")
+    ap.add_argument(
+        "--tiles",
+        help="bq,bk,num_warps,num_stages: compile with these tiles instead of tiles_for's "
+        "(to try a tile set; never cached)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
@@ -552,16 +717,21 @@ def main(argv: list[str] | None = None) -> int:
         case = asdict(by_key[r["case"]])
         r["failures"] = problems_of(r, case)
         flag = "  FAIL: " + "; ".join(r["failures"]) if r["failures"] else ""
-        print(f"| {r['triton']} | sm_{r['arch']} | {r['label']}{' pad' if case['valid'] else ''} | {r['kernel']} | "
-              f"{r['tiles']} | {r['regs']} | {r['spills']} | {r['shared']} | {r['seconds']:.1f} |{flag}")
+        print(
+            f"| {r['triton']} | sm_{r['arch']} | {r['label']}{' pad' if case['valid'] else ''} | {r['kernel']} | "
+            f"{r['tiles']} | {r['regs']} | {r['spills']} | {r['shared']} | {r['seconds']:.1f} |{flag}"
+        )
         if r["failures"]:
             failures.append(r)
     worst = max((r["seconds"] for r in rows), default=0.0)
     versions = sorted({r["triton"] for r in rows})
-    print(f"\n{len(rows)} kernel launches checked ({len(archs)} archs x {len(KERNELS)} kernels x cases: "
-          + ", ".join(f"{sum(r['triton'] == v for r in rows) // (len(archs) * len(KERNELS))} under Triton {v}"
-                      for v in versions)
-          + f") in {time.perf_counter() - t0:.0f} s; slowest compile {worst:.1f} s; {len(failures)} failing")
+    print(
+        f"\n{len(rows)} kernel launches checked ({len(archs)} archs x {len(KERNELS)} kernels x cases: "
+        + ", ".join(
+            f"{sum(r['triton'] == v for r in rows) // (len(archs) * len(KERNELS))} under Triton {v}" for v in versions
+        )
+        + f") in {time.perf_counter() - t0:.0f} s; slowest compile {worst:.1f} s; {len(failures)} failing"
+    )
     if args.json:
         args.json.write_text(json.dumps({"limits": LIMITS, "rows": rows}, indent=1))
     return 1 if failures else 0

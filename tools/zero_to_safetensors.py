@@ -121,7 +121,7 @@ def fp32_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
         state[name] = state[source]
     for prefix in ("module.", "_orig_mod."):  # wrappers (DDP, torch.compile), if a caller used one
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 

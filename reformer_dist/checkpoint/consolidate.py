@@ -42,7 +42,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers, i
 def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in _WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -60,7 +60,8 @@ def fp32_state_dict(ref: CheckpointRef, quiet: bool = True) -> dict[str, torch.T
             lazy = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag, lazy_mode=True)
         except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
             raise CorruptCheckpointError(
-                f"{ref.path}: zero_to_fp32 cannot reassemble it ({type(e).__name__}: {e})") from e
+                f"{ref.path}: zero_to_fp32 cannot reassemble it ({type(e).__name__}: {e})"
+            ) from e
         return to_torch_tensor(lazy)  # the optimizer files are memory-mapped: tensors are read here
 
 
@@ -77,9 +78,17 @@ def _trained_with(ref: CheckpointRef, cfg_src: str) -> dict[str, bool]:
     return ReformerConfig.trained_with(cfg_src)
 
 
-def consolidate(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = None, dtype: str = "fp32",
-                config: str | Path | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD,
-                overwrite: bool = False, verify: bool = True) -> dict:
+def consolidate(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    config: str | Path | None = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD,
+    overwrite: bool = False,
+    verify: bool = True,
+) -> dict:
     """Write OUT (config.json + safetensors + checksums.json) from a DeepSpeed checkpoint; returns a summary."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
@@ -96,8 +105,10 @@ def consolidate(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = 
         want = expected_shapes(cfg)
         missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
         if missing or unexpected:
-            raise ValueError(f"{ref.path}: weights do not match the model config {cfg_src}: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"{ref.path}: weights do not match the model config {cfg_src}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
         for k, shape in want.items():
             if tuple(state[k].shape) != shape:
                 raise ValueError(f"{ref.path}: {k} has shape {tuple(state[k].shape)}, config {cfg_src} needs {shape}")
@@ -106,11 +117,27 @@ def consolidate(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = 
         state = {k: v.clone() if v._base is not None else v for k, v in state.items()}
         trained = _trained_with(src, cfg_src)
         config_out = {**cfg.to_dict(), **({TRAINED_WITH: trained} if trained else {})}
-        provenance = {"source": str(ref.path), "step": info.step, "zero_stage": info.zero_stage,
-                      "world_size": info.world_size, "dtype": dtype}
-        files = write_weights_dir(out_dir, state, config_out, max_shard_size=max_shard_size, overwrite=overwrite,
-                                  inputs=inputs,
-                                  metadata={"config": json.dumps(cfg.to_dict()),
-                                            "reformer_dist": json.dumps(provenance)})
-    return {**provenance, "out": str(out_dir), "files": [f.name for f in files], "config_from": cfg_src,
-            "verified": verified, "parameters": sum(v.numel() for v in state.values())}
+        provenance = {
+            "source": str(ref.path),
+            "step": info.step,
+            "zero_stage": info.zero_stage,
+            "world_size": info.world_size,
+            "dtype": dtype,
+        }
+        files = write_weights_dir(
+            out_dir,
+            state,
+            config_out,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            inputs=inputs,
+            metadata={"config": json.dumps(cfg.to_dict()), "reformer_dist": json.dumps(provenance)},
+        )
+    return {
+        **provenance,
+        "out": str(out_dir),
+        "files": [f.name for f in files],
+        "config_from": cfg_src,
+        "verified": verified,
+        "parameters": sum(v.numel() for v in state.values()),
+    }

@@ -67,8 +67,9 @@ def find_checkpoint(ckpt_dir: str | Path, tag: str | None = None, latest_name: s
         raise FileNotFoundError(f"{p}: no such checkpoint folder")
     if tag is not None:
         if Path(tag).name != tag or tag in ("", ".", ".."):
-            raise ValueError(f"--tag {tag!r}: expected the name of a tag folder in {p} (e.g. step_00000300), "
-                             "not a path")
+            raise ValueError(
+                f"--tag {tag!r}: expected the name of a tag folder in {p} (e.g. step_00000300), not a path"
+            )
         ref = CheckpointRef(p, tag)
         if not ref.path.is_dir():
             raise FileNotFoundError(f"{ref.path}: no such tag folder (tags here: {_tags(p) or 'none'})")
@@ -77,16 +78,20 @@ def find_checkpoint(ckpt_dir: str | Path, tag: str | None = None, latest_name: s
     elif (p / latest_name).is_file():
         named = (p / latest_name).read_text(errors="replace").strip()
         if Path(named).name != named or named in ("", ".", ".."):
-            raise CheckpointError(f"{p / latest_name}: expected the name of a tag folder in {p}, got {named[:80]!r}; "
-                                  f"pass --tag (tags here: {_tags(p) or 'none'})")
+            raise CheckpointError(
+                f"{p / latest_name}: expected the name of a tag folder in {p}, got {named[:80]!r}; "
+                f"pass --tag (tags here: {_tags(p) or 'none'})"
+            )
         ref = CheckpointRef(p, named)
         if not ref.path.is_dir():
             raise CheckpointError(f"{p / latest_name}: names tag {ref.tag!r}, but {ref.path} does not exist")
     else:
         tags = _tags(p)
         if len(tags) != 1:
-            raise FileNotFoundError(f"{p}: not a DeepSpeed checkpoint tag folder and no '{latest_name}' file; "
-                                    f"pass --tag (tags here: {tags or 'none'})")
+            raise FileNotFoundError(
+                f"{p}: not a DeepSpeed checkpoint tag folder and no '{latest_name}' file; "
+                f"pass --tag (tags here: {tags or 'none'})"
+            )
         ref = CheckpointRef(p, tags[0])
     if not is_tag_dir(ref.path):
         raise FileNotFoundError(f"{ref.path}: no DeepSpeed *_model_states.pt files (not a checkpoint tag folder)")
@@ -106,9 +111,11 @@ def _newest_now(root: Path) -> str:
 
 def rotated_message(ref: CheckpointRef) -> str:
     """What a checkpoint that vanished while being read means, and what to do."""
-    return (f"{ref.path}: deleted while being read: a run is rotating the checkpoints in {ref.root} "
-            f"(checkpoint.keep_last). Pass --tag {_newest_now(ref.root)} (the newest now) and run again, or stop "
-            "the run first")
+    return (
+        f"{ref.path}: deleted while being read: a run is rotating the checkpoints in {ref.root} "
+        f"(checkpoint.keep_last). Pass --tag {_newest_now(ref.root)} (the newest now) and run again, or stop "
+        "the run first"
+    )
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -126,7 +133,7 @@ def _remove_stale_pins(root: Path) -> None:
     """Pins of reading tools that were killed (their pid is gone): they would keep rotated data on disk."""
     for p in root.glob(f"{PIN_PREFIX}*"):
         try:
-            os.kill(int(p.name[len(PIN_PREFIX):].split("-")[0]), 0)
+            os.kill(int(p.name[len(PIN_PREFIX) :].split("-")[0]), 0)
         except (ValueError, ProcessLookupError):
             shutil.rmtree(p, ignore_errors=True)
         except PermissionError:
@@ -159,9 +166,11 @@ def _pin(ckpt_dir: str | Path, tag: str | None, attempts: int) -> tuple[Checkpoi
         except OSError:
             shutil.rmtree(pin, ignore_errors=True)
             return ref, None
-    raise CheckpointError(f"{ckpt_dir}: every checkpoint was rotated away while being read ({attempts} tries): a run "
-                          "saves and deletes checkpoints faster than they can be read; stop it, or raise its "
-                          "checkpoint.keep_last")
+    raise CheckpointError(
+        f"{ckpt_dir}: every checkpoint was rotated away while being read ({attempts} tries): a run "
+        "saves and deletes checkpoints faster than they can be read; stop it, or raise its "
+        "checkpoint.keep_last"
+    )
 
 
 def _still_there(ref: CheckpointRef) -> bool:
@@ -172,8 +181,9 @@ def _still_there(ref: CheckpointRef) -> bool:
 
 
 @contextlib.contextmanager
-def pinned_checkpoint(ckpt_dir: str | Path, tag: str | None = None,
-                      attempts: int = 5) -> Iterator[tuple[CheckpointRef, CheckpointRef]]:
+def pinned_checkpoint(
+    ckpt_dir: str | Path, tag: str | None = None, attempts: int = 5
+) -> Iterator[tuple[CheckpointRef, CheckpointRef]]:
     """(the checkpoint CKPT_DIR [--tag] names, where to read it): a run that rotates checkpoints in the same
     folder may delete the tag while it is read, so its files are pinned with hard links (released on exit).
     A `latest` that moves on before the pin is taken is followed (no --tag). Where no pin can be made, a
@@ -270,8 +280,11 @@ def read_model_config(ref: CheckpointRef, config: str | Path | None = None) -> t
     Order: an explicit file (a ReformerConfig JSON, or a run_config.json); <tag>/run_config.json written by
     reformer-train; <tag>/config.json; <root>/config.json.
     """
-    candidates = [Path(config)] if config is not None else [
-        ref.path / RUN_CONFIG, ref.path / CONFIG_NAME, ref.root / CONFIG_NAME]
+    candidates = (
+        [Path(config)]
+        if config is not None
+        else [ref.path / RUN_CONFIG, ref.path / CONFIG_NAME, ref.root / CONFIG_NAME]
+    )
     for c in candidates:
         if not c.is_file():
             continue
@@ -284,8 +297,10 @@ def read_model_config(ref: CheckpointRef, config: str | Path | None = None) -> t
         return ReformerConfig.from_dict(d, source=str(c)), str(c)
     if config is not None:
         raise FileNotFoundError(f"{config}: no such config file")
-    raise FileNotFoundError(f"{ref.path}: no model config found (looked for {', '.join(str(c) for c in candidates)}); "
-                            "pass --config with a ReformerConfig JSON")
+    raise FileNotFoundError(
+        f"{ref.path}: no model config found (looked for {', '.join(str(c) for c in candidates)}); "
+        "pass --config with a ReformerConfig JSON"
+    )
 
 
 @dataclass
@@ -350,12 +365,19 @@ def describe(ref: CheckpointRef) -> CheckpointInfo:
     files = [f for f in tag_dir.rglob("*") if f.is_file()]
     offload = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")
     info = CheckpointInfo(
-        path=str(tag_dir), tag=ref.tag, step=step, zero_stage=stage,
+        path=str(tag_dir),
+        tag=ref.tag,
+        step=step,
+        zero_stage=stage,
         world_size=int(meta.get("dp_world_size", len(optim) or 1)),
-        dtype=_precision(ds_config), parameters=n_params, size_bytes=sum(f.stat().st_size for f in files),
-        files=len(files), ds_version=meta.get("ds_version"),
+        dtype=_precision(ds_config),
+        parameters=n_params,
+        size_bytes=sum(f.stat().st_size for f in files),
+        files=len(files),
+        ds_version=meta.get("ds_version"),
         offload_optimizer=offload if offload not in (None, "none") else None,
-        universal=universal)
+        universal=universal,
+    )
     if optim and not universal and len(optim) != info.world_size:
         info.notes.append(f"{len(optim)} optimizer-state files for world size {info.world_size}: incomplete save?")
     try:

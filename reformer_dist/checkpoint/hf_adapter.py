@@ -53,19 +53,56 @@ from reformer_dist.ondisk import (
 )
 
 HF_ARCH = "ReformerModelWithLMHead"
-HF_ACTIVATIONS = ("relu", "gelu", "silu", "swish", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "tanh", "sigmoid",
-                  "mish", "quick_gelu", "linear", "relu6", "leaky_relu", "elu", "selu")  # subset of ACT2FN keys
+HF_ACTIVATIONS = (
+    "relu",
+    "gelu",
+    "silu",
+    "swish",
+    "gelu_new",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+    "tanh",
+    "sigmoid",
+    "mish",
+    "quick_gelu",
+    "linear",
+    "relu6",
+    "leaky_relu",
+    "elu",
+    "selu",
+)  # subset of ACT2FN keys
 # transformers' ReformerConfig defaults (identical in 4.x and 5.x), for config.json files that omit a field.
 HF_DEFAULTS: dict[str, Any] = {
-    "attention_head_size": 64, "attn_layers": ["local", "lsh", "local", "lsh", "local", "lsh"], "axial_norm_std": 1.0,
-    "axial_pos_embds": True, "axial_pos_shape": [64, 64], "axial_pos_embds_dim": [64, 192], "chunk_size_lm_head": 0,
-    "chunk_size_feed_forward": 0, "feed_forward_size": 512, "hash_seed": None, "hidden_act": "relu",
-    "hidden_dropout_prob": 0.05, "hidden_size": 256, "initializer_range": 0.02, "is_decoder": False,
-    "layer_norm_eps": 1e-12, "local_num_chunks_before": 1, "local_num_chunks_after": 0,
-    "local_attention_probs_dropout_prob": 0.05, "local_attn_chunk_length": 64, "lsh_attn_chunk_length": 64,
-    "lsh_attention_probs_dropout_prob": 0.0, "lsh_num_chunks_before": 1, "lsh_num_chunks_after": 0,
-    "max_position_embeddings": 4096, "num_attention_heads": 12, "num_buckets": None, "num_hashes": 1,
-    "vocab_size": 320, "tie_word_embeddings": False,
+    "attention_head_size": 64,
+    "attn_layers": ["local", "lsh", "local", "lsh", "local", "lsh"],
+    "axial_norm_std": 1.0,
+    "axial_pos_embds": True,
+    "axial_pos_shape": [64, 64],
+    "axial_pos_embds_dim": [64, 192],
+    "chunk_size_lm_head": 0,
+    "chunk_size_feed_forward": 0,
+    "feed_forward_size": 512,
+    "hash_seed": None,
+    "hidden_act": "relu",
+    "hidden_dropout_prob": 0.05,
+    "hidden_size": 256,
+    "initializer_range": 0.02,
+    "is_decoder": False,
+    "layer_norm_eps": 1e-12,
+    "local_num_chunks_before": 1,
+    "local_num_chunks_after": 0,
+    "local_attention_probs_dropout_prob": 0.05,
+    "local_attn_chunk_length": 64,
+    "lsh_attn_chunk_length": 64,
+    "lsh_attention_probs_dropout_prob": 0.0,
+    "lsh_num_chunks_before": 1,
+    "lsh_num_chunks_after": 0,
+    "max_position_embeddings": 4096,
+    "num_attention_heads": 12,
+    "num_buckets": None,
+    "num_hashes": 1,
+    "vocab_size": 320,
+    "tie_word_embeddings": False,
 }
 # Our fields HF has no place for. They do not change the function (memory knobs, init, the reversible
 # switch: our non-reversible stack computes the same thing); export keeps them under this key so that
@@ -84,8 +121,9 @@ def to_hf_config(cfg: ReformerConfig) -> dict[str, Any]:
     cfg.validate()
 
     def refuse(name: str, why: str) -> None:
-        raise UnsupportedConfigError(f"ReformerConfig.{name} = {getattr(cfg, name)!r} cannot be exported to "
-                                     f"Hugging Face transformers: {why}")
+        raise UnsupportedConfigError(
+            f"ReformerConfig.{name} = {getattr(cfg, name)!r} cannot be exported to Hugging Face transformers: {why}"
+        )
 
     for i, kind in enumerate(cfg.attn_layers):
         if kind not in ("lsh", "local"):
@@ -168,29 +206,47 @@ def from_hf_config(hf: dict[str, Any]) -> tuple[ReformerConfig, list[str]]:
         refuse("num_hidden_layers", f"differs from len(attn_layers) = {len(layers)}")
     for name in ("lsh_attention_probs_dropout_prob", "local_attention_probs_dropout_prob"):
         if get(name):
-            notes.append(f"{name} = {get(name)} dropped: reformer_dist has no attention-probability dropout "
-                         "(inference is unaffected; fine-tuning regularises less)")
+            notes.append(
+                f"{name} = {get(name)} dropped: reformer_dist has no attention-probability dropout "
+                "(inference is unaffected; fine-tuning regularises less)"
+            )
     seed = get("hash_seed")
     if seed is None:
         notes.append("hash_seed = None (HF: fresh random rotations per call); using hash_seed = 0")
         seed = 0
     shape, dims = [int(x) for x in get("axial_pos_shape")], [int(x) for x in get("axial_pos_embds_dim")]
     if get("num_buckets") is None and "lsh" in layers and get("max_position_embeddings") != math.prod(shape):
-        notes.append(f"max_position_embeddings = {get('max_position_embeddings')} differs from prod(axial_pos_shape) "
-                     f"= {math.prod(shape)}: the automatic num_buckets factorisation threshold may differ")
+        notes.append(
+            f"max_position_embeddings = {get('max_position_embeddings')} differs from prod(axial_pos_shape) "
+            f"= {math.prod(shape)}: the automatic num_buckets factorisation threshold may differ"
+        )
     nb = get("num_buckets")
     extra = hf.get(EXTRA_KEY) if isinstance(hf.get(EXTRA_KEY), dict) else {}
     d = {
-        "vocab_size": get("vocab_size"), "d_model": get("hidden_size"), "n_heads": get("num_attention_heads"),
-        "d_head": get("attention_head_size"), "d_ff": get("feed_forward_size"), "n_layers": len(layers),
-        "attn_layers": layers, "n_hashes": get("num_hashes"), "chunk_len": get("lsh_attn_chunk_length"),
-        "n_chunks_before": get("lsh_num_chunks_before"), "n_chunks_after": get("lsh_num_chunks_after"),
-        "n_buckets": [int(x) for x in nb] if isinstance(nb, (list, tuple)) else nb, "hash_seed": int(seed),
-        "local_chunk_len": get("local_attn_chunk_length"), "local_n_chunks_before": get("local_num_chunks_before"),
-        "local_n_chunks_after": get("local_num_chunks_after"), "causal": bool(get("is_decoder")),
-        "dropout": float(get("hidden_dropout_prob")), "activation": act, "layer_norm_eps": float(get("layer_norm_eps")),
-        "axial_pos_shape": shape, "axial_pos_dims": dims,
-        "init_std": float(get("initializer_range")), "axial_norm_std": float(get("axial_norm_std")),
+        "vocab_size": get("vocab_size"),
+        "d_model": get("hidden_size"),
+        "n_heads": get("num_attention_heads"),
+        "d_head": get("attention_head_size"),
+        "d_ff": get("feed_forward_size"),
+        "n_layers": len(layers),
+        "attn_layers": layers,
+        "n_hashes": get("num_hashes"),
+        "chunk_len": get("lsh_attn_chunk_length"),
+        "n_chunks_before": get("lsh_num_chunks_before"),
+        "n_chunks_after": get("lsh_num_chunks_after"),
+        "n_buckets": [int(x) for x in nb] if isinstance(nb, (list, tuple)) else nb,
+        "hash_seed": int(seed),
+        "local_chunk_len": get("local_attn_chunk_length"),
+        "local_n_chunks_before": get("local_num_chunks_before"),
+        "local_n_chunks_after": get("local_num_chunks_after"),
+        "causal": bool(get("is_decoder")),
+        "dropout": float(get("hidden_dropout_prob")),
+        "activation": act,
+        "layer_norm_eps": float(get("layer_norm_eps")),
+        "axial_pos_shape": shape,
+        "axial_pos_dims": dims,
+        "init_std": float(get("initializer_range")),
+        "axial_norm_std": float(get("axial_norm_std")),
     }
     d.update({k: extra[k] for k in _NON_HF_FIELDS if k in extra})
     if "local_chunk_len" in extra and extra["local_chunk_len"] is None and d["local_chunk_len"] == d["chunk_len"]:
@@ -221,7 +277,8 @@ _FIXED = {  # ours -> HF
 _HF_BIAS_KEYS = ("lm_head.bias", "lm_head.decoder.bias")  # 4.x stored the tied bias under both names
 # Constant mask values that transformers 4.x saved as persistent buffers; not weights.
 _HF_BUFFER_RE = re.compile(
-    r"reformer\.encoder\.layers\.\d+\.attention\.self_attention\.(self_)?mask_value_float(16|32)$")
+    r"reformer\.encoder\.layers\.\d+\.attention\.self_attention\.(self_)?mask_value_float(16|32)$"
+)
 
 
 def key_map(n_layers: int) -> dict[str, str]:
@@ -267,8 +324,9 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ReformerConfig) -> dic
     return out
 
 
-def from_hf_state_dict(hf_state: dict[str, torch.Tensor],
-                       cfg: ReformerConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+def from_hf_state_dict(
+    hf_state: dict[str, torch.Tensor], cfg: ReformerConfig
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """HF Reformer state dict -> (our state dict, warnings). Unknown keys are an error, not silently dropped."""
     names = {hf: ours for ours, hf in key_map(cfg.n_layers).items()}
     notes: list[str] = []
@@ -277,9 +335,11 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor],
     for k, v in hf_state.items():
         if k in _HF_BIAS_KEYS:
             if torch.count_nonzero(v):
-                notes.append(f"{k} is nonzero (max |b| = {v.abs().max().item():.3g}) and is dropped: reformer_dist "
-                             "has no LM-head bias, so its logits differ from transformers' by this bias "
-                             "(lm_head.decoder.bias is added in forward; lm_head.bias only in transformers 4.x)")
+                notes.append(
+                    f"{k} is nonzero (max |b| = {v.abs().max().item():.3g}) and is dropped: reformer_dist "
+                    "has no LM-head bias, so its logits differ from transformers' by this bias "
+                    "(lm_head.decoder.bias is added in forward; lm_head.bias only in transformers 4.x)"
+                )
             continue
         if _HF_BUFFER_RE.fullmatch(k):
             continue
@@ -293,8 +353,10 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor],
             v = v.reshape(v.shape[-2], v.shape[-1])
         out[ours] = v
     if unknown:
-        raise ValueError(f"HF state dict: keys with no reformer_dist equivalent: {unknown[:6]}"
-                         f"{' ...' if len(unknown) > 6 else ''} (only {HF_ARCH} / ReformerForMaskedLM layouts convert)")
+        raise ValueError(
+            f"HF state dict: keys with no reformer_dist equivalent: {unknown[:6]}"
+            f"{' ...' if len(unknown) > 6 else ''} (only {HF_ARCH} / ReformerForMaskedLM layouts convert)"
+        )
     _check_against(out, expected_shapes(cfg), "HF state dict")
     return out, notes
 
@@ -324,19 +386,29 @@ def check_document_settings(trained: dict[str, bool], where: Path, accept: bool)
     if not on:
         return []
     what = " and ".join(f"data.{k} = true" for k in on)
-    why = (f"{where}: the model was trained with {what} ({TRAINED_WITH} in {CONFIG_NAME}): a token attended only to "
-           f"its own document{' and positions restarted at each document' if 'reset_positions' in on else ''}. "
-           f"Hugging Face transformers' Reformer has no such setting: the exported model attends across "
-           f"documents")
+    why = (
+        f"{where}: the model was trained with {what} ({TRAINED_WITH} in {CONFIG_NAME}): a token attended only to "
+        f"its own document{' and positions restarted at each document' if 'reset_positions' in on else ''}. "
+        f"Hugging Face transformers' Reformer has no such setting: the exported model attends across "
+        f"documents"
+    )
     if not accept:
-        raise UnsupportedConfigError(f"{why}. Pass --accept-document-masking to export anyway (the setting is kept "
-                                     f"in the export's config.json under {EXTRA_KEY!r}), or feed it one document "
-                                     "per sequence")
+        raise UnsupportedConfigError(
+            f"{why}. Pass --accept-document-masking to export anyway (the setting is kept "
+            f"in the export's config.json under {EXTRA_KEY!r}), or feed it one document "
+            "per sequence"
+        )
     return [f"{why}; exported anyway (--accept-document-masking), recorded under {EXTRA_KEY!r}.{TRAINED_WITH}"]
 
 
-def export_hf(src_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-              max_shard_size: str | int = "5GB", accept_document_masking: bool = False) -> tuple[Path, list[str]]:
+def export_hf(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    accept_document_masking: bool = False,
+) -> tuple[Path, list[str]]:
     """Our weights folder (config.json + model.safetensors) -> a folder `transformers` loads with
     `ReformerModelWithLMHead.from_pretrained(out_dir)`. Weights keep their dtype. Returns (out_dir, warnings).
 
@@ -345,8 +417,10 @@ def export_hf(src_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fal
     src = Path(src_dir)
     check_writable(out_dir, overwrite, [src])
     if not (src / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{src / CONFIG_NAME}: missing; expected a weights folder ({CONFIG_NAME} + "
-                                f"{WEIGHTS_NAME}, from `reformer-ckpt consolidate` or save_pretrained)")
+        raise FileNotFoundError(
+            f"{src / CONFIG_NAME}: missing; expected a weights folder ({CONFIG_NAME} + "
+            f"{WEIGHTS_NAME}, from `reformer-ckpt consolidate` or save_pretrained)"
+        )
     cfg = ReformerConfig.load(src / CONFIG_NAME)
     hf_cfg = to_hf_config(cfg)  # refuses before anything is read or written
     trained = ReformerConfig.trained_with(src / CONFIG_NAME)
@@ -360,8 +434,9 @@ def export_hf(src_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fal
     return Path(out_dir), notes
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-              max_shard_size: str | int = "5GB") -> tuple[Path, list[str]]:
+def import_hf(
+    hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False, max_shard_size: str | int = "5GB"
+) -> tuple[Path, list[str]]:
     """A transformers Reformer folder (config.json + safetensors or pytorch_model.bin) -> our weights folder.
 
     Returns (out_dir, warnings); warnings are also issued with `warnings.warn`.
@@ -383,6 +458,13 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     config = {**cfg.to_dict(), **({TRAINED_WITH: trained} if isinstance(trained, dict) else {})}
     for n in notes:
         warnings.warn(f"import-hf: {n}", stacklevel=2)
-    write_weights_dir(out_dir, state, config, max_shard_size=max_shard_size, overwrite=overwrite,
-                      inputs=[src], metadata={"config": json.dumps(cfg.to_dict())})
+    write_weights_dir(
+        out_dir,
+        state,
+        config,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        inputs=[src],
+        metadata={"config": json.dumps(cfg.to_dict())},
+    )
     return Path(out_dir), notes

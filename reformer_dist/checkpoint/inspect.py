@@ -67,14 +67,26 @@ def inspect_weights_dir(d: Path, verify: bool = True) -> dict[str, Any]:
     size, n_files = _dir_size(d)
     cfg = json.loads((d / CONFIG_NAME).read_text()) if (d / CONFIG_NAME).is_file() else {}
     kind = "huggingface" if cfg.get("model_type") == "reformer" else "reformer_dist"
-    out: dict[str, Any] = {"kind": f"weights folder ({kind})", "path": str(d), "parameters": n_params,
-                           "dtype": ", ".join(sorted(dtypes)) or "none", "size_bytes": size, "files": n_files,
-                           "weight_files": [f.name for f in files]}
+    out: dict[str, Any] = {
+        "kind": f"weights folder ({kind})",
+        "path": str(d),
+        "parameters": n_params,
+        "dtype": ", ".join(sorted(dtypes)) or "none",
+        "size_bytes": size,
+        "files": n_files,
+        "weight_files": [f.name for f in files],
+    }
     prov = meta.get("reformer_dist") if isinstance(meta, dict) else None
     if prov:
         p = json.loads(prov)
-        out.update({"step": p.get("step"), "zero_stage": p.get("zero_stage"), "world_size": p.get("world_size"),
-                    "source": p.get("source")})
+        out.update(
+            {
+                "step": p.get("step"),
+                "zero_stage": p.get("zero_stage"),
+                "world_size": p.get("world_size"),
+                "source": p.get("source"),
+            }
+        )
     if verify:
         try:
             out["checksums"] = "verified" if verify_checksums(d) else f"none ({CHECKSUMS} absent)"
@@ -103,15 +115,39 @@ def inspect_path(path: str | Path, tag: str | None = None, verify: bool = True) 
     reshard_json = ref.root / RESHARD_INFO
     if info["universal"] and reshard_json.is_file():
         r = json.loads(reshard_json.read_text())
-        info.update({"source_world_size": r.get("source_world_size"), "source_zero_stage": r.get("source_zero_stage"),
-                     "load_as_zero_stage": r.get("load_as_zero_stage")})
+        info.update(
+            {
+                "source_world_size": r.get("source_world_size"),
+                "source_zero_stage": r.get("source_zero_stage"),
+                "load_as_zero_stage": r.get("load_as_zero_stage"),
+            }
+        )
     return info
 
 
 def format_report(info: dict[str, Any]) -> str:
-    order = ["kind", "path", "tag", "step", "zero_stage", "world_size", "parameters", "dtype", "size_bytes", "files",
-             "offload_optimizer", "ds_version", "model_config", "weight_files", "source", "source_zero_stage",
-             "source_world_size", "load_as_zero_stage", "checksums", "notes"]
+    order = [
+        "kind",
+        "path",
+        "tag",
+        "step",
+        "zero_stage",
+        "world_size",
+        "parameters",
+        "dtype",
+        "size_bytes",
+        "files",
+        "offload_optimizer",
+        "ds_version",
+        "model_config",
+        "weight_files",
+        "source",
+        "source_zero_stage",
+        "source_world_size",
+        "load_as_zero_stage",
+        "checksums",
+        "notes",
+    ]
     lines = []
     for k in order + [k for k in info if k not in order and k != "universal"]:
         v = info.get(k)

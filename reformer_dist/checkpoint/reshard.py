@@ -38,8 +38,15 @@ from reformer_dist.ondisk import CONFIG_NAME, RESHARD_INFO, RUN_CONFIG, rank_sta
 
 # (saved stage, loading stage) pairs verified to resume exactly; see the module docstring.
 SUPPORTED: dict[tuple[int, int], bool] = {
-    (1, 1): True, (1, 2): True, (2, 1): True, (2, 2): True, (3, 3): True,
-    (1, 3): False, (2, 3): False, (3, 1): False, (3, 2): False,
+    (1, 1): True,
+    (1, 2): True,
+    (2, 1): True,
+    (2, 2): True,
+    (3, 3): True,
+    (1, 3): False,
+    (2, 3): False,
+    (3, 1): False,
+    (3, 2): False,
 }
 
 
@@ -59,11 +66,21 @@ def check_transition(src_stage: int, dst_stage: int) -> None:
     raise UnsupportedReshardError(
         f"--to-stage {dst_stage}: a ZeRO-{src_stage} checkpoint loaded as ZeRO-{dst_stage} {why} "
         f"(DeepSpeed universal checkpoint, deepspeed 0.19.8). Supported from ZeRO-{src_stage}: "
-        f"{', '.join(f'ZeRO-{t}' for t in ok) or 'none'}; see docs/checkpoints.md")
+        f"{', '.join(f'ZeRO-{t}' for t in ok) or 'none'}; see docs/checkpoints.md"
+    )
 
 
-def reshard(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = None, to_stage: int | None = None,
-            workers: int = 1, overwrite: bool = False, verify: bool = True, quiet: bool = True) -> dict:
+def reshard(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tag: str | None = None,
+    to_stage: int | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    verify: bool = True,
+    quiet: bool = True,
+) -> dict:
     """Convert one checkpoint tag into a universal checkpoint root OUT; returns a summary (also in OUT/reshard.json)."""
     # deepspeed takes seconds to import and logs its accelerator choice: only this command pays for it
     from deepspeed.checkpoint import ds_to_universal
@@ -75,8 +92,9 @@ def reshard(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = None
         if info.universal:
             raise UnsupportedReshardError(f"{ref.path}: already a universal checkpoint")
         if info.zero_stage not in (1, 2, 3):
-            raise UnsupportedReshardError(f"{ref.path}: ZeRO stage {info.zero_stage}; only ZeRO-1/2/3 checkpoints "
-                                          "reshard")
+            raise UnsupportedReshardError(
+                f"{ref.path}: ZeRO stage {info.zero_stage}; only ZeRO-1/2/3 checkpoints reshard"
+            )
         target = info.zero_stage if to_stage is None else int(to_stage)
         check_transition(info.zero_stage, target)
         check_writable(out_dir, overwrite, [ckpt_dir, ref.root, ref.path])
@@ -86,16 +104,23 @@ def reshard(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = None
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            args = argparse.Namespace(input_folder=str(pinned.path), output_folder=str(tmp / ref.tag),
-                                      num_extract_workers=workers, num_merge_workers=workers, keep_temp_folder=False,
-                                      strict=True, inject_missing_state=True)
+            args = argparse.Namespace(
+                input_folder=str(pinned.path),
+                output_folder=str(tmp / ref.tag),
+                num_extract_workers=workers,
+                num_merge_workers=workers,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,
+            )
             sink = io.StringIO()
             with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
                 try:
                     ds_to_universal.main(args)  # also writes tmp/latest_universal
                 except Exception as e:  # noqa: BLE001 - surface DeepSpeed's failure with the folder named
-                    raise RuntimeError(f"{ref.path}: universal conversion failed ({type(e).__name__}: {e})\n"
-                                       f"{sink.getvalue()[-2000:]}") from e
+                    raise RuntimeError(
+                        f"{ref.path}: universal conversion failed ({type(e).__name__}: {e})\n{sink.getvalue()[-2000:]}"
+                    ) from e
             for extra in (RUN_CONFIG, CONFIG_NAME):
                 for src in (pinned.path / extra, pinned.root / extra):
                     if src.is_file() and not (tmp / ref.tag / extra).exists():
@@ -106,12 +131,18 @@ def reshard(ckpt_dir: str | Path, out_dir: str | Path, *, tag: str | None = None
             if rank0.is_file():
                 (tmp / ref.tag / rank_state_file(0)).parent.mkdir(exist_ok=True)
                 shutil.copy2(rank0, tmp / ref.tag / rank_state_file(0))
-            summary = {"source": str(ref.path), "tag": ref.tag, "step": info.step, "source_zero_stage": info.zero_stage,
-                       "source_world_size": info.world_size, "load_as_zero_stage": supported_targets(info.zero_stage),
-                       "verified_input": verified,
-                       "how_to_load": 'DeepSpeed config "checkpoint": {"load_universal": true}; '
-                                      "engine.load_checkpoint(OUT, tag=None, load_optimizer_states=True, "
-                                      "load_lr_scheduler_states=False)"}
+            summary = {
+                "source": str(ref.path),
+                "tag": ref.tag,
+                "step": info.step,
+                "source_zero_stage": info.zero_stage,
+                "source_world_size": info.world_size,
+                "load_as_zero_stage": supported_targets(info.zero_stage),
+                "verified_input": verified,
+                "how_to_load": 'DeepSpeed config "checkpoint": {"load_universal": true}; '
+                "engine.load_checkpoint(OUT, tag=None, load_optimizer_states=True, "
+                "load_lr_scheduler_states=False)",
+            }
             (tmp / RESHARD_INFO).write_text(json.dumps(summary, indent=2) + "\n")
             apply_umask(tmp)  # mkdtemp made it 0700
             if out.exists():

@@ -31,8 +31,18 @@ from reformer_dist.ondisk import (
 )
 
 DEFAULT_MAX_SHARD = "5GB"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -140,10 +150,17 @@ def check_writable(out: str | Path, overwrite: bool, inputs: Iterable[str | Path
         raise FileExistsError(f"{p}: exists and is not empty (pass --overwrite to replace it)")
 
 
-def write_weights_dir(out_dir: str | Path, state: dict[str, torch.Tensor], config: dict, *,
-                      max_shard_size: str | int = DEFAULT_MAX_SHARD, metadata: dict[str, str] | None = None,
-                      extra_files: dict[str, str] | None = None, overwrite: bool | str = False,
-                      inputs: Iterable[str | Path | None] = ()) -> list[Path]:
+def write_weights_dir(
+    out_dir: str | Path,
+    state: dict[str, torch.Tensor],
+    config: dict,
+    *,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD,
+    metadata: dict[str, str] | None = None,
+    extra_files: dict[str, str] | None = None,
+    overwrite: bool | str = False,
+    inputs: Iterable[str | Path | None] = (),
+) -> list[Path]:
     """Write config.json (`config` as JSON), the weights and checksums.json into out_dir.
 
     Returns the weight files written (their final paths). `metadata` goes into every safetensors header
@@ -167,8 +184,10 @@ def write_weights_dir(out_dir: str | Path, state: dict[str, torch.Tensor], confi
             save_file(shard, str(tmp / name), metadata=meta)
         listed = [CONFIG_NAME, *names, *(extra_files or {})]
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(_nbytes(v) for v in state.values())},
-                     "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+            index = {
+                "metadata": {"total_size": sum(_nbytes(v) for v in state.values())},
+                "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
+            }
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
             listed.append(INDEX_NAME)
         write_checksums(tmp, listed)

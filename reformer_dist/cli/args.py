@@ -33,6 +33,8 @@ def worker_count(text: str) -> int:
     except ValueError:
         v = 0
     if not 1 <= v <= most:
-        raise argparse.ArgumentTypeError(f"expected an integer in 1..{most} ({MAX_THREADS_PER_CORE} x the {cores} "
-                                         f"cores this process may use), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected an integer in 1..{most} ({MAX_THREADS_PER_CORE} x the {cores} "
+            f"cores this process may use), got {text!r}"
+        )
     return v

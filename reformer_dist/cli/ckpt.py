@@ -39,9 +39,12 @@ def _shard_size(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reformer-ckpt", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="reformer-ckpt",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("consolidate", help="ZeRO checkpoint (any stage/world size) -> config.json + safetensors")
@@ -50,16 +53,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
     c.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="stored weight dtype (default fp32)")
     c.add_argument("--config", help="ReformerConfig JSON (default: the checkpoint's run_config.json / config.json)")
-    c.add_argument("--max-shard-size", type=_shard_size, default="5GB",
-                   help="split into shards above this size (default 5GB)")
+    c.add_argument(
+        "--max-shard-size", type=_shard_size, default="5GB", help="split into shards above this size (default 5GB)"
+    )
 
     e = sub.add_parser("export-hf", help="our weights folder -> transformers ReformerModelWithLMHead folder")
     e.add_argument("src", help="folder with config.json + model.safetensors (consolidate / save_pretrained output)")
     e.add_argument("--out", required=True)
     e.add_argument("--max-shard-size", type=_shard_size, default="5GB")
-    e.add_argument("--accept-document-masking", action="store_true",
-                   help="export a model trained with data.document_masking / reset_positions although HF Reformer "
-                        "cannot apply them (refused by default)")
+    e.add_argument(
+        "--accept-document-masking",
+        action="store_true",
+        help="export a model trained with data.document_masking / reset_positions although HF Reformer "
+        "cannot apply them (refused by default)",
+    )
 
     i = sub.add_parser("import-hf", help="transformers Reformer folder -> our weights folder")
     i.add_argument("src", help="HF folder with config.json + model.safetensors or pytorch_model.bin")
@@ -70,10 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("ckpt_dir")
     r.add_argument("--tag")
     r.add_argument("--out", required=True, help="universal checkpoint root to create (OUT/<tag>, OUT/latest_universal)")
-    r.add_argument("--to-stage", type=int, choices=(1, 2, 3), help="ZeRO stage of the run that will load it "
-                   "(default: the saved stage); unsupported transitions are refused")
-    r.add_argument("--workers", type=worker_count, default=max(1, min(4, (os.cpu_count() or 1) // 2)),
-                   help="processes for the conversion (1 .. 4 x the cores)")
+    r.add_argument(
+        "--to-stage",
+        type=int,
+        choices=(1, 2, 3),
+        help="ZeRO stage of the run that will load it (default: the saved stage); unsupported transitions are refused",
+    )
+    r.add_argument(
+        "--workers",
+        type=worker_count,
+        default=max(1, min(4, (os.cpu_count() or 1) // 2)),
+        help="processes for the conversion (1 .. 4 x the cores)",
+    )
 
     n = sub.add_parser("inspect", help="step, ZeRO stage, world size, parameters, dtype, size on disk")
     n.add_argument("path")
@@ -83,8 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     for s in (c, e, i, r):
         s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     for s in (c, r, n):
-        s.add_argument("--no-verify", dest="verify", action="store_false",
-                       help="skip checksum/CRC verification of the input")
+        s.add_argument(
+            "--no-verify", dest="verify", action="store_false", help="skip checksum/CRC verification of the input"
+        )
     return p
 
 
@@ -93,17 +109,33 @@ def _run(args: argparse.Namespace) -> dict | str:
     if args.cmd == "consolidate":
         from reformer_dist.checkpoint.consolidate import consolidate
 
-        return consolidate(args.ckpt_dir, args.out, tag=args.tag, dtype=args.dtype, config=args.config,
-                           max_shard_size=args.max_shard_size, overwrite=args.overwrite, verify=args.verify)
+        return consolidate(
+            args.ckpt_dir,
+            args.out,
+            tag=args.tag,
+            dtype=args.dtype,
+            config=args.config,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            verify=args.verify,
+        )
     if args.cmd == "export-hf":
         from reformer_dist.checkpoint.hf_adapter import export_hf
 
-        out, notes = export_hf(args.src, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-                               accept_document_masking=args.accept_document_masking)
+        out, notes = export_hf(
+            args.src,
+            args.out,
+            overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+            accept_document_masking=args.accept_document_masking,
+        )
         for note in notes:
             log.warning(note)
-        return {"out": str(out), "load_with": f"transformers.ReformerModelWithLMHead.from_pretrained({str(out)!r})",
-                "warnings": len(notes)}
+        return {
+            "out": str(out),
+            "load_with": f"transformers.ReformerModelWithLMHead.from_pretrained({str(out)!r})",
+            "warnings": len(notes),
+        }
     if args.cmd == "import-hf":
         from reformer_dist.checkpoint.hf_adapter import import_hf
 
@@ -116,8 +148,15 @@ def _run(args: argparse.Namespace) -> dict | str:
     if args.cmd == "reshard":
         from reformer_dist.checkpoint.reshard import reshard
 
-        return reshard(args.ckpt_dir, args.out, tag=args.tag, to_stage=args.to_stage, workers=args.workers,
-                       overwrite=args.overwrite, verify=args.verify)
+        return reshard(
+            args.ckpt_dir,
+            args.out,
+            tag=args.tag,
+            to_stage=args.to_stage,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            verify=args.verify,
+        )
     if args.cmd == "inspect":
         from reformer_dist.checkpoint.inspect import format_report, inspect_path
 

@@ -28,26 +28,42 @@ log = logging.getLogger("reformer_dist.cli.eval")  # not __name__: "__main__" un
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reformer-eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="reformer-eval",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("model", help="weights folder (config.json + model.safetensors) or checkpoint root / tag folder")
     p.add_argument("--data", required=True, help="token store folder or 'builtin'")
     p.add_argument("--split", default="validation", choices=("train", "validation"), help="default validation")
     p.add_argument("--seq-len", type=int_at_least(2), help="window length (required without --task)")
-    p.add_argument("--stride", type=int_at_least(1),
-                   help="tokens scored per window after the first (default --seq-len: "
-                   "no overlap; smaller: every token keeps at least seq_len - stride tokens of context)")
+    p.add_argument(
+        "--stride",
+        type=int_at_least(1),
+        help="tokens scored per window after the first (default --seq-len: "
+        "no overlap; smaller: every token keeps at least seq_len - stride tokens of context)",
+    )
     p.add_argument("--start", type=int_at_least(0), default=0, help="token offset of the first window (default 0)")
-    p.add_argument("--n-hashes", help="hash-round counts, one row each, e.g. 1,2,4,8; 'full' = full attention "
-                   "in the LSH layers (default: the trained rounds)")
-    p.add_argument("--task", action="store_true",
-                   help="score a synthetic task store (reformer-data synth): accuracy on the answers by depth x length")
-    p.add_argument("--max-tokens", type=int_at_least(1),
-                   help="stop after the window that reaches this many scored tokens")
+    p.add_argument(
+        "--n-hashes",
+        help="hash-round counts, one row each, e.g. 1,2,4,8; 'full' = full attention "
+        "in the LSH layers (default: the trained rounds)",
+    )
+    p.add_argument(
+        "--task",
+        action="store_true",
+        help="score a synthetic task store (reformer-data synth): accuracy on the answers by depth x length",
+    )
+    p.add_argument(
+        "--max-tokens", type=int_at_least(1), help="stop after the window that reaches this many scored tokens"
+    )
     p.add_argument("--batch-size", type=int_at_least(1), default=1, help="windows (or task examples) per forward")
-    p.add_argument("--hash-seed", type=int_at_least(0), help="LSH rotation seed (default the model's hash_seed, the "
-                   "trainer's evaluation seed)")
+    p.add_argument(
+        "--hash-seed",
+        type=int_at_least(0),
+        help="LSH rotation seed (default the model's hash_seed, the trainer's evaluation seed)",
+    )
     p.add_argument("--tag", help="checkpoint tag under a checkpoint root (default: latest)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--threads", type=int_at_least(1), help="CPU threads (torch.set_num_threads)")
@@ -80,13 +96,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = load_model(args.model, device, args.tag)
         rounds = parse_rounds(args.n_hashes, loaded.cfg)
         if args.task:
-            res = evaluate_task(loaded, store, split=args.split, rounds=rounds, hash_seed=args.hash_seed,
-                                batch_size=args.batch_size, device=device, progress=not args.no_progress)
+            res = evaluate_task(
+                loaded,
+                store,
+                split=args.split,
+                rounds=rounds,
+                hash_seed=args.hash_seed,
+                batch_size=args.batch_size,
+                device=device,
+                progress=not args.no_progress,
+            )
             print(report.task_table(res))
         else:
-            res = evaluate_lm(loaded, store, args.split, args.seq_len, stride=args.stride, rounds=rounds,
-                              hash_seed=args.hash_seed, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                              start=args.start, device=device, progress=not args.no_progress)
+            res = evaluate_lm(
+                loaded,
+                store,
+                args.split,
+                args.seq_len,
+                stride=args.stride,
+                rounds=rounds,
+                hash_seed=args.hash_seed,
+                batch_size=args.batch_size,
+                max_tokens=args.max_tokens,
+                start=args.start,
+                device=device,
+                progress=not args.no_progress,
+            )
             print(report.lm_table(res))
     except DataError as e:
         log.error(str(e))

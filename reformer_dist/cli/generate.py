@@ -36,11 +36,15 @@ def _temperature(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reformer-generate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("model", help="weights folder (a run's model/ or `reformer-ckpt consolidate` output) or "
-                   "checkpoint root")
+    p = argparse.ArgumentParser(
+        prog="reformer-generate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "model", help="weights folder (a run's model/ or `reformer-ckpt consolidate` output) or checkpoint root"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", type=Path, help="file holding the prompt (UTF-8)")
@@ -49,8 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int_at_least(1), default=None)
     p.add_argument("--n-hashes", type=int_at_least(1), default=None, help="LSH rounds (default: the trained ones)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="sampling seed (default 0)")
-    p.add_argument("--tokenizer", help="'bytes', 'symbols:<V>', a tokenizer folder or a store: needed only when the "
-                   "model does not record its tokenizer (must match when it does)")
+    p.add_argument(
+        "--tokenizer",
+        help="'bytes', 'symbols:<V>', a tokenizer folder or a store: needed only when the "
+        "model does not record its tokenizer (must match when it does)",
+    )
     p.add_argument("--tag", help="checkpoint tag under a checkpoint root")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     return p
@@ -76,14 +83,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loaded = load_model(args.model, device, args.tag)
         tok = loaded.tokenizer(args.tokenizer)
-        g = generate(loaded, tok, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_k=args.top_k, n_hashes=args.n_hashes, seed=args.seed, device=device)
+        g = generate(
+            loaded,
+            tok,
+            prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            n_hashes=args.n_hashes,
+            seed=args.seed,
+            device=device,
+        )
     except DataError as e:
         log.error(str(e))
         return ExitCode.FAILED
     print(safe_text(g.text))
-    log.info(f"{len(g.new_ids)} tokens after a {g.prompt_tokens}-token prompt in {g.seconds:.2f} s: "
-             f"{g.tokens_per_s:.1f} tokens/s (cached, {tok.identity})")
+    log.info(
+        f"{len(g.new_ids)} tokens after a {g.prompt_tokens}-token prompt in {g.seconds:.2f} s: "
+        f"{g.tokens_per_s:.1f} tokens/s (cached, {tok.identity})"
+    )
     return ExitCode.OK
 
 

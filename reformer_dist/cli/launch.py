@@ -1,7 +1,7 @@
 """``reformer-launch``: helpers for launch scripts.
 
-    reformer-launch hostfile [--nodelist STR] [--slots N] [--out FILE]   DeepSpeed hostfile from SLURM
-    reformer-launch env [--format json|shell|text] [--no-mpi]            the DistEnv this process sees
+reformer-launch hostfile [--nodelist STR] [--slots N] [--out FILE]   DeepSpeed hostfile from SLURM
+reformer-launch env [--format json|shell|text] [--no-mpi]            the DistEnv this process sees
 """
 
 from __future__ import annotations
@@ -51,8 +51,11 @@ def format_env(env: DistEnv, fmt: str) -> str:
     if fmt == "json":
         return env.to_json() + "\n"
     fields = {
-        "RANK": env.rank, "LOCAL_RANK": env.local_rank, "WORLD_SIZE": env.world_size,
-        "LOCAL_WORLD_SIZE": env.local_world_size, "MASTER_ADDR": env.master_addr,
+        "RANK": env.rank,
+        "LOCAL_RANK": env.local_rank,
+        "WORLD_SIZE": env.world_size,
+        "LOCAL_WORLD_SIZE": env.local_world_size,
+        "MASTER_ADDR": env.master_addr,
         "MASTER_PORT": env.master_port,
     }
     if fmt == "shell":
@@ -90,13 +93,18 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser with the ``hostfile`` and ``env`` subcommands."""
-    p = argparse.ArgumentParser(prog="reformer-launch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="reformer-launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     h = sub.add_parser("hostfile", help="write a DeepSpeed hostfile for the SLURM allocation")
     h.add_argument("--nodelist", default=None, help="SLURM hostlist (default: $SLURM_JOB_NODELIST)")
-    h.add_argument("--slots", type=int, default=None,
-                   help="slots per host (default: $SLURM_GPUS_ON_NODE, $SLURM_NTASKS_PER_NODE or 1)")
+    h.add_argument(
+        "--slots",
+        type=int,
+        default=None,
+        help="slots per host (default: $SLURM_GPUS_ON_NODE, $SLURM_NTASKS_PER_NODE or 1)",
+    )
     h.add_argument("--out", default=None, help="file to write (default: stdout)")
     h.set_defaults(func=_cmd_hostfile)
     e = sub.add_parser("env", help="print the rank/world/master this process discovers")

@@ -50,8 +50,12 @@ def _window(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     console.setup("reformer-plot")
     p = argparse.ArgumentParser(prog="reformer-plot", description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="run folders (holding metrics.jsonl) or metrics.jsonl files; or "
-                   "`reformer-eval` JSON results, whose loss by position is overlaid")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        help="run folders (holding metrics.jsonl) or metrics.jsonl files; or "
+        "`reformer-eval` JSON results, whose loss by position is overlaid",
+    )
     p.add_argument("--out", default="loss.png", help="PNG to write (default loss.png)")
     p.add_argument("--smooth", type=_window, default=1, help="moving average over N train steps (default 1 = raw)")
     p.add_argument("--x", choices=("step", "tokens"), default="step", help="x axis")
@@ -61,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(res is not None for _, res in results):
         bad = [r for r, (_, res) in zip(args.runs, results) if res is None or res["format"] != LM_FORMAT]
         if bad:
-            log.error(f"{', '.join(bad)}: not a `reformer-eval` result with loss by position "
-                      "(runs and eval results do not mix in one plot)")
+            log.error(
+                f"{', '.join(bad)}: not a `reformer-eval` result with loss by position "
+                "(runs and eval results do not mix in one plot)"
+            )
             return ExitCode.USAGE
         plot_positions(results, args.out, args.title)
         print(f"wrote {args.out}")
@@ -89,17 +95,27 @@ def main(argv: list[str] | None = None) -> int:
         per_step = start.get("tokens_per_step", 1) if args.x == "tokens" else 1
         label = path.parent.name if path.name == METRICS else path.stem
         color = f"C{i % 10}"
-        train = [(r["step"], r["loss"]) for r in recs
-                 if r.get("event") == "step" and isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+        train = [
+            (r["step"], r["loss"])
+            for r in recs
+            if r.get("event") == "step" and isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])
+        ]
         if train:
             xs = [s * per_step for s, _ in train]
-            ax.plot(xs, _smooth([v for _, v in train], args.smooth), color=color, alpha=0.8, lw=1.2,
-                    label=f"{label} train")
+            ax.plot(
+                xs, _smooth([v for _, v in train], args.smooth), color=color, alpha=0.8, lw=1.2, label=f"{label} train"
+            )
             plotted += 1
         evals = [r for r in recs if r.get("event") == "eval" and isinstance(r.get("eval_loss"), (int, float))]
         if evals:
-            ax.plot([r["step"] * per_step for r in evals], [r["eval_loss"] for r in evals], "o--", color=color, ms=5,
-                    label=f"{label} eval")
+            ax.plot(
+                [r["step"] * per_step for r in evals],
+                [r["eval_loss"] for r in evals],
+                "o--",
+                color=color,
+                ms=5,
+                label=f"{label} eval",
+            )
             uni = evals[-1].get("unigram_loss")
             if isinstance(uni, (int, float)):
                 ax.axhline(uni, color=color, ls=":", lw=1, label=f"{label} unigram baseline")

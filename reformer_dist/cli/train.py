@@ -58,18 +58,36 @@ log = logging.getLogger("reformer_dist.cli.train")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="reformer-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="run config TOML (sections [model] [data] [train] [eval] [checkpoint] "
-                                    "[logging] [deepspeed] [parallel] [output]); defaults when omitted")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one key (TOML value syntax, bare strings allowed); repeatable")
-    p.add_argument("--resume", metavar="auto|PATH",
-                   help="auto: newest complete checkpoint of this run (fresh start if none); PATH: a checkpoint "
-                        "folder, a checkpoint root, or a `reformer-ckpt reshard` output (resume on another "
-                        "number of ranks, same global batch)")
-    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved config, DeepSpeed dict and "
-                                                          "the predicted peak memory per GPU, exit")
+    p = argparse.ArgumentParser(
+        prog="reformer-train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        help="run config TOML (sections [model] [data] [train] [eval] [checkpoint] "
+        "[logging] [deepspeed] [parallel] [output]); defaults when omitted",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key (TOML value syntax, bare strings allowed); repeatable",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="auto: newest complete checkpoint of this run (fresh start if none); PATH: a checkpoint "
+        "folder, a checkpoint root, or a `reformer-ckpt reshard` output (resume on another "
+        "number of ranks, same global batch)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, print the resolved config, DeepSpeed dict and the predicted peak memory per GPU, exit",
+    )
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
@@ -118,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         missing = e  # a dry run may plan a run whose data is not prepared yet: said below, not fatal
     if store is not None:
         if cfg.model.vocab_size < store.vocab_size:
-            return _fail(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's vocabulary "
-                         f"({store.vocab_size}, tokenizer {store.identity}); "
-                         f"set model.vocab_size >= {store.vocab_size}")
+            return _fail(
+                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's vocabulary "
+                f"({store.vocab_size}, tokenizer {store.identity}); "
+                f"set model.vocab_size >= {store.vocab_size}"
+            )
         problem = check_data_plan(cfg, plan, store)
         if problem:
             return _fail(problem)
@@ -142,17 +162,24 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0:
             print(to_toml(cfg))
             print("# batch plan:", json.dumps(dataclasses.asdict(plan)))
-            print("# intra-op threads per rank: "
-                  + (f"auto, one of {candidates(threads.count)} ({threads.why})" if threads.auto
-                     else f"{threads.count} ({threads.why})"))
+            print(
+                "# intra-op threads per rank: "
+                + (
+                    f"auto, one of {candidates(threads.count)} ({threads.why})"
+                    if threads.auto
+                    else f"{threads.count} ({threads.why})"
+                )
+            )
             print("# deepspeed config:", json.dumps(ds_config, indent=2))
             print(predicted_memory(cfg, plan, ds_config))
             if store is not None:
                 print(f"# data: {store!r}")
             else:
                 print(f"# data: NOT CHECKED, {cfg.data.path} does not exist yet")
-                log.warning(f"data.path: {missing}. The dry run checked everything else; prepare the store "
-                            f"(docs/data.md: reformer-data shard ... --out {cfg.data.path}) before training")
+                log.warning(
+                    f"data.path: {missing}. The dry run checked everything else; prepare the store "
+                    f"(docs/data.md: reformer-data shard ... --out {cfg.data.path}) before training"
+                )
         return 0
     return _train(cfg, plan, ds_config, env, store, args.resume, on_cuda, threads)
 
@@ -160,12 +187,20 @@ def main(argv: list[str] | None = None) -> int:
 def predicted_memory(cfg: RunConfig, plan: BatchPlan, ds_config: dict) -> str:
     """One comment line: the memory model's predicted peak per GPU of a training step of this run."""
     bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
-    m = predicted_peak(cfg.model, cfg.data.seq_len, micro_batch=plan.micro_batch, compute_bytes=2 if bf16 else 4,
-                       sequence_parallel=plan.sp_size, ulysses=cfg.parallel.heads_group_size)
-    return (f"# predicted peak per GPU: {m['peak'] / GIB:.1f} GiB = activations {m['activations'] / GIB:.1f} GiB "
-            f"({m['per_token']:.0f} B/token x {plan.micro_batch} x {cfg.data.seq_len // plan.sp_size} tokens per GPU, "
-            f"{'bf16' if bf16 else 'fp32'} compute, {m['groups']} head group(s)) + {m['constants'] / GIB:.1f} GiB "
-            "weights, gradients, Adam and CUDA context (memory model: reformer_dist/model/memory.py)")
+    m = predicted_peak(
+        cfg.model,
+        cfg.data.seq_len,
+        micro_batch=plan.micro_batch,
+        compute_bytes=2 if bf16 else 4,
+        sequence_parallel=plan.sp_size,
+        ulysses=cfg.parallel.heads_group_size,
+    )
+    return (
+        f"# predicted peak per GPU: {m['peak'] / GIB:.1f} GiB = activations {m['activations'] / GIB:.1f} GiB "
+        f"({m['per_token']:.0f} B/token x {plan.micro_batch} x {cfg.data.seq_len // plan.sp_size} tokens per GPU, "
+        f"{'bf16' if bf16 else 'fp32'} compute, {m['groups']} head group(s)) + {m['constants'] / GIB:.1f} GiB "
+        "weights, gradients, Adam and CUDA context (memory model: reformer_dist/model/memory.py)"
+    )
 
 
 def check_data_plan(cfg: RunConfig, plan: BatchPlan, store: TokenStore) -> str | None:
@@ -178,19 +213,31 @@ def check_data_plan(cfg: RunConfig, plan: BatchPlan, store: TokenStore) -> str |
         if key == "data.eval_split" and not cfg.eval.evaluates:
             continue
         try:
-            WindowLoader(store, split=split, seq_len=cfg.data.seq_len, micro_batch=plan.micro_batch,
-                         dp_size=plan.dp_size, sp_size=plan.sp_size)
+            WindowLoader(
+                store,
+                split=split,
+                seq_len=cfg.data.seq_len,
+                micro_batch=plan.micro_batch,
+                dp_size=plan.dp_size,
+                sp_size=plan.sp_size,
+            )
         except DataError as e:
             if store.num_tokens(split) == 0 and split == "validation":
-                hint = ("the store has no validation split: make one (reformer-data shard --val-fraction / "
-                        "--val-input)" + (" or turn evaluation off (eval.every = 0, eval.at_end = false)"
-                                          if key == "data.eval_split" else ""))
+                hint = (
+                    "the store has no validation split: make one (reformer-data shard --val-fraction / "
+                    "--val-input)"
+                    + (
+                        " or turn evaluation off (eval.every = 0, eval.at_end = false)"
+                        if key == "data.eval_split"
+                        else ""
+                    )
+                )
             elif store.num_tokens(split) == 0:
                 hint = "the store has no train split: shard a corpus into it (reformer-data shard --input ...)"
             else:
-                hint = ("lower data.seq_len or train.micro_batch, use fewer data-parallel ranks, or add data"
-                        + (", or turn evaluation off (eval.every = 0, eval.at_end = false)"
-                           if key == "data.eval_split" else ""))
+                hint = "lower data.seq_len or train.micro_batch, use fewer data-parallel ranks, or add data" + (
+                    ", or turn evaluation off (eval.every = 0, eval.at_end = false)" if key == "data.eval_split" else ""
+                )
             return f"{key} = {split!r}: {e}; {hint}"
     return None
 
@@ -198,8 +245,9 @@ def check_data_plan(cfg: RunConfig, plan: BatchPlan, store: TokenStore) -> str |
 def check_output_folder(key: str, folder: Path) -> str | None:
     """Whether the run can create and write `folder` (None: it can); names the key and the obstacle."""
     if folder.exists() and not folder.is_dir():
-        return (f"{key}: {folder} is a file; expected a folder "
-                "(the run writes its config, metrics and checkpoints there)")
+        return (
+            f"{key}: {folder} is a file; expected a folder (the run writes its config, metrics and checkpoints there)"
+        )
     first = folder
     while not first.exists():
         first = first.parent
@@ -210,8 +258,16 @@ def check_output_folder(key: str, folder: Path) -> str | None:
     return None
 
 
-def _train(cfg: RunConfig, plan: BatchPlan, ds_config: dict, env: DistEnv, store: TokenStore, resume: str | None,
-           on_cuda: bool, threads: ThreadPlan) -> int:
+def _train(
+    cfg: RunConfig,
+    plan: BatchPlan,
+    ds_config: dict,
+    env: DistEnv,
+    store: TokenStore,
+    resume: str | None,
+    on_cuda: bool,
+    threads: ThreadPlan,
+) -> int:
     """Start the process group, take the run lock, train; the exit code."""
     if env.source == "single" and not os.environ.get("MASTER_PORT"):
         # several single-process runs may share a machine
@@ -223,16 +279,22 @@ def _train(cfg: RunConfig, plan: BatchPlan, ds_config: dict, env: DistEnv, store
     torch.set_num_threads(threads.count)
     if env.rank == 0:
         if threads.auto:
-            log.info(f"intra-op threads per rank: auto, the fastest of {candidates(threads.count)} by measured step "
-                     f"time, re-checked as the load changes (at most {threads.why}); train.threads or "
-                     "OMP_NUM_THREADS fixes the count")
+            log.info(
+                f"intra-op threads per rank: auto, the fastest of {candidates(threads.count)} by measured step "
+                f"time, re-checked as the load changes (at most {threads.why}); train.threads or "
+                "OMP_NUM_THREADS fixes the count"
+            )
         else:
-            log.info(f"{threads.count} intra-op thread{'s' if threads.count > 1 else ''} per rank ({threads.why}; "
-                     "train.threads or OMP_NUM_THREADS sets it)")
+            log.info(
+                f"{threads.count} intra-op thread{'s' if threads.count > 1 else ''} per rank ({threads.why}; "
+                "train.threads or OMP_NUM_THREADS sets it)"
+            )
         busy = _busy_cores(env.local_world_size * threads.count)
         if busy and threads.count > 1 and not threads.auto:
-            log.info(f"note: {busy}; with other work on these cores, fewer threads are often several times faster "
-                     "(--set train.threads=1, or \"auto\", the default)")
+            log.info(
+                f"note: {busy}; with other work on these cores, fewer threads are often several times faster "
+                '(--set train.threads=1, or "auto", the default)'
+            )
     if on_cuda:
         torch.cuda.set_device(env.local_rank)
         device = torch.device("cuda", env.local_rank)

@@ -71,8 +71,9 @@ def builtin_corpus() -> tuple[dict[str, np.ndarray], dict]:
 def write_builtin(out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write the built-in corpus to ``out_dir`` as an ordinary store (one shard per split)."""
     arrays, metadata = builtin_corpus()
-    with ShardWriter(out_dir, ByteTokenizer(), max(a.size for a in arrays.values()),
-                     overwrite=overwrite, metadata=metadata) as writer:
+    with ShardWriter(
+        out_dir, ByteTokenizer(), max(a.size for a in arrays.values()), overwrite=overwrite, metadata=metadata
+    ) as writer:
         for split, a in arrays.items():
             writer.add(split, a)
     return Path(out_dir) / MANIFEST

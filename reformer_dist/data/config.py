@@ -16,10 +16,15 @@ class DataConfig(Section):
     seed: int = opt(0, int_min(0), "window shuffling seed")
     train_split: str = opt("train", choice("train", "validation"), "split trained on")
     eval_split: str = opt("validation", choice("train", "validation"), "held-out split evaluated on")
-    document_masking: bool = opt(False, boolean, "a token attends only to tokens of its own document (documents "
-                                 "end with the store's end-of-document id; windows pack several)")
-    reset_positions: bool = opt(False, boolean, "position embeddings restart at each document (needs "
-                                "data.document_masking)")
+    document_masking: bool = opt(
+        False,
+        boolean,
+        "a token attends only to tokens of its own document (documents "
+        "end with the store's end-of-document id; windows pack several)",
+    )
+    reset_positions: bool = opt(
+        False, boolean, "position embeddings restart at each document (needs data.document_masking)"
+    )
 
     def rules(self) -> None:
         if self.reset_positions and not self.document_masking:

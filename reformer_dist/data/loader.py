@@ -92,8 +92,10 @@ class WindowLoader:
         if seq_len < 1 or micro_batch < 1:
             raise ValueError(f"seq_len and micro_batch must be >= 1 (got {seq_len}, {micro_batch})")
         if not 0 <= dp_rank < dp_size or not 0 <= sp_rank < sp_size:
-            raise ValueError(f"need 0 <= dp_rank < dp_size and 0 <= sp_rank < sp_size "
-                             f"(got dp {dp_rank}/{dp_size}, sp {sp_rank}/{sp_size})")
+            raise ValueError(
+                f"need 0 <= dp_rank < dp_size and 0 <= sp_rank < sp_size "
+                f"(got dp {dp_rank}/{dp_size}, sp {sp_rank}/{sp_size})"
+            )
         if seq_len % sp_size:
             raise ValueError(f"seq_len {seq_len} is not divisible by sp_size {sp_size}")
         self.store, self.split, self.seq_len, self.micro_batch = store, split, seq_len, micro_batch
@@ -167,15 +169,26 @@ class WindowLoader:
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position: load it into a loader of the same split and seq_len to go on."""
-        return {"version": _STATE_VERSION, "seed": self.seed, "epoch": self.epoch, "cursor": self.cursor,
-                "split": self.split, "seq_len": self.seq_len, "num_tokens": self.num_tokens,
-                "identity": self.store.identity}
+        return {
+            "version": _STATE_VERSION,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "split": self.split,
+            "seq_len": self.seq_len,
+            "num_tokens": self.num_tokens,
+            "identity": self.store.identity,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where the saved loader stopped. DP size and micro-batch may change if the saved
         position is a whole number of the new global batches."""
-        mine = {"split": self.split, "seq_len": self.seq_len, "num_tokens": self.num_tokens,
-                "identity": self.store.identity}
+        mine = {
+            "split": self.split,
+            "seq_len": self.seq_len,
+            "num_tokens": self.num_tokens,
+            "identity": self.store.identity,
+        }
         for k, have in mine.items():
             if state.get(k) != have:
                 raise DataError(

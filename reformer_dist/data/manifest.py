@@ -55,9 +55,11 @@ def make_manifest(
         "eod_id": tokenizer.eod_id,
         "tokenizer": {"identity": tokenizer.identity, "file": tokenizer_file},
         "splits": {
-            s: {"num_tokens": sum(d["num_tokens"] for d in shards[s]),
+            s: {
+                "num_tokens": sum(d["num_tokens"] for d in shards[s]),
                 "num_documents": sum(d["num_documents"] for d in shards[s]),
-                "shards": shards[s]}
+                "shards": shards[s],
+            }
             for s in SPLITS
         },
         "metadata": metadata,
@@ -68,8 +70,11 @@ def read_manifest(store_dir: str | Path) -> dict[str, Any]:
     """Load and sanity-check ``store_dir/manifest.json``."""
     path = Path(store_dir) / MANIFEST
     if not path.is_file():
-        why = (f"no {MANIFEST}: not a token store, or its write did not finish"
-               if Path(store_dir).is_dir() else "no such folder")
+        why = (
+            f"no {MANIFEST}: not a token store, or its write did not finish"
+            if Path(store_dir).is_dir()
+            else "no such folder"
+        )
         raise DataError(f"{path}: {why}")
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
@@ -95,6 +100,7 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
     """Types and ranges of every field a reader relies on: DataError naming the field and what it must be
     (a hand-edited manifest otherwise reads as a wrong store: a string count, a negative size, a shard
     file outside the folder)."""
+
     def bad(field: str, want: str, got: Any) -> DataError:
         return DataError(f"{path}: {field}: expected {want}, got {got!r}")
 
@@ -106,8 +112,11 @@ def _check_fields(m: dict[str, Any], path: Path) -> None:
         raise bad("dtype", "'uint16' or 'uint32'", m["dtype"])
     tok = m["tokenizer"]
     if not isinstance(tok, dict) or not isinstance(tok["identity"], str) or not tok["identity"]:
-        raise bad("tokenizer.identity", "the tokenizer's identity string", tok.get("identity") if isinstance(tok, dict)
-                  else tok)
+        raise bad(
+            "tokenizer.identity",
+            "the tokenizer's identity string",
+            tok.get("identity") if isinstance(tok, dict) else tok,
+        )
     if tok.get("file") is not None and (not isinstance(tok["file"], str) or Path(tok["file"]).name != tok["file"]):
         raise bad("tokenizer.file", "null or a file name inside the store", tok["file"])
     for s in SPLITS:

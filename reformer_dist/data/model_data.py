@@ -31,11 +31,17 @@ BUILTIN = "builtin"
 
 def make_record(tokenizer: Tokenizer, data: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     """The record of a run's tokenizer and its `[data]` options (`DataConfig.to_dict()` or a run config's)."""
-    return {"format": FORMAT, "tokenizer": tokenizer.identity,
-            "tokenizer_file": TOKENIZER_MODEL if tokenizer.model_file is not None else None,
-            "vocab_size": int(vocab_size), "eod_id": int(tokenizer.eod_id), "store": str(data.get("path")),
-            "seq_len": data.get("seq_len"), "document_masking": bool(data.get("document_masking", False)),
-            "reset_positions": bool(data.get("reset_positions", False))}
+    return {
+        "format": FORMAT,
+        "tokenizer": tokenizer.identity,
+        "tokenizer_file": TOKENIZER_MODEL if tokenizer.model_file is not None else None,
+        "vocab_size": int(vocab_size),
+        "eod_id": int(tokenizer.eod_id),
+        "store": str(data.get("path")),
+        "seq_len": data.get("seq_len"),
+        "document_masking": bool(data.get("document_masking", False)),
+        "reset_positions": bool(data.get("reset_positions", False)),
+    }
 
 
 def write_record(folder: str | Path, tokenizer: Tokenizer, data: dict[str, Any], vocab_size: int) -> Path:
@@ -66,18 +72,34 @@ def record_from_run_config(data: dict[str, Any], where: str) -> dict[str, Any] |
     """The record a run config's `[data]` section implies (its store's tokenizer), or None when the store it
     names is gone and `data.tokenizer` does not say either."""
     path = str(data.get("path", BUILTIN))
-    rec: dict[str, Any] = {"format": FORMAT, "store": path, "seq_len": data.get("seq_len"),
-                           "document_masking": bool(data.get("document_masking", False)),
-                           "reset_positions": bool(data.get("reset_positions", False)), "_where": where}
+    rec: dict[str, Any] = {
+        "format": FORMAT,
+        "store": path,
+        "seq_len": data.get("seq_len"),
+        "document_masking": bool(data.get("document_masking", False)),
+        "reset_positions": bool(data.get("reset_positions", False)),
+        "_where": where,
+    }
     if path == BUILTIN:
         tok = load_tokenizer(BYTES)
-        return {**rec, "tokenizer": tok.identity, "tokenizer_file": None, "eod_id": tok.eod_id,
-                "vocab_size": tok.vocab_size}
+        return {
+            **rec,
+            "tokenizer": tok.identity,
+            "tokenizer_file": None,
+            "eod_id": tok.eod_id,
+            "vocab_size": tok.vocab_size,
+        }
     if (Path(path) / MANIFEST).is_file():
         m = read_manifest(path)
         file = m["tokenizer"].get("file")
-        return {**rec, "tokenizer": m["tokenizer"]["identity"], "eod_id": m["eod_id"], "vocab_size": m["vocab_size"],
-                "tokenizer_file": file, "_folder": path}
+        return {
+            **rec,
+            "tokenizer": m["tokenizer"]["identity"],
+            "eod_id": m["eod_id"],
+            "vocab_size": m["vocab_size"],
+            "tokenizer_file": file,
+            "_folder": path,
+        }
     if data.get("tokenizer"):
         return {**rec, "tokenizer": str(data["tokenizer"]), "tokenizer_file": None, "eod_id": None}
     return None
@@ -90,10 +112,13 @@ def record_tokenizer(rec: dict[str, Any]) -> Tokenizer:
         return load_tokenizer(identity)
     file, folder = rec.get("tokenizer_file"), rec.get("_folder")
     if not file or not folder or not (Path(folder) / file).is_file():
-        raise DataError(f"{rec['_where']}: the model was trained with {identity}, but its tokenizer model is not "
-                        f"here; pass --tokenizer with the tokenizer folder (or the store) it was trained with")
+        raise DataError(
+            f"{rec['_where']}: the model was trained with {identity}, but its tokenizer model is not "
+            f"here; pass --tokenizer with the tokenizer folder (or the store) it was trained with"
+        )
     tok = SentencePieceTokenizer(Path(folder) / file)
     if tok.identity != identity:
-        raise DataError(f"{Path(folder) / file}: tokenizer model does not match identity {identity} "
-                        f"(recorded in {rec['_where']})")
+        raise DataError(
+            f"{Path(folder) / file}: tokenizer model does not match identity {identity} (recorded in {rec['_where']})"
+        )
     return tok

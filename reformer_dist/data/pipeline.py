@@ -113,12 +113,19 @@ def shard_corpus(
             with _original_error(empty=empty):  # datasets versions differ: an error, or 0 rows
                 docs = datasets.Dataset.from_generator(
                     _generate,
-                    gen_kwargs={"files": [str(f) for f in files + val_files],
-                                "held_out": [False] * len(files) + [True] * len(val_files),
-                                "text_field": text_field, "text_unit": text_unit, "cache_dir": str(cache)},
+                    gen_kwargs={
+                        "files": [str(f) for f in files + val_files],
+                        "held_out": [False] * len(files) + [True] * len(val_files),
+                        "text_field": text_field,
+                        "text_unit": text_unit,
+                        "cache_dir": str(cache),
+                    },
                     features=datasets.Features(
-                        {"text": datasets.Value("large_string"), "source": datasets.Value("string"),
-                         "validation": datasets.Value("bool")}
+                        {
+                            "text": datasets.Value("large_string"),
+                            "source": datasets.Value("string"),
+                            "validation": datasets.Value("bool"),
+                        }
                     ),
                     num_proc=min(num_proc, len(files) + len(val_files)) if num_proc > 1 else None,
                     cache_dir=str(cache),
@@ -134,11 +141,13 @@ def shard_corpus(
                     num_proc=num_proc if num_proc > 1 else None,
                     remove_columns=["text"],
                     fn_kwargs={"tokenizer": tok, "val_fraction": val_fraction, "dtype": dtype.name},
-                    features=datasets.Features({
-                        "source": datasets.Value("string"),
-                        "ids": datasets.Sequence(datasets.Value(dtype.name)),
-                        "validation": datasets.Value("bool"),
-                    }),
+                    features=datasets.Features(
+                        {
+                            "source": datasets.Value("string"),
+                            "ids": datasets.Sequence(datasets.Value(dtype.name)),
+                            "validation": datasets.Value("bool"),
+                        }
+                    ),
                     # fresh cache folder per run, so a fixed fingerprint cannot pick up stale results
                     new_fingerprint=hashlib.sha256(f"{tok.identity} {val_fraction}".encode()).hexdigest()[:32],
                     desc="tokenise",
@@ -179,8 +188,9 @@ def workers_die_with_parent() -> None:
     if _registered[0] or not sys.platform.startswith("linux"):
         return
     _registered[0] = True
-    os.register_at_fork(before=lambda: _fork_parent.__setitem__(0, os.getpid()),
-                        after_in_child=lambda: _die_with(_fork_parent[0]))
+    os.register_at_fork(
+        before=lambda: _fork_parent.__setitem__(0, os.getpid()), after_in_child=lambda: _die_with(_fork_parent[0])
+    )
 
 
 def check_out_outside_inputs(out_dir: str | Path, inputs: Sequence[str | Path]) -> None:
@@ -188,9 +198,12 @@ def check_out_outside_inputs(out_dir: str | Path, inputs: Sequence[str | Path]) 
     (A store folder that holds an input file is allowed: a rewrite carries the user's files over.)"""
     folders = [item for item in inputs if not any(ch in str(item) for ch in "*?[") and Path(item).is_dir()]
     try:  # a pattern names files, not a folder to keep clear
-        check_out_apart(out_dir, folders, containing=False,
-                        why="the store would become part of the corpus it is made from "
-                            "(and break the next shard of it)")
+        check_out_apart(
+            out_dir,
+            folders,
+            containing=False,
+            why="the store would become part of the corpus it is made from (and break the next shard of it)",
+        )
     except OverlapError as e:
         raise UsageError(str(e)) from None
 
@@ -202,11 +215,15 @@ def check_tokenizer_out(out_dir: str | Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file; the tokenizer needs a folder")
     if (out / MANIFEST).is_file():
-        raise UsageError(f"--out {out} holds a token store ({MANIFEST}); a tokenizer written there would replace the "
-                         f"store's own {TOKENIZER_MODEL} and break its tokenizer identity; choose another folder")
+        raise UsageError(
+            f"--out {out} holds a token store ({MANIFEST}); a tokenizer written there would replace the "
+            f"store's own {TOKENIZER_MODEL} and break its tokenizer identity; choose another folder"
+        )
     if (out / TOKENIZER_MODEL).is_file() and not overwrite:
-        raise UsageError(f"--out {out} already holds a tokenizer ({TOKENIZER_MODEL}); pass --overwrite to replace it "
-                         "(stores made with it will no longer match it), or choose another folder")
+        raise UsageError(
+            f"--out {out} already holds a tokenizer ({TOKENIZER_MODEL}); pass --overwrite to replace it "
+            "(stores made with it will no longer match it), or choose another folder"
+        )
 
 
 def _generate(files: list[str], held_out: list[bool], text_field: str, text_unit: str, cache_dir: str):

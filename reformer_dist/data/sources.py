@@ -55,7 +55,8 @@ def collect_files(inputs: Sequence[str | Path]) -> list[Path]:
         elif Path(s).is_dir():
             root = Path(s)
             found = sorted(
-                p for p in root.rglob("*")
+                p
+                for p in root.rglob("*")
                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
             )
             if not found:
@@ -93,8 +94,9 @@ def iter_documents(
     for fmt, group in groups.items():
         kwargs = {"sample_by": text_unit} if fmt == "text" else {}
         try:
-            streams[fmt] = datasets.load_dataset(fmt, data_files=group, split="train", streaming=True,
-                                                 cache_dir=cache_dir, **kwargs)
+            streams[fmt] = datasets.load_dataset(
+                fmt, data_files=group, split="train", streaming=True, cache_dir=cache_dir, **kwargs
+            )
         except Exception as e:  # noqa: BLE001 - datasets raises many types; name the files
             for p in group if fmt == "json" else ():
                 found = locate_damage(p)
@@ -129,8 +131,11 @@ def _file_documents(rows, path: str, fmt: str, text_field: str) -> Iterator[Docu
         raise
     except Exception as e:  # noqa: BLE001 - decoding/parsing errors from datasets/pyarrow
         where = "before its first record" if i < 0 else f"after record {i}, counting from 0"
-        why = (" - not UTF-8 text (a binary file, or another encoding: convert it, e.g. with iconv)"
-               if isinstance(e, UnicodeDecodeError) else "")
+        why = (
+            " - not UTF-8 text (a binary file, or another encoding: convert it, e.g. with iconv)"
+            if isinstance(e, UnicodeDecodeError)
+            else ""
+        )
         found = locate_damage(path) if fmt == "json" and not why else None
         if found:  # pyarrow parses in blocks: its "before its first record" may be the last line of a small file
             raise DataError(f"{path}: cannot read as json: {found}") from e
@@ -165,14 +170,23 @@ def locate_damage(path: str | Path) -> str | None:
                     json.loads(line)
                 except ValueError as e:
                     cut = not ended
-                    return (f"line {n} (record {n - 1}): not valid JSON ({getattr(e, 'msg', e)}, column "
-                            f"{getattr(e, 'colno', '?')})" + (": the file's last line is cut (no newline at its end): "
-                                                              "a truncated download or copy? Restore the file, or "
-                                                              "delete that line" if cut else ""))
+                    return (
+                        f"line {n} (record {n - 1}): not valid JSON ({getattr(e, 'msg', e)}, column "
+                        f"{getattr(e, 'colno', '?')})"
+                        + (
+                            ": the file's last line is cut (no newline at its end): "
+                            "a truncated download or copy? Restore the file, or "
+                            "delete that line"
+                            if cut
+                            else ""
+                        )
+                    )
     except (EOFError, OSError) as e:
         if module:
-            return (f"the {p.suffix} stream ends early ({type(e).__name__}: {e}): the file is truncated (an "
-                    "interrupted download or copy?); restore it")
+            return (
+                f"the {p.suffix} stream ends early ({type(e).__name__}: {e}): the file is truncated (an "
+                "interrupted download or copy?); restore it"
+            )
         return None
     except UnicodeDecodeError:
         return None

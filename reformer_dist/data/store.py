@@ -43,8 +43,15 @@ class TokenStore:
     shards: per split, each shard's name for messages and its data (a file to map on first use, or an array).
     """
 
-    def __init__(self, manifest: dict[str, Any], shards: dict[str, list[tuple[str, Path | np.ndarray]]], *,
-                 name: str, where: str, tokenizer: Callable[[], Tokenizer]):
+    def __init__(
+        self,
+        manifest: dict[str, Any],
+        shards: dict[str, list[tuple[str, Path | np.ndarray]]],
+        *,
+        name: str,
+        where: str,
+        tokenizer: Callable[[], Tokenizer],
+    ):
         self.manifest = manifest
         self.name = name
         self.where = where
@@ -79,8 +86,9 @@ class TokenStore:
         if expect_tokenizer is not None:
             want = tokenizer_identity(expect_tokenizer)
             if want != store.identity:
-                raise DataError(f"{store.where}: store was tokenised with {store.identity!r}, "
-                                f"but the run expects {want!r}")
+                raise DataError(
+                    f"{store.where}: store was tokenised with {store.identity!r}, but the run expects {want!r}"
+                )
         return store
 
     @classmethod
@@ -90,19 +98,33 @@ class TokenStore:
         manifest = verify_store(root) if verify else read_manifest(root)
         if not verify:
             check_sizes(root, manifest)
-        shards = {s: [(str(root / d["file"]), root / d["file"]) for d in manifest["splits"][s]["shards"]]
-                  for s in SPLITS}
-        return cls(manifest, shards, name=str(root), where=str(root / MANIFEST),
-                   tokenizer=lambda: _folder_tokenizer(root, manifest))
+        shards = {
+            s: [(str(root / d["file"]), root / d["file"]) for d in manifest["splits"][s]["shards"]] for s in SPLITS
+        }
+        return cls(
+            manifest,
+            shards,
+            name=str(root),
+            where=str(root / MANIFEST),
+            tokenizer=lambda: _folder_tokenizer(root, manifest),
+        )
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], tokenizer: Tokenizer, metadata: dict[str, Any],
-                    name: str) -> TokenStore:
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], tokenizer: Tokenizer, metadata: dict[str, Any], name: str
+    ) -> TokenStore:
         """A store in memory: one shard per split, the token ids of ``arrays`` (end-of-document ids included)."""
-        entries = {s: [{"file": f"<{name}>/{s}", "num_tokens": int(a.size),
-                        "num_documents": int(np.count_nonzero(a == tokenizer.eod_id)),
-                        "sha256": hashlib.sha256(a.tobytes()).hexdigest()}]
-                   for s, a in arrays.items()}
+        entries = {
+            s: [
+                {
+                    "file": f"<{name}>/{s}",
+                    "num_tokens": int(a.size),
+                    "num_documents": int(np.count_nonzero(a == tokenizer.eod_id)),
+                    "sha256": hashlib.sha256(a.tobytes()).hexdigest(),
+                }
+            ]
+            for s, a in arrays.items()
+        }
         manifest = make_manifest(tokenizer, entries, metadata)
         shards = {s: [(entries[s][0]["file"], np.asarray(a, dtype=manifest["dtype"]))] for s, a in arrays.items()}
         return cls(manifest, shards, name=name, where=name, tokenizer=lambda: tokenizer)

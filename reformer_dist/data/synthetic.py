@@ -33,7 +33,7 @@ from reformer_dist.data.writer import ShardWriter
 
 TASKS = ("duplication", "passkey")
 FORMAT = 1
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is {key}"
 _SPLIT_IDS = {"train": 0, "validation": 1}
@@ -59,8 +59,9 @@ class SynthSpec:
         if not self.lengths:
             raise UsageError("--lengths: expected at least one length")
         if self.examples < 1 or self.train_examples < 0:
-            raise UsageError(f"--examples must be >= 1 and --train-examples >= 0 (got {self.examples}, "
-                             f"{self.train_examples})")
+            raise UsageError(
+                f"--examples must be >= 1 and --train-examples >= 0 (got {self.examples}, {self.train_examples})"
+            )
         if self.task == "duplication":
             if not 1 <= self.n_symbols <= 65533:
                 raise UsageError(f"--symbols: expected 1..65533, got {self.n_symbols}")
@@ -74,20 +75,29 @@ class SynthSpec:
                 raise UsageError(f"--depths {list(self.depths)}: expected fractions in [0, 1]")
             short = [n for n in self.lengths if n < passkey_fixed_len(self.key_digits)]
             if short:
-                raise UsageError(f"--lengths {short}: a passkey document needs at least "
-                                 f"{passkey_fixed_len(self.key_digits)} bytes (needle + question)")
+                raise UsageError(
+                    f"--lengths {short}: a passkey document needs at least "
+                    f"{passkey_fixed_len(self.key_digits)} bytes (needle + question)"
+                )
 
     def tokenizer(self) -> Tokenizer:
         return SymbolTokenizer(self.n_symbols + 2) if self.task == "duplication" else ByteTokenizer()
 
     def metadata(self) -> dict[str, Any]:
-        m = {"format": FORMAT, "task": self.task, "lengths": list(self.lengths), "examples": self.examples,
-             "train_examples": self.train_examples, "seed": self.seed}
+        m = {
+            "format": FORMAT,
+            "task": self.task,
+            "lengths": list(self.lengths),
+            "examples": self.examples,
+            "train_examples": self.train_examples,
+            "seed": self.seed,
+        }
         if self.task == "duplication":
             m["n_symbols"] = self.n_symbols
         else:
-            m.update(depths=list(self.depths), key_digits=self.key_digits, filler=FILLER, needle=NEEDLE,
-                     question=QUESTION)
+            m.update(
+                depths=list(self.depths), key_digits=self.key_digits, filler=FILLER, needle=NEEDLE, question=QUESTION
+            )
         return m
 
 
@@ -124,7 +134,7 @@ def _split_docs(spec: SynthSpec, split: str) -> list[np.ndarray]:
     docs = []
     if split == "validation":
         for length in spec.lengths:
-            for depth in (spec.depths if spec.task == "passkey" else (None,)):
+            for depth in spec.depths if spec.task == "passkey" else (None,):
                 for _ in range(spec.examples):
                     docs.append(_doc(spec, rng, length, depth))
     else:
@@ -141,13 +151,13 @@ def _doc(spec: SynthSpec, rng: np.random.Generator, length: int, depth: float | 
     return passkey_doc(rng, length, float(depth), spec.key_digits)
 
 
-def write_synthetic(spec: SynthSpec, out_dir: str | Path, overwrite: bool = False,
-                    shard_tokens: int = 1 << 27) -> Path:
+def write_synthetic(spec: SynthSpec, out_dir: str | Path, overwrite: bool = False, shard_tokens: int = 1 << 27) -> Path:
     """Write the store of ``spec`` (validated first) to ``out_dir``; returns its manifest path."""
     spec.check()
     tok = spec.tokenizer()
-    with ShardWriter(out_dir, tok, shard_tokens, overwrite=overwrite,
-                     metadata={"synthetic": spec.metadata()}) as writer:
+    with ShardWriter(
+        out_dir, tok, shard_tokens, overwrite=overwrite, metadata={"synthetic": spec.metadata()}
+    ) as writer:
         for split in ("train", "validation"):
             for doc in _split_docs(spec, split):
                 writer.add(split, np.append(doc, tok.eod_id))
@@ -169,8 +179,10 @@ def synthetic_metadata(manifest: dict[str, Any], where: str) -> dict[str, Any]:
     """The store's ``synthetic`` metadata; DataError naming the store when it is not a synthetic store."""
     meta = (manifest.get("metadata") or {}).get("synthetic")
     if not isinstance(meta, dict) or meta.get("task") not in TASKS:
-        raise DataError(f"{where}: not a synthetic task store (no metadata.synthetic.task; make one with "
-                        "`reformer-data synth --task duplication|passkey`)")
+        raise DataError(
+            f"{where}: not a synthetic task store (no metadata.synthetic.task; make one with "
+            "`reformer-data synth --task duplication|passkey`)"
+        )
     if meta.get("format") != FORMAT:
         raise DataError(f"{where}: synthetic store format {meta.get('format')!r}, expected {FORMAT}")
     return meta
@@ -180,7 +192,7 @@ def task_layout(meta: dict[str, Any]) -> list[Cell]:
     """The validation split's cells, in the order ``write_synthetic`` wrote them."""
     cells, offset = [], 0
     for length in meta["lengths"]:
-        for depth in (meta["depths"] if meta["task"] == "passkey" else (None,)):
+        for depth in meta["depths"] if meta["task"] == "passkey" else (None,):
             starts = [offset + i * (length + 1) for i in range(meta["examples"])]  # + 1: end-of-document
             offset += meta["examples"] * (length + 1)
             if meta["task"] == "duplication":

@@ -85,8 +85,10 @@ class SymbolTokenizer:
 
     def __init__(self, vocab_size: int):
         if vocab_size < 2:
-            raise DataError(f"{SYMBOLS_PREFIX}{vocab_size}: a symbol vocabulary needs at least one symbol and "
-                            "the end-of-document id")
+            raise DataError(
+                f"{SYMBOLS_PREFIX}{vocab_size}: a symbol vocabulary needs at least one symbol and "
+                "the end-of-document id"
+            )
         self.vocab_size = int(vocab_size)
         self.eod_id = self.vocab_size - 1
         self.identity = f"{SYMBOLS_PREFIX}{self.vocab_size}"
@@ -96,8 +98,10 @@ class SymbolTokenizer:
         ids = []
         for word in text.split():
             if not word.isdigit() or int(word) >= self.eod_id:
-                raise DataError(f"{word!r} is not a symbol of {self.identity} (expected numbers 0..{self.eod_id - 1} "
-                                "separated by spaces)")
+                raise DataError(
+                    f"{word!r} is not a symbol of {self.identity} (expected numbers 0..{self.eod_id - 1} "
+                    "separated by spaces)"
+                )
             ids.append(int(word))
         return ids
 
@@ -185,7 +189,7 @@ def load_tokenizer(spec: str | Path) -> ByteTokenizer | SymbolTokenizer | Senten
     if str(spec) == BYTES:
         return ByteTokenizer()
     if str(spec).startswith(SYMBOLS_PREFIX):
-        n = str(spec)[len(SYMBOLS_PREFIX):]
+        n = str(spec)[len(SYMBOLS_PREFIX) :]
         if not n.isdigit():
             raise DataError(f"{spec!r}: expected {SYMBOLS_PREFIX}<vocabulary size>")
         return SymbolTokenizer(int(n))
@@ -195,8 +199,9 @@ def load_tokenizer(spec: str | Path) -> ByteTokenizer | SymbolTokenizer | Senten
     if path.is_dir():
         path = path / TOKENIZER_MODEL
     if not path.is_file():
-        raise DataError(f"{spec}: no tokenizer here "
-                        f"(expected 'bytes', a folder with {TOKENIZER_MODEL}, or a .model file)")
+        raise DataError(
+            f"{spec}: no tokenizer here (expected 'bytes', a folder with {TOKENIZER_MODEL}, or a .model file)"
+        )
     return SentencePieceTokenizer(path)
 
 
@@ -288,8 +293,10 @@ def train_sentencepiece(
             ) from None
         raise DataError(f"SentencePiece training failed: {e}") from e
     tok = SentencePieceTokenizer(model_path)
-    atomic_write(out / TOKENIZER_VOCAB,
-                 "".join(f"{tok._sp.id_to_piece(i)}\t{tok._sp.get_score(i)}\n" for i in range(tok.vocab_size)))
+    atomic_write(
+        out / TOKENIZER_VOCAB,
+        "".join(f"{tok._sp.id_to_piece(i)}\t{tok._sp.get_score(i)}\n" for i in range(tok.vocab_size)),
+    )
     meta = {
         "identity": tok.identity,
         "vocab_size": tok.vocab_size,

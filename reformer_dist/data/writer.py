@@ -40,8 +40,12 @@ from reformer_dist.training.run_lock import RunLock, RunLockedError
 
 def _store_file(name: str) -> bool:
     """A store's own file, or what a killed write leaves (temporary files, the pipeline's datasets cache)."""
-    return (name in (MANIFEST, TOKENIZER_MODEL) or is_store_shard(name, SPLITS) or is_atomic_temp(name)
-            or name.startswith(DATASETS_CACHE_PREFIX))
+    return (
+        name in (MANIFEST, TOKENIZER_MODEL)
+        or is_store_shard(name, SPLITS)
+        or is_atomic_temp(name)
+        or name.startswith(DATASETS_CACHE_PREFIX)
+    )
 
 
 def check_token_range(tokens: np.ndarray, tokenizer: Tokenizer, where: str) -> None:
@@ -75,8 +79,12 @@ class _OpenShard:
 
     def commit(self) -> dict[str, Any]:
         self.out.commit()
-        return {"file": self.out.path.name, "num_tokens": self.num_tokens,
-                "num_documents": self.num_documents, "sha256": self.sha.hexdigest()}
+        return {
+            "file": self.out.path.name,
+            "num_tokens": self.num_tokens,
+            "num_documents": self.num_documents,
+            "sha256": self.sha.hexdigest(),
+        }
 
     def discard(self) -> None:
         self.out.discard()
@@ -111,8 +119,9 @@ class ShardWriter:
         if (self.out_dir / MANIFEST).exists() and not overwrite:
             raise DataError(f"{self.out_dir}: already holds a token store ({MANIFEST}); pass overwrite/--overwrite")
         # One writer per store folder: two writes into one new --out would both succeed, the last one winning.
-        self._lock = RunLock(self.out_dir, "--out", path=self.out_dir.parent / f".{self.out_dir.name}.lock",
-                             user="reformer-data write")
+        self._lock = RunLock(
+            self.out_dir, "--out", path=self.out_dir.parent / f".{self.out_dir.name}.lock", user="reformer-data write"
+        )
         try:
             self._lock.acquire()
         except RunLockedError as e:
@@ -170,7 +179,8 @@ class ShardWriter:
                 verify_store(self.staging)  # what reached the disk, re-read: only a verified store replaces one
             except DataError as e:
                 raise DataError(
-                    f"{self.out_dir}: the new store failed verification, the old one is kept: {e}") from None
+                    f"{self.out_dir}: the new store failed verification, the old one is kept: {e}"
+                ) from None
             self._replace_out()
         except BaseException:
             self.abort()
@@ -189,8 +199,10 @@ class ShardWriter:
                 try:
                     os.rename(out, old)
                 except OSError as e:
-                    raise DataError(f"{out}: cannot move the old folder aside ({e.strerror or e}); a mount point? "
-                                    "write the store to a new folder inside it") from None
+                    raise DataError(
+                        f"{out}: cannot move the old folder aside ({e.strerror or e}); a mount point? "
+                        "write the store to a new folder inside it"
+                    ) from None
             else:
                 out.rmdir()
         os.rename(self.staging, out)

@@ -38,9 +38,19 @@ class Generation:
         return len(self.new_ids) / self.seconds if self.seconds > 0 else float("inf")
 
 
-def generate(loaded: LoadedModel, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int, temperature: float,
-             top_k: int | None, n_hashes: int | None, seed: int, hash_seed: int | None = None,
-             device: torch.device | str = "cpu") -> Generation:
+def generate(
+    loaded: LoadedModel,
+    tokenizer: Tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    n_hashes: int | None,
+    seed: int,
+    hash_seed: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Generation:
     """Sample ``max_new_tokens`` after ``prompt`` with the cached path (``ReformerLM.generate``)."""
     cfg = loaded.cfg
     ids = tokenizer.encode(prompt) or [tokenizer.eod_id]  # an empty prompt starts a document
@@ -48,16 +58,25 @@ def generate(loaded: LoadedModel, tokenizer: Tokenizer, prompt: str, *, max_new_
         raise ModelInputError(f"prompt: token id {max(ids)} outside the model's vocab_size {cfg.vocab_size}")
     fed = len(ids) + max_new_tokens - 1
     if fed > cfg.max_seq_len:
-        raise ModelInputError(f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens}: {fed} positions, "
-                              f"more than the model's {cfg.max_seq_len} (axial_pos_shape {cfg.axial_pos_shape})")
+        raise ModelInputError(
+            f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens}: {fed} positions, "
+            f"more than the model's {cfg.max_seq_len} (axial_pos_shape {cfg.axial_pos_shape})"
+        )
     if n_hashes is not None and "lsh" not in cfg.attn_layers:
         raise ModelInputError(f"--n-hashes {n_hashes}: the model has no LSH layers (attn_layers {cfg.attn_layers})")
     gen = torch.Generator(device=device).manual_seed(seed)
     prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
     t0 = time.perf_counter()
-    out = loaded.model.generate(prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                                hash_seed=cfg.hash_seed if hash_seed is None else hash_seed, generator=gen,
-                                n_hashes=n_hashes, use_cache=True)
+    out = loaded.model.generate(
+        prompt_ids,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        hash_seed=cfg.hash_seed if hash_seed is None else hash_seed,
+        generator=gen,
+        n_hashes=n_hashes,
+        use_cache=True,
+    )
     dt = time.perf_counter() - t0
-    new = out[0, len(ids):].tolist()
+    new = out[0, len(ids) :].tolist()
     return Generation(len(ids), new, tokenizer.decode(new), dt)

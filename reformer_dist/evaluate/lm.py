@@ -66,15 +66,23 @@ class WindowPlan:
         return sum(self.seq_len - f for f in self.scored_from)
 
 
-def plan_windows(n_tokens: int, seq_len: int, stride: int | None = None, max_tokens: int | None = None,
-                 start: int = 0, where: str = "split") -> WindowPlan:
+def plan_windows(
+    n_tokens: int,
+    seq_len: int,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    start: int = 0,
+    where: str = "split",
+) -> WindowPlan:
     """The windows of a split of ``n_tokens`` (module docstring); DataError when not even one fits."""
     stride = seq_len if stride is None else stride
     if not 1 <= stride <= seq_len:
         raise DataError(f"--stride {stride}: expected 1..seq_len ({seq_len})")
     if start + seq_len + 1 > n_tokens:
-        raise DataError(f"{where}: {n_tokens} tokens; a window of --seq-len {seq_len} needs {seq_len + 1}"
-                        + (f" after --start {start}" if start else ""))
+        raise DataError(
+            f"{where}: {n_tokens} tokens; a window of --seq-len {seq_len} needs {seq_len + 1}"
+            + (f" after --start {start}" if start else "")
+        )
     starts: list[int] = []
     scored: list[int] = []
     total = 0
@@ -94,8 +102,9 @@ def full_attention_model(model: ReformerLM, seq_len: int) -> ReformerLM:
     """The same weights with every LSH layer attending to the whole window (one chunk covers it)."""
     cfg = model.cfg
     if seq_len > FULL_MAX_LEN:
-        raise ModelInputError(f"--n-hashes full: full attention at --seq-len {seq_len} needs L x L logits; "
-                              f"allowed up to {FULL_MAX_LEN}")
+        raise ModelInputError(
+            f"--n-hashes full: full attention at --seq-len {seq_len} needs L x L logits; allowed up to {FULL_MAX_LEN}"
+        )
     local = cfg.local_chunk
     whole = -(-seq_len // local) * local if "local" in cfg.attn_layers else seq_len
     full_cfg = dataclasses.replace(cfg, chunk_len=max(whole, cfg.chunk_len), local_chunk_len=local)
@@ -116,8 +125,9 @@ def parse_rounds(text: str | None, cfg: Any) -> list[int | str | None]:
         elif part.isdigit() and int(part) >= 1:
             out.append(int(part))
         else:
-            raise ModelInputError(f"--n-hashes: expected hash-round counts >= 1 and/or 'full' separated by commas, "
-                                  f"got {part!r}")
+            raise ModelInputError(
+                f"--n-hashes: expected hash-round counts >= 1 and/or 'full' separated by commas, got {part!r}"
+            )
     if "lsh" not in cfg.attn_layers:
         raise ModelInputError(f"--n-hashes {text}: the model has no LSH layers (attn_layers {cfg.attn_layers})")
     return out
@@ -127,8 +137,10 @@ def check_store(loaded: LoadedModel, store: TokenStore) -> None:
     """ModelInputError when the store was tokenised differently from the model's data, or does not fit it."""
     want = loaded.tokenizer_identity
     if want is not None and want != store.identity:
-        raise ModelInputError(f"{store.where}: tokenised with {store.identity}, but the model {loaded.source} was "
-                              f"trained with {want} ({loaded.record['_where']})")
+        raise ModelInputError(
+            f"{store.where}: tokenised with {store.identity}, but the model {loaded.source} was "
+            f"trained with {want} ({loaded.record['_where']})"
+        )
     loaded.check_vocab(store.vocab_size, store.where)
 
 
@@ -137,8 +149,10 @@ def check_length(loaded: LoadedModel, seq_len: int, what: str = "--seq-len") -> 
     if not cfg.causal:
         raise ModelInputError(f"{loaded.source}: causal=false: next-token evaluation needs a causal model")
     if seq_len > cfg.max_seq_len:
-        raise ModelInputError(f"{what} {seq_len}: the model {loaded.source} covers {cfg.max_seq_len} positions "
-                              f"(axial_pos_shape {cfg.axial_pos_shape})")
+        raise ModelInputError(
+            f"{what} {seq_len}: the model {loaded.source} covers {cfg.max_seq_len} positions "
+            f"(axial_pos_shape {cfg.axial_pos_shape})"
+        )
 
 
 class _Row:
@@ -159,19 +173,37 @@ class _Row:
 
 def row_record(row: _Row, bins: list[tuple[int, int]], byte_level: bool) -> dict[str, Any]:
     loss = float(row.sum.sum() / row.count.sum().clamp(min=1))
-    rec: dict[str, Any] = {"n_hashes": row.rounds, "loss": loss, "bits_per_token": loss / math.log(2),
-                           "perplexity": math.exp(min(loss, 700.0)), "tokens": int(row.count.sum())}
+    rec: dict[str, Any] = {
+        "n_hashes": row.rounds,
+        "loss": loss,
+        "bits_per_token": loss / math.log(2),
+        "perplexity": math.exp(min(loss, 700.0)),
+        "tokens": int(row.count.sum()),
+    }
     if byte_level:
         rec["bits_per_byte"] = rec["bits_per_token"]
-    rec["by_position"] = [{"lo": lo, "hi": hi, "tokens": int(c), "loss": float(s / c) if c else None}
-                          for (lo, hi), s, c in zip(bins, row.sum.tolist(), row.count.tolist())]
+    rec["by_position"] = [
+        {"lo": lo, "hi": hi, "tokens": int(c), "loss": float(s / c) if c else None}
+        for (lo, hi), s, c in zip(bins, row.sum.tolist(), row.count.tolist())
+    ]
     return rec
 
 
-def evaluate_lm(loaded: LoadedModel, store: TokenStore, split: str, seq_len: int, *, stride: int | None = None,
-                rounds: list[int | str | None] | None = None, hash_seed: int | None = None, batch_size: int = 1,
-                max_tokens: int | None = None, start: int = 0, device: torch.device | str = "cpu",
-                progress: bool = True) -> dict[str, Any]:
+def evaluate_lm(
+    loaded: LoadedModel,
+    store: TokenStore,
+    split: str,
+    seq_len: int,
+    *,
+    stride: int | None = None,
+    rounds: list[int | str | None] | None = None,
+    hash_seed: int | None = None,
+    batch_size: int = 1,
+    max_tokens: int | None = None,
+    start: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Loss, bits and perplexity of ``loaded`` on ``split`` of ``store``, one row per entry of ``rounds``."""
     rounds = rounds or [None]
     check_store(loaded, store)
@@ -184,16 +216,22 @@ def evaluate_lm(loaded: LoadedModel, store: TokenStore, split: str, seq_len: int
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(plan.starts) * len(rounds), unit="window", disable=not progress, dynamic_ncols=True,
-               desc="reformer-eval")
+    bar = tqdm(
+        total=len(plan.starts) * len(rounds),
+        unit="window",
+        disable=not progress,
+        dynamic_ncols=True,
+        desc="reformer-eval",
+    )
     for i in range(0, len(plan.starts), batch_size):
         idx = range(i, min(i + batch_size, len(plan.starts)))
-        toks = torch.stack([torch.from_numpy(store.read(split, plan.starts[j], seq_len + 1).astype("int64"))
-                            for j in idx]).to(device)
+        toks = torch.stack(
+            [torch.from_numpy(store.read(split, plan.starts[j], seq_len + 1).astype("int64")) for j in idx]
+        ).to(device)
         ids, labels = toks[:, :-1], toks[:, 1:].clone()
         for row_i, j in enumerate(idx):
             labels[row_i, : plan.scored_from[j]] = IGNORE_INDEX
-        docs = (document_inputs(ids, store.eod_id, loaded.reset_positions) if loaded.document_masking else None)
+        docs = document_inputs(ids, store.eod_id, loaded.reset_positions) if loaded.document_masking else None
         for row in rows:
             n = None if row.rounds in (None, FULL) else row.rounds
             losses, _ = score_batch(models[row.rounds], ids, labels, hash_seed=seed, n_hashes=n, documents=docs)
@@ -201,9 +239,21 @@ def evaluate_lm(loaded: LoadedModel, store: TokenStore, split: str, seq_len: int
             bar.update(len(idx))
     bar.close()
     byte_level = store.identity == "bytes"
-    return {"format": "reformer_dist.eval/1", "model": loaded.source, "store": store.name, "split": split,
-            "tokenizer": store.identity, "unit": "byte" if byte_level else "token", "seq_len": seq_len,
-            "stride": plan.stride, "start": start, "windows": len(plan.starts), "hash_seed": seed,
-            "trained_n_hashes": loaded.cfg.n_hashes, "attn_layers": loaded.cfg.attn_layers,
-            "document_masking": loaded.document_masking, "seconds": round(time.perf_counter() - t0, 3),
-            "rows": [row_record(r, bins, byte_level) for r in rows]}
+    return {
+        "format": "reformer_dist.eval/1",
+        "model": loaded.source,
+        "store": store.name,
+        "split": split,
+        "tokenizer": store.identity,
+        "unit": "byte" if byte_level else "token",
+        "seq_len": seq_len,
+        "stride": plan.stride,
+        "start": start,
+        "windows": len(plan.starts),
+        "hash_seed": seed,
+        "trained_n_hashes": loaded.cfg.n_hashes,
+        "attn_layers": loaded.cfg.attn_layers,
+        "document_masking": loaded.document_masking,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "rows": [row_record(r, bins, byte_level) for r in rows],
+    }

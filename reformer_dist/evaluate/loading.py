@@ -58,14 +58,18 @@ class LoadedModel:
         if override is not None:
             tok = _tokenizer_from(override)
             if self.tokenizer_identity is not None and tok.identity != self.tokenizer_identity:
-                raise ModelInputError(f"--tokenizer {override}: is {tok.identity}, but {self.source} was trained with "
-                                      f"{self.tokenizer_identity} ({self.record['_where']})")
+                raise ModelInputError(
+                    f"--tokenizer {override}: is {tok.identity}, but {self.source} was trained with "
+                    f"{self.tokenizer_identity} ({self.record['_where']})"
+                )
             self.check_vocab(tok.vocab_size, f"--tokenizer {override}")
             return tok
         if self.record is None:
-            raise ModelInputError(f"{self.source}: does not record its tokenizer (no training_data.json, and no run "
-                                  "config beside it); pass --tokenizer bytes, or the tokenizer folder or store it "
-                                  "was trained with")
+            raise ModelInputError(
+                f"{self.source}: does not record its tokenizer (no training_data.json, and no run "
+                "config beside it); pass --tokenizer bytes, or the tokenizer folder or store it "
+                "was trained with"
+            )
         tok = record_tokenizer(self.record)
         self.check_vocab(tok.vocab_size, self.record["_where"])
         return tok
@@ -73,8 +77,10 @@ class LoadedModel:
     def check_vocab(self, vocab_size: int, what: str) -> None:
         """ModelInputError when ids of a vocabulary of ``vocab_size`` do not fit the model's embedding."""
         if vocab_size > self.cfg.vocab_size:
-            raise ModelInputError(f"{what}: vocabulary of {vocab_size} ids, but the model {self.source} has "
-                                  f"vocab_size {self.cfg.vocab_size}: not the data it was trained on")
+            raise ModelInputError(
+                f"{what}: vocabulary of {vocab_size} ids, but the model {self.source} has "
+                f"vocab_size {self.cfg.vocab_size}: not the data it was trained on"
+            )
 
 
 def _tokenizer_from(spec: str) -> Tokenizer:
@@ -97,8 +103,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", tag: str | 
     """The model at ``path`` (weights folder, checkpoint root or tag folder) in eval mode on ``device``."""
     p = Path(path)
     if not p.exists():
-        raise ModelInputError(f"{p}: no such folder (expected a weights folder with {CONFIG_NAME} + {WEIGHTS_NAME}, "
-                              "or a checkpoint root)")
+        raise ModelInputError(
+            f"{p}: no such folder (expected a weights folder with {CONFIG_NAME} + {WEIGHTS_NAME}, or a checkpoint root)"
+        )
     if is_weights_folder(p):
         try:
             model = ReformerLM.from_pretrained(p)
@@ -162,8 +169,9 @@ def _load_checkpoint(p: Path, tag: str | None) -> tuple[ReformerLM, dict[str, An
     try:
         ref = find_checkpoint(p, tag)
     except (FileNotFoundError, CheckpointError) as e:
-        raise ModelInputError(f"{e} (expected a weights folder with {CONFIG_NAME} + {WEIGHTS_NAME}, or a checkpoint "
-                              "root)") from None
+        raise ModelInputError(
+            f"{e} (expected a weights folder with {CONFIG_NAME} + {WEIGHTS_NAME}, or a checkpoint root)"
+        ) from None
     try:
         cfg, _ = read_model_config(ref)
         verify_files(ref.path)
@@ -173,6 +181,7 @@ def _load_checkpoint(p: Path, tag: str | None) -> tuple[ReformerLM, dict[str, An
     model = ReformerLM(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ModelInputError(f"{ref.path}: weights do not match its model config: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+        raise ModelInputError(
+            f"{ref.path}: weights do not match its model config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model, _record_of_tag(ref.path), str(ref.path)

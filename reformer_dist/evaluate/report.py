@@ -20,20 +20,25 @@ def _rounds_name(r: Any) -> str:
 def lm_table(res: dict[str, Any]) -> str:
     """The rows (one per round count) and the loss-by-position table, as text."""
     unit = "bits/byte" if res["unit"] == "byte" else "bits/token"
-    lines = [f"{res['model']} on {res['store']} {res['split']}: {res['windows']} windows of {res['seq_len']} "
-             f"(stride {res['stride']}), hash seed {res['hash_seed']}, trained with {res['trained_n_hashes']} rounds",
-             f"{'n_hashes':>9} {'loss':>9} {unit:>11} {'perplexity':>11} {'tokens':>10}"]
+    lines = [
+        f"{res['model']} on {res['store']} {res['split']}: {res['windows']} windows of {res['seq_len']} "
+        f"(stride {res['stride']}), hash seed {res['hash_seed']}, trained with {res['trained_n_hashes']} rounds",
+        f"{'n_hashes':>9} {'loss':>9} {unit:>11} {'perplexity':>11} {'tokens':>10}",
+    ]
     for r in res["rows"]:
-        lines.append(f"{_rounds_name(r['n_hashes']):>9} {r['loss']:9.4f} {r['bits_per_token']:11.4f} "
-                     f"{r['perplexity']:11.3f} {r['tokens']:10d}")
+        lines.append(
+            f"{_rounds_name(r['n_hashes']):>9} {r['loss']:9.4f} {r['bits_per_token']:11.4f} "
+            f"{r['perplexity']:11.3f} {r['tokens']:10d}"
+        )
     lines.append("loss by position (nats; position = tokens of context):")
     names = " ".join(f"{_rounds_name(r['n_hashes']):>9}" for r in res["rows"])
     lines.append(f"{'positions':>15} {'tokens':>10} {names}")
     for i, b in enumerate(res["rows"][0]["by_position"]):
         vals = [r["by_position"][i]["loss"] for r in res["rows"]]
         span = f"{b['lo']}" if b["lo"] == b["hi"] else f"{b['lo']}-{b['hi']}"
-        lines.append(f"{span:>15} {b['tokens']:10d} " + " ".join("        -" if v is None else f"{v:9.4f}"
-                                                                 for v in vals))
+        lines.append(
+            f"{span:>15} {b['tokens']:10d} " + " ".join("        -" if v is None else f"{v:9.4f}" for v in vals)
+        )
     return "\n".join(lines)
 
 
@@ -43,14 +48,21 @@ def task_table(res: dict[str, Any]) -> str:
     for row in res["rows"]:
         depths = sorted({c["depth"] for c in row["cells"]}, key=lambda d: -1 if d is None else d)
         lengths = sorted({c["length"] for c in row["cells"]})
-        lines.append(f"n_hashes {_rounds_name(row['n_hashes'])}: accuracy {row['accuracy']:.4f} "
-                     "(answer tokens right; exact = examples with every answer token right)")
+        lines.append(
+            f"n_hashes {_rounds_name(row['n_hashes'])}: accuracy {row['accuracy']:.4f} "
+            "(answer tokens right; exact = examples with every answer token right)"
+        )
         head = "copied half" if depths == [None] else " ".join(f"depth {d:<5}" for d in depths)
         lines.append(f"{'length':>8}  {head}")
         for n in lengths:
             cells = {c["depth"]: c for c in row["cells"] if c["length"] == n}
-            lines.append(f"{n:>8}  " + " ".join(f"{cells[d]['accuracy']:.3f}/{cells[d]['exact']:.2f}"
-                                                 .ljust(11 if depths != [None] else 11) for d in depths))
+            lines.append(
+                f"{n:>8}  "
+                + " ".join(
+                    f"{cells[d]['accuracy']:.3f}/{cells[d]['exact']:.2f}".ljust(11 if depths != [None] else 11)
+                    for d in depths
+                )
+            )
     return "\n".join(lines)
 
 
@@ -88,8 +100,15 @@ def plot_positions(results: list[tuple[str, dict[str, Any]]], out: str | Path, t
         for j, row in enumerate(res["rows"]):
             pts = [((b["lo"] * b["hi"]) ** 0.5, b["loss"]) for b in row["by_position"] if b["loss"] is not None]
             name = label if len(res["rows"]) == 1 else f"{label} n_hashes {_rounds_name(row['n_hashes'])}"
-            ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", color=f"C{(i + j * len(results)) % 10}", ms=4,
-                    lw=1.3, label=name)
+            ax.plot(
+                [x for x, _ in pts],
+                [y for _, y in pts],
+                "o-",
+                color=f"C{(i + j * len(results)) % 10}",
+                ms=4,
+                lw=1.3,
+                label=name,
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position in the window (tokens of context, log-spaced bins)")
     ax.set_ylabel("mean loss (nats)")
@@ -110,8 +129,10 @@ def plot_task(res: dict[str, Any], out: str | Path) -> None:
     for ax, row in zip(axes[0], rows):
         depths = sorted({c["depth"] for c in row["cells"]}, key=lambda d: -1 if d is None else d)
         lengths = sorted({c["length"] for c in row["cells"]})
-        grid = [[next(c["accuracy"] for c in row["cells"] if c["length"] == n and c["depth"] == d) for d in depths]
-                for n in lengths]
+        grid = [
+            [next(c["accuracy"] for c in row["cells"] if c["length"] == n and c["depth"] == d) for d in depths]
+            for n in lengths
+        ]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         for y, line in enumerate(grid):
             for x, v in enumerate(line):

@@ -43,21 +43,33 @@ def score_answers(preds: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, 
     return int(right.sum()), int(keep.sum()), int(per_example.sum())
 
 
-def evaluate_task(loaded: LoadedModel, store: TokenStore, *, split: str = "validation",
-                  rounds: list[int | str | None] | None = None, hash_seed: int | None = None, batch_size: int = 8,
-                  device: torch.device | str = "cpu", progress: bool = True) -> dict[str, Any]:
+def evaluate_task(
+    loaded: LoadedModel,
+    store: TokenStore,
+    *,
+    split: str = "validation",
+    rounds: list[int | str | None] | None = None,
+    hash_seed: int | None = None,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Accuracy on the answers of every validation cell of a synthetic store, one row per round count."""
     rounds = rounds or [None]
     meta = synthetic_metadata(store.manifest, store.where)
     if split != "validation":
-        raise DataError(f"--split {split}: --task scores the validation split (the grid of lengths x depths); "
-                        "the train split's examples are not laid out for scoring")
+        raise DataError(
+            f"--split {split}: --task scores the validation split (the grid of lengths x depths); "
+            "the train split's examples are not laid out for scoring"
+        )
     check_store(loaded, store)
     cells = task_layout(meta)
     need = layout_tokens(meta)
     if store.num_tokens(split) != need:
-        raise DataError(f"{store.where}: split {split!r} has {store.num_tokens(split)} tokens, its synthetic "
-                        f"metadata describes {need}: not the store `reformer-data synth` wrote")
+        raise DataError(
+            f"{store.where}: split {split!r} has {store.num_tokens(split)} tokens, its synthetic "
+            f"metadata describes {need}: not the store `reformer-data synth` wrote"
+        )
     longest = max(c.length for c in cells)
     check_length(loaded, longest, "the store's longest example,")
     seed = loaded.cfg.hash_seed if hash_seed is None else hash_seed
@@ -65,8 +77,13 @@ def evaluate_task(loaded: LoadedModel, store: TokenStore, *, split: str = "valid
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    bar = tqdm(total=sum(len(c.starts) for c in cells) * len(rounds), unit="example", disable=not progress,
-               dynamic_ncols=True, desc="reformer-eval --task")
+    bar = tqdm(
+        total=sum(len(c.starts) for c in cells) * len(rounds),
+        unit="example",
+        disable=not progress,
+        dynamic_ncols=True,
+        desc="reformer-eval --task",
+    )
     rows = []
     for r in rounds:
         out = []
@@ -76,8 +93,10 @@ def evaluate_task(loaded: LoadedModel, store: TokenStore, *, split: str = "valid
             for i in range(0, len(c.starts), batch_size):
                 docs = np.stack([store.read(split, s, c.length + 1) for s in c.starts[i : i + batch_size]])
                 if (docs[:, -1] != store.eod_id).any():
-                    raise DataError(f"{store.where}: an example of length {c.length} does not end where the "
-                                    "synthetic metadata says: not the store `reformer-data synth` wrote")
+                    raise DataError(
+                        f"{store.where}: an example of length {c.length} does not end where the "
+                        "synthetic metadata says: not the store `reformer-data synth` wrote"
+                    )
                 ids, labels = answer_labels(docs, c.answer)
                 ids, labels = ids.to(device), labels.to(device)
                 n = None if r in (None, FULL) else r
@@ -86,14 +105,33 @@ def evaluate_task(loaded: LoadedModel, store: TokenStore, *, split: str = "valid
                 right, total, exact = right + a, total + b, exact + e
                 loss_sum += float(losses.double().sum())
                 bar.update(len(docs))
-            out.append({"length": c.length, "depth": c.depth, "examples": len(c.starts), "accuracy": right / total,
-                        "exact": exact / len(c.starts), "answer_loss": loss_sum / total, "answer_tokens": total})
+            out.append(
+                {
+                    "length": c.length,
+                    "depth": c.depth,
+                    "examples": len(c.starts),
+                    "accuracy": right / total,
+                    "exact": exact / len(c.starts),
+                    "answer_loss": loss_sum / total,
+                    "answer_tokens": total,
+                }
+            )
         tokens = sum(x["answer_tokens"] for x in out)
-        rows.append({"n_hashes": r, "accuracy": sum(x["accuracy"] * x["answer_tokens"] for x in out) / tokens,
-                     "cells": out})
+        rows.append(
+            {"n_hashes": r, "accuracy": sum(x["accuracy"] * x["answer_tokens"] for x in out) / tokens, "cells": out}
+        )
     bar.close()
     chance = 1 / meta["n_symbols"] if meta["task"] == "duplication" else 0.1
-    return {"format": "reformer_dist.task_eval/1", "task": meta["task"], "model": loaded.source, "store": store.name,
-            "split": split, "hash_seed": seed, "trained_n_hashes": loaded.cfg.n_hashes,
-            "attn_layers": loaded.cfg.attn_layers, "chance": chance, "seconds": round(time.perf_counter() - t0, 3),
-            "rows": rows}
+    return {
+        "format": "reformer_dist.task_eval/1",
+        "task": meta["task"],
+        "model": loaded.source,
+        "store": store.name,
+        "split": split,
+        "hash_seed": seed,
+        "trained_n_hashes": loaded.cfg.n_hashes,
+        "attn_layers": loaded.cfg.attn_layers,
+        "chance": chance,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "rows": rows,
+    }

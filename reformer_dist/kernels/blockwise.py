@@ -149,11 +149,23 @@ def _logits(call: _Call, blk: _Block, q2: Tensor, k2: Tensor | None, masks: "_Ma
         q_bucket, k_bucket = sb[:, :, blk.slot_q].view(b, hg, nc, m), sb[:, :, blk.slot_k]
     counts = None
     if masks.chunk_of is not None:
-        counts = duplicate_counts(blk.pos_q, blk.pos_k, masks.chunk_of[:, h0:h1], call.n_chunks_before,
-                                  call.n_chunks_after, masks.n_chunks)
-    dots, keep = masked_logits(qb, kb, mpos_q, mpos_k, causal=call.causal, self_mask=call.self_mask,
-                               k_valid=k_valid, q_bucket=q_bucket, k_bucket=k_bucket, q_doc=q_doc, k_doc=k_doc,
-                               counts=counts)
+        counts = duplicate_counts(
+            blk.pos_q, blk.pos_k, masks.chunk_of[:, h0:h1], call.n_chunks_before, call.n_chunks_after, masks.n_chunks
+        )
+    dots, keep = masked_logits(
+        qb,
+        kb,
+        mpos_q,
+        mpos_k,
+        causal=call.causal,
+        self_mask=call.self_mask,
+        k_valid=k_valid,
+        q_bucket=q_bucket,
+        k_bucket=k_bucket,
+        q_doc=q_doc,
+        k_doc=k_doc,
+        counts=counts,
+    )
     return qb, raw, kb, dots, keep
 
 
@@ -185,11 +197,20 @@ class _BlockwiseCore:
         call, chunk_of = self.call, x.chunk_of
         correct = not self.allow_duplicate_attention  # subtract log(occurrences): chunk_of needed
         if correct and chunk_of is None:
-            rows = x.index if x.index is not None else \
-                torch.arange(call.length, device=x.q.device, dtype=torch.int32).expand(call.b, call.h, call.length)
+            rows = (
+                x.index
+                if x.index is not None
+                else torch.arange(call.length, device=x.q.device, dtype=torch.int32).expand(call.b, call.h, call.length)
+            )
             chunk_of = chunk_of_positions(rows.to(torch.int32), call.length, call.m)
-        return _Masks(x.key_valid, x.document_ids, x.slot_bucket, x.positions, chunk_of if correct else None,
-                      call.n_chunks if self.n_chunks is None else self.n_chunks)
+        return _Masks(
+            x.key_valid,
+            x.document_ids,
+            x.slot_bucket,
+            x.positions,
+            chunk_of if correct else None,
+            call.n_chunks if self.n_chunks is None else self.n_chunks,
+        )
 
     def forward(self, x: CoreInputs):
         return _forward(self.call, x.q, x.k, x.v, x.index, self.masks(x))
@@ -325,12 +346,25 @@ def _backward(call: _Call, q, k, v, index, masks: _Masks, out, lse, lse_lo, dout
     return tuple(grads)
 
 
-def chunked_attention_blockwise(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
-                                chunk_len: int, n_chunks_before: int, n_chunks_after: int, causal: bool,
-                                self_mask: bool = True, key_valid: Tensor | None = None,
-                                slot_bucket: Tensor | None = None, document_ids: Tensor | None = None,
-                                allow_duplicate_attention: bool = True, positions: Tensor | None = None,
-                                chunk_of: Tensor | None = None, n_chunks: int | None = None) -> tuple[Tensor, Tensor]:
+def chunked_attention_blockwise(
+    q: Tensor,
+    k: Tensor | None,
+    v: Tensor,
+    index: Tensor | None = None,
+    *,
+    chunk_len: int,
+    n_chunks_before: int,
+    n_chunks_after: int,
+    causal: bool,
+    self_mask: bool = True,
+    key_valid: Tensor | None = None,
+    slot_bucket: Tensor | None = None,
+    document_ids: Tensor | None = None,
+    allow_duplicate_attention: bool = True,
+    positions: Tensor | None = None,
+    chunk_of: Tensor | None = None,
+    n_chunks: int | None = None,
+) -> tuple[Tensor, Tensor]:
     """The contract of ``chunked_attention``, memory-lean (see the module docstring)."""
     b, length, h, d = q.shape
     s = length if index is None else index.shape[-1]
@@ -340,5 +374,7 @@ def chunked_attention_blockwise(q: Tensor, k: Tensor | None, v: Tensor, index: T
     call = _Call(b, length, h, d, s, chunk_len, n_chunks_before, n_chunks_after, causal, self_mask, head_group)
     q, v = q.contiguous(), v.contiguous()
     k = None if k is None else k.contiguous()
-    return apply_lean(_BlockwiseCore(call, allow_duplicate_attention, n_chunks),
-                      CoreInputs(q, k, v, index, key_valid, slot_bucket, document_ids, positions, chunk_of))
+    return apply_lean(
+        _BlockwiseCore(call, allow_duplicate_attention, n_chunks),
+        CoreInputs(q, k, v, index, key_valid, slot_bucket, document_ids, positions, chunk_of),
+    )

@@ -84,9 +84,17 @@ def _warn_fallback(reason: str) -> None:
         warnings.warn(f"attention on CUDA uses the blockwise PyTorch core (slower): {reason}", stacklevel=3)
 
 
-def check_call(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None, *, chunk_len: int,
-               key_valid: Tensor | None = None, slot_bucket: Tensor | None = None,
-               document_ids: Tensor | None = None) -> None:
+def check_call(
+    q: Tensor,
+    k: Tensor | None,
+    v: Tensor,
+    index: Tensor | None,
+    *,
+    chunk_len: int,
+    key_valid: Tensor | None = None,
+    slot_bucket: Tensor | None = None,
+    document_ids: Tensor | None = None,
+) -> None:
     """Raise ValueError naming the argument when a call breaks the contract's shapes."""
     if q.dim() != 4:
         raise ValueError(f"chunked_attention: q must be [B, L, H, D], got shape {tuple(q.shape)}")
@@ -96,23 +104,34 @@ def check_call(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None, *, 
             raise ValueError(f"chunked_attention: {name} shape {tuple(t.shape)} does not match q {tuple(q.shape)}")
     s = length if index is None else index.shape[-1]
     if index is not None and (index.shape[:2] != (b, h) or index.dim() != 3 or s % length):
-        raise ValueError(f"chunked_attention: index must be [B, H, R*L] = [{b}, {h}, R*{length}], "
-                         f"got {tuple(index.shape)}")
+        raise ValueError(
+            f"chunked_attention: index must be [B, H, R*L] = [{b}, {h}, R*{length}], got {tuple(index.shape)}"
+        )
     if chunk_len < 1 or length % chunk_len:
         raise ValueError(f"chunked_attention: length {length} is not a multiple of chunk_len {chunk_len}")
     for name, t in (("key_valid", key_valid), ("document_ids", document_ids)):
         if t is not None and tuple(t.shape) != (b, length):
             raise ValueError(f"chunked_attention: {name} must be [B, L] = [{b}, {length}], got {tuple(t.shape)}")
     if slot_bucket is not None and tuple(slot_bucket.shape) != (b, h, s):
-        raise ValueError(f"chunked_attention: slot_bucket must be [B, H, S] = [{b}, {h}, {s}], "
-                         f"got {tuple(slot_bucket.shape)}")
+        raise ValueError(
+            f"chunked_attention: slot_bucket must be [B, H, S] = [{b}, {h}, {s}], got {tuple(slot_bucket.shape)}"
+        )
 
 
-def chunked_attention(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
-                      backend: Backend = "auto", **kwargs) -> tuple[Tensor, Tensor]:
+def chunked_attention(
+    q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *, backend: Backend = "auto", **kwargs
+) -> tuple[Tensor, Tensor]:
     """Dispatch to a backend; the module docstring states the contract every backend implements."""
-    check_call(q, k, v, index, chunk_len=kwargs["chunk_len"], key_valid=kwargs.get("key_valid"),
-               slot_bucket=kwargs.get("slot_bucket"), document_ids=kwargs.get("document_ids"))
+    check_call(
+        q,
+        k,
+        v,
+        index,
+        chunk_len=kwargs["chunk_len"],
+        key_valid=kwargs.get("key_valid"),
+        slot_bucket=kwargs.get("slot_bucket"),
+        document_ids=kwargs.get("document_ids"),
+    )
     if backend == "auto":
         if q.is_cuda:
             _load_fused()
@@ -129,6 +148,8 @@ def chunked_attention(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | No
         raise ValueError(f"unknown attention backend {backend!r}; known: {list(BACKENDS)}")
     _load_fused()
     if backend not in _BACKENDS:
-        raise ValueError(f"attention backend {backend!r} is not available ({_MISSING.get(backend)}); available: "
-                         f"{available_backends()}")
+        raise ValueError(
+            f"attention backend {backend!r} is not available ({_MISSING.get(backend)}); available: "
+            f"{available_backends()}"
+        )
     return _BACKENDS[backend][0](q, k, v, index, **kwargs)

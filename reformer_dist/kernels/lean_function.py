@@ -33,8 +33,9 @@ class LeanCore(Protocol):
     def forward(self, x: CoreInputs) -> tuple[Tensor, Tensor, Tensor]:
         """(out [B, L, H, D], lse hi, lse lo [B, L, H])."""
 
-    def backward(self, x: CoreInputs, out: Tensor, lse: Tensor, lse_lo: Tensor, dout: Tensor,
-                 dlse: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+    def backward(
+        self, x: CoreInputs, out: Tensor, lse: Tensor, lse_lo: Tensor, dout: Tensor, dlse: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
         """(dq, dk or None for shared QK, dv)."""
 
 

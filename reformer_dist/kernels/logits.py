@@ -61,13 +61,17 @@ def chunk_of_positions(index: Tensor, length: int, chunk_len: int) -> Tensor:
     r = s // length
     slots = torch.arange(s, device=index.device, dtype=torch.int32).view(1, 1, r, length)
     out = torch.empty(b, h, r, length, dtype=torch.int32, device=index.device)
-    out.scatter_(3, index.view(b, h, r, length).long(), torch.div(slots, chunk_len, rounding_mode="floor")
-                 .to(torch.int32).expand(b, h, r, length))
+    out.scatter_(
+        3,
+        index.view(b, h, r, length).long(),
+        torch.div(slots, chunk_len, rounding_mode="floor").to(torch.int32).expand(b, h, r, length),
+    )
     return out
 
 
-def duplicate_counts(q_rows: Tensor, k_rows: Tensor, chunk_of: Tensor, n_chunks_before: int, n_chunks_after: int,
-                     n_chunks: int) -> Tensor:
+def duplicate_counts(
+    q_rows: Tensor, k_rows: Tensor, chunk_of: Tensor, n_chunks_before: int, n_chunks_after: int, n_chunks: int
+) -> Tensor:
     """How often key j occurs among all of query i's windows over all rounds (>= 1 for visible slots).
 
     q_rows [B,H,n,M], k_rows [B,H,n,W] rows of the tokens; chunk_of [B,H,R,rows] the flat chunk (of all
@@ -87,10 +91,21 @@ def duplicate_counts(q_rows: Tensor, k_rows: Tensor, chunk_of: Tensor, n_chunks_
     return counts
 
 
-def masked_logits(q: Tensor, kw: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal: bool, self_mask: bool,
-                  k_valid: Tensor | None = None, q_bucket: Tensor | None = None, k_bucket: Tensor | None = None,
-                  q_doc: Tensor | None = None, k_doc: Tensor | None = None,
-                  counts: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+def masked_logits(
+    q: Tensor,
+    kw: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    *,
+    causal: bool,
+    self_mask: bool,
+    k_valid: Tensor | None = None,
+    q_bucket: Tensor | None = None,
+    k_bucket: Tensor | None = None,
+    q_doc: Tensor | None = None,
+    k_doc: Tensor | None = None,
+    counts: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """Logits of queries q [B,H,n,M,D] against their windows kw [B,H,n,W,D] after all masks.
 
     q_pos [B,H,n,M] and k_pos [B,H,n,W] are original positions; k_valid [B,H,n,W] marks real keys;

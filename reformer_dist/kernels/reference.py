@@ -38,12 +38,25 @@ def slot_positions(index: Tensor | None, b: int, h: int, length: int, device: to
     return index.long()
 
 
-def chunked_attention_reference(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
-                                chunk_len: int, n_chunks_before: int, n_chunks_after: int, causal: bool,
-                                self_mask: bool = True, key_valid: Tensor | None = None,
-                                slot_bucket: Tensor | None = None, document_ids: Tensor | None = None,
-                                allow_duplicate_attention: bool = True, positions: Tensor | None = None,
-                                chunk_of: Tensor | None = None, n_chunks: int | None = None) -> tuple[Tensor, Tensor]:
+def chunked_attention_reference(
+    q: Tensor,
+    k: Tensor | None,
+    v: Tensor,
+    index: Tensor | None = None,
+    *,
+    chunk_len: int,
+    n_chunks_before: int,
+    n_chunks_after: int,
+    causal: bool,
+    self_mask: bool = True,
+    key_valid: Tensor | None = None,
+    slot_bucket: Tensor | None = None,
+    document_ids: Tensor | None = None,
+    allow_duplicate_attention: bool = True,
+    positions: Tensor | None = None,
+    chunk_of: Tensor | None = None,
+    n_chunks: int | None = None,
+) -> tuple[Tensor, Tensor]:
     """Attention of every chunk of sorted slots over itself and its neighbours, merged over rounds (autograd)."""
     b, length, h, d = q.shape
     keys = normalize_keys(q) if k is None else scale_keys(k)
@@ -73,17 +86,30 @@ def chunked_attention_reference(q: Tensor, k: Tensor | None, v: Tensor, index: T
         co = chunk_of_positions(rows_s, length, m) if chunk_of is None else chunk_of
         counts = duplicate_counts(rows, around(rows), co, nb, na, n if n_chunks is None else n_chunks)
     kv, doc = per_slot(key_valid), per_slot(document_ids)
-    dots, _ = masked_logits(sort(q), around(sort(keys)), pos, around(pos), causal=causal, self_mask=self_mask,
-                            k_valid=around_opt(kv), q_bucket=bucket, k_bucket=around_opt(bucket), q_doc=doc,
-                            k_doc=around_opt(doc), counts=counts)
+    dots, _ = masked_logits(
+        sort(q),
+        around(sort(keys)),
+        pos,
+        around(pos),
+        causal=causal,
+        self_mask=self_mask,
+        k_valid=around_opt(kv),
+        q_bucket=bucket,
+        k_bucket=around_opt(bucket),
+        q_doc=doc,
+        k_doc=around_opt(doc),
+        counts=counts,
+    )
     lse_s = torch.logsumexp(dots, dim=-1)  # [B,H,N,M]
     out_s = torch.matmul(torch.softmax(dots, dim=-1).to(v.dtype), around(sort(v)))
     # unsort every round, then merge the rounds: softmax over their log-sum-exps (HF's merge)
     where = rows_s.view(b, h, r, length)
     lse_r = torch.zeros(b, h, r, length, dtype=lse_s.dtype, device=q.device).scatter(
-        3, where, lse_s.view(b, h, r, length))
+        3, where, lse_s.view(b, h, r, length)
+    )
     out_r = torch.zeros(b, h, r, length, d, dtype=out_s.dtype, device=q.device).scatter(
-        3, where.unsqueeze(-1).expand(b, h, r, length, d), out_s.view(b, h, r, length, d))
+        3, where.unsqueeze(-1).expand(b, h, r, length, d), out_s.view(b, h, r, length, d)
+    )
     if r == 1:
         out, lse = out_r[:, :, 0], lse_r[:, :, 0]
     else:

@@ -114,11 +114,40 @@ def _load_keys(k_ptr, rows, lane, offs_d, d_ok, stride_d, D: tl.constexpr, SCALE
 
 
 @triton.jit
-def _scores(q, keys, pos_q, pos_k, q_lane, k_lane, b, h, key_valid_ptr, bucket_ptr, chunk_ptr, document_ids_ptr,
-            mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH,
-            CAUSAL: tl.constexpr, SELF_MASK: tl.constexpr, HAS_KEY_VALID: tl.constexpr, HAS_BUCKET: tl.constexpr,
-            HAS_DOCUMENT_IDS: tl.constexpr, HAS_POS: tl.constexpr, ALLOW_DUPLICATE_ATTENTION: tl.constexpr,
-            N_CHUNKS_BEFORE: tl.constexpr, N_CHUNKS_AFTER: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _scores(
+    q,
+    keys,
+    pos_q,
+    pos_k,
+    q_lane,
+    k_lane,
+    b,
+    h,
+    key_valid_ptr,
+    bucket_ptr,
+    chunk_ptr,
+    document_ids_ptr,
+    mpos_ptr,
+    slots_q,
+    slots_k,
+    L,
+    N,
+    RC,
+    H,
+    S,
+    NCH,
+    CAUSAL: tl.constexpr,
+    SELF_MASK: tl.constexpr,
+    HAS_KEY_VALID: tl.constexpr,
+    HAS_BUCKET: tl.constexpr,
+    HAS_DOCUMENT_IDS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    ALLOW_DUPLICATE_ATTENTION: tl.constexpr,
+    N_CHUNKS_BEFORE: tl.constexpr,
+    N_CHUNKS_AFTER: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Masked logits (fp32) of a query chunk against a key chunk and the mask of replaced entries.
 
     pos_q/pos_k are the slots' rows (where q/k/v, key_valid, document_ids and chunk_of are read); the causal and
@@ -176,8 +205,32 @@ def _per_row(ptr, b, pos, h, L, H, lane):
 
 
 @triton.jit
-def _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, h, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, k_lane,
-               offs_d, d_ok, D: tl.constexpr, SCALE: tl.constexpr, SHARED: tl.constexpr):
+def _key_chunk(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    b,
+    pos_k,
+    h,
+    sqb,
+    sql,
+    sqh,
+    sqd,
+    skb,
+    skl,
+    skh,
+    skd,
+    svb,
+    svl,
+    svh,
+    svd,
+    k_lane,
+    offs_d,
+    d_ok,
+    D: tl.constexpr,
+    SCALE: tl.constexpr,
+    SHARED: tl.constexpr,
+):
     """(raw key rows, keys, values) of a key chunk: shared-QK keys are read from q."""
     if SHARED:
         raw, keys = _load_keys(q_ptr, b * sqb + pos_k * sql + h * sqh, k_lane, offs_d, d_ok, sqd, D, SCALE, True)
@@ -193,14 +246,60 @@ def _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, h, sqb, sql, sqh, sqd, skb, skl, s
 # every offset (b * stride, (b*H + h) * S, position * stride) is 64-bit: they pass 2^31 at batch > 1 and 1M+
 # tokens. ``h`` is not specialised (one compile serves every head).
 @triton.jit(do_not_specialize=["h"])
-def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, key_valid_ptr, bucket_ptr, chunk_ptr, document_ids_ptr, mpos_ptr, o_ptr, m_ptr,
-         l_ptr, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd,
-         h, B, L, H, S, N, R, NCH, RC,
-         M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-         BLOCK_D: tl.constexpr, N_CHUNKS_BEFORE: tl.constexpr, N_CHUNKS_AFTER: tl.constexpr, CAUSAL: tl.constexpr,
-         SELF_MASK: tl.constexpr, SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-         HAS_BUCKET: tl.constexpr, HAS_DOCUMENT_IDS: tl.constexpr, HAS_POS: tl.constexpr,
-         ALLOW_DUPLICATE_ATTENTION: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _fwd(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    idx_ptr,
+    key_valid_ptr,
+    bucket_ptr,
+    chunk_ptr,
+    document_ids_ptr,
+    mpos_ptr,
+    o_ptr,
+    m_ptr,
+    l_ptr,
+    sqb,
+    sql,
+    sqh,
+    sqd,
+    skb,
+    skl,
+    skh,
+    skd,
+    svb,
+    svl,
+    svh,
+    svd,
+    h,
+    B,
+    L,
+    H,
+    S,
+    N,
+    R,
+    NCH,
+    RC,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    SCALE: tl.constexpr,
+    BQ: tl.constexpr,
+    BK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    N_CHUNKS_BEFORE: tl.constexpr,
+    N_CHUNKS_AFTER: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SELF_MASK: tl.constexpr,
+    SHARED: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    HAS_KEY_VALID: tl.constexpr,
+    HAS_BUCKET: tl.constexpr,
+    HAS_DOCUMENT_IDS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    ALLOW_DUPLICATE_ATTENTION: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     NSQ: tl.constexpr = (M + BQ - 1) // BQ
     NSK: tl.constexpr = (M + BK - 1) // BK
     pid = tl.program_id(0).to(tl.int64)
@@ -225,12 +324,66 @@ def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, key_valid_ptr, bucket_ptr, chunk_ptr, doc
         lane_k = in_k < M
         slots_k = kc * M + in_k
         pos_k = _slot_positions(idx_ptr + base, slots_k, lane_k, HAS_INDEX)
-        _, keys, vv = _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, hh, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl,
-                                 svh, svd, lane_k, offs_d, d_ok, D, SCALE, SHARED)
-        s, _ = _scores(q, keys, pos_q, pos_k, lane_q, lane_k, b, hh, key_valid_ptr, bucket_ptr, chunk_ptr,
-                       document_ids_ptr, mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK,
-                       HAS_KEY_VALID, HAS_BUCKET, HAS_DOCUMENT_IDS, HAS_POS, ALLOW_DUPLICATE_ATTENTION, N_CHUNKS_BEFORE,
-                       N_CHUNKS_AFTER, PREC, UPCAST)
+        _, keys, vv = _key_chunk(
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            b,
+            pos_k,
+            hh,
+            sqb,
+            sql,
+            sqh,
+            sqd,
+            skb,
+            skl,
+            skh,
+            skd,
+            svb,
+            svl,
+            svh,
+            svd,
+            lane_k,
+            offs_d,
+            d_ok,
+            D,
+            SCALE,
+            SHARED,
+        )
+        s, _ = _scores(
+            q,
+            keys,
+            pos_q,
+            pos_k,
+            lane_q,
+            lane_k,
+            b,
+            hh,
+            key_valid_ptr,
+            bucket_ptr,
+            chunk_ptr,
+            document_ids_ptr,
+            mpos_ptr,
+            slots_q,
+            slots_k,
+            L,
+            N,
+            RC,
+            H,
+            S,
+            NCH,
+            CAUSAL,
+            SELF_MASK,
+            HAS_KEY_VALID,
+            HAS_BUCKET,
+            HAS_DOCUMENT_IDS,
+            HAS_POS,
+            ALLOW_DUPLICATE_ATTENTION,
+            N_CHUNKS_BEFORE,
+            N_CHUNKS_AFTER,
+            PREC,
+            UPCAST,
+        )
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -242,22 +395,76 @@ def _fwd(q_ptr, k_ptr, v_ptr, idx_ptr, key_valid_ptr, bucket_ptr, chunk_ptr, doc
     # the row maximum and sum are kept apart so the merge is exact for a query that sees only itself
     r = (c * M) // L
     row = (r * B + b) * L + pos_q
-    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=lane_q[:, None] & d_ok[None, :])
+    tl.store(
+        o_ptr + row[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=lane_q[:, None] & d_ok[None, :]
+    )
     tl.store(m_ptr + row, m_i, mask=lane_q)
     tl.store(l_ptr + row, l_i, mask=lane_q)
 
 
 @triton.jit(do_not_specialize=["h"])
-def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, key_valid_ptr, bucket_ptr, chunk_ptr, document_ids_ptr, mpos_ptr, do_ptr,
-            lse_ptr, lo_ptr, delta_ptr, dq_ptr,
-            sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdb, sdl, sdh, sdd, sgb, sgl, sgd,
-            h, L, H, S, N, R, NCH, RC,
-            M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-            BLOCK_D: tl.constexpr, N_CHUNKS_BEFORE: tl.constexpr, N_CHUNKS_AFTER: tl.constexpr, CAUSAL: tl.constexpr,
-            SELF_MASK: tl.constexpr, SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-            HAS_BUCKET: tl.constexpr, HAS_DOCUMENT_IDS: tl.constexpr, HAS_POS: tl.constexpr,
-            ALLOW_DUPLICATE_ATTENTION: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _bwd_dq(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    idx_ptr,
+    key_valid_ptr,
+    bucket_ptr,
+    chunk_ptr,
+    document_ids_ptr,
+    mpos_ptr,
+    do_ptr,
+    lse_ptr,
+    lo_ptr,
+    delta_ptr,
+    dq_ptr,
+    sqb,
+    sql,
+    sqh,
+    sqd,
+    skb,
+    skl,
+    skh,
+    skd,
+    svb,
+    svl,
+    svh,
+    svd,
+    sdb,
+    sdl,
+    sdh,
+    sdd,
+    sgb,
+    sgl,
+    sgd,
+    h,
+    L,
+    H,
+    S,
+    N,
+    R,
+    NCH,
+    RC,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    SCALE: tl.constexpr,
+    BQ: tl.constexpr,
+    BK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    N_CHUNKS_BEFORE: tl.constexpr,
+    N_CHUNKS_AFTER: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SELF_MASK: tl.constexpr,
+    SHARED: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    HAS_KEY_VALID: tl.constexpr,
+    HAS_BUCKET: tl.constexpr,
+    HAS_DOCUMENT_IDS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    ALLOW_DUPLICATE_ATTENTION: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     NSQ: tl.constexpr = (M + BQ - 1) // BQ
     NSK: tl.constexpr = (M + BK - 1) // BK
     pid = tl.program_id(0).to(tl.int64)
@@ -284,12 +491,66 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, key_valid_ptr, bucket_ptr, chunk_ptr, 
         lane_k = in_k < M
         slots_k = kc * M + in_k
         pos_k = _slot_positions(idx_ptr + base, slots_k, lane_k, HAS_INDEX)
-        _, keys, vv = _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, hh, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl,
-                                 svh, svd, lane_k, offs_d, d_ok, D, SCALE, SHARED)
-        s, replaced = _scores(q, keys, pos_q, pos_k, lane_q, lane_k, b, hh, key_valid_ptr, bucket_ptr, chunk_ptr,
-                              document_ids_ptr, mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK,
-                              HAS_KEY_VALID, HAS_BUCKET, HAS_DOCUMENT_IDS, HAS_POS, ALLOW_DUPLICATE_ATTENTION,
-                              N_CHUNKS_BEFORE, N_CHUNKS_AFTER, PREC, UPCAST)
+        _, keys, vv = _key_chunk(
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            b,
+            pos_k,
+            hh,
+            sqb,
+            sql,
+            sqh,
+            sqd,
+            skb,
+            skl,
+            skh,
+            skd,
+            svb,
+            svl,
+            svh,
+            svd,
+            lane_k,
+            offs_d,
+            d_ok,
+            D,
+            SCALE,
+            SHARED,
+        )
+        s, replaced = _scores(
+            q,
+            keys,
+            pos_q,
+            pos_k,
+            lane_q,
+            lane_k,
+            b,
+            hh,
+            key_valid_ptr,
+            bucket_ptr,
+            chunk_ptr,
+            document_ids_ptr,
+            mpos_ptr,
+            slots_q,
+            slots_k,
+            L,
+            N,
+            RC,
+            H,
+            S,
+            NCH,
+            CAUSAL,
+            SELF_MASK,
+            HAS_KEY_VALID,
+            HAS_BUCKET,
+            HAS_DOCUMENT_IDS,
+            HAS_POS,
+            ALLOW_DUPLICATE_ATTENTION,
+            N_CHUNKS_BEFORE,
+            N_CHUNKS_AFTER,
+            PREC,
+            UPCAST,
+        )
         p = tl.exp((s - lse[:, None]) - lo[:, None])  # of the softmax over the union of rounds (exact lse)
         dp = _dot(do, tl.trans(vv), PREC, UPCAST).to(tl.float32)
         ds = tl.where(replaced, 0.0, p * (dp - delta[:, None]))
@@ -298,15 +559,69 @@ def _bwd_dq(q_ptr, k_ptr, v_ptr, idx_ptr, key_valid_ptr, bucket_ptr, chunk_ptr, 
 
 
 @triton.jit(do_not_specialize=["h"])
-def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, key_valid_ptr, bucket_ptr, chunk_ptr, document_ids_ptr, mpos_ptr, do_ptr,
-              lse_ptr, lo_ptr, delta_ptr, dk_ptr, dv_ptr,
-              sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sdb, sdl, sdh, sdd, sgb, sgl, sgd,
-              h, L, H, S, N, R, NCH, RC,
-              M: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-              BLOCK_D: tl.constexpr, N_CHUNKS_BEFORE: tl.constexpr, N_CHUNKS_AFTER: tl.constexpr, CAUSAL: tl.constexpr,
-              SELF_MASK: tl.constexpr, SHARED: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
-              HAS_BUCKET: tl.constexpr, HAS_DOCUMENT_IDS: tl.constexpr, HAS_POS: tl.constexpr,
-              ALLOW_DUPLICATE_ATTENTION: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _bwd_dkdv(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    idx_ptr,
+    key_valid_ptr,
+    bucket_ptr,
+    chunk_ptr,
+    document_ids_ptr,
+    mpos_ptr,
+    do_ptr,
+    lse_ptr,
+    lo_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    sqb,
+    sql,
+    sqh,
+    sqd,
+    skb,
+    skl,
+    skh,
+    skd,
+    svb,
+    svl,
+    svh,
+    svd,
+    sdb,
+    sdl,
+    sdh,
+    sdd,
+    sgb,
+    sgl,
+    sgd,
+    h,
+    L,
+    H,
+    S,
+    N,
+    R,
+    NCH,
+    RC,
+    M: tl.constexpr,
+    D: tl.constexpr,
+    SCALE: tl.constexpr,
+    BQ: tl.constexpr,
+    BK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    N_CHUNKS_BEFORE: tl.constexpr,
+    N_CHUNKS_AFTER: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SELF_MASK: tl.constexpr,
+    SHARED: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    HAS_KEY_VALID: tl.constexpr,
+    HAS_BUCKET: tl.constexpr,
+    HAS_DOCUMENT_IDS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    ALLOW_DUPLICATE_ATTENTION: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     NSQ: tl.constexpr = (M + BQ - 1) // BQ
     NSK: tl.constexpr = (M + BK - 1) // BK
     pid = tl.program_id(0).to(tl.int64)
@@ -321,8 +636,32 @@ def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, key_valid_ptr, bucket_ptr, chunk_ptr
     slots_k = kc * M + in_k
     base = (b * H + hh) * S
     pos_k = _slot_positions(idx_ptr + base, slots_k, lane_k, HAS_INDEX)
-    _, keys, vv = _key_chunk(q_ptr, k_ptr, v_ptr, b, pos_k, hh, sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl,
-                             svh, svd, lane_k, offs_d, d_ok, D, SCALE, SHARED)
+    _, keys, vv = _key_chunk(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        b,
+        pos_k,
+        hh,
+        sqb,
+        sql,
+        sqh,
+        sqd,
+        skb,
+        skl,
+        skh,
+        skd,
+        svb,
+        svl,
+        svh,
+        svd,
+        lane_k,
+        offs_d,
+        d_ok,
+        D,
+        SCALE,
+        SHARED,
+    )
     dk = tl.zeros([BK, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BK, BLOCK_D], dtype=tl.float32)
     for j in range(0, (N_CHUNKS_BEFORE + N_CHUNKS_AFTER + 1) * NSQ):
@@ -338,10 +677,40 @@ def _bwd_dkdv(q_ptr, k_ptr, v_ptr, idx_ptr, key_valid_ptr, bucket_ptr, chunk_ptr
         lse = _per_row(lse_ptr, b, pos_q, hh, L, H, lane_q)
         lo = _per_row(lo_ptr, b, pos_q, hh, L, H, lane_q)
         delta = _per_row(delta_ptr, b, pos_q, hh, L, H, lane_q)
-        s, replaced = _scores(q, keys, pos_q, pos_k, lane_q, lane_k, b, hh, key_valid_ptr, bucket_ptr, chunk_ptr,
-                              document_ids_ptr, mpos_ptr, slots_q, slots_k, L, N, RC, H, S, NCH, CAUSAL, SELF_MASK,
-                              HAS_KEY_VALID, HAS_BUCKET, HAS_DOCUMENT_IDS, HAS_POS, ALLOW_DUPLICATE_ATTENTION,
-                              N_CHUNKS_BEFORE, N_CHUNKS_AFTER, PREC, UPCAST)
+        s, replaced = _scores(
+            q,
+            keys,
+            pos_q,
+            pos_k,
+            lane_q,
+            lane_k,
+            b,
+            hh,
+            key_valid_ptr,
+            bucket_ptr,
+            chunk_ptr,
+            document_ids_ptr,
+            mpos_ptr,
+            slots_q,
+            slots_k,
+            L,
+            N,
+            RC,
+            H,
+            S,
+            NCH,
+            CAUSAL,
+            SELF_MASK,
+            HAS_KEY_VALID,
+            HAS_BUCKET,
+            HAS_DOCUMENT_IDS,
+            HAS_POS,
+            ALLOW_DUPLICATE_ATTENTION,
+            N_CHUNKS_BEFORE,
+            N_CHUNKS_AFTER,
+            PREC,
+            UPCAST,
+        )
         p = tl.where(lane_q[:, None], tl.exp((s - lse[:, None]) - lo[:, None]), 0.0)
         dv += _dot(tl.trans(p).to(do.dtype), do, PREC, UPCAST).to(tl.float32)
         dp = _dot(do, tl.trans(vv), PREC, UPCAST).to(tl.float32)
@@ -366,10 +735,28 @@ def _strides(t: Tensor | None, like: Tensor) -> tuple[int, int, int, int]:
 class _Call:
     """``LeanCore`` of one call: sizes, flags and the pointer tensors shared by the three kernels."""
 
-    def __init__(self, x: CoreInputs, *, chunk_len: int, n_chunks_before: int, n_chunks_after: int, causal: bool,
-                 self_mask: bool, allow_duplicate_attention: bool, n_chunks: int | None):
+    def __init__(
+        self,
+        x: CoreInputs,
+        *,
+        chunk_len: int,
+        n_chunks_before: int,
+        n_chunks_after: int,
+        causal: bool,
+        self_mask: bool,
+        allow_duplicate_attention: bool,
+        n_chunks: int | None,
+    ):
         q, k, index, key_valid, slot_bucket, document_ids, positions, chunk_of = (
-            x.q, x.k, x.index, x.key_valid, x.slot_bucket, x.document_ids, x.positions, x.chunk_of)
+            x.q,
+            x.k,
+            x.index,
+            x.key_valid,
+            x.slot_bucket,
+            x.document_ids,
+            x.positions,
+            x.chunk_of,
+        )
         b, length, h, d = q.shape
         self.b, self.length, self.h, self.d = b, length, h, d
         self.s = length if index is None else index.shape[-1]
@@ -391,15 +778,29 @@ class _Call:
         self.chunk_rounds = chunk_of.shape[2] if correct else 1
         self.tiles = tiles_for(chunk_len, d, q.dtype)
         t = self.tiles
-        self.meta = dict(M=chunk_len, D=d, SCALE=1.0 / math.sqrt(d), BQ=t.bq, BK=t.bk, BLOCK_D=t.block_d,
-                         N_CHUNKS_BEFORE=n_chunks_before, N_CHUNKS_AFTER=n_chunks_after, CAUSAL=causal,
-                         SELF_MASK=self_mask, SHARED=k is None, HAS_INDEX=index is not None,
-                         HAS_KEY_VALID=key_valid is not None, HAS_BUCKET=slot_bucket is not None,
-                         HAS_DOCUMENT_IDS=document_ids is not None, HAS_POS=positions is not None,
-                         ALLOW_DUPLICATE_ATTENTION=allow_duplicate_attention,
-                         PREC=precision(q.dtype),
-                         UPCAST=q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1",
-                         num_warps=t.num_warps, num_stages=t.num_stages)
+        self.meta = dict(
+            M=chunk_len,
+            D=d,
+            SCALE=1.0 / math.sqrt(d),
+            BQ=t.bq,
+            BK=t.bk,
+            BLOCK_D=t.block_d,
+            N_CHUNKS_BEFORE=n_chunks_before,
+            N_CHUNKS_AFTER=n_chunks_after,
+            CAUSAL=causal,
+            SELF_MASK=self_mask,
+            SHARED=k is None,
+            HAS_INDEX=index is not None,
+            HAS_KEY_VALID=key_valid is not None,
+            HAS_BUCKET=slot_bucket is not None,
+            HAS_DOCUMENT_IDS=document_ids is not None,
+            HAS_POS=positions is not None,
+            ALLOW_DUPLICATE_ATTENTION=allow_duplicate_attention,
+            PREC=precision(q.dtype),
+            UPCAST=q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1",
+            num_warps=t.num_warps,
+            num_stages=t.num_stages,
+        )
         # one program per query (forward, dq) or key (dk, dv) sub-tile of every chunk, per batch row
         self.grid_q = (self.n * triton.cdiv(chunk_len, t.bq), b)
         self.grid_k = (self.n * triton.cdiv(chunk_len, t.bk), b)
@@ -424,9 +825,28 @@ def _forward(call: _Call, q, k, v):
         o_r = torch.empty(r, b, length, d, dtype=v.dtype, device=v.device)
         m_r = torch.empty(r, b, length, dtype=torch.float32, device=v.device)
         l_r = torch.empty_like(m_r)
-        _fwd[call.grid_q](q, k if k is not None else q, v, *call.tensors(), o_r, m_r, l_r,
-                   *q.stride(), *_strides(k, q), *v.stride(), head, b, length, h, call.s, call.n, r, call.n_chunks,
-                   call.chunk_rounds, **call.meta)
+        _fwd[call.grid_q](
+            q,
+            k if k is not None else q,
+            v,
+            *call.tensors(),
+            o_r,
+            m_r,
+            l_r,
+            *q.stride(),
+            *_strides(k, q),
+            *v.stride(),
+            head,
+            b,
+            length,
+            h,
+            call.s,
+            call.n,
+            r,
+            call.n_chunks,
+            call.chunk_rounds,
+            **call.meta,
+        )
         mx = m_r.amax(dim=0)
         w = l_r * torch.exp(m_r - mx)  # each round's softmax mass relative to the overall maximum
         den = w.sum(dim=0)
@@ -471,17 +891,40 @@ def _backward(call: _Call, q, k, v, out, lse, lse_lo, dout, dlse):
     return grads
 
 
-def chunked_attention_triton(q: Tensor, k: Tensor | None, v: Tensor, index: Tensor | None = None, *,
-                             chunk_len: int, n_chunks_before: int, n_chunks_after: int, causal: bool,
-                             self_mask: bool = True, key_valid: Tensor | None = None,
-                             slot_bucket: Tensor | None = None, document_ids: Tensor | None = None,
-                             allow_duplicate_attention: bool = True, positions: Tensor | None = None,
-                             chunk_of: Tensor | None = None, n_chunks: int | None = None) -> tuple[Tensor, Tensor]:
+def chunked_attention_triton(
+    q: Tensor,
+    k: Tensor | None,
+    v: Tensor,
+    index: Tensor | None = None,
+    *,
+    chunk_len: int,
+    n_chunks_before: int,
+    n_chunks_after: int,
+    causal: bool,
+    self_mask: bool = True,
+    key_valid: Tensor | None = None,
+    slot_bucket: Tensor | None = None,
+    document_ids: Tensor | None = None,
+    allow_duplicate_attention: bool = True,
+    positions: Tensor | None = None,
+    chunk_of: Tensor | None = None,
+    n_chunks: int | None = None,
+) -> tuple[Tensor, Tensor]:
     """The contract of ``kernels.chunked_attention``, fused (see the module docstring)."""
     x = CoreInputs(q, k, v, index, key_valid, slot_bucket, document_ids, positions, chunk_of)
-    return apply_lean(_Call(x, chunk_len=chunk_len, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
-                            causal=causal, self_mask=self_mask, allow_duplicate_attention=allow_duplicate_attention,
-                            n_chunks=n_chunks), x)
+    return apply_lean(
+        _Call(
+            x,
+            chunk_len=chunk_len,
+            n_chunks_before=n_chunks_before,
+            n_chunks_after=n_chunks_after,
+            causal=causal,
+            self_mask=self_mask,
+            allow_duplicate_attention=allow_duplicate_attention,
+            n_chunks=n_chunks,
+        ),
+        x,
+    )
 
 
 def unsupported(q: Tensor, *, chunk_len: int, **_) -> str | None:

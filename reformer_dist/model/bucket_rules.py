@@ -23,13 +23,23 @@ def full_attention_problem(attn_layers: Sequence[str]) -> str | None:
     naming the first such layer; None when all of them can."""
     for i, kind in enumerate(attn_layers):
         if kind == "full":
-            return (f"model.attn_layers[{i}] = 'full' needs the whole sequence: it cannot run with {BUCKET_SHARDING}; "
-                    f"use 'lsh'/'local' layers or parallel.ulysses_size = parallel.sequence_parallel_size")
+            return (
+                f"model.attn_layers[{i}] = 'full' needs the whole sequence: it cannot run with {BUCKET_SHARDING}; "
+                f"use 'lsh'/'local' layers or parallel.ulysses_size = parallel.sequence_parallel_size"
+            )
     return None
 
 
-def piece_problem(kind: Literal["lsh", "local"], tokens_per_rank: int, ranks: int, *, chunk_len: int,
-                  n_chunks_before: int, n_chunks_after: int, n_hashes: int = 1) -> str | None:
+def piece_problem(
+    kind: Literal["lsh", "local"],
+    tokens_per_rank: int,
+    ranks: int,
+    *,
+    chunk_len: int,
+    n_chunks_before: int,
+    n_chunks_after: int,
+    n_hashes: int = 1,
+) -> str | None:
     """Why a bucket rank's piece cannot hold whole chunks and its neighbours' look-around; None when it can.
 
     An LSH layer's rank owns ``n_hashes x tokens_per_rank`` slots of the sorted order, a local layer's rank
@@ -41,9 +51,13 @@ def piece_problem(kind: Literal["lsh", "local"], tokens_per_rank: int, ranks: in
     if rows % chunk_len == 0 and rows // chunk_len >= least:
         return None
     if kind == "lsh":
-        return (f"each of the {ranks} bucket ranks owns n_hashes x seq_len / {ranks} = {n_hashes} x {tokens_per_rank} "
-                f"= {rows} sorted slots, which must be a multiple of model.chunk_len={chunk_len} and hold "
-                f"max(model.n_chunks_before, model.n_chunks_after, 1) = {least} chunks")
-    return (f"each of the {ranks} bucket ranks holds {tokens_per_rank} tokens, which must be a multiple of "
-            f"model.local_chunk_len={chunk_len} and hold max(model.local_n_chunks_before, model.local_n_chunks_after, "
-            f"1) = {least} chunks")
+        return (
+            f"each of the {ranks} bucket ranks owns n_hashes x seq_len / {ranks} = {n_hashes} x {tokens_per_rank} "
+            f"= {rows} sorted slots, which must be a multiple of model.chunk_len={chunk_len} and hold "
+            f"max(model.n_chunks_before, model.n_chunks_after, 1) = {least} chunks"
+        )
+    return (
+        f"each of the {ranks} bucket ranks holds {tokens_per_rank} tokens, which must be a multiple of "
+        f"model.local_chunk_len={chunk_len} and hold max(model.local_n_chunks_before, model.local_n_chunks_after, "
+        f"1) = {least} chunks"
+    )

@@ -78,21 +78,26 @@ class ReformerConfig(Section):
     d_ff: int = opt(1024, _int(1), "feed-forward hidden width")
     n_layers: int = opt(2, _int(1), "layers (each: attention + feed-forward)")
     # None (the default) is filled in by __post_init__: the annotations give the types after it (here: a list)
-    attn_layers: list[AttentionKind] = opt(None, of_type(ListOf(str), None),
-                                           "one of 'lsh', 'local', 'full' per layer; default all 'lsh'")
+    attn_layers: list[AttentionKind] = opt(
+        None, of_type(ListOf(str), None), "one of 'lsh', 'local', 'full' per layer; default all 'lsh'"
+    )
     # LSH attention
     n_hashes: int = opt(2, _int(1), "LSH rounds")
     chunk_len: int = opt(64, _int(1), "LSH chunk length")
     n_chunks_before: int = opt(1, _int(0), "chunks before each chunk that LSH attention looks at")
     n_chunks_after: int = opt(0, _int(0), "chunks after (0 for a causal model)")
-    n_buckets: int | list[int] | None = opt(None, all_of(of_type(int, ListOf(int), None), _n_buckets),
-                                            "buckets: none = from the sequence length (HF rule), an int, or factors")
+    n_buckets: int | list[int] | None = opt(
+        None,
+        all_of(of_type(int, ListOf(int), None), _n_buckets),
+        "buckets: none = from the sequence length (HF rule), an int, or factors",
+    )
     same_bucket_only: bool = opt(False, of_type(bool), "paper's mask: attend only within the same bucket (HF does not)")
     allow_duplicate_attention: bool = opt(True, of_type(bool), "false = subtract log(#occurrences) (paper/trax)")
     hash_seed: int = opt(0, _int(0), "base seed of the hash rotations; the trainer offsets it per step")
     # local attention (HF "local"); None = same as the LSH values
-    local_chunk_len: int | None = opt(None, all_of(of_type(int, None), at_least(1)),
-                                      "local attention chunk length (default chunk_len)")
+    local_chunk_len: int | None = opt(
+        None, all_of(of_type(int, None), at_least(1)), "local attention chunk length (default chunk_len)"
+    )
     local_n_chunks_before: int = opt(1, _int(0), "chunks before, local attention")
     local_n_chunks_after: int = opt(0, _int(0), "chunks after, local attention (0 for a causal model)")
     # model
@@ -101,24 +106,40 @@ class ReformerConfig(Section):
     dropout: float = opt(0.0, all_of(of_type(float), _dropout), "dropout probability")
     activation: Activation = opt("relu", all_of(of_type(str), choice(*ACTIVATIONS)), "feed-forward activation")
     layer_norm_eps: float = opt(1e-12, all_of(of_type(float), positive_number), "LayerNorm epsilon")
-    ff_chunk_len: int = opt(4096, _int(0), "tokens per feed-forward chunk (0 = no chunking); also the token chunk "
-                            "of a head group's projections (head_groups)")
+    ff_chunk_len: int = opt(
+        4096,
+        _int(0),
+        "tokens per feed-forward chunk (0 = no chunking); also the token chunk "
+        "of a head group's projections (head_groups)",
+    )
     loss_chunk_len: int = opt(4096, _int(1), "tokens per LM-head/cross-entropy chunk")
-    head_groups: int = opt(0, _int(0), "head groups of the attention block's reversible recompute and backward "
-                           "(must divide n_heads); 0 = by length: 1 below 65536 tokens, else one head "
-                           "per group (per Ulysses rank)")
-    axial_pos_shape: list[int] = opt([64, 64], all_of(of_type(ListOf(int)), _axial_shape),
-                                     "axial position shape [a, b]: sequences up to a*b tokens")
-    axial_pos_dims: list[int] = opt(None, of_type(ListOf(int), None),  # None: filled in by __post_init__
-                                    "widths of the two axial embeddings (sum d_model; default halves)")
+    head_groups: int = opt(
+        0,
+        _int(0),
+        "head groups of the attention block's reversible recompute and backward "
+        "(must divide n_heads); 0 = by length: 1 below 65536 tokens, else one head "
+        "per group (per Ulysses rank)",
+    )
+    axial_pos_shape: list[int] = opt(
+        [64, 64], all_of(of_type(ListOf(int)), _axial_shape), "axial position shape [a, b]: sequences up to a*b tokens"
+    )
+    axial_pos_dims: list[int] = opt(
+        None,
+        of_type(ListOf(int), None),  # None: filled in by __post_init__
+        "widths of the two axial embeddings (sum d_model; default halves)",
+    )
     init_std: float = opt(0.02, all_of(of_type(float), nonneg_number), "std of the weight init")
-    axial_norm_std: float = opt(0.02, all_of(of_type(float), nonneg_number),
-                                "std of the axial position init "
-                                "(HF uses 1.0, which drowns 0.02-scale token embeddings)")
+    axial_norm_std: float = opt(
+        0.02,
+        all_of(of_type(float), nonneg_number),
+        "std of the axial position init (HF uses 1.0, which drowns 0.02-scale token embeddings)",
+    )
     # runtime, not architecture: which attention core computes every layer (same function, other memory/speed)
-    attention_backend: Backend = opt("auto", all_of(of_type(str), choice(*BACKENDS)),
-                                     "attention core: auto (triton on CUDA when it takes the call, else blockwise), "
-                                     "reference, blockwise, triton")
+    attention_backend: Backend = opt(
+        "auto",
+        all_of(of_type(str), choice(*BACKENDS)),
+        "attention core: auto (triton on CUDA when it takes the call, else blockwise), reference, blockwise, triton",
+    )
 
     def __post_init__(self) -> None:
         self.check_fields()  # the values as given, before the defaults below fill them in
@@ -141,20 +162,36 @@ class ReformerConfig(Section):
             if not ok:
                 self.fail(name, f"{msg} (got {getattr(self, name)!r})")
 
-        need(len(self.attn_layers) == self.n_layers, "attn_layers",
-             f"expected a list of {self.n_layers} entries (one per layer, n_layers={self.n_layers})")
+        need(
+            len(self.attn_layers) == self.n_layers,
+            "attn_layers",
+            f"expected a list of {self.n_layers} entries (one per layer, n_layers={self.n_layers})",
+        )
         for t in self.attn_layers:
             need(t in ATTN_TYPES, "attn_layers", f"unknown layer type {t!r}; expected one of {ATTN_TYPES}")
-        need(self.d_model == self.n_heads * self.d_head, "d_model",
-             f"must equal n_heads * d_head = {self.n_heads} * {self.d_head} = {self.n_heads * self.d_head}")
-        need(len(self.axial_pos_dims) == 2 and all(x >= 1 for x in self.axial_pos_dims)
-             and sum(self.axial_pos_dims) == self.d_model,
-             "axial_pos_dims", f"expected two positive integers summing to d_model={self.d_model}")
-        need(self.head_groups == 0 or self.n_heads % self.head_groups == 0, "head_groups",
-             f"expected 0 (by length) or a divisor of n_heads={self.n_heads}")
+        need(
+            self.d_model == self.n_heads * self.d_head,
+            "d_model",
+            f"must equal n_heads * d_head = {self.n_heads} * {self.d_head} = {self.n_heads * self.d_head}",
+        )
+        need(
+            len(self.axial_pos_dims) == 2
+            and all(x >= 1 for x in self.axial_pos_dims)
+            and sum(self.axial_pos_dims) == self.d_model,
+            "axial_pos_dims",
+            f"expected two positive integers summing to d_model={self.d_model}",
+        )
+        need(
+            self.head_groups == 0 or self.n_heads % self.head_groups == 0,
+            "head_groups",
+            f"expected 0 (by length) or a divisor of n_heads={self.n_heads}",
+        )
         if self.causal:
-            need(self.n_chunks_after == 0, "n_chunks_after",
-                 "must be 0 for a causal model (it would only see masked keys)")
+            need(
+                self.n_chunks_after == 0,
+                "n_chunks_after",
+                "must be 0 for a causal model (it would only see masked keys)",
+            )
             need(self.local_n_chunks_after == 0, "local_n_chunks_after", "must be 0 for a causal model")
 
     # ------------------------------------------------------------------ derived values
@@ -205,8 +242,10 @@ class ReformerConfig(Section):
         per_rank = self.n_heads // ulysses
         if self.head_groups:
             if per_rank % self.head_groups:
-                raise ValueError(f"head_groups: {self.head_groups} must divide the {per_rank} heads of each of the "
-                                 f"{ulysses} Ulysses ranks (n_heads={self.n_heads})")
+                raise ValueError(
+                    f"head_groups: {self.head_groups} must divide the {per_rank} heads of each of the "
+                    f"{ulysses} Ulysses ranks (n_heads={self.n_heads})"
+                )
             return self.head_groups
         return 1 if seq_len < HEAD_GROUPS_FROM else per_rank
 
@@ -236,8 +275,10 @@ class ReformerConfig(Section):
         if got is None:
             return {}
         if not isinstance(got, dict) or any(not isinstance(got.get(k, False), bool) for k in DOCUMENT_SETTINGS):
-            raise ValueError(f"{path}: {TRAINED_WITH}: expected {{'document_masking': true|false, "
-                             f"'reset_positions': true|false}}, got {got!r}")
+            raise ValueError(
+                f"{path}: {TRAINED_WITH}: expected {{'document_masking': true|false, "
+                f"'reset_positions': true|false}}, got {got!r}"
+            )
         return {k: bool(got.get(k, False)) for k in DOCUMENT_SETTINGS}
 
     def save(self, path: str | Path) -> None:

@@ -25,13 +25,35 @@ class BucketShardingSeam(Protocol):
     def size(self) -> int:
         """Ranks sharing the sequence (the whole sequence is ``size`` x the local length)."""
 
-    def lsh(self, qk: Tensor, v: Tensor, rotations: Tensor, factors: list[int], *, chunk_len: int,
-            n_chunks_before: int, n_chunks_after: int, causal: bool, same_bucket_only: bool = False,
-            allow_duplicate_attention: bool = True, backend: Backend = "auto") -> Tensor:
+    def lsh(
+        self,
+        qk: Tensor,
+        v: Tensor,
+        rotations: Tensor,
+        factors: list[int],
+        *,
+        chunk_len: int,
+        n_chunks_before: int,
+        n_chunks_after: int,
+        causal: bool,
+        same_bucket_only: bool = False,
+        allow_duplicate_attention: bool = True,
+        backend: Backend = "auto",
+    ) -> Tensor:
         """Shared-QK LSH attention over the whole sequence's sorted order."""
 
-    def local(self, q: Tensor, k: Tensor, v: Tensor, *, chunk_len: int, n_chunks_before: int, n_chunks_after: int,
-              causal: bool, backend: Backend = "auto") -> Tensor:
+    def local(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        chunk_len: int,
+        n_chunks_before: int,
+        n_chunks_after: int,
+        causal: bool,
+        backend: Backend = "auto",
+    ) -> Tensor:
         """Local attention with the neighbours' halo chunks."""
 
 

@@ -50,8 +50,9 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None, generator
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
 
 
-def _attend_one(q: Tensor, keys: Tensor, values: Tensor, hidden: Tensor, is_self: Tensor | None,
-                log_counts: Tensor | None = None) -> Tensor:
+def _attend_one(
+    q: Tensor, keys: Tensor, values: Tensor, hidden: Tensor, is_self: Tensor | None, log_counts: Tensor | None = None
+) -> Tensor:
     """One query per (batch, head) over its key occurrences: q [B, H, D], keys/values [B, H, N, D], hidden
     [B, H, N] (never attended), is_self [B, H, N] (the self rule), log_counts [B, H, N] (duplicate correction).
     The same logits as ``kernels.logits.masked_logits``; returns [B, H, D]."""
@@ -122,8 +123,15 @@ class _LSHCache:
         cfg = layer.cfg
         b, h = self.qk.shape[:2]
         rounds = cfg.n_hashes if ctx.n_hashes is None else ctx.n_hashes
-        self.rot = make_rotations(layer_seed(ctx.hash_seed, layer.layer_idx), cfg.n_heads, cfg.d_head, rounds,
-                                  factors, self.qk.device, trained_hashes=cfg.n_hashes)[:h]
+        self.rot = make_rotations(
+            layer_seed(ctx.hash_seed, layer.layer_idx),
+            cfg.n_heads,
+            cfg.d_head,
+            rounds,
+            factors,
+            self.qk.device,
+            trained_hashes=cfg.n_hashes,
+        )[:h]
         self.factors, self.nb = factors, math.prod(factors)
         self.m, self.w = cfg.chunk_len, (cfg.n_chunks_before + 1) * cfg.chunk_len
         dev = self.qk.device
@@ -150,8 +158,9 @@ class _LSHCache:
         occ = self.counts.gather(-1, b).long()
         rank = self.counts.cumsum(-1).long().gather(-1, b)  # tokens with bucket <= b: t sorts after all of them
         self.counts.scatter_add_(-1, b, torch.ones_like(b, dtype=torch.int32))
-        self.first.scatter_(-1, torch.where(occ < self.m, b * self.m + occ, self.nb * self.m),
-                            torch.full_like(b, t, dtype=torch.int32))
+        self.first.scatter_(
+            -1, torch.where(occ < self.m, b * self.m + occ, self.nb * self.m), torch.full_like(b, t, dtype=torch.int32)
+        )
         self.last.scatter_(-1, b * self.w + occ % self.w, torch.full_like(b, t, dtype=torch.int32))
         return rank.squeeze(-1)
 
@@ -247,9 +256,17 @@ class GenerationCache:
 
 
 @torch.no_grad()
-def generate_cached(model: Any, prompt_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                    top_k: int | None = None, hash_seed: int = 0, n_hashes: int | None = None,
-                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def generate_cached(
+    model: Any,
+    prompt_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    hash_seed: int = 0,
+    n_hashes: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """Sample ``max_new_tokens`` after ``prompt_ids`` [B, P] with one prompt pass and one cached step per token.
 
     Returns the ids [B, P + max_new_tokens] and the logits [B, max_new_tokens, V] each new token was drawn
@@ -261,16 +278,22 @@ def generate_cached(model: Any, prompt_ids: Tensor, max_new_tokens: int, *, temp
     if p < 1:
         raise ValueError("prompt_ids: cached generation needs at least one prompt token")
     if not cfg.causal:
-        raise ValueError("ReformerConfig.causal=False: cached generation needs a causal model "
-                         "(use_cache=False recomputes the whole context per token)")
+        raise ValueError(
+            "ReformerConfig.causal=False: cached generation needs a causal model "
+            "(use_cache=False recomputes the whole context per token)"
+        )
     if model.training and cfg.dropout > 0:
-        raise ValueError(f"ReformerConfig.dropout={cfg.dropout}: the model is in training mode; call model.eval() "
-                         "before cached generation")
+        raise ValueError(
+            f"ReformerConfig.dropout={cfg.dropout}: the model is in training mode; call model.eval() "
+            "before cached generation"
+        )
     fed = p + max_new_tokens - 1  # the last new token is never fed back
     if fed > cfg.max_seq_len:
-        raise ValueError(f"max_new_tokens: prompt ({p}) + max_new_tokens ({max_new_tokens}) - 1 = {fed} positions "
-                         f"exceed the model's {cfg.max_seq_len} (axial_pos_shape {cfg.axial_pos_shape}); "
-                         "use_cache=False slides a window over the context instead")
+        raise ValueError(
+            f"max_new_tokens: prompt ({p}) + max_new_tokens ({max_new_tokens}) - 1 = {fed} positions "
+            f"exceed the model's {cfg.max_seq_len} (axial_pos_shape {cfg.axial_pos_shape}); "
+            "use_cache=False slides a window over the context instead"
+        )
     cache = GenerationCache(model, prompt_len=p, capacity=max(fed, p))
     x, actx, length = model.embed(prompt_ids, hash_seed=hash_seed, n_hashes=n_hashes)
     actx.cache = cache

@@ -22,8 +22,16 @@ def layer_seed(hash_seed: int, layer_idx: int) -> int:
     return (int(hash_seed) * _MIX + (layer_idx + 1) * 0x632BE59BD9B4E019) % (2**63 - 1)
 
 
-def make_rotations(seed: int, n_heads: int, d_head: int, n_hashes: int, factors: list[int],
-                   device: torch.device | str = "cpu", *, trained_hashes: int | None = None) -> Tensor:
+def make_rotations(
+    seed: int,
+    n_heads: int,
+    d_head: int,
+    n_hashes: int,
+    factors: list[int],
+    device: torch.device | str = "cpu",
+    *,
+    trained_hashes: int | None = None,
+) -> Tensor:
     """Random rotations [H, D, R, F] drawn from a private generator seeded with ``seed``.
 
     All heads are drawn together (then sliced by the caller) so a rank holding a subset of heads gets

@@ -86,8 +86,9 @@ def _dropout_scale(block: "AttentionBlock", x: Tensor) -> Tensor | None:
     return F.dropout(torch.ones(*x.shape[:2], block.out.out_features, dtype=dtype, device=x.device), block.dropout)
 
 
-def _project(block: "AttentionBlock", x: Tensor, heads: tuple[int, int], chunk: int,
-             into: Tensor | None = None) -> list[Tensor]:
+def _project(
+    block: "AttentionBlock", x: Tensor, heads: tuple[int, int], chunk: int, into: Tensor | None = None
+) -> list[Tensor]:
     """The group's projections of LayerNorm(x), [B, L, Hg, Dh] each, computed over chunks of tokens.
 
     With ``into`` (the stream gradient) the chunks are differentiable: each chunk of x is a leaf whose gradient
@@ -128,15 +129,15 @@ def _adder(into: Tensor, s: int, e: int):
     return hook
 
 
-def _attend(block: "AttentionBlock", tensors: list[Tensor], actx: "AttentionContext",
-            heads: tuple[int, int]) -> Tensor:
+def _attend(block: "AttentionBlock", tensors: list[Tensor], actx: "AttentionContext", heads: tuple[int, int]) -> Tensor:
     """The group's attention output [B, L, Hg, Dh]: rotations and Ulysses offsets follow the global head index."""
     ctx = dataclasses.replace(actx, head_offset=actx.head_offset + heads[0])
     return ctx.attend(block.attn.attend, *tensors)
 
 
-def _out_chunk(block: "AttentionBlock", h: Tensor, heads: tuple[int, int], scale: Tensor | None,
-               dtype: torch.dtype) -> Tensor:
+def _out_chunk(
+    block: "AttentionBlock", h: Tensor, heads: tuple[int, int], scale: Tensor | None, dtype: torch.dtype
+) -> Tensor:
     """The group's share of the block output for a chunk of tokens, h [B, n, Hg, Dh] -> [B, n, D] in ``dtype``."""
     f = block.out(h.reshape(*h.shape[:2], -1), heads)
     if scale is not None:
@@ -156,8 +157,16 @@ def add_forward(block: "AttentionBlock", x: Tensor, actx: "AttentionContext", gr
             del h
 
 
-def backward(block: "AttentionBlock", x: Tensor, y: Tensor, dy: Tensor, dx: Tensor, actx: "AttentionContext",
-             groups: int, autocast: AbstractContextManager) -> None:
+def backward(
+    block: "AttentionBlock",
+    x: Tensor,
+    y: Tensor,
+    dy: Tensor,
+    dx: Tensor,
+    actx: "AttentionContext",
+    groups: int,
+    autocast: AbstractContextManager,
+) -> None:
     """Undo ``add_forward`` and back-propagate through it, one head group at a time, in place.
 
     x: the block's input (rebuilt stream); y: the stream F was added to, rebuilt into its input in place;

@@ -16,21 +16,50 @@ from reformer_dist.model.context import AttentionContext
 from reformer_dist.model.head_groups import HeadLinear
 
 
-def local_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_len: int, n_chunks_before: int, n_chunks_after: int,
-                    causal: bool, key_valid: Tensor | None = None, document_ids: Tensor | None = None,
-                    backend: Backend = "auto") -> Tensor:
+def local_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    chunk_len: int,
+    n_chunks_before: int,
+    n_chunks_after: int,
+    causal: bool,
+    key_valid: Tensor | None = None,
+    document_ids: Tensor | None = None,
+    backend: Backend = "auto",
+) -> Tensor:
     """Each chunk of M positions attends to itself and its neighbour chunks (HF "local"). [B,L,H,D] in/out."""
     length = q.shape[1]
     if length <= chunk_len:
         chunk_len, n_chunks_before, n_chunks_after = length, 0, 0
-    out, _ = chunked_attention(q, k, v, None, chunk_len=chunk_len, n_chunks_before=n_chunks_before,
-                               n_chunks_after=n_chunks_after, causal=causal, self_mask=False, key_valid=key_valid,
-                               document_ids=document_ids, backend=backend)
+    out, _ = chunked_attention(
+        q,
+        k,
+        v,
+        None,
+        chunk_len=chunk_len,
+        n_chunks_before=n_chunks_before,
+        n_chunks_after=n_chunks_after,
+        causal=causal,
+        self_mask=False,
+        key_valid=key_valid,
+        document_ids=document_ids,
+        backend=backend,
+    )
     return out
 
 
-def full_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_valid: Tensor | None = None,
-                   document_ids: Tensor | None = None, backend: Backend = "auto") -> Tensor:
+def full_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    key_valid: Tensor | None = None,
+    document_ids: Tensor | None = None,
+    backend: Backend = "auto",
+) -> Tensor:
     """Ordinary softmax attention over the whole sequence. [B,L,H,D] in/out.
 
     Without padding or documents this is SDPA (memory-efficient kernels where the platform has them); with
@@ -38,11 +67,20 @@ def full_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_valid: 
     contexts.
     """
     if key_valid is None and document_ids is None:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=causal)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
         return out.transpose(1, 2)
-    return local_attention(q, k, v, chunk_len=q.shape[1], n_chunks_before=0, n_chunks_after=0, causal=causal,
-                           key_valid=key_valid, document_ids=document_ids, backend=backend)
+    return local_attention(
+        q,
+        k,
+        v,
+        chunk_len=q.shape[1],
+        n_chunks_before=0,
+        n_chunks_after=0,
+        causal=causal,
+        key_valid=key_valid,
+        document_ids=document_ids,
+        backend=backend,
+    )
 
 
 class LocalSelfAttention(nn.Module):
@@ -74,11 +112,29 @@ class LocalSelfAttention(nn.Module):
         if ctx.bucket is not None:  # this rank holds a slice of the sequence: halo chunks from its neighbours
             if self.full:
                 raise ValueError(full_attention_problem(cfg.attn_layers))
-            return ctx.bucket.local(q, k, v, chunk_len=cfg.local_chunk, n_chunks_before=cfg.local_n_chunks_before,
-                                    n_chunks_after=cfg.local_n_chunks_after, causal=cfg.causal, backend=ctx.backend)
+            return ctx.bucket.local(
+                q,
+                k,
+                v,
+                chunk_len=cfg.local_chunk,
+                n_chunks_before=cfg.local_n_chunks_before,
+                n_chunks_after=cfg.local_n_chunks_after,
+                causal=cfg.causal,
+                backend=ctx.backend,
+            )
         if self.full:
-            return full_attention(q, k, v, causal=cfg.causal, key_valid=ctx.key_valid, document_ids=ctx.document_ids,
-                                  backend=ctx.backend)
-        return local_attention(q, k, v, chunk_len=cfg.local_chunk, n_chunks_before=cfg.local_n_chunks_before,
-                               n_chunks_after=cfg.local_n_chunks_after, causal=cfg.causal, key_valid=ctx.key_valid,
-                               document_ids=ctx.document_ids, backend=ctx.backend)
+            return full_attention(
+                q, k, v, causal=cfg.causal, key_valid=ctx.key_valid, document_ids=ctx.document_ids, backend=ctx.backend
+            )
+        return local_attention(
+            q,
+            k,
+            v,
+            chunk_len=cfg.local_chunk,
+            n_chunks_before=cfg.local_n_chunks_before,
+            n_chunks_after=cfg.local_n_chunks_after,
+            causal=cfg.causal,
+            key_valid=ctx.key_valid,
+            document_ids=ctx.document_ids,
+            backend=ctx.backend,
+        )

@@ -30,8 +30,18 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x1: Tensor, x2: Tensor, norm_w: Tensor, norm_b: Tensor, weight: Tensor, labels: Tensor,
-                head: "LMHead", dtype: torch.dtype, rng: RNGState | None) -> Tensor:
+    def forward(
+        ctx,
+        x1: Tensor,
+        x2: Tensor,
+        norm_w: Tensor,
+        norm_b: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        head: "LMHead",
+        dtype: torch.dtype,
+        rng: RNGState | None,
+    ) -> Tensor:
         total = torch.zeros((), dtype=acc_dtype(x1), device=x1.device)
         with torch.autocast(x1.device.type, enabled=False), replay(rng):
             for s, e in head.chunks(x1.shape[0]):
@@ -77,8 +87,9 @@ class LMHead(nn.Module):
     def chunks(self, n: int) -> list[tuple[int, int]]:
         return [(s, min(s + self.chunk_len, n)) for s in range(0, n, self.chunk_len)]
 
-    def chunk_logits(self, x1: Tensor, x2: Tensor, norm_w: Tensor, norm_b: Tensor, weight: Tensor,
-                     dtype: torch.dtype) -> Tensor:
+    def chunk_logits(
+        self, x1: Tensor, x2: Tensor, norm_w: Tensor, norm_b: Tensor, weight: Tensor, dtype: torch.dtype
+    ) -> Tensor:
         """Logits (accumulation dtype) of one chunk of positions [N, D] x 2, matmul in ``dtype``."""
         h = F.layer_norm(torch.cat([x1, x2], dim=-1).to(norm_w.dtype), norm_w.shape, norm_w, norm_b, self.norm.eps)
         h = dropout(h, self.dropout, self.training)
@@ -114,5 +125,14 @@ class LMHead(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         rng = RNGState(x1.device) if self.dropout > 0 and self.training else None
         d = x1.shape[-1]
-        return _ChunkedHeadLoss.apply(x1.reshape(-1, d), x2.reshape(-1, d), self.norm.weight, self.norm.bias, weight,
-                                      labels.reshape(-1), self, dtype, rng)
+        return _ChunkedHeadLoss.apply(
+            x1.reshape(-1, d),
+            x2.reshape(-1, d),
+            self.norm.weight,
+            self.norm.bias,
+            weight,
+            labels.reshape(-1),
+            self,
+            dtype,
+            rng,
+        )

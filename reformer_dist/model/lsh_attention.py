@@ -50,21 +50,45 @@ def lsh_attention(
     """
     length = qk.shape[1]
     if length <= chunk_len:  # one chunk: plain attention with the same masks, hashing is irrelevant
-        out, _ = chunked_attention(qk, None, v, None, chunk_len=length, n_chunks_before=0, n_chunks_after=0,
-                                   causal=causal, self_mask=True, key_valid=key_valid, document_ids=document_ids,
-                                   backend=backend)
+        out, _ = chunked_attention(
+            qk,
+            None,
+            v,
+            None,
+            chunk_len=length,
+            n_chunks_before=0,
+            n_chunks_after=0,
+            causal=causal,
+            self_mask=True,
+            key_valid=key_valid,
+            document_ids=document_ids,
+            backend=backend,
+        )
         return (out, None) if return_buckets else out
     buckets = hash_buckets(qk, rotations, factors, key_valid)  # [B,H,R,L] int32
     if document_ids is None:
         perm = sort_buckets(buckets)  # [B,H,R*L] int32
     else:  # (document, bucket) keys: one bucket id space per document (padding is a bucket of its own)
         perm = sort_buckets(document_ids[:, None, None, :].long() * (math.prod(factors) + 1) + buckets)
-    slot_bucket = (buckets.view(*buckets.shape[:2], -1).gather(2, _round_offsets(perm, length))
-                   if same_bucket_only else None)
-    out, _ = chunked_attention(qk, None, v, perm, chunk_len=chunk_len, n_chunks_before=n_chunks_before,
-                               n_chunks_after=n_chunks_after, causal=causal, self_mask=True, key_valid=key_valid,
-                               slot_bucket=slot_bucket, document_ids=document_ids,
-                               allow_duplicate_attention=allow_duplicate_attention, backend=backend)
+    slot_bucket = (
+        buckets.view(*buckets.shape[:2], -1).gather(2, _round_offsets(perm, length)) if same_bucket_only else None
+    )
+    out, _ = chunked_attention(
+        qk,
+        None,
+        v,
+        perm,
+        chunk_len=chunk_len,
+        n_chunks_before=n_chunks_before,
+        n_chunks_after=n_chunks_after,
+        causal=causal,
+        self_mask=True,
+        key_valid=key_valid,
+        slot_bucket=slot_bucket,
+        document_ids=document_ids,
+        allow_duplicate_attention=allow_duplicate_attention,
+        backend=backend,
+    )
     return (out, buckets) if return_buckets else out
 
 
@@ -103,15 +127,42 @@ class LSHSelfAttention(nn.Module):
         length = qk.shape[1] * (1 if ctx.bucket is None else ctx.bucket.size)  # the whole sequence's length
         factors = cfg.bucket_factors(length)
         rounds = cfg.n_hashes if ctx.n_hashes is None else ctx.n_hashes
-        rot = make_rotations(layer_seed(ctx.hash_seed, self.layer_idx), cfg.n_heads, cfg.d_head, rounds,
-                             factors, qk.device, trained_hashes=cfg.n_hashes)
+        rot = make_rotations(
+            layer_seed(ctx.hash_seed, self.layer_idx),
+            cfg.n_heads,
+            cfg.d_head,
+            rounds,
+            factors,
+            qk.device,
+            trained_hashes=cfg.n_hashes,
+        )
         rot = rot[ctx.head_offset : ctx.head_offset + qk.shape[2]]
         if ctx.bucket is not None:  # this rank holds a slice of the sequence: shard the sorted order
-            return ctx.bucket.lsh(qk, v, rot, factors, chunk_len=cfg.chunk_len, n_chunks_before=cfg.n_chunks_before,
-                                  n_chunks_after=cfg.n_chunks_after, causal=cfg.causal,
-                                  same_bucket_only=cfg.same_bucket_only,
-                                  allow_duplicate_attention=cfg.allow_duplicate_attention, backend=ctx.backend)
-        return lsh_attention(qk, v, rot, factors, chunk_len=cfg.chunk_len, n_chunks_before=cfg.n_chunks_before,
-                             n_chunks_after=cfg.n_chunks_after, causal=cfg.causal, key_valid=ctx.key_valid,
-                             document_ids=ctx.document_ids, same_bucket_only=cfg.same_bucket_only,
-                             allow_duplicate_attention=cfg.allow_duplicate_attention, backend=ctx.backend)
+            return ctx.bucket.lsh(
+                qk,
+                v,
+                rot,
+                factors,
+                chunk_len=cfg.chunk_len,
+                n_chunks_before=cfg.n_chunks_before,
+                n_chunks_after=cfg.n_chunks_after,
+                causal=cfg.causal,
+                same_bucket_only=cfg.same_bucket_only,
+                allow_duplicate_attention=cfg.allow_duplicate_attention,
+                backend=ctx.backend,
+            )
+        return lsh_attention(
+            qk,
+            v,
+            rot,
+            factors,
+            chunk_len=cfg.chunk_len,
+            n_chunks_before=cfg.n_chunks_before,
+            n_chunks_after=cfg.n_chunks_after,
+            causal=cfg.causal,
+            key_valid=ctx.key_valid,
+            document_ids=ctx.document_ids,
+            same_bucket_only=cfg.same_bucket_only,
+            allow_duplicate_attention=cfg.allow_duplicate_attention,
+            backend=ctx.backend,
+        )

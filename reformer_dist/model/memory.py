@@ -16,9 +16,17 @@ GIB = 2**30
 CONTEXT_BYTES = 1.0 * GIB  # CUDA context, attention-core and hashing block temporaries, allocator slack
 
 
-def predicted_bytes_per_token(d_model: int, n_heads: int, d_head: int, n_hashes: int, compute_bytes: int = 4,
-                              ulysses: int = 1, bucket: int = 1, groups: int = 1,
-                              local_layers: bool = False) -> dict[str, float]:
+def predicted_bytes_per_token(
+    d_model: int,
+    n_heads: int,
+    d_head: int,
+    n_hashes: int,
+    compute_bytes: int = 4,
+    ulysses: int = 1,
+    bucket: int = 1,
+    groups: int = 1,
+    local_layers: bool = False,
+) -> dict[str, float]:
     """Memory model of a training step, per token of the sequence per GPU; independent of n_layers.
 
     One GPU (and Ulysses): the peak is inside one layer's attention backward during the reversible backward,
@@ -52,8 +60,12 @@ def predicted_bytes_per_token(d_model: int, n_heads: int, d_head: int, n_hashes:
     if bucket == 1:
         terms = {
             "streams and their gradients (fp32)": 16.0 * d_model,
-            "attention backward of one head group: qk, v, out, dout, dqk, dv (+ separate k)":
-            (8.0 if local_layers else 6.0) * c * d / g,
+            "attention backward of one head group: qk, v, out, dout, dqk, dv (+ separate k)": (
+                8.0 if local_layers else 6.0
+            )
+            * c
+            * d
+            / g,
             "Ulysses: the group's qk, output and its gradient in both layouts": ulysses_extra,
             "fp32 head accumulators (bf16 only)": 8.0 * d_head if c < 4 else 0.0,
             "sort permutation, lse, delta (per group), norm stats, ids": ints,
@@ -71,8 +83,15 @@ def predicted_bytes_per_token(d_model: int, n_heads: int, d_head: int, n_hashes:
     return {k: v / (ulysses * bucket) for k, v in terms.items()}
 
 
-def predicted_peak(cfg: ReformerConfig, seq_len: int, *, micro_batch: int = 1, compute_bytes: int = 2,
-                   sequence_parallel: int = 1, ulysses: int | None = None) -> dict[str, float]:
+def predicted_peak(
+    cfg: ReformerConfig,
+    seq_len: int,
+    *,
+    micro_batch: int = 1,
+    compute_bytes: int = 2,
+    sequence_parallel: int = 1,
+    ulysses: int | None = None,
+) -> dict[str, float]:
     """Predicted peak bytes per GPU of one training step of ``micro_batch`` sequences of ``seq_len`` tokens.
 
     Activations: ``predicted_bytes_per_token`` (head groups by ``cfg.head_groups_for``) x the tokens of one
@@ -82,12 +101,27 @@ def predicted_peak(cfg: ReformerConfig, seq_len: int, *, micro_batch: int = 1, c
     u = sequence_parallel if ulysses is None else ulysses
     groups = cfg.head_groups_for(seq_len, u)
     kinds = set(cfg.attn_layers)
-    per_token = sum(predicted_bytes_per_token(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_hashes,
-                                              compute_bytes=compute_bytes, ulysses=u, bucket=sequence_parallel // u,
-                                              groups=groups, local_layers=bool(kinds - {"lsh"})).values())
+    per_token = sum(
+        predicted_bytes_per_token(
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.d_head,
+            cfg.n_hashes,
+            compute_bytes=compute_bytes,
+            ulysses=u,
+            bucket=sequence_parallel // u,
+            groups=groups,
+            local_layers=bool(kinds - {"lsh"}),
+        ).values()
+    )
     with torch.device("meta"):  # counts parameters without allocating them
         params = sum(p.numel() for p in ReformerLM(cfg).parameters())
     activations = per_token * micro_batch * seq_len / sequence_parallel
     constants = 16.0 * params + CONTEXT_BYTES
-    return {"per_token": per_token, "groups": groups, "activations": activations, "constants": constants,
-            "peak": activations + constants}
+    return {
+        "per_token": per_token,
+        "groups": groups,
+        "activations": activations,
+        "constants": constants,
+        "peak": activations + constants,
+    }

@@ -61,26 +61,38 @@ class ReformerLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, input_ids: Tensor, position_offset: int, name: str = "input_ids") -> None:
         if not isinstance(input_ids, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor of token ids [batch, length], got "
-                            f"{type(input_ids).__name__}")
+            raise TypeError(
+                f"{name}: expected a torch.Tensor of token ids [batch, length], got {type(input_ids).__name__}"
+            )
         if input_ids.dim() != 2:
             raise ValueError(f"{name}: expected shape [batch, length], got {tuple(input_ids.shape)}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise TypeError(f"{name}: expected integer token ids (torch.long), got dtype {input_ids.dtype}")
         end = position_offset + input_ids.shape[1]
         if end > self.cfg.max_seq_len:
-            raise ValueError(f"input_ids: positions up to {end} exceed axial_pos_shape "
-                             f"{self.cfg.axial_pos_shape} (max {self.cfg.max_seq_len} tokens); enlarge axial_pos_shape")
+            raise ValueError(
+                f"input_ids: positions up to {end} exceed axial_pos_shape "
+                f"{self.cfg.axial_pos_shape} (max {self.cfg.max_seq_len} tokens); enlarge axial_pos_shape"
+            )
         if input_ids.numel() and not input_ids.is_cuda:  # on GPU this check would sync the host every step
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.cfg.vocab_size:
-                raise ValueError(f"input_ids: token ids must be in [0, vocab_size={self.cfg.vocab_size}), "
-                                 f"got min {lo} max {hi}")
+                raise ValueError(
+                    f"input_ids: token ids must be in [0, vocab_size={self.cfg.vocab_size}), got min {lo} max {hi}"
+                )
 
-    def streams(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, document_ids: Tensor | None = None,
-                positions: Tensor | None = None, position_offset: int = 0, hash_seed: int | None = None,
-                n_hashes: int | None = None,
-                sequence_parallel: SequenceParallelSeam | None = None) -> tuple[Tensor, Tensor, int]:
+    def streams(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        document_ids: Tensor | None = None,
+        positions: Tensor | None = None,
+        position_offset: int = 0,
+        hash_seed: int | None = None,
+        n_hashes: int | None = None,
+        sequence_parallel: SequenceParallelSeam | None = None,
+    ) -> tuple[Tensor, Tensor, int]:
         """The two final residual streams [B, Lp, D] each (Lp = L padded to the chunk lengths) and L.
 
         ``document_ids`` [B, L] (``model.documents.document_ids``): a token attends only to tokens of its own
@@ -90,16 +102,31 @@ class ReformerLM(nn.Module):
         ``n_hashes``: LSH rounds of this call (default the config's; more rounds at evaluation keep the trained
         rotations and add new ones, ``hashing.make_rotations``).
         """
-        x, actx, l = self.embed(input_ids, attention_mask, document_ids=document_ids, positions=positions,
-                                position_offset=position_offset, hash_seed=hash_seed, n_hashes=n_hashes,
-                                sequence_parallel=sequence_parallel)
+        x, actx, l = self.embed(
+            input_ids,
+            attention_mask,
+            document_ids=document_ids,
+            positions=positions,
+            position_offset=position_offset,
+            hash_seed=hash_seed,
+            n_hashes=n_hashes,
+            sequence_parallel=sequence_parallel,
+        )
         x1, x2 = self.stack(x, x, actx)
         return x1, x2, l
 
-    def embed(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, document_ids: Tensor | None = None,
-              positions: Tensor | None = None, position_offset: int = 0, hash_seed: int | None = None,
-              n_hashes: int | None = None,
-              sequence_parallel: SequenceParallelSeam | None = None) -> tuple[Tensor, AttentionContext, int]:
+    def embed(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        document_ids: Tensor | None = None,
+        positions: Tensor | None = None,
+        position_offset: int = 0,
+        hash_seed: int | None = None,
+        n_hashes: int | None = None,
+        sequence_parallel: SequenceParallelSeam | None = None,
+    ) -> tuple[Tensor, AttentionContext, int]:
         """Embeddings [B, Lp, D] of the padded input, the attention context of the call, and L (see ``streams``)."""
         self._check_inputs(input_ids, position_offset)
         if n_hashes is not None and (not isinstance(n_hashes, int) or isinstance(n_hashes, bool) or n_hashes < 1):
@@ -109,8 +136,9 @@ class ReformerLM(nn.Module):
         if document_ids is not None and sequence_parallel is not None and sequence_parallel.bucket is not None:
             raise ValueError(f"document_ids: {DOCUMENT_MASKS_REFUSED}")
         if document_ids is not None and tuple(document_ids.shape) != (b, l * sp):
-            raise ValueError(f"document_ids: expected shape {(b, l * sp)} (the whole sequence), "
-                             f"got {tuple(document_ids.shape)}")
+            raise ValueError(
+                f"document_ids: expected shape {(b, l * sp)} (the whole sequence), got {tuple(document_ids.shape)}"
+            )
         if positions is not None and tuple(positions.shape) != (b, l):
             raise ValueError(f"positions: expected shape {(b, l)}, got {tuple(positions.shape)}")
         # Pad to a multiple of the chunk lengths; padded keys are masked and hashed to a bucket of their own.
@@ -137,9 +165,14 @@ class ReformerLM(nn.Module):
                 positions = torch.arange(position_offset, position_offset + l + pad, device=input_ids.device)
         positions = positions.clamp(max=self.cfg.max_seq_len - 1)  # padding may run past the last position
         x = F.dropout(self.tok_emb(input_ids), self.cfg.dropout, self.training) + self.pos_emb(positions)
-        actx = AttentionContext(hash_seed=self.cfg.hash_seed if hash_seed is None else int(hash_seed),
-                                n_hashes=n_hashes, key_valid=key_valid, document_ids=docs,
-                                backend=self.cfg.attention_backend, sequence_parallel=sequence_parallel)
+        actx = AttentionContext(
+            hash_seed=self.cfg.hash_seed if hash_seed is None else int(hash_seed),
+            n_hashes=n_hashes,
+            key_valid=key_valid,
+            document_ids=docs,
+            backend=self.cfg.attention_backend,
+            sequence_parallel=sequence_parallel,
+        )
         return x, actx, l
 
     def padded_length(self, length: int) -> int:
@@ -159,10 +192,20 @@ class ReformerLM(nn.Module):
         lens = [self.cfg.chunk_len if t == "lsh" else self.cfg.local_chunk for t in self.cfg.attn_layers if t != "full"]
         return min(lens) if lens else 1
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, attention_mask: Tensor | None = None,
-                document_ids: Tensor | None = None, positions: Tensor | None = None, position_offset: int = 0,
-                hash_seed: int | None = None, n_hashes: int | None = None, reduction: str = "mean",
-                sequence_parallel: SequenceParallelSeam | None = None):
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        positions: Tensor | None = None,
+        position_offset: int = 0,
+        hash_seed: int | None = None,
+        n_hashes: int | None = None,
+        reduction: str = "mean",
+        sequence_parallel: SequenceParallelSeam | None = None,
+    ):
         """Logits [B, L, V] without labels; with labels the chunked cross-entropy: its mean over labels !=
         ``IGNORE_INDEX`` (-100; ``reduction="mean"``), ``(sum, count)`` (``reduction="sum"``, for averaging across
         ranks), or ``(losses, predictions)`` (``reduction="none"``, evaluation, no gradient): each position's loss
@@ -172,15 +215,26 @@ class ReformerLM(nn.Module):
             raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
-        x1, x2, l = self.streams(input_ids, attention_mask, document_ids=document_ids, positions=positions,
-                                 position_offset=position_offset, hash_seed=hash_seed, n_hashes=n_hashes,
-                                 sequence_parallel=sequence_parallel)
+        x1, x2, l = self.streams(
+            input_ids,
+            attention_mask,
+            document_ids=document_ids,
+            positions=positions,
+            position_offset=position_offset,
+            hash_seed=hash_seed,
+            n_hashes=n_hashes,
+            sequence_parallel=sequence_parallel,
+        )
         if labels is None:
             return self.head(x1[:, :l], x2[:, :l])
         if reduction == "none":
             b, lp, d = x1.shape  # padded positions scored with ignored labels (no sliced copies of the streams)
-            losses, preds = self.head(x1.reshape(-1, d), x2.reshape(-1, d),
-                                      F.pad(labels, (0, lp - l), value=IGNORE_INDEX).reshape(-1), per_token=True)
+            losses, preds = self.head(
+                x1.reshape(-1, d),
+                x2.reshape(-1, d),
+                F.pad(labels, (0, lp - l), value=IGNORE_INDEX).reshape(-1),
+                per_token=True,
+            )
             return losses.view(b, lp)[:, :l], preds.view(b, lp)[:, :l]
         # padded positions get ignored labels, so the head reads the streams as they are (no sliced copies)
         total = self.head(x1, x2, F.pad(labels, (0, x1.shape[1] - l), value=IGNORE_INDEX))
@@ -193,16 +247,25 @@ class ReformerLM(nn.Module):
         """Mean next-token cross-entropy; labels default to the inputs shifted by one."""
         return self(input_ids, shift_labels(input_ids) if labels is None else labels, **kwargs)
 
-    def _check_generate_args(self, prompt_ids: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
-                             hash_seed: int, n_hashes: int | None) -> None:
+    def _check_generate_args(
+        self,
+        prompt_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        hash_seed: int,
+        n_hashes: int | None,
+    ) -> None:
         """ValueError/TypeError naming the argument and what it must be, before any work."""
+
         def is_int(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
         self._check_inputs(prompt_ids, 0, name="prompt_ids")
         if prompt_ids.shape[0] < 1 or prompt_ids.shape[1] < 1:
-            raise ValueError(f"prompt_ids: expected at least one sequence of at least one token, got shape "
-                             f"{tuple(prompt_ids.shape)}")
+            raise ValueError(
+                f"prompt_ids: expected at least one sequence of at least one token, got shape {tuple(prompt_ids.shape)}"
+            )
         if not is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
@@ -215,9 +278,20 @@ class ReformerLM(nn.Module):
             raise ValueError(f"n_hashes: expected an integer >= 1 (LSH hash rounds), got {n_hashes!r}")
 
     @torch.no_grad()
-    def generate(self, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 hash_seed: int = 0, generator: torch.Generator | None = None, *, n_hashes: int | None = None,
-                 use_cache: bool = True, return_logits: bool = False, document_ids: Tensor | None = None):
+    def generate(
+        self,
+        prompt_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        hash_seed: int = 0,
+        generator: torch.Generator | None = None,
+        *,
+        n_hashes: int | None = None,
+        use_cache: bool = True,
+        return_logits: bool = False,
+        document_ids: Tensor | None = None,
+    ):
         """Sample ``max_new_tokens`` after ``prompt_ids`` [B, P] (greedy when ``temperature <= 0``): [B, P + N].
 
         ``use_cache=True``: the prompt runs once, then each token costs O(layers x (window + buckets))
@@ -227,12 +301,21 @@ class ReformerLM(nn.Module):
         ``return_logits``: also return the logits [B, N, V] each new token was drawn from.
         """
         if document_ids is not None:
-            raise ValueError("document_ids: generation with document masks is not supported; start each document "
-                             "from its own prompt")
+            raise ValueError(
+                "document_ids: generation with document masks is not supported; start each document from its own prompt"
+            )
         self._check_generate_args(prompt_ids, max_new_tokens, temperature, top_k, hash_seed, n_hashes)
         if use_cache:
-            ids, cached = generate_cached(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                                          hash_seed=hash_seed, n_hashes=n_hashes, generator=generator)
+            ids, cached = generate_cached(
+                self,
+                prompt_ids,
+                max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                hash_seed=hash_seed,
+                n_hashes=n_hashes,
+                generator=generator,
+            )
             return (ids, cached) if return_logits else ids
         ids, scores = prompt_ids, []
         for _ in range(max_new_tokens):
@@ -247,8 +330,9 @@ class ReformerLM(nn.Module):
         return ids, torch.stack(scores, dim=1) if scores else empty
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | Path, max_shard_size: str | int = "5GB",
-                        trained_with: dict[str, bool] | None = None) -> None:
+    def save_pretrained(
+        self, directory: str | Path, max_shard_size: str | int = "5GB", trained_with: dict[str, bool] | None = None
+    ) -> None:
         """Write config.json + model.safetensors (the parameters' dtype) + checksums.json, through the one
         atomic, checksummed writer `reformer-ckpt consolidate` uses (modes follow the umask). Other files in
         an existing `directory` stay; the weights folder's own files are replaced. `trained_with`: the
@@ -258,8 +342,14 @@ class ReformerLM(nn.Module):
 
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         config = {**self.cfg.to_dict(), **({TRAINED_WITH: dict(trained_with)} if trained_with is not None else {})}
-        write_weights_dir(directory, state, config, max_shard_size=max_shard_size, overwrite="merge",
-                          metadata={"config": json.dumps(self.cfg.to_dict())})
+        write_weights_dir(
+            directory,
+            state,
+            config,
+            max_shard_size=max_shard_size,
+            overwrite="merge",
+            metadata={"config": json.dumps(self.cfg.to_dict())},
+        )
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "ReformerLM":
@@ -275,10 +365,13 @@ class ReformerLM(nn.Module):
         want = model.state_dict()
         for k, v in state.items():  # load_state_dict would raise a RuntimeError listing every size mismatch
             if k in want and tuple(v.shape) != tuple(want[k].shape):
-                raise ValueError(f"{d}: weight {k} has shape {tuple(v.shape)}, but {cfg_path} needs "
-                                 f"{tuple(want[k].shape)}: the weights do not belong to this config")
+                raise ValueError(
+                    f"{d}: weight {k} has shape {tuple(v.shape)}, but {cfg_path} needs "
+                    f"{tuple(want[k].shape)}: the weights do not belong to this config"
+                )
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{d}: weights do not match the config: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"{d}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         return model

@@ -44,8 +44,9 @@ def _own(grad: Tensor | None, like: Tensor) -> Tensor:
 
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x1: Tensor, x2: Tensor, blocks: nn.ModuleList, actx: AttentionContext, record_rng: bool,
-                groups: int):
+    def forward(
+        ctx, x1: Tensor, x2: Tensor, blocks: nn.ModuleList, actx: AttentionContext, record_rng: bool, groups: int
+    ):
         device = x1.device
         states = []
         with torch.no_grad():
@@ -63,16 +64,17 @@ class _ReversibleFunction(torch.autograd.Function):
                     y2[:, s:e].add_(blk.g.forward_chunk(y1[:, s:e]))
                 states.append((s_f, s_g))
         ctx.blocks, ctx.actx, ctx.states, ctx.consumed, ctx.groups = blocks, actx, states, False, groups
-        ctx.autocast = (device.type, torch.is_autocast_enabled(device.type),
-                        torch.get_autocast_dtype(device.type))
+        ctx.autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         ctx.save_for_backward(y1, y2)
         return y1, y2
 
     @staticmethod
     def backward(ctx, dy1: Tensor | None, dy2: Tensor | None):
         if ctx.consumed:
-            raise RuntimeError("the reversible stack's backward rebuilds its inputs in place and can run only once "
-                               "(retain_graph is not supported)")
+            raise RuntimeError(
+                "the reversible stack's backward rebuilds its inputs in place and can run only once "
+                "(retain_graph is not supported)"
+            )
         ctx.consumed = True
         y1, y2 = ctx.saved_tensors  # rebuilt into x1, x2 in place, layer by layer
         dy1, dy2 = _own(dy1, y1), _own(dy2, y2)

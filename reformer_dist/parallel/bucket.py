@@ -99,15 +99,28 @@ class BucketSharding:
         return ext.transpose(0, 1)
 
     # ------------------------------------------------------------------ attention
-    def lsh(self, qk: Tensor, v: Tensor, rotations: Tensor, factors: list[int], *, chunk_len: int, n_chunks_before: int,
-            n_chunks_after: int, causal: bool, same_bucket_only: bool = False, allow_duplicate_attention: bool = True,
-            backend: Backend = "auto") -> Tensor:
+    def lsh(
+        self,
+        qk: Tensor,
+        v: Tensor,
+        rotations: Tensor,
+        factors: list[int],
+        *,
+        chunk_len: int,
+        n_chunks_before: int,
+        n_chunks_after: int,
+        causal: bool,
+        same_bucket_only: bool = False,
+        allow_duplicate_attention: bool = True,
+        backend: Backend = "auto",
+    ) -> Tensor:
         """LSH attention of this rank's tokens qk, v [B, Lk, H, D] (global positions rank*Lk...) -> [B, Lk, H, D]."""
         b, lk, h, d = qk.shape
         size, r, m = self.size, rotations.shape[2], chunk_len
         length = lk * size
-        problem = piece_problem("lsh", lk, size, chunk_len=m, n_chunks_before=n_chunks_before,
-                                n_chunks_after=n_chunks_after, n_hashes=r)
+        problem = piece_problem(
+            "lsh", lk, size, chunk_len=m, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after, n_hashes=r
+        )
         if problem:
             raise ValueError(f"bucket-sharded LSH attention: {problem}")
         piece, before, after = r * length // size, n_chunks_before * m, n_chunks_after * m
@@ -120,12 +133,23 @@ class BucketSharding:
         slot_bucket = ints[..., 1].transpose(1, 2) if same_bucket_only else None
         # [B,H,R,ext]: what the duplicate correction counts
         chunk_of = None if allow_duplicate_attention else ints[..., 2:].permute(0, 2, 3, 1).to(torch.int32)
-        out_ext, lse_ext = chunked_attention(q_ext, None, v_ext, None, chunk_len=m, n_chunks_before=n_chunks_before,
-                                             n_chunks_after=n_chunks_after, causal=causal, self_mask=True,
-                                             slot_bucket=slot_bucket,
-                                             allow_duplicate_attention=allow_duplicate_attention,
-                                             positions=positions, chunk_of=chunk_of, n_chunks=r * length // m,
-                                             backend=backend)
+        out_ext, lse_ext = chunked_attention(
+            q_ext,
+            None,
+            v_ext,
+            None,
+            chunk_len=m,
+            n_chunks_before=n_chunks_before,
+            n_chunks_after=n_chunks_after,
+            causal=causal,
+            self_mask=True,
+            slot_bucket=slot_bucket,
+            allow_duplicate_attention=allow_duplicate_attention,
+            positions=positions,
+            chunk_of=chunk_of,
+            n_chunks=r * length // m,
+            backend=backend,
+        )
         del q_ext, v_ext
         own = slice(before, before + piece)
         out_r = route.to_tokens(out_ext[:, own]).view(b, h, r, lk, d)
@@ -139,7 +163,8 @@ class BucketSharding:
         r, nb, dev = rotations.shape[2], math.prod(factors), qk.device
         buckets = hash_buckets(qk, rotations, factors).long()  # [B,H,R,Lk]
         counts = torch.zeros(b, h, r, nb, dtype=torch.int64, device=dev).scatter_add_(
-            3, buckets, torch.ones_like(buckets))
+            3, buckets, torch.ones_like(buckets)
+        )
         total = counts.clone()
         self.bytes_sent += total.numel() * total.element_size()
         dist.all_reduce(total, group=self.group)
@@ -148,16 +173,28 @@ class BucketSharding:
         _, order = torch.sort(buckets, dim=3, stable=True)  # local stable sort: rank within the bucket
         local_start = torch.cumsum(counts, dim=3) - counts
         within = torch.empty_like(buckets).scatter_(
-            3, order, torch.arange(lk, device=dev).expand_as(order) - local_start.gather(3, buckets.gather(3, order)))
+            3, order, torch.arange(lk, device=dev).expand_as(order) - local_start.gather(3, buckets.gather(3, order))
+        )
         slot = start.gather(3, buckets) + earlier.gather(3, buckets) + within  # slot within its round
         return slot + torch.arange(r, device=dev).view(1, 1, r, 1) * (lk * self.size), buckets
 
-    def local(self, q: Tensor, k: Tensor, v: Tensor, *, chunk_len: int, n_chunks_before: int, n_chunks_after: int,
-              causal: bool, backend: Backend = "auto") -> Tensor:
+    def local(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        chunk_len: int,
+        n_chunks_before: int,
+        n_chunks_after: int,
+        causal: bool,
+        backend: Backend = "auto",
+    ) -> Tensor:
         """Local attention of this rank's tokens [B, Lk, H, D] with its neighbours' halo chunks."""
         b, lk, h, d = q.shape
-        problem = piece_problem("local", lk, self.size, chunk_len=chunk_len, n_chunks_before=n_chunks_before,
-                                n_chunks_after=n_chunks_after)
+        problem = piece_problem(
+            "local", lk, self.size, chunk_len=chunk_len, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after
+        )
         if problem:
             raise ValueError(f"bucket-sharded local attention: {problem}")
         nb_rows, na_rows = n_chunks_before * chunk_len, n_chunks_after * chunk_len
@@ -166,9 +203,19 @@ class BucketSharding:
         length = lk * self.size
         idx = torch.arange(-nb_rows, lk + na_rows, device=q.device) + self.rank * lk
         positions = torch.remainder(idx, length).expand(b, h, -1)
-        out, _ = chunked_attention(q_ext, k_ext, v_ext, None, chunk_len=chunk_len, n_chunks_before=n_chunks_before,
-                                   n_chunks_after=n_chunks_after, causal=causal, self_mask=False, positions=positions,
-                                   backend=backend)
+        out, _ = chunked_attention(
+            q_ext,
+            k_ext,
+            v_ext,
+            None,
+            chunk_len=chunk_len,
+            n_chunks_before=n_chunks_before,
+            n_chunks_after=n_chunks_after,
+            causal=causal,
+            self_mask=False,
+            positions=positions,
+            backend=backend,
+        )
         return out[:, nb_rows : nb_rows + lk]
 
 
@@ -189,8 +236,9 @@ class _Exchange(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         back = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv,
-                               group=ctx.group)
+        dist.all_to_all_single(
+            back, grad.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv, group=ctx.group
+        )
         return back, None, None, None
 
 
@@ -244,8 +292,9 @@ class _Route:
     return from the owners only.
     """
 
-    def __init__(self, sh: BucketSharding, flat: Tensor, buckets: Tensor, piece: int, before: int, after: int,
-                 chunk_len: int):
+    def __init__(
+        self, sh: BucketSharding, flat: Tensor, buckets: Tensor, piece: int, before: int, after: int, chunk_len: int
+    ):
         b, h, r, lk = flat.shape
         dev, size = flat.device, sh.size
         self.sh, self.b, self.h, self.r, self.lk = sh, b, h, r, lk
@@ -271,22 +320,31 @@ class _Route:
         self.send = torch.bincount(dest, minlength=size).tolist()
         self.send_own = torch.bincount(dest[own], minlength=size).tolist()
         self.own_items = self.pick[own]  # items whose results come back, in the order they were sent
-        self.recv = sh._exchange(torch.tensor(self.send, device=dev).view(-1, 1), [1] * size, [1] * size) \
-            .view(-1).tolist()
+        self.recv = (
+            sh._exchange(torch.tensor(self.send, device=dev).view(-1, 1), [1] * size, [1] * size).view(-1).tolist()
+        )
         # metadata: batch, head, extended row, own?, position, bucket, the token's flat chunk in every round
         bi, hi, _, ti = (x.reshape(-1)[self.pick] for x in _grid(b, h, r, lk, dev))
         self.token_rows = (bi * lk + ti) * h + hi  # rows of [B*Lk*H] the items read
         chunks = torch.div(flat, chunk_len, rounding_mode="floor").permute(0, 1, 3, 2).reshape(b, h, 1, lk, r)
-        meta = torch.cat([torch.stack([bi, hi, row, own.long(), ti + sh.rank * lk, buckets.reshape(-1)[self.pick]],
-                                      dim=1), chunks.expand(b, h, r, lk, r).reshape(-1, r)[self.pick]], dim=1)
+        meta = torch.cat(
+            [
+                torch.stack([bi, hi, row, own.long(), ti + sh.rank * lk, buckets.reshape(-1)[self.pick]], dim=1),
+                chunks.expand(b, h, r, lk, r).reshape(-1, r)[self.pick],
+            ],
+            dim=1,
+        )
         got = sh._exchange(meta, self.send, self.recv)
         gb, gh, grow, gown = got[:, 0], got[:, 1], got[:, 2], got[:, 3].bool()
         self.rows = (gb * self.ext + grow) * h + gh  # rows of the [B, ext, H] extended piece
         self.own_rows = ((gb * piece + grow - before) * h + gh)[gown]  # rows of [B, piece, H] to send back
         src = torch.repeat_interleave(torch.arange(size, device=dev), torch.tensor(self.recv, device=dev))
         self.recv_own = torch.bincount(src[gown], minlength=size).tolist()
-        self.ints = torch.zeros(b * self.ext * h, 2 + r, dtype=torch.int64, device=dev).index_copy(
-            0, self.rows, got[:, 4:]).view(b, self.ext, h, 2 + r)
+        self.ints = (
+            torch.zeros(b * self.ext * h, 2 + r, dtype=torch.int64, device=dev)
+            .index_copy(0, self.rows, got[:, 4:])
+            .view(b, self.ext, h, 2 + r)
+        )
 
     def to_pieces(self, x: Tensor) -> Tensor:
         """[B, Lk, H, D] tokens -> [B, ext, H, D]: the extended piece in slot order (differentiable)."""
@@ -301,9 +359,22 @@ class _Route:
         return _ScatterRows.apply(got, self.own_items, self.b * self.h * self.r * self.lk)
 
 
-def forward_bytes(kind: str, *, batch: int, heads: int, tokens: int, head_dim: int, elem: int, ranks: int, rank: int,
-                  n_hashes: int = 1, n_buckets: int = 0, chunk_len: int, n_chunks_before: int,
-                  n_chunks_after: int) -> int:
+def forward_bytes(
+    kind: str,
+    *,
+    batch: int,
+    heads: int,
+    tokens: int,
+    head_dim: int,
+    elem: int,
+    ranks: int,
+    rank: int,
+    n_hashes: int = 1,
+    n_buckets: int = 0,
+    chunk_len: int,
+    n_chunks_before: int,
+    n_chunks_after: int,
+) -> int:
     """Bytes one rank hands to collectives in one forward of an LSH or local layer under bucket sharding.
 
     tokens: this rank's tokens (L/K); heads: the heads it computes (H/U); elem: bytes per qk/v value.
@@ -322,8 +393,12 @@ def forward_bytes(kind: str, *, batch: int, heads: int, tokens: int, head_dim: i
     counts = batch * heads * r * n_buckets * 8
     prefix_steps = sum(1 for i in range(ranks.bit_length()) if 2**i < ranks and rank + 2**i < ranks)
     items = r * batch * heads * tokens
-    return (counts * (1 + prefix_steps) + ranks * 8 + (items + halo) * (2 * head_dim * elem + (6 + r) * 8)
-            + items * (head_dim * elem + 4))
+    return (
+        counts * (1 + prefix_steps)
+        + ranks * 8
+        + (items + halo) * (2 * head_dim * elem + (6 + r) * 8)
+        + items * (head_dim * elem + 4)
+    )
 
 
 def _grid(b: int, h: int, r: int, lk: int, device) -> list[Tensor]:

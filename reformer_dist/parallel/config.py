@@ -18,10 +18,14 @@ from reformer_dist.config_schema import FieldError, Section, int_min, opt, optio
 @dataclass
 class ParallelConfig(Section):
     sequence_parallel_size: int = opt(1, int_min(1), "ranks sharing one sequence; divides the world size")
-    ulysses_size: int | None = opt(None, optional(int_min(1)), "of those, ranks that shard heads (DeepSpeed-Ulysses; "
-                                   "divides model.n_heads); the rest shard LSH's sorted order (bucket sharding). "
-                                   "Default: all of them (pure Ulysses), or where model.n_heads is not a multiple "
-                                   "of sequence_parallel_size, the largest size dividing both")
+    ulysses_size: int | None = opt(
+        None,
+        optional(int_min(1)),
+        "of those, ranks that shard heads (DeepSpeed-Ulysses; "
+        "divides model.n_heads); the rest shard LSH's sorted order (bucket sharding). "
+        "Default: all of them (pure Ulysses), or where model.n_heads is not a multiple "
+        "of sequence_parallel_size, the largest size dividing both",
+    )
     # why ulysses_size was chosen for the user (`choose_ulysses_size`), for the start announcement; not a key
     auto_note: ClassVar[str | None] = None  # set on the instance; a ClassVar is no config key
 
@@ -35,13 +39,16 @@ class ParallelConfig(Section):
         self.ulysses_size = math.gcd(p, n_heads)
         self.auto_note = (  # type: ignore[misc]  # an instance note; ClassVar keeps it out of the config keys
             f"parallel.ulysses_size = {self.ulysses_size} (chosen: model.n_heads = {n_heads} is not a "
-                          f"multiple of parallel.sequence_parallel_size = {p}; the largest size dividing both shards "
-                          f"heads, the other {p // self.ulysses_size} shard LSH's sorted order by bucket)")
+            f"multiple of parallel.sequence_parallel_size = {p}; the largest size dividing both shards "
+            f"heads, the other {p // self.ulysses_size} shard LSH's sorted order by bucket)"
+        )
 
     def rules(self) -> None:
         if self.ulysses_size is not None and self.sequence_parallel_size % self.ulysses_size:
-            self.fail("ulysses_size", f"{self.ulysses_size} must divide parallel.sequence_parallel_size = "
-                                      f"{self.sequence_parallel_size}")
+            self.fail(
+                "ulysses_size",
+                f"{self.ulysses_size} must divide parallel.sequence_parallel_size = {self.sequence_parallel_size}",
+            )
 
     @property
     def heads_group_size(self) -> int:
@@ -56,8 +63,11 @@ class ParallelConfig(Section):
     def data_parallel_size(self, world_size: int) -> int:
         """world_size / sequence_parallel_size; FieldError when it does not divide."""
         if world_size % self.sequence_parallel_size:
-            raise FieldError(type(self).__name__, "sequence_parallel_size",
-                             f"{self.sequence_parallel_size} does not divide the world size {world_size}")
+            raise FieldError(
+                type(self).__name__,
+                "sequence_parallel_size",
+                f"{self.sequence_parallel_size} does not divide the world size {world_size}",
+            )
         return world_size // self.sequence_parallel_size
 
 

@@ -105,13 +105,10 @@ def _validate(env: DistEnv, names: Mapping[str, str]) -> DistEnv:
     if env.local_world_size < 1:
         raise ValueError(f"{n['local_world_size']}={env.local_world_size} must be >= 1")
     if env.local_world_size > env.world_size:
-        raise ValueError(
-            f"{n['local_world_size']}={env.local_world_size} exceeds {n['world_size']}={env.world_size}"
-        )
+        raise ValueError(f"{n['local_world_size']}={env.local_world_size} exceeds {n['world_size']}={env.world_size}")
     if not 0 <= env.local_rank < env.local_world_size:
         raise ValueError(
-            f"{n['local_rank']}={env.local_rank} is out of range for "
-            f"{n['local_world_size']}={env.local_world_size}"
+            f"{n['local_rank']}={env.local_rank} is out of range for {n['local_world_size']}={env.local_world_size}"
         )
     if not 0 < env.master_port < 65536:
         raise ValueError(f"{n['master_port']}={env.master_port} is not a valid TCP port")
@@ -161,8 +158,13 @@ def _from_torch(environ: Mapping[str, str]) -> DistEnv:
     )
     return _validate(
         env,
-        {"rank": "RANK", "local_rank": "LOCAL_RANK", "world_size": "WORLD_SIZE",
-         "local_world_size": local_name, "master_port": port_name},
+        {
+            "rank": "RANK",
+            "local_rank": "LOCAL_RANK",
+            "world_size": "WORLD_SIZE",
+            "local_world_size": local_name,
+            "master_port": port_name,
+        },
     )
 
 
@@ -221,8 +223,13 @@ def _from_slurm(environ: Mapping[str, str]) -> DistEnv | None:
     )
     return _validate(
         env,
-        {"rank": "SLURM_PROCID", "local_rank": "SLURM_LOCALID", "world_size": world_name,
-         "local_world_size": local_name, "master_port": port_name},
+        {
+            "rank": "SLURM_PROCID",
+            "local_rank": "SLURM_LOCALID",
+            "world_size": world_name,
+            "local_world_size": local_name,
+            "master_port": port_name,
+        },
     )
 
 
@@ -307,8 +314,9 @@ class ThreadPlan(NamedTuple):
     auto: bool = False
 
 
-def intra_op_threads(local_world_size: int, configured: int | str | None = None,
-                     environ: Mapping[str, str] | None = None) -> ThreadPlan:
+def intra_op_threads(
+    local_world_size: int, configured: int | str | None = None, environ: Mapping[str, str] | None = None
+) -> ThreadPlan:
     """The threads of each rank: `configured` (train.threads) when it is a number, else $OMP_NUM_THREADS, else
     auto: up to the cores this process may run on (its affinity, e.g. a SLURM cgroup) shared out among the
     ranks on this node, the count chosen by measuring steps.
@@ -321,17 +329,21 @@ def intra_op_threads(local_world_size: int, configured: int | str | None = None,
     most = MAX_THREADS_PER_CORE * cores  # beyond this, threads only wait for each other (and each has a stack)
     if isinstance(configured, int):
         if configured > most:
-            raise ValueError(f"train.threads: {configured} is more than {MAX_THREADS_PER_CORE} x the {cores} cores "
-                             f"this process may use; expected 1..{most}")
+            raise ValueError(
+                f"train.threads: {configured} is more than {MAX_THREADS_PER_CORE} x the {cores} cores "
+                f"this process may use; expected 1..{most}"
+            )
         return ThreadPlan(configured, "train.threads")
     omp = environ.get("OMP_NUM_THREADS", "").strip()
     if omp:
         first = omp.split(",")[0].strip()  # OpenMP's nested form "4,2": the outer level is ours
         if not first.isdigit() or not 1 <= int(first) <= most:
-            raise ValueError(f"OMP_NUM_THREADS={omp!r}: expected a positive integer up to {most} "
-                             f"({MAX_THREADS_PER_CORE} x the {cores} cores this process may use); "
-                             "unset it to use one thread per core, or "
-                             "set train.threads")
+            raise ValueError(
+                f"OMP_NUM_THREADS={omp!r}: expected a positive integer up to {most} "
+                f"({MAX_THREADS_PER_CORE} x the {cores} cores this process may use); "
+                "unset it to use one thread per core, or "
+                "set train.threads"
+            )
         return ThreadPlan(int(first), "OMP_NUM_THREADS")
     ranks = max(1, local_world_size)
     share = max(1, cores // ranks)

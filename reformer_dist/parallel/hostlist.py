@@ -89,8 +89,10 @@ def expand_nodelist(nodelist: str, what: str = "SLURM_JOB_NODELIST") -> list[str
         groups = _GROUP.findall(name)
         total += math.prod(max(_count_range_list(g, nodelist, what), 0) for g in groups if g.strip())
         if total > MAX_HOSTS:
-            raise ValueError(f"{what}: {nodelist[:80]!r} names more than {MAX_HOSTS} hosts (SLURM allocates at "
-                             f"most 65533 nodes): a typo in a range?")
+            raise ValueError(
+                f"{what}: {nodelist[:80]!r} names more than {MAX_HOSTS} hosts (SLURM allocates at "
+                f"most 65533 nodes): a typo in a range?"
+            )
     hosts: list[str] = []
     for name in names:
         name = name.strip()

@@ -58,8 +58,9 @@ class UlyssesAttention:
 
     def attend(self, fn: Callable[..., Tensor], *tensors: Tensor, ctx: AttentionContext) -> Tensor:
         heads = tensors[0].shape[2]
-        inner = dataclasses.replace(ctx, sequence_parallel=None,
-                                    head_offset=ctx.head_offset + self.rank * (heads // self.size))
+        inner = dataclasses.replace(
+            ctx, sequence_parallel=None, head_offset=ctx.head_offset + self.rank * (heads // self.size)
+        )
         if len(tensors) == 2:  # shared-QK LSH: DistributedAttention moves (q, k, v); k is qk and unused
             qk, v = tensors
 
@@ -68,6 +69,7 @@ class UlyssesAttention:
 
             args: tuple[Tensor, ...] = (qk, qk, v)
         else:
+
             def local(q: Tensor, k: Tensor, vv: Tensor) -> Tensor:
                 return fn(q, k, vv, inner)
 
@@ -85,15 +87,20 @@ class SequenceParallel:
     bucket sharding.
     """
 
-    def __init__(self, group: dist.ProcessGroup, ulysses_group: dist.ProcessGroup | None,
-                 bucket_group: dist.ProcessGroup | None):
+    def __init__(
+        self, group: dist.ProcessGroup, ulysses_group: dist.ProcessGroup | None, bucket_group: dist.ProcessGroup | None
+    ):
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.ulysses = UlyssesAttention(ulysses_group) if ulysses_group is not None and \
-            dist.get_world_size(ulysses_group) > 1 else None
-        self.bucket = BucketSharding(bucket_group) if bucket_group is not None and \
-            dist.get_world_size(bucket_group) > 1 else None
+        self.ulysses = (
+            UlyssesAttention(ulysses_group)
+            if ulysses_group is not None and dist.get_world_size(ulysses_group) > 1
+            else None
+        )
+        self.bucket = (
+            BucketSharding(bucket_group) if bucket_group is not None and dist.get_world_size(bucket_group) > 1 else None
+        )
 
     @property
     def ulysses_size(self) -> int:
@@ -111,39 +118,58 @@ def check_layout(cfg: ReformerConfig, length: int, parallel: ParallelConfig) -> 
     cannot run sequences of `length` tokens in this layout."""
     sp_size, ulysses_size = parallel.sequence_parallel_size, parallel.heads_group_size
     if cfg.n_heads % ulysses_size:
-        raise ConfigError(f"parallel.ulysses_size={ulysses_size} must divide model.n_heads={cfg.n_heads} (Ulysses "
-                          f"shards heads; leave parallel.ulysses_size unset for the largest size that divides both "
-                          f"model.n_heads and parallel.sequence_parallel_size={sp_size})")
+        raise ConfigError(
+            f"parallel.ulysses_size={ulysses_size} must divide model.n_heads={cfg.n_heads} (Ulysses "
+            f"shards heads; leave parallel.ulysses_size unset for the largest size that divides both "
+            f"model.n_heads and parallel.sequence_parallel_size={sp_size})"
+        )
     try:
         cfg.head_groups_for(length, ulysses_size)
     except ValueError as e:
         raise ConfigError(f"model.{e} (parallel.ulysses_size={ulysses_size})") from None
     mult = cfg.pad_multiple()
     if length % sp_size or length % mult:
-        raise ConfigError(f"data.seq_len={length} must be a multiple of parallel.sequence_parallel_size={sp_size} "
-                         f"and of the chunk length(s) {mult} (no internal padding under sequence parallelism)")
+        raise ConfigError(
+            f"data.seq_len={length} must be a multiple of parallel.sequence_parallel_size={sp_size} "
+            f"and of the chunk length(s) {mult} (no internal padding under sequence parallelism)"
+        )
     k = sp_size // ulysses_size
     if k == 1:
         return
     per = length // k  # tokens of one bucket rank
     problem = full_attention_problem(cfg.attn_layers)
     if problem:
-        raise ConfigError(f"{problem} (parallel.sequence_parallel_size={sp_size}, parallel.ulysses_size="
-                          f"{ulysses_size})")
+        raise ConfigError(
+            f"{problem} (parallel.sequence_parallel_size={sp_size}, parallel.ulysses_size={ulysses_size})"
+        )
     if "lsh" in cfg.attn_layers:
-        problem = piece_problem("lsh", per, k, chunk_len=cfg.chunk_len, n_chunks_before=cfg.n_chunks_before,
-                                n_chunks_after=cfg.n_chunks_after, n_hashes=cfg.n_hashes)
+        problem = piece_problem(
+            "lsh",
+            per,
+            k,
+            chunk_len=cfg.chunk_len,
+            n_chunks_before=cfg.n_chunks_before,
+            n_chunks_after=cfg.n_chunks_after,
+            n_hashes=cfg.n_hashes,
+        )
         if problem:
             raise ConfigError(f"data.seq_len={length}: {problem}")
     if "local" in cfg.attn_layers:
-        problem = piece_problem("local", per, k, chunk_len=cfg.local_chunk, n_chunks_before=cfg.local_n_chunks_before,
-                                n_chunks_after=cfg.local_n_chunks_after)
+        problem = piece_problem(
+            "local",
+            per,
+            k,
+            chunk_len=cfg.local_chunk,
+            n_chunks_before=cfg.local_n_chunks_before,
+            n_chunks_after=cfg.local_n_chunks_after,
+        )
         if problem:
             raise ConfigError(f"data.seq_len={length}: {problem}")
 
 
-def document_inputs(ids: Tensor, eod_id: int, reset_positions: bool, sp: "SequenceParallel | None" = None,
-                    sp_rank: int = 0) -> dict[str, Tensor]:
+def document_inputs(
+    ids: Tensor, eod_id: int, reset_positions: bool, sp: "SequenceParallel | None" = None, sp_rank: int = 0
+) -> dict[str, Tensor]:
     """The model's document inputs for this rank's tokens `ids`: ``document_ids`` of the whole window
     (attention sees all of it: the SP ranks hold consecutive slices of one window, gathered here) and,
     with `reset_positions`, this rank's slice of ``positions``."""
@@ -156,16 +182,31 @@ def document_inputs(ids: Tensor, eod_id: int, reset_positions: bool, sp: "Sequen
     return out
 
 
-def sequence_parallel_loss(model: Callable[..., Any], input_ids: Tensor, labels: Tensor, *, position_offset: int,
-                           sp: "SequenceParallel | UlyssesAttention", hash_seed: int | None = None,
-                           scale_for_data_parallel: bool = False, **model_kwargs) -> tuple[Tensor, Tensor]:
+def sequence_parallel_loss(
+    model: Callable[..., Any],
+    input_ids: Tensor,
+    labels: Tensor,
+    *,
+    position_offset: int,
+    sp: "SequenceParallel | UlyssesAttention",
+    hash_seed: int | None = None,
+    scale_for_data_parallel: bool = False,
+    **model_kwargs,
+) -> tuple[Tensor, Tensor]:
     """(loss to backpropagate, mean loss of the whole sequence for logging) on one SP rank.
 
     The backward loss is local_sum / global_count: summed over the group's ranks it is the full
     sequence's mean, so summing gradients over the group gives the single-process gradient.
     """
-    total, count = model(input_ids, labels, position_offset=position_offset, hash_seed=hash_seed,
-                         reduction="sum", sequence_parallel=sp, **model_kwargs)
+    total, count = model(
+        input_ids,
+        labels,
+        position_offset=position_offset,
+        hash_seed=hash_seed,
+        reduction="sum",
+        sequence_parallel=sp,
+        **model_kwargs,
+    )
     stats = torch.stack([total.detach().to(torch.float64), count.to(torch.float64)])
     dist.all_reduce(stats, group=sp.group)
     loss = total / stats[1].clamp(min=1).to(total.dtype)

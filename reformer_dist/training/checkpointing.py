@@ -110,8 +110,9 @@ def load_rank_state(ckpt_dir: Path, rank: int) -> dict[str, Any]:
     p = state_path(ckpt_dir, rank)
     if not p.is_file():
         n = len(list((ckpt_dir / TRAINER_STATE_DIR).glob("rank*.pt")))
-        raise CheckpointError(f"{p}: missing; the checkpoint holds trainer state for {n} rank(s) "
-                              f"(exact resume needs the same world size)")
+        raise CheckpointError(
+            f"{p}: missing; the checkpoint holds trainer state for {n} rank(s) (exact resume needs the same world size)"
+        )
     try:
         # our own file, checksum-verified before loading; it holds numpy RNG tuples, hence weights_only=False
         return torch.load(p, map_location="cpu", weights_only=False)
@@ -168,8 +169,11 @@ def save_failure_message(path: Path, failure: BaseException | None, rank: int) -
     """What a failed checkpoint save tells the user: the folder, the cause, what was kept, what to do."""
     root = path.parent
     latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
-    kept = (f"the previous checkpoint {root / latest} is intact and `latest` still names it" if latest
-            else "there is no earlier checkpoint")
+    kept = (
+        f"the previous checkpoint {root / latest} is intact and `latest` still names it"
+        if latest
+        else "there is no earlier checkpoint"
+    )
     todo = "Free space (or set checkpoint.dir elsewhere)"
     if failure is None:
         cause, todo = "another rank's write failed", "See that rank's message"
@@ -181,13 +185,24 @@ def save_failure_message(path: Path, failure: BaseException | None, rank: int) -
             cause = "no space left on device"
     else:  # not a full disk: do not send the user to free space
         cause, todo = f"{type(failure).__name__}: {failure}", "Fix that cause"
-    return (f"{path}: checkpoint save failed on rank {rank}: {cause}. The partial checkpoint was removed; {kept}. "
-            f"{todo}, then run again with --resume auto")
+    return (
+        f"{path}: checkpoint save failed on rank {rank}: {cause}. The partial checkpoint was removed; {kept}. "
+        f"{todo}, then run again with --resume auto"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the save
-def save_checkpoint(engine: Engine, root: Path, step: int, rank: int, world_size: int, trainer_state: dict[str, Any],
-                    run_record: dict[str, Any], keep_last: int, loss: float | None = None) -> list[Path]:
+def save_checkpoint(
+    engine: Engine,
+    root: Path,
+    step: int,
+    rank: int,
+    world_size: int,
+    trainer_state: dict[str, Any],
+    run_record: dict[str, Any],
+    keep_last: int,
+    loss: float | None = None,
+) -> list[Path]:
     """Save checkpoint `step` under `root`; every rank calls this at the same step. Returns (on rank 0) the
     checkpoints pruned after it.
 
@@ -256,8 +271,16 @@ class Checkpointer:
     loader position). Until a later step's loss comes out finite, the newest checkpoint's weights are
     untested: with `keep_last = 1` pruning keeps the one before it too (`tested` drops it)."""
 
-    def __init__(self, engine: Engine, root: Path, rank: int, world_size: int, keep_last: int,
-                 run_record: dict[str, Any], saved_step: int = -1):
+    def __init__(
+        self,
+        engine: Engine,
+        root: Path,
+        rank: int,
+        world_size: int,
+        keep_last: int,
+        run_record: dict[str, Any],
+        saved_step: int = -1,
+    ):
         self.engine, self.root, self.rank, self.world_size = engine, root, rank, world_size
         self.keep_last, self.run_record = keep_last, run_record
         self.saved_step = saved_step  # the step the newest checkpoint of this run holds (-1: none)
@@ -272,13 +295,26 @@ class Checkpointer:
             log.info(f"step {train.step}: no checkpoint: its loss was not finite; {self.latest_note()}")
             return False
         t0 = time.time()
-        removed = save_checkpoint(self.engine, self.root, train.step, self.rank, self.world_size,
-                                  rank_state(train, loader, self.world_size), self.run_record, self.keep_last,
-                                  loss=loss)
+        removed = save_checkpoint(
+            self.engine,
+            self.root,
+            train.step,
+            self.rank,
+            self.world_size,
+            rank_state(train, loader, self.world_size),
+            self.run_record,
+            self.keep_last,
+            loss=loss,
+        )
         self.spare_pending = self.keep_last == 1
         if self.rank == 0:
-            metrics.event("checkpoint", step=train.step, path=str(self.root / tag_for(train.step)),
-                          seconds=round(time.time() - t0, 3), removed=[p.name for p in removed])
+            metrics.event(
+                "checkpoint",
+                step=train.step,
+                path=str(self.root / tag_for(train.step)),
+                seconds=round(time.time() - t0, 3),
+                removed=[p.name for p in removed],
+            )
         self.saved_step = train.step
         return True
 

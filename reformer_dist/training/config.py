@@ -78,11 +78,14 @@ def _threads(v: Any) -> str | None:
 @dataclass
 class TrainConfig(Section):
     micro_batch: int = opt(1, int_min(1), "sequences per rank per forward/backward")
-    grad_accum: int | None = opt(None, optional(int_min(1)),
-                                 "micro-batches per optimizer step (default 1, or derived from global_batch)")
-    global_batch: int | None = opt(None, optional(int_min(1)),
-                                   "sequences per optimizer step over all ranks; "
-                                   "must equal micro_batch * grad_accum * data-parallel size")
+    grad_accum: int | None = opt(
+        None, optional(int_min(1)), "micro-batches per optimizer step (default 1, or derived from global_batch)"
+    )
+    global_batch: int | None = opt(
+        None,
+        optional(int_min(1)),
+        "sequences per optimizer step over all ranks; must equal micro_batch * grad_accum * data-parallel size",
+    )
     max_steps: int = opt(1000, int_min(1), "optimizer steps in the whole run (a resumed run continues up to it)")
     lr: float = opt(3e-4, positive_number, "peak learning rate")
     min_lr_ratio: float = opt(0.1, fraction, "final LR as a fraction of train.lr")
@@ -98,14 +101,20 @@ class TrainConfig(Section):
     requeue: bool = opt(True, boolean, "on SIGUSR1 under SLURM, requeue the job after the checkpoint")
     dist_timeout_s: int = opt(600, int_min(10), "collective timeout: a hung rank fails the job after this long")
     device: str = opt("auto", choice("auto", "cpu", "cuda"), "auto = cuda when available")
-    threads: int | str = opt("auto", _threads, 'intra-op CPU threads per rank: a number, or "auto" (the default; '
-                             "$OMP_NUM_THREADS if set, else the fastest of 1..cores / ranks on this node by measured "
-                             "step time, re-checked as the load changes)")
+    threads: int | str = opt(
+        "auto",
+        _threads,
+        'intra-op CPU threads per rank: a number, or "auto" (the default; '
+        "$OMP_NUM_THREADS if set, else the fastest of 1..cores / ranks on this node by measured "
+        "step time, re-checked as the load changes)",
+    )
 
     def rules(self) -> None:
         if self.decay_steps is not None and self.decay_steps < self.warmup_steps:
-            self.fail("decay_steps", f"{self.decay_steps} is before the end of warmup (train.warmup_steps = "
-                                     f"{self.warmup_steps})")
+            self.fail(
+                "decay_steps",
+                f"{self.decay_steps} is before the end of warmup (train.warmup_steps = {self.warmup_steps})",
+            )
 
 
 # ---------------------------------------------------------------------------------------------- composition
@@ -213,9 +222,11 @@ def from_dict(d: dict[str, dict[str, Any]], source: str = "dict") -> RunConfig:
 def check_across_sections(cfg: RunConfig) -> None:
     """The rules that involve two sections (each section checks its own); no world size needed."""
     if cfg.data.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds the model's maximum length "
-                          f"{cfg.model.max_seq_len} "
-                          f"(model.axial_pos_shape = {cfg.model.axial_pos_shape}, their product)")
+        raise ConfigError(
+            f"data.seq_len: {cfg.data.seq_len} exceeds the model's maximum length "
+            f"{cfg.model.max_seq_len} "
+            f"(model.axial_pos_shape = {cfg.model.axial_pos_shape}, their product)"
+        )
     p = cfg.parallel
     p.choose_ulysses_size(cfg.model.n_heads)
     chosen = f" [{p.auto_note}]" if p.auto_note else ""
@@ -264,14 +275,23 @@ def plan_batches(cfg: RunConfig, world_size: int) -> BatchPlan:
         if t.global_batch % per_step:
             raise ConfigError(
                 f"train.global_batch: {t.global_batch} is not a multiple of train.micro_batch * data-parallel size "
-                f"= {t.micro_batch} * {dp} = {per_step} (world size {world_size}, sequence_parallel_size {sp})")
+                f"= {t.micro_batch} * {dp} = {per_step} (world size {world_size}, sequence_parallel_size {sp})"
+            )
         ga = t.global_batch // per_step
         if t.grad_accum is not None and t.grad_accum != ga:
             raise ConfigError(
                 f"train.grad_accum: {t.grad_accum} disagrees with train.global_batch = {t.global_batch} = "
-                f"micro_batch {t.micro_batch} * grad_accum {ga} * data-parallel size {dp}; set only one of them")
-    return BatchPlan(world_size=world_size, sp_size=sp, dp_size=dp, micro_batch=t.micro_batch, grad_accum=ga,
-                     global_batch=per_step * ga, seq_len=cfg.data.seq_len)
+                f"micro_batch {t.micro_batch} * grad_accum {ga} * data-parallel size {dp}; set only one of them"
+            )
+    return BatchPlan(
+        world_size=world_size,
+        sp_size=sp,
+        dp_size=dp,
+        micro_batch=t.micro_batch,
+        grad_accum=ga,
+        global_batch=per_step * ga,
+        seq_len=cfg.data.seq_len,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -29,11 +29,14 @@ def _zero_stage(v: Any) -> str | None:
 
 @dataclass
 class DeepSpeedConfig(Section):
-    config: str | None = opt(None, optional(string),
-                             "JSON with ZeRO/offload/bf16 options only (no batch, optimizer or scheduler keys)")
-    zero_stage: int | None = opt(None, optional(_zero_stage),
-                                 "ZeRO stage; overrides the JSON's zero_optimization.stage "
-                                 "(default: the JSON's, else 1)")
+    config: str | None = opt(
+        None, optional(string), "JSON with ZeRO/offload/bf16 options only (no batch, optimizer or scheduler keys)"
+    )
+    zero_stage: int | None = opt(
+        None,
+        optional(_zero_stage),
+        "ZeRO stage; overrides the JSON's zero_optimization.stage (default: the JSON's, else 1)",
+    )
     precision: str = opt("auto", choice("auto", "fp32", "bf16"), "auto = bf16 on CUDA, fp32 on CPU")
 
     def rules(self) -> None:
@@ -44,7 +47,7 @@ class DeepSpeedConfig(Section):
 REFUSED_KEYS = {
     "optimizer": "the trainer builds the optimizer from [train] (lr, betas, eps, weight_decay)",
     "scheduler": "the LR schedule comes from [train] (warmup_steps, decay, min_lr_ratio)",
-    "fp16": "fp16 is not supported; use deepspeed.precision = \"bf16\" or \"fp32\"",
+    "fp16": 'fp16 is not supported; use deepspeed.precision = "bf16" or "fp32"',
     "sequence_parallel_size": "set parallel.sequence_parallel_size in the run config",
 }
 
@@ -88,18 +91,23 @@ def build_deepspeed_config(cfg: RunConfig, plan: BatchPlan, on_cuda: bool) -> di
             raise ConfigError(
                 f"{where}: {key} = {user[key]!r} disagrees with the run config ({value}: train.micro_batch="
                 f"{plan.micro_batch}, grad_accum={plan.grad_accum}, data-parallel size={plan.dp_size}); "
-                f"remove batch keys from the JSON, the run config is their one source")
+                f"remove batch keys from the JSON, the run config is their one source"
+            )
         ds[key] = value
     if "gradient_clipping" in user and float(user["gradient_clipping"]) != float(cfg.train.grad_clip):
-        raise ConfigError(f"{where}: gradient_clipping = {user['gradient_clipping']!r} disagrees with "
-                          f"train.grad_clip = {cfg.train.grad_clip}; set it in the run config only")
+        raise ConfigError(
+            f"{where}: gradient_clipping = {user['gradient_clipping']!r} disagrees with "
+            f"train.grad_clip = {cfg.train.grad_clip}; set it in the run config only"
+        )
     ds["gradient_clipping"] = float(cfg.train.grad_clip)  # explicit: its default changed in 0.19.x
 
     precision = resolve_precision(cfg, on_cuda)
     bf16 = dict(user.get("bf16", {}))
     if "enabled" in bf16 and bool(bf16["enabled"]) != (precision == "bf16"):
-        raise ConfigError(f"{where}: bf16.enabled = {bf16['enabled']} disagrees with deepspeed.precision = "
-                          f"{cfg.deepspeed.precision!r} (resolved to {precision} on {'CUDA' if on_cuda else 'CPU'})")
+        raise ConfigError(
+            f"{where}: bf16.enabled = {bf16['enabled']} disagrees with deepspeed.precision = "
+            f"{cfg.deepspeed.precision!r} (resolved to {precision} on {'CUDA' if on_cuda else 'CPU'})"
+        )
     bf16["enabled"] = precision == "bf16"
     ds["bf16"] = bf16
 

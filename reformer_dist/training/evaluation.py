@@ -37,8 +37,12 @@ class EvalConfig(Section):
     batches: int = opt(8, int_min(1), "micro-batches per rank per evaluation (the same ones every time)")
     at_end: bool = opt(True, boolean, "evaluate after the last step")
     hash_seed: int | None = opt(None, optional(int_min(0)), "fixed LSH hash seed for eval (default model.hash_seed)")
-    n_hashes: int | None = opt(None, optional(int_min(1)), "also report the eval loss with this many LSH hash rounds "
-                               "(trained rounds kept, new ones added); the loss at model.n_hashes is reported too")
+    n_hashes: int | None = opt(
+        None,
+        optional(int_min(1)),
+        "also report the eval loss with this many LSH hash rounds "
+        "(trained rounds kept, new ones added); the loss at model.n_hashes is reported too",
+    )
 
     @property
     def evaluates(self) -> bool:
@@ -47,17 +51,33 @@ class EvalConfig(Section):
 
 
 @torch.no_grad()
-def score_batch(model: Any, ids: torch.Tensor, labels: torch.Tensor, *, hash_seed: int, n_hashes: int | None = None,
-                position_offset: int = 0, sequence_parallel: Any = None,
-                documents: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def score_batch(
+    model: Any,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    hash_seed: int,
+    n_hashes: int | None = None,
+    position_offset: int = 0,
+    sequence_parallel: Any = None,
+    documents: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each position's loss [B, L] (fp32, 0 where the label is -100) and argmax prediction [B, L] of one batch.
 
     The one evaluation forward: the trainer's held-out loss (``Evaluator``) and ``reformer-eval`` (windows,
     loss by position, synthetic tasks) both sum these, so their numbers agree on the same windows.
     ``model`` is a ReformerLM or the DeepSpeed engine around one.
     """
-    return model(ids, labels=labels, position_offset=position_offset, n_hashes=n_hashes, hash_seed=hash_seed,
-                 reduction="none", sequence_parallel=sequence_parallel, **(documents or {}))
+    return model(
+        ids,
+        labels=labels,
+        position_offset=position_offset,
+        n_hashes=n_hashes,
+        hash_seed=hash_seed,
+        reduction="none",
+        sequence_parallel=sequence_parallel,
+        **(documents or {}),
+    )
 
 
 class Evaluator:
@@ -70,9 +90,16 @@ class Evaluator:
     documents: the model's document inputs for a batch of token ids (`Trainer._documents`).
     """
 
-    def __init__(self, cfg: EvalConfig, model: ReformerConfig, make_loader: Callable[[], WindowLoader],
-                 device: torch.device, sequence_parallel: Any, documents: Callable[[torch.Tensor], dict[str, Any]],
-                 byte_level: bool):
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        model: ReformerConfig,
+        make_loader: Callable[[], WindowLoader],
+        device: torch.device,
+        sequence_parallel: Any,
+        documents: Callable[[torch.Tensor], dict[str, Any]],
+        byte_level: bool,
+    ):
         self.cfg, self.model, self.device = cfg, model, device
         self.make_loader, self.sp = make_loader, sequence_parallel
         self.documents, self.byte_level = documents, byte_level
@@ -105,8 +132,16 @@ class Evaluator:
             docs = self.documents(ids)
             count = float((labels != IGNORE_INDEX).sum())
             for r, acc in passes:
-                losses, _ = score_batch(engine, ids, labels, hash_seed=self.hash_seed, n_hashes=r,
-                                        position_offset=b["position_offset"], sequence_parallel=self.sp, documents=docs)
+                losses, _ = score_batch(
+                    engine,
+                    ids,
+                    labels,
+                    hash_seed=self.hash_seed,
+                    n_hashes=r,
+                    position_offset=b["position_offset"],
+                    sequence_parallel=self.sp,
+                    documents=docs,
+                )
                 acc += torch.tensor([float(losses.double().sum()), count], dtype=torch.float64)
             if hist is not None:
                 valid = b["labels"][b["labels"] != IGNORE_INDEX]
@@ -120,19 +155,27 @@ class Evaluator:
             p = hist[hist > 0] / hist.sum()
             state.unigram_loss = float(-(p * p.log()).sum())
         loss = float(total[0] / total[1].clamp(min=1))
-        rec = {"step": step, "eval_loss": loss, "bits_per_token": loss / math.log(2),
-               "unigram_loss": state.unigram_loss, "eval_tokens": int(total[1])}
+        rec = {
+            "step": step,
+            "eval_loss": loss,
+            "bits_per_token": loss / math.log(2),
+            "unigram_loss": state.unigram_loss,
+            "eval_tokens": int(total[1]),
+        }
         if self.byte_level:
             rec["bits_per_byte"] = rec["bits_per_token"]
         extra = ""
         if want is not None:  # eval_loss stays the loss at the trained rounds (model.n_hashes)
             rec["eval_n_hashes"] = want
             rec["eval_loss_n_hashes"] = float(more[0] / more[1].clamp(min=1)) if rounds else loss
-            extra = (f" | loss with {want} hash rounds {rec['eval_loss_n_hashes']:.4f} "
-                     f"(trained with {self.model.n_hashes})")
+            extra = (
+                f" | loss with {want} hash rounds {rec['eval_loss_n_hashes']:.4f} (trained with {self.model.n_hashes})"
+            )
         metrics.eval(rec)
         unit = "bits/byte" if "bits_per_byte" in rec else "bits/token"
-        log.info(f"eval step {step}: loss {loss:.4f} ({rec['bits_per_token']:.3f} {unit}){extra} | "
-                 f"unigram baseline {state.unigram_loss:.4f} (entropy of the held-out tokens)")
+        log.info(
+            f"eval step {step}: loss {loss:.4f} ({rec['bits_per_token']:.3f} {unit}){extra} | "
+            f"unigram baseline {state.unigram_loss:.4f} (entropy of the held-out tokens)"
+        )
         self.last_eval_step, self.last_eval = step, rec
         return rec

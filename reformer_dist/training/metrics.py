@@ -36,8 +36,9 @@ class LoggingConfig(Section):
     log_every: int = opt(1, int_min(1), "write a step record every N steps")
     tensorboard: bool = opt(True, boolean, "TensorBoard scalars under <output.dir>/tb (rank 0)")
     progress_bar: bool = opt(True, boolean, "tqdm bar on rank 0")
-    rank_files: bool = opt(False, boolean,
-                           "every rank writes its own <output.dir>/ranks/rank<R>.jsonl (tests, debugging)")
+    rank_files: bool = opt(
+        False, boolean, "every rank writes its own <output.dir>/ranks/rank<R>.jsonl (tests, debugging)"
+    )
 
 
 def memory_gb(device: torch.device) -> float:
@@ -56,8 +57,18 @@ def _clean(v: Any) -> Any:
 
 
 class Metrics:
-    def __init__(self, run_dir: Path, rank: int, world_size: int, total_steps: int, initial_step: int,
-                 tensorboard: bool, progress_bar: bool, rank_files: bool, log_every: int):
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        world_size: int,
+        total_steps: int,
+        initial_step: int,
+        tensorboard: bool,
+        progress_bar: bool,
+        rank_files: bool,
+        log_every: int,
+    ):
         self.rank, self.world_size, self.log_every = rank, world_size, log_every
         self.main = rank == 0
         self._file = open_for_append(run_dir / METRICS) if self.main else None
@@ -72,14 +83,21 @@ class Metrics:
                 # JSON lines here instead of failing every import of this module
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR),
-                                         purge_step=initial_step + 1 if initial_step else None)
+                self._tb = SummaryWriter(
+                    str(run_dir / TENSORBOARD_DIR), purge_step=initial_step + 1 if initial_step else None
+                )
             except ImportError:  # pragma: no cover - tensorboard is a dependency; degrade rather than die
                 log.warning("tensorboard is not installed; writing JSON lines only")
         self._bar = None
         if self.main and progress_bar:
-            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
-                             mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+            self._bar = tqdm(
+                total=total_steps,
+                initial=initial_step,
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                file=sys.stderr,
+            )
 
     # ------------------------------------------------------------------ writing
     def _write(self, record: dict[str, Any]) -> None:
@@ -105,8 +123,13 @@ class Metrics:
                     self._tb.add_scalar(f"train/{k}", v, step)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
-            self._bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
-                                  tok_s=f"{rec['tokens_per_s']:.0f}", mem=f"{rec['mem_gb']:.2f}GB", refresh=False)
+            self._bar.set_postfix(
+                loss=f"{rec['loss']:.4f}",
+                lr=f"{rec['lr']:.2e}",
+                tok_s=f"{rec['tokens_per_s']:.0f}",
+                mem=f"{rec['mem_gb']:.2f}GB",
+                refresh=False,
+            )
 
     def eval(self, rec: dict[str, Any]) -> None:
         self._write({"event": "eval", **rec})
@@ -145,8 +168,10 @@ def open_for_append(path: Path) -> IO[str]:
     if size and cut:
         handle.write("\n")
         handle.flush()
-        log.warning(f"{path}: its last line was cut (a crash or power loss during a write); it is kept as it is and "
-                    "new records start on the next line (reformer-plot skips the cut one and says so)")
+        log.warning(
+            f"{path}: its last line was cut (a crash or power loss during a write); it is kept as it is and "
+            "new records start on the next line (reformer-plot skips the cut one and says so)"
+        )
     return handle
 
 
@@ -173,9 +198,11 @@ def read_records(path: str | Path, problems: list[str] | None = None) -> list[di
             if rec is None:
                 tail = line.rfind(_RECORD_START, 1)
                 rec = _parse_record(line[tail:]) if tail > 0 else None
-                problems.append(f"{path}:{number}: not a JSON record (cut by a crash or power loss?): "
-                                + ("its complete record after the cut one is kept" if rec else "skipped")
-                                + f": {line[:60]!r}")
+                problems.append(
+                    f"{path}:{number}: not a JSON record (cut by a crash or power loss?): "
+                    + ("its complete record after the cut one is kept" if rec else "skipped")
+                    + f": {line[:60]!r}"
+                )
                 if rec is None:
                     continue
             if rec.get("event") == "start":

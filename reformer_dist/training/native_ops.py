@@ -90,10 +90,14 @@ def announce_build(op_name: str, why: str, stale_after_s: float = 900.0) -> bool
     except OSError:
         age = 0.0
     if age > stale_after_s:
-        log.warning(f"{lock} is {age / 60:.0f} min old; torch waits for it before using {op_name}. If no build is "
-                    "running (a killed build leaves it behind), delete it")
+        log.warning(
+            f"{lock} is {age / 60:.0f} min old; torch waits for it before using {op_name}. If no build is "
+            "running (a killed build leaves it behind), delete it"
+        )
     if is_built(op_name):
         return False
-    log.info(f"building DeepSpeed's C++ op {op_name} ({why}) into {extensions_dir() / op_name}: a one-time compile, "
-             "1-4 min on a small CPU; later runs reuse it")
+    log.info(
+        f"building DeepSpeed's C++ op {op_name} ({why}) into {extensions_dir() / op_name}: a one-time compile, "
+        "1-4 min on a small CPU; later runs reuse it"
+    )
     return True

@@ -52,8 +52,10 @@ def exceeded(state: TrainState, limit: int) -> bool:
 
 def skipped_message(state: TrainState, loss: float, limit: int) -> str:
     """What the user is told about one skipped step."""
-    return (f"step {state.step}: non-finite loss ({loss}), update skipped ({state.nonfinite_streak} in a row, "
-            f"limit {limit})")
+    return (
+        f"step {state.step}: non-finite loss ({loss}), update skipped ({state.nonfinite_streak} in a row, "
+        f"limit {limit})"
+    )
 
 
 def stop(state: TrainState, limit: int, ckpt_root: Path, main: bool) -> tuple[str, int | None]:
@@ -65,14 +67,20 @@ def stop(state: TrainState, limit: int, ckpt_root: Path, main: bool) -> tuple[st
     good, moved = roll_back_to_finite(ckpt_root, last_finite) if main else (None, None)
     good, moved = broadcast_object((good, moved))
     if good is not None:
-        where = (f"`latest` names {ckpt_root / tag_for(good)}, the last checkpoint whose weights gave a finite "
-                 f"loss (step {good}); lower train.lr (or check the data) and run again with --resume auto")
+        where = (
+            f"`latest` names {ckpt_root / tag_for(good)}, the last checkpoint whose weights gave a finite "
+            f"loss (step {good}); lower train.lr (or check the data) and run again with --resume auto"
+        )
     else:
-        where = ("there is no checkpoint whose weights gave a finite loss; lower train.lr (or check the data) "
-                 "and start again")
-    msg = (f"stopping: {state.nonfinite_streak} non-finite steps in a row, steps {last_finite + 1}-{state.step} "
-           f"(more than train.max_nonfinite_steps = {limit}). None of them was saved: the weights are still those "
-           f"of step {last_finite}, which gave these losses. {where[0].upper()}{where[1:]}.")
+        where = (
+            "there is no checkpoint whose weights gave a finite loss; lower train.lr (or check the data) "
+            "and start again"
+        )
+    msg = (
+        f"stopping: {state.nonfinite_streak} non-finite steps in a row, steps {last_finite + 1}-{state.step} "
+        f"(more than train.max_nonfinite_steps = {limit}). None of them was saved: the weights are still those "
+        f"of step {last_finite}, which gave these losses. {where[0].upper()}{where[1:]}."
+    )
     if moved:
         msg += f" The checkpoint of step {last_finite} (those weights) was moved to {moved}."
     return msg, good

@@ -38,8 +38,9 @@ def _skippable(base: type) -> type:
     return Skippable
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainConfig, on_cuda: bool, offload: bool,
-                   announce: bool = True) -> SkippableOptimizer:
+def make_optimizer(
+    model: torch.nn.Module, t: TrainConfig, on_cuda: bool, offload: bool, announce: bool = True
+) -> SkippableOptimizer:
     """AdamW over `param_groups`; DeepSpeedCPUAdam under optimizer offload (`announce`: say when it is compiled)."""
     groups = param_groups(model, t.weight_decay)
     kw = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps)

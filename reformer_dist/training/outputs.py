@@ -39,15 +39,22 @@ def _gathered(engine: Engine, zero_stage: int) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def save_model(engine: Engine, zero_stage: int, out: Path, main: bool, tokenizer: Tokenizer | None = None,
-               data: dict[str, Any] | None = None) -> None:
+def save_model(
+    engine: Engine,
+    zero_stage: int,
+    out: Path,
+    main: bool,
+    tokenizer: Tokenizer | None = None,
+    data: dict[str, Any] | None = None,
+) -> None:
     """The engine's model as a weights folder (rank 0 writes; every rank calls this), with the record of its
     tokenizer and `[data]` options (data/model_data.py) when they are given; the document settings among those
     options also go into its config.json (`trained_with`: what an export must not drop)."""
     with _gathered(engine, zero_stage):
         if main:
-            trained_with = None if data is None else {k: bool(data.get(k, False))
-                                                      for k in ("document_masking", "reset_positions")}
+            trained_with = (
+                None if data is None else {k: bool(data.get(k, False)) for k in ("document_masking", "reset_positions")}
+            )
             engine.module.save_pretrained(out, trained_with=trained_with)
             if tokenizer is not None:
                 write_record(out, tokenizer, data or {}, engine.module.cfg.vocab_size)
@@ -55,8 +62,16 @@ def save_model(engine: Engine, zero_stage: int, out: Path, main: bool, tokenizer
 
 
 @torch.no_grad()
-def sample(engine: Engine, zero_stage: int, cfg: OutputConfig, tokenizer: Tokenizer, device: torch.device, seed: int,
-           hash_seed: int, main: bool) -> str:
+def sample(
+    engine: Engine,
+    zero_stage: int,
+    cfg: OutputConfig,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    seed: int,
+    hash_seed: int,
+    main: bool,
+) -> str:
     """`cfg.sample_tokens` generated after `cfg.sample_prompt`, decoded (rank 0; every rank calls this)."""
     prompt = tokenizer.encode(cfg.sample_prompt) or [tokenizer.eod_id]
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
@@ -68,9 +83,16 @@ def sample(engine: Engine, zero_stage: int, cfg: OutputConfig, tokenizer: Tokeni
         gen = torch.Generator(device=device).manual_seed(seed)
         # the cache holds at most max_seq_len positions; beyond them full recompute slides a window
         fits = len(prompt) + cfg.sample_tokens - 1 <= model.cfg.max_seq_len
-        out = model.generate(ids, cfg.sample_tokens, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
-                             hash_seed=hash_seed, generator=gen, use_cache=fits)
-        text = tokenizer.decode(out[0, len(prompt):].tolist())
+        out = model.generate(
+            ids,
+            cfg.sample_tokens,
+            temperature=cfg.sample_temperature,
+            top_k=cfg.sample_top_k,
+            hash_seed=hash_seed,
+            generator=gen,
+            use_cache=fits,
+        )
+        text = tokenizer.decode(out[0, len(prompt) :].tolist())
     model.train()
     barrier()
     return text

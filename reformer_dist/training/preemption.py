@@ -35,8 +35,12 @@ DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)
 class PreemptionHandler:
     """Signal handlers that only record that a stop was requested (and by which signal)."""
 
-    def __init__(self, signals: Iterable[int | signal.Signals] = DEFAULT_SIGNALS,
-                 abort_on_repeat: Iterable[int | signal.Signals] = (), repeat_notice: str = "") -> None:
+    def __init__(
+        self,
+        signals: Iterable[int | signal.Signals] = DEFAULT_SIGNALS,
+        abort_on_repeat: Iterable[int | signal.Signals] = (),
+        repeat_notice: str = "",
+    ) -> None:
         """`abort_on_repeat`: signals whose second arrival takes the default action at once (Ctrl-C twice);
         `repeat_notice` is written to stderr when the first one arrives."""
         self.signals: tuple[int, ...] = tuple(int(s) for s in signals)

@@ -55,10 +55,27 @@ from reformer_dist.training.train_state import TrainState
 log = logging.getLogger(__name__)
 
 # Keys whose change does not alter the losses of the resumed steps (everything else is warned about).
-HARMLESS = {"train.max_steps", "checkpoint.every", "checkpoint.keep_last", "checkpoint.at_end", "checkpoint.dir",
-            "eval.every", "eval.at_end", "logging.log_every", "logging.tensorboard", "logging.progress_bar",
-            "logging.rank_files", "output.dir", "output.save_model", "output.sample_tokens", "output.sample_prompt",
-            "output.sample_temperature", "output.sample_top_k", "train.requeue", "deepspeed.config"}
+HARMLESS = {
+    "train.max_steps",
+    "checkpoint.every",
+    "checkpoint.keep_last",
+    "checkpoint.at_end",
+    "checkpoint.dir",
+    "eval.every",
+    "eval.at_end",
+    "logging.log_every",
+    "logging.tensorboard",
+    "logging.progress_bar",
+    "logging.rank_files",
+    "output.dir",
+    "output.save_model",
+    "output.sample_tokens",
+    "output.sample_prompt",
+    "output.sample_temperature",
+    "output.sample_top_k",
+    "train.requeue",
+    "deepspeed.config",
+}
 
 
 @dataclass
@@ -81,16 +98,20 @@ def precheck_resume_path(spec: str) -> str | None:
     if not p.exists():
         return f"--resume {spec}: no such file or folder"
     if not p.is_dir():
-        return (f"--resume {spec}: is a file; "
-                "expected a checkpoint folder (step_XXXXXXXX), its root, or a reshard output")
+        return (
+            f"--resume {spec}: is a file; expected a checkpoint folder (step_XXXXXXXX), its root, or a reshard output"
+        )
     if step_of(p.name) is None and not (p / LATEST_UNIVERSAL).is_file() and not list_tags(p):
-        return (f"--resume {spec}: no checkpoint in this folder (expected step_XXXXXXXX folders, e.g. "
-                f"<output.dir>/checkpoints, or a `reformer-ckpt reshard` output)")
+        return (
+            f"--resume {spec}: no checkpoint in this folder (expected step_XXXXXXXX folders, e.g. "
+            f"<output.dir>/checkpoints, or a `reformer-ckpt reshard` output)"
+        )
     return None
 
 
-def find_resume(spec: str, default_root: Path, verify_hashes: bool = True,
-                owner: Path | None = None) -> ResumePoint | None:
+def find_resume(
+    spec: str, default_root: Path, verify_hashes: bool = True, owner: Path | None = None
+) -> ResumePoint | None:
     """Resolve `--resume auto|PATH` to a verified checkpoint; None = start fresh (only for `auto`).
 
     `auto`: the newest COMPLETE checkpoint under the run's checkpoint root (none -> fresh start).
@@ -135,7 +156,8 @@ def _check_owner(ckpt: Path, owner: Path, root: Path) -> None:
         raise CheckpointError(
             f"--resume auto: the newest checkpoint in checkpoint.dir {root}, {ckpt.name}, was written by the run in "
             f"output.dir {theirs}, not by this one ({owner}); --resume auto continues only this run's checkpoints. "
-            f"To continue from it, pass --resume {ckpt}; otherwise give this run its own checkpoint.dir")
+            f"To continue from it, pass --resume {ckpt}; otherwise give this run its own checkpoint.dir"
+        )
 
 
 def _foreign_checkpoints(root: Path, owner: Path) -> str | None:
@@ -145,9 +167,11 @@ def _foreign_checkpoints(root: Path, owner: Path) -> str | None:
             _check_owner(p, owner, root)
         except CheckpointError:
             theirs = json.loads((p / RUN_CONFIG).read_text())["config"]["output"]["dir"]
-            return (f"checkpoint.dir {root} holds {p.name} of the run in output.dir {theirs}, not of this one "
-                    f"({owner}); a fresh start would move it aside into this run's folder. Give this run its own "
-                    f"checkpoint.dir, or move that run's checkpoints away first")
+            return (
+                f"checkpoint.dir {root} holds {p.name} of the run in output.dir {theirs}, not of this one "
+                f"({owner}); a fresh start would move it aside into this run's folder. Give this run its own "
+                f"checkpoint.dir, or move that run's checkpoints away first"
+            )
     return None
 
 
@@ -201,15 +225,22 @@ def read_run_config(ckpt_dir: Path) -> dict[str, Any]:
         body = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{p}: cannot be read ({e})") from None
-    if not isinstance(body, dict) or not isinstance(body.get("config"), dict) \
-            or not isinstance(body.get("plan"), dict) or not all(isinstance(v, dict) for v in body["config"].values()):
-        raise CheckpointError(f"{p}: expected {{\"config\": {{section: {{key: value}}}}, \"plan\": {{...}}, ...}} as "
-                              "reformer-train writes it; the file was altered")
+    if (
+        not isinstance(body, dict)
+        or not isinstance(body.get("config"), dict)
+        or not isinstance(body.get("plan"), dict)
+        or not all(isinstance(v, dict) for v in body["config"].values())
+    ):
+        raise CheckpointError(
+            f'{p}: expected {{"config": {{section: {{key: value}}}}, "plan": {{...}}, ...}} as '
+            "reformer-train writes it; the file was altered"
+        )
     return body
 
 
-def compare_run_configs(saved: dict[str, Any], current: dict[str, Any],
-                        universal: bool = False) -> tuple[list[str], list[str]]:
+def compare_run_configs(
+    saved: dict[str, Any], current: dict[str, Any], universal: bool = False
+) -> tuple[list[str], list[str]]:
     """(errors, warnings) between a checkpoint's run config and the current one, as dotted keys.
 
     The model must match (the weights mean something else otherwise). An exact resume also needs the
@@ -231,16 +262,20 @@ def compare_run_configs(saved: dict[str, Any], current: dict[str, Any],
     have, want = saved["plan"], current["plan"]
     if universal:
         if have.get("global_batch") != want["global_batch"]:
-            errors.append(f"batch plan global_batch: checkpoint has {have.get('global_batch')}, this run "
-                          f"{want['global_batch']} (set train.global_batch to keep the same data order)")
+            errors.append(
+                f"batch plan global_batch: checkpoint has {have.get('global_batch')}, this run "
+                f"{want['global_batch']} (set train.global_batch to keep the same data order)"
+            )
         if have.get("sp_size", 1) != want["sp_size"]:
             errors.append("parallel.sequence_parallel_size must stay the same across a reshard")
         return errors, warnings
     for key in ("dp_size", "sp_size", "micro_batch", "grad_accum"):
         if have.get(key, 1 if key == "sp_size" else None) != want.get(key):
-            errors.append(f"batch plan {key}: checkpoint has {have.get(key)}, this run {want.get(key)} "
-                          f"(exact resume needs the same data- and sequence-parallel sizes, micro batch and grad "
-                          f"accumulation)")
+            errors.append(
+                f"batch plan {key}: checkpoint has {have.get(key)}, this run {want.get(key)} "
+                f"(exact resume needs the same data- and sequence-parallel sizes, micro batch and grad "
+                f"accumulation)"
+            )
     return errors, warnings
 
 
@@ -257,21 +292,34 @@ def check_fit(point: ResumePoint, record: dict[str, Any], rank: int, world_size:
         log.warning(f"resuming with a changed config{why}:\n  " + "\n  ".join(warnings))
     state = load_rank_state(point.path, 0 if point.universal else rank)
     if not point.universal and saved_world_size(state) != world_size:
-        raise CheckpointError(f"{state_path(point.path, rank)}: saved with world size {saved_world_size(state)}, "
-                              f"this run has {world_size}")
+        raise CheckpointError(
+            f"{state_path(point.path, rank)}: saved with world size {saved_world_size(state)}, "
+            f"this run has {world_size}"
+        )
     return state
 
 
-def load(point: ResumePoint, engine: Engine, loader: Stateful, train: TrainState, record: dict[str, Any], rank: int,
-         world_size: int, seed: int, abandon_newer_in: Path | None, state: dict[str, Any] | None = None) -> None:
+def load(
+    point: ResumePoint,
+    engine: Engine,
+    loader: Stateful,
+    train: TrainState,
+    record: dict[str, Any],
+    rank: int,
+    world_size: int,
+    seed: int,
+    abandon_newer_in: Path | None,
+    state: dict[str, Any] | None = None,
+) -> None:
     """Load `point` into the engine (DeepSpeed), the loader and `train` (the trainer's counters). Every rank
     calls this. `abandon_newer_in`: the run's checkpoint root when the checkpoint was named explicitly
     (`--resume PATH`): its checkpoints newer than `point` are moved aside there. `state`: what `check_fit`
     returned (checked again when not given)."""
     if state is None:
         state = check_fit(point, record, rank, world_size)
-    load_path, _ = engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    load_path, _ = engine.load_checkpoint(
+        str(point.root), tag=point.tag, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if load_path is None:
         raise CheckpointError(f"{point.path}: DeepSpeed could not load this checkpoint")
     restore_rank_state(state, train, loader, rng=not point.universal)

@@ -40,8 +40,11 @@ def prepare_run_dir(cfg: RunConfig, ds_config: dict[str, Any], fresh: bool) -> N
 
 def archive_previous_run(run_dir: Path, ckpt_root: Path) -> None:
     """A fresh start (no --resume) into a used run dir moves the old artefacts aside instead of mixing them."""
-    old = [run_dir / n for n in (RUN_CONFIG_TOML, DEEPSPEED_CONFIG, METRICS, TENSORBOARD_DIR, MODEL_DIR, RANKS_DIR)
-           if (run_dir / n).exists()]
+    old = [
+        run_dir / n
+        for n in (RUN_CONFIG_TOML, DEEPSPEED_CONFIG, METRICS, TENSORBOARD_DIR, MODEL_DIR, RANKS_DIR)
+        if (run_dir / n).exists()
+    ]
     ckpts = list_tags(ckpt_root)
     if not old and not ckpts:
         return

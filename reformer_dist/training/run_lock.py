@@ -86,8 +86,13 @@ class RunLock:
     the folder; reformer-data locks a store folder from beside it, as it renames the folder into place);
     `user`: what holds such locks, for the messages."""
 
-    def __init__(self, folder: str | Path, key: str = "output.dir", path: str | Path | None = None,
-                 user: str = "reformer-train run"):
+    def __init__(
+        self,
+        folder: str | Path,
+        key: str = "output.dir",
+        path: str | Path | None = None,
+        user: str = "reformer-train run",
+    ):
         self.folder = Path(folder)
         self.key, self.user = key, user
         self.path = Path(path) if path is not None else self.folder / LOCK_NAME
@@ -100,14 +105,22 @@ class RunLock:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as e:
-            raise RunLockedError(f"{self.folder}: lock file {self.path} is unreadable ({e}); if no other run uses "
-                                 f"this folder, delete it") from None
+            raise RunLockedError(
+                f"{self.folder}: lock file {self.path} is unreadable ({e}); if no other run uses this folder, delete it"
+            ) from None
 
     def acquire(self) -> str | None:
         """Take the lock; returns a note when a stale lock was taken over. Raises RunLockedError."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = Holder(pid=os.getpid(), host=platform.node(), proc_start=_proc_start(os.getpid()), job=_slurm_job(),
-                    started=time.time(), command=" ".join(sys.argv), token=uuid.uuid4().hex)
+        me = Holder(
+            pid=os.getpid(),
+            host=platform.node(),
+            proc_start=_proc_start(os.getpid()),
+            job=_slurm_job(),
+            started=time.time(),
+            command=" ".join(sys.argv),
+            token=uuid.uuid4().hex,
+        )
         tmp = self.path.with_name(f"{self.path.name}.{me.token}.tmp")
         tmp.write_text(json.dumps(asdict(me)) + "\n")
         note = None
@@ -128,8 +141,12 @@ class RunLock:
                     raise RunLockedError(
                         f"{self.folder}: {self.key} is in use by another {self.user} ({holder.describe()}). "
                         f"Wait for it to end or choose another {self.key}; nothing in the folder was touched. "
-                        + ("If that process is gone (e.g. its node crashed), delete " + str(self.path)
-                           if alive is None else ""))
+                        + (
+                            "If that process is gone (e.g. its node crashed), delete " + str(self.path)
+                            if alive is None
+                            else ""
+                        )
+                    )
                 why = "an earlier start of this SLURM job" if same_job and alive is None else "no longer running"
                 if self._remove_if_still(holder):
                     note = f"took over the stale lock {self.path} of {holder.describe()} ({why})"

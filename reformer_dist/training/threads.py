@@ -126,8 +126,7 @@ class ThreadTuner:
             return
         self._recent = (self._recent + [seconds])[-3:]
         seen.time_s, seen.at = sorted(self._recent)[len(self._recent) // 2], self._run_s
-        if (self._reference is not None and len(self._recent) == 3
-                and seen.time_s > self.drift * self._reference):
+        if self._reference is not None and len(self._recent) == 3 and seen.time_s > self.drift * self._reference:
             self._start_round(self.counts, self.probe_steps, "drift")  # the machine changed: re-try all
 
     @property
@@ -176,6 +175,8 @@ def timed_step(tuner: ThreadTuner | None, step: Callable[[], dict[str, Any]], me
         times = {str(c): None if t is None else round(t, 4) for c, t in tuner.times.items()}
         metrics.event("threads", step=at, threads=chosen, reason=why, step_time_s=times)
         shown = ", ".join(f"{c}: {t:.3g} s" for c, t in times.items() if t is not None)
-        log.info(f"step {at}: {chosen} intra-op thread{'s' if chosen > 1 else ''} from now on ({why}; step time "
-                 f"by threads {shown})")
+        log.info(
+            f"step {at}: {chosen} intra-op thread{'s' if chosen > 1 else ''} from now on ({why}; step time "
+            f"by threads {shown})"
+        )
     return {**rec, "threads": count}

@@ -65,8 +65,17 @@ log = logging.getLogger(__name__)
 class Trainer:
     """Builds the engine, loaders and evaluator of one run (resuming when asked); every rank makes one."""
 
-    def __init__(self, cfg: RunConfig, plan: BatchPlan, ds_config: dict[str, Any], env: DistEnv, store: TokenStore,
-                 resume_spec: str | None, device: torch.device, threads: ThreadPlan | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        plan: BatchPlan,
+        ds_config: dict[str, Any],
+        env: DistEnv,
+        store: TokenStore,
+        resume_spec: str | None,
+        device: torch.device,
+        threads: ThreadPlan | None = None,
+    ):
         self.cfg, self.plan, self.env, self.store, self.device = cfg, plan, env, store, device
         self.main = env.rank == 0
         self.state = TrainState()
@@ -85,8 +94,9 @@ class Trainer:
         seed_all(cfg.train.seed)  # identical initial weights on every rank
         model = ReformerLM(cfg.model)
         self.num_parameters = model.num_parameters()
-        self.optimizer = make_optimizer(model, cfg.train, device.type == "cuda", uses_optimizer_offload(ds_config),
-                                        announce=self.main)
+        self.optimizer = make_optimizer(
+            model, cfg.train, device.type == "cuda", uses_optimizer_offload(ds_config), announce=self.main
+        )
         self.engine: Engine = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)[0]
         self.zero_stage = zero_stage(ds_config)
         self.dp_rank, self.sp_rank = rank_layout(env.rank, plan.sp_size)
@@ -94,27 +104,79 @@ class Trainer:
         seed_all(rank_seed(cfg.train.seed, env.rank))
 
         self.loader = self._loader(cfg.data.train_split)
-        self.evaluator = Evaluator(cfg.eval, cfg.model, lambda: self._loader(cfg.data.eval_split), device, self.sp,
-                                   self._documents, byte_level=store.identity == "bytes")
+        self.evaluator = Evaluator(
+            cfg.eval,
+            cfg.model,
+            lambda: self._loader(cfg.data.eval_split),
+            device,
+            self.sp,
+            self._documents,
+            byte_level=store.identity == "bytes",
+        )
         if point is not None:
-            resume.load(point, self.engine, self.loader, self.state, record, env.rank, env.world_size,
-                        cfg.train.seed, abandon_newer_in=None if resume_spec == "auto" else ckpt_root, state=fit_state)
-        self.checkpointer = Checkpointer(self.engine, ckpt_root, env.rank, env.world_size, cfg.checkpoint.keep_last,
-                                         record, saved_step=self.state.step if point is not None else -1)
+            resume.load(
+                point,
+                self.engine,
+                self.loader,
+                self.state,
+                record,
+                env.rank,
+                env.world_size,
+                cfg.train.seed,
+                abandon_newer_in=None if resume_spec == "auto" else ckpt_root,
+                state=fit_state,
+            )
+        self.checkpointer = Checkpointer(
+            self.engine,
+            ckpt_root,
+            env.rank,
+            env.world_size,
+            cfg.checkpoint.keep_last,
+            record,
+            saved_step=self.state.step if point is not None else -1,
+        )
         self.batches = iter(self.loader)
         lc = cfg.logging
-        self.metrics = Metrics(cfg.run_dir, env.rank, env.world_size, cfg.train.max_steps, self.state.step,
-                               tensorboard=lc.tensorboard, progress_bar=lc.progress_bar, rank_files=lc.rank_files,
-                               log_every=lc.log_every)
+        self.metrics = Metrics(
+            cfg.run_dir,
+            env.rank,
+            env.world_size,
+            cfg.train.max_steps,
+            self.state.step,
+            tensorboard=lc.tensorboard,
+            progress_bar=lc.progress_bar,
+            rank_files=lc.rank_files,
+            log_every=lc.log_every,
+        )
         self.threads = ThreadTuner(candidates(threads.count)) if threads is not None and threads.auto else None
-        announce_start(self.metrics, cfg, plan, env, device, self.num_parameters, self.zero_stage,
-                       resolve_precision(cfg, device.type == "cuda"), point, self.state.step, self.threads is not None)
+        announce_start(
+            self.metrics,
+            cfg,
+            plan,
+            env,
+            device,
+            self.num_parameters,
+            self.zero_stage,
+            resolve_precision(cfg, device.type == "cuda"),
+            point,
+            self.state.step,
+            self.threads is not None,
+        )
 
     def _loader(self, split: str) -> WindowLoader:
         p = self.plan
-        return WindowLoader(self.store, split=split, seq_len=self.cfg.data.seq_len, micro_batch=p.micro_batch,
-                            seed=self.cfg.data.seed, dp_rank=self.dp_rank, dp_size=p.dp_size, sp_rank=self.sp_rank,
-                            sp_size=p.sp_size, loop=True)
+        return WindowLoader(
+            self.store,
+            split=split,
+            seq_len=self.cfg.data.seq_len,
+            micro_batch=p.micro_batch,
+            seed=self.cfg.data.seed,
+            dp_rank=self.dp_rank,
+            dp_size=p.dp_size,
+            sp_rank=self.sp_rank,
+            sp_size=p.sp_size,
+            loop=True,
+        )
 
     def _documents(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The model's document inputs (parallel.sequence.document_inputs); none without data.document_masking."""
@@ -140,9 +202,16 @@ class Trainer:
                 loss = engine(ids, labels=labels, position_offset=b["position_offset"], hash_seed=hash_seed, **docs)
                 logged = loss.detach()
             else:  # each SP rank logs the whole sequence's mean; gradients are scaled for DeepSpeed's averaging
-                loss, logged = sequence_parallel_loss(engine, ids, labels, position_offset=b["position_offset"],
-                                                      sp=self.sp, hash_seed=hash_seed,
-                                                      scale_for_data_parallel=True, **docs)
+                loss, logged = sequence_parallel_loss(
+                    engine,
+                    ids,
+                    labels,
+                    position_offset=b["position_offset"],
+                    sp=self.sp,
+                    hash_seed=hash_seed,
+                    scale_for_data_parallel=True,
+                    **docs,
+                )
             engine.backward(loss)
             local += logged.double().cpu()
             if micro == plan.grad_accum - 1:  # decided before the boundary step, the same on every rank
@@ -156,19 +225,31 @@ class Trainer:
         state.tokens_seen += plan.tokens_per_step
         nonfinite.count(state, skipped)
         gn = engine.get_global_grad_norm()
-        return {"step": state.step, "loss": mean_loss, "local_loss": float(local) / plan.grad_accum, "lr": lr,
-                "grad_norm": None if gn is None else float(gn), "tokens_per_s": plan.tokens_per_step / dt,
-                "step_time_s": dt, "tokens": state.tokens_seen, "skipped": skipped,
-                "nonfinite_streak": state.nonfinite_streak, "mem_gb": memory_gb(self.device)}
+        return {
+            "step": state.step,
+            "loss": mean_loss,
+            "local_loss": float(local) / plan.grad_accum,
+            "lr": lr,
+            "grad_norm": None if gn is None else float(gn),
+            "tokens_per_s": plan.tokens_per_step / dt,
+            "step_time_s": dt,
+            "tokens": state.tokens_seen,
+            "skipped": skipped,
+            "nonfinite_streak": state.nonfinite_streak,
+            "mem_gb": memory_gb(self.device),
+        }
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> ExitCode:
         """Train to `train.max_steps` (or a stop); the process's exit code."""
         cfg, state = self.cfg, self.state
         # Ctrl-C too: checkpoint at the step boundary; a second Ctrl-C aborts at once (default action)
-        handler = PreemptionHandler((signal.SIGUSR1, signal.SIGTERM, signal.SIGINT), abort_on_repeat=(signal.SIGINT,),
-                                    repeat_notice=f"\n{prog_name()}: Ctrl-C: saving a checkpoint at the end of this "
-                                                  "step (Ctrl-C again aborts at once)\n").install()
+        handler = PreemptionHandler(
+            (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT),
+            abort_on_repeat=(signal.SIGINT,),
+            repeat_notice=f"\n{prog_name()}: Ctrl-C: saving a checkpoint at the end of this "
+            "step (Ctrl-C again aborts at once)\n",
+        ).install()
         started = time.time()
         self.engine.train()
         try:
@@ -203,14 +284,20 @@ class Trainer:
         step, saved = self.state.step, self.save()
         if handler.signum == signal.SIGINT:  # Ctrl-C: the user stops the run and may continue it
             self.metrics.event("interrupted", step=step, signal=handler.signal_name)
-            where = (f"checkpoint saved in {self.cfg.checkpoint_dir / tag_for(step)}" if saved else
-                     f"no checkpoint of this step (its loss was not finite); {self.checkpointer.latest_note()}")
-            log.info(f"interrupted (Ctrl-C) at step {step}: {where}; to continue, run the same command with "
-                     "--resume auto")
+            where = (
+                f"checkpoint saved in {self.cfg.checkpoint_dir / tag_for(step)}"
+                if saved
+                else f"no checkpoint of this step (its loss was not finite); {self.checkpointer.latest_note()}"
+            )
+            log.info(
+                f"interrupted (Ctrl-C) at step {step}: {where}; to continue, run the same command with --resume auto"
+            )
             return ExitCode.INTERRUPTED
         self.metrics.event("preempted", step=step, signal=handler.signal_name)
-        log.info(f"preempted ({handler.signal_name or 'signal on another rank'}) at step {step}: "
-                 + ("checkpoint saved" if saved else f"not saved (non-finite loss); {self.checkpointer.latest_note()}"))
+        log.info(
+            f"preempted ({handler.signal_name or 'signal on another rank'}) at step {step}: "
+            + ("checkpoint saved" if saved else f"not saved (non-finite loss); {self.checkpointer.latest_note()}")
+        )
         if should_requeue(self.cfg.train.requeue, handler.signum, self.env.rank):
             requeue_slurm_job()
         return ExitCode.OK
@@ -223,8 +310,14 @@ class Trainer:
         if cfg.output.save_model:
             self.save_model()
         seconds = time.time() - started
-        self.metrics.event("end", step=state.step, eval_loss=final, unigram_loss=state.unigram_loss,
-                           nonfinite_total=state.nonfinite_total, seconds=round(seconds, 1))
+        self.metrics.event(
+            "end",
+            step=state.step,
+            eval_loss=final,
+            unigram_loss=state.unigram_loss,
+            nonfinite_total=state.nonfinite_total,
+            seconds=round(seconds, 1),
+        )
         log.info(end_summary(state.step, seconds, final, state.unigram_loss))
         if cfg.output.sample_tokens:
             self.sample()  # last, so the run ends with it
@@ -242,15 +335,26 @@ class Trainer:
     def save_model(self) -> None:
         """The final weights folder, <output.dir>/model."""
         out = self.cfg.run_dir / MODEL_DIR
-        outputs.save_model(self.engine, self.zero_stage, out, self.main, self.store.tokenizer,
-                           dataclasses.asdict(self.cfg.data))
+        outputs.save_model(
+            self.engine, self.zero_stage, out, self.main, self.store.tokenizer, dataclasses.asdict(self.cfg.data)
+        )
         log.info(f"saved weights to {out} (ReformerLM.from_pretrained)")
 
     def sample(self) -> str:
         """Generate `output.sample_tokens` tokens after `output.sample_prompt` and show them."""
         o = self.cfg.output
-        text = outputs.sample(self.engine, self.zero_stage, o, self.store.tokenizer, self.device, self.cfg.train.seed,
-                              self.evaluator.hash_seed, self.main)
-        log.info(f"--- sample ({o.sample_tokens} tokens, temperature {o.sample_temperature}) ---\n"
-                 f"{o.sample_prompt}{text}\n---")
+        text = outputs.sample(
+            self.engine,
+            self.zero_stage,
+            o,
+            self.store.tokenizer,
+            self.device,
+            self.cfg.train.seed,
+            self.evaluator.hash_seed,
+            self.main,
+        )
+        log.info(
+            f"--- sample ({o.sample_tokens} tokens, temperature {o.sample_temperature}) ---\n"
+            f"{o.sample_prompt}{text}\n---"
+        )
         return text

@@ -52,6 +52,8 @@ def venv_mpiexec() -> Path:
     """The mpiexec installed next to this interpreter (pip's mpich), by absolute path."""
     path = Path(sys.executable).parent / "mpiexec"
     if not path.exists():
-        pytest.fail(f"{path} not found: install the dev extras (`pip install -e '.[dev]'` brings mpich "
-                    "and mpi4py)", pytrace=False)
+        pytest.fail(
+            f"{path} not found: install the dev extras (`pip install -e '.[dev]'` brings mpich and mpi4py)",
+            pytrace=False,
+        )
     return path

@@ -29,18 +29,21 @@ from typing import Callable, Iterable, Mapping, Sequence
 # cores, shared). Waits end as soon as their event happens; only a hang pays the full ceiling.
 CEILING_S = 600.0
 SLURM_PACKAGES = ("slurmctld", "slurmd", "slurm-client")
-TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                             "BOOT_FAIL", "DEADLINE", "PREEMPTED"})
+TERMINAL_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+)
 
 
 class SlurmUnavailable(RuntimeError):
     """SLURM is not installed and could not be installed."""
 
 
-def _run(cmd: Sequence[str], timeout: float, env: Mapping[str, str] | None = None,
-         check: bool = False) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
-                          env=None if env is None else dict(env), check=check)
+def _run(
+    cmd: Sequence[str], timeout: float, env: Mapping[str, str] | None = None, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(cmd), capture_output=True, text=True, timeout=timeout, env=None if env is None else dict(env), check=check
+    )
 
 
 def ensure_slurm_installed(timeout: float = 240.0) -> None:
@@ -51,22 +54,34 @@ def ensure_slurm_installed(timeout: float = 240.0) -> None:
     if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo")):
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise SlurmUnavailable("SLURM is not installed and apt-get as root is not available: install "
-                               "slurmctld slurmd slurm-client (Debian) to run the cluster tests")
+        raise SlurmUnavailable(
+            "SLURM is not installed and apt-get as root is not available: install "
+            "slurmctld slurmd slurm-client (Debian) to run the cluster tests"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     # Wait for a dpkg lock held by a concurrent install instead of failing at once.
-    install = ["apt-get", "-o", "DPkg::Lock::Timeout=120", "install", "-y", "-q", "--no-install-recommends",
-               *SLURM_PACKAGES]
+    install = [
+        "apt-get",
+        "-o",
+        "DPkg::Lock::Timeout=120",
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        *SLURM_PACKAGES,
+    ]
     deadline = time.monotonic() + timeout
     res = _run(install, timeout, env)
     if res.returncode != 0:  # package lists may be missing or stale in a fresh image
-        upd = _run(["apt-get", "-o", "DPkg::Lock::Timeout=120", "update", "-q"],
-                   max(10.0, deadline - time.monotonic()), env)
+        upd = _run(
+            ["apt-get", "-o", "DPkg::Lock::Timeout=120", "update", "-q"], max(10.0, deadline - time.monotonic()), env
+        )
         res = _run(install, max(10.0, deadline - time.monotonic()), env)
         if res.returncode != 0:
             raise SlurmUnavailable(
                 f"apt-get install {' '.join(SLURM_PACKAGES)} failed (rc={res.returncode}):\n"
-                f"{upd.stderr[-1500:]}\n{res.stdout[-1500:]}\n{res.stderr[-1500:]}")
+                f"{upd.stderr[-1500:]}\n{res.stdout[-1500:]}\n{res.stderr[-1500:]}"
+            )
     if not shutil.which("slurmctld"):
         raise SlurmUnavailable("apt-get succeeded but slurmctld is still not on PATH")
 
@@ -99,8 +114,15 @@ def free_ports(n: int) -> list[int]:
 class LocalSlurmCluster:
     """slurmctld + ``nodes`` slurmd daemons (``node1``..) on localhost, configured under ``root``."""
 
-    def __init__(self, root: Path | None = None, nodes: int = 2, cpus_per_node: int = 8,
-                 partition: str = "debug", memory_mb: int = 4096, kill_wait_s: int = 5) -> None:
+    def __init__(
+        self,
+        root: Path | None = None,
+        nodes: int = 2,
+        cpus_per_node: int = 8,
+        partition: str = "debug",
+        memory_mb: int = 4096,
+        kill_wait_s: int = 5,
+    ) -> None:
         self._owns_root = root is None
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="rdslurm-"))
         self.nodes = [f"node{i}" for i in range(1, nodes + 1)]
@@ -164,18 +186,21 @@ class LocalSlurmCluster:
             "SlurmdDebug=info",
         ]
         for name, port in zip(self.nodes, node_ports):
-            lines.append(f"NodeName={name} NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={port} "
-                         f"CPUs={self.cpus_per_node} RealMemory={self.memory_mb} State=UNKNOWN")
-        lines.append(f"PartitionName={self.partition} Nodes={','.join(self.nodes)} Default=YES "
-                     "MaxTime=INFINITE State=UP OverSubscribe=NO")
+            lines.append(
+                f"NodeName={name} NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={port} "
+                f"CPUs={self.cpus_per_node} RealMemory={self.memory_mb} State=UNKNOWN"
+            )
+        lines.append(
+            f"PartitionName={self.partition} Nodes={','.join(self.nodes)} Default=YES "
+            "MaxTime=INFINITE State=UP OverSubscribe=NO"
+        )
         self.conf_path.write_text("\n".join(lines) + "\n")
         return self.conf_path
 
     @property
     def env(self) -> dict[str, str]:
         """os.environ plus SLURM_CONF, without variables of any job we may be running inside."""
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
         env["SLURM_CONF"] = str(self.conf_path)
         return env
 
@@ -183,8 +208,15 @@ class LocalSlurmCluster:
     def _spawn(self, cmd: list[str], log_name: str) -> None:
         log = open(self.root / "log" / log_name, "ab")
         self._logs.append(log)
-        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(
+            cmd,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         self._procs.append(proc)
 
     def start(self, timeout: float = 30.0, attempts: int = 2) -> "LocalSlurmCluster":
@@ -221,8 +253,7 @@ class LocalSlurmCluster:
         while time.monotonic() < deadline:
             for proc in self._procs:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"SLURM daemon {proc.args} exited with {proc.returncode}:\n"
-                                       f"{self.logs_tail()}")
+                    raise RuntimeError(f"SLURM daemon {proc.args} exited with {proc.returncode}:\n{self.logs_tail()}")
             try:
                 res = self.run(["sinfo", "-h", "-N", "-o", "%N %t"], timeout=5)
                 last = res.stdout + res.stderr
@@ -281,8 +312,9 @@ class LocalSlurmCluster:
         self.stop()
 
     # -- commands --------------------------------------------------------------------------------
-    def run(self, cmd: Sequence[str], timeout: float = 30.0,
-            extra_env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, cmd: Sequence[str], timeout: float = 30.0, extra_env: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run a SLURM client command against this cluster (SLURM_CONF set), under a timeout."""
         env = self.env
         if extra_env:
@@ -297,9 +329,15 @@ class LocalSlurmCluster:
             raise RuntimeError(f"no NodeAddr for {node}: {out!r}")
         return m.group(1)
 
-    def sbatch_wait(self, script: Path | str, args: Iterable[str] = (), timeout: float = CEILING_S,
-                    cwd: Path | str | None = None, extra_env: Mapping[str, str] | None = None,
-                    script_args: Iterable[str] = ()) -> tuple[int, str]:
+    def sbatch_wait(
+        self,
+        script: Path | str,
+        args: Iterable[str] = (),
+        timeout: float = CEILING_S,
+        cwd: Path | str | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        script_args: Iterable[str] = (),
+    ) -> tuple[int, str]:
         """Submit and wait until the job ends; returns (job exit code, job id).
 
         Same contract as ``sbatch --wait``, but polls ``scontrol show job`` every 0.25 s: sbatch's
@@ -314,17 +352,24 @@ class LocalSlurmCluster:
             rc = 1
         return rc, job
 
-    def sbatch(self, script: Path | str, args: Iterable[str] = (), cwd: Path | str | None = None,
-               extra_env: Mapping[str, str] | None = None, timeout: float = 30.0,
-               script_args: Iterable[str] = ()) -> str:
+    def sbatch(
+        self,
+        script: Path | str,
+        args: Iterable[str] = (),
+        cwd: Path | str | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        script_args: Iterable[str] = (),
+    ) -> str:
         """Submit without waiting: ``sbatch [args] script [script_args]``; returns the job id."""
         res = self._run_in(["sbatch", "--parsable", *args, str(script), *script_args], cwd, timeout, extra_env)
         if res.returncode != 0:
             raise RuntimeError(f"sbatch {script} failed ({res.returncode}): {res.stderr}")
         return res.stdout.strip().split(";")[0]
 
-    def _run_in(self, cmd: Sequence[str], cwd: Path | str | None, timeout: float,
-                extra_env: Mapping[str, str] | None) -> subprocess.CompletedProcess[str]:
+    def _run_in(
+        self, cmd: Sequence[str], cwd: Path | str | None, timeout: float, extra_env: Mapping[str, str] | None
+    ) -> subprocess.CompletedProcess[str]:
         env = self.env
         if extra_env:
             env.update(extra_env)
@@ -337,8 +382,9 @@ class LocalSlurmCluster:
             return {}
         return dict(re.findall(r"(\w+)=(\S*)", res.stdout))
 
-    def wait_job(self, job_id: str, done: Callable[[dict[str, str]], bool], timeout: float = CEILING_S,
-                 poll_s: float = 0.25) -> dict[str, str]:
+    def wait_job(
+        self, job_id: str, done: Callable[[dict[str, str]], bool], timeout: float = CEILING_S, poll_s: float = 0.25
+    ) -> dict[str, str]:
         """Poll job_info until ``done(info)``; TimeoutError (with the last info and logs) otherwise."""
         deadline = time.monotonic() + timeout
         info: dict[str, str] = {}

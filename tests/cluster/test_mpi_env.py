@@ -14,7 +14,7 @@ from tests.cluster.slurm_cluster import CEILING_S
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-PROBE = r'''
+PROBE = r"""
 import json, os, signal, sys, time
 
 import torch
@@ -44,7 +44,7 @@ Path(f"result{env.rank}.json").write_text(json.dumps({
     "env": json.loads(env.to_json()), "sum": value.item(), "stop": stop, "local_flag": handler.requested,
     "torch_rank": dist.get_rank(), "torch_world": dist.get_world_size()}))
 dist.destroy_process_group()
-'''
+"""
 
 
 def test_mpiexec_two_ranks(venv_mpiexec: Path, tmp_path: Path) -> None:
@@ -53,8 +53,14 @@ def test_mpiexec_two_ranks(venv_mpiexec: Path, tmp_path: Path) -> None:
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("SLURM_", "PMI_", "OMPI_"))}
     try:
-        res = subprocess.run([str(venv_mpiexec), "-n", "2", sys.executable, str(script)], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=CEILING_S)
+        res = subprocess.run(
+            [str(venv_mpiexec), "-n", "2", sys.executable, str(script)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=CEILING_S,
+        )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"mpiexec -n 2 hung: {exc.stdout!r} {exc.stderr!r}")
     rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result*.json"))]

@@ -34,7 +34,7 @@ from tests.distributed.train_launcher import TINY, clean_env, free_port
 
 pytestmark = pytest.mark.slow  # every test launches ranks (torchrun or srun); each marks which launcher
 
-KILL_AFTER = 10        # kill rank 1 once a checkpoint at this step or later is committed
+KILL_AFTER = 10  # kill rank 1 once a checkpoint at this step or later is committed
 # The job must be over this long after the kill: far below the 600 s collective timeout it would
 # otherwise hang for, and generous for a busy machine (it takes seconds on a quiet one).
 EXIT_WITHIN_S = 240.0
@@ -136,12 +136,20 @@ def _start_torchrun(tmp_path: Path, repo_root: Path, extra: list[str] = ()):
         args += ["--set", o]
     env = clean_env()
     env["RD_PID_DIR"] = str(out / "pids")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(wrapper), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(wrapper),
+        *args,
+    ]
     log_path = tmp_path / "torchrun.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     return proc, out, log_path, cmd, env
 
 
@@ -149,15 +157,18 @@ def _start_torchrun(tmp_path: Path, repo_root: Path, extra: list[str] = ()):
 def test_torchrun_rank_death_fails_fast(tmp_path: Path, repo_root: Path) -> None:
     proc, out, log_path, cmd, env = _start_torchrun(tmp_path, repo_root)
     try:
-        ckpt_step = _wait_for_checkpoint(out, lambda: proc.poll() is None,
-                                         lambda: log_path.read_text(errors="replace")[-4000:])
+        ckpt_step = _wait_for_checkpoint(
+            out, lambda: proc.poll() is None, lambda: log_path.read_text(errors="replace")[-4000:]
+        )
         killed = _kill_rank1(out)
         t_kill = time.monotonic()
         try:
             rc = proc.wait(timeout=EXIT_WITHIN_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"torchrun still running {EXIT_WITHIN_S:.0f}s after rank 1 was killed (a hung collective?)\n"
-                        f"{log_path.read_text(errors='replace')[-4000:]}")
+            pytest.fail(
+                f"torchrun still running {EXIT_WITHIN_S:.0f}s after rank 1 was killed (a hung collective?)\n"
+                f"{log_path.read_text(errors='replace')[-4000:]}"
+            )
         took = time.monotonic() - t_kill
     finally:
         _stop(proc, out, out / "pids")
@@ -167,7 +178,7 @@ def test_torchrun_rank_death_fails_fast(tmp_path: Path, repo_root: Path) -> None
     assert rc != 0, text[-4000:]
     # torchrun's failure summary names rank 1, killed by signal 9 (usually as the root cause; when
     # both ranks are seen failed in the same poll the tie may go to rank 0, so no order is assumed)
-    summary = text[text.rfind("Failures:"):] if "Failures:" in text else ""
+    summary = text[text.rfind("Failures:") :] if "Failures:" in text else ""
     entries = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)", summary)
     assert ("1", "-9", str(killed)) in entries, text[-4000:]
     root = re.search(r"Root Cause \(first observed failure\):\s*\n\s*\[\d+\]:\s*\n.*\n.*\n\s*rank\s*:\s*(\d+)", summary)
@@ -182,13 +193,16 @@ def test_torchrun_rank_death_fails_fast(tmp_path: Path, repo_root: Path) -> None
     resume = [*cmd, "--set", f"train.max_steps={step + 2}", "--resume", "auto"]
     resume[resume.index(next(a for a in resume if a.startswith("--master_port=")))] = f"--master_port={free_port()}"
     with open(tmp_path / "resume.log", "w") as log:
-        proc = subprocess.Popen(resume, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            resume, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         proc.wait(timeout=CEILING_S)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"resumed run not done after {CEILING_S:.0f} s:\n"
-                    f"{(tmp_path / 'resume.log').read_text(errors='replace')[-3000:]}")
+        pytest.fail(
+            f"resumed run not done after {CEILING_S:.0f} s:\n"
+            f"{(tmp_path / 'resume.log').read_text(errors='replace')[-3000:]}"
+        )
     finally:
         _stop(proc, out, out / "pids-resume")
     text = (tmp_path / "resume.log").read_text(errors="replace")[-3000:]
@@ -196,7 +210,7 @@ def test_torchrun_rank_death_fails_fast(tmp_path: Path, repo_root: Path) -> None
         recs = _records(out / "ranks" / f"rank{rank}.jsonl")
         starts = [r for r in recs if r["event"] == "start"]
         assert len(starts) == 2 and starts[-1]["resume_step"] == step, (starts, text)
-        tail = recs[recs.index(starts[-1]):]
+        tail = recs[recs.index(starts[-1]) :]
         assert [r["step"] for r in tail if r["event"] == "step"] == [step + 1, step + 2], text
         assert tail[-1]["event"] == "end", text
 
@@ -207,8 +221,9 @@ def test_torchrun_frozen_rank_fails_within_the_collective_timeout(tmp_path: Path
     torch's default 30 minutes: train.dist_timeout_s also covers the groups DeepSpeed creates itself."""
     proc, out, log_path, _, _ = _start_torchrun(tmp_path, repo_root, [f"train.dist_timeout_s={FROZEN_TIMEOUT_S}"])
     try:
-        ckpt_step = _wait_for_checkpoint(out, lambda: proc.poll() is None,
-                                         lambda: log_path.read_text(errors="replace")[-4000:])
+        ckpt_step = _wait_for_checkpoint(
+            out, lambda: proc.poll() is None, lambda: log_path.read_text(errors="replace")[-4000:]
+        )
         pid = int((out / "pids" / "rank1.pid").read_text())
         assert _ours(pid, out)
         os.kill(pid, signal.SIGSTOP)
@@ -217,8 +232,10 @@ def test_torchrun_frozen_rank_fails_within_the_collective_timeout(tmp_path: Path
         try:
             rc = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"job still running {limit:.0f} s after rank 1 froze (dist_timeout_s={FROZEN_TIMEOUT_S}; "
-                        f"torch's default would hang 30 min)\n{log_path.read_text(errors='replace')[-4000:]}")
+            pytest.fail(
+                f"job still running {limit:.0f} s after rank 1 froze (dist_timeout_s={FROZEN_TIMEOUT_S}; "
+                f"torch's default would hang 30 min)\n{log_path.read_text(errors='replace')[-4000:]}"
+            )
         took = time.monotonic() - t0
     finally:
         for f in (out / "pids").glob("rank*.pid"):
@@ -242,27 +259,49 @@ def test_slurm_rank_death_fails_job(slurm_cluster, repo_root: Path, tmp_path: Pa
     script_args = ["--set", f"output.dir={out}"]
     for o in RUN:
         script_args += ["--set", o]
-    env = {"PYTHON": sys.executable, "TORCH_EXTENSIONS_DIR": str(repo_root / ".torch_extensions"),
-           "OMP_NUM_THREADS": "1", "REFORMER_TRAIN_MODULE": "pid_train", "PYTHONPATH": str(tmp_path),
-           "RD_PID_DIR": str(out / "pids")}
-    job = slurm_cluster.sbatch(repo_root / "launch/slurm/train.sbatch",
-                               ["--partition=debug", "--gpus-per-node=0", "--nodes=2", "--ntasks-per-node=1",
-                                "--cpus-per-task=1", "--time=00:10:00", "--job-name=rd-fail", f"--output={log}"],
-                               script_args=script_args, cwd=repo_root, extra_env=env)
+    env = {
+        "PYTHON": sys.executable,
+        "TORCH_EXTENSIONS_DIR": str(repo_root / ".torch_extensions"),
+        "OMP_NUM_THREADS": "1",
+        "REFORMER_TRAIN_MODULE": "pid_train",
+        "PYTHONPATH": str(tmp_path),
+        "RD_PID_DIR": str(out / "pids"),
+    }
+    job = slurm_cluster.sbatch(
+        repo_root / "launch/slurm/train.sbatch",
+        [
+            "--partition=debug",
+            "--gpus-per-node=0",
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            "--cpus-per-task=1",
+            "--time=00:10:00",
+            "--job-name=rd-fail",
+            f"--output={log}",
+        ],
+        script_args=script_args,
+        cwd=repo_root,
+        extra_env=env,
+    )
 
     def text() -> str:
         return log.read_text(errors="replace")[-5000:] if log.exists() else "<no log>"
 
     ckpt_step = _wait_for_checkpoint(
-        out, lambda: slurm_cluster.job_info(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), text)
+        out, lambda: slurm_cluster.job_info(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), text
+    )
     killed = _kill_rank1(out)
     t_kill = time.monotonic()
-    info = slurm_cluster.wait_job(job, lambda i: i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
-                                                                          "COMPLETING", "REQUEUED"),
-                                  timeout=EXIT_WITHIN_S)
+    info = slurm_cluster.wait_job(
+        job,
+        lambda i: i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"),
+        timeout=EXIT_WITHIN_S,
+    )
     took = time.monotonic() - t_kill
-    print(f"rank 1 (pid {killed}) killed after the step-{ckpt_step} checkpoint; job {info['JobState']} "
-          f"{info.get('ExitCode')} after {took:.1f}s")
+    print(
+        f"rank 1 (pid {killed}) killed after the step-{ckpt_step} checkpoint; job {info['JobState']} "
+        f"{info.get('ExitCode')} after {took:.1f}s"
+    )
 
     assert info["JobState"] == "FAILED" and info.get("ExitCode") != "0:0", f"{info}\n{text()}"
     assert info.get("Restarts", "0") == "0", info  # a crash is not a preemption: no requeue

@@ -24,12 +24,19 @@ from tests.cluster.slurm_cluster import CEILING_S
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 # Job options that replace the GPU-cluster defaults of the launch scripts on the local cluster.
-LOCAL_JOB_ARGS = ["--partition=debug", "--gpus-per-node=0", "--nodes=2", "--ntasks-per-node=1",
-                  "--cpus-per-task=1", "--mem=0", "--time=00:15:00"]
+LOCAL_JOB_ARGS = [
+    "--partition=debug",
+    "--gpus-per-node=0",
+    "--nodes=2",
+    "--ntasks-per-node=1",
+    "--cpus-per-task=1",
+    "--mem=0",
+    "--time=00:15:00",
+]
 
 # A stand-in for reformer_dist.cli.train: same CLI (--config/--set/--resume), the preemption
 # protocol the real trainer follows, and JSON events per rank instead of training.
-STUB_TRAINER = '''
+STUB_TRAINER = """
 import argparse, json, os, sys, time
 from pathlib import Path
 
@@ -91,7 +98,7 @@ while step < last:
         sys.exit(0)
 event(event="done", step=step)
 dist.destroy_process_group()
-'''
+"""
 
 
 def _events(out: Path, rank: int) -> list[dict]:
@@ -105,8 +112,14 @@ def _log(path: Path) -> str:
 
 
 def test_expand_nodelist_matches_scontrol(slurm_cluster) -> None:
-    for spec in ["node[01-03,07],gpu5,rack[1-2]-n[3-4]", "node[8-11]", "node[08-11]", "a[1,3],b[2]",
-                 "n[0998-1002]", "x[1-2]y[09-10]"]:
+    for spec in [
+        "node[01-03,07],gpu5,rack[1-2]-n[3-4]",
+        "node[8-11]",
+        "node[08-11]",
+        "a[1,3],b[2]",
+        "n[0998-1002]",
+        "x[1-2]y[09-10]",
+    ]:
         res = slurm_cluster.run(["scontrol", "show", "hostnames", spec], timeout=10)
         assert res.returncode == 0, res.stderr
         assert expand_nodelist(spec) == res.stdout.split(), spec
@@ -115,7 +128,8 @@ def test_expand_nodelist_matches_scontrol(slurm_cluster) -> None:
 def test_two_nodes_discover(slurm_cluster, tmp_path: Path) -> None:
     """sbatch --wait: 2 nodes x 1 task, discover() per rank from SLURM's variables."""
     script = tmp_path / "smoke.sbatch"
-    script.write_text(textwrap.dedent(f"""\
+    script.write_text(
+        textwrap.dedent(f"""\
         #!/bin/bash
         #SBATCH --job-name=rd-smoke
         #SBATCH --nodes=2
@@ -132,7 +146,8 @@ def test_two_nodes_discover(slurm_cluster, tmp_path: Path) -> None:
         export MASTER_ADDR=$(scontrol show node "$first" | grep -oP 'NodeAddr=\\K\\S+')
         srun "$PY" -c "$CODE" nodeaddr
         "$PY" -m reformer_dist.cli.launch hostfile --out {tmp_path}/hostfile
-        """))
+        """)
+    )
     log = tmp_path / "smoke.out"
     rc, job = slurm_cluster.sbatch_wait(script, ["--output", str(log)], cwd=tmp_path)
     assert rc == 0, f"job failed ({rc}): {slurm_cluster.job_info(job)}\n{_log(log)}"
@@ -143,7 +158,7 @@ def test_two_nodes_discover(slurm_cluster, tmp_path: Path) -> None:
             rows.setdefault(tag, []).append((node, json.loads(payload)))
     assert set(rows) == {"batch", "nodelist", "nodeaddr"}, _log(log)
 
-    (_, batch), = rows["batch"]
+    ((_, batch),) = rows["batch"]
     assert (batch["source"], batch["rank"], batch["world_size"]) == ("single", 0, 1)
 
     job_id = int(job)
@@ -164,11 +179,19 @@ def test_train_sbatch_preempt_requeue_resume(slurm_cluster, repo_root: Path, tmp
     out = tmp_path / "run"
     out.mkdir()
     log = tmp_path / "train.out"
-    env = {"REFORMER_TRAIN_MODULE": "stub_train", "PYTHONPATH": str(tmp_path), "PYTHON": sys.executable,
-           "CONFIG": "configs/quickstart.toml"}
-    job = slurm_cluster.sbatch(repo_root / "launch/slurm/train.sbatch",
-                               [*LOCAL_JOB_ARGS, "--job-name=rd-preempt", f"--output={log}"],
-                               script_args=["--out", str(out), "--requeue"], cwd=repo_root, extra_env=env)
+    env = {
+        "REFORMER_TRAIN_MODULE": "stub_train",
+        "PYTHONPATH": str(tmp_path),
+        "PYTHON": sys.executable,
+        "CONFIG": "configs/quickstart.toml",
+    }
+    job = slurm_cluster.sbatch(
+        repo_root / "launch/slurm/train.sbatch",
+        [*LOCAL_JOB_ARGS, "--job-name=rd-preempt", f"--output={log}"],
+        script_args=["--out", str(out), "--requeue"],
+        cwd=repo_root,
+        extra_env=env,
+    )
     deadline = time.monotonic() + CEILING_S
     while not (out / "running-0").exists():
         info = slurm_cluster.job_info(job)
@@ -180,8 +203,12 @@ def test_train_sbatch_preempt_requeue_resume(slurm_cluster, repo_root: Path, tmp
     assert sig.returncode == 0, sig.stderr
 
     info = slurm_cluster.wait_job(
-        job, lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
-        and i.get("Restarts", "0") != "0")
+        job,
+        lambda i: (
+            i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+            and i.get("Restarts", "0") != "0"
+        ),
+    )
     text = _log(log)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text}"
     assert info.get("ExitCode") == "0:0", f"{info}\n{text}"
@@ -205,7 +232,7 @@ def test_train_sbatch_preempt_requeue_resume(slurm_cluster, repo_root: Path, tmp
         preempted = ev[2]
         assert preempted["signal"] == "SIGUSR1"
         resumed = ev[len(expected) - 2]
-        assert resumed["step"] == preempted["step"], ev          # resumed from its own checkpoint
+        assert resumed["step"] == preempted["step"], ev  # resumed from its own checkpoint
         assert ev[-1]["step"] == preempted["step"] + 20
         stops.append(preempted["step"])
     assert stops[0] == stops[1], f"ranks stopped at different steps: {stops}"
@@ -219,11 +246,19 @@ def test_train_deepspeed_sbatch(slurm_cluster, repo_root: Path, tmp_path: Path) 
     out = tmp_path / "run"
     out.mkdir()
     log = tmp_path / "ds.out"
-    env = {"REFORMER_TRAIN_MODULE": "stub_train", "PYTHONPATH": str(tmp_path), "PYTHON": sys.executable,
-           "HOSTFILE": str(tmp_path / "hostfile")}
+    env = {
+        "REFORMER_TRAIN_MODULE": "stub_train",
+        "PYTHONPATH": str(tmp_path),
+        "PYTHON": sys.executable,
+        "HOSTFILE": str(tmp_path / "hostfile"),
+    }
     rc, job = slurm_cluster.sbatch_wait(
-        repo_root / "launch/slurm/train_deepspeed.sbatch", [*LOCAL_JOB_ARGS, "--job-name=rd-ds", f"--output={log}"],
-        script_args=["--out", str(out), "--mode", "report"], cwd=repo_root, extra_env=env)
+        repo_root / "launch/slurm/train_deepspeed.sbatch",
+        [*LOCAL_JOB_ARGS, "--job-name=rd-ds", f"--output={log}"],
+        script_args=["--out", str(out), "--mode", "report"],
+        cwd=repo_root,
+        extra_env=env,
+    )
     text = _log(log)
     assert rc == 0, f"job failed ({rc}): {slurm_cluster.job_info(job)}\n{text}"
     assert (tmp_path / "hostfile").read_text() == "node1 slots=1\nnode2 slots=1\n"

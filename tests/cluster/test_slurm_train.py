@@ -28,10 +28,16 @@ from tests.distributed.train_launcher import TINY
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-LOCAL_JOB_ARGS = ["--partition=debug", "--gpus-per-node=0", "--nodes=2", "--ntasks-per-node=1",
-                  "--cpus-per-task=1", "--time=00:20:00"]
-SIGNAL_AFTER = 5   # send USR1 once this step is logged
-MAX_STEPS = 300    # the first run must still be training when USR1 arrives: 20-30 ms a step, signal path < 1 s
+LOCAL_JOB_ARGS = [
+    "--partition=debug",
+    "--gpus-per-node=0",
+    "--nodes=2",
+    "--ntasks-per-node=1",
+    "--cpus-per-task=1",
+    "--time=00:20:00",
+]
+SIGNAL_AFTER = 5  # send USR1 once this step is logged
+MAX_STEPS = 300  # the first run must still be training when USR1 arrives: 20-30 ms a step, signal path < 1 s
 
 
 _records = read_records
@@ -48,12 +54,19 @@ def test_train_sbatch_two_nodes_preempt_requeue_resume(slurm_cluster, repo_root:
     script_args = ["--set", f"output.dir={out}"]
     for o in TINY + [f"train.max_steps={MAX_STEPS}", "checkpoint.at_end=true", "train.requeue=true"]:
         script_args += ["--set", o]
-    env = {"PYTHON": sys.executable, "TORCH_EXTENSIONS_DIR": str(repo_root / ".torch_extensions"),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        "PYTHON": sys.executable,
+        "TORCH_EXTENSIONS_DIR": str(repo_root / ".torch_extensions"),
+        "OMP_NUM_THREADS": "1",
+    }
     t0 = time.monotonic()
-    job = slurm_cluster.sbatch(repo_root / "launch/slurm/train.sbatch",
-                               [*LOCAL_JOB_ARGS, "--job-name=rd-train", f"--output={log}"],
-                               script_args=script_args, cwd=repo_root, extra_env=env)
+    job = slurm_cluster.sbatch(
+        repo_root / "launch/slurm/train.sbatch",
+        [*LOCAL_JOB_ARGS, "--job-name=rd-train", f"--output={log}"],
+        script_args=script_args,
+        cwd=repo_root,
+        extra_env=env,
+    )
 
     # -- wait for the first run to log step SIGNAL_AFTER, then USR1 to the batch shell
     metrics = out / "metrics.jsonl"
@@ -69,8 +82,12 @@ def test_train_sbatch_two_nodes_preempt_requeue_resume(slurm_cluster, repo_root:
     assert sig.returncode == 0, sig.stderr
 
     info = slurm_cluster.wait_job(
-        job, lambda i: i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
-        and i.get("Restarts", "0") != "0")
+        job,
+        lambda i: (
+            i.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+            and i.get("Restarts", "0") != "0"
+        ),
+    )
     text = _log(log)
     print(f"step {SIGNAL_AFTER} after {t_signal:.1f}s, job done after {time.monotonic() - t0:.1f}s")
 
@@ -90,7 +107,7 @@ def test_train_sbatch_two_nodes_preempt_requeue_resume(slurm_cluster, repo_root:
         first, second = [r for r in recs if r["event"] == "start"]
         for s in (first, second):
             assert (s["rank"], s["world_size"], s["launcher"], s["dp_size"]) == (rank, 2, "slurm", 2), s
-        preempted, = [r for r in recs if r["event"] == "preempted"]
+        (preempted,) = [r for r in recs if r["event"] == "preempted"]
         stop = preempted["step"]
         assert preempted["signal"] == "SIGUSR1", preempted
         assert SIGNAL_AFTER <= stop < MAX_STEPS, (preempted, "the first run ended before USR1 arrived?")
@@ -111,8 +128,14 @@ def test_train_sbatch_two_nodes_preempt_requeue_resume(slurm_cluster, repo_root:
     recs = _records(metrics)
     assert [r["step"] for r in recs if r["event"] == "step"] == list(range(1, MAX_STEPS + 1))
     events = [(r["event"], r.get("step"), r.get("resume_step")) for r in recs if r["event"] != "step"]
-    assert events == [("start", None, None), ("checkpoint", stop, None), ("preempted", stop, None),
-                      ("start", None, stop), ("checkpoint", MAX_STEPS, None), ("end", MAX_STEPS, None)], events
+    assert events == [
+        ("start", None, None),
+        ("checkpoint", stop, None),
+        ("preempted", stop, None),
+        ("start", None, stop),
+        ("checkpoint", MAX_STEPS, None),
+        ("end", MAX_STEPS, None),
+    ], events
 
     # -- checkpoints: the preemption one and the final one are complete and intact
     root = out / "checkpoints"

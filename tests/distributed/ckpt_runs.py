@@ -32,8 +32,9 @@ class WorkerRun:
     def result(self, rank: int) -> dict:
         p = self.out / f"result_rank{rank}.json"
         if not p.is_file():
-            raise AssertionError(f"rank {rank} wrote no {p.name}; exit code {self.returncode}; output tail:\n"
-                                 f"{self.output[-4000:]}")
+            raise AssertionError(
+                f"rank {rank} wrote no {p.name}; exit code {self.returncode}; output tail:\n{self.output[-4000:]}"
+            )
         r = json.loads(p.read_text())
         r["losses"] = {int(k): v for k, v in r["losses"].items()}
         return r
@@ -44,8 +45,17 @@ class WorkerRun:
 
 
 def run_worker(nprocs: int, args: list[str], out: Path, timeout: float = 600) -> WorkerRun:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}", f"--master_port={free_port()}",
-           str(WORKER), *args, "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nprocs}",
+        f"--master_port={free_port()}",
+        str(WORKER),
+        *args,
+        "--out",
+        str(out),
+    ]
     try:
         p = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
         return WorkerRun(out, p.returncode, p.stdout + p.stderr)

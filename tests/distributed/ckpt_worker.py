@@ -24,8 +24,20 @@ import torch.distributed as dist
 from reformer_dist import ReformerConfig, ReformerLM
 from reformer_dist.model.reformer import shift_labels
 
-TINY = dict(vocab_size=61, d_model=16, n_heads=2, d_head=8, d_ff=32, n_layers=2, attn_layers=["lsh", "local"],
-            chunk_len=8, local_chunk_len=8, n_hashes=2, axial_pos_shape=[4, 8], reversible=True)
+TINY = dict(
+    vocab_size=61,
+    d_model=16,
+    n_heads=2,
+    d_head=8,
+    d_ff=32,
+    n_layers=2,
+    attn_layers=["lsh", "local"],
+    chunk_len=8,
+    local_chunk_len=8,
+    n_hashes=2,
+    axial_pos_shape=[4, 8],
+    reversible=True,
+)
 GLOBAL_BATCH, SEQ = 4, 32
 
 
@@ -41,10 +53,14 @@ def ds_config(stage: int, world: int, offload: bool, universal: bool) -> dict:
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     return {
-        "train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-        "gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "steps_per_print": 10**9,
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
         "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
-        "zero_optimization": zero, "zero_force_ds_cpu_optimizer": False,
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,
         "checkpoint": {"load_universal": universal},
     }
 
@@ -63,7 +79,7 @@ def full_state(engine, stage: int) -> dict[str, torch.Tensor]:
 def train_step(engine, step: int, rank: int, world: int) -> float:
     ids = global_batch(step)
     per = GLOBAL_BATCH // world
-    mine = ids[rank * per:(rank + 1) * per]
+    mine = ids[rank * per : (rank + 1) * per]
     loss = engine(mine, shift_labels(mine), hash_seed=step)
     engine.backward(loss)
     engine.step()
@@ -95,8 +111,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0 if args.mode == "save" else 1234)  # resume starts from other weights: loading must fix them
     model = ReformerLM(ReformerConfig(**TINY))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=ds_config(args.stage, world, args.offload, args.mode == "resume"))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters(),
+        config=ds_config(args.stage, world, args.offload, args.mode == "resume"),
+    )
     result: dict = {"rank": rank, "world_size": world, "stage": args.stage, "mode": args.mode, "losses": {}}
     if args.mode == "save":
         for step in range(1, args.steps + 1):
@@ -110,8 +129,9 @@ def main() -> None:
         result["saved"] = tag
         first = args.steps + 1
     else:
-        load_path, client = engine.load_checkpoint(args.load, tag=None, load_module_strict=True,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+        load_path, client = engine.load_checkpoint(
+            args.load, tag=None, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if load_path is None:
             raise SystemExit(f"rank {rank}: DeepSpeed could not load {args.load}")
         state = full_state(engine, args.stage)

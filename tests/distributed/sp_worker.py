@@ -40,8 +40,9 @@ def main() -> None:
     extra = {}
     if "eod_id" in opts:
         extra["document_ids"] = document_ids(window[:-1].unsqueeze(0), opts["eod_id"])
-    loss, logged = sequence_parallel_loss(model, ids, labels, position_offset=sp_rank * n, sp=sp, hash_seed=11,
-                                          scale_for_data_parallel=True, **extra)
+    loss, logged = sequence_parallel_loss(
+        model, ids, labels, position_offset=sp_rank * n, sp=sp, hash_seed=11, scale_for_data_parallel=True, **extra
+    )
     loss.backward()
     for p in model.parameters():  # what a data-parallel optimizer does: average over all SP x DP ranks
         dist.all_reduce(p.grad)
@@ -52,8 +53,15 @@ def main() -> None:
     all_sent = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
     dist.all_gather(all_sent, sent)
     if rank == 0:
-        torch.save({"world_size": world, "losses": torch.stack(losses), "bytes_sent": torch.cat(all_sent),
-                    "grads": {k: p.grad for k, p in model.named_parameters()}}, f"{out_dir}/result.pt")
+        torch.save(
+            {
+                "world_size": world,
+                "losses": torch.stack(losses),
+                "bytes_sent": torch.cat(all_sent),
+                "grads": {k: p.grad for k, p in model.named_parameters()},
+            },
+            f"{out_dir}/result.pt",
+        )
     dist.barrier()
     dist.destroy_process_group()
 

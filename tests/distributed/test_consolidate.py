@@ -44,7 +44,10 @@ def test_consolidate_equals_live_model(tmp_path, capsys, stage, offload):
     summary = json.loads(out)
     assert (summary["zero_stage"], summary["world_size"], summary["step"]) == (stage, 2, 2)
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
-        "checksums.json", "config.json", "model.safetensors"]
+        "checksums.json",
+        "config.json",
+        "model.safetensors",
+    ]
 
     model = ReformerLM.from_pretrained(tmp_path / "model")
     assert model.cfg == ReformerConfig.load(run.root / "config.json")
@@ -65,8 +68,17 @@ def test_consolidate_equals_live_model(tmp_path, capsys, stage, offload):
 def test_bf16_sharded_output(tmp_path, capsys):
     run = saved(3)
     live = _checked(run, 3)
-    rc, out, err = _cli(capsys, "consolidate", run.root / "global_step2", "--out", tmp_path / "m", "--dtype", "bf16",
-                        "--max-shard-size", "8KB")
+    rc, out, err = _cli(
+        capsys,
+        "consolidate",
+        run.root / "global_step2",
+        "--out",
+        tmp_path / "m",
+        "--dtype",
+        "bf16",
+        "--max-shard-size",
+        "8KB",
+    )
     assert rc == 0, err
     names = sorted(p.name for p in (tmp_path / "m").iterdir())
     shards = [n for n in names if n.startswith("model-0")]

@@ -25,11 +25,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_sp(tmp_path: Path, layers: list[str], nproc: int, sp_size: int, dp: int, ulysses_size: int | None = None,
-           data: torch.Tensor | None = None, **cfg_kw):
-    kw = dict(vocab_size=50, d_model=32, n_heads=4, d_head=8, d_ff=64, n_layers=len(layers), attn_layers=layers,
-              n_hashes=2, chunk_len=16, local_chunk_len=8, axial_pos_shape=[16, 16], ff_chunk_len=32,
-              loss_chunk_len=24, dropout=0.0)
+def run_sp(
+    tmp_path: Path,
+    layers: list[str],
+    nproc: int,
+    sp_size: int,
+    dp: int,
+    ulysses_size: int | None = None,
+    data: torch.Tensor | None = None,
+    **cfg_kw,
+):
+    kw = dict(
+        vocab_size=50,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_ff=64,
+        n_layers=len(layers),
+        attn_layers=layers,
+        n_hashes=2,
+        chunk_len=16,
+        local_chunk_len=8,
+        axial_pos_shape=[16, 16],
+        ff_chunk_len=32,
+        loss_chunk_len=24,
+        dropout=0.0,
+    )
     kw.update(cfg_kw)
     cfg = ReformerConfig(**kw)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
@@ -39,8 +60,18 @@ def run_sp(tmp_path: Path, layers: list[str], nproc: int, sp_size: int, dp: int,
     data = torch.randint(0, 50, (dp, 129)) if data is None else data
     torch.save(data, tmp_path / "data.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           str(WORKER), str(tmp_path), ",".join(layers), str(sp_size), str(ulysses_size or sp_size)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        str(WORKER),
+        str(tmp_path),
+        ",".join(layers),
+        str(sp_size),
+        str(ulysses_size or sp_size),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     result = tmp_path / "result.pt"
     assert result.exists(), f"workers wrote no result (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -75,8 +106,9 @@ def test_sp2_equals_single_process(tmp_path, layers):
 def test_sp2_x_dp2_equals_single_process(tmp_path):
     res, ref_losses, ref_grads, _ = run_sp(tmp_path, ["lsh", "local"], nproc=4, sp_size=2, dp=2)
     assert res["world_size"] == 4
-    torch.testing.assert_close(res["losses"], torch.tensor([ref_losses[0]] * 2 + [ref_losses[1]] * 2), rtol=1e-5,
-                               atol=0)
+    torch.testing.assert_close(
+        res["losses"], torch.tensor([ref_losses[0]] * 2 + [ref_losses[1]] * 2), rtol=1e-5, atol=0
+    )
     assert_grads_close(res["grads"], ref_grads)
 
 
@@ -94,8 +126,17 @@ def test_bucket_sharded_sp_equals_single_process(tmp_path, sp_size, ulysses_size
     """Bucket sharding (K = sp/ulysses ranks over the sorted order), alone and 2D with Ulysses: LSH + local layers,
     reversible, causal, 3 hash rounds, one bucket holding most tokens (ties straddle rank boundaries)."""
     data = skewed_window(sp_size)
-    res, ref_losses, ref_grads, model = run_sp(tmp_path, ["lsh", "local", "lsh"], nproc=sp_size, sp_size=sp_size, dp=1,
-                                               ulysses_size=ulysses_size, data=data, n_hashes=3, axial_norm_std=1e-3)
+    res, ref_losses, ref_grads, model = run_sp(
+        tmp_path,
+        ["lsh", "local", "lsh"],
+        nproc=sp_size,
+        sp_size=sp_size,
+        dp=1,
+        ulysses_size=ulysses_size,
+        data=data,
+        n_hashes=3,
+        axial_norm_std=1e-3,
+    )
     # the inputs really are skewed: one bucket of the first layer holds most tokens
     from reformer_dist.model.hashing import hash_buckets, layer_seed, make_rotations
 
@@ -119,8 +160,16 @@ def test_bucket_sharded_sp_equals_single_process(tmp_path, sp_size, ulysses_size
     expected = 0
     for rank in range(sp_size):
         kr = rank // ulysses_size  # the bucket rank of global rank k*U + u
-        lsh = forward_bytes("lsh", **common, rank=kr, n_hashes=3, n_buckets=math.prod(factors), chunk_len=16,
-                            n_chunks_before=1, n_chunks_after=0)
+        lsh = forward_bytes(
+            "lsh",
+            **common,
+            rank=kr,
+            n_hashes=3,
+            n_buckets=math.prod(factors),
+            chunk_len=16,
+            n_chunks_before=1,
+            n_chunks_after=0,
+        )
         local = forward_bytes("local", **common, rank=kr, chunk_len=8, n_chunks_before=1, n_chunks_after=0)
         expected += 2 * (2 * lsh + local)
     assert res["bytes_sent"].sum().item() == expected, (res["bytes_sent"], expected)
@@ -130,8 +179,19 @@ def test_documents_stay_apart_under_ulysses_sp2(tmp_path):
     """float64, SP=2: changing every token of one packed document changes no logit of the others, bit for bit
     (LSH and local layers, 3 rounds, positions restarting per document); the changed document does change."""
     layers = ["lsh", "local", "lsh"]
-    cfg = ReformerConfig(vocab_size=50, d_model=32, n_heads=4, d_head=8, d_ff=64, n_layers=3, attn_layers=layers,
-                         n_hashes=3, chunk_len=16, local_chunk_len=8, axial_pos_shape=[16, 16])
+    cfg = ReformerConfig(
+        vocab_size=50,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_ff=64,
+        n_layers=3,
+        attn_layers=layers,
+        n_hashes=3,
+        chunk_len=16,
+        local_chunk_len=8,
+        axial_pos_shape=[16, 16],
+    )
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     torch.manual_seed(1)
     torch.save(ReformerLM(cfg).double().state_dict(), tmp_path / "init.pt")
@@ -143,8 +203,16 @@ def test_documents_stay_apart_under_ulysses_sp2(tmp_path):
     other[s:e] = torch.randint(2, 50, (e - s,), generator=g)
     torch.save(torch.stack([window, other]), tmp_path / "windows.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(WORKER.with_name("docs_worker.py")), str(tmp_path), "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(WORKER.with_name("docs_worker.py")),
+        str(tmp_path),
+        "2",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     result = tmp_path / "logits.pt"
     assert result.exists(), f"workers wrote no result (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -177,8 +245,7 @@ def test_head_groups_under_ulysses_sp2_float64(tmp_path):
 
     ref = ungrouped(model).double()
     w = data[0]
-    loss = ref(w[:-1].unsqueeze(0), w[1:].unsqueeze(0), hash_seed=11,
-               document_ids=document_ids(w[:-1].unsqueeze(0), 1))
+    loss = ref(w[:-1].unsqueeze(0), w[1:].unsqueeze(0), hash_seed=11, document_ids=document_ids(w[:-1].unsqueeze(0), 1))
     loss.backward()
     torch.testing.assert_close(res["losses"], torch.tensor([loss.item()] * 2, dtype=torch.float32), rtol=1e-6, atol=0)
     for k, p in ref.named_parameters():
@@ -192,8 +259,18 @@ def test_head_groups_under_bucket_sharded_sp2(tmp_path):
     """model.head_groups = 2 with bucket sharding (K = 2 ranks over the sorted order), fp32: equal to the
     single-process ungrouped model within float rounding."""
     data = skewed_window(2)
-    res, _, _, model = run_sp(tmp_path, ["lsh", "local", "lsh"], nproc=2, sp_size=2, dp=1, ulysses_size=1, data=data,
-                              n_hashes=3, axial_norm_std=1e-3, head_groups=2)
+    res, _, _, model = run_sp(
+        tmp_path,
+        ["lsh", "local", "lsh"],
+        nproc=2,
+        sp_size=2,
+        dp=1,
+        ulysses_size=1,
+        data=data,
+        n_hashes=3,
+        axial_norm_std=1e-3,
+        head_groups=2,
+    )
     ref = ungrouped(model)
     loss = ref(data[0, :-1].unsqueeze(0), data[0, 1:].unsqueeze(0), hash_seed=11)
     loss.backward()

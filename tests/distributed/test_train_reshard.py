@@ -24,12 +24,30 @@ def test_two_ranks_reshard_resume_on_one(tmp_path):
     first = launch(2, tmp_path / "two", COMMON + ["train.max_steps=3", "checkpoint.at_end=true"])
     assert [r["world_size"] for r in first.records(0, "start")] == [2]
     uni = tmp_path / "universal"
-    p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.ckpt", "reshard",
-                        str(tmp_path / "two" / "checkpoints"), "--out", str(uni)],
-                       cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reformer_dist.cli.ckpt",
+            "reshard",
+            str(tmp_path / "two" / "checkpoints"),
+            "--out",
+            str(uni),
+        ],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
-    resumed = launch(1, tmp_path / "one", COMMON + ["train.max_steps=6", "checkpoint.at_end=true"], launcher="python",
-                     extra_args=["--resume", str(uni)])
+    resumed = launch(
+        1,
+        tmp_path / "one",
+        COMMON + ["train.max_steps=6", "checkpoint.at_end=true"],
+        launcher="python",
+        extra_args=["--resume", str(uni)],
+    )
     (start,) = resumed.records(0, "start")
     assert (start["world_size"], start["resume_step"]) == (1, 3), resumed.output[-3000:]
     losses = resumed.losses(0)

@@ -17,12 +17,20 @@ from tests.distributed.train_launcher import REPO, launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-COMMON = ["train.global_batch=4", "train.decay_steps=6", "model.dropout=0.1", "output.save_model=true",
-          f"deepspeed.config={REPO}/configs/deepspeed/zero3.json"]
+COMMON = [
+    "train.global_batch=4",
+    "train.decay_steps=6",
+    "model.dropout=0.1",
+    "output.save_model=true",
+    f"deepspeed.config={REPO}/configs/deepspeed/zero3.json",
+]
 
 
-@pytest.mark.parametrize("layout", [[], ["parallel.sequence_parallel_size=2", "parallel.ulysses_size=1"]],
-                         ids=["data_parallel", "bucket_sharded"])
+@pytest.mark.parametrize(
+    "layout",
+    [[], ["parallel.sequence_parallel_size=2", "parallel.ulysses_size=1"]],
+    ids=["data_parallel", "bucket_sharded"],
+)
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, layout):
     common = COMMON + layout
     straight = launch(2, tmp_path / "straight", common + ["train.max_steps=6"])

@@ -19,21 +19,32 @@ ZERO2 = f"deepspeed.config={REPO}/configs/deepspeed/zero2.json"
 
 
 def single_process(tmp_path_factory, global_batch: int, extra: tuple[str, ...] = ()) -> dict[int, float]:
-    run = launch(1, tmp_path_factory.mktemp(f"single{global_batch}"),
-                 [f"train.global_batch={global_batch}", f"train.max_steps={STEPS}", ZERO2, *extra], launcher="python")
+    run = launch(
+        1,
+        tmp_path_factory.mktemp(f"single{global_batch}"),
+        [f"train.global_batch={global_batch}", f"train.max_steps={STEPS}", ZERO2, *extra],
+        launcher="python",
+    )
     return run.losses(0)
 
 
 DOCS = ("data.document_masking=true", "data.reset_positions=true")
 
 
-@pytest.mark.parametrize("nprocs, dp, layout", [(2, 1, ()), (4, 2, ()), (2, 1, ("parallel.ulysses_size=1",)),
-                                                (2, 1, DOCS)], ids=["ulysses", "ulysses_x_dp2", "bucket", "documents"])
+@pytest.mark.parametrize(
+    "nprocs, dp, layout",
+    [(2, 1, ()), (4, 2, ()), (2, 1, ("parallel.ulysses_size=1",)), (2, 1, DOCS)],
+    ids=["ulysses", "ulysses_x_dp2", "bucket", "documents"],
+)
 def test_sequence_parallel_matches_one_process(tmp_path, tmp_path_factory, nprocs, dp, layout):
     docs = tuple(x for x in layout if x.startswith("data."))
     ref = single_process(tmp_path_factory, global_batch=dp, extra=docs)
-    run = launch(nprocs, tmp_path, [f"train.global_batch={dp}", f"train.max_steps={STEPS}", ZERO2,
-                                    "parallel.sequence_parallel_size=2", *layout], timeout=600)
+    run = launch(
+        nprocs,
+        tmp_path,
+        [f"train.global_batch={dp}", f"train.max_steps={STEPS}", ZERO2, "parallel.sequence_parallel_size=2", *layout],
+        timeout=600,
+    )
     for rank in range(nprocs):
         (start,) = run.records(rank, "start")
         assert (start["world_size"], start["sp_size"], start["dp_size"]) == (nprocs, 2, dp), run.output[-3000:]
@@ -54,11 +65,17 @@ def test_more_sequence_parallel_ranks_than_heads_pick_a_layout_by_default(tmp_pa
     # Ulysses size dividing both (here gcd(2, 1) = 1) is chosen, the rest bucket-shard, and the start says so
     one_head = ("model.n_heads=1", "model.d_head=32")
     ref = single_process(tmp_path_factory, global_batch=1, extra=one_head)
-    run = launch(2, tmp_path, ["train.global_batch=1", f"train.max_steps={STEPS}", ZERO2,
-                               "parallel.sequence_parallel_size=2", *one_head], timeout=600)
-    assert "sequence parallelism: 2 ranks per sequence = Ulysses 1 (heads) x bucket 2 (LSH's sorted order); " \
-           "parallel.ulysses_size = 1 (chosen: model.n_heads = 1 is not a multiple of " \
-           "parallel.sequence_parallel_size = 2" in run.output, run.output[-3000:]
+    run = launch(
+        2,
+        tmp_path,
+        ["train.global_batch=1", f"train.max_steps={STEPS}", ZERO2, "parallel.sequence_parallel_size=2", *one_head],
+        timeout=600,
+    )
+    assert (
+        "sequence parallelism: 2 ranks per sequence = Ulysses 1 (heads) x bucket 2 (LSH's sorted order); "
+        "parallel.ulysses_size = 1 (chosen: model.n_heads = 1 is not a multiple of "
+        "parallel.sequence_parallel_size = 2" in run.output
+    ), run.output[-3000:]
     for rank in range(2):
         (start,) = run.records(rank, "start")
         assert start["ulysses_size"] == 1 and start["layout_note"].startswith("parallel.ulysses_size = 1 (chosen")

@@ -23,8 +23,12 @@ COMMON = ["train.global_batch=2", f"train.max_steps={STEPS}"]
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    run = launch(1, tmp_path_factory.mktemp("single"),
-                 COMMON + [f"deepspeed.config={REPO}/configs/deepspeed/zero1.json"], launcher="python")
+    run = launch(
+        1,
+        tmp_path_factory.mktemp("single"),
+        COMMON + [f"deepspeed.config={REPO}/configs/deepspeed/zero1.json"],
+        launcher="python",
+    )
     (start,) = run.records(0, "start")
     assert (start["world_size"], start["grad_accum"], start["global_batch"]) == (1, 2, 2)
     return run.losses(0)
@@ -35,10 +39,14 @@ def single(tmp_path_factory):
 def test_two_ranks_match_one_process(tmp_path, single, stage, launcher):
     # ZeRO-3 also evaluates between steps (must not perturb training), saves and samples at the end:
     # under ZeRO-3 those need every rank (gathered parameters).
-    extra = ["eval.every=2", "eval.at_end=true", "eval.batches=1", "output.sample_tokens=8",
-             "output.save_model=true"] if stage == 3 else []
-    run = launch(2, tmp_path, COMMON + extra + [f"deepspeed.config={REPO}/configs/deepspeed/zero{stage}.json"],
-                 launcher=launcher)
+    extra = (
+        ["eval.every=2", "eval.at_end=true", "eval.batches=1", "output.sample_tokens=8", "output.save_model=true"]
+        if stage == 3
+        else []
+    )
+    run = launch(
+        2, tmp_path, COMMON + extra + [f"deepspeed.config={REPO}/configs/deepspeed/zero{stage}.json"], launcher=launcher
+    )
     for rank in (0, 1):
         (start,) = run.records(rank, "start")
         assert (start["rank"], start["world_size"], start["dp_size"], start["grad_accum"]) == (rank, 2, 2, 1)

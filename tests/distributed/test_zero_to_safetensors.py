@@ -69,8 +69,14 @@ def run_isolated(script: Path, *args: Path | str, cwd: Path) -> subprocess.Compl
     runner = cwd / "isolated.py"
     runner.write_text(_ISOLATED)
     assert not cwd.resolve().is_relative_to(REPO)
-    return subprocess.run([sys.executable, str(runner), str(REPO), str(script), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(runner), str(REPO), str(script), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def assert_same_as_consolidate(ckpt: Path, tool_out: Path, pkg_out: Path) -> dict[str, torch.Tensor]:
@@ -107,8 +113,12 @@ def test_zero_to_safetensors_needs_only_torch_and_safetensors(tmp_path, stage, o
 
 def test_a_training_run_leaves_the_script_beside_its_checkpoints(tmp_path):
     out = tmp_path / "run"
-    run = launch(1, out, ["train.max_steps=2", "checkpoint.at_end=true",
-                          f"deepspeed.config={REPO}/configs/deepspeed/zero3.json"], launcher="python")
+    run = launch(
+        1,
+        out,
+        ["train.max_steps=2", "checkpoint.at_end=true", f"deepspeed.config={REPO}/configs/deepspeed/zero3.json"],
+        launcher="python",
+    )
     root = out / "checkpoints"
     copy = root / ZERO_TO_SAFETENSORS
     assert copy.is_file(), run.output[-3000:]
@@ -116,5 +126,7 @@ def test_a_training_run_leaves_the_script_beside_its_checkpoints(tmp_path):
     p = run_isolated(copy, root, tmp_path / "tool", cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     assert_same_as_consolidate(root, tmp_path / "tool", tmp_path / "pkg")
-    assert json.loads((tmp_path / "tool" / CONFIG_NAME).read_text()) == json.loads(
-        (root / "step_00000002" / "run_config.json").read_text())["config"]["model"]
+    assert (
+        json.loads((tmp_path / "tool" / CONFIG_NAME).read_text())
+        == json.loads((root / "step_00000002" / "run_config.json").read_text())["config"]["model"]
+    )

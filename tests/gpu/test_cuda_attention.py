@@ -59,8 +59,7 @@ def inputs(length, h, m, r, shared, extras, dtype, seed):
 @pytest.mark.parametrize("backend", [b for b in available_backends() if b != "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("length,h,m,r,nb,na,causal,shared,extras", CASES)
-def test_backend_on_cuda_matches_cpu_float64_reference(backend, dtype, length, h, m, r, nb, na, causal, shared,
-                                                       extras):
+def test_backend_on_cuda_matches_cpu_float64_reference(backend, dtype, length, h, m, r, nb, na, causal, shared, extras):
     q, k, v, index, kw = inputs(length, h, m, r, shared, extras, dtype, seed=length + r)
     args = dict(chunk_len=m, n_chunks_before=nb, n_chunks_after=na, causal=causal, self_mask=True)
     ref = [t.double().requires_grad_() for t in (q, k, v) if t is not None]
@@ -69,8 +68,15 @@ def test_backend_on_cuda_matches_cpu_float64_reference(backend, dtype, length, h
     g_ref = torch.autograd.grad((o_ref * go).sum() + (l_ref * gl).sum(), ref)
     dev = [t.cuda().requires_grad_() for t in (q, k, v) if t is not None]
     kw_dev = {n: t.cuda() if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
-    o, lse = chunked_attention(dev[0], None if shared else dev[1], dev[-1], None if index is None else index.cuda(),
-                               backend=backend, **args, **kw_dev)
+    o, lse = chunked_attention(
+        dev[0],
+        None if shared else dev[1],
+        dev[-1],
+        None if index is None else index.cuda(),
+        backend=backend,
+        **args,
+        **kw_dev,
+    )
     grads = torch.autograd.grad((o.double() * go.cuda()).sum() + (lse.double() * gl.cuda()).sum(), dev)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
     assert rel(o.cpu(), o_ref) < tol and rel(lse.cpu(), l_ref) < tol
@@ -84,15 +90,25 @@ def test_auto_picks_the_fused_kernel_on_cuda(monkeypatch):
     fn, supports = dispatch._BACKENDS["triton"]
     monkeypatch.setitem(dispatch._BACKENDS, "triton", (lambda *a, **k: calls.append(1) or fn(*a, **k), supports))
     q, k, v, index, kw = inputs(512, 2, 64, 2, True, (), torch.bfloat16, seed=0)
-    chunked_attention(q.cuda(), None, v.cuda(), index.cuda(), chunk_len=64, n_chunks_before=1, n_chunks_after=0,
-                      causal=True)
+    chunked_attention(
+        q.cuda(), None, v.cuda(), index.cuda(), chunk_len=64, n_chunks_before=1, n_chunks_after=0, causal=True
+    )
     assert calls == [1]
 
 
 def test_model_triton_equals_blockwise_on_cuda():
     torch.manual_seed(0)
-    base = dict(vocab_size=257, d_model=128, n_heads=4, d_head=32, d_ff=256, n_layers=2, attn_layers=["lsh", "local"],
-                chunk_len=64, axial_pos_shape=[64, 128])
+    base = dict(
+        vocab_size=257,
+        d_model=128,
+        n_heads=4,
+        d_head=32,
+        d_ff=256,
+        n_layers=2,
+        attn_layers=["lsh", "local"],
+        chunk_len=64,
+        axial_pos_shape=[64, 128],
+    )
     ids = torch.randint(0, 257, (1, 4000), device="cuda")
     out = {}
     for backend in ("blockwise", "triton"):
@@ -108,8 +124,17 @@ def test_model_triton_equals_blockwise_on_cuda():
 
 def test_model_trains_on_cuda_in_bf16():
     torch.manual_seed(0)
-    cfg = ReformerConfig(vocab_size=257, d_model=128, n_heads=4, d_head=32, d_ff=256, n_layers=2,
-                         attn_layers=["lsh", "local"], chunk_len=64, axial_pos_shape=[128, 128])
+    cfg = ReformerConfig(
+        vocab_size=257,
+        d_model=128,
+        n_heads=4,
+        d_head=32,
+        d_ff=256,
+        n_layers=2,
+        attn_layers=["lsh", "local"],
+        chunk_len=64,
+        axial_pos_shape=[128, 128],
+    )
     model = ReformerLM(cfg).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(0, 257, (1, 8192), device="cuda")
@@ -152,6 +177,7 @@ def test_offsets_past_2_pow_31_batch_rows_equal_each_row_alone():
     args = dict(chunk_len=m, n_chunks_before=1, n_chunks_after=0, causal=True)
     assert q.stride(0) * (b - 1) >= 2**31  # the last row's first element
     o, _ = chunked_attention(q, None, v, index, backend="triton", **args)
-    last, _ = chunked_attention(q[b - 1 :].contiguous(), None, v[b - 1 :].contiguous(), index[b - 1 :].contiguous(),
-                                backend="triton", **args)
+    last, _ = chunked_attention(
+        q[b - 1 :].contiguous(), None, v[b - 1 :].contiguous(), index[b - 1 :].contiguous(), backend="triton", **args
+    )
     assert torch.equal(o[b - 1 :], last)

@@ -5,8 +5,18 @@ from __future__ import annotations
 import torch
 
 
-def make_inputs(b: int, length: int, h: int, d: int, r: int, shared: bool, extras: tuple[str, ...], seed: int,
-                dtype: torch.dtype = torch.float64, m: int = 8):
+def make_inputs(
+    b: int,
+    length: int,
+    h: int,
+    d: int,
+    r: int,
+    shared: bool,
+    extras: tuple[str, ...],
+    seed: int,
+    dtype: torch.dtype = torch.float64,
+    m: int = 8,
+):
     """(q, k or None for shared QK, v, index or None, keyword masks): fresh random values per seed.
 
     extras: "identity" (no permutation), "valid" (padding), "bucket", "doc", "dup_correction", "piece" (positions and

@@ -19,5 +19,8 @@ def run_cli(main: Callable[[list[str]], int], capsys, *argv) -> tuple[int, str, 
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under folder (what "untouched" is compared with)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

@@ -9,8 +9,19 @@ import torch
 from reformer_dist.kernels.logits import normalize_keys
 
 
-def dense_lsh_reference(qk, v, buckets, *, chunk_len, n_chunks_before, n_chunks_after, causal, key_valid=None,
-                        same_bucket_only=False, allow_duplicate_attention=True):
+def dense_lsh_reference(
+    qk,
+    v,
+    buckets,
+    *,
+    chunk_len,
+    n_chunks_before,
+    n_chunks_after,
+    causal,
+    key_valid=None,
+    same_bucket_only=False,
+    allow_duplicate_attention=True,
+):
     """[B, L, H, D] in/out. Softmax over every (window, key) occurrence of query i across all rounds, built densely
     (O(L^2)).
 
@@ -38,7 +49,7 @@ def dense_lsh_reference(qk, v, buckets, *, chunk_len, n_chunks_before, n_chunks_
     m_all = torch.zeros(b, h, l, l, dtype=torch.float64)
     m_vis = torch.zeros_like(m_all)
     m_self = torch.zeros_like(m_all)
-    eye = (i_idx == j_idx)
+    eye = i_idx == j_idx
     for r1 in range(r):
         for r2 in range(r):
             diff = torch.remainder(chunk[:, :, r2, None, :] - chunk[:, :, r1, :, None], n)

@@ -60,8 +60,11 @@ def test_missing_and_not_a_checkpoint_folders(tmp_path, capsys):
     assert code == 2 and f"{tmp_path / 'nope'}: no such checkpoint folder" in err
     (tmp_path / "stuff").mkdir()
     (tmp_path / "stuff" / "notes.txt").write_text("hello")
-    for cmd in (["consolidate", tmp_path / "stuff", "--out", tmp_path / "o"], ["inspect", tmp_path / "stuff"],
-                ["reshard", tmp_path / "stuff", "--out", tmp_path / "o"]):
+    for cmd in (
+        ["consolidate", tmp_path / "stuff", "--out", tmp_path / "o"],
+        ["inspect", tmp_path / "stuff"],
+        ["reshard", tmp_path / "stuff", "--out", tmp_path / "o"],
+    ):
         code, _, err = run(capsys, *cmd)
         assert code == 2 and f"{tmp_path / 'stuff'}: not a DeepSpeed checkpoint tag folder and no 'latest' file" in err
     assert not (tmp_path / "o").exists()
@@ -96,9 +99,10 @@ def test_altered_manifest_entries_latest_and_tag_are_named(ckpts, tmp_path, caps
     manifest = ckpts / "step_00000002" / "MANIFEST.json"
     good = manifest.read_text()
     name = "mp_rank_00_model_states.pt"
-    for edit, says in ((lambda e: e.update(size=str(e["size"])), f"files['{name}'].size: expected an integer >= 0"),
-                       (lambda e: e.pop("sha256"),
-                        f"files['{name}'].sha256: expected 64 lowercase hex digits, got None")):
+    for edit, says in (
+        (lambda e: e.update(size=str(e["size"])), f"files['{name}'].size: expected an integer >= 0"),
+        (lambda e: e.pop("sha256"), f"files['{name}'].sha256: expected 64 lowercase hex digits, got None"),
+    ):
         body = json.loads(good)
         edit(body["files"][name])
         manifest.write_text(json.dumps(body))
@@ -113,8 +117,12 @@ def test_altered_manifest_entries_latest_and_tag_are_named(ckpts, tmp_path, caps
 
     (ckpts / "latest").write_text("../../etc")
     code, _, err = run(capsys, "consolidate", ckpts, "--out", tmp_path / "o")
-    assert code == 1 and f"{ckpts / 'latest'}: expected the name of a tag folder in {ckpts}, got '../../etc'; " \
-                          "pass --tag (tags here: ['step_00000002'])" in err, err
+    assert (
+        code == 1
+        and f"{ckpts / 'latest'}: expected the name of a tag folder in {ckpts}, got '../../etc'; "
+        "pass --tag (tags here: ['step_00000002'])"
+        in err
+    ), err
     code, _, err = run(capsys, "consolidate", ckpts, "--tag", "../checkpoints/step_00000002", "--out", tmp_path / "o")
     assert code == 2 and "--tag '../checkpoints/step_00000002': expected the name of a tag folder in" in err, err
     assert not (tmp_path / "o").exists()
@@ -169,26 +177,47 @@ def test_written_folders_follow_the_umask(ckpts, trained, tmp_path, capsys, umas
             assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
-@pytest.mark.parametrize("cmd, src, out, rel", [
-    ("consolidate", "checkpoints", "checkpoints", "is the input folder checkpoints"),
-    ("consolidate", "checkpoints", "checkpoints/step_00000002", "is inside the input folder checkpoints"),
-    ("consolidate", "checkpoints/step_00000002", "checkpoints", "contains the input folder checkpoints/step_00000002"),
-    ("consolidate", "checkpoints/step_00000002", "checkpoints/weights", "is inside the input folder checkpoints"),
-    ("reshard", "checkpoints", ".", "contains the input folder checkpoints"),
-    ("export-hf", "model", "model", "is the input folder model"),
-    ("import-hf", "model", "model/hf", "is inside the input folder model"),
-], ids=["consolidate-same", "consolidate-into-a-tag", "consolidate-over-the-root", "consolidate-beside-the-tags",
-        "reshard-over-the-run", "export-same", "import-inside"])
+@pytest.mark.parametrize(
+    "cmd, src, out, rel",
+    [
+        ("consolidate", "checkpoints", "checkpoints", "is the input folder checkpoints"),
+        ("consolidate", "checkpoints", "checkpoints/step_00000002", "is inside the input folder checkpoints"),
+        (
+            "consolidate",
+            "checkpoints/step_00000002",
+            "checkpoints",
+            "contains the input folder checkpoints/step_00000002",
+        ),
+        ("consolidate", "checkpoints/step_00000002", "checkpoints/weights", "is inside the input folder checkpoints"),
+        ("reshard", "checkpoints", ".", "contains the input folder checkpoints"),
+        ("export-hf", "model", "model", "is the input folder model"),
+        ("import-hf", "model", "model/hf", "is inside the input folder model"),
+    ],
+    ids=[
+        "consolidate-same",
+        "consolidate-into-a-tag",
+        "consolidate-over-the-root",
+        "consolidate-beside-the-tags",
+        "reshard-over-the-run",
+        "export-same",
+        "import-inside",
+    ],
+)
 @pytest.mark.slow
-def test_out_overlapping_an_input_is_refused_even_with_overwrite(trained, tmp_path, capsys, monkeypatch,
-                                                                 cmd, src, out, rel):
+def test_out_overlapping_an_input_is_refused_even_with_overwrite(
+    trained, tmp_path, capsys, monkeypatch, cmd, src, out, rel
+):
     # #26: `consolidate CK --out CK --overwrite` deleted every checkpoint; reshard replaced the run folder
     run_dir = Path(shutil.copytree(trained, tmp_path / "run"))
     monkeypatch.chdir(run_dir)
     before = snapshot(run_dir)
     code, _, err = run(capsys, cmd, src, "--out", out, "--overwrite")
-    assert code == 2 and f"--out {out} {rel}: writing there would replace or delete the input it is read from; " \
-                          "choose a folder outside it" in err, err
+    assert (
+        code == 2
+        and f"--out {out} {rel}: writing there would replace or delete the input it is read from; "
+        "choose a folder outside it"
+        in err
+    ), err
     assert snapshot(run_dir) == before
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in trained.iterdir())  # no temp folder
 
@@ -197,8 +226,12 @@ def test_out_overlapping_an_input_is_refused_even_with_overwrite(trained, tmp_pa
 def test_trained_model_folder_is_checksummed_and_a_flipped_byte_is_caught(trained, tmp_path, capsys):
     # #26: reformer-train's model/ had no checksums.json (a flipped byte loaded and exported) and a 0600 file
     model = Path(shutil.copytree(trained / "model", tmp_path / "model"))
-    assert sorted(p.name for p in model.iterdir()) == ["checksums.json", "config.json", "model.safetensors",
-                                                       "training_data.json"]  # + the tokenizer record (#22)
+    assert sorted(p.name for p in model.iterdir()) == [
+        "checksums.json",
+        "config.json",
+        "model.safetensors",
+        "training_data.json",
+    ]  # + the tokenizer record (#22)
     mask = os.umask(0o022)
     os.umask(mask)  # the training subprocess ran with this process's umask
     for f in (trained / "model").iterdir():
@@ -216,8 +249,16 @@ def test_trained_model_folder_is_checksummed_and_a_flipped_byte_is_caught(traine
 
 
 def test_save_pretrained_into_a_used_folder_keeps_other_files(tmp_path):
-    cfg = ReformerConfig(vocab_size=53, d_model=32, n_heads=2, d_head=16, d_ff=48, n_layers=2,
-                         attn_layers=["lsh", "local"], axial_pos_shape=[8, 8])
+    cfg = ReformerConfig(
+        vocab_size=53,
+        d_model=32,
+        n_heads=2,
+        d_head=16,
+        d_ff=48,
+        n_layers=2,
+        attn_layers=["lsh", "local"],
+        axial_pos_shape=[8, 8],
+    )
     d = tmp_path / "m"
     ReformerLM(cfg).save_pretrained(d, max_shard_size=20000)  # sharded: index + shards
     assert (d / "model.safetensors.index.json").is_file()
@@ -238,17 +279,35 @@ def test_export_loads_in_transformers_without_missing_keys(trained, tmp_path, ca
     assert run(capsys, "export-hf", trained / "model", "--out", tmp_path / "hf")[0] == 0
     model, info = transformers.ReformerModelWithLMHead.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert {k: set(v) for k, v in info.items() if k != "error_msgs"} == {
-        "missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set()}, info
+        "missing_keys": set(),
+        "unexpected_keys": set(),
+        "mismatched_keys": set(),
+    }, info
     assert not info["error_msgs"]
     assert torch.count_nonzero(model.lm_head.decoder.bias) == 0  # ours has no head bias: zeros, as loaded
 
 
-@pytest.mark.parametrize("change, field", [({"causal": False}, "ReformerConfig.causal"),
-                                           ({"attn_layers": ["full", "lsh"]}, "ReformerConfig.attn_layers")],
-                         ids=["not-causal", "full-attention-layer"])
+@pytest.mark.parametrize(
+    "change, field",
+    [({"causal": False}, "ReformerConfig.causal"), ({"attn_layers": ["full", "lsh"]}, "ReformerConfig.attn_layers")],
+    ids=["not-causal", "full-attention-layer"],
+)
 def test_export_refuses_configs_hf_cannot_hold(tmp_path, capsys, change, field):
-    cfg = ReformerConfig(**{**dict(vocab_size=53, d_model=32, n_heads=2, d_head=16, d_ff=48, n_layers=2,
-                                   attn_layers=["lsh", "local"], axial_pos_shape=[8, 8]), **change})
+    cfg = ReformerConfig(
+        **{
+            **dict(
+                vocab_size=53,
+                d_model=32,
+                n_heads=2,
+                d_head=16,
+                d_ff=48,
+                n_layers=2,
+                attn_layers=["lsh", "local"],
+                axial_pos_shape=[8, 8],
+            ),
+            **change,
+        }
+    )
     ReformerLM(cfg).save_pretrained(tmp_path / "ours")
     code, _, err = run(capsys, "export-hf", tmp_path / "ours", "--out", tmp_path / "hf")
     assert code == 2 and f"{field} = " in err and "cannot be exported to Hugging Face transformers" in err
@@ -260,8 +319,14 @@ def test_export_of_a_model_trained_with_document_masks_is_refused_unless_accepte
     # #26: export-hf dropped data.document_masking / reset_positions without a word; config.json had no trace
     out = tmp_path / "run"
     args = [sys.executable, "-m", "reformer_dist.cli.train", "--set", f"output.dir={out}"]
-    for o in [*TINY, "train.max_steps=1", "checkpoint.at_end=true", "output.save_model=true",
-              "data.document_masking=true", "data.reset_positions=true"]:
+    for o in [
+        *TINY,
+        "train.max_steps=1",
+        "checkpoint.at_end=true",
+        "output.save_model=true",
+        "data.document_masking=true",
+        "data.reset_positions=true",
+    ]:
         args += ["--set", o]
     p = subprocess.run(args, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -273,8 +338,12 @@ def test_export_of_a_model_trained_with_document_masks_is_refused_unless_accepte
 
     before = snapshot(tmp_path)
     code, _, err = run(capsys, "export-hf", out / "model", "--out", tmp_path / "hf")
-    assert code == 2 and f"{out / 'model' / 'config.json'}: the model was trained with data.document_masking = true " \
-                          "and data.reset_positions = true (trained_with in config.json)" in err, err
+    assert (
+        code == 2
+        and f"{out / 'model' / 'config.json'}: the model was trained with data.document_masking = true "
+        "and data.reset_positions = true (trained_with in config.json)"
+        in err
+    ), err
     assert "Pass --accept-document-masking to export anyway" in err
     assert snapshot(tmp_path) == before
     code, _, err = run(capsys, "export-hf", out / "model", "--out", tmp_path / "hf", "--accept-document-masking")
@@ -326,8 +395,10 @@ def test_huge_node_list_is_refused_before_expanding_and_long_lists_are_deduplica
     for nodelist in ("node[01-1000000]", "rack[1-300]-n[1-300]", "a[1-40000],b[1-40000]"):
         assert launch_main(["hostfile", "--nodelist", nodelist]) == 2
         err = capsys.readouterr().err
-        assert f"reformer-launch hostfile: error: --nodelist: '{nodelist}' names more than 65536 hosts " \
-               "(SLURM allocates at most 65533 nodes): a typo in a range?" in err, err
+        assert (
+            f"reformer-launch hostfile: error: --nodelist: '{nodelist}' names more than 65536 hosts "
+            "(SLURM allocates at most 65533 nodes): a typo in a range?" in err
+        ), err
     assert launch_main(["hostfile", "--nodelist", "n[1-60000],n[2-3],m1", "--out", str(tmp_path / "hosts")]) == 0
     lines = (tmp_path / "hosts").read_text().splitlines()
     assert len(lines) == 60001 and lines[:2] == ["n1 slots=1", "n2 slots=1"] and lines[-1] == "m1 slots=1"
@@ -367,13 +438,18 @@ def test_consolidate_while_a_run_rotates_the_folder(ckpts, tmp_path, capsys, mon
     # where no hard link can be made (another file system), the vanished checkpoint is named, with the cause
     monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(18, "Invalid cross-device link")))
     calls.clear()
-    monkeypatch.setattr(consolidate_module, "verify_files",
-                        lambda path, *a, **k: (_rotate(ckpts, "step_00000003", "step_00000004"), real_verify(path))[1])
+    monkeypatch.setattr(
+        consolidate_module,
+        "verify_files",
+        lambda path, *a, **k: (_rotate(ckpts, "step_00000003", "step_00000004"), real_verify(path))[1],
+    )
     code, _, err = run(capsys, "consolidate", ckpts, "--out", tmp_path / "in-place")
     assert code == 1, err
-    assert f"{ckpts / 'step_00000003'}: deleted while being read: a run is rotating the checkpoints in {ckpts} " \
-           "(checkpoint.keep_last). Pass --tag step_00000004 (the newest now) and run again, or stop the run " \
-           "first" in err, err
+    assert (
+        f"{ckpts / 'step_00000003'}: deleted while being read: a run is rotating the checkpoints in {ckpts} "
+        "(checkpoint.keep_last). Pass --tag step_00000004 (the newest now) and run again, or stop the run "
+        "first" in err
+    ), err
     assert "Traceback" not in err and "Errno" not in err
     assert not (tmp_path / "in-place").exists()
 
@@ -390,8 +466,12 @@ def test_inspect_while_a_run_rotates_the_folder(ckpts, capsys, monkeypatch):
 
     monkeypatch.setattr(inspect_module, "describe", rotating_describe)
     code, _, err = run(capsys, "inspect", ckpts)
-    assert code == 1 and f"{ckpts / 'step_00000002'}: deleted while being read: a run is rotating the checkpoints " \
-                          f"in {ckpts} (checkpoint.keep_last). Pass --tag step_00000003 (the newest now)" in err, err
+    assert (
+        code == 1
+        and f"{ckpts / 'step_00000002'}: deleted while being read: a run is rotating the checkpoints "
+        f"in {ckpts} (checkpoint.keep_last). Pass --tag step_00000003 (the newest now)"
+        in err
+    ), err
     assert "Traceback" not in err and "IndexError" not in err
 
 
@@ -423,5 +503,7 @@ def test_slots_from_the_environment_are_named(capsys, monkeypatch):
     for value in ("0", "abc"):
         monkeypatch.setenv("SLURM_GPUS_ON_NODE", value)
         assert launch_main(["hostfile", "--nodelist", "n1"]) == 2
-        assert f"SLURM_GPUS_ON_NODE={value!r}: expected an integer >= 1 (slots per node); pass --slots" \
+        assert (
+            f"SLURM_GPUS_ON_NODE={value!r}: expected an integer >= 1 (slots per node); pass --slots"
             in capsys.readouterr().err
+        )

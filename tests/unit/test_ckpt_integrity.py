@@ -13,8 +13,17 @@ from reformer_dist.checkpoint.writer import parse_size, write_weights_dir
 from reformer_dist.cli.ckpt import main
 from reformer_dist.ondisk import CHECKSUMS, CorruptCheckpointError, load_weights, verify_checksums
 
-CFG = ReformerConfig(vocab_size=40, d_model=16, n_heads=2, d_head=8, d_ff=32, n_layers=2, attn_layers=["lsh", "local"],
-                     chunk_len=8, axial_pos_shape=[4, 8])
+CFG = ReformerConfig(
+    vocab_size=40,
+    d_model=16,
+    n_heads=2,
+    d_head=8,
+    d_ff=32,
+    n_layers=2,
+    attn_layers=["lsh", "local"],
+    chunk_len=8,
+    axial_pos_shape=[4, 8],
+)
 
 
 def _write(tmp_path, shard: str | int = "5GB"):
@@ -99,8 +108,9 @@ def test_console_script(tmp_path):
     script = Path(sys.executable).with_name("reformer-ckpt")
     assert script.is_file(), f"{script}: console script not installed (pip install -e .)"
     _write(tmp_path)
-    p = subprocess.run([str(script), "inspect", str(tmp_path / "m"), "--json"], capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run(
+        [str(script), "inspect", str(tmp_path / "m"), "--json"], capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)
     assert info["parameters"] == sum(v.numel() for v in ReformerLM(CFG).state_dict().values())

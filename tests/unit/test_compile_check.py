@@ -32,10 +32,27 @@ def _env() -> dict:
 def test_oversized_tile_is_caught(tmp_path):
     # 128 x 128 tiles of a 128-wide head, 3 stages: the backward asks for 197632 B and more, over sm_80's 166912 B
     out = tmp_path / "r.json"
-    run = subprocess.run([sys.executable, str(TOOL), "--cases", "extreme", "--only",
-                          "extreme local chunk256 d128 bfloat16", "--arch", "80", "--tiles", "128,128,8,3",
-                          "--no-cache", "--json", str(out)],
-                         capture_output=True, text=True, env=_env(), timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(TOOL),
+            "--cases",
+            "extreme",
+            "--only",
+            "extreme local chunk256 d128 bfloat16",
+            "--arch",
+            "80",
+            "--tiles",
+            "128,128,8,3",
+            "--no-cache",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
     assert run.returncode == 1, run.stdout + run.stderr
     rows = json.loads(out.read_text())["rows"]
     too_big = [r for r in rows if any("shared memory" in f for f in r["failures"])]
@@ -109,8 +126,25 @@ def test_ir_check_flags_32bit_offsets_and_passes_64bit_ones(tmp_path):
 def test_the_model_kernels_pass_the_ir_check_and_compile_once_for_every_head(tmp_path):
     # batch 5 x 1M tokens x 8 heads: flat offsets pass 2^31; every head must reuse one compiled kernel
     out = tmp_path / "r.json"
-    run = subprocess.run([sys.executable, str(TOOL), "--cases", "extreme", "--only", "batch 5", "--arch", "90",
-                          "--no-cache", "--json", str(out)], capture_output=True, text=True, env=_env(), timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(TOOL),
+            "--cases",
+            "extreme",
+            "--only",
+            "batch 5",
+            "--arch",
+            "90",
+            "--no-cache",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     rows = json.loads(out.read_text())["rows"]
     assert {r["kernel"] for r in rows} == set(check.KERNELS)
@@ -118,8 +152,16 @@ def test_the_model_kernels_pass_the_ir_check_and_compile_once_for_every_head(tmp
         assert r["compiles"] == 1 and r["problems"] == [] and r["failures"] == [], r
 
 
-@pytest.mark.parametrize("m,d,dtype", [(256, 128, torch.bfloat16), (256, 128, torch.float32), (64, 64, torch.float16),
-                                       (37, 64, torch.bfloat16), (8, 8, torch.float32)])
+@pytest.mark.parametrize(
+    "m,d,dtype",
+    [
+        (256, 128, torch.bfloat16),
+        (256, 128, torch.float32),
+        (64, 64, torch.float16),
+        (37, 64, torch.bfloat16),
+        (8, 8, torch.float32),
+    ],
+)
 def test_tiles_never_span_a_whole_long_chunk(m, d, dtype):
     t = triton_lsh.tiles_for(m, d, dtype)
     assert t.bq <= 64 and t.bk <= 64 and t.block_d >= d

@@ -22,8 +22,10 @@ def test_messages_read_prog_kind_text_and_info_only_where_asked(capsys):
         log.warning("data.path: no such folder")
         log.error("bad config")
         assert capsys.readouterr().err.splitlines() == [
-            "reformer-train: resumed from x at step 3", "reformer-train: warning: data.path: no such folder",
-            "reformer-train: error: bad config"]
+            "reformer-train: resumed from x at step 3",
+            "reformer-train: warning: data.path: no such folder",
+            "reformer-train: error: bad config",
+        ]
         console_module.setup("reformer-train", show_info=False)  # ranks other than 0: warnings and errors only
         log.info("not shown")
         log.warning("shown")

@@ -48,8 +48,22 @@ def corpus(tmp_path: Path) -> Path:
 def store(tmp_path: Path, corpus: Path, capsys) -> Path:
     """A complete multi-shard byte-level store with a validation split."""
     out = tmp_path / "store"
-    code, _, err = run(capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", out, "--num-proc", "1",
-                       "--shard-tokens", "3000", "--val-fraction", "0.25")
+    code, _, err = run(
+        capsys,
+        "shard",
+        "--input",
+        corpus,
+        "--tokenizer",
+        "bytes",
+        "--out",
+        out,
+        "--num-proc",
+        "1",
+        "--shard-tokens",
+        "3000",
+        "--val-fraction",
+        "0.25",
+    )
     assert code == 0, err
     assert len(json.loads((out / MANIFEST).read_text())["splits"]["train"]["shards"]) >= 3
     return out
@@ -57,47 +71,72 @@ def store(tmp_path: Path, corpus: Path, capsys) -> Path:
 
 # ---------------------------------------------------------------------------------------- inputs
 def test_missing_input(tmp_path, capsys):
-    code, _, err = run(capsys, "shard", "--input", tmp_path / "nope.txt", "--tokenizer", "bytes",
-                       "--out", tmp_path / "s")
+    code, _, err = run(
+        capsys, "shard", "--input", tmp_path / "nope.txt", "--tokenizer", "bytes", "--out", tmp_path / "s"
+    )
     assert code == 1 and f"{tmp_path / 'nope.txt'}: no such file or folder" in err
     assert not (tmp_path / "s" / MANIFEST).exists()
 
 
-@pytest.mark.parametrize("make, expect", [
-    (lambda d: (d / "empty.txt").write_text(""), "empty corpus: no non-empty document in {d}/empty.txt"),
-    (lambda d: (d / "sub").mkdir(), "{d}/sub: empty corpus: folder holds no files"),
-], ids=["empty-file", "empty-folder"])
+@pytest.mark.parametrize(
+    "make, expect",
+    [
+        (lambda d: (d / "empty.txt").write_text(""), "empty corpus: no non-empty document in {d}/empty.txt"),
+        (lambda d: (d / "sub").mkdir(), "{d}/sub: empty corpus: folder holds no files"),
+    ],
+    ids=["empty-file", "empty-folder"],
+)
 def test_empty_inputs(tmp_path, capsys, make, expect):
     make(tmp_path)
     target = tmp_path / ("sub" if "folder" in expect else "empty.txt")
-    code, _, err = run(capsys, "shard", "--input", target, "--tokenizer", "bytes", "--out", tmp_path / "s",
-                       "--num-proc", "1")
+    code, _, err = run(
+        capsys, "shard", "--input", target, "--tokenizer", "bytes", "--out", tmp_path / "s", "--num-proc", "1"
+    )
     assert code == 1 and expect.format(d=tmp_path) in err, err
 
 
-@pytest.mark.parametrize("name, data, expect", [
-    ("image.txt", bytes(range(256)) * 4, "cannot read as text"),  # binary file
-    ("latin1.txt", "café".encode("latin-1"), "cannot read as text"),  # invalid UTF-8
-    ("broken.jsonl", b'{"text": "ok"}\n{"text": "cut', "cannot read as json"),  # malformed JSON line
-    ("first.jsonl", b'{"text": oops}\n', "cannot read as json"),  # malformed before the first record
-], ids=["binary", "invalid-utf8", "malformed-jsonl", "malformed-first-record"])
+@pytest.mark.parametrize(
+    "name, data, expect",
+    [
+        ("image.txt", bytes(range(256)) * 4, "cannot read as text"),  # binary file
+        ("latin1.txt", "café".encode("latin-1"), "cannot read as text"),  # invalid UTF-8
+        ("broken.jsonl", b'{"text": "ok"}\n{"text": "cut', "cannot read as json"),  # malformed JSON line
+        ("first.jsonl", b'{"text": oops}\n', "cannot read as json"),  # malformed before the first record
+    ],
+    ids=["binary", "invalid-utf8", "malformed-jsonl", "malformed-first-record"],
+)
 def test_unreadable_inputs_name_the_file(tmp_path, capsys, name, data, expect):
     (tmp_path / name).write_bytes(data)
-    code, _, err = run(capsys, "shard", "--input", tmp_path / name, "--tokenizer", "bytes", "--out", tmp_path / "s",
-                       "--num-proc", "1")
+    code, _, err = run(
+        capsys, "shard", "--input", tmp_path / name, "--tokenizer", "bytes", "--out", tmp_path / "s", "--num-proc", "1"
+    )
     assert code == 1 and f"{tmp_path / name}: {expect}" in err, err
     assert "record -1" not in err
     assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
 
 
-@pytest.mark.parametrize("rows, expect", [
-    ([{"body": "hello"}], "record 0 has no text field 'text' (fields: ['body']); use --text-field"),
-    ([{"text": "fine"}, {"text": 5}], "record 1: field 'text' is int, not text"),
-], ids=["missing-text-field", "text-field-not-a-string"])
+@pytest.mark.parametrize(
+    "rows, expect",
+    [
+        ([{"body": "hello"}], "record 0 has no text field 'text' (fields: ['body']); use --text-field"),
+        ([{"text": "fine"}, {"text": 5}], "record 1: field 'text' is int, not text"),
+    ],
+    ids=["missing-text-field", "text-field-not-a-string"],
+)
 def test_jsonl_records(tmp_path, capsys, rows, expect):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, _, err = run(capsys, "shard", "--input", tmp_path / "rows.jsonl", "--tokenizer", "bytes",
-                       "--out", tmp_path / "s", "--num-proc", "1")
+    code, _, err = run(
+        capsys,
+        "shard",
+        "--input",
+        tmp_path / "rows.jsonl",
+        "--tokenizer",
+        "bytes",
+        "--out",
+        tmp_path / "s",
+        "--num-proc",
+        "1",
+    )
     assert code == 1 and f"{tmp_path / 'rows.jsonl'}: {expect}" in err, err
 
 
@@ -107,31 +146,68 @@ def test_damaged_last_record_is_named_by_line(tmp_path, capsys):
 
     recs = [json.dumps({"text": f"document {i} " * 20}) for i in range(5)]
     (tmp_path / "cut.jsonl").write_text("\n".join(recs) + "\n" + recs[0][:25])
-    code, _, err = run(capsys, "shard", "--input", tmp_path / "cut.jsonl", "--tokenizer", "bytes",
-                       "--out", tmp_path / "s", "--num-proc", "1")
-    assert code == 1 and f"{tmp_path / 'cut.jsonl'}: cannot read as json: line 6 (record 5): not valid JSON (" in err \
-        and "the file's last line is cut (no newline at its end): a truncated download or copy?" in err, err
+    code, _, err = run(
+        capsys,
+        "shard",
+        "--input",
+        tmp_path / "cut.jsonl",
+        "--tokenizer",
+        "bytes",
+        "--out",
+        tmp_path / "s",
+        "--num-proc",
+        "1",
+    )
+    assert (
+        code == 1
+        and f"{tmp_path / 'cut.jsonl'}: cannot read as json: line 6 (record 5): not valid JSON (" in err
+        and "the file's last line is cut (no newline at its end): a truncated download or copy?" in err
+    ), err
     (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(("\n".join(recs) + "\n").encode())[:-30])
-    code, _, err = run(capsys, "shard", "--input", tmp_path / "cut.jsonl.gz", "--tokenizer", "bytes",
-                       "--out", tmp_path / "s", "--num-proc", "1")
-    assert code == 1 and f"{tmp_path / 'cut.jsonl.gz'}: cannot read as json: the .gz stream ends early (EOFError: " \
-        in err and "the file is truncated (an interrupted download or copy?)" in err, err
+    code, _, err = run(
+        capsys,
+        "shard",
+        "--input",
+        tmp_path / "cut.jsonl.gz",
+        "--tokenizer",
+        "bytes",
+        "--out",
+        tmp_path / "s",
+        "--num-proc",
+        "1",
+    )
+    assert (
+        code == 1
+        and f"{tmp_path / 'cut.jsonl.gz'}: cannot read as json: the .gz stream ends early (EOFError: " in err
+        and "the file is truncated (an interrupted download or copy?)" in err
+    ), err
     assert not (tmp_path / "s").exists()
 
 
 # ---------------------------------------------------------------------------------------- options
-@pytest.mark.parametrize("option, value, expect", [
-    ("--shard-tokens", "0", "argument --shard-tokens: expected an integer >= 1, got '0'"),
-    ("--shard-tokens", "-5", "argument --shard-tokens: expected an integer >= 1, got '-5'"),
-    ("--val-fraction", "1.5", "argument --val-fraction: expected a number in [0, 1), got '1.5'"),
-    ("--val-fraction", "-0.1", "argument --val-fraction: expected a number in [0, 1), got '-0.1'"),
-    ("--num-proc", "0", "argument --num-proc: expected an integer in 1.."),
-    ("--num-proc", "100000", "argument --num-proc: expected an integer in 1.."),
-], ids=["shard-tokens-0", "shard-tokens-negative", "val-fraction-1.5", "val-fraction-negative", "num-proc-0",
-        "num-proc-unbounded"])
+@pytest.mark.parametrize(
+    "option, value, expect",
+    [
+        ("--shard-tokens", "0", "argument --shard-tokens: expected an integer >= 1, got '0'"),
+        ("--shard-tokens", "-5", "argument --shard-tokens: expected an integer >= 1, got '-5'"),
+        ("--val-fraction", "1.5", "argument --val-fraction: expected a number in [0, 1), got '1.5'"),
+        ("--val-fraction", "-0.1", "argument --val-fraction: expected a number in [0, 1), got '-0.1'"),
+        ("--num-proc", "0", "argument --num-proc: expected an integer in 1.."),
+        ("--num-proc", "100000", "argument --num-proc: expected an integer in 1.."),
+    ],
+    ids=[
+        "shard-tokens-0",
+        "shard-tokens-negative",
+        "val-fraction-1.5",
+        "val-fraction-negative",
+        "num-proc-0",
+        "num-proc-unbounded",
+    ],
+)
 def test_bad_numbers_are_usage_errors(tmp_path, capsys, corpus, option, value, expect):
-    code, _, err = run(capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", tmp_path / "s",
-                       option, value)
+    code, _, err = run(
+        capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", tmp_path / "s", option, value
+    )
     assert code == 2 and expect in err, err
     assert "Traceback" not in err and not (tmp_path / "s").exists()
 
@@ -141,15 +217,26 @@ def test_tokenizer_vocab_size_must_be_positive(tmp_path, capsys, corpus, value):
     code, _, err = run(capsys, "tokenizer", "--input", corpus, "--vocab-size", value, "--out", tmp_path / "t")
     assert code == 2 and f"argument --vocab-size: expected an integer >= 1, got '{value}'" in err
     for coverage in ("0", "1.5"):  # #26: reached SentencePiece, which answered in its own terms
-        code, _, err = run(capsys, "tokenizer", "--input", corpus, "--vocab-size", "400", "--out", tmp_path / "t",
-                           "--character-coverage", coverage)
+        code, _, err = run(
+            capsys,
+            "tokenizer",
+            "--input",
+            corpus,
+            "--vocab-size",
+            "400",
+            "--out",
+            tmp_path / "t",
+            "--character-coverage",
+            coverage,
+        )
         assert code == 2 and f"argument --character-coverage: expected a number in (0, 1], got '{coverage}'" in err
     assert not (tmp_path / "t").exists()
 
 
 def test_too_small_vocabulary_says_how_large_it_must_be(tmp_path, capsys, corpus):
-    code, _, err = run(capsys, "tokenizer", "--input", corpus, "--vocab-size", "100", "--out", tmp_path / "t",
-                       "--num-threads", "1")
+    code, _, err = run(
+        capsys, "tokenizer", "--input", corpus, "--vocab-size", "100", "--out", tmp_path / "t", "--num-threads", "1"
+    )
     assert code == 1, err
     assert "--vocab-size 100 is too small for this corpus" in err and "use --vocab-size >= " in err
     assert "--character_coverage" not in err and "trainer_interface.cc" not in err  # SentencePiece's own spelling
@@ -158,8 +245,18 @@ def test_too_small_vocabulary_says_how_large_it_must_be(tmp_path, capsys, corpus
 
 def test_vocabulary_smaller_than_asked_is_reported(tmp_path, capsys):
     (tmp_path / "tiny.txt").write_text("hello world, hello tokens\n" * 3)
-    code, out, err = run(capsys, "tokenizer", "--input", tmp_path / "tiny.txt", "--vocab-size", "400",
-                         "--out", tmp_path / "t", "--num-threads", "1")
+    code, out, err = run(
+        capsys,
+        "tokenizer",
+        "--input",
+        tmp_path / "tiny.txt",
+        "--vocab-size",
+        "400",
+        "--out",
+        tmp_path / "t",
+        "--num-threads",
+        "1",
+    )
     assert code == 0, err
     got = load_tokenizer(tmp_path / "t").vocab_size
     assert got < 400
@@ -178,8 +275,19 @@ def test_failed_overwrite_keeps_the_previous_store(tmp_path, capsys, store):
     # #17: --overwrite with an input that fails used to leave the previous store empty
     before = snapshot(store)
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
-    code, _, err = run(capsys, "shard", "--input", tmp_path / "bad.jsonl", "--tokenizer", "bytes", "--out", store,
-                       "--overwrite", "--num-proc", "1")
+    code, _, err = run(
+        capsys,
+        "shard",
+        "--input",
+        tmp_path / "bad.jsonl",
+        "--tokenizer",
+        "bytes",
+        "--out",
+        store,
+        "--overwrite",
+        "--num-proc",
+        "1",
+    )
     assert code == 1 and "bad.jsonl: record 1 has no text field" in err
     assert snapshot(store) == before
     verify_store(store)
@@ -188,8 +296,19 @@ def test_failed_overwrite_keeps_the_previous_store(tmp_path, capsys, store):
 
 def test_successful_overwrite_replaces_the_store_and_keeps_foreign_files(tmp_path, capsys, corpus, store):
     (store / "NOTES.txt").write_text("mine")
-    code, _, err = run(capsys, "shard", "--input", corpus / "abc.py", "--tokenizer", "bytes", "--out", store,
-                       "--overwrite", "--num-proc", "1")
+    code, _, err = run(
+        capsys,
+        "shard",
+        "--input",
+        corpus / "abc.py",
+        "--tokenizer",
+        "bytes",
+        "--out",
+        store,
+        "--overwrite",
+        "--num-proc",
+        "1",
+    )
     assert code == 0, err
     m = verify_store(store)
     assert m["splits"]["train"]["num_documents"] == 1 and len(m["splits"]["train"]["shards"]) == 1
@@ -220,8 +339,9 @@ def test_second_write_into_the_same_out_is_refused(tmp_path, capsys, corpus):
     verify_store(out)
     assert TokenStore.open(out).num_tokens("train") == 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "store"]  # lock released, no staging left
-    code, _, err = run(capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", tmp_path / "s2",
-                       "--num-proc", "1")
+    code, _, err = run(
+        capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", tmp_path / "s2", "--num-proc", "1"
+    )
     assert code == 0, err
 
 
@@ -231,8 +351,9 @@ def test_tokenizer_out_holding_a_tokenizer_or_a_store_is_refused(tmp_path, capsy
     assert run(capsys, *args, "--out", tmp_path / "tok")[0] == 0
     before = snapshot(tmp_path / "tok")
     code, _, err = run(capsys, *args, "--out", tmp_path / "tok", "--model-type", "unigram")
-    assert code == 2 and f"--out {tmp_path / 'tok'} already holds a tokenizer (tokenizer.model); pass --overwrite" \
-        in err
+    assert (
+        code == 2 and f"--out {tmp_path / 'tok'} already holds a tokenizer (tokenizer.model); pass --overwrite" in err
+    )
     assert snapshot(tmp_path / "tok") == before
     assert run(capsys, *args, "--out", tmp_path / "tok", "--model-type", "unigram", "--overwrite")[0] == 0
     assert snapshot(tmp_path / "tok") != before
@@ -240,15 +361,20 @@ def test_tokenizer_out_holding_a_tokenizer_or_a_store_is_refused(tmp_path, capsy
     before = snapshot(store)
     for extra in ([], ["--overwrite"]):
         code, _, err = run(capsys, *args, "--out", store, *extra)
-        assert code == 2 and f"--out {store} holds a token store (manifest.json); a tokenizer written there would " \
-                              "replace the store's own tokenizer.model and break its tokenizer identity" in err, err
+        assert (
+            code == 2
+            and f"--out {store} holds a token store (manifest.json); a tokenizer written there would "
+            "replace the store's own tokenizer.model and break its tokenizer identity"
+            in err
+        ), err
     assert snapshot(store) == before
     verify_store(store)
 
 
 def test_store_without_validation_split_is_announced(tmp_path, capsys, corpus):
-    code, _, err = run(capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", tmp_path / "s",
-                       "--num-proc", "1")
+    code, _, err = run(
+        capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", tmp_path / "s", "--num-proc", "1"
+    )
     assert code == 0
     assert "warning: the store has no validation split" in err and "--val-fraction" in err
     assert "--set eval.every=0 --set eval.at_end=false" in err
@@ -258,8 +384,9 @@ def test_store_without_validation_split_is_announced(tmp_path, capsys, corpus):
 def test_store_modes_follow_the_umask(tmp_path, capsys, corpus, umask):
     old = os.umask(umask)
     try:
-        code, _, err = run(capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", tmp_path / "s",
-                           "--num-proc", "1")
+        code, _, err = run(
+            capsys, "shard", "--input", corpus, "--tokenizer", "bytes", "--out", tmp_path / "s", "--num-proc", "1"
+        )
     finally:
         os.umask(old)
     assert code == 0, err
@@ -278,22 +405,49 @@ def test_edited_manifest_is_caught(capsys, store):
         assert code == 1 and f"{store / 'train-00000.bin'}: shard is 6000 bytes, manifest says 6020" in err, err
 
 
-@pytest.mark.parametrize("field, value, says", [
-    (("splits", "train", "shards", 0, "num_tokens"), "3000",
-     "splits.train.shards[0].num_tokens: expected an integer >= 0, got '3000'"),
-    (("splits", "train", "shards", 1, "num_tokens"), -5,
-     "splits.train.shards[1].num_tokens: expected an integer >= 0, got -5"),
-    (("splits", "train", "shards", 0, "file"), "../corpus/abc.py",
-     "splits.train.shards[0].file: expected a file name inside the store"),
-    (("splits", "train", "shards", 0, "sha256"), "xyz",
-     "splits.train.shards[0].sha256: expected 64 lowercase hex digits"),
-    (("splits", "validation", "num_documents"), 1.5,
-     "splits.validation.num_documents: expected an integer >= 0, got 1.5"),
-    (("eod_id",), 300, "eod_id: expected an integer in [0, vocab_size=257), got 300"),
-    (("vocab_size",), True, "vocab_size: expected an integer >= 1, got True"),
-    (("tokenizer", "identity"), 5, "tokenizer.identity: expected the tokenizer's identity string, got 5"),
-], ids=["count-as-text", "negative-count", "file-outside", "bad-sha", "float-count", "eod-out-of-range",
-        "bool-vocab", "identity-not-text"])
+@pytest.mark.parametrize(
+    "field, value, says",
+    [
+        (
+            ("splits", "train", "shards", 0, "num_tokens"),
+            "3000",
+            "splits.train.shards[0].num_tokens: expected an integer >= 0, got '3000'",
+        ),
+        (
+            ("splits", "train", "shards", 1, "num_tokens"),
+            -5,
+            "splits.train.shards[1].num_tokens: expected an integer >= 0, got -5",
+        ),
+        (
+            ("splits", "train", "shards", 0, "file"),
+            "../corpus/abc.py",
+            "splits.train.shards[0].file: expected a file name inside the store",
+        ),
+        (
+            ("splits", "train", "shards", 0, "sha256"),
+            "xyz",
+            "splits.train.shards[0].sha256: expected 64 lowercase hex digits",
+        ),
+        (
+            ("splits", "validation", "num_documents"),
+            1.5,
+            "splits.validation.num_documents: expected an integer >= 0, got 1.5",
+        ),
+        (("eod_id",), 300, "eod_id: expected an integer in [0, vocab_size=257), got 300"),
+        (("vocab_size",), True, "vocab_size: expected an integer >= 1, got True"),
+        (("tokenizer", "identity"), 5, "tokenizer.identity: expected the tokenizer's identity string, got 5"),
+    ],
+    ids=[
+        "count-as-text",
+        "negative-count",
+        "file-outside",
+        "bad-sha",
+        "float-count",
+        "eod-out-of-range",
+        "bool-vocab",
+        "identity-not-text",
+    ],
+)
 def test_manifest_fields_of_the_wrong_type_or_range_are_named(capsys, store, field, value, says):
     # #26: such fields were read silently (a string count, a negative size, a shard file outside the store)
     m = json.loads((store / MANIFEST).read_text())
@@ -344,8 +498,11 @@ def _processes_naming(text: str) -> set[int]:
     found = set()
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and text in (d / "cmdline").read_bytes().decode(errors="replace") \
-                    and (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            if (
+                d.name.isdigit()
+                and text in (d / "cmdline").read_bytes().decode(errors="replace")
+                and (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            ):
                 found.add(int(d.name))
         except OSError:
             pass
@@ -361,9 +518,27 @@ def test_killed_shard_leaves_no_worker_process(tmp_path):
     for i in range(60):
         (corpus / f"f{i}.txt").write_text(text * 4)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.Popen([sys.executable, "-m", "reformer_dist.cli.data", "shard", "--input", str(corpus),
-                             "--tokenizer", "bytes", "--out", str(tmp_path / "store"), "--num-proc", "2",
-                             "--shard-tokens", "100000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reformer_dist.cli.data",
+            "shard",
+            "--input",
+            str(corpus),
+            "--tokenizer",
+            "bytes",
+            "--out",
+            str(tmp_path / "store"),
+            "--num-proc",
+            "2",
+            "--shard-tokens",
+            "100000",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     mine = str(corpus)  # in the command line of the shard process and of every worker it forks
     err, workers = b"", set()
     deadline = time.monotonic() + 300

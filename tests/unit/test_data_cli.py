@@ -18,22 +18,71 @@ def test_cli_end_to_end(tmp_path: Path, capsys):
         (corpus / "sub" / name).write_bytes((stdlib / name).read_bytes())
     (corpus / "notes.jsonl").write_text(json.dumps({"body": "naïve café 日本語 🙂"}) + "\n", encoding="utf-8")
 
-    assert main(["tokenizer", "--input", str(corpus / "sub"), "--vocab-size", "400", "--model-type", "unigram",
-                 "--out", str(tmp_path / "tok"), "--num-threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "--input",
+                str(corpus / "sub"),
+                "--vocab-size",
+                "400",
+                "--model-type",
+                "unigram",
+                "--out",
+                str(tmp_path / "tok"),
+                "--num-threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     identity = capsys.readouterr().out.split()[2]
     assert identity.startswith("sentencepiece:")
 
-    assert main(["shard", "--input", str(corpus / "sub"), "--tokenizer", str(tmp_path / "tok"),
-                 "--out", str(tmp_path / "store"), "--shard-tokens", "500", "--num-proc", "1",
-                 "--val-fraction", "0.25"]) == 0
+    assert (
+        main(
+            [
+                "shard",
+                "--input",
+                str(corpus / "sub"),
+                "--tokenizer",
+                str(tmp_path / "tok"),
+                "--out",
+                str(tmp_path / "store"),
+                "--shard-tokens",
+                "500",
+                "--num-proc",
+                "1",
+                "--val-fraction",
+                "0.25",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "train" in out and "validation" in out and "1 documents" in out
     store = TokenStore.open(tmp_path / "store", expect_tokenizer=identity)
     assert store.num_documents("train") == 3 and store.num_shards("train") > 1
 
     # a different --text-field for JSON lines; bytes tokenizer
-    assert main(["shard", "--input", str(corpus / "notes.jsonl"), "--text-field", "body", "--tokenizer", "bytes",
-                 "--out", str(tmp_path / "notes"), "--num-proc", "1"]) == 0
+    assert (
+        main(
+            [
+                "shard",
+                "--input",
+                str(corpus / "notes.jsonl"),
+                "--text-field",
+                "body",
+                "--tokenizer",
+                "bytes",
+                "--out",
+                str(tmp_path / "notes"),
+                "--num-proc",
+                "1",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     notes = TokenStore.open(tmp_path / "notes")
     assert notes.tokenizer.decode(notes.read("train", 0, notes.num_tokens("train"))) == "naïve café 日本語 🙂"
@@ -50,8 +99,22 @@ def test_cli_end_to_end(tmp_path: Path, capsys):
     assert "train-00000.bin: sha256 mismatch" in capsys.readouterr().err
 
     # refusing to overwrite is an error with exit status 1, not a traceback
-    assert main(["shard", "--input", str(corpus / "sub"), "--tokenizer", "bytes",
-                 "--out", str(tmp_path / "store"), "--num-proc", "1"]) == 1
+    assert (
+        main(
+            [
+                "shard",
+                "--input",
+                str(corpus / "sub"),
+                "--tokenizer",
+                "bytes",
+                "--out",
+                str(tmp_path / "store"),
+                "--num-proc",
+                "1",
+            ]
+        )
+        == 1
+    )
     assert "already holds a token store" in capsys.readouterr().err
 
 

@@ -57,8 +57,12 @@ def test_permute_is_a_bijection():
 @pytest.mark.parametrize("dp_size,micro_batch,per_epoch", [(1, 1, 156), (3, 2, 156), (4, 5, 140)])
 def test_dp_ranks_cover_each_window_once(store, dp_size, micro_batch, per_epoch):
     L, n_windows, slack = 64, 156, 22
-    per_rank = [epoch_windows(WindowLoader(store, seq_len=L, micro_batch=micro_batch, seed=7, dp_rank=r,
-                                           dp_size=dp_size, loop=False)) for r in range(dp_size)]
+    per_rank = [
+        epoch_windows(
+            WindowLoader(store, seq_len=L, micro_batch=micro_batch, seed=7, dp_rank=r, dp_size=dp_size, loop=False)
+        )
+        for r in range(dp_size)
+    ]
     loader = WindowLoader(store, seq_len=L, micro_batch=micro_batch, seed=7, dp_size=dp_size)
     assert (loader.num_windows, loader.windows_per_epoch) == (n_windows, per_epoch)
     everything = sum(per_rank, [])
@@ -72,8 +76,9 @@ def test_dp_ranks_cover_each_window_once(store, dp_size, micro_batch, per_epoch)
     # the ranks' blocks interleave in the global order: batch i = ranks 0..D-1, B windows each
     order = loader.window_offsets(0, np.arange(loader.windows_per_epoch)).tolist()
     for r, w in enumerate(per_rank):
-        blocks = [order[i + r * micro_batch : i + (r + 1) * micro_batch]
-                  for i in range(0, len(order), dp_size * micro_batch)]
+        blocks = [
+            order[i + r * micro_batch : i + (r + 1) * micro_batch] for i in range(0, len(order), dp_size * micro_batch)
+        ]
         assert w == sum(blocks, [])
     if per_epoch == n_windows:
         assert sorted(order) == sorted(shift + L * np.arange(n_windows))
@@ -90,8 +95,10 @@ def test_epochs_differ_and_all_windows_in_range(store):
 def test_sp_slices_concatenate_to_the_window(store):
     L, S = 96, 4
     full = next(iter(WindowLoader(store, seq_len=L, micro_batch=3, seed=3, dp_rank=1, dp_size=2)))
-    parts = [next(iter(WindowLoader(store, seq_len=L, micro_batch=3, seed=3, dp_rank=1, dp_size=2,
-                                    sp_rank=s, sp_size=S))) for s in range(S)]
+    parts = [
+        next(iter(WindowLoader(store, seq_len=L, micro_batch=3, seed=3, dp_rank=1, dp_size=2, sp_rank=s, sp_size=S)))
+        for s in range(S)
+    ]
     assert [p["position_offset"] for p in parts] == [0, 24, 48, 72]
     torch.testing.assert_close(torch.cat([p["input_ids"] for p in parts], dim=1), full["input_ids"])
     torch.testing.assert_close(torch.cat([p["labels"] for p in parts], dim=1), full["labels"])
@@ -125,6 +132,7 @@ def test_resume_continues_with_the_same_next_batch(store):
 def test_deterministic_given_seed(store):
     def first(seed):
         return [b["input_ids"] for b, _ in zip(WindowLoader(store, seq_len=128, micro_batch=2, seed=seed), range(5))]
+
     for x, y in zip(first(5), first(5)):
         torch.testing.assert_close(x, y)
     assert not all(torch.equal(x, y) for x, y in zip(first(5), first(6)))

@@ -78,8 +78,13 @@ def test_text_folder_round_trip_bytes(tmp_path: Path):
 def test_jsonl_and_parquet_round_trip_with_text_field(tmp_path: Path):
     write_jsonl(tmp_path / "a.jsonl", [{"body": d, "id": i} for i, d in enumerate(DOCS[:4])])
     pq.write_table(pa.table({"body": DOCS[4:], "n": list(range(3))}), tmp_path / "b.parquet")
-    manifest = shard_corpus([tmp_path / "a.jsonl", tmp_path / "b.parquet"], "bytes", tmp_path / "store",
-                            text_field="body", shard_tokens=1000)
+    manifest = shard_corpus(
+        [tmp_path / "a.jsonl", tmp_path / "b.parquet"],
+        "bytes",
+        tmp_path / "store",
+        text_field="body",
+        shard_tokens=1000,
+    )
     store = TokenStore.open(manifest.parent)
     assert documents(store, "train") == DOCS  # JSON/Parquet text is exact, \r\n included
     assert store.num_tokens("validation") == 0 and store.num_documents("train") == len(DOCS)
@@ -103,13 +108,23 @@ def test_validation_inputs_are_held_out(tmp_path: Path):
     # enwik8-style: one big document for training, a held-out file for validation
     (tmp_path / "train.txt").write_text("t" * 300)
     (tmp_path / "valid.txt").write_text("v" * 40)
-    manifest = shard_corpus([tmp_path / "train.txt"], "bytes", tmp_path / "store",
-                            val_inputs=[tmp_path / "valid.txt"], shard_tokens=128, num_proc=2)
+    manifest = shard_corpus(
+        [tmp_path / "train.txt"],
+        "bytes",
+        tmp_path / "store",
+        val_inputs=[tmp_path / "valid.txt"],
+        shard_tokens=128,
+        num_proc=2,
+    )
     store = TokenStore.open(manifest.parent)
     assert documents(store, "train") == ["t" * 300] and documents(store, "validation") == ["v" * 40]
     with pytest.raises(DataError, match="train.txt: given both as input and as validation input"):
-        shard_corpus([tmp_path / "train.txt", tmp_path / "valid.txt"], "bytes", tmp_path / "s2",
-                     val_inputs=[tmp_path / "train.txt"])
+        shard_corpus(
+            [tmp_path / "train.txt", tmp_path / "valid.txt"],
+            "bytes",
+            tmp_path / "s2",
+            val_inputs=[tmp_path / "train.txt"],
+        )
 
 
 def test_large_vocab_uses_uint32(tmp_path: Path):
@@ -174,6 +189,7 @@ def test_existing_store_needs_overwrite(tmp_path: Path):
     def write(**kw):
         with ShardWriter(tmp_path / "s", load_tokenizer("bytes"), shard_tokens=4, **kw) as w:
             w.add("train", np.arange(10))
+
     write()
     with pytest.raises(DataError, match="already holds a token store"):
         write()
@@ -263,8 +279,9 @@ def test_altered_shard_detected_by_checksum(small_store: Path):
 
 def test_manifest_from_another_tokenizer(small_store: Path):
     assert TokenStore.open(small_store, expect_tokenizer="bytes").identity == "bytes"
-    with pytest.raises(DataError,
-                       match=r"manifest.json: store was tokenised with 'bytes', but the run expects 'senten"):
+    with pytest.raises(
+        DataError, match=r"manifest.json: store was tokenised with 'bytes', but the run expects 'senten"
+    ):
         TokenStore.open(small_store, expect_tokenizer="sentencepiece:abcd")
 
 

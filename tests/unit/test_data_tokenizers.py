@@ -78,8 +78,14 @@ def test_sentencepiece_pickles_by_value(sp_dir: Path):
 
 
 def test_unigram_trains(tmp_path: Path):
-    tok = train_tokenizer([corpus_dir(tmp_path)], tmp_path / "uni", vocab_size=320, model_type="unigram",
-                          character_coverage=0.98, num_threads=1)
+    tok = train_tokenizer(
+        [corpus_dir(tmp_path)],
+        tmp_path / "uni",
+        vocab_size=320,
+        model_type="unigram",
+        character_coverage=0.98,
+        num_threads=1,
+    )
     assert tok.decode(tok.encode(UNICODE)) == UNICODE
 
 

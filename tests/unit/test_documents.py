@@ -39,9 +39,21 @@ def packed(lengths: list[int], vocab: int, seed: int) -> torch.Tensor:
 
 
 def cfg(layers: list[str], **kw) -> ReformerConfig:
-    base = dict(vocab_size=23, d_model=16, n_heads=2, d_head=8, d_ff=32, n_layers=len(layers), attn_layers=layers,
-                n_hashes=3, chunk_len=8, local_chunk_len=8, axial_pos_shape=[8, 16], ff_chunk_len=24,
-                loss_chunk_len=40)
+    base = dict(
+        vocab_size=23,
+        d_model=16,
+        n_heads=2,
+        d_head=8,
+        d_ff=32,
+        n_layers=len(layers),
+        attn_layers=layers,
+        n_hashes=3,
+        chunk_len=8,
+        local_chunk_len=8,
+        axial_pos_shape=[8, 16],
+        ff_chunk_len=24,
+        loss_chunk_len=40,
+    )
     base.update(kw)
     return ReformerConfig(**base)
 
@@ -112,8 +124,17 @@ def test_a_token_with_no_earlier_token_in_its_document_attends_to_itself_only(ki
     q, k, v = (torch.randn(b, l, h, d, dtype=torch.float64, generator=g) for _ in range(3))
     docs = torch.tensor([[0] * 10 + [1] * 20 + [2] * 18], dtype=torch.int32)
     if kind == "lsh":
-        out = lsh_attention(q, v, make_rotations(0, h, d, 2, [4]), [4], chunk_len=8, n_chunks_before=1,
-                            n_chunks_after=0, causal=True, document_ids=docs)
+        out = lsh_attention(
+            q,
+            v,
+            make_rotations(0, h, d, 2, [4]),
+            [4],
+            chunk_len=8,
+            n_chunks_before=1,
+            n_chunks_after=0,
+            causal=True,
+            document_ids=docs,
+        )
     else:
         out = local_attention(q, k, v, chunk_len=8, n_chunks_before=1, n_chunks_after=0, causal=True, document_ids=docs)
     for first in (0, 10, 30):

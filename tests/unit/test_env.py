@@ -10,8 +10,16 @@ import pytest
 from reformer_dist.parallel.env import DistEnv, discover, export_env
 
 
-def slurm_step(procid: int, localid: int, nodeid: int, ntasks: int = 4, tasks_per_node: str = "2(x2)",
-               nodelist: str = "gpu[07-08]", job_id: str = "123456", **extra: str) -> dict[str, str]:
+def slurm_step(
+    procid: int,
+    localid: int,
+    nodeid: int,
+    ntasks: int = 4,
+    tasks_per_node: str = "2(x2)",
+    nodelist: str = "gpu[07-08]",
+    job_id: str = "123456",
+    **extra: str,
+) -> dict[str, str]:
     """The variables srun gives one task of a job step (as seen on a real 22.05 cluster)."""
     env = {
         "SLURM_JOB_ID": job_id,
@@ -36,8 +44,16 @@ def slurm_step(procid: int, localid: int, nodeid: int, ntasks: int = 4, tasks_pe
 
 
 def test_torch_vars() -> None:
-    env = discover({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                    "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"})
+    env = discover(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "10.0.0.1",
+            "MASTER_PORT": "1234",
+        }
+    )
     assert env == DistEnv(3, 1, 8, 2, "10.0.0.1", 1234, "torch")
 
 
@@ -50,8 +66,14 @@ def test_torch_vars_deepspeed_local_size_and_defaults() -> None:
 
 
 def test_torch_vars_win_over_slurm_and_mpi() -> None:
-    environ = slurm_step(2, 0, 1) | {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_PORT": "4000",
-                                    "PMI_RANK": "0", "PMI_SIZE": "2"}
+    environ = slurm_step(2, 0, 1) | {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "MASTER_PORT": "4000",
+        "PMI_RANK": "0",
+        "PMI_SIZE": "2",
+    }
     env = discover(environ)
     assert (env.source, env.rank, env.world_size, env.local_rank, env.master_port) == ("torch", 1, 2, 1, 4000)
 
@@ -125,8 +147,13 @@ def test_slurm_master_overrides() -> None:
 def test_slurm_batch_script_without_srun_is_single() -> None:
     """A batch script sees SLURM_PROCID=0 and SLURM_NTASKS=4 but no step id: it is one process."""
     environ = slurm_step(0, 0, 0)
-    for k in ("SLURM_STEP_ID", "SLURM_STEPID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
-              "SLURM_STEP_TASKS_PER_NODE"):
+    for k in (
+        "SLURM_STEP_ID",
+        "SLURM_STEPID",
+        "SLURM_STEP_NUM_TASKS",
+        "SLURM_STEP_NODELIST",
+        "SLURM_STEP_TASKS_PER_NODE",
+    ):
         del environ[k]
     env = discover(environ)
     assert (env.source, env.rank, env.world_size) == ("single", 0, 1)
@@ -192,11 +219,25 @@ def test_export_env_round_trip() -> None:
     env = discover(slurm_step(3, 1, 1, MASTER_ADDR="10.1.2.3"))
     out: dict[str, str] = {"UNRELATED": "x"}
     export_env(env, out)
-    assert out == {"UNRELATED": "x", "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
-                   "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": str(29500 + 456)}
+    assert out == {
+        "UNRELATED": "x",
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "10.1.2.3",
+        "MASTER_PORT": str(29500 + 456),
+    }
     again = discover(out)
-    assert (again.rank, again.local_rank, again.world_size, again.local_world_size, again.master_addr,
-            again.master_port, again.source) == (3, 1, 4, 2, "10.1.2.3", 29956, "torch")
+    assert (
+        again.rank,
+        again.local_rank,
+        again.world_size,
+        again.local_world_size,
+        again.master_addr,
+        again.master_port,
+        again.source,
+    ) == (3, 1, 4, 2, "10.1.2.3", 29956, "torch")
 
 
 def test_json_form() -> None:
@@ -219,8 +260,15 @@ def test_launch_env_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
         monkeypatch.delenv(k, raising=False)
     assert main(["env"]) == 0
     got = json.loads(capsys.readouterr().out)
-    assert got == {"rank": 2, "local_rank": 0, "world_size": 4, "local_world_size": 2, "master_addr": "10.9.8.7",
-                   "master_port": 29956, "source": "slurm"}
+    assert got == {
+        "rank": 2,
+        "local_rank": 0,
+        "world_size": 4,
+        "local_world_size": 2,
+        "master_addr": "10.9.8.7",
+        "master_port": 29956,
+        "source": "slurm",
+    }
     assert main(["env", "--format", "shell"]) == 0
     assert "export RANK=2\n" in capsys.readouterr().out
     monkeypatch.setenv("SLURM_PROCID", "9")
@@ -234,8 +282,15 @@ def test_mpi_launcher_inside_slurm_wins_over_slurm_step_variables(monkeypatch):
 
     mpi = envmod.DistEnv(3, 1, 4, 2, "10.0.0.1", 29500, "mpi")
     monkeypatch.setattr(envmod, "_from_mpi", lambda environ: mpi if environ.get("PMI_RANK") else None)
-    slurm_vars = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0",
-                  "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_ID": "7"}
+    slurm_vars = {
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_JOB_ID": "7",
+    }
     assert envmod.discover({**slurm_vars, "PMI_RANK": "3", "PMI_SIZE": "4"}) == mpi
     assert envmod.discover(slurm_vars).source == "slurm"
 
@@ -253,11 +308,17 @@ def test_intra_op_threads_share_the_cores_among_local_ranks(monkeypatch):
     assert intra_op_threads(2, None, {"OMP_NUM_THREADS": "4,2"})[:2] == (4, "OMP_NUM_THREADS")  # OpenMP's nested form
     # #26: a malformed or unbounded value was silently replaced (junk) or used (a million threads)
     for value in ("junk", "0", "100000"):
-        with pytest.raises(ValueError, match=rf"^OMP_NUM_THREADS='{value}': expected a positive integer up to 16 "
-                                             r"\(4 x the 4 cores this process may use\)"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^OMP_NUM_THREADS='{value}': expected a positive integer up to 16 "
+            r"\(4 x the 4 cores this process may use\)",
+        ):
             intra_op_threads(2, None, {"OMP_NUM_THREADS": value})
-    with pytest.raises(ValueError, match=r"^train.threads: 17 is more than 4 x the 4 cores this process may use; "
-                                         r"expected 1..16"):
+    with pytest.raises(
+        ValueError,
+        match=r"^train.threads: 17 is more than 4 x the 4 cores this process may use; "
+        r"expected 1..16",
+    ):
         intra_op_threads(1, 17, {})
 
 

@@ -11,9 +11,21 @@ from reformer_dist import ReformerConfig, ReformerLM
 
 
 def model(seed: int = 0, **kw) -> ReformerLM:
-    base = dict(vocab_size=48, d_model=16, n_heads=2, d_head=8, d_ff=32, n_layers=2, attn_layers=["local", "lsh"],
-                n_hashes=2, chunk_len=8, local_chunk_len=8, axial_pos_shape=[16, 16], init_std=0.1,
-                axial_norm_std=0.1)
+    base = dict(
+        vocab_size=48,
+        d_model=16,
+        n_heads=2,
+        d_head=8,
+        d_ff=32,
+        n_layers=2,
+        attn_layers=["local", "lsh"],
+        n_hashes=2,
+        chunk_len=8,
+        local_chunk_len=8,
+        axial_pos_shape=[16, 16],
+        init_std=0.1,
+        axial_norm_std=0.1,
+    )
     base.update(kw)
     base["n_layers"] = len(base["attn_layers"])
     torch.manual_seed(seed)
@@ -37,12 +49,19 @@ def prompt(b: int, p: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 48, (b, p), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("layers,p,extra", [
-    (["local", "local"], 1, {}),
-    (["local", "local"], 21, {}),
-    (["local", "full", "local"], 5, {"local_chunk_len": 4}),
-    (["local", "local"], 30, {"local_n_chunks_before": 2}),  # prompt of 3+ chunks: the window never wraps onto itself
-])
+@pytest.mark.parametrize(
+    "layers,p,extra",
+    [
+        (["local", "local"], 1, {}),
+        (["local", "local"], 21, {}),
+        (["local", "full", "local"], 5, {"local_chunk_len": 4}),
+        (
+            ["local", "local"],
+            30,
+            {"local_n_chunks_before": 2},
+        ),  # prompt of 3+ chunks: the window never wraps onto itself
+    ],
+)
 def test_local_and_full_layers_equal_full_recompute(layers, p, extra):
     m = model(attn_layers=layers, **extra)
     assert_same(*both(m, prompt(2, p), 24))
@@ -50,18 +69,23 @@ def test_local_and_full_layers_equal_full_recompute(layers, p, extra):
 
 def test_sampling_draws_the_same_tokens():
     m = model(attn_layers=["local", "full"])
-    runs = [m.generate(prompt(2, 6), 20, temperature=0.9, top_k=10, use_cache=c,
-                       generator=torch.Generator().manual_seed(5)) for c in (True, False)]
+    runs = [
+        m.generate(prompt(2, 6), 20, temperature=0.9, top_k=10, use_cache=c, generator=torch.Generator().manual_seed(5))
+        for c in (True, False)
+    ]
     assert torch.equal(*runs)
 
 
-@pytest.mark.parametrize("extra", [
-    {"n_buckets": 4},
-    {"chunk_len": 4},  # automatic bucket count: 4 -> 8 -> 16 buckets while generating (the cache hashes again)
-    {"n_hashes": 3, "allow_duplicate_attention": False},
-    {"same_bucket_only": True, "n_chunks_before": 2},
-    {"n_buckets": [2, 4], "chunk_len": 4, "n_hashes": 1},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"n_buckets": 4},
+        {"chunk_len": 4},  # automatic bucket count: 4 -> 8 -> 16 buckets while generating (the cache hashes again)
+        {"n_hashes": 3, "allow_duplicate_attention": False},
+        {"same_bucket_only": True, "n_chunks_before": 2},
+        {"n_buckets": [2, 4], "chunk_len": 4, "n_hashes": 1},
+    ],
+)
 def test_lsh_as_last_attention_layer_equals_full_recompute(extra):
     """No attention layer reads an LSH layer's output: the cache reproduces full recompute exactly."""
     m = model(**extra)
@@ -102,10 +126,13 @@ def frozen_oracle(m: ReformerLM, ids: torch.Tensor, p: int, hash_seed: int) -> t
     return torch.stack(out, 1)
 
 
-@pytest.mark.parametrize("layers,extra", [
-    (["lsh", "local", "lsh"], {}),
-    (["lsh", "lsh"], {"n_hashes": 3, "allow_duplicate_attention": False, "n_buckets": 8}),
-])
+@pytest.mark.parametrize(
+    "layers,extra",
+    [
+        (["lsh", "local", "lsh"], {}),
+        (["lsh", "lsh"], {"n_hashes": 3, "allow_duplicate_attention": False, "n_buckets": 8}),
+    ],
+)
 def test_lsh_stack_equals_its_frozen_key_semantics(layers, extra):
     """LSH layers feeding later layers: the cache computes exactly the stated semantics (frozen keys/values)."""
     m = model(attn_layers=layers, **extra)
@@ -146,8 +173,9 @@ def test_work_per_token_is_the_window(monkeypatch):
     """Each step attends R x W key slots in an LSH layer and W in a local one, whatever the context length."""
     seen = []
     real = generation._attend_one
-    monkeypatch.setattr(generation, "_attend_one",
-                        lambda q, k, *a, **kw: seen.append(k.shape[2]) or real(q, k, *a, **kw))
+    monkeypatch.setattr(
+        generation, "_attend_one", lambda q, k, *a, **kw: seen.append(k.shape[2]) or real(q, k, *a, **kw)
+    )
     m = model(attn_layers=["local", "lsh"], local_chunk_len=4, n_chunks_before=2, n_hashes=3)
     m.generate(prompt(1, 200), 5, temperature=0)
     assert seen == [2 * 4, 3 * 3 * 8] * 4  # local: (1 + 1) chunks of 4; LSH: 3 rounds x (2 + 1) chunks of 8
@@ -171,33 +199,62 @@ def test_cache_memory_is_compact():
     assert lsh.first.shape[-1] == nb * 8 + 1 and lsh.last.shape[-1] == nb * 16 + 1 and nb <= 2 * 208 // 8
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda m: m.generate(prompt(1, 4), 3, document_ids=torch.zeros(1, 4, dtype=torch.long)), "document_ids"),
-    (lambda m: m.generate(prompt(1, 250), 10), "max_new_tokens"),
-    (lambda m: m.generate(prompt(1, 0), 3), "prompt_ids"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda m: m.generate(prompt(1, 4), 3, document_ids=torch.zeros(1, 4, dtype=torch.long)), "document_ids"),
+        (lambda m: m.generate(prompt(1, 250), 10), "max_new_tokens"),
+        (lambda m: m.generate(prompt(1, 0), 3), "prompt_ids"),
+    ],
+)
 def test_refusals_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call(model())
 
 
-@pytest.mark.parametrize("kwargs, error, says", [
-    ({"prompt_ids": [[1, 2, 3]]}, TypeError,
-     "prompt_ids: expected a torch.Tensor of token ids [batch, length], got list"),
-    ({"prompt_ids": torch.ones(4, dtype=torch.long)}, ValueError,
-     "prompt_ids: expected shape [batch, length], got (4,)"),
-    ({"prompt_ids": torch.ones(1, 4)}, TypeError, "prompt_ids: expected integer token ids (torch.long), got dtype "
-                                                  "torch.float32"),
-    ({"prompt_ids": torch.ones(1, 0, dtype=torch.long), "use_cache": False}, ValueError,
-     "prompt_ids: expected at least one sequence of at least one token, got shape (1, 0)"),
-    ({"max_new_tokens": -2}, ValueError, "max_new_tokens: expected an integer >= 0, got -2"),
-    ({"max_new_tokens": 2.5}, ValueError, "max_new_tokens: expected an integer >= 0, got 2.5"),
-    ({"top_k": 0}, ValueError, "top_k: expected None or an integer >= 1, got 0"),
-    ({"temperature": float("nan")}, ValueError, "temperature: expected a finite number (<= 0: greedy), got nan"),
-    ({"temperature": float("inf")}, ValueError, "temperature: expected a finite number (<= 0: greedy), got inf"),
-    ({"hash_seed": -1}, ValueError, "hash_seed: expected an integer >= 0, got -1"),
-], ids=["list", "1d", "float", "empty-uncached", "negative-count", "float-count", "top-k-0", "nan-temperature",
-        "inf-temperature", "negative-seed"])
+@pytest.mark.parametrize(
+    "kwargs, error, says",
+    [
+        (
+            {"prompt_ids": [[1, 2, 3]]},
+            TypeError,
+            "prompt_ids: expected a torch.Tensor of token ids [batch, length], got list",
+        ),
+        (
+            {"prompt_ids": torch.ones(4, dtype=torch.long)},
+            ValueError,
+            "prompt_ids: expected shape [batch, length], got (4,)",
+        ),
+        (
+            {"prompt_ids": torch.ones(1, 4)},
+            TypeError,
+            "prompt_ids: expected integer token ids (torch.long), got dtype torch.float32",
+        ),
+        (
+            {"prompt_ids": torch.ones(1, 0, dtype=torch.long), "use_cache": False},
+            ValueError,
+            "prompt_ids: expected at least one sequence of at least one token, got shape (1, 0)",
+        ),
+        ({"max_new_tokens": -2}, ValueError, "max_new_tokens: expected an integer >= 0, got -2"),
+        ({"max_new_tokens": 2.5}, ValueError, "max_new_tokens: expected an integer >= 0, got 2.5"),
+        ({"top_k": 0}, ValueError, "top_k: expected None or an integer >= 1, got 0"),
+        ({"temperature": float("nan")}, ValueError, "temperature: expected a finite number (<= 0: greedy), got nan"),
+        ({"temperature": float("inf")}, ValueError, "temperature: expected a finite number (<= 0: greedy), got inf"),
+        ({"hash_seed": -1}, ValueError, "hash_seed: expected an integer >= 0, got -1"),
+    ],
+    ids=[
+        "list",
+        "1d",
+        "float",
+        "empty-uncached",
+        "negative-count",
+        "float-count",
+        "top-k-0",
+        "nan-temperature",
+        "inf-temperature",
+        "negative-seed",
+    ],
+)
 def test_generate_arguments_are_checked_before_any_work(kwargs, error, says, monkeypatch):
     # #26: these ended in raw torch errors (unpacking, topk, multinomial) or were silently accepted
     m = model()
@@ -215,9 +272,12 @@ def test_from_pretrained_of_weights_that_do_not_fit_the_config_names_the_weight(
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "checksums.json").unlink()  # an edited config, on purpose
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 1}))
-    with pytest.raises(ValueError, match=r"m: weight (tok_emb|head.proj).weight has shape \(48, 32\), "
-                                         r"but .*config.json needs "
-                                         r"\(49, 32\): the weights do not belong to this config"):
+    with pytest.raises(
+        ValueError,
+        match=r"m: weight (tok_emb|head.proj).weight has shape \(48, 32\), "
+        r"but .*config.json needs "
+        r"\(49, 32\): the weights do not belong to this config",
+    ):
         ReformerLM.from_pretrained(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="config.json: expected a JSON object of ReformerConfig fields, got list"):

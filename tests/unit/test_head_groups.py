@@ -18,9 +18,23 @@ L = 200  # not a multiple of the chunk lengths: the model pads
 
 
 def make(layers: list[str], groups: int, dtype=torch.float64, **kw) -> ReformerLM:
-    base = dict(vocab_size=40, d_model=32, n_heads=4, d_head=8, d_ff=64, n_layers=len(layers), attn_layers=layers,
-                n_hashes=2, chunk_len=16, local_chunk_len=8, axial_pos_shape=[16, 16], ff_chunk_len=48,
-                loss_chunk_len=40, head_groups=groups, attention_backend="blockwise")
+    base = dict(
+        vocab_size=40,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_ff=64,
+        n_layers=len(layers),
+        attn_layers=layers,
+        n_hashes=2,
+        chunk_len=16,
+        local_chunk_len=8,
+        axial_pos_shape=[16, 16],
+        ff_chunk_len=48,
+        loss_chunk_len=40,
+        head_groups=groups,
+        attention_backend="blockwise",
+    )
     base.update(kw)
     torch.manual_seed(0)
     return ReformerLM(ReformerConfig(**base)).to(dtype)
@@ -118,8 +132,19 @@ def test_default_by_length_and_ulysses():
 
 def test_default_groups_a_long_sequence():
     """Without model.head_groups a sequence of >= 65536 tokens runs grouped, and still equals G = 1."""
-    kw = dict(n_heads=2, d_head=4, d_model=8, d_ff=8, vocab_size=40, n_layers=1, attn_layers=["local"],
-              chunk_len=64, axial_pos_shape=[256, 256], ff_chunk_len=16384, loss_chunk_len=16384)
+    kw = dict(
+        n_heads=2,
+        d_head=4,
+        d_model=8,
+        d_ff=8,
+        vocab_size=40,
+        n_layers=1,
+        attn_layers=["local"],
+        chunk_len=64,
+        axial_pos_shape=[256, 256],
+        ff_chunk_len=16384,
+        loss_chunk_len=16384,
+    )
     assert ReformerConfig(**kw).head_groups_for(65536) == 2
     ref = step(make(["local"], 1, **kw), length=65536)
     assert_same(ref, step(make(["local"], 0, **kw), length=65536), rtol=1e-12)

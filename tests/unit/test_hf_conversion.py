@@ -30,8 +30,17 @@ CONFIGS = {
 
 
 def _config(**kw) -> ReformerConfig:
-    base = dict(vocab_size=53, d_model=32, n_heads=2, d_head=16, d_ff=48, axial_pos_shape=[8, 8], activation="gelu",
-                layer_norm_eps=1e-6, init_std=0.3)  # large weights: sharp attention, so mistakes show
+    base = dict(
+        vocab_size=53,
+        d_model=32,
+        n_heads=2,
+        d_head=16,
+        d_ff=48,
+        axial_pos_shape=[8, 8],
+        activation="gelu",
+        layer_norm_eps=1e-6,
+        init_std=0.3,
+    )  # large weights: sharp attention, so mistakes show
     base.update(kw)
     return ReformerConfig(n_layers=len(base["attn_layers"]), **base)
 
@@ -87,10 +96,24 @@ def test_transformers_model_imports_with_identical_logits(tmp_path):
     """A model made by transformers itself (not by our export) converts; its nonzero lm_head.bias, which
     transformers 5.x does not apply, is dropped with a warning."""
     hf_cfg = transformers.ReformerConfig(
-        vocab_size=47, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=40,
-        attn_layers=["local", "lsh"], lsh_attn_chunk_length=64, local_attn_chunk_length=16, axial_pos_shape=(4, 16),
-        axial_pos_embds_dim=(12, 20), max_position_embeddings=64, is_decoder=True, hidden_act="relu",
-        hidden_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0, hash_seed=3, initializer_range=0.3)
+        vocab_size=47,
+        hidden_size=32,
+        num_attention_heads=2,
+        attention_head_size=16,
+        feed_forward_size=40,
+        attn_layers=["local", "lsh"],
+        lsh_attn_chunk_length=64,
+        local_attn_chunk_length=16,
+        axial_pos_shape=(4, 16),
+        axial_pos_embds_dim=(12, 20),
+        max_position_embeddings=64,
+        is_decoder=True,
+        hidden_act="relu",
+        hidden_dropout_prob=0.0,
+        local_attention_probs_dropout_prob=0.0,
+        hash_seed=3,
+        initializer_range=0.3,
+    )
     torch.manual_seed(0)
     hf = transformers.ReformerModelWithLMHead(hf_cfg).eval()
     with torch.no_grad():
@@ -109,12 +132,15 @@ def test_transformers_model_imports_with_identical_logits(tmp_path):
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("change, field", [
-    (dict(attn_layers=["lsh", "full"]), "attn_layers"),
-    (dict(same_bucket_only=True), "same_bucket_only"),
-    (dict(allow_duplicate_attention=False), "allow_duplicate_attention"),
-    (dict(causal=False), "causal"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (dict(attn_layers=["lsh", "full"]), "attn_layers"),
+        (dict(same_bucket_only=True), "same_bucket_only"),
+        (dict(allow_duplicate_attention=False), "allow_duplicate_attention"),
+        (dict(causal=False), "causal"),
+    ],
+)
 def test_export_refuses_configs_outside_hf(tmp_path, capsys, change, field):
     cfg = _config(**{**CONFIGS["all_lsh"], **change})
     with pytest.raises(UnsupportedConfigError, match=f"ReformerConfig.{field}"):
@@ -125,11 +151,14 @@ def test_export_refuses_configs_outside_hf(tmp_path, capsys, change, field):
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.parametrize("change, field", [
-    (dict(hidden_act="gelu_new"), "hidden_act"),
-    (dict(axial_pos_embds=False), "axial_pos_embds"),
-    (dict(attn_layers=["lsh", "global"]), "attn_layers"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (dict(hidden_act="gelu_new"), "hidden_act"),
+        (dict(axial_pos_embds=False), "axial_pos_embds"),
+        (dict(attn_layers=["lsh", "global"]), "attn_layers"),
+    ],
+)
 def test_import_refuses_configs_we_cannot_express(change, field):
     hf = {**to_hf_config(_config(**CONFIGS["all_lsh"])), **change}
     with pytest.raises(UnsupportedConfigError, match=field):
@@ -137,8 +166,16 @@ def test_import_refuses_configs_we_cannot_express(change, field):
 
 
 def test_config_round_trip_and_mapping():
-    cfg = _config(**CONFIGS["local_lsh_mix"], n_buckets=[4, 8], hash_seed=7, dropout=0.1, reversible=False,
-                  ff_chunk_len=16, loss_chunk_len=32, head_groups=2)  # head_groups: kept through HF (#23)
+    cfg = _config(
+        **CONFIGS["local_lsh_mix"],
+        n_buckets=[4, 8],
+        hash_seed=7,
+        dropout=0.1,
+        reversible=False,
+        ff_chunk_len=16,
+        loss_chunk_len=32,
+        head_groups=2,
+    )  # head_groups: kept through HF (#23)
     hf = to_hf_config(cfg)
     got = (hf["hidden_size"], hf["attention_head_size"], hf["feed_forward_size"], hf["num_buckets"])
     assert got == (32, 16, 48, [4, 8])

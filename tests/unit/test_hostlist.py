@@ -32,8 +32,9 @@ def test_expand(spec: str, expected: list[str]) -> None:
     assert expand_nodelist(spec) == expected
 
 
-@pytest.mark.parametrize("bad", ["node[1-3", "node1-3]", "node[[1]]", "node[a-b]", "node[3-1]", "node[]",
-                                 "node[1,,2]", "a,,b", "node[1-]"])
+@pytest.mark.parametrize(
+    "bad", ["node[1-3", "node1-3]", "node[[1]]", "node[a-b]", "node[3-1]", "node[]", "node[1,,2]", "a,,b", "node[1-]"]
+)
 def test_malformed_raises(bad: str) -> None:
     with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
         expand_nodelist(bad)

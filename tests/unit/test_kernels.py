@@ -38,8 +38,9 @@ def grads_of(out, lse, inputs, wo, wl):
 @pytest.mark.parametrize("backend", ["blockwise"])
 @pytest.mark.parametrize("b,length,h,d,m,r,nb,na,causal,shared,extras", CASES)
 @pytest.mark.parametrize("small_blocks", [False, True])
-def test_backend_matches_reference(backend, b, length, h, d, m, r, nb, na, causal, shared, extras, small_blocks,
-                                   monkeypatch):
+def test_backend_matches_reference(
+    backend, b, length, h, d, m, r, nb, na, causal, shared, extras, small_blocks, monkeypatch
+):
     if small_blocks:  # force several blocks per round so block boundaries and window scatter are exercised
         monkeypatch.setattr(blockwise, "_BLOCK_ELEMS", 1)
     seed = zlib.crc32(repr(extras).encode()) % 1000 + length
@@ -89,12 +90,15 @@ def test_unknown_backend_is_named():
         chunked_attention(q, k, v, index, backend="nope", chunk_len=4, n_chunks_before=1, n_chunks_after=0, causal=True)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(index=torch.zeros(1, 1, 12, dtype=torch.int32)), "index must be"),
-    (dict(chunk_len=3), "not a multiple of chunk_len"),
-    (dict(key_valid=torch.ones(1, 7, dtype=torch.bool)), "key_valid must be"),
-    (dict(slot_bucket=torch.zeros(1, 1, 7, dtype=torch.int32)), "slot_bucket must be"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(index=torch.zeros(1, 1, 12, dtype=torch.int32)), "index must be"),
+        (dict(chunk_len=3), "not a multiple of chunk_len"),
+        (dict(key_valid=torch.ones(1, 7, dtype=torch.bool)), "key_valid must be"),
+        (dict(slot_bucket=torch.zeros(1, 1, 7, dtype=torch.int32)), "slot_bucket must be"),
+    ],
+)
 def test_contract_violations_are_named(bad, match):
     q, _, v, index, _ = make_inputs(1, 8, 1, 4, 1, True, (), seed=0)
     kw = dict(index=index, chunk_len=4, n_chunks_before=1, n_chunks_after=0, causal=True)
@@ -115,5 +119,6 @@ def test_backend_names_are_one_list():
     assert set(available_backends()) <= set(backends.BACKENDS)
     with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
         q = torch.zeros(1, 8, 1, 4)
-        chunked_attention(q, None, q, None, chunk_len=8, n_chunks_before=0, n_chunks_after=0, causal=True,
-                          backend="nope")
+        chunked_attention(
+            q, None, q, None, chunk_len=8, n_chunks_before=0, n_chunks_after=0, causal=True, backend="nope"
+        )

@@ -52,22 +52,59 @@ def trained(tmp_path_factory):
         val = arrays["validation"][arrays["validation"] != 256][: WINDOWS * SEQ]
         docs = np.insert(val, np.arange(90, val.size, 90), 256)
         w.add("validation", docs[: WINDOWS * SEQ + 1])
-    sets = ["model.d_model=32", "model.d_head=16", "model.d_ff=64", "model.chunk_len=16", "model.n_hashes=2",
-            f"data.path={root / 'store'}", f"data.seq_len={SEQ}", "data.document_masking=true",
-            "data.reset_positions=true", "train.micro_batch=1", "train.max_steps=2", "train.warmup_steps=1",
-            "eval.every=0", f"eval.batches={WINDOWS}", "checkpoint.at_end=true", "output.sample_tokens=0",
-            "logging.progress_bar=false", "logging.tensorboard=false", f"output.dir={root / 'run'}"]
-    p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train", "--config",
-                        str(REPO / "configs/quickstart.toml"), *[a for s in sets for a in ("--set", s)]],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    sets = [
+        "model.d_model=32",
+        "model.d_head=16",
+        "model.d_ff=64",
+        "model.chunk_len=16",
+        "model.n_hashes=2",
+        f"data.path={root / 'store'}",
+        f"data.seq_len={SEQ}",
+        "data.document_masking=true",
+        "data.reset_positions=true",
+        "train.micro_batch=1",
+        "train.max_steps=2",
+        "train.warmup_steps=1",
+        "eval.every=0",
+        f"eval.batches={WINDOWS}",
+        "checkpoint.at_end=true",
+        "output.sample_tokens=0",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        f"output.dir={root / 'run'}",
+    ]
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reformer_dist.cli.train",
+            "--config",
+            str(REPO / "configs/quickstart.toml"),
+            *[a for s in sets for a in ("--set", s)],
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return root
 
 
 def tiny_model(folder: Path, record: bool = True, **kw) -> Path:
     torch.manual_seed(0)
-    cfg = dict(vocab_size=257, d_model=32, n_heads=2, d_head=16, d_ff=64, n_layers=2, attn_layers=["local", "lsh"],
-               chunk_len=16, axial_pos_shape=[16, 32])
+    cfg = dict(
+        vocab_size=257,
+        d_model=32,
+        n_heads=2,
+        d_head=16,
+        d_ff=64,
+        n_layers=2,
+        attn_layers=["local", "lsh"],
+        chunk_len=16,
+        axial_pos_shape=[16, 32],
+    )
     cfg.update(kw)
     ReformerLM(ReformerConfig(**cfg)).save_pretrained(folder)
     if record:
@@ -81,8 +118,19 @@ def test_eval_loss_equals_the_trainers_evaluation(trained, tmp_path, capsys):
     end = [json.loads(line) for line in (trained / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert end["event"] == "end"
     out = tmp_path / "e.json"
-    code, stdout, err = run_cli(eval_cli.main, capsys, trained / "run" / "model", "--data", trained / "store",
-                                "--seq-len", SEQ, "--out", out, "--no-progress", "--no-plot")
+    code, stdout, err = run_cli(
+        eval_cli.main,
+        capsys,
+        trained / "run" / "model",
+        "--data",
+        trained / "store",
+        "--seq-len",
+        SEQ,
+        "--out",
+        out,
+        "--no-progress",
+        "--no-plot",
+    )
     assert code == 0, err
     res = json.loads(out.read_text())
     assert res["windows"] == WINDOWS and res["rows"][0]["tokens"] == WINDOWS * SEQ
@@ -103,8 +151,19 @@ def test_eval_of_a_checkpoint_root_equals_its_weights_folder(trained, tmp_path, 
     losses = []
     for model in (trained / "run" / "model", trained / "run" / "checkpoints"):
         out = tmp_path / f"{model.name}.json"
-        code, _, err = run_cli(eval_cli.main, capsys, model, "--data", trained / "store", "--seq-len", SEQ,
-                               "--out", out, "--no-progress", "--no-plot")
+        code, _, err = run_cli(
+            eval_cli.main,
+            capsys,
+            model,
+            "--data",
+            trained / "store",
+            "--seq-len",
+            SEQ,
+            "--out",
+            out,
+            "--no-progress",
+            "--no-plot",
+        )
         assert code == 0, err
         res = json.loads(out.read_text())
         assert res["document_masking"] is True
@@ -121,9 +180,25 @@ def test_eval_of_a_checkpoint_root_equals_its_weights_folder(trained, tmp_path, 
 @pytest.mark.slow
 def test_generate_end_to_end_from_a_trained_model(trained):
     model_dir = trained / "run" / "model"
-    p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.generate", str(model_dir), "--prompt", "def ",
-                        "--max-new-tokens", "24", "--temperature", "0"],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reformer_dist.cli.generate",
+            str(model_dir),
+            "--prompt",
+            "def ",
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "0",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "tokens/s" in p.stderr and "24 tokens after a 4-token prompt" in p.stderr
     # the same greedy continuation as the model's own cached generate, decoded with bytes and made safe
@@ -154,8 +229,9 @@ def test_position_bins_and_window_plan():
 
 def test_bins_weighted_by_counts_give_the_total(tmp_path):
     loaded = load_model(tiny_model(tmp_path / "m"))
-    res = evaluate_lm(loaded, TokenStore.open("builtin"), "validation", 96, stride=40, rounds=[1, 2],
-                      max_tokens=600, progress=False)
+    res = evaluate_lm(
+        loaded, TokenStore.open("builtin"), "validation", 96, stride=40, rounds=[1, 2], max_tokens=600, progress=False
+    )
     for row in res["rows"]:
         bins = row["by_position"]
         assert sum(b["tokens"] for b in bins) == row["tokens"] == 96 + 40 * (res["windows"] - 1)
@@ -166,8 +242,14 @@ def test_bins_weighted_by_counts_give_the_total(tmp_path):
         # after the first window only the last 40 labels count: positions 57..96
         later = res["windows"] - 1
         assert [(b["lo"], b["hi"], b["tokens"]) for b in bins] == [
-            (1, 1, 1), (2, 3, 2), (4, 7, 4), (8, 15, 8), (16, 31, 16), (32, 63, 32 + 7 * later),
-            (64, 96, 33 * (later + 1))]
+            (1, 1, 1),
+            (2, 3, 2),
+            (4, 7, 4),
+            (8, 15, 8),
+            (16, 31, 16),
+            (32, 63, 32 + 7 * later),
+            (64, 96, 33 * (later + 1)),
+        ]
     assert res["rows"][0]["loss"] != res["rows"][1]["loss"]  # another round count, another number
 
 
@@ -230,8 +312,9 @@ def test_synthetic_documents_have_the_documented_layout(tmp_path):
             assert "pass key" not in text[:at]  # filler before the needle
             assert text.endswith(f"What is the pass key? The pass key is {key}") and len(text) == 300
     assert sorted(depths) == [0.0, 0.5, 1.0]
-    assert passkey_fixed_len(4) == len("The pass key is 0000. Remember it. 0000 is the pass key. "
-                                       "What is the pass key? The pass key is 0000")
+    assert passkey_fixed_len(4) == len(
+        "The pass key is 0000. Remember it. 0000 is the pass key. What is the pass key? The pass key is 0000"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- task scoring
@@ -281,16 +364,25 @@ def _eval(capsys, *argv):
 
 def test_eval_refuses_a_store_of_another_tokenizer(tmp_path, capsys):
     write_synthetic(SynthSpec("duplication", [64], examples=2, n_symbols=9), tmp_path / "d")
-    code, _, err = _eval(capsys, tiny_model(tmp_path / "m"), "--data", tmp_path / "d", "--seq-len", 32,
-                         "--out", tmp_path / "e.json")
+    code, _, err = _eval(
+        capsys, tiny_model(tmp_path / "m"), "--data", tmp_path / "d", "--seq-len", 32, "--out", tmp_path / "e.json"
+    )
     assert code == 1 and "tokenised with symbols:11, but the model" in err and "trained with bytes" in err, err
     assert str(tmp_path / "d" / "manifest.json") in err and not (tmp_path / "e.json").exists()
 
 
 def test_eval_refuses_a_store_whose_ids_do_not_fit_an_unrecorded_model(tmp_path, capsys):
     write_synthetic(SynthSpec("duplication", [64], examples=2, n_symbols=300), tmp_path / "d")
-    code, _, err = _eval(capsys, tiny_model(tmp_path / "m", record=False), "--data", tmp_path / "d",
-                         "--seq-len", 32, "--out", tmp_path / "e.json")
+    code, _, err = _eval(
+        capsys,
+        tiny_model(tmp_path / "m", record=False),
+        "--data",
+        tmp_path / "d",
+        "--seq-len",
+        32,
+        "--out",
+        tmp_path / "e.json",
+    )
     assert code == 1 and "vocabulary of 302 ids, but the model" in err and "vocab_size 257" in err, err
 
 
@@ -302,8 +394,9 @@ def test_eval_refuses_a_split_too_short_for_one_window(tmp_path, capsys):
 
 
 def test_eval_refuses_a_length_the_model_cannot_take(tmp_path, capsys):
-    code, _, err = _eval(capsys, tiny_model(tmp_path / "m"), "--data", "builtin", "--seq-len", 1024,
-                         "--out", tmp_path / "e.json")
+    code, _, err = _eval(
+        capsys, tiny_model(tmp_path / "m"), "--data", "builtin", "--seq-len", 1024, "--out", tmp_path / "e.json"
+    )
     assert code == 1 and "--seq-len 1024" in err and "covers 512 positions (axial_pos_shape [16, 32])" in err, err
 
 
@@ -354,13 +447,16 @@ def test_eval_task_cli_writes_the_table_json_and_heat_map(tmp_path, capsys):
     write_synthetic(SynthSpec("duplication", [16, 32], examples=3, n_symbols=9), tmp_path / "d")
     m = tiny_model(tmp_path / "m", vocab_size=11, record=False)
     write_record(m, SymbolTokenizer(11), {"path": str(tmp_path / "d")}, 11)
-    code, out, err = _eval(capsys, m, "--data", tmp_path / "d", "--task", "--n-hashes", "1,8,full",
-                           "--out", tmp_path / "t.json")
+    code, out, err = _eval(
+        capsys, m, "--data", tmp_path / "d", "--task", "--n-hashes", "1,8,full", "--out", tmp_path / "t.json"
+    )
     assert code == 0, err
     res = json.loads((tmp_path / "t.json").read_text())
     assert res["format"] == "reformer_dist.task_eval/1" and [r["n_hashes"] for r in res["rows"]] == [1, 8, "full"]
-    assert [(c["length"], c["examples"], c["answer_tokens"]) for c in res["rows"][0]["cells"]] == [(16, 3, 21),
-                                                                                                   (32, 3, 45)]
+    assert [(c["length"], c["examples"], c["answer_tokens"]) for c in res["rows"][0]["cells"]] == [
+        (16, 3, 21),
+        (32, 3, 45),
+    ]
     assert "duplication:" in out and "n_hashes full: accuracy" in out
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -368,18 +464,44 @@ def test_eval_task_cli_writes_the_table_json_and_heat_map(tmp_path, capsys):
 def test_data_synth_cli_writes_a_store_and_names_bad_options(tmp_path, capsys):
     from reformer_dist.cli import data as data_cli
 
-    code, out, err = run_cli(data_cli.main, capsys, "synth", "--task", "duplication", "--lengths", "8",
-                             "--symbols", "5", "--examples", "1", "--out", tmp_path / "d")
+    code, out, err = run_cli(
+        data_cli.main,
+        capsys,
+        "synth",
+        "--task",
+        "duplication",
+        "--lengths",
+        "8",
+        "--symbols",
+        "5",
+        "--examples",
+        "1",
+        "--out",
+        tmp_path / "d",
+    )
     assert code == 0 and "symbols:7" in out, err
     code, out, err = run_cli(data_cli.main, capsys, "inspect", tmp_path / "d")
     assert code == 0 and "\n0 " in out and " 0 " in out  # symbols decoded as numbers, not raw bytes
-    code, out, err = run_cli(data_cli.main, capsys, "synth", "--task", "duplication", "--lengths", "9",
-                             "--out", tmp_path / "e")
+    code, out, err = run_cli(
+        data_cli.main, capsys, "synth", "--task", "duplication", "--lengths", "9", "--out", tmp_path / "e"
+    )
     assert code == 2 and "--lengths [9]: duplication documents are 0 w 0 w, an even length >= 4" in err
-    code, out, err = run_cli(data_cli.main, capsys, "synth", "--task", "passkey", "--lengths", "50",
-                             "--out", tmp_path / "e")
+    code, out, err = run_cli(
+        data_cli.main, capsys, "synth", "--task", "passkey", "--lengths", "50", "--out", tmp_path / "e"
+    )
     assert code == 2 and "--lengths [50]: a passkey document needs at least 102 bytes" in err
-    code, out, err = run_cli(data_cli.main, capsys, "synth", "--task", "passkey", "--lengths", "200",
-                             "--depths", "0,1.5", "--out", tmp_path / "e")
+    code, out, err = run_cli(
+        data_cli.main,
+        capsys,
+        "synth",
+        "--task",
+        "passkey",
+        "--lengths",
+        "200",
+        "--depths",
+        "0,1.5",
+        "--out",
+        tmp_path / "e",
+    )
     assert code == 2 and "--depths [0.0, 1.5]: expected fractions in [0, 1]" in err
     assert not (tmp_path / "e").exists()

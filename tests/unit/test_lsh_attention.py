@@ -37,11 +37,25 @@ def test_lsh_matches_dense_reference(b, h, l, d, m, r, factors, nb, na, causal, 
         key_valid = torch.ones(b, l, dtype=torch.bool)
         key_valid[:, l - m // 2 - 1 :] = False
     kwargs = dict(chunk_len=m, n_chunks_before=nb, n_chunks_after=na, causal=causal, key_valid=key_valid)
-    out, buckets = lsh_attention(qk, v, rot, factors, **kwargs, same_bucket_only=(variant == "same_bucket"),
-                                 allow_duplicate_attention=(variant != "dup_correction"), return_buckets=True,
-                                 backend=backend)
-    ref = dense_lsh_reference(qk, v, buckets, **kwargs, same_bucket_only=(variant == "same_bucket"),
-                              allow_duplicate_attention=(variant != "dup_correction"))
+    out, buckets = lsh_attention(
+        qk,
+        v,
+        rot,
+        factors,
+        **kwargs,
+        same_bucket_only=(variant == "same_bucket"),
+        allow_duplicate_attention=(variant != "dup_correction"),
+        return_buckets=True,
+        backend=backend,
+    )
+    ref = dense_lsh_reference(
+        qk,
+        v,
+        buckets,
+        **kwargs,
+        same_bucket_only=(variant == "same_bucket"),
+        allow_duplicate_attention=(variant != "dup_correction"),
+    )
     assert out.shape == (b, l, h, d)
     assert (out - ref).abs().max().item() < 1e-10
     if variant == "padded":  # padding went to its own bucket, sorted after every real token
@@ -67,8 +81,16 @@ def test_single_chunk_equals_full_attention_with_self_mask(causal, rounds):
     b, h, l, d = 2, 2, 24, 8
     qk = torch.randn(b, l, h, d, dtype=torch.float64, generator=g)
     v = torch.randn(b, l, h, d, dtype=torch.float64, generator=g)
-    out = lsh_attention(qk, v, make_rotations(0, h, d, rounds, [4]), [4], chunk_len=32, n_chunks_before=1,
-                        n_chunks_after=0, causal=causal).transpose(1, 2)
+    out = lsh_attention(
+        qk,
+        v,
+        make_rotations(0, h, d, rounds, [4]),
+        [4],
+        chunk_len=32,
+        n_chunks_before=1,
+        n_chunks_after=0,
+        causal=causal,
+    ).transpose(1, 2)
     qk, v = qk.transpose(1, 2), v.transpose(1, 2)
     dots = qk @ normalize_keys(qk).transpose(-1, -2)
     if causal:
@@ -118,8 +140,18 @@ def test_gradients_match_dense_reference(backend):
     qk = torch.randn(1, 32, 2, 8, dtype=torch.float64, generator=g, requires_grad=True)
     v = torch.randn(1, 32, 2, 8, dtype=torch.float64, generator=g, requires_grad=True)
     rot = make_rotations(2, 2, 8, 2, [4])
-    out, buckets = lsh_attention(qk, v, rot, [4], chunk_len=8, n_chunks_before=1, n_chunks_after=0, causal=True,
-                                 return_buckets=True, backend=backend)
+    out, buckets = lsh_attention(
+        qk,
+        v,
+        rot,
+        [4],
+        chunk_len=8,
+        n_chunks_before=1,
+        n_chunks_after=0,
+        causal=True,
+        return_buckets=True,
+        backend=backend,
+    )
     w = torch.randn_like(out)
     ga = torch.autograd.grad((out * w).sum(), (qk, v))
     ref = dense_lsh_reference(qk, v, buckets, chunk_len=8, n_chunks_before=1, n_chunks_after=0, causal=True)

@@ -26,9 +26,20 @@ D, H, R = 64, 4, 2
 
 
 def cfg(n_layers: int = 2, **kw) -> ReformerConfig:
-    base = dict(vocab_size=32, d_model=D, n_heads=H, d_head=D // H, d_ff=2 * D, n_layers=n_layers, n_hashes=R,
-                chunk_len=16, axial_pos_shape=[64, 128], ff_chunk_len=256, loss_chunk_len=256,
-                attention_backend="blockwise")
+    base = dict(
+        vocab_size=32,
+        d_model=D,
+        n_heads=H,
+        d_head=D // H,
+        d_ff=2 * D,
+        n_layers=n_layers,
+        n_hashes=R,
+        chunk_len=16,
+        axial_pos_shape=[64, 128],
+        ff_chunk_len=256,
+        loss_chunk_len=256,
+        attention_backend="blockwise",
+    )
     base.update(kw)
     return ReformerConfig(**base)
 
@@ -72,8 +83,9 @@ def test_training_step_peak_is_linear_flat_in_depth_and_below_design():
     assert slope <= design * 1.05, (slope, design)
     assert slope >= 4 * 8 * D  # the tracker sees the activations
     # deeper stacks add parameters and their gradients, not activations
-    params = sum(p.numel() for p in ReformerLM(cfg(n_layers=4)).parameters()) - \
-        sum(p.numel() for p in ReformerLM(cfg(n_layers=2)).parameters())
+    params = sum(p.numel() for p in ReformerLM(cfg(n_layers=4)).parameters()) - sum(
+        p.numel() for p in ReformerLM(cfg(n_layers=2)).parameters()
+    )
     for length in (1024, 2048):
         assert peaks[4, length] - peaks[2, length] <= 4 * 2 * params + 64 * 1024, (length, peaks)
 
@@ -138,7 +150,8 @@ def test_head_groups_peak_is_linear_below_design_and_flat_in_depth():
     expect = 4 * 6 * D * (1 / 2 - 1 / 4) + 4 * (R * H + 3 * H) * (1 / 2 - 1 / 4)
     assert abs(drop - expect) <= 0.15 * expect, (drop, expect)
     # deeper stacks add parameters and their gradients, not activations
-    params = sum(p.numel() for p in ReformerLM(cfg(n_layers=4)).parameters()) - \
-        sum(p.numel() for p in ReformerLM(cfg(n_layers=2)).parameters())
+    params = sum(p.numel() for p in ReformerLM(cfg(n_layers=4)).parameters()) - sum(
+        p.numel() for p in ReformerLM(cfg(n_layers=2)).parameters()
+    )
     for length in (1024, 2048):
         assert peaks[4, 4, length] - peaks[4, 2, length] <= 4 * 2 * params + 64 * 1024, (length, peaks)

@@ -11,8 +11,18 @@ from reformer_dist.model.reformer import shift_labels
 
 
 def cfg(**kw) -> ReformerConfig:
-    base = dict(vocab_size=40, d_model=32, n_heads=2, d_head=16, d_ff=64, n_layers=2, chunk_len=8,
-                axial_pos_shape=[16, 16], loss_chunk_len=7, ff_chunk_len=10)
+    base = dict(
+        vocab_size=40,
+        d_model=32,
+        n_heads=2,
+        d_head=16,
+        d_ff=64,
+        n_layers=2,
+        chunk_len=8,
+        axial_pos_shape=[16, 16],
+        loss_chunk_len=7,
+        ff_chunk_len=10,
+    )
     base.update(kw)
     return ReformerConfig(**base)
 
@@ -88,18 +98,21 @@ def test_bucket_factors_rule():
     assert ReformerConfig(n_buckets=[4, 8]).bucket_factors(10**6) == [4, 8]
 
 
-@pytest.mark.parametrize("kw,field", [
-    (dict(d_model=30), "d_model"),
-    (dict(axial_pos_dims=[10, 10]), "axial_pos_dims"),
-    (dict(chunk_len=0), "chunk_len"),
-    (dict(n_hashes=0), "n_hashes"),
-    (dict(attn_layers=["lsh", "dense"]), "attn_layers"),
-    (dict(attn_layers=["lsh"]), "attn_layers"),
-    (dict(n_buckets=3), "n_buckets"),
-    (dict(dropout=1.5), "dropout"),
-    (dict(n_chunks_after=1), "n_chunks_after"),
-    (dict(activation="tanh"), "activation"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(d_model=30), "d_model"),
+        (dict(axial_pos_dims=[10, 10]), "axial_pos_dims"),
+        (dict(chunk_len=0), "chunk_len"),
+        (dict(n_hashes=0), "n_hashes"),
+        (dict(attn_layers=["lsh", "dense"]), "attn_layers"),
+        (dict(attn_layers=["lsh"]), "attn_layers"),
+        (dict(n_buckets=3), "n_buckets"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(n_chunks_after=1), "n_chunks_after"),
+        (dict(activation="tanh"), "activation"),
+    ],
+)
 def test_invalid_config_names_field(kw, field):
     with pytest.raises(ValueError, match=rf"ReformerConfig\.{field}"):
         cfg(**kw)

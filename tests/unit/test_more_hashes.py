@@ -55,8 +55,18 @@ def test_merge_is_over_the_union_of_rounds(backend):
     supports, counts = {}, {}
     for r in (1, 2, 4):
         rot = make_rotations(3, 1, length, r, factors, trained_hashes=trained)
-        out, buckets = lsh_attention(qk, v, rot, factors, chunk_len=m, n_chunks_before=1, n_chunks_after=0, causal=True,
-                                     return_buckets=True, backend=backend)
+        out, buckets = lsh_attention(
+            qk,
+            v,
+            rot,
+            factors,
+            chunk_len=m,
+            n_chunks_before=1,
+            n_chunks_after=0,
+            causal=True,
+            return_buckets=True,
+            backend=backend,
+        )
         ref = dense_lsh_reference(qk, v, buckets, chunk_len=m, n_chunks_before=1, n_chunks_after=0, causal=True)
         assert (out - ref).abs().max().item() < 1e-10
         rows = out[0, :, 0, :].sum(-1)
@@ -75,8 +85,19 @@ def test_merge_is_over_the_union_of_rounds(backend):
 
 
 def cfg(**kw) -> ReformerConfig:
-    base = dict(vocab_size=32, d_model=16, n_heads=2, d_head=8, d_ff=32, n_layers=2, attn_layers=["lsh", "local"],
-                n_hashes=2, chunk_len=8, local_chunk_len=8, axial_pos_shape=[8, 16])
+    base = dict(
+        vocab_size=32,
+        d_model=16,
+        n_heads=2,
+        d_head=8,
+        d_ff=32,
+        n_layers=2,
+        attn_layers=["lsh", "local"],
+        n_hashes=2,
+        chunk_len=8,
+        local_chunk_len=8,
+        axial_pos_shape=[8, 16],
+    )
     base.update(kw)
     return ReformerConfig(**base)
 
@@ -90,8 +111,10 @@ def test_model_n_hashes_argument():
     four = m(ids, hash_seed=3, n_hashes=4)
     assert (four - base).abs().max() > 1e-3  # more rounds see more keys
     assert torch.isfinite(m.loss(ids, hash_seed=3, n_hashes=4))
-    assert torch.equal(m.generate(ids[:, :5], 3, temperature=0, n_hashes=4, use_cache=False),
-                       m.generate(ids[:, :5], 3, temperature=0, n_hashes=4))
+    assert torch.equal(
+        m.generate(ids[:, :5], 3, temperature=0, n_hashes=4, use_cache=False),
+        m.generate(ids[:, :5], 3, temperature=0, n_hashes=4),
+    )
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="n_hashes"):
             m(ids, n_hashes=bad)
@@ -120,14 +143,41 @@ def test_trainer_reports_both_losses(tmp_path):
     """eval.n_hashes: each eval record and log line carries the loss at the trained rounds and at eval.n_hashes."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
-    sets = ["model.d_model=32", "model.d_head=16", "model.d_ff=64", "model.chunk_len=16", "model.n_hashes=1",
-            "data.seq_len=128", "train.micro_batch=2", "train.max_steps=2", "train.warmup_steps=1",
-            "eval.every=1", "eval.batches=1", "eval.n_hashes=4", "checkpoint.at_end=false",
-            "output.save_model=false", "output.sample_tokens=0", "logging.progress_bar=false",
-            "logging.tensorboard=false", f"output.dir={tmp_path}"]
-    p = subprocess.run([sys.executable, "-m", "reformer_dist.cli.train",
-                        "--config", str(REPO / "configs/quickstart.toml"), *[a for s in sets for a in ("--set", s)]],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    sets = [
+        "model.d_model=32",
+        "model.d_head=16",
+        "model.d_ff=64",
+        "model.chunk_len=16",
+        "model.n_hashes=1",
+        "data.seq_len=128",
+        "train.micro_batch=2",
+        "train.max_steps=2",
+        "train.warmup_steps=1",
+        "eval.every=1",
+        "eval.batches=1",
+        "eval.n_hashes=4",
+        "checkpoint.at_end=false",
+        "output.save_model=false",
+        "output.sample_tokens=0",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        f"output.dir={tmp_path}",
+    ]
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reformer_dist.cli.train",
+            "--config",
+            str(REPO / "configs/quickstart.toml"),
+            *[a for s in sets for a in ("--set", s)],
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in recs if r["event"] == "eval"]

@@ -34,22 +34,57 @@ PROJ, FF, CORE = "projections (qk/q,k,v, out)", "feed-forward", "attention core 
 
 
 def tiny_config(**kw) -> ReformerConfig:
-    base = dict(vocab_size=16, d_model=32, n_heads=2, d_head=16, d_ff=64, n_layers=1, n_hashes=1, chunk_len=16,
-                n_buckets=4, axial_pos_shape=[8, 8])
+    base = dict(
+        vocab_size=16,
+        d_model=32,
+        n_heads=2,
+        d_head=16,
+        d_ff=64,
+        n_layers=1,
+        n_hashes=1,
+        chunk_len=16,
+        n_buckets=4,
+        axial_pos_shape=[8, 8],
+    )
     base.update(kw)
     return ReformerConfig(**base)
 
 
 def linear_weights(model: ReformerLM, names: tuple[str, ...]) -> int:
     """Weight-matrix elements of the stack's Linear layers whose qualified name ends with one of ``names``."""
-    return sum(m.weight.numel() for n, m in model.stack.named_modules()
-               if isinstance(m, torch.nn.Linear) and n.endswith(names))
+    return sum(
+        m.weight.numel() for n, m in model.stack.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(names)
+    )
 
 
 # aten ops that only make views or allocate (no kernel on a GPU)
-_NO_KERNEL = {"view", "_unsafe_view", "_reshape_alias", "reshape", "t", "transpose", "permute", "expand", "slice",
-              "select", "unsqueeze", "squeeze", "as_strided", "alias", "detach", "split", "split_with_sizes", "narrow",
-              "unbind", "chunk", "empty", "empty_like", "empty_strided", "new_empty", "lift_fresh"}
+_NO_KERNEL = {
+    "view",
+    "_unsafe_view",
+    "_reshape_alias",
+    "reshape",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "as_strided",
+    "alias",
+    "detach",
+    "split",
+    "split_with_sizes",
+    "narrow",
+    "unbind",
+    "chunk",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "lift_fresh",
+}
 
 
 def _nbytes(tensors) -> int:
@@ -115,9 +150,20 @@ def test_every_pytorch_op_of_a_real_step_is_counted(monkeypatch):
             paused[0] -= 1
 
     monkeypatch.setattr(interpreter.GridExecutor, "__call__", interpreted)
-    cfg = ReformerConfig(vocab_size=64, d_model=64, n_heads=2, d_head=32, d_ff=128, n_layers=1, n_hashes=2,
-                         chunk_len=32, axial_pos_shape=[16, 32], ff_chunk_len=128, loss_chunk_len=160,
-                         attention_backend="triton")
+    cfg = ReformerConfig(
+        vocab_size=64,
+        d_model=64,
+        n_heads=2,
+        d_head=32,
+        d_ff=128,
+        n_layers=1,
+        n_hashes=2,
+        chunk_len=32,
+        axial_pos_shape=[16, 32],
+        ff_chunk_len=128,
+        loss_chunk_len=160,
+        attention_backend="triton",
+    )
     torch.manual_seed(0)
     model = ReformerLM(cfg)
     ids = torch.randint(0, 64, (1, 256))
@@ -137,9 +183,19 @@ def test_every_pytorch_op_of_a_real_step_is_counted(monkeypatch):
 
 def test_projection_and_ff_flops_are_6_params_tokens_plus_the_recompute():
     # forward 2PT + backward 4PT = 6PT, and the reversible backward recomputes the forward: + 2PT (1/3 of 6PT)
-    cfg = ReformerConfig(vocab_size=32, d_model=64, n_heads=4, d_head=16, d_ff=128, n_layers=3,
-                         attn_layers=["lsh", "local", "lsh"], chunk_len=16, axial_pos_shape=[16, 32],
-                         ff_chunk_len=96, loss_chunk_len=100)
+    cfg = ReformerConfig(
+        vocab_size=32,
+        d_model=64,
+        n_heads=4,
+        d_head=16,
+        d_ff=128,
+        n_layers=3,
+        attn_layers=["lsh", "local", "lsh"],
+        chunk_len=16,
+        axial_pos_shape=[16, 32],
+        ff_chunk_len=96,
+        loss_chunk_len=100,
+    )
     with torch.device("meta"):
         model = ReformerLM(cfg)
     tokens = 512
@@ -169,13 +225,15 @@ def test_attention_core_counts_scale_linearly_in_length():
         step = ps.predict(length)
         core = sum(step.terms[CORE].values(), ps.Cost())
         glue = sum(step.terms["attention glue (round merge, delta, grad casts)"].values(), ps.Cost())
-        per_token.append((core.mm / length, core.vec / length, core.exp / length, core.bytes / length,
-                          glue.bytes / length))
+        per_token.append(
+            (core.mm / length, core.vec / length, core.exp / length, core.bytes / length, glue.bytes / length)
+        )
     for row in per_token[1:]:
         assert row == pytest.approx(per_token[0], rel=1e-12)
     # the hashing in front of it is not flat: its rotated columns grow with the bucket count (HF's rule, ~sqrt(L))
-    hashing = [sum(ps.predict(n).terms["hashing (rotations + argmax)"].values(), ps.Cost()).mm / n
-               for n in (16384, 1 << 22)]
+    hashing = [
+        sum(ps.predict(n).terms["hashing (rotations + argmax)"].values(), ps.Cost()).mm / n for n in (16384, 1 << 22)
+    ]
     cols = [sum(f // 2 for f in ps.bench_config(n).bucket_factors(n)) for n in (16384, 1 << 22)]
     assert hashing[1] / hashing[0] == pytest.approx(cols[1] / cols[0])
 
@@ -240,9 +298,17 @@ def test_cli_json_config_and_compare(tmp_path, capsys):
     ps.main(["--config", str(BENCHMARKS.parent / "configs" / "million_1gpu.toml"), "--json", str(out), "--quiet"])
     assert json.loads(out.read_text())["summary"][0]["length"] == 1048576
     steps = tmp_path / "steps.json"
-    steps.write_text(json.dumps({"device": "cuda", "rows": [
-        {"system": "ours", "length": 16384, "tok_s": 250000.0, "mfu": 0.03},
-        {"system": "hf", "length": 16384, "tok_s": 200000.0}]}))
+    steps.write_text(
+        json.dumps(
+            {
+                "device": "cuda",
+                "rows": [
+                    {"system": "ours", "length": 16384, "tok_s": 250000.0, "mfu": 0.03},
+                    {"system": "hf", "length": 16384, "tok_s": 200000.0},
+                ],
+            }
+        )
+    )
     ps.main(["--compare", str(steps), "--json", str(out)])
     rows = json.loads(out.read_text())["compare"]
     assert len(rows) == 1 and rows[0]["measured_tok_s"] == 250000.0

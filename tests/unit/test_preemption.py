@@ -96,8 +96,9 @@ def test_requeue_rank0_runs_scontrol(fake_scontrol: Path) -> None:
     assert fake_scontrol.read_text().split() == ["requeue", "4242"]
 
 
-def test_requeue_failure_returns_false(fake_scontrol: Path, monkeypatch: pytest.MonkeyPatch,
-                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_requeue_failure_returns_false(
+    fake_scontrol: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("FAKE_SCONTROL_RC", "1")
     assert requeue_slurm_job({"SLURM_JOB_ID": "7", "RANK": "0"}) is False
     assert "boom" in caplog.text

@@ -12,9 +12,20 @@ from reformer_dist import ReformerConfig, ReformerLM
 
 
 def small_cfg(**kw) -> ReformerConfig:
-    base = dict(vocab_size=50, d_model=32, n_heads=2, d_head=16, d_ff=64, n_layers=3,
-                attn_layers=["lsh", "local", "lsh"], n_hashes=2, chunk_len=8, axial_pos_shape=[16, 16],
-                ff_chunk_len=24, loss_chunk_len=40)
+    base = dict(
+        vocab_size=50,
+        d_model=32,
+        n_heads=2,
+        d_head=16,
+        d_ff=64,
+        n_layers=3,
+        attn_layers=["lsh", "local", "lsh"],
+        n_hashes=2,
+        chunk_len=8,
+        axial_pos_shape=[16, 16],
+        ff_chunk_len=24,
+        loss_chunk_len=40,
+    )
     base.update(kw)
     return ReformerConfig(**base)
 
@@ -71,8 +82,18 @@ def saved_bytes(model: ReformerLM, ids: torch.Tensor) -> int:
 
 
 def test_saved_memory_independent_of_depth_and_linear_in_length():
-    kw = dict(vocab_size=64, d_model=64, n_heads=2, d_head=32, d_ff=128, chunk_len=64, axial_pos_shape=[64, 64],
-              n_hashes=2, ff_chunk_len=512, loss_chunk_len=512)
+    kw = dict(
+        vocab_size=64,
+        d_model=64,
+        n_heads=2,
+        d_head=32,
+        d_ff=128,
+        chunk_len=64,
+        axial_pos_shape=[64, 64],
+        n_hashes=2,
+        ff_chunk_len=512,
+        loss_chunk_len=512,
+    )
     torch.manual_seed(0)
     ids2k = torch.randint(0, 64, (1, 2048))
     ids4k = torch.randint(0, 64, (1, 4096))

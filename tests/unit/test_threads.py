@@ -43,9 +43,14 @@ def test_candidates_are_one_powers_of_two_and_the_most():
     assert candidates(0) == [1]
 
 
-@pytest.mark.parametrize("times, best", [({1: 0.38, 2: 0.23}, 2),   # idle cores: 2 threads 1.65x faster
-                                         ({1: 0.36, 2: 0.70}, 1),   # one core busy: 2 threads 2x slower
-                                         ({1: 0.30, 2: 3.80}, 1)])  # the 12x case
+@pytest.mark.parametrize(
+    "times, best",
+    [
+        ({1: 0.38, 2: 0.23}, 2),  # idle cores: 2 threads 1.65x faster
+        ({1: 0.36, 2: 0.70}, 1),  # one core busy: 2 threads 2x slower
+        ({1: 0.30, 2: 3.80}, 1),
+    ],
+)  # the 12x case
 def test_auto_chooses_the_fastest_count_within_its_candidates(times, best):
     applied = []
     tuner = ThreadTuner(candidates(2), set_threads=applied.append)
@@ -129,15 +134,43 @@ def test_the_thread_count_does_not_change_a_steps_loss(dtype, rtol):
 
 
 def _train(tmp_path: Path, *overrides: str) -> list[dict]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "OMP_NUM_THREADS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "OMP_NUM_THREADS")
+    }
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     p = subprocess.run(
-        [sys.executable, "-m", "reformer_dist.cli.train", "--config", str(REPO / "configs/quickstart.toml"),
-         "--set", f"output.dir={tmp_path}", "--set", "train.max_steps=8", "--set", "train.micro_batch=2",
-         "--set", "eval.every=0", "--set", "eval.at_end=false", "--set", "output.sample_tokens=0",
-         "--set", "output.save_model=false", "--set", "checkpoint.at_end=false", *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "reformer_dist.cli.train",
+            "--config",
+            str(REPO / "configs/quickstart.toml"),
+            "--set",
+            f"output.dir={tmp_path}",
+            "--set",
+            "train.max_steps=8",
+            "--set",
+            "train.micro_batch=2",
+            "--set",
+            "eval.every=0",
+            "--set",
+            "eval.at_end=false",
+            "--set",
+            "output.sample_tokens=0",
+            "--set",
+            "output.save_model=false",
+            "--set",
+            "checkpoint.at_end=false",
+            *overrides,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
 

@@ -34,8 +34,10 @@ DRIVER = REPO / "tests" / "distributed" / "fault_driver.py"
 @pytest.fixture(autouse=True)
 def no_training_in_process(monkeypatch):
     """An in-process case that got past the checks must fail here, not start DeepSpeed inside pytest."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the config passed every check: training would start")
+
     monkeypatch.setattr("reformer_dist.cli.train._train", refuse)
 
 
@@ -59,8 +61,11 @@ def make_store(path: Path, train_tokens: int, val_tokens: int) -> Path:
 
 
 def tree(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 # ---------------------------------------------------------------------------------- before any process group
@@ -78,33 +83,60 @@ def bad(tmp_path: Path) -> dict[str, Path]:
 CASES = [  # id, argv after tiny(<tmp>/run), expected start of the message after "reformer-train: error: "
     ("unknown-key", ["--set", "train.lrr=1"], "train.lrr: unknown key"),
     ("wrong-type", ["--set", "train.lr=fast"], "train.lr: expected a positive number (got 'fast')"),
-    ("seq-len-above-model-max", ["--set", "data.seq_len=100000"],
-     "data.seq_len: 100000 exceeds the model's maximum length 64"),
+    (
+        "seq-len-above-model-max",
+        ["--set", "data.seq_len=100000"],
+        "data.seq_len: 100000 exceeds the model's maximum length 64",
+    ),
     ("missing-data", ["--set", "data.path={tmp}/nope"], "data.path: {tmp}/nope/manifest.json: no such folder"),
-    ("other-tokenizer", ["--set", "data.tokenizer=sentencepiece:abcd"],
-     "data.path: builtin: store was tokenised with 'bytes', but the run expects 'sentencepiece:abcd'"),
-    ("vocab-below-store", ["--set", "model.vocab_size=200"],
-     "model.vocab_size: 200 is smaller than the data's vocabulary (257, tokenizer bytes)"),
-    ("train-split-too-small", ["--set", "data.path={tmp}/small"],
-     "data.train_split = 'train': {tmp}/small: split 'train' has 20 tokens; a window of seq_len 32 needs 33"),
-    ("no-validation-split", ["--set", "data.path={tmp}/noval", "--set", "eval.at_end=true"],
-     "data.eval_split = 'validation': {tmp}/noval: split 'validation' has 0 tokens"),
+    (
+        "other-tokenizer",
+        ["--set", "data.tokenizer=sentencepiece:abcd"],
+        "data.path: builtin: store was tokenised with 'bytes', but the run expects 'sentencepiece:abcd'",
+    ),
+    (
+        "vocab-below-store",
+        ["--set", "model.vocab_size=200"],
+        "model.vocab_size: 200 is smaller than the data's vocabulary (257, tokenizer bytes)",
+    ),
+    (
+        "train-split-too-small",
+        ["--set", "data.path={tmp}/small"],
+        "data.train_split = 'train': {tmp}/small: split 'train' has 20 tokens; a window of seq_len 32 needs 33",
+    ),
+    (
+        "no-validation-split",
+        ["--set", "data.path={tmp}/noval", "--set", "eval.at_end=true"],
+        "data.eval_split = 'validation': {tmp}/noval: split 'validation' has 0 tokens",
+    ),
     ("output-dir-is-a-file", ["--set", "output.dir={tmp}/a_file"], "output.dir: {tmp}/a_file is a file"),
-    ("output-dir-under-a-file", ["--set", "output.dir={tmp}/a_file/run"],
-     "output.dir: {tmp}/a_file/run cannot be created: {tmp}/a_file is a file"),
+    (
+        "output-dir-under-a-file",
+        ["--set", "output.dir={tmp}/a_file/run"],
+        "output.dir: {tmp}/a_file/run cannot be created: {tmp}/a_file is a file",
+    ),
     ("checkpoint-dir-is-a-file", ["--set", "checkpoint.dir={tmp}/a_file"], "checkpoint.dir: {tmp}/a_file is a file"),
     ("missing-config", ["--config", "{tmp}/nope.toml"], "--config {tmp}/nope.toml: cannot read"),
     ("invalid-toml", ["--config", "{tmp}/broken.toml"], "{tmp}/broken.toml: not valid TOML"),
     ("set-without-value", ["--set", "trainlr"], "--set 'trainlr': expected section.key=value"),
-    ("deepspeed-json-optimizer", ["--set", "deepspeed.config={tmp}/opt.json"],
-     "deepspeed.config ({tmp}/opt.json): key 'optimizer' is not allowed"),
-    ("global-batch-not-a-multiple", ["--set", "train.global_batch=3", "--set", "train.micro_batch=2"],
-     "train.global_batch: 3 is not a multiple of train.micro_batch * data-parallel size = 2 * 1 = 2"),
+    (
+        "deepspeed-json-optimizer",
+        ["--set", "deepspeed.config={tmp}/opt.json"],
+        "deepspeed.config ({tmp}/opt.json): key 'optimizer' is not allowed",
+    ),
+    (
+        "global-batch-not-a-multiple",
+        ["--set", "train.global_batch=3", "--set", "train.micro_batch=2"],
+        "train.global_batch: 3 is not a multiple of train.micro_batch * data-parallel size = 2 * 1 = 2",
+    ),
     ("threads-zero", ["--set", "train.threads=0"], 'train.threads: expected "auto" or a positive integer'),
     ("threads-unbounded", ["--set", "train.threads=1000000"], "train.threads: 1000000 is more than 4 x the "),
     ("resume-missing", ["--resume", "{tmp}/nope"], "--resume {tmp}/nope: no such file or folder"),
-    ("resume-empty-folder", ["--resume", "{tmp}/empty_ckpts"],
-     "--resume {tmp}/empty_ckpts: no checkpoint in this folder"),
+    (
+        "resume-empty-folder",
+        ["--resume", "{tmp}/empty_ckpts"],
+        "--resume {tmp}/empty_ckpts: no checkpoint in this folder",
+    ),
 ]
 
 
@@ -126,8 +158,9 @@ def test_malformed_omp_num_threads_is_refused_naming_the_variable(tmp_path, caps
     for value in ("junk", "100000"):
         monkeypatch.setenv("OMP_NUM_THREADS", value)
         code, _, err = run(capsys, *tiny(tmp_path / "run"), "--dry-run")
-        assert code == 2 and err.startswith(f"reformer-train: error: OMP_NUM_THREADS={value!r}: expected a positive "
-                                            "integer up to "), err
+        assert code == 2 and err.startswith(
+            f"reformer-train: error: OMP_NUM_THREADS={value!r}: expected a positive integer up to "
+        ), err
     assert not (tmp_path / "run").exists()
 
 
@@ -149,26 +182,43 @@ def test_readme_dry_run_works_without_the_data(tmp_path, capsys, monkeypatch, co
 
 
 # ---------------------------------------------------------------------------------- real processes
-def _train(tmp_path: Path, out: Path, *extra: str, args: tuple[str, ...] = (), env: dict | None = None,
-           driver: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
+def _train(
+    tmp_path: Path,
+    out: Path,
+    *extra: str,
+    args: tuple[str, ...] = (),
+    env: dict | None = None,
+    driver: bool = False,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
     target = [str(DRIVER)] if driver else ["-m", "reformer_dist.cli.train"]
-    return subprocess.run([sys.executable, *target, *tiny(out, *extra), *args], cwd=tmp_path,
-                          env={**clean_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *target, *tiny(out, *extra), *args],
+        cwd=tmp_path,
+        env={**clean_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _records(out: Path, event: str) -> list[dict]:
     p = out / "ranks" / "rank0.jsonl"
     if not p.is_file():
         return []
-    return [r for r in map(json.loads, (line for line in p.read_text().splitlines() if line.endswith("}")))
-            if r.get("event") == event]
+    return [
+        r
+        for r in map(json.loads, (line for line in p.read_text().splitlines() if line.endswith("}")))
+        if r.get("event") == event
+    ]
 
 
 @pytest.mark.slow
 def test_training_without_a_validation_split_when_evaluation_is_off(tmp_path):
     store = make_store(tmp_path / "noval", 5000, 0)
-    p = _train(tmp_path, tmp_path / "run", f"data.path={store}", "train.max_steps=2", "eval.every=0",
-               "eval.at_end=false")
+    p = _train(
+        tmp_path, tmp_path / "run", f"data.path={store}", "train.max_steps=2", "eval.every=0", "eval.at_end=false"
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert [r["step"] for r in _records(tmp_path / "run", "end")] == [2]
 
@@ -193,19 +243,28 @@ def test_full_disk_kill_during_save_and_a_corrupted_checkpoint(tmp_path):
     out = tmp_path / "run"
     common = ("checkpoint.every=1", "checkpoint.keep_last=5")
     # 1. the disk fills up during step 2's save (torch's own wording of a short write)
-    p = _train(tmp_path, out, "train.max_steps=5", *common, driver=True,
-               env={"FAULT_SAVE_STEP": "2", "FAULT_SAVE": "torch"})
+    p = _train(
+        tmp_path, out, "train.max_steps=5", *common, driver=True, env={"FAULT_SAVE_STEP": "2", "FAULT_SAVE": "torch"}
+    )
     assert p.returncode == 2, p.stderr[-3000:]
     ck = out / "checkpoints"
-    assert (f"reformer-train: error: {ck / 'step_00000002'}: checkpoint save failed on rank 0: no space left on "
-            f"device") in p.stderr
+    assert (
+        f"reformer-train: error: {ck / 'step_00000002'}: checkpoint save failed on rank 0: no space left on device"
+    ) in p.stderr
     assert f"the previous checkpoint {ck / 'step_00000001'} is intact" in p.stderr
     assert (ck / "latest").read_text() == "step_00000001" and not (ck / "step_00000002").exists()
     verify_manifest(ck / "step_00000001")
 
     # 2. resumed, it is SIGKILLed in the middle of step 3's save: step 3 is left without a manifest
-    p = _train(tmp_path, out, "train.max_steps=5", *common, args=("--resume", "auto"), driver=True,
-               env={"FAULT_SAVE_STEP": "3", "FAULT_SAVE": "kill"})
+    p = _train(
+        tmp_path,
+        out,
+        "train.max_steps=5",
+        *common,
+        args=("--resume", "auto"),
+        driver=True,
+        env={"FAULT_SAVE_STEP": "3", "FAULT_SAVE": "kill"},
+    )
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     assert (ck / "latest").read_text() == "step_00000002" and not (ck / "step_00000003" / "MANIFEST.json").exists()
 
@@ -227,12 +286,23 @@ def test_full_disk_kill_during_save_and_a_corrupted_checkpoint(tmp_path):
     assert tree(out) == before
 
 
-def _start(tmp_path: Path, out: Path, *extra: str, args: tuple[str, ...] = (), env: dict | None = None,
-           log_name: str = "run.log") -> tuple[subprocess.Popen, Path]:
+def _start(
+    tmp_path: Path,
+    out: Path,
+    *extra: str,
+    args: tuple[str, ...] = (),
+    env: dict | None = None,
+    log_name: str = "run.log",
+) -> tuple[subprocess.Popen, Path]:
     log = tmp_path / log_name
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, str(DRIVER), *tiny(out, *extra), *args], cwd=tmp_path,
-                                env={**clean_env(), **(env or {})}, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, str(DRIVER), *tiny(out, *extra), *args],
+            cwd=tmp_path,
+            env={**clean_env(), **(env or {})},
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     return proc, log
 
 
@@ -257,8 +327,9 @@ def _finish(proc: subprocess.Popen, log: Path, ceiling: float = 600) -> int:
 
 def _signal_run(tmp_path: Path, out: Path, sig: int, log_name: str, *extra: str, args: tuple[str, ...] = ()):
     """Start a never-ending run, send `sig` once it has logged a step, return (exit code, log text)."""
-    proc, log = _start(tmp_path, out, "train.max_steps=1000000", "checkpoint.every=0", *extra, args=args,
-                       log_name=log_name)
+    proc, log = _start(
+        tmp_path, out, "train.max_steps=1000000", "checkpoint.every=0", *extra, args=args, log_name=log_name
+    )
     n = len(_records(out, "step"))
     _wait(lambda: len(_records(out, "step")) > n, proc, log, "a training step")
     proc.send_signal(sig)

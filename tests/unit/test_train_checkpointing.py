@@ -101,10 +101,14 @@ def test_rank_state_round_trip_and_missing_rank(tmp_path):
 
 
 def test_run_config_comparison_names_keys():
-    saved = {"config": {"model": {"d_model": 64}, "train": {"lr": 1e-3, "max_steps": 10}},
-             "plan": {"dp_size": 2, "sp_size": 1, "micro_batch": 1, "grad_accum": 1}}
-    now = {"config": {"model": {"d_model": 128}, "train": {"lr": 2e-3, "max_steps": 20}},
-           "plan": {"dp_size": 4, "sp_size": 1, "micro_batch": 1, "grad_accum": 1}}
+    saved = {
+        "config": {"model": {"d_model": 64}, "train": {"lr": 1e-3, "max_steps": 10}},
+        "plan": {"dp_size": 2, "sp_size": 1, "micro_batch": 1, "grad_accum": 1},
+    }
+    now = {
+        "config": {"model": {"d_model": 128}, "train": {"lr": 2e-3, "max_steps": 20}},
+        "plan": {"dp_size": 4, "sp_size": 1, "micro_batch": 1, "grad_accum": 1},
+    }
     errors, warnings = resume.compare_run_configs(saved, now)
     assert errors[0].startswith("model.d_model: checkpoint has 64, this run 128")
     assert any(e.startswith("batch plan dp_size") for e in errors)
@@ -141,15 +145,21 @@ def test_metrics_with_a_cut_last_line_are_repaired_on_open_and_plot_says_so(tmp_
     problems = []
     steps = [(r["step"], r["loss"]) for r in read_records(path, problems) if r["event"] == "step"]
     assert steps == [(1, 9), (2, 8), (3, 0.5)]
-    assert problems == [f"{path}:5: not a JSON record (cut by a crash or power loss?): skipped: "
-                        "'{\"event\": \"step\", \"step\": 4, \"lo'"]
+    assert problems == [
+        f'{path}:5: not a JSON record (cut by a crash or power loss?): skipped: \'{{"event": "step", "step": 4, "lo\''
+    ]
     assert plot([str(tmp_path), "--out", str(tmp_path / "loss.png")]) == 0
     assert f"reformer-plot: warning: {path}:5: not a JSON record" in capsys.readouterr().err
 
     # a file written before this fix: the start record glued to the cut line is recovered, and said so
     glued = tmp_path / "old.jsonl"
-    glued.write_text(cut + json.dumps({"event": "start", "resume_step": 2}) + "\n"
-                     + json.dumps({"event": "step", "step": 3, "loss": 0.5}) + "\n")
+    glued.write_text(
+        cut
+        + json.dumps({"event": "start", "resume_step": 2})
+        + "\n"
+        + json.dumps({"event": "step", "step": 3, "loss": 0.5})
+        + "\n"
+    )
     problems = []
     steps = [(r["step"], r["loss"]) for r in read_records(glued, problems) if r["event"] == "step"]
     assert steps == [(1, 9), (2, 8), (3, 0.5)]
@@ -176,19 +186,26 @@ def test_plot_writes_a_png(tmp_path):
 
 def test_universal_comparison_needs_the_global_batch_not_the_layout():
     # a reshard output resumes on another world size: DP layout may change, global batch and SP size may not
-    saved = {"config": {"model": {"d_model": 64}}, "plan": {"dp_size": 2, "sp_size": 1, "micro_batch": 1,
-                                                           "grad_accum": 2, "global_batch": 4}}
-    other_layout = {"config": {"model": {"d_model": 64}}, "plan": {"dp_size": 4, "sp_size": 1, "micro_batch": 1,
-                                                                  "grad_accum": 1, "global_batch": 4}}
+    saved = {
+        "config": {"model": {"d_model": 64}},
+        "plan": {"dp_size": 2, "sp_size": 1, "micro_batch": 1, "grad_accum": 2, "global_batch": 4},
+    }
+    other_layout = {
+        "config": {"model": {"d_model": 64}},
+        "plan": {"dp_size": 4, "sp_size": 1, "micro_batch": 1, "grad_accum": 1, "global_batch": 4},
+    }
     assert resume.compare_run_configs(saved, other_layout, universal=True) == ([], [])
     assert resume.compare_run_configs(saved, other_layout)[0]  # an exact resume refuses the same change
-    changed = {"config": {"model": {"d_model": 128}}, "plan": {"dp_size": 2, "sp_size": 2, "micro_batch": 1,
-                                                              "grad_accum": 4, "global_batch": 8}}
+    changed = {
+        "config": {"model": {"d_model": 128}},
+        "plan": {"dp_size": 2, "sp_size": 2, "micro_batch": 1, "grad_accum": 4, "global_batch": 8},
+    }
     errors, _ = resume.compare_run_configs(saved, changed, universal=True)
-    assert errors == ["model.d_model: checkpoint has 64, this run 128",
-                      "batch plan global_batch: checkpoint has 4, this run 8 (set train.global_batch to keep the "
-                      "same data order)",
-                      "parallel.sequence_parallel_size must stay the same across a reshard"]
+    assert errors == [
+        "model.d_model: checkpoint has 64, this run 128",
+        "batch plan global_batch: checkpoint has 4, this run 8 (set train.global_batch to keep the same data order)",
+        "parallel.sequence_parallel_size must stay the same across a reshard",
+    ]
 
 
 def test_explicit_resume_moves_the_runs_newer_checkpoints_aside(tmp_path):
@@ -199,12 +216,16 @@ def test_explicit_resume_moves_the_runs_newer_checkpoints_aside(tmp_path):
         fake_checkpoint(run_root, step)
     source = fake_checkpoint(other, 2)
     fake_checkpoint(other, 5)
-    record = {"config": {"model": {"d_model": 64}},
-              "plan": {"dp_size": 1, "sp_size": 1, "micro_batch": 1, "grad_accum": 1}, "world_size": 1}
+    record = {
+        "config": {"model": {"d_model": 64}},
+        "plan": {"dp_size": 1, "sp_size": 1, "micro_batch": 1, "grad_accum": 1},
+        "world_size": 1,
+    }
     (source / ondisk.RUN_CONFIG).write_text(json.dumps(record))
     saved = TrainState(step=2, tokens_seen=40, nonfinite_total=1, unigram_loss=3.5)
-    ckpt.save_rank_state(source, 0, {**saved.state_dict(), "world_size": 1, "loader": {"position": 7},
-                                     "rng": seeding.capture_rng()})
+    ckpt.save_rank_state(
+        source, 0, {**saved.state_dict(), "world_size": 1, "loader": {"position": 7}, "rng": seeding.capture_rng()}
+    )
 
     class Engine:
         def load_checkpoint(self, root, tag, **_):

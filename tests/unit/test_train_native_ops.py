@@ -29,8 +29,15 @@ def test_two_fresh_starts_with_either_ninja_build_nothing(tmp_path: Path):
     plain_path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
     snapshots, outputs = [], []
     for i, path in enumerate((os.pathsep.join([venv_bin, plain_path]), plain_path)):
-        args = [sys.executable, "-m", "reformer_dist.cli.train", "--set", f"output.dir={tmp_path / f'run{i}'}",
-                "--set", "train.max_steps=2"]
+        args = [
+            sys.executable,
+            "-m",
+            "reformer_dist.cli.train",
+            "--set",
+            f"output.dir={tmp_path / f'run{i}'}",
+            "--set",
+            "train.max_steps=2",
+        ]
         for o in TINY:
             args += ["--set", o]
         env = {**clean_env(), "TORCH_EXTENSIONS_DIR": str(ext), "PATH": path}
@@ -72,8 +79,14 @@ def test_announce_build_prints_once_per_missing_op(monkeypatch, tmp_path: Path, 
 
 def test_make_starts_processes_with_the_venv_first_on_path():
     # make quickstart / make test: every process (and the ninja torch runs) comes from the venv
-    p = subprocess.run(["make", "-s", "--no-print-directory", "-f", "Makefile", "-f", "-", "show-path"], cwd=REPO,
-                       input="show-path:\n\t@echo \"$$PATH\"\n", capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        ["make", "-s", "--no-print-directory", "-f", "Makefile", "-f", "-", "show-path"],
+        cwd=REPO,
+        input='show-path:\n\t@echo "$$PATH"\n',
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.split(os.pathsep)[0] == str(REPO / ".venv" / "bin"), p.stdout
 

@@ -22,10 +22,29 @@ def test_quickstart_config_runs_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     p = subprocess.run(
-        [sys.executable, "-m", "reformer_dist.cli.train", "--config", str(REPO / "configs/quickstart.toml"),
-         "--set", f"output.dir={tmp_path}", "--set", "train.max_steps=3", "--set", "eval.every=2",
-         "--set", "eval.batches=1", "--set", "output.sample_tokens=5"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "reformer_dist.cli.train",
+            "--config",
+            str(REPO / "configs/quickstart.toml"),
+            "--set",
+            f"output.dir={tmp_path}",
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "eval.every=2",
+            "--set",
+            "eval.batches=1",
+            "--set",
+            "output.sample_tokens=5",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "unigram baseline" in p.stderr and "--- sample (5 tokens" in p.stderr
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

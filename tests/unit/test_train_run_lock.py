@@ -120,27 +120,38 @@ def test_two_runs_in_one_folder(tmp_path):
     log = tmp_path / "first.log"
     env = clean_env()
     with open(log, "w") as f:  # never ends by itself; checkpoints every 3 steps
-        first = subprocess.Popen(_args(out, "train.max_steps=1000000", "checkpoint.every=3"), cwd=tmp_path, env=env,
-                                 stdout=f, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(
+            _args(out, "train.max_steps=1000000", "checkpoint.every=3"),
+            cwd=tmp_path,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     try:
         _wait(lambda: len(_steps(out)) >= 1, first, "a first step", log)
         before = {p.name for p in out.iterdir()}
         written_at_start = {n: (out / n).stat().st_mtime_ns for n in ("config.toml", "deepspeed_config.json")}
 
-        second = subprocess.run(_args(out, "train.max_steps=5"), cwd=tmp_path, env=env, capture_output=True,
-                                text=True, timeout=600)
+        second = subprocess.run(
+            _args(out, "train.max_steps=5"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
         assert second.returncode == 2, second.stderr[-3000:]
-        assert f"reformer-train: error: {out}: output.dir is in use by another reformer-train run (pid {first.pid}" \
+        assert (
+            f"reformer-train: error: {out}: output.dir is in use by another reformer-train run (pid {first.pid}"
             in second.stderr
+        )
         # the live run's files were not moved aside or appended to, and it keeps training
         assert before <= {p.name for p in out.iterdir()} and not list(out.glob("replaced-*"))
         assert {n: (out / n).stat().st_mtime_ns for n in written_at_start} == written_at_start
-        starts = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                  if r["event"] == "start"]
+        starts = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["event"] == "start"]
         assert len(starts) == 1
         n = len(_steps(out))
-        _wait(lambda: len(_steps(out)) > n and (out / "checkpoints" / "latest").is_file(), first,
-              "more steps and a checkpoint", log)
+        _wait(
+            lambda: len(_steps(out)) > n and (out / "checkpoints" / "latest").is_file(),
+            first,
+            "more steps and a checkpoint",
+            log,
+        )
     finally:
         if first.poll() is None:
             os.kill(first.pid, signal.SIGKILL)  # our own child: a crash that leaves its lock behind
@@ -148,8 +159,14 @@ def test_two_runs_in_one_folder(tmp_path):
     assert (out / LOCK_NAME).is_file()
 
     # the dead run's lock is stale: the next run takes over and resumes from the last checkpoint
-    third = subprocess.run(_args(out, f"train.max_steps={max(_steps(out)) + 2}") +
-                           ["--resume", "auto"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    third = subprocess.run(
+        _args(out, f"train.max_steps={max(_steps(out)) + 2}") + ["--resume", "auto"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"took over the stale lock {out / LOCK_NAME} of pid {first.pid}" in third.stderr
     assert "resumed from" in third.stderr
@@ -164,11 +181,20 @@ def test_shared_checkpoint_dir_is_refused_while_another_run_uses_it(tmp_path):
     (shared / "step_00000007").mkdir()
     (shared / "step_00000007" / "MANIFEST.json").write_text("{}")
     before = snapshot(shared)
-    b = subprocess.run(_args(tmp_path / "b", "train.max_steps=2", f"checkpoint.dir={shared}", "checkpoint.every=1"),
-                       cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    b = subprocess.run(
+        _args(tmp_path / "b", "train.max_steps=2", f"checkpoint.dir={shared}", "checkpoint.every=1"),
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert b.returncode == 2, b.stderr[-3000:]
-    assert f"reformer-train: error: {shared}: checkpoint.dir is in use by another reformer-train run (pid " \
-           f"{os.getpid()}" in b.stderr and "choose another checkpoint.dir" in b.stderr, b.stderr[-3000:]
+    assert (
+        f"reformer-train: error: {shared}: checkpoint.dir is in use by another reformer-train run (pid {os.getpid()}"
+        in b.stderr
+        and "choose another checkpoint.dir" in b.stderr
+    ), b.stderr[-3000:]
     assert snapshot(shared) == before
     assert not (tmp_path / "b" / LOCK_NAME).exists() and not (tmp_path / "b" / "metrics.jsonl").exists()
 
@@ -177,23 +203,46 @@ def test_shared_checkpoint_dir_is_refused_while_another_run_uses_it(tmp_path):
 def test_resume_auto_refuses_the_checkpoint_of_another_run_in_a_shared_checkpoint_dir(tmp_path):
     # #26: B's --resume auto silently loaded A's checkpoint
     shared = tmp_path / "shared"
-    a = subprocess.run(_args(tmp_path / "a", "train.max_steps=2", f"checkpoint.dir={shared}", "checkpoint.at_end=true"),
-                       cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    a = subprocess.run(
+        _args(tmp_path / "a", "train.max_steps=2", f"checkpoint.dir={shared}", "checkpoint.at_end=true"),
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert a.returncode == 0 and (shared / "latest").is_file(), a.stderr[-3000:]
     before = snapshot(shared)
-    b = subprocess.run(_args(tmp_path / "b", "train.max_steps=4", f"checkpoint.dir={shared}") + ["--resume", "auto"],
-                       cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    b = subprocess.run(
+        _args(tmp_path / "b", "train.max_steps=4", f"checkpoint.dir={shared}") + ["--resume", "auto"],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert b.returncode == 2, b.stderr[-3000:]
-    assert f"--resume auto: the newest checkpoint in checkpoint.dir {shared}, step_00000002, was written by the run " \
-           f"in output.dir {tmp_path / 'a'}, not by this one ({tmp_path / 'b'})" in b.stderr, b.stderr[-3000:]
+    assert (
+        f"--resume auto: the newest checkpoint in checkpoint.dir {shared}, step_00000002, was written by the run "
+        f"in output.dir {tmp_path / 'a'}, not by this one ({tmp_path / 'b'})" in b.stderr
+    ), b.stderr[-3000:]
     assert f"pass --resume {shared / 'step_00000002'}" in b.stderr
     assert snapshot(shared) == before and not (shared / LOCK_NAME).exists()
     # a fresh start there would have moved A's checkpoints into B's folder (a third run moved both runs')
-    c = subprocess.run(_args(tmp_path / "b", "train.max_steps=1", f"checkpoint.dir={shared}"), cwd=tmp_path,
-                       env=clean_env(), capture_output=True, text=True, timeout=600)
-    assert c.returncode == 2 and f"checkpoint.dir {shared} holds step_00000002 of the run in output.dir " \
-        f"{tmp_path / 'a'}, not of this one ({tmp_path / 'b'}); a fresh start would move it aside" in c.stderr, \
-        c.stderr[-3000:]
+    c = subprocess.run(
+        _args(tmp_path / "b", "train.max_steps=1", f"checkpoint.dir={shared}"),
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert (
+        c.returncode == 2
+        and f"checkpoint.dir {shared} holds step_00000002 of the run in output.dir "
+        f"{tmp_path / 'a'}, not of this one ({tmp_path / 'b'}); a fresh start would move it aside"
+        in c.stderr
+    ), c.stderr[-3000:]
     assert snapshot(shared) == before and not list((tmp_path / "b").glob("replaced-*"))
 
 
@@ -201,23 +250,43 @@ def test_resume_auto_refuses_the_checkpoint_of_another_run_in_a_shared_checkpoin
 def test_refused_resume_leaves_the_run_folder_alone_and_a_fresh_start_moves_config_toml_aside(tmp_path):
     # #26: a refused resume rewrote config.toml and deepspeed_config.json; a fresh start overwrote config.toml
     out = tmp_path / "run"
-    a = subprocess.run(_args(out, "train.max_steps=2", "checkpoint.at_end=true"), cwd=tmp_path, env=clean_env(),
-                       capture_output=True, text=True, timeout=600)
+    a = subprocess.run(
+        _args(out, "train.max_steps=2", "checkpoint.at_end=true"),
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert a.returncode == 0, a.stderr[-3000:]
     before = snapshot(out)
-    b = subprocess.run(_args(out, "train.max_steps=4", "model.d_ff=32", "deepspeed.zero_stage=2")
-                       + ["--resume", "auto"],
-                       cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
-    assert b.returncode == 2 and "checkpoint does not fit this run:\n  model.d_ff: checkpoint has 64, this run 32" \
-        in b.stderr, b.stderr[-3000:]
+    b = subprocess.run(
+        _args(out, "train.max_steps=4", "model.d_ff=32", "deepspeed.zero_stage=2") + ["--resume", "auto"],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert (
+        b.returncode == 2
+        and "checkpoint does not fit this run:\n  model.d_ff: checkpoint has 64, this run 32" in b.stderr
+    ), b.stderr[-3000:]
     assert snapshot(out) == before
 
-    c = subprocess.run(_args(out, "train.max_steps=1", "model.d_ff=32"), cwd=tmp_path, env=clean_env(),
-                       capture_output=True, text=True, timeout=600)
+    c = subprocess.run(
+        _args(out, "train.max_steps=1", "model.d_ff=32"),
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert c.returncode == 0, c.stderr[-3000:]
     (aside,) = out.glob("replaced-*")
     moved = snapshot(aside)
-    assert {k: moved[k] for k in ("config.toml", "deepspeed_config.json", "metrics.jsonl")} == \
-        {k: before[k] for k in ("config.toml", "deepspeed_config.json", "metrics.jsonl")}
+    assert {k: moved[k] for k in ("config.toml", "deepspeed_config.json", "metrics.jsonl")} == {
+        k: before[k] for k in ("config.toml", "deepspeed_config.json", "metrics.jsonl")
+    }
     assert moved["checkpoints/latest"] == before["checkpoints/latest"]
     assert "d_ff = 32" in (out / "config.toml").read_text()

@@ -32,8 +32,16 @@ def test_train_state_round_trips_through_a_rank_state_file(tmp_path):
     torch.manual_seed(11)
     state = ckpt.rank_state(saved, Loader(123), world_size=4)
     # the file's keys: the TrainState fields (written once, in the dataclass) and what the checkpoint adds
-    assert set(state) == {"step", "tokens_seen", "nonfinite_streak", "nonfinite_total", "unigram_loss",
-                          "world_size", "loader", "rng"}
+    assert set(state) == {
+        "step",
+        "tokens_seen",
+        "nonfinite_streak",
+        "nonfinite_total",
+        "unigram_loss",
+        "world_size",
+        "loader",
+        "rng",
+    }
     expected_next = torch.rand(3)  # what the saved torch stream draws next
     ckpt.save_rank_state(tmp_path, 2, state)
     assert (tmp_path / ondisk.rank_state_file(2)).is_file()
@@ -48,8 +56,15 @@ def test_train_state_round_trips_through_a_rank_state_file(tmp_path):
 
 def test_a_universal_resume_keeps_its_own_rng_and_older_files_lack_the_baseline():
     # a checkpoint written before unigram_loss existed: the field keeps its default
-    old = {"step": 5, "tokens_seen": 50, "nonfinite_streak": 0, "nonfinite_total": 0, "world_size": 2,
-           "loader": {"position": 9}, "rng": "not restored"}
+    old = {
+        "step": 5,
+        "tokens_seen": 50,
+        "nonfinite_streak": 0,
+        "nonfinite_total": 0,
+        "world_size": 2,
+        "loader": {"position": 9},
+        "rng": "not restored",
+    }
     back, loader = TrainState(unigram_loss=None), Loader()
     ckpt.restore_rank_state(old, back, loader, rng=False)
     assert back == TrainState(step=5, tokens_seen=50) and loader.position == 9

@@ -63,8 +63,9 @@ SUBTILE_PARAMS = [(torch.float32, 1e-4, *c) for c in SUBTILE_CASES] + [(torch.bf
 
 
 @pytest.mark.parametrize("dtype,tol,tiles,b,length,h,d,m,r,nb,na,causal,shared,extras", SUBTILE_PARAMS)
-def test_subtiled_chunks_match_float64_reference(monkeypatch, dtype, tol, tiles, b, length, h, d, m, r, nb, na, causal,
-                                                 shared, extras):
+def test_subtiled_chunks_match_float64_reference(
+    monkeypatch, dtype, tol, tiles, b, length, h, d, m, r, nb, na, causal, shared, extras
+):
     real = triton_lsh.tiles_for
     monkeypatch.setattr(triton_lsh, "tiles_for", lambda m_, d_, dt: real(m_, d_, dt)._replace(bq=tiles[0], bk=tiles[1]))
     check_against_reference(dtype, tol, b, length, h, d, m, r, nb, na, causal, shared, extras)
@@ -94,8 +95,20 @@ def test_triton_is_registered_for_auto():
 
 def test_whole_model_loss_and_gradients_triton_vs_blockwise():
     torch.manual_seed(0)
-    base = dict(vocab_size=24, d_model=32, n_heads=2, d_head=16, d_ff=32, n_layers=2, attn_layers=["lsh", "local"],
-                n_hashes=2, chunk_len=16, axial_pos_shape=[8, 16], ff_chunk_len=64, loss_chunk_len=64)
+    base = dict(
+        vocab_size=24,
+        d_model=32,
+        n_heads=2,
+        d_head=16,
+        d_ff=32,
+        n_layers=2,
+        attn_layers=["lsh", "local"],
+        n_hashes=2,
+        chunk_len=16,
+        axial_pos_shape=[8, 16],
+        ff_chunk_len=64,
+        loss_chunk_len=64,
+    )
     ids = torch.randint(0, 24, (1, 57))  # padded to 64 inside: masked keys
     results = {}
     for backend in ("blockwise", "triton"):
