@@ -36,10 +36,11 @@ compile-check: install $(addsuffix /.installed,$(SIDE_TRITONS))
 	$(BIN)/python tools/triton_compile_check.py $(addprefix --triton ,$(SIDE_TRITONS)) --json $(VENV)/compile_check.json
 
 # Lint and types (config in pyproject.toml): unused imports/locals, undefined names, import order, line length 120,
-# whitespace/blank lines (pycodestyle rules standing in for `ruff format --check`: the code keeps its aligned
-# continuation lines), then mypy on reformer_dist, tools and benchmarks. `$(BIN)/ruff check --fix` mends most finds.
+# whitespace/blank lines, then the layout (`ruff format --check`), then mypy on reformer_dist, tools and benchmarks.
+# `$(BIN)/ruff check --fix` and `$(BIN)/ruff format .` mend most finds.
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 quickstart: install
