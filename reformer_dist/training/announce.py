@@ -5,20 +5,20 @@ from __future__ import annotations
 import logging
 import math
 import platform
-from typing import Any
 
 import deepspeed
 import torch
 
 from reformer_dist.parallel.env import DistEnv
 from reformer_dist.training.config import BatchPlan, RunConfig
+from reformer_dist.training.metrics import Metrics
 from reformer_dist.training.resume import ResumePoint
 
 log = logging.getLogger(__name__)
 
 
 def announce_start(
-    metrics: Any,
+    metrics: Metrics,
     cfg: RunConfig,
     plan: BatchPlan,
     env: DistEnv,

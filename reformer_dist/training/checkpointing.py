@@ -48,6 +48,7 @@ from reformer_dist.ondisk import (
 )
 from reformer_dist.parallel.collectives import any_rank, barrier
 from reformer_dist.training.engine import Engine
+from reformer_dist.training.metrics import Metrics
 from reformer_dist.training.seeding import capture_rng, restore_rng
 from reformer_dist.training.train_state import TrainState
 
@@ -286,7 +287,7 @@ class Checkpointer:
         self.saved_step = saved_step  # the step the newest checkpoint of this run holds (-1: none)
         self.spare_pending = False  # an older checkpoint kept until the newest one gives a finite loss
 
-    def save(self, train: TrainState, loader: Stateful, loss: float | None, metrics: Any) -> bool:
+    def save(self, train: TrainState, loader: Stateful, loss: float | None, metrics: Metrics) -> bool:
         """Checkpoint this step (collective; once per step): see `save_checkpoint`. Returns False (and says
         so) when the step's loss was not finite."""
         if self.saved_step == train.step:

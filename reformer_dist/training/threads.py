@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from reformer_dist.training.metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -161,7 +163,7 @@ class ThreadTuner:
         self._recent = []
 
 
-def timed_step(tuner: ThreadTuner | None, step: Callable[[], dict[str, Any]], metrics: Any) -> dict[str, Any]:
+def timed_step(tuner: ThreadTuner | None, step: Callable[[], dict[str, Any]], metrics: Metrics) -> dict[str, Any]:
     """Run one train step (`step()` returns its record, with `step_time_s`) at the count `tuner` picks (None:
     the fixed count); adds `threads` to the record, and writes a `threads` event when the choice changes."""
     if tuner is None:

@@ -32,4 +32,4 @@ class TrainState:
         for f in dataclasses.fields(self):
             if f.name in state:
                 value = state[f.name]
-                setattr(self, f.name, value if value is None or f.name == "unigram_loss" else int(value))
+                setattr(self, f.name, int(value) if f.type == "int" else value)  # the counters as Python ints

@@ -14,29 +14,22 @@ from reformer_dist.training.config import load_run_config
 from reformer_dist.training.run_dir import prepare_run_dir
 
 
-def test_messages_read_prog_kind_text_and_info_only_where_asked(capsys):
+def test_messages_read_prog_kind_text_and_info_only_where_asked(capsys, console):
     log = logging.getLogger("reformer_dist.training.some_module")
-    try:
-        console_module.setup("reformer-train")
-        log.info("resumed from x at step 3")
-        log.warning("data.path: no such folder")
-        log.error("bad config")
-        assert capsys.readouterr().err.splitlines() == [
-            "reformer-train: resumed from x at step 3",
-            "reformer-train: warning: data.path: no such folder",
-            "reformer-train: error: bad config",
-        ]
-        console_module.setup("reformer-train", show_info=False)  # ranks other than 0: warnings and errors only
-        log.info("not shown")
-        log.warning("shown")
-        assert capsys.readouterr().err.splitlines() == ["reformer-train: warning: shown"]
-        assert console_module.prog_name() == "reformer-train"
-        assert len(logging.getLogger(console_module.ROOT).handlers) == 1  # setup twice: one handler
-    finally:
-        root = logging.getLogger(console_module.ROOT)
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        root.setLevel(logging.NOTSET)
+    log.info("resumed from x at step 3")
+    log.warning("data.path: no such folder")
+    log.error("bad config")
+    assert capsys.readouterr().err.splitlines() == [
+        "reformer-train: resumed from x at step 3",
+        "reformer-train: warning: data.path: no such folder",
+        "reformer-train: error: bad config",
+    ]
+    console_module.setup("reformer-train", show_info=False)  # ranks other than 0: warnings and errors only
+    log.info("not shown")
+    log.warning("shown")
+    assert capsys.readouterr().err.splitlines() == ["reformer-train: warning: shown"]
+    assert console_module.prog_name() == "reformer-train"
+    assert len(logging.getLogger(console_module.ROOT).handlers) == 1  # setup twice: one handler
 
 
 def test_a_message_during_a_progress_bar_gets_its_own_line(capsys, console):
