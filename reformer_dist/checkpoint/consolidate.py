@@ -3,6 +3,8 @@
     OUT/config.json        our ReformerConfig (what `ReformerLM.from_pretrained` reads)
     OUT/model.safetensors  full weights, fp32 master copy (or bf16); sharded with
                            model.safetensors.index.json above --max-shard-size
+    OUT/training_data.json what it was trained on (tokenizer identity, document options: data/model_data.py),
+                           from the checkpoint's run_config.json; + tokenizer.model for SentencePiece
     OUT/checksums.json     SHA-256 of every file above, verified on load
 
 The weights are DeepSpeed's fp32 master copy (the optimizer partitions), reassembled by
@@ -32,8 +34,10 @@ from reformer_dist.checkpoint.deepspeed_ckpt import (
 )
 from reformer_dist.checkpoint.hf_adapter import expected_shapes
 from reformer_dist.checkpoint.writer import DEFAULT_MAX_SHARD, check_writable, write_weights_dir
+from reformer_dist.data.errors import DataError
+from reformer_dist.data.model_data import record_files_from_run_config
 from reformer_dist.model.config import DOCUMENT_SETTINGS, TRAINED_WITH, ReformerConfig
-from reformer_dist.ondisk import RUN_CONFIG, CorruptCheckpointError
+from reformer_dist.ondisk import RUN_CONFIG, TRAINING_DATA, CorruptCheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers, if a caller used one
@@ -44,6 +48,12 @@ def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
+
+
+def model_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """The checkpoint tag's fp32 weights under the model's own names (what `ReformerLM.load_state_dict`
+    takes): `fp32_state_dict` without DDP / torch.compile prefixes."""
+    return _strip_wrappers(fp32_state_dict(ref))
 
 
 def fp32_state_dict(ref: CheckpointRef, quiet: bool = True) -> dict[str, torch.Tensor]:
@@ -65,17 +75,13 @@ def fp32_state_dict(ref: CheckpointRef, quiet: bool = True) -> dict[str, torch.T
         return to_torch_tensor(lazy)  # the optimizer files are memory-mapped: tensors are read here
 
 
-def _trained_with(ref: CheckpointRef, cfg_src: str) -> dict[str, bool]:
-    """The document settings of the run that wrote the checkpoint: its run_config.json's [data], or what the
-    config.json the model config came from records; {} when neither says."""
-    run_config = ref.path / RUN_CONFIG
-    if run_config.is_file():
-        try:
-            data = json.loads(run_config.read_text())["config"]["data"]
-            return {k: bool(data.get(k, False)) for k in DOCUMENT_SETTINGS}
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    return ReformerConfig.trained_with(cfg_src)
+def _run_data(ref: CheckpointRef) -> dict | None:
+    """The `[data]` section of the run that wrote the checkpoint (its run_config.json), None when unrecorded."""
+    try:
+        data = json.loads((ref.path / RUN_CONFIG).read_text())["config"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def consolidate(
@@ -101,7 +107,7 @@ def consolidate(
         cfg_src = cfg_src.replace(str(src.root), str(ref.root))
         verified = verify_files(src.path) if verify else "not verified (--no-verify)"
         info = describe(src)
-        state = _strip_wrappers(fp32_state_dict(src))
+        state = model_state_dict(src)
         want = expected_shapes(cfg)
         missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
         if missing or unexpected:
@@ -115,8 +121,24 @@ def consolidate(
         # model order; views into the flat fp32 groups are copied (safetensors refuses shared storage)
         state = {k: state[k].to(DTYPES[dtype]) for k in want}
         state = {k: v.clone() if v._base is not None else v for k, v in state.items()}
-        trained = _trained_with(src, cfg_src)
+        data = _run_data(src)
+        # the document settings the weights were trained with: the run's [data], else what config.json records
+        trained = (
+            {k: bool(data.get(k, False)) for k in DOCUMENT_SETTINGS}
+            if data is not None
+            else ReformerConfig.trained_with(cfg_src)
+        )
         config_out = {**cfg.to_dict(), **({TRAINED_WITH: trained} if trained else {})}
+        # what it was trained on goes with it (training_data.json + tokenizer.model, checksummed), so the folder
+        # decodes and refuses other stores by itself once the checkpoint is gone
+        record: dict[str, str | bytes] = {}
+        record_note = ""
+        try:
+            if data is None:
+                raise DataError(f"{ref.path / RUN_CONFIG}: missing or without a [data] section")
+            record = record_files_from_run_config(data, str(ref.path / RUN_CONFIG), cfg.vocab_size)
+        except DataError as e:
+            record_note = f"{TRAINING_DATA} not written: {e}"
         provenance = {
             "source": str(ref.path),
             "step": info.step,
@@ -132,9 +154,13 @@ def consolidate(
             overwrite=overwrite,
             inputs=inputs,
             metadata={"config": json.dumps(cfg.to_dict()), "reformer_dist": json.dumps(provenance)},
+            extra_files=record,
         )
+    tokenizer = json.loads(record[TRAINING_DATA])["tokenizer"] if record else None
     return {
         **provenance,
+        "tokenizer": tokenizer,
+        **({} if record else {"tokenizer_note": record_note}),
         "out": str(out_dir),
         "files": [f.name for f in files],
         "config_from": cfg_src,

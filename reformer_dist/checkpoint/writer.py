@@ -157,7 +157,7 @@ def write_weights_dir(
     *,
     max_shard_size: str | int = DEFAULT_MAX_SHARD,
     metadata: dict[str, str] | None = None,
-    extra_files: dict[str, str] | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
     overwrite: bool | str = False,
     inputs: Iterable[str | Path | None] = (),
 ) -> list[Path]:
@@ -165,7 +165,7 @@ def write_weights_dir(
 
     Returns the weight files written (their final paths). `metadata` goes into every safetensors header
     ("format": "pt" is always set: transformers refuses files without it); `extra_files` are further small
-    text files (name -> content), checksummed too. `inputs`: the folders/files the weights were read from
+    files (name -> text or bytes), checksummed too. `inputs`: the folders/files the weights were read from
     (refused as `out_dir`, or inside or around it: see `check_writable`). `overwrite="merge"` (save_pretrained):
     an existing folder keeps its other files; only the weights folder's own files are replaced.
     """
@@ -174,8 +174,8 @@ def write_weights_dir(
     tmp = _fresh_tmp(out)
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
         meta = {"format": "pt", **(metadata or {})}
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         shards = shard_state(state, parse_size(max_shard_size))

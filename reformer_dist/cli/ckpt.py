@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> dict | str:
     if args.cmd == "consolidate":
         from reformer_dist.checkpoint.consolidate import consolidate
 
-        return consolidate(
+        summary = consolidate(
             args.ckpt_dir,
             args.out,
             tag=args.tag,
@@ -119,6 +119,9 @@ def _run(args: argparse.Namespace) -> dict | str:
             overwrite=args.overwrite,
             verify=args.verify,
         )
+        if "tokenizer_note" in summary:  # the weights are fine; reformer-eval/-generate will need --tokenizer
+            log.warning(summary["tokenizer_note"])
+        return summary
     if args.cmd == "export-hf":
         from reformer_dist.checkpoint.hf_adapter import export_hf
 

@@ -9,8 +9,9 @@ itself wherever it is moved::
      "tokenizer_file": "tokenizer.model" | null, "vocab_size", "eod_id", "store", "seq_len",
      "document_masking", "reset_positions"}
 
-Weights folders written before this record existed (a run's `model/` of an older version, or
-`reformer-ckpt consolidate` output) get the same facts from the run config they came from
+`reformer-ckpt consolidate` writes the same record from the checkpoint's `run_config.json`
+(`record_files_from_run_config`). Weights folders written before this record existed (a run's `model/` or a
+consolidated folder of an older version) get the same facts from the run config they came from
 (`record_from_run_config`): the run folder's `config.toml`, or a checkpoint's `run_config.json`.
 """
 
@@ -44,12 +45,22 @@ def make_record(tokenizer: Tokenizer, data: dict[str, Any], vocab_size: int) -> 
     }
 
 
+def record_files(tokenizer: Tokenizer, data: dict[str, Any], vocab_size: int) -> dict[str, str | bytes]:
+    """The files of the record (name -> content): a copy of a SentencePiece model first, then
+    `training_data.json`; what `write_record` writes, and what a weights folder's writer takes as extra files
+    (so they are in its checksums)."""
+    files: dict[str, str | bytes] = {}
+    if tokenizer.model_file is not None:
+        files[TOKENIZER_MODEL] = Path(tokenizer.model_file).read_bytes()
+    files[TRAINING_DATA] = json.dumps(make_record(tokenizer, data, vocab_size), indent=2) + "\n"
+    return files
+
+
 def write_record(folder: str | Path, tokenizer: Tokenizer, data: dict[str, Any], vocab_size: int) -> Path:
     """Write `training_data.json` (and a copy of a SentencePiece model) into a weights folder, atomically."""
     d = Path(folder)
-    if tokenizer.model_file is not None:
-        atomic_write(d / TOKENIZER_MODEL, Path(tokenizer.model_file).read_bytes())
-    atomic_write(d / TRAINING_DATA, json.dumps(make_record(tokenizer, data, vocab_size), indent=2) + "\n")
+    for name, content in record_files(tokenizer, data, vocab_size).items():
+        atomic_write(d / name, content)
     return d / TRAINING_DATA
 
 
@@ -103,6 +114,16 @@ def record_from_run_config(data: dict[str, Any], where: str) -> dict[str, Any] |
     if data.get("tokenizer"):
         return {**rec, "tokenizer": str(data["tokenizer"]), "tokenizer_file": None, "eod_id": None}
     return None
+
+
+def record_files_from_run_config(data: dict[str, Any], where: str, vocab_size: int) -> dict[str, str | bytes]:
+    """`record_files` for weights made from a checkpoint (`reformer-ckpt consolidate`): the tokenizer its run
+    config's `[data]` implies, checked against its identity. DataError saying why when it cannot be told (the
+    store is gone and only a SentencePiece identity is recorded, or its model file is missing)."""
+    rec = record_from_run_config(data, where)
+    if rec is None:
+        raise DataError(f"{where}: its store {data.get('path')} is gone and data.tokenizer is not recorded")
+    return record_files(record_tokenizer(rec), data, vocab_size)
 
 
 def record_tokenizer(rec: dict[str, Any]) -> Tokenizer:

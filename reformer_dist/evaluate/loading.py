@@ -163,7 +163,7 @@ def _record_of_tag(tag_dir: Path) -> dict[str, Any] | None:
 
 def _load_checkpoint(p: Path, tag: str | None) -> tuple[ReformerLM, dict[str, Any] | None, str]:
     """A checkpoint's fp32 weights, reassembled in memory as `reformer-ckpt consolidate` does."""
-    from reformer_dist.checkpoint.consolidate import _strip_wrappers, fp32_state_dict
+    from reformer_dist.checkpoint.consolidate import model_state_dict
     from reformer_dist.checkpoint.deepspeed_ckpt import find_checkpoint, read_model_config, verify_files
 
     try:
@@ -175,7 +175,7 @@ def _load_checkpoint(p: Path, tag: str | None) -> tuple[ReformerLM, dict[str, An
     try:
         cfg, _ = read_model_config(ref)
         verify_files(ref.path)
-        state = _strip_wrappers(fp32_state_dict(ref))
+        state = model_state_dict(ref)
     except (FileNotFoundError, CheckpointError) as e:
         raise ModelInputError(str(e)) from None
     model = ReformerLM(cfg)

@@ -331,12 +331,17 @@ class ReformerLM(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(
-        self, directory: str | Path, max_shard_size: str | int = "5GB", trained_with: dict[str, bool] | None = None
+        self,
+        directory: str | Path,
+        max_shard_size: str | int = "5GB",
+        trained_with: dict[str, bool] | None = None,
+        extra_files: dict[str, str | bytes] | None = None,
     ) -> None:
         """Write config.json + model.safetensors (the parameters' dtype) + checksums.json, through the one
         atomic, checksummed writer `reformer-ckpt consolidate` uses (modes follow the umask). Other files in
         an existing `directory` stay; the weights folder's own files are replaced. `trained_with`: the
-        document settings of the training run, recorded in config.json (config.TRAINED_WITH)."""
+        document settings of the training run, recorded in config.json (config.TRAINED_WITH). `extra_files`
+        (name -> content) are written and checksummed with them (the trainer's record of its data)."""
         # checkpoint/writer.py imports nothing of the model: a lazy import keeps model/ free of checkpoint/
         from reformer_dist.checkpoint.writer import write_weights_dir
 
@@ -349,6 +354,7 @@ class ReformerLM(nn.Module):
             max_shard_size=max_shard_size,
             overwrite="merge",
             metadata={"config": json.dumps(self.cfg.to_dict())},
+            extra_files=extra_files,
         )
 
     @classmethod

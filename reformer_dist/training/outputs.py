@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from reformer_dist.config_schema import Section, any_string, boolean, int_min, opt, optional, positive_number, string
-from reformer_dist.data.model_data import write_record
+from reformer_dist.data.model_data import record_files
 from reformer_dist.data.tokenizers import Tokenizer
 from reformer_dist.parallel.collectives import barrier
 from reformer_dist.training.engine import Engine
@@ -55,9 +55,9 @@ def save_model(
             trained_with = (
                 None if data is None else {k: bool(data.get(k, False)) for k in ("document_masking", "reset_positions")}
             )
-            engine.module.save_pretrained(out, trained_with=trained_with)
-            if tokenizer is not None:
-                write_record(out, tokenizer, data or {}, engine.module.cfg.vocab_size)
+            # the record of its data goes in with the weights: one atomic write, in checksums.json
+            record = None if tokenizer is None else record_files(tokenizer, data or {}, engine.module.cfg.vocab_size)
+            engine.module.save_pretrained(out, trained_with=trained_with, extra_files=record)
     barrier()
 
 

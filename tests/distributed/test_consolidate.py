@@ -129,6 +129,9 @@ def test_trainer_layout_with_manifest(tmp_path, capsys):
     assert rc == 0, err
     summary = json.loads(out)
     assert summary["verified"].startswith("MANIFEST.json") and summary["config_from"].endswith("run_config.json")
+    # this run_config.json has no [data]: the weights are written, without a record of the tokenizer, and it says so
+    assert summary["tokenizer"] is None and not (tmp_path / "m" / "training_data.json").exists()
+    assert "training_data.json not written" in summary["tokenizer_note"] and "warning: training_data.json" in err
     state = ReformerLM.from_pretrained(tmp_path / "m").state_dict()
     assert state.keys() == live.keys()
     assert all(torch.equal(state[k], v) for k, v in live.items())

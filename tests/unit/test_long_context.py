@@ -138,6 +138,8 @@ def test_eval_loss_equals_the_trainers_evaluation(trained, tmp_path, capsys):
     assert abs(res["rows"][0]["loss"] - end["eval_loss"]) < 1e-6, (res["rows"][0]["loss"], end["eval_loss"])
     rec = json.loads((trained / "run" / "model" / "training_data.json").read_text())
     assert rec["tokenizer"] == "bytes" and rec["document_masking"] and rec["reset_positions"]
+    # written with the weights, in their checksums (a damaged record is caught like damaged weights)
+    assert "training_data.json" in json.loads((trained / "run" / "model" / "checksums.json").read_text())["files"]
     # without the document masks the trainer used, the number differs: the check above is not vacuous
     loaded = load_model(trained / "run" / "model")
     loaded.record = {**loaded.record, "document_masking": False, "reset_positions": False}
@@ -169,12 +171,19 @@ def test_eval_of_a_checkpoint_root_equals_its_weights_folder(trained, tmp_path, 
         assert res["document_masking"] is True
         losses.append(res["rows"][0]["loss"])
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
-    # a consolidated folder has no training_data.json: its checkpoint's run_config.json says what it was trained on
+    # a consolidated folder carries its own training_data.json (from the checkpoint's run_config.json), in its
+    # checksums: it still decodes and refuses other stores after the checkpoint is deleted or it is moved
     from reformer_dist.checkpoint.consolidate import consolidate
 
-    consolidate(trained / "run" / "checkpoints", tmp_path / "final")
+    summary = consolidate(trained / "run" / "checkpoints", tmp_path / "final")
+    assert summary["tokenizer"] == "bytes" and "tokenizer_note" not in summary
     rec = load_model(tmp_path / "final").record
-    assert rec["tokenizer"] == "bytes" and rec["document_masking"] and rec["_where"].endswith("run_config.json")
+    assert rec["tokenizer"] == "bytes" and rec["document_masking"] and rec["_where"].endswith("training_data.json")
+    assert "training_data.json" in json.loads((tmp_path / "final" / "checksums.json").read_text())["files"]
+    assert (
+        rec["reset_positions"]
+        == json.loads((trained / "run" / "model" / "training_data.json").read_text())["reset_positions"]
+    )
 
 
 @pytest.mark.slow
