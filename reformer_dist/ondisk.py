@@ -7,7 +7,7 @@ Each name below is defined here once and imported wherever a folder is written o
         deepspeed_config.json        the generated DeepSpeed dict
         metrics.jsonl, tb/, ranks/   metrics (training/metrics.py)
         model/                       final weights folder (save_pretrained + training_data.json)
-        .reformer-train.lock         one run per folder (training/run_lock.py)
+        .reformer-train.lock         one run per folder (run_lock.py)
         replaced-<time>/             an earlier run's files, moved aside by a fresh start
         checkpoints/                 checkpoint root (saved: training/checkpointing.py; read: training/resume.py)
             latest                     tag of the newest COMPLETE checkpoint (moved last)

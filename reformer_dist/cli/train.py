@@ -39,6 +39,7 @@ from reformer_dist.model.memory import GIB, predicted_peak
 from reformer_dist.ondisk import CheckpointError
 from reformer_dist.parallel.collectives import broadcast_object
 from reformer_dist.parallel.env import DistEnv, ThreadPlan, discover, export_env, free_port, intra_op_threads
+from reformer_dist.run_lock import RunLock, RunLockedError
 from reformer_dist.training.config import (
     BatchPlan,
     ConfigError,
@@ -51,7 +52,6 @@ from reformer_dist.training.config import (
 from reformer_dist.training.deepspeed_config import build_deepspeed_config
 from reformer_dist.training.native_ops import prefer_interpreter_ninja, skip_unused_ops
 from reformer_dist.training.resume import precheck_resume_path
-from reformer_dist.training.run_lock import RunLock, RunLockedError
 from reformer_dist.training.threads import candidates
 
 log = logging.getLogger("reformer_dist.cli.train")

@@ -6,7 +6,7 @@ then the staged store is verified (data/verify.py: sizes, sha256, token range) a
 into place. An existing store (``overwrite``) is moved aside in that same step and deleted afterwards,
 so a failed or interrupted write leaves the previous store exactly as it was; files in the folder that
 are not part of a store (notes, a README) are carried over. One write per store folder at a time: a lock
-file ``.<name>.lock`` beside it (training/run_lock.py's lock, taken over when its process is gone).
+file ``.<name>.lock`` beside it (run_lock.py's lock, taken over when its process is gone).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from reformer_dist.ondisk import (
     is_store_shard,
     store_shard_name,
 )
-from reformer_dist.training.run_lock import RunLock, RunLockedError
+from reformer_dist.run_lock import RunLock, RunLockedError
 
 
 def _store_file(name: str) -> bool:

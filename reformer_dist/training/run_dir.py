@@ -52,7 +52,7 @@ def archive_previous_run(run_dir: Path, ckpt_root: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for p in old:
         shutil.move(str(p), str(dest / p.name))
-    if ckpts:  # the contents, not the folder: it holds this run's lock (training/run_lock.py)
+    if ckpts:  # the contents, not the folder: it holds this run's lock (run_lock.py)
         (dest / CHECKPOINTS_DIR).mkdir()
         for p in ckpt_root.iterdir():
             if p.name != LOCK_NAME:

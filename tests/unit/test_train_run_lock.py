@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reformer_dist.training.run_lock import LOCK_NAME, Holder, RunLock, RunLockedError
+from reformer_dist.run_lock import LOCK_NAME, Holder, RunLock, RunLockedError
 from tests.distributed.train_launcher import TINY, clean_env
 from tests.unit.cli_cases import snapshot
 

@@ -1,4 +1,5 @@
-"""One run per output folder: `<output.dir>/.reformer-train.lock` names the process that uses the folder.
+"""One writer per folder: a training run's `<output.dir>/.reformer-train.lock` names the process that uses
+the folder (`reformer-data` locks a store it is writing the same way: data/writer.py).
 The checkpoint root (`checkpoint.dir`, default `<output.dir>/checkpoints`) carries the same lock, so that
 two runs with different output folders cannot share one checkpoint root (one's rotation would delete the
 other's checkpoints, and its `--resume auto` would load them).
