@@ -26,7 +26,7 @@ from reformer_dist.training.evaluation import score_batch
 
 
 def answer_labels(docs: np.ndarray, answer: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs [B, L] (the documents without their end-of-document id) and labels that are -100 except at
+    """Inputs [B, L] (the documents without their end-of-document id) and labels that are IGNORE_INDEX except at
     the inputs that predict the answer tokens ``[first, end)`` of each document [B, L + 1]."""
     ids = torch.from_numpy(docs[:, :-1].astype(np.int64))
     labels = torch.full_like(ids, IGNORE_INDEX)

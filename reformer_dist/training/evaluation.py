@@ -62,7 +62,7 @@ def score_batch(
     sequence_parallel: Any = None,
     documents: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each position's loss [B, L] (fp32, 0 where the label is -100) and argmax prediction [B, L] of one batch.
+    """Each position's loss [B, L] (fp32, 0 where the label is IGNORE_INDEX) and argmax prediction [B, L] of one batch.
 
     The one evaluation forward: the trainer's held-out loss (``Evaluator``) and ``reformer-eval`` (windows,
     loss by position, synthetic tasks) both sum these, so their numbers agree on the same windows.
