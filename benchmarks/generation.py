@@ -20,10 +20,12 @@ import io
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
-BENCH = dict(
+BENCH: dict[str, Any] = dict(
     vocab_size=256,
     d_model=256,
     n_heads=4,
@@ -35,7 +37,7 @@ BENCH = dict(
     chunk_len=64,
     axial_pos_shape=[128, 256],
 )
-TINY = dict(
+TINY: dict[str, Any] = dict(
     BENCH,
     d_model=32,
     n_heads=2,
@@ -71,7 +73,10 @@ def build(spec: dict, seed: int, length: int):
     return ours, hf
 
 
-def timed(fn) -> tuple[float, object]:
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out

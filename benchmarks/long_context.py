@@ -31,7 +31,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -119,9 +121,9 @@ class Experiment:
             ],
             self.time_limit,
         )
-        steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         # step records come every logging.log_every steps; end / preempted records carry the last step
-        self.runs[-1]["steps_reached"] = max((r["step"] for r in steps if isinstance(r.get("step"), int)), default=0)
+        self.runs[-1]["steps_reached"] = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=0)
         self.steps[name] = self.runs[-1]["steps_reached"]
         # stopped by the time limit: no final weights folder, but the checkpoint of the step it stopped at
         return run_dir / "model" if (run_dir / "model").is_dir() else run_dir / "checkpoints"
@@ -311,7 +313,7 @@ def positions(a: argparse.Namespace, x: Experiment) -> None:
 
 
 # experiment -> (its function, full-size defaults, --smoke sizes)
-EXPERIMENTS = {
+EXPERIMENTS: dict[str, tuple[Callable[..., Any], dict[str, Any], dict[str, Any]]] = {
     "table2": (
         table2,
         dict(
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     fn, full, smoke = EXPERIMENTS[a.experiment]
-    params = dict(smoke if a.smoke else full)
+    params: dict[str, Any] = dict(smoke if a.smoke else full)
     for item in a.set:
         k, _, v = item.partition("=")
         if k not in params:

@@ -221,7 +221,7 @@ def from_hf_config(hf: dict[str, Any]) -> tuple[ReformerConfig, list[str]]:
             f"= {math.prod(shape)}: the automatic num_buckets factorisation threshold may differ"
         )
     nb = get("num_buckets")
-    extra = hf.get(EXTRA_KEY) if isinstance(hf.get(EXTRA_KEY), dict) else {}
+    extra: dict[str, Any] = hf[EXTRA_KEY] if isinstance(hf.get(EXTRA_KEY), dict) else {}
     d = {
         "vocab_size": get("vocab_size"),
         "d_model": get("hidden_size"),
@@ -453,7 +453,7 @@ def import_hf(
     cfg, notes = from_hf_config(hf_cfg)
     state, more = from_hf_state_dict(_load_hf_weights(src), cfg)
     notes += more
-    extra = hf_cfg.get(EXTRA_KEY) if isinstance(hf_cfg.get(EXTRA_KEY), dict) else {}
+    extra: dict[str, Any] = hf_cfg[EXTRA_KEY] if isinstance(hf_cfg.get(EXTRA_KEY), dict) else {}
     trained = extra.get(TRAINED_WITH)  # kept by an export of ours: the imported folder records it again
     config = {**cfg.to_dict(), **({TRAINED_WITH: trained} if isinstance(trained, dict) else {})}
     for n in notes:

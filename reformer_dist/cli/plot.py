@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 "(runs and eval results do not mix in one plot)"
             )
             return ExitCode.USAGE
-        plot_positions(results, args.out, args.title)
+        plot_positions([(label, res) for label, res in results if res is not None], args.out, args.title)
         print(f"wrote {args.out}")
         return ExitCode.OK
 

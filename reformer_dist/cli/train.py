@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"(docs/data.md: reformer-data shard ... --out {cfg.data.path}) before training"
                 )
         return 0
+    assert store is not None  # only a dry run goes on without its store
     return _train(cfg, plan, ds_config, env, store, args.resume, on_cuda, threads)
 
 

@@ -94,7 +94,7 @@ def shard_corpus(
     val_files = collect_files(val_inputs) if val_inputs else []
     if both := set(map(str, files)) & set(map(str, val_files)):
         raise DataError(f"{sorted(both)[0]}: given both as input and as validation input")
-    tok = tokenizer if hasattr(tokenizer, "encode_batch") else load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     dtype = dtype_for_vocab(tok.vocab_size)
     meta = {
         "inputs": [str(p) for p in inputs],

@@ -126,7 +126,9 @@ class TokenStore:
             for s, a in arrays.items()
         }
         manifest = make_manifest(tokenizer, entries, metadata)
-        shards = {s: [(entries[s][0]["file"], np.asarray(a, dtype=manifest["dtype"]))] for s, a in arrays.items()}
+        shards: dict[str, list[tuple[str, Path | np.ndarray]]] = {
+            s: [(str(entries[s][0]["file"]), np.asarray(a, dtype=manifest["dtype"]))] for s, a in arrays.items()
+        }
         return cls(manifest, shards, name=name, where=name, tokenizer=lambda: tokenizer)
 
     # ------------------------------------------------------------------ description

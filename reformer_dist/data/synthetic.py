@@ -148,7 +148,8 @@ def _split_docs(spec: SynthSpec, split: str) -> list[np.ndarray]:
 def _doc(spec: SynthSpec, rng: np.random.Generator, length: int, depth: float | None) -> np.ndarray:
     if spec.task == "duplication":
         return duplication_doc(rng, length, spec.n_symbols)
-    return passkey_doc(rng, length, float(depth), spec.key_digits)
+    assert depth is not None  # every passkey document is given its depth
+    return passkey_doc(rng, length, depth, spec.key_digits)
 
 
 def write_synthetic(spec: SynthSpec, out_dir: str | Path, overwrite: bool = False, shard_tokens: int = 1 << 27) -> Path:

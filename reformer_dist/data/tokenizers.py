@@ -253,7 +253,7 @@ def train_sentencepiece(
             failure.append(e)
 
     model_path = out / TOKENIZER_MODEL
-    options = dict(
+    options: dict[str, Any] = dict(
         vocab_size=vocab_size,
         model_type=model_type,
         byte_fallback=True,

@@ -139,7 +139,7 @@ def check_store(loaded: LoadedModel, store: TokenStore) -> None:
     if want is not None and want != store.identity:
         raise ModelInputError(
             f"{store.where}: tokenised with {store.identity}, but the model {loaded.source} was "
-            f"trained with {want} ({loaded.record['_where']})"
+            f"trained with {want} ({(loaded.record or {}).get('_where')})"
         )
     loaded.check_vocab(store.vocab_size, store.where)
 
@@ -233,7 +233,7 @@ def evaluate_lm(
             labels[row_i, : plan.scored_from[j]] = IGNORE_INDEX
         docs = document_inputs(ids, store.eod_id, loaded.reset_positions) if loaded.document_masking else None
         for row in rows:
-            n = None if row.rounds in (None, FULL) else row.rounds
+            n = row.rounds if isinstance(row.rounds, int) else None  # None: the trained count; FULL: no hashing
             losses, _ = score_batch(models[row.rounds], ids, labels, hash_seed=seed, n_hashes=n, documents=docs)
             row.add(losses, labels)
             bar.update(len(idx))

@@ -60,7 +60,7 @@ class LoadedModel:
             if self.tokenizer_identity is not None and tok.identity != self.tokenizer_identity:
                 raise ModelInputError(
                     f"--tokenizer {override}: is {tok.identity}, but {self.source} was trained with "
-                    f"{self.tokenizer_identity} ({self.record['_where']})"
+                    f"{self.tokenizer_identity} ({(self.record or {}).get('_where')})"
                 )
             self.check_vocab(tok.vocab_size, f"--tokenizer {override}")
             return tok

@@ -86,7 +86,7 @@ def evaluate_task(
     )
     rows = []
     for r in rounds:
-        out = []
+        out: list[dict[str, Any]] = []
         for c in cells:
             right = total = exact = 0
             loss_sum = 0.0
@@ -99,7 +99,7 @@ def evaluate_task(
                     )
                 ids, labels = answer_labels(docs, c.answer)
                 ids, labels = ids.to(device), labels.to(device)
-                n = None if r in (None, FULL) else r
+                n = r if isinstance(r, int) else None  # None: the trained count; FULL: no hashing
                 losses, preds = score_batch(models[r], ids, labels, hash_seed=seed, n_hashes=n)
                 a, b, e = score_answers(preds, labels)
                 right, total, exact = right + a, total + b, exact + e

@@ -38,7 +38,10 @@ class BucketSharding:
     """Bucket-sharded attention over one process group (``AttentionContext.bucket``)."""
 
     def __init__(self, group: dist.ProcessGroup | None = None):
-        self.group = group if group is not None else dist.group.WORLD
+        group = group if group is not None else dist.group.WORLD
+        if group is None:
+            raise RuntimeError("bucket sharding needs a process group: torch.distributed is not initialised")
+        self.group = group
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.bytes_sent = 0
@@ -302,19 +305,19 @@ class _Route:
         f = flat.reshape(-1)
         owner, inpiece = torch.div(f, piece, rounding_mode="floor"), f % piece
         items = torch.arange(f.numel(), device=dev)
-        dest, row, pick = [owner], [inpiece + before], [items]
+        dests, rows, picks = [owner], [inpiece + before], [items]
         if after:  # first rows of the owner's piece: the previous rank's halo after its own piece
             sel = inpiece < after
-            dest.append((owner[sel] - 1) % size)
-            row.append(inpiece[sel] + before + piece)
-            pick.append(items[sel])
+            dests.append((owner[sel] - 1) % size)
+            rows.append(inpiece[sel] + before + piece)
+            picks.append(items[sel])
         if before:  # last rows of the owner's piece: the next rank's halo before its own piece
             sel = inpiece >= piece - before
-            dest.append((owner[sel] + 1) % size)
-            row.append(inpiece[sel] - (piece - before))
-            pick.append(items[sel])
-        own = torch.arange(sum(x.numel() for x in pick), device=dev) < f.numel()
-        dest, row, pick = torch.cat(dest), torch.cat(row), torch.cat(pick)
+            dests.append((owner[sel] + 1) % size)
+            rows.append(inpiece[sel] - (piece - before))
+            picks.append(items[sel])
+        own = torch.arange(sum(x.numel() for x in picks), device=dev) < f.numel()
+        dest, row, pick = torch.cat(dests), torch.cat(rows), torch.cat(picks)
         order = torch.argsort(dest, stable=True)
         dest, row, self.pick, own = dest[order], row[order], pick[order], own[order]
         self.send = torch.bincount(dest, minlength=size).tolist()

@@ -242,5 +242,7 @@ def new_sequence_parallel(sp_size: int, ulysses_size: int | None = None) -> tupl
             g = dist.new_group(ranks)
             if rank in ranks:
                 bucket = g
+    if sp_group is None:  # unreachable: the loop covers every rank of the world
+        raise RuntimeError(f"rank {rank} is in no sequence-parallel group of {sp_size} ranks (world {world})")
     dp_rank, sp_rank = rank_layout(rank, sp_size)
     return SequenceParallel(sp_group, ulysses, bucket), sp_rank, dp_rank, dp_size
