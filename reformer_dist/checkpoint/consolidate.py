@@ -30,6 +30,7 @@ from reformer_dist.checkpoint.deepspeed_ckpt import (
     optim_state_files,
     pinned_checkpoint,
     read_model_config,
+    read_run_data,
     verify_files,
 )
 from reformer_dist.checkpoint.hf_adapter import expected_shapes
@@ -75,15 +76,6 @@ def fp32_state_dict(ref: CheckpointRef, quiet: bool = True) -> dict[str, torch.T
         return to_torch_tensor(lazy)  # the optimizer files are memory-mapped: tensors are read here
 
 
-def _run_data(ref: CheckpointRef) -> dict | None:
-    """The `[data]` section of the run that wrote the checkpoint (its run_config.json), None when unrecorded."""
-    try:
-        data = json.loads((ref.path / RUN_CONFIG).read_text())["config"]["data"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def consolidate(
     ckpt_dir: str | Path,
     out_dir: str | Path,
@@ -121,7 +113,7 @@ def consolidate(
         # model order; views into the flat fp32 groups are copied (safetensors refuses shared storage)
         state = {k: state[k].to(DTYPES[dtype]) for k in want}
         state = {k: v.clone() if v._base is not None else v for k, v in state.items()}
-        data = _run_data(src)
+        data = read_run_data(src.path)
         # the document settings the weights were trained with: the run's [data], else what config.json records
         trained = (
             {k: bool(data.get(k, False)) for k in DOCUMENT_SETTINGS}
@@ -132,13 +124,12 @@ def consolidate(
         # what it was trained on goes with it (training_data.json + tokenizer.model, checksummed), so the folder
         # decodes and refuses other stores by itself once the checkpoint is gone
         record: dict[str, str | bytes] = {}
-        record_note = ""
-        try:
-            if data is None:
-                raise DataError(f"{ref.path / RUN_CONFIG}: missing or without a [data] section")
-            record = record_files_from_run_config(data, str(ref.path / RUN_CONFIG), cfg.vocab_size)
-        except DataError as e:
-            record_note = f"{TRAINING_DATA} not written: {e}"
+        record_note = f"{TRAINING_DATA} not written: {ref.path / RUN_CONFIG}: missing or without a [data] section"
+        if data is not None:
+            try:
+                record = record_files_from_run_config(data, str(ref.path / RUN_CONFIG), cfg.vocab_size)
+            except DataError as e:
+                record_note = f"{TRAINING_DATA} not written: {e}"
         provenance = {
             "source": str(ref.path),
             "step": info.step,

@@ -274,6 +274,15 @@ def load_meta(path: Path) -> dict[str, Any]:
         raise CorruptCheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
 
 
+def read_run_data(tag_dir: Path) -> dict[str, Any] | None:
+    """The `[data]` section of the run that wrote a checkpoint tag (its run_config.json), None when unrecorded."""
+    try:
+        data = json.loads((tag_dir / RUN_CONFIG).read_text())["config"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_model_config(ref: CheckpointRef, config: str | Path | None = None) -> tuple[ReformerConfig, str]:
     """The ReformerConfig of a checkpoint and where it came from.
 

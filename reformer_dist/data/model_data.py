@@ -24,7 +24,7 @@ from typing import Any
 from reformer_dist.data.errors import DataError
 from reformer_dist.data.manifest import MANIFEST, read_manifest
 from reformer_dist.data.tokenizers import BYTES, SYMBOLS_PREFIX, SentencePieceTokenizer, Tokenizer, load_tokenizer
-from reformer_dist.ondisk import TOKENIZER_MODEL, TRAINING_DATA, atomic_write
+from reformer_dist.ondisk import TOKENIZER_MODEL, TRAINING_DATA
 
 FORMAT = "reformer_dist.training_data/1"
 BUILTIN = "builtin"
@@ -47,21 +47,12 @@ def make_record(tokenizer: Tokenizer, data: dict[str, Any], vocab_size: int) -> 
 
 def record_files(tokenizer: Tokenizer, data: dict[str, Any], vocab_size: int) -> dict[str, str | bytes]:
     """The files of the record (name -> content): a copy of a SentencePiece model first, then
-    `training_data.json`; what `write_record` writes, and what a weights folder's writer takes as extra files
-    (so they are in its checksums)."""
+    `training_data.json`; a weights folder's writer takes them as extra files (so they are in its checksums)."""
     files: dict[str, str | bytes] = {}
     if tokenizer.model_file is not None:
         files[TOKENIZER_MODEL] = Path(tokenizer.model_file).read_bytes()
     files[TRAINING_DATA] = json.dumps(make_record(tokenizer, data, vocab_size), indent=2) + "\n"
     return files
-
-
-def write_record(folder: str | Path, tokenizer: Tokenizer, data: dict[str, Any], vocab_size: int) -> Path:
-    """Write `training_data.json` (and a copy of a SentencePiece model) into a weights folder, atomically."""
-    d = Path(folder)
-    for name, content in record_files(tokenizer, data, vocab_size).items():
-        atomic_write(d / name, content)
-    return d / TRAINING_DATA
 
 
 def read_record(folder: str | Path) -> dict[str, Any] | None:

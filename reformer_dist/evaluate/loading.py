@@ -154,11 +154,10 @@ def _provenance_source(folder: Path) -> str | None:
 
 
 def _record_of_tag(tag_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((tag_dir / RUN_CONFIG).read_text())["config"]["data"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return record_from_run_config(data, str(tag_dir / RUN_CONFIG))
+    from reformer_dist.checkpoint.deepspeed_ckpt import read_run_data
+
+    data = read_run_data(tag_dir)
+    return None if data is None else record_from_run_config(data, str(tag_dir / RUN_CONFIG))
 
 
 def _load_checkpoint(p: Path, tag: str | None) -> tuple[ReformerLM, dict[str, Any] | None, str]:

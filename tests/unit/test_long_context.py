@@ -16,10 +16,10 @@ import torch
 
 from reformer_dist.cli import eval as eval_cli, plot as plot_cli
 from reformer_dist.data.builtin import builtin_corpus
-from reformer_dist.data.model_data import read_record, write_record
+from reformer_dist.data.model_data import read_record, record_files
 from reformer_dist.data.store import TokenStore
 from reformer_dist.data.synthetic import SynthSpec, needle_start, passkey_fixed_len, task_layout, write_synthetic
-from reformer_dist.data.tokenizers import ByteTokenizer
+from reformer_dist.data.tokenizers import ByteTokenizer, Tokenizer
 from reformer_dist.data.writer import ShardWriter
 from reformer_dist.evaluate.generate import safe_text
 from reformer_dist.evaluate.lm import evaluate_lm, plan_windows, position_bins
@@ -92,7 +92,11 @@ def trained(tmp_path_factory):
     return root
 
 
-def tiny_model(folder: Path, record: bool = True, **kw) -> Path:
+def tiny_model(
+    folder: Path, record: bool = True, tokenizer: Tokenizer | None = None, data: dict | None = None, **kw
+) -> Path:
+    """A random model saved as the trainer saves one: with the record of its data (bytes on the built-in
+    corpus unless ``tokenizer``/``data`` say otherwise) in the same checksummed write, or none."""
     torch.manual_seed(0)
     cfg = dict(
         vocab_size=257,
@@ -106,9 +110,9 @@ def tiny_model(folder: Path, record: bool = True, **kw) -> Path:
         axial_pos_shape=[16, 32],
     )
     cfg.update(kw)
-    ReformerLM(ReformerConfig(**cfg)).save_pretrained(folder)
-    if record:
-        write_record(folder, ByteTokenizer(), {"path": "builtin", "seq_len": 128}, cfg["vocab_size"])
+    tok, used = tokenizer or ByteTokenizer(), data or {"path": "builtin", "seq_len": 128}
+    files = record_files(tok, used, cfg["vocab_size"]) if record else None
+    ReformerLM(ReformerConfig(**cfg)).save_pretrained(folder, extra_files=files)
     return folder
 
 
@@ -454,8 +458,7 @@ def test_eval_task_cli_writes_the_table_json_and_heat_map(tmp_path, capsys):
     from reformer_dist.data.tokenizers import SymbolTokenizer
 
     write_synthetic(SynthSpec("duplication", [16, 32], examples=3, n_symbols=9), tmp_path / "d")
-    m = tiny_model(tmp_path / "m", vocab_size=11, record=False)
-    write_record(m, SymbolTokenizer(11), {"path": str(tmp_path / "d")}, 11)
+    m = tiny_model(tmp_path / "m", vocab_size=11, tokenizer=SymbolTokenizer(11), data={"path": str(tmp_path / "d")})
     code, out, err = _eval(
         capsys, m, "--data", tmp_path / "d", "--task", "--n-hashes", "1,8,full", "--out", tmp_path / "t.json"
     )
